@@ -1,0 +1,157 @@
+//! Typed settings: defaults < TOML file (`--config PATH`) < `ADAPTERDROP__SECTION__KEY` variables.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub repository: RepositorySettings,
+    pub runtime: RuntimeSettings,
+    pub limits: LimitSettings,
+    pub batching: BatchingSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address of the gRPC port (native API, health, reflection). Port 0 picks a free port.
+    pub listen: String,
+    /// Largest gRPC message accepted or sent, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self { listen: "0.0.0.0:50051".into(), max_message_bytes: 64 << 20 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RepositorySettings {
+    pub path: PathBuf,
+}
+
+impl Default for RepositorySettings {
+    fn default() -> Self {
+        Self { path: PathBuf::from("models/default") }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeSettings {
+    /// Path of `libonnxruntime.so`; falls back to `ORT_DYLIB_PATH`.
+    pub library_path: Option<PathBuf>,
+    /// Threads of the global intra-op pool shared by every session; 0 = one per core.
+    pub intra_threads: usize,
+    /// ONNX Runtime graph optimization: `disable`, `basic`, `extended` or `all`.
+    pub optimization_level: String,
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        Self { library_path: None, intra_threads: 0, optimization_level: "all".into() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitSettings {
+    pub max_sequences_per_request: usize,
+    /// Sum of the token counts of a request's sequences.
+    pub max_tokens_per_request: usize,
+    pub max_tasks_per_request: usize,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self { max_sequences_per_request: 256, max_tokens_per_request: 65_536, max_tasks_per_request: 32 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchingSettings {
+    /// Padded tokens (rows x longest sequence) one engine batch may hold.
+    pub max_batch_tokens: usize,
+    /// How long the first request of a batch may wait for company.
+    pub max_batch_delay_ms: u64,
+    /// Requests waiting for the engine before new ones get RESOURCE_EXHAUSTED.
+    pub max_queued: usize,
+}
+
+impl Default for BatchingSettings {
+    fn default() -> Self {
+        Self { max_batch_tokens: 16_384, max_batch_delay_ms: 2, max_queued: 1024 }
+    }
+}
+
+impl BatchingSettings {
+    pub fn max_batch_delay(&self) -> Duration {
+        Duration::from_millis(self.max_batch_delay_ms)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` (human-readable) or `json`.
+    pub format: String,
+    /// A tracing filter such as `info` or `adapterdrop_serve=debug,ort=warn`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self { format: "text".into(), level: "info,ort=warn".into() }
+    }
+}
+
+impl Settings {
+    /// Layers the sources; a missing explicit file is an error, not a silent default.
+    pub fn load(file: Option<&Path>) -> Result<Self, config::ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
+        }
+        builder
+            .add_source(
+                config::Environment::with_prefix("ADAPTERDROP")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:6000\"\n[batching]\nmax_queued = 7\n").unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert_eq!(s.server.listen, "127.0.0.1:6000");
+        assert_eq!(s.batching.max_queued, 7);
+        assert_eq!(s.batching.max_batch_tokens, BatchingSettings::default().max_batch_tokens);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[server]\nlisten_addr = \"x\"\n").unwrap();
+        assert!(Settings::load(Some(&path)).is_err());
+    }
+}

@@ -1,0 +1,214 @@
+//! Runs one engine batch through a backbone: shared segments over all rows, adapter slots on the
+//! rows whose lanes want them.
+//!
+//! A *lane* is one task (with its active layers) applied to some input rows. A *physical row* is
+//! one hidden-state row; it serves every lane whose slot choices so far were identical for that
+//! input. At a slot where a row's lanes want different graphs the row splits (its state is copied),
+//! so rows are duplicated only where task paths really differ. Backbone segments always run once
+//! over every physical row. This generalises the paper's Parallel block, which tiles all k tasks
+//! at the first adapter.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ndarray::{Array2, Array3, Axis, concatenate, s};
+
+use super::tensors::{f32_input, i64_input, run3, run_head, run_slot};
+use crate::error::ServeError;
+use crate::repository::{ActiveLayers, Backbone, Location, Task};
+use crate::runtime::Graph;
+
+/// One tokenized sequence, unpadded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sequence {
+    pub ids: Vec<i64>,
+    pub mask: Vec<i64>,
+    pub types: Vec<i64>,
+}
+
+/// One task applied to some rows of the batch.
+pub struct Lane {
+    pub task: Arc<Task>,
+    pub active: ActiveLayers,
+    /// Indices into the batch's sequences.
+    pub rows: Vec<usize>,
+}
+
+/// What the planner did, for benchmarks and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct ExecStats {
+    /// Physical rows through each layer's backbone segments.
+    pub layer_rows: Vec<usize>,
+    /// Rows run through adapter slot graphs, summed over all slots.
+    pub adapter_rows: usize,
+    pub padded_len: usize,
+}
+
+/// Slot graph choice of one lane at one slot; compared by graph identity.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Choice(usize);
+
+const PLAIN: Choice = Choice(0);
+
+struct State<'a> {
+    lanes: &'a [Lane],
+    hidden: Array3<f32>,
+    mask: Array2<i64>,
+    /// For each physical row: its input row and the lanes it serves.
+    input_of: Vec<usize>,
+    lanes_of: Vec<Vec<usize>>,
+}
+
+/// Returns one `[rows, labels]` logits matrix per lane, rows in the lane's order.
+pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result<(Vec<Array2<f32>>, ExecStats), ServeError> {
+    let (ids, types, mask) = pad(seqs, backbone.manifest.pad_token_id);
+    let (iv, tv) = (ids.view(), types.view());
+    let hidden = run3(&backbone.embeddings, vec![("input_ids", i64_input(&iv)?), ("token_type_ids", i64_input(&tv)?)], "hidden")?;
+    let mut lanes_of = vec![Vec::new(); seqs.len()];
+    for (l, lane) in lanes.iter().enumerate() {
+        for &r in &lane.rows {
+            lanes_of[r].push(l);
+        }
+    }
+    let mut st = State { lanes, hidden, mask, input_of: (0..seqs.len()).collect(), lanes_of };
+    let mut stats = ExecStats { padded_len: ids.ncols(), ..Default::default() };
+    for (layer, graphs) in backbone.layers.iter().enumerate() {
+        stats.layer_rows.push(st.hidden.len_of(Axis(0)));
+        let h = {
+            let (hv, mv) = (st.hidden.view(), st.mask.view());
+            run3(&graphs.attention, vec![("hidden", f32_input(&hv)?), ("attention_mask", i64_input(&mv)?)], "h")?
+        };
+        st.slot(backbone, layer, Location::Attention, h, &mut stats)?;
+        let h = {
+            let hv = st.hidden.view();
+            run3(&graphs.ffn, vec![("hidden", f32_input(&hv)?)], "h")?
+        };
+        st.slot(backbone, layer, Location::Ffn, h, &mut stats)?;
+    }
+    st.heads()
+        .map(|logits| (logits, stats))
+}
+
+impl State<'_> {
+    fn choice(&self, lane: usize, layer: usize, location: Location) -> Choice {
+        let lane = &self.lanes[lane];
+        lane.task.slot(&lane.active, layer, location).map_or(PLAIN, |g| Choice(Arc::as_ptr(g) as usize))
+    }
+
+    /// The adapter graph behind a non-plain choice, found through a lane that made it.
+    fn adapter_graph(&self, lane: usize, layer: usize, location: Location) -> Arc<Graph> {
+        let l = &self.lanes[lane];
+        l.task.slot(&l.active, layer, location).expect("the witness lane chose this adapter").clone()
+    }
+
+    /// Splits rows whose lanes disagree at this slot, then runs each distinct slot graph once on
+    /// its rows. `self.hidden` is the slot's `x`; it becomes the slot output.
+    fn slot(&mut self, backbone: &Backbone, layer: usize, location: Location, mut h: Array3<f32>, stats: &mut ExecStats) -> Result<(), ServeError> {
+        let rows_before = self.input_of.len();
+        let mut copies: Vec<usize> = Vec::new();
+        let mut row_choice: Vec<Choice> = Vec::with_capacity(rows_before);
+        // A representative lane per choice, to find its graph.
+        let mut witness: BTreeMap<Choice, usize> = BTreeMap::new();
+        for r in 0..rows_before {
+            let mut groups: Vec<(Choice, Vec<usize>)> = Vec::new();
+            for &lane in &self.lanes_of[r] {
+                let c = self.choice(lane, layer, location);
+                witness.entry(c).or_insert(lane);
+                match groups.iter_mut().find(|(g, _)| *g == c) {
+                    Some((_, ls)) => ls.push(lane),
+                    None => groups.push((c, vec![lane])),
+                }
+            }
+            let mut groups = groups.into_iter();
+            let (first, first_lanes) = groups.next().unwrap_or((PLAIN, Vec::new()));
+            self.lanes_of[r] = first_lanes;
+            row_choice.push(first);
+            for (c, ls) in groups {
+                copies.push(r);
+                self.input_of.push(self.input_of[r]);
+                self.lanes_of.push(ls);
+                row_choice.push(c);
+            }
+        }
+        if !copies.is_empty() {
+            h = concatenate![Axis(0), h, h.select(Axis(0), &copies)];
+            self.hidden = concatenate![Axis(0), self.hidden, self.hidden.select(Axis(0), &copies)];
+            self.mask = concatenate![Axis(0), self.mask, self.mask.select(Axis(0), &copies)];
+        }
+        let mut by_choice: BTreeMap<Choice, Vec<usize>> = BTreeMap::new();
+        for (r, c) in row_choice.iter().enumerate() {
+            by_choice.entry(*c).or_default().push(r);
+        }
+        let plain = backbone.layers[layer].plain_slot(location);
+        if by_choice.len() == 1 {
+            let (&c, _) = by_choice.iter().next().expect("one group");
+            if c != PLAIN {
+                stats.adapter_rows += row_choice.len();
+                let g = self.adapter_graph(witness[&c], layer, location);
+                self.hidden = run_slot(&g, &h, &self.hidden, None)?;
+            } else {
+                self.hidden = run_slot(plain, &h, &self.hidden, None)?;
+            }
+            return Ok(());
+        }
+        let mut out = Array3::<f32>::zeros(self.hidden.raw_dim());
+        for (c, rows) in &by_choice {
+            let y = if *c == PLAIN {
+                run_slot(plain, &h, &self.hidden, Some(rows))?
+            } else {
+                stats.adapter_rows += rows.len();
+                let g = self.adapter_graph(witness[c], layer, location);
+                run_slot(&g, &h, &self.hidden, Some(rows))?
+            };
+            for (i, &r) in rows.iter().enumerate() {
+                out.index_axis_mut(Axis(0), r).assign(&y.index_axis(Axis(0), i));
+            }
+        }
+        self.hidden = out;
+        Ok(())
+    }
+
+    /// Runs each task's head once over the first-token states of all its lanes' rows.
+    fn heads(&self) -> Result<Vec<Array2<f32>>, ServeError> {
+        let mut row_of: BTreeMap<(usize, usize), usize> = BTreeMap::new();
+        for (r, lanes) in self.lanes_of.iter().enumerate() {
+            for &l in lanes {
+                row_of.insert((l, self.input_of[r]), r);
+            }
+        }
+        let mut by_head: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (l, lane) in self.lanes.iter().enumerate() {
+            by_head.entry(&lane.task.head as *const _ as usize).or_default().push(l);
+        }
+        let mut out: Vec<Option<Array2<f32>>> = vec![None; self.lanes.len()];
+        for lanes in by_head.values() {
+            let row_of = &row_of;
+            let rows: Vec<usize> = lanes.iter().flat_map(|&l| self.lanes[l].rows.iter().map(move |&i| row_of[&(l, i)])).collect();
+            let first = self.hidden.slice(s![.., 0..1, ..]).select(Axis(0), &rows);
+            let logits = run_head(&self.lanes[lanes[0]].task.head, &first)?;
+            let mut at = 0;
+            for &l in lanes {
+                let n = self.lanes[l].rows.len();
+                out[l] = Some(logits.slice(s![at..at + n, ..]).to_owned());
+                at += n;
+            }
+        }
+        Ok(out.into_iter().map(|o| o.expect("every lane has a head")).collect())
+    }
+}
+
+/// Pads to the longest sequence: pad id, token type 0, mask 0.
+fn pad(seqs: &[Sequence], pad_id: i64) -> (Array2<i64>, Array2<i64>, Array2<i64>) {
+    let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+    let mut ids = Array2::from_elem((seqs.len(), t), pad_id);
+    let mut types = Array2::zeros((seqs.len(), t));
+    let mut mask = Array2::zeros((seqs.len(), t));
+    for (r, s) in seqs.iter().enumerate() {
+        for j in 0..s.ids.len() {
+            ids[[r, j]] = s.ids[j];
+            types[[r, j]] = s.types[j];
+            mask[[r, j]] = s.mask[j];
+        }
+    }
+    (ids, types, mask)
+}

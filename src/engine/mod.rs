@@ -1,0 +1,125 @@
+//! The engine: one thread that owns all ONNX Runtime work, fed batches over a channel.
+
+pub mod executor;
+mod tensors;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::Span;
+
+pub use executor::{ExecStats, Lane, Sequence, execute};
+
+use crate::error::ServeError;
+use crate::repository::{ActiveLayers, Backbone, Task};
+
+/// One task to run on all of a job's sequences.
+#[derive(Clone)]
+pub struct TaskRun {
+    pub task: Arc<Task>,
+    pub active: ActiveLayers,
+}
+
+/// A validated request: sequences for one backbone and the tasks to run on them.
+pub struct Job {
+    pub backbone: Arc<Backbone>,
+    pub sequences: Vec<Sequence>,
+    pub tasks: Vec<TaskRun>,
+    pub deadline: Option<Instant>,
+}
+
+impl Job {
+    /// Padded tokens this job adds to a batch.
+    pub fn cost(&self) -> usize {
+        let longest = self.sequences.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+        self.sequences.len() * longest.max(1)
+    }
+}
+
+/// The engine's answer to one job.
+#[derive(Debug)]
+pub struct JobOutput {
+    /// `logits[task][sequence]`.
+    pub logits: Vec<Vec<Vec<f32>>>,
+    pub queue: Duration,
+    pub compute: Duration,
+    pub batch_rows: usize,
+    pub stats: ExecStats,
+}
+
+pub struct Entry {
+    pub job: Job,
+    pub reply: oneshot::Sender<Result<JobOutput, ServeError>>,
+    pub enqueued: Instant,
+    /// The request's span, so engine logs nest under the request that caused them.
+    pub span: Span,
+}
+
+/// Jobs for one backbone that run as one execution.
+pub struct Batch {
+    pub entries: Vec<Entry>,
+}
+
+/// Starts the engine thread; it stops when the sender side closes.
+pub fn spawn(mut rx: mpsc::Receiver<Batch>) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || {
+            while let Some(batch) = rx.blocking_recv() {
+                run_batch(batch);
+            }
+            tracing::debug!("engine stopped");
+        })
+        .expect("spawn engine thread")
+}
+
+fn run_batch(batch: Batch) {
+    let started = Instant::now();
+    let mut live = Vec::with_capacity(batch.entries.len());
+    for e in batch.entries {
+        if e.reply.is_closed() {
+            tracing::debug!(parent: &e.span, "client went away; dropped before running");
+        } else if e.job.deadline.is_some_and(|d| d <= started) {
+            let _ = e.reply.send(Err(ServeError::DeadlineExceeded("deadline passed while queued".into())));
+        } else {
+            live.push(e);
+        }
+    }
+    let Some(first) = live.first() else { return };
+    let backbone = first.job.backbone.clone();
+    let mut seqs = Vec::new();
+    let mut lanes = Vec::new();
+    for e in &mut live {
+        let offset = seqs.len();
+        let n = e.job.sequences.len();
+        seqs.append(&mut e.job.sequences);
+        for t in &e.job.tasks {
+            lanes.push(Lane { task: t.task.clone(), active: t.active.clone(), rows: (offset..offset + n).collect() });
+        }
+    }
+    let rows = seqs.len();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(&backbone, &seqs, &lanes)))
+        .unwrap_or_else(|_| Err(ServeError::Internal("the engine panicked while running this batch".into())));
+    let compute = started.elapsed();
+    match result {
+        Ok((logits, stats)) => {
+            tracing::debug!(rows, lanes = lanes.len(), padded_len = stats.padded_len, layer_rows = ?stats.layer_rows, compute_us = compute.as_micros() as u64, "batch done");
+            let mut logits = logits.into_iter();
+            for e in live {
+                let per_task = (&mut logits)
+                    .take(e.job.tasks.len())
+                    .map(|m| m.outer_iter().map(|r| r.to_vec()).collect())
+                    .collect();
+                let out = JobOutput { logits: per_task, queue: started - e.enqueued, compute, batch_rows: rows, stats: stats.clone() };
+                let _ = e.reply.send(Ok(out));
+            }
+        }
+        Err(err) => {
+            tracing::error!(error = %err, rows, "batch failed");
+            for e in live {
+                let _ = e.reply.send(Err(ServeError::Runtime(err.to_string())));
+            }
+        }
+    }
+}

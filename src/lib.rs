@@ -1,0 +1,23 @@
+//! adapterdrop-serve: one ONNX backbone, many adapter tasks, lower layers shared via AdapterDrop.
+//!
+//! Data flow: [`api`] (gRPC) -> [`router`] (validation, tokenization) -> [`scheduler`] (batching)
+//! -> [`engine`] (execution plan over shared rows) -> [`runtime`] (ONNX Runtime), with
+//! [`repository`] holding what is loaded.
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod repository;
+pub mod router;
+pub mod runtime;
+pub mod scheduler;
+pub mod server;
+pub mod telemetry;
+
+/// Generated code of `proto/adapterdrop/v1/adapterdrop.proto`.
+pub mod proto {
+    tonic::include_proto!("adapterdrop.v1");
+    /// Encoded descriptors of every proto this server defines, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
+}

@@ -1,0 +1,125 @@
+//! A loaded backbone: embeddings, per-layer segments and plain slots, tokenizer.
+
+use std::path::Path;
+
+use ort::value::TensorElementType as T;
+use tokenizers::Tokenizer;
+
+use super::manifest::{BackboneManifest, FORMAT_VERSION, Location, read_json, valid_name};
+use crate::error::LoadError;
+use crate::runtime::{Dim, Graph, IoSpec, Runtime};
+
+/// The graphs of one layer: two backbone segments and the two plain slots that close them.
+#[derive(Debug)]
+pub struct LayerGraphs {
+    /// `(hidden, attention_mask) -> h`: attention up to its output projection.
+    pub attention: Graph,
+    /// Plain attention slot `(h, x) -> LN1(h + x)`.
+    pub attention_slot: Graph,
+    /// `hidden -> h`: FFN up to its output projection.
+    pub ffn: Graph,
+    /// Plain FFN slot `(h, x) -> LN2(h + x)`.
+    pub ffn_slot: Graph,
+}
+
+impl LayerGraphs {
+    pub fn plain_slot(&self, location: Location) -> &Graph {
+        match location {
+            Location::Attention => &self.attention_slot,
+            Location::Ffn => &self.ffn_slot,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Backbone {
+    pub manifest: BackboneManifest,
+    pub tokenizer: Option<Tokenizer>,
+    pub embeddings: Graph,
+    pub layers: Vec<LayerGraphs>,
+}
+
+/// Contract of a slot graph, plain or adapter: `(h, x) -> y`, all `[B, T, H]`.
+pub fn slot_contract(hidden: usize) -> (Vec<IoSpec>, Vec<IoSpec>) {
+    let bth = [Dim::Any, Dim::Any, Dim::Fixed(hidden as i64)];
+    (
+        vec![IoSpec::new("h", T::Float32, &bth), IoSpec::new("x", T::Float32, &bth)],
+        vec![IoSpec::new("y", T::Float32, &bth)],
+    )
+}
+
+impl Backbone {
+    pub fn load(runtime: &Runtime, dir: &Path) -> Result<Self, LoadError> {
+        let manifest_path = dir.join("backbone.json");
+        let manifest: BackboneManifest = read_json(&manifest_path)?;
+        let bad = |problem: String| LoadError::new(&manifest_path, problem);
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(bad(format!("format_version {} is not supported (expected {FORMAT_VERSION})", manifest.format_version)));
+        }
+        let dir_name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if !valid_name(&manifest.name) || manifest.name != dir_name {
+            return Err(bad(format!("name `{}` must be a valid name equal to the directory name `{dir_name}`", manifest.name)));
+        }
+        if manifest.num_layers == 0 || manifest.hidden_size == 0 || manifest.max_positions == 0 || manifest.vocab_size == 0 {
+            return Err(bad("num_layers, hidden_size, max_positions and vocab_size must be positive".into()));
+        }
+        if manifest.type_vocab_size == 0 {
+            return Err(bad("type_vocab_size must be at least 1".into()));
+        }
+        let tokenizer = match &manifest.tokenizer {
+            None => None,
+            Some(file) => Some(load_tokenizer(&dir.join(file))?),
+        };
+
+        let h = manifest.hidden_size as i64;
+        let bt = [Dim::Any, Dim::Any];
+        let bth = [Dim::Any, Dim::Any, Dim::Fixed(h)];
+        let hidden_out = || vec![IoSpec::new("hidden", T::Float32, &bth)];
+        let embeddings = Graph::load(
+            runtime,
+            &dir.join("embeddings.onnx"),
+            &[IoSpec::new("input_ids", T::Int64, &bt), IoSpec::new("token_type_ids", T::Int64, &bt)],
+            &hidden_out(),
+        )?;
+        let (slot_in, slot_out) = slot_contract(manifest.hidden_size);
+        let h_out = vec![IoSpec::new("h", T::Float32, &bth)];
+        let mut layers = Vec::with_capacity(manifest.num_layers);
+        for i in 0..manifest.num_layers {
+            let ldir = dir.join("layers").join(i.to_string());
+            layers.push(LayerGraphs {
+                attention: Graph::load(
+                    runtime,
+                    &ldir.join("attention.onnx"),
+                    &[IoSpec::new("hidden", T::Float32, &bth), IoSpec::new("attention_mask", T::Int64, &bt)],
+                    &h_out,
+                )?,
+                attention_slot: Graph::load(runtime, &ldir.join("attention_slot.onnx"), &slot_in, &slot_out)?,
+                ffn: Graph::load(runtime, &ldir.join("ffn.onnx"), &hidden_out(), &h_out)?,
+                ffn_slot: Graph::load(runtime, &ldir.join("ffn_slot.onnx"), &slot_in, &slot_out)?,
+            });
+        }
+        Ok(Self { manifest, tokenizer, embeddings, layers })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.manifest.name
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.manifest.num_layers
+    }
+}
+
+/// Loads `tokenizer.json` with its built-in padding and truncation switched off: the server pads
+/// per batch and decides about truncation per request.
+fn load_tokenizer(path: &Path) -> Result<Tokenizer, LoadError> {
+    if !path.is_file() {
+        return Err(LoadError::new(path, "tokenizer file is missing"));
+    }
+    let mut tokenizer = Tokenizer::from_file(path).map_err(|e| LoadError::new(path, format!("invalid tokenizer: {e}")))?;
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| LoadError::new(path, format!("cannot disable truncation: {e}")))?;
+    Ok(tokenizer)
+}

@@ -1,0 +1,182 @@
+//! The JSON manifests of repository format v1 (see `models/README.md`).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::LoadError;
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackboneManifest {
+    pub format_version: u32,
+    pub name: String,
+    pub architecture: Architecture,
+    pub num_layers: usize,
+    pub hidden_size: usize,
+    pub num_heads: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub type_vocab_size: usize,
+    pub max_positions: usize,
+    pub pad_token_id: i64,
+    pub layer_norm_eps: f64,
+    pub tokenizer: Option<String>,
+    pub slots: Vec<Location>,
+    #[serde(default)]
+    pub source: String,
+    #[serde(default)]
+    pub license: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    Bert,
+    Roberta,
+}
+
+/// Where in a layer an adapter slot sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Location {
+    /// After the attention output projection (Houlsby's `mh_adapter`).
+    Attention,
+    /// After the FFN output projection (Pfeiffer and Houlsby).
+    Ffn,
+}
+
+impl Location {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Attention => "attention",
+            Self::Ffn => "ffn",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskManifest {
+    pub format_version: u32,
+    pub name: String,
+    pub version: u32,
+    pub backbone: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub adapter: AdapterInfo,
+    pub slots: Vec<SlotSpec>,
+    pub drop: DropSpec,
+    pub head: HeadSpec,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AdapterInfo {
+    #[serde(default)]
+    pub method: String,
+    #[serde(default)]
+    pub reduction_factor: Option<serde_json::Value>,
+    #[serde(default)]
+    pub non_linearity: Option<String>,
+    #[serde(default)]
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotSpec {
+    pub layer: usize,
+    pub location: Location,
+    pub graph: String,
+}
+
+/// Which layers lose their adapters; exactly one form.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum DropSpec {
+    /// Specialized AdapterDrop: layers `0..n-1`.
+    DropFirst(usize),
+    /// Exactly these layers.
+    Layers(Vec<usize>),
+    /// Robust AdapterDrop: any `drop_first` in `min..=max`, `default` when the request names none.
+    Robust(RobustRange),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RobustRange {
+    pub default: usize,
+    pub min: usize,
+    pub max: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadSpec {
+    #[serde(rename = "type")]
+    pub kind: HeadKind,
+    pub graph: String,
+    #[serde(default)]
+    pub labels: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadKind {
+    Classification,
+    Regression,
+}
+
+impl HeadKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classification => "classification",
+            Self::Regression => "regression",
+        }
+    }
+}
+
+/// Reads and parses a manifest, naming the file in every error.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|e| LoadError::new(path, format!("cannot read: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| LoadError::new(path, format!("invalid manifest: {e}")))
+}
+
+/// Names of backbones and tasks: safe as a single path component.
+pub fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    first_ok
+        && name.len() <= 64
+        && !name.contains("..")
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_spec_forms_parse() {
+        let d: DropSpec = serde_json::from_str(r#"{"drop_first": 3}"#).unwrap();
+        assert_eq!(d, DropSpec::DropFirst(3));
+        let d: DropSpec = serde_json::from_str(r#"{"layers": [0, 2]}"#).unwrap();
+        assert_eq!(d, DropSpec::Layers(vec![0, 2]));
+        let d: DropSpec = serde_json::from_str(r#"{"robust": {"default": 1, "min": 0, "max": 4}}"#).unwrap();
+        assert_eq!(d, DropSpec::Robust(RobustRange { default: 1, min: 0, max: 4 }));
+        assert!(serde_json::from_str::<DropSpec>(r#"{"drop_first": 1, "layers": [1]}"#).is_err());
+    }
+
+    #[test]
+    fn names_are_single_safe_components() {
+        for ok in ["sent", "sent-v2", "a.b_c", "X9"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", "../etc", "a/b", ".hidden", "a..b", "a b", &"x".repeat(65), "é"] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}

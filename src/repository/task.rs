@@ -1,0 +1,192 @@
+//! A loaded task: adapter slot graphs, head, and its AdapterDrop policy.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use ort::value::TensorElementType as T;
+
+use super::backbone::{Backbone, slot_contract};
+use super::manifest::{DropSpec, FORMAT_VERSION, HeadKind, Location, TaskManifest, read_json, valid_name};
+use crate::error::{LoadError, ServeError};
+use crate::runtime::{Dim, Graph, IoSpec, Runtime};
+
+#[derive(Debug)]
+pub struct Task {
+    pub manifest: TaskManifest,
+    pub backbone: Arc<Backbone>,
+    /// Adapter graphs by (layer, location). Slots in layers the task always drops are not loaded.
+    pub slots: BTreeMap<(usize, Location), Arc<Graph>>,
+    pub head: Graph,
+}
+
+/// The adapter layout one request runs with: which layers keep the task's adapters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ActiveLayers(pub Vec<bool>);
+
+impl ActiveLayers {
+    pub fn dropped(&self) -> Vec<u32> {
+        self.0.iter().enumerate().filter(|(_, a)| !**a).map(|(i, _)| i as u32).collect()
+    }
+}
+
+impl Task {
+    pub fn load(runtime: &Runtime, dir: &Path, backbone: Arc<Backbone>) -> Result<Self, LoadError> {
+        let manifest_path = dir.join("task.json");
+        let manifest: TaskManifest = read_json(&manifest_path)?;
+        validate_manifest(&manifest, &manifest_path, dir, &backbone)?;
+        let needed = needed_layers(&manifest.drop, backbone.num_layers());
+        let (slot_in, slot_out) = slot_contract(backbone.manifest.hidden_size);
+        let mut slots = BTreeMap::new();
+        for spec in &manifest.slots {
+            if !needed[spec.layer] {
+                continue;
+            }
+            let graph = Graph::load(runtime, &dir.join(&spec.graph), &slot_in, &slot_out)?;
+            slots.insert((spec.layer, spec.location), Arc::new(graph));
+        }
+        let h = backbone.manifest.hidden_size as i64;
+        let width = match manifest.head.kind {
+            HeadKind::Classification => manifest.head.labels.len() as i64,
+            HeadKind::Regression => 1,
+        };
+        let head = Graph::load(
+            runtime,
+            &dir.join(&manifest.head.graph),
+            &[IoSpec::new("hidden", T::Float32, &[Dim::Any, Dim::Any, Dim::Fixed(h)])],
+            &[IoSpec::new("logits", T::Float32, &[Dim::Any, Dim::Fixed(width)])],
+        )?;
+        Ok(Self { manifest, backbone, slots, head })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.manifest.name
+    }
+
+    pub fn version(&self) -> u32 {
+        self.manifest.version
+    }
+
+    /// Resolves the request's drop override against the task's policy.
+    pub fn active_layers(&self, drop_first: Option<u32>) -> Result<ActiveLayers, ServeError> {
+        let layers = self.backbone.num_layers();
+        let dropped: Vec<bool> = match (&self.manifest.drop, drop_first) {
+            (DropSpec::Robust(r), requested) => {
+                let n = requested.map(|n| n as usize).unwrap_or(r.default);
+                if n < r.min || n > r.max {
+                    return Err(ServeError::InvalidArgument(format!(
+                        "drop_first = {n} is outside task `{}`'s robust range {}..={}",
+                        self.name(),
+                        r.min,
+                        r.max
+                    )));
+                }
+                (0..layers).map(|i| i < n).collect()
+            }
+            (spec, Some(n)) => {
+                let own = match spec {
+                    DropSpec::DropFirst(own) => Some(*own),
+                    _ => None,
+                };
+                if own != Some(n as usize) {
+                    return Err(ServeError::InvalidArgument(format!(
+                        "task `{}` is not robust (its drop config is fixed: {}); omit drop_first",
+                        self.name(),
+                        describe_drop(spec)
+                    )));
+                }
+                (0..layers).map(|i| i < n as usize).collect()
+            }
+            (DropSpec::DropFirst(n), None) => (0..layers).map(|i| i < *n).collect(),
+            (DropSpec::Layers(l), None) => (0..layers).map(|i| l.contains(&i)).collect(),
+        };
+        Ok(ActiveLayers(dropped.into_iter().map(|d| !d).collect()))
+    }
+
+    /// The adapter graph for a slot, if the task has one there and it is active.
+    pub fn slot(&self, active: &ActiveLayers, layer: usize, location: Location) -> Option<&Arc<Graph>> {
+        if active.0[layer] { self.slots.get(&(layer, location)) } else { None }
+    }
+}
+
+pub fn describe_drop(spec: &DropSpec) -> String {
+    match spec {
+        DropSpec::DropFirst(n) => format!("drop_first = {n}"),
+        DropSpec::Layers(l) => format!("layers {l:?}"),
+        DropSpec::Robust(r) => format!("robust {}..={} (default {})", r.min, r.max, r.default),
+    }
+}
+
+/// Layers whose adapters can ever be active under the drop policy.
+fn needed_layers(drop: &DropSpec, layers: usize) -> Vec<bool> {
+    (0..layers)
+        .map(|i| match drop {
+            DropSpec::DropFirst(n) => i >= *n,
+            DropSpec::Layers(l) => !l.contains(&i),
+            DropSpec::Robust(r) => i >= r.min,
+        })
+        .collect()
+}
+
+fn validate_manifest(m: &TaskManifest, path: &Path, dir: &Path, backbone: &Backbone) -> Result<(), LoadError> {
+    let bad = |problem: String| Err(LoadError::new(path, problem));
+    if m.format_version != FORMAT_VERSION {
+        return bad(format!("format_version {} is not supported (expected {FORMAT_VERSION})", m.format_version));
+    }
+    if !valid_name(&m.name) {
+        return bad(format!("task name `{}` is not valid ([A-Za-z0-9][A-Za-z0-9_.-]{{0,63}})", m.name));
+    }
+    let task_dir = dir.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned());
+    let version_dir = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+    if task_dir.as_deref() != Some(m.name.as_str()) || version_dir != Some(m.version.to_string()) || m.version == 0 {
+        return bad(format!(
+            "name `{}` and version {} must match the directory tasks/<name>/<version> (version >= 1)",
+            m.name, m.version
+        ));
+    }
+    let layers = backbone.num_layers();
+    match &m.drop {
+        DropSpec::DropFirst(n) if *n > layers => return bad(format!("drop_first = {n} exceeds the backbone's {layers} layers")),
+        DropSpec::Layers(l) if l.iter().any(|&i| i >= layers) => {
+            return bad(format!("drop layers {l:?} name a layer >= {layers} (the backbone's layer count)"));
+        }
+        DropSpec::Robust(r) if !(r.min <= r.default && r.default <= r.max && r.max <= layers) => {
+            return bad(format!("robust range needs min <= default <= max <= {layers}, got {r:?}"));
+        }
+        _ => {}
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for s in &m.slots {
+        if s.layer >= layers {
+            return bad(format!("slot {} at layer {} but the backbone has {layers} layers", s.graph, s.layer));
+        }
+        if !backbone.manifest.slots.contains(&s.location) {
+            return bad(format!("slot location `{}` is not offered by backbone `{}`", s.location.as_str(), backbone.name()));
+        }
+        if !seen.insert((s.layer, s.location)) {
+            return bad(format!("two slots at layer {} {}", s.layer, s.location.as_str()));
+        }
+        if s.graph.contains("..") || Path::new(&s.graph).is_absolute() {
+            return bad(format!("slot graph path `{}` must stay inside the task directory", s.graph));
+        }
+    }
+    let needed = needed_layers(&m.drop, layers);
+    for (layer, need) in needed.iter().enumerate() {
+        if *need && !m.slots.iter().any(|s| s.layer == layer) {
+            return bad(format!(
+                "layer {layer} is not dropped by {} but the task has no adapter slot there",
+                describe_drop(&m.drop)
+            ));
+        }
+    }
+    if m.head.graph.contains("..") || Path::new(&m.head.graph).is_absolute() {
+        return bad(format!("head graph path `{}` must stay inside the task directory", m.head.graph));
+    }
+    if m.head.kind == HeadKind::Classification && m.head.labels.is_empty() {
+        return bad("a classification head needs at least one label name".into());
+    }
+    if m.head.kind == HeadKind::Regression && m.head.labels.len() > 1 {
+        return bad("a regression head has one output; give at most one label".into());
+    }
+    Ok(())
+}

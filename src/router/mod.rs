@@ -1,0 +1,86 @@
+//! Routing: resolves task references, enforces request limits, tokenizes, and builds the job the
+//! scheduler batches.
+
+pub mod tokenize;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::LimitSettings;
+use crate::engine::{Job, TaskRun};
+use crate::error::ServeError;
+use crate::proto::{InferRequest, TaskRef, infer_request::Inputs};
+use crate::repository::Registry;
+
+pub struct Router {
+    pub registry: Arc<Registry>,
+    pub limits: LimitSettings,
+}
+
+impl Router {
+    /// Validates and tokenizes a request. CPU work (tokenization): call it off the reactor.
+    pub fn prepare(&self, req: InferRequest, deadline: Option<Instant>) -> Result<Job, ServeError> {
+        let tasks = self.resolve_tasks(&req.tasks)?;
+        let backbone = tasks[0].task.backbone.clone();
+        let count = match &req.inputs {
+            Some(Inputs::Texts(t)) => t.texts.len(),
+            Some(Inputs::Pairs(p)) => p.pairs.len(),
+            Some(Inputs::Tokens(t)) => t.sequences.len(),
+            None => 0,
+        };
+        if count == 0 {
+            return Err(ServeError::InvalidArgument("no inputs: send at least one text, pair or token sequence".into()));
+        }
+        if count > self.limits.max_sequences_per_request {
+            return Err(ServeError::InvalidArgument(format!(
+                "{count} sequences exceed the limit of {} per request (limits.max_sequences_per_request); split the request",
+                self.limits.max_sequences_per_request
+            )));
+        }
+        let sequences = match req.inputs.expect("count > 0") {
+            Inputs::Texts(t) => tokenize::encode_texts(&backbone, tokenize::text_inputs(&t.texts)?, req.truncate)?,
+            Inputs::Pairs(p) => tokenize::encode_texts(&backbone, tokenize::pair_inputs(&p.pairs)?, req.truncate)?,
+            Inputs::Tokens(t) => tokenize::check_ids(&backbone, t.sequences, req.truncate)?,
+        };
+        let tokens: usize = sequences.iter().map(|s| s.ids.len()).sum();
+        if tokens > self.limits.max_tokens_per_request {
+            return Err(ServeError::InvalidArgument(format!(
+                "{tokens} tokens exceed the limit of {} per request (limits.max_tokens_per_request); split the request",
+                self.limits.max_tokens_per_request
+            )));
+        }
+        Ok(Job { backbone, sequences, tasks, deadline })
+    }
+
+    fn resolve_tasks(&self, refs: &[TaskRef]) -> Result<Vec<TaskRun>, ServeError> {
+        if refs.is_empty() {
+            return Err(ServeError::InvalidArgument("no task: name at least one task in `tasks`".into()));
+        }
+        if refs.len() > self.limits.max_tasks_per_request {
+            return Err(ServeError::InvalidArgument(format!(
+                "{} tasks exceed the limit of {} per request (limits.max_tasks_per_request)",
+                refs.len(),
+                self.limits.max_tasks_per_request
+            )));
+        }
+        let mut runs = Vec::with_capacity(refs.len());
+        for r in refs {
+            let task = self.registry.resolve(&r.name, r.version)?;
+            let active = task.active_layers(r.drop_first)?;
+            if let Some(first) = runs.first() {
+                let first: &TaskRun = first;
+                if !Arc::ptr_eq(&first.task.backbone, &task.backbone) {
+                    return Err(ServeError::InvalidArgument(format!(
+                        "tasks `{}` (backbone `{}`) and `{}` (backbone `{}`) use different backbones; send separate requests",
+                        first.task.name(),
+                        first.task.backbone.name(),
+                        task.name(),
+                        task.backbone.name()
+                    )));
+                }
+            }
+            runs.push(TaskRun { task, active });
+        }
+        Ok(runs)
+    }
+}

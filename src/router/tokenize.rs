@@ -1,0 +1,119 @@
+//! Turns request inputs into validated, unpadded token sequences.
+
+use tokenizers::{EncodeInput, Encoding, Tokenizer};
+
+use crate::engine::Sequence;
+use crate::error::ServeError;
+use crate::proto::{TextPair, TokenIds};
+use crate::repository::Backbone;
+
+/// Tokenizes texts or text pairs with the backbone's tokenizer (special tokens added).
+pub fn encode_texts(backbone: &Backbone, inputs: Vec<EncodeInput<'_>>, truncate: bool) -> Result<Vec<Sequence>, ServeError> {
+    let tokenizer: &Tokenizer = backbone.tokenizer.as_ref().ok_or_else(|| {
+        ServeError::FailedPrecondition(format!(
+            "backbone `{}` has no tokenizer; send pre-tokenized ids (inputs.tokens) instead of text",
+            backbone.name()
+        ))
+    })?;
+    let encodings = tokenizer
+        .encode_batch(inputs, true)
+        .map_err(|e| ServeError::InvalidArgument(format!("tokenization failed: {e}")))?;
+    let max = backbone.manifest.max_positions;
+    encodings.into_iter().enumerate().map(|(i, e)| fit(i, e, max, truncate)).collect()
+}
+
+fn fit(index: usize, e: Encoding, max: usize, truncate: bool) -> Result<Sequence, ServeError> {
+    let len = e.get_ids().len();
+    if len > max {
+        if !truncate {
+            return Err(ServeError::InvalidArgument(format!(
+                "input {index} has {len} tokens but the backbone accepts at most {max}; shorten it or set truncate"
+            )));
+        }
+        // Keep the final special token ([SEP] / </s>) so the cut sequence stays well-formed.
+        let last = len - 1;
+        let mut keep: Vec<usize> = (0..max - 1).collect();
+        keep.push(last);
+        let pick = |v: &[u32]| keep.iter().map(|&j| v[j] as i64).collect::<Vec<_>>();
+        let seq = Sequence { ids: pick(e.get_ids()), mask: pick(e.get_attention_mask()), types: pick(e.get_type_ids()) };
+        return Ok(seq);
+    }
+    Ok(Sequence {
+        ids: e.get_ids().iter().map(|&v| v as i64).collect(),
+        mask: e.get_attention_mask().iter().map(|&v| v as i64).collect(),
+        types: e.get_type_ids().iter().map(|&v| v as i64).collect(),
+    })
+}
+
+pub fn text_inputs(texts: &[String]) -> Result<Vec<EncodeInput<'_>>, ServeError> {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            if t.trim().is_empty() {
+                Err(ServeError::InvalidArgument(format!("text {i} is empty")))
+            } else {
+                Ok(EncodeInput::Single(t.as_str().into()))
+            }
+        })
+        .collect()
+}
+
+pub fn pair_inputs(pairs: &[TextPair]) -> Result<Vec<EncodeInput<'_>>, ServeError> {
+    pairs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            if p.text.trim().is_empty() || p.text_pair.trim().is_empty() {
+                Err(ServeError::InvalidArgument(format!("pair {i} has an empty text")))
+            } else {
+                Ok(EncodeInput::Dual(p.text.as_str().into(), p.text_pair.as_str().into()))
+            }
+        })
+        .collect()
+}
+
+/// Checks pre-tokenized ids before they reach ONNX Runtime: an out-of-range id in a Gather is
+/// undefined behaviour there, not an error.
+pub fn check_ids(backbone: &Backbone, inputs: Vec<TokenIds>, truncate: bool) -> Result<Vec<Sequence>, ServeError> {
+    let m = &backbone.manifest;
+    let mut out = Vec::with_capacity(inputs.len());
+    for (i, t) in inputs.into_iter().enumerate() {
+        let bad = |what: String| Err(ServeError::InvalidArgument(format!("sequence {i}: {what}")));
+        let n = t.input_ids.len();
+        if n == 0 {
+            return bad("input_ids is empty".into());
+        }
+        if let Some((j, id)) = t.input_ids.iter().enumerate().find(|(_, id)| **id < 0 || **id >= m.vocab_size as i64) {
+            return bad(format!("token id {id} at position {j} is outside the vocabulary 0..{}", m.vocab_size));
+        }
+        let mask = if t.attention_mask.is_empty() { vec![1; n] } else { t.attention_mask };
+        if mask.len() != n {
+            return bad(format!("attention_mask has {} entries but input_ids has {n}", mask.len()));
+        }
+        if mask.iter().any(|v| *v != 0 && *v != 1) {
+            return bad("attention_mask values must be 0 or 1".into());
+        }
+        if mask.iter().all(|v| *v == 0) {
+            return bad("attention_mask masks every token".into());
+        }
+        let types = if t.token_type_ids.is_empty() { vec![0; n] } else { t.token_type_ids };
+        if types.len() != n {
+            return bad(format!("token_type_ids has {} entries but input_ids has {n}", types.len()));
+        }
+        if let Some(v) = types.iter().find(|v| **v < 0 || **v >= m.type_vocab_size as i64) {
+            return bad(format!("token type {v} is outside 0..{}", m.type_vocab_size));
+        }
+        let mut seq = Sequence { ids: t.input_ids, mask, types };
+        if n > m.max_positions {
+            if !truncate {
+                return bad(format!("{n} tokens but the backbone accepts at most {}; shorten it or set truncate", m.max_positions));
+            }
+            seq.ids.truncate(m.max_positions);
+            seq.mask.truncate(m.max_positions);
+            seq.types.truncate(m.max_positions);
+        }
+        out.push(seq);
+    }
+    Ok(out)
+}

@@ -1,0 +1,123 @@
+//! One ONNX graph in one session, checked against its I/O contract when it is loaded.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use ort::session::{Session, SessionInputValue, SessionOutputs};
+use ort::value::TensorElementType;
+use ort::value::ValueType;
+
+use super::Runtime;
+use crate::error::LoadError;
+
+/// One dimension of a contract: any size, or exactly this size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Dim {
+    Any,
+    Fixed(i64),
+}
+
+/// Expected name, element type and shape of one graph input or output.
+#[derive(Debug, Clone)]
+pub struct IoSpec {
+    pub name: &'static str,
+    pub ty: TensorElementType,
+    pub dims: Vec<Dim>,
+}
+
+impl IoSpec {
+    pub fn new(name: &'static str, ty: TensorElementType, dims: &[Dim]) -> Self {
+        Self { name, ty, dims: dims.to_vec() }
+    }
+}
+
+/// A loaded graph. `Session::run` takes `&mut self`, so the session sits behind a mutex; only the
+/// engine thread runs graphs, so the lock is never contended on the hot path.
+pub struct Graph {
+    file: String,
+    session: Mutex<Session>,
+}
+
+impl std::fmt::Debug for Graph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Graph").field("file", &self.file).finish()
+    }
+}
+
+impl Graph {
+    /// Loads `path` and checks it has exactly `inputs` and `outputs`.
+    pub fn load(runtime: &Runtime, path: &Path, inputs: &[IoSpec], outputs: &[IoSpec]) -> Result<Self, LoadError> {
+        if !path.is_file() {
+            return Err(LoadError::new(path, "file is missing"));
+        }
+        let session = build_session(runtime, path).map_err(|e| LoadError::new(path, format!("not a loadable ONNX graph: {e}")))?;
+        check_io(path, "input", session.inputs().iter().map(|o| (o.name(), o.dtype())), inputs)?;
+        check_io(path, "output", session.outputs().iter().map(|o| (o.name(), o.dtype())), outputs)?;
+        Ok(Self { file: path.display().to_string(), session: Mutex::new(session) })
+    }
+
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// Runs the graph and hands the outputs to `read` while the session is still borrowed
+    /// (ORT output views borrow the session).
+    pub fn run<'v, R>(
+        &self,
+        inputs: Vec<(&'static str, SessionInputValue<'v>)>,
+        read: impl FnOnce(SessionOutputs<'_>) -> ort::Result<R>,
+    ) -> ort::Result<R> {
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let outputs = session.run(inputs)?;
+        read(outputs)
+    }
+}
+
+fn build_session(runtime: &Runtime, path: &Path) -> ort::Result<Session> {
+    Session::builder(runtime.environment())?
+        .with_optimization_level(runtime.optimization())
+        .map_err(|e| -> ort::Error { e.into() })?
+        .commit_from_file(path)
+}
+
+fn check_io<'a>(
+    path: &Path,
+    kind: &str,
+    actual: impl Iterator<Item = (&'a str, &'a ValueType)>,
+    expected: &[IoSpec],
+) -> Result<(), LoadError> {
+    let actual: Vec<(&str, &ValueType)> = actual.collect();
+    let names: Vec<&str> = actual.iter().map(|(n, _)| *n).collect();
+    let wanted: Vec<&str> = expected.iter().map(|s| s.name).collect();
+    let mut sorted_names = names.clone();
+    sorted_names.sort_unstable();
+    let mut sorted_wanted = wanted.clone();
+    sorted_wanted.sort_unstable();
+    if sorted_names != sorted_wanted {
+        return Err(LoadError::new(path, format!("{kind}s are {names:?}, expected {wanted:?}")));
+    }
+    for spec in expected {
+        let (_, ty) = actual.iter().find(|(n, _)| *n == spec.name).expect("names checked above");
+        let ValueType::Tensor { ty: elem, shape, .. } = ty else {
+            return Err(LoadError::new(path, format!("{kind} `{}` is not a tensor", spec.name)));
+        };
+        if *elem != spec.ty {
+            return Err(LoadError::new(path, format!("{kind} `{}` has element type {elem:?}, expected {:?}", spec.name, spec.ty)));
+        }
+        if shape.len() != spec.dims.len() {
+            return Err(LoadError::new(path, format!("{kind} `{}` has rank {}, expected {}", spec.name, shape.len(), spec.dims.len())));
+        }
+        for (axis, (got, want)) in shape.iter().zip(&spec.dims).enumerate() {
+            if let Dim::Fixed(n) = want {
+                if *got != *n {
+                    let shown = if *got < 0 { "dynamic".to_string() } else { got.to_string() };
+                    return Err(LoadError::new(
+                        path,
+                        format!("{kind} `{}` axis {axis} is {shown}, expected {n} (hidden size mismatch?)", spec.name),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! ONNX Runtime: loading the shared library, the one process-wide environment, and graphs.
+
+mod graph;
+
+use std::path::{Path, PathBuf};
+
+pub use graph::{Dim, Graph, IoSpec};
+use ort::environment::{Environment, GlobalThreadPoolOptions};
+
+use crate::config::RuntimeSettings;
+
+/// ONNX Runtime minor version this server is built and tested against (`onnxruntime==1.31.1`).
+pub const REQUIRED_ORT_VERSION: &str = "1.31";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(
+        "ONNX Runtime library not found: set runtime.library_path (ADAPTERDROP__RUNTIME__LIBRARY_PATH) or \
+         ORT_DYLIB_PATH to libonnxruntime.so.1.31.1 (`make setup` installs it into .venv from the \
+         onnxruntime==1.31.1 wheel)"
+    )]
+    NotConfigured,
+    #[error("ONNX Runtime library {0} does not exist")]
+    Missing(PathBuf),
+    #[error("ONNX Runtime library {path} could not be loaded: {reason}")]
+    Unloadable { path: PathBuf, reason: String },
+    #[error("ONNX Runtime library {path} is version {found}; this server needs {REQUIRED_ORT_VERSION}.x (pip install onnxruntime==1.31.1)")]
+    WrongVersion { path: PathBuf, found: String },
+    #[error("ONNX Runtime environment could not be created: {0}")]
+    Environment(String),
+}
+
+/// The process-wide ONNX Runtime environment with its global thread pool: every session uses that
+/// pool, so hundreds of per-layer and per-adapter sessions do not each spawn their own threads.
+#[derive(Clone)]
+pub struct Runtime {
+    env: Environment,
+    version: String,
+    optimization: ort::session::builder::GraphOptimizationLevel,
+}
+
+impl Runtime {
+    pub fn init(settings: &RuntimeSettings) -> Result<Self, RuntimeError> {
+        let path = settings
+            .library_path
+            .clone()
+            .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+            .ok_or(RuntimeError::NotConfigured)?;
+        if !path.is_file() {
+            return Err(RuntimeError::Missing(path));
+        }
+        let version = library_version(&path)?;
+        if !version.starts_with(&format!("{REQUIRED_ORT_VERSION}.")) {
+            return Err(RuntimeError::WrongVersion { path, found: version });
+        }
+        let threads = if settings.intra_threads == 0 {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        } else {
+            settings.intra_threads
+        };
+        let pool = GlobalThreadPoolOptions::default()
+            .with_intra_threads(threads)
+            .and_then(|p| p.with_inter_threads(1))
+            .and_then(|p| p.with_spin_control(false))
+            .map_err(|e| RuntimeError::Environment(e.to_string()))?;
+        let env = ort::init_from(&path)
+            .map_err(|e| RuntimeError::Unloadable { path: path.clone(), reason: e.to_string() })?
+            .with_name("adapterdrop-serve")
+            .with_telemetry(false)
+            .with_global_thread_pool(pool)
+            .build()
+            .map_err(|e| RuntimeError::Environment(e.to_string()))?;
+        use ort::session::builder::GraphOptimizationLevel as L;
+        let optimization = match settings.optimization_level.as_str() {
+            "disable" => L::Disable,
+            "basic" => L::Level1,
+            "extended" => L::Level2,
+            _ => L::All,
+        };
+        tracing::info!(library = %path.display(), %version, intra_threads = threads, "ONNX Runtime loaded");
+        Ok(Self { env, version, optimization })
+    }
+
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    pub(crate) fn environment(&self) -> &Environment {
+        &self.env
+    }
+
+    pub(crate) fn optimization(&self) -> ort::session::builder::GraphOptimizationLevel {
+        self.optimization
+    }
+}
+
+/// Reads the library's own version string before `ort` binds to it, so a wrong version is a clear
+/// start-up error instead of undefined behaviour later.
+fn library_version(path: &Path) -> Result<String, RuntimeError> {
+    let unloadable = |reason: String| RuntimeError::Unloadable { path: path.to_path_buf(), reason };
+    // SAFETY: loading ONNX Runtime runs no user code beyond its static initialisers, and
+    // `OrtGetApiBase` is its documented, argument-free C entry point returning a static struct.
+    unsafe {
+        let lib = libloading::Library::new(path).map_err(|e| unloadable(e.to_string()))?;
+        let get_base: libloading::Symbol<unsafe extern "C" fn() -> *const ort::sys::OrtApiBase> =
+            lib.get(b"OrtGetApiBase").map_err(|_| unloadable("no OrtGetApiBase symbol: not ONNX Runtime".into()))?;
+        let base = get_base();
+        if base.is_null() {
+            return Err(unloadable("OrtGetApiBase returned null".into()));
+        }
+        let version = std::ffi::CStr::from_ptr(((*base).GetVersionString)()).to_string_lossy().into_owned();
+        // The library stays loaded: `ort` opens the same file next, and unloading ORT is unsafe.
+        std::mem::forget(lib);
+        Ok(version)
+    }
+}

@@ -1,0 +1,93 @@
+//! Assembles the services on one gRPC port and runs them until shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::api::native::NativeApi;
+use crate::config::Settings;
+use crate::proto::inference_server::InferenceServer;
+use crate::repository::{Registry, TaskState};
+use crate::router::Router;
+use crate::runtime::{Runtime, RuntimeError};
+use crate::scheduler::Scheduler;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("model repository {path} does not exist (run `make models` or set repository.path)")]
+    NoRepository { path: String },
+    #[error("model repository: {0}")]
+    Repository(#[from] crate::error::LoadError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection set-up failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Everything loaded and ready to accept connections.
+pub struct App {
+    pub settings: Settings,
+    pub registry: Arc<Registry>,
+    pub runtime: Runtime,
+}
+
+impl App {
+    /// Loads ONNX Runtime and the repository. Fails only on problems no request could survive.
+    pub fn load(settings: Settings) -> Result<Self, StartError> {
+        let runtime = Runtime::init(&settings.runtime)?;
+        let root = &settings.repository.path;
+        if !root.is_dir() {
+            return Err(StartError::NoRepository { path: root.display().to_string() });
+        }
+        let registry = Arc::new(Registry::open(&runtime, root)?);
+        Ok(Self { settings, registry, runtime })
+    }
+
+    /// Binds the configured address.
+    pub async fn bind(&self) -> Result<TcpListener, StartError> {
+        let addr = self.settings.server.listen.clone();
+        TcpListener::bind(&addr).await.map_err(|source| StartError::Listen { addr, source })
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
+        let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: "?".into(), source })?;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for entry in self.registry.entries() {
+            let status = if entry.state == TaskState::Ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+            health.set_service_status(&entry.name, status).await;
+            if self.registry.default_version(&entry.name) == Some(entry.version) {
+                health.set_service_status(&entry.name, ServingStatus::Serving).await;
+            }
+        }
+        let scheduler = Scheduler::start(self.settings.batching.clone());
+        let router = Arc::new(Router { registry: self.registry.clone(), limits: self.settings.limits.clone() });
+        let max = self.settings.server.max_message_bytes;
+        let native = InferenceServer::new(NativeApi { router, scheduler })
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+        health.set_serving::<InferenceServer<NativeApi>>().await;
+        health.set_service_status("", ServingStatus::Serving).await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let ready = self.registry.entries().iter().filter(|e| e.state == TaskState::Ready).count();
+        tracing::info!(%addr, tasks_ready = ready, ort = self.runtime.version(), "listening");
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(native)
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+            .await?;
+        tracing::info!("server stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,17 @@
+//! Structured logging set-up: human-readable or JSON lines.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogSettings;
+
+pub fn init(settings: &LogSettings) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
+    let result = if settings.format == "json" {
+        builder.json().flatten_event(true).with_current_span(true).try_init()
+    } else {
+        builder.try_init()
+    };
+    // A second init (tests starting several servers in one process) keeps the first subscriber.
+    let _ = result;
+}

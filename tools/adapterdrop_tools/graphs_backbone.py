@@ -1,0 +1,84 @@
+"""Backbone graphs: embeddings, per-layer attention / ffn segments, plain slots."""
+from __future__ import annotations
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .onnx_builder import F, F32_MIN, I64, GraphBuilder, hidden_dims
+
+
+def embeddings_graph(ck: Checkpoint):
+    H = ck.hidden_size
+    g = GraphBuilder("embeddings")
+    ids = g.input("input_ids", I64, ["batch", "seq"])
+    tt = g.input("token_type_ids", I64, ["batch", "seq"])
+    g.output("hidden", F, hidden_dims(H))
+    word = g.op("Gather", [g.const(ck.get("embeddings.word_embeddings.weight"), "word_embeddings"), ids], axis=0)
+    types = g.op("Gather", [g.const(ck.get("embeddings.token_type_embeddings.weight"), "token_type_embeddings"), tt], axis=0)
+    pos_table = g.const(ck.get("embeddings.position_embeddings.weight"), "position_embeddings")
+    if ck.architecture == "roberta":
+        # pad_id + cumsum(ids != pad) on real tokens, pad_id on pads
+        pad = g.const(ck.pad_token_id, "pad_id", np.int64)
+        not_pad = g.op("Cast", [g.op("Not", [g.op("Equal", [ids, pad])])], to=I64)
+        csum = g.op("CumSum", [not_pad, g.const(1, "axis1", np.int64)])
+        pos_ids = g.op("Add", [g.op("Mul", [csum, not_pad]), pad])
+        pos = g.op("Gather", [pos_table, pos_ids], axis=0)  # [B,T,H]
+    else:
+        seq_len = g.op("Shape", [ids], start=1, end=2)  # [T] as a 1-D tensor
+        zero, axis0 = g.const([0], "slice_start", np.int64), g.const([0], "slice_axis", np.int64)
+        pos = g.op("Slice", [pos_table, zero, seq_len, axis0])  # rows 0..T-1: [T,H], broadcasts over B
+    s = g.op("Add", [g.op("Add", [word, types]), pos])
+    g.layer_norm(s, ck.get("embeddings.LayerNorm.weight"), ck.get("embeddings.LayerNorm.bias"),
+                 ck.eps, "embeddings.LayerNorm", out="hidden")
+    return g.model()
+
+
+def attention_graph(ck: Checkpoint, i: int):
+    """(hidden, attention_mask) -> h = attention.output.dense(SelfAttention(hidden))."""
+    H, nh = ck.hidden_size, ck.num_heads
+    d = H // nh
+    g = GraphBuilder(f"layer{i}_attention")
+    x = g.input("hidden", F, hidden_dims(H))
+    mask = g.input("attention_mask", I64, ["batch", "seq"])
+    g.output("h", F, hidden_dims(H))
+    heads_shape = g.const([0, 0, nh, d], "heads_shape", np.int64)
+
+    def proj(name):
+        y = g.linear(x, ck.layer(i, f"attention.self.{name}.weight"), ck.layer(i, f"attention.self.{name}.bias"), name)
+        return g.op("Reshape", [y, heads_shape])  # [B,T,nh,d]
+
+    q = g.op("Transpose", [proj("query")], perm=[0, 2, 1, 3])  # [B,nh,T,d]
+    k = g.op("Transpose", [proj("key")], perm=[0, 2, 3, 1])  # [B,nh,d,T]
+    v = g.op("Transpose", [proj("value")], perm=[0, 2, 1, 3])  # [B,nh,T,d]
+    scores = g.op("Mul", [g.op("MatMul", [q, k]), g.const(1.0 / np.sqrt(d), "inv_sqrt_d")])
+    m = g.op("Cast", [mask], to=F)
+    term = g.op("Mul", [g.op("Sub", [g.const(1.0, "one_f"), m]), g.const(F32_MIN, "f32_min")])
+    term = g.op("Unsqueeze", [term, g.const([1, 2], "unsq_axes", np.int64)])  # [B,1,1,T]
+    probs = g.op("Softmax", [g.op("Add", [scores, term])], axis=-1)
+    ctx = g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])  # [B,T,nh,d]
+    ctx = g.op("Reshape", [ctx, g.const([0, 0, H], "merge_shape", np.int64)])
+    g.linear(ctx, ck.layer(i, "attention.output.dense.weight"), ck.layer(i, "attention.output.dense.bias"),
+             "attention.output.dense", out="h")
+    return g.model()
+
+
+def ffn_graph(ck: Checkpoint, i: int):
+    """hidden -> h = output.dense(GELU(intermediate.dense(hidden)))."""
+    g = GraphBuilder(f"layer{i}_ffn")
+    x = g.input("hidden", F, hidden_dims(ck.hidden_size))
+    g.output("h", F, hidden_dims(ck.hidden_size))
+    m = g.linear(x, ck.layer(i, "intermediate.dense.weight"), ck.layer(i, "intermediate.dense.bias"), "intermediate.dense")
+    m = g.activation(m, "gelu")
+    g.linear(m, ck.layer(i, "output.dense.weight"), ck.layer(i, "output.dense.bias"), "output.dense", out="h")
+    return g.model()
+
+
+def plain_slot_graph(ln_weight, ln_bias, eps: float, name: str):
+    """(h, x) -> y = LN(h + x). LN initializers are named `ln.weight` / `ln.bias`."""
+    H = int(np.asarray(ln_weight).shape[0])
+    g = GraphBuilder(name)
+    h = g.input("h", F, hidden_dims(H))
+    x = g.input("x", F, hidden_dims(H))
+    g.output("y", F, hidden_dims(H))
+    g.layer_norm(g.op("Add", [h, x]), ln_weight, ln_bias, eps, "ln", out="y")
+    return g.model()

@@ -1,0 +1,158 @@
+"""Independent numpy (float64) reference of a BERT/RoBERTa encoder with AdapterHub bottleneck
+adapters, AdapterDrop and the classification head, written from adapter-math.md. No ONNX here."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .adapterhub import Adapter, Head
+from .checkpoint import Checkpoint
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+F32_MIN = float(np.finfo(np.float32).min)
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)).astype(np.float64))
+
+
+def activation(x: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "relu":
+        return np.maximum(x, 0.0)
+    if kind == "silu":
+        return x / (1.0 + np.exp(-x))
+    if kind == "gelu":
+        return gelu(x)
+    if kind == "tanh":
+        return np.tanh(x)
+    if kind == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-x))
+    raise ValueError(kind)
+
+
+def layer_norm(x, w, b, eps):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+def linear(x, w, b):
+    """torch layout: w [out, in]."""
+    y = x @ np.asarray(w, np.float64).T
+    return y if b is None else y + np.asarray(b, np.float64)
+
+
+class Reference:
+    def __init__(self, ck: Checkpoint):
+        self.ck = ck
+        self.w = {k: np.asarray(v, np.float64) for k, v in ck.weights.items()}
+        self.eps = ck.eps
+
+    def L(self, i, key):
+        return self.w[f"encoder.layer.{i}.{key}"]
+
+    # ---- backbone pieces -------------------------------------------------------------
+    def embeddings(self, ids: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        tt = np.asarray(token_type_ids, np.int64)
+        if self.ck.architecture == "roberta":
+            pad = self.ck.pad_token_id
+            not_pad = (ids != pad).astype(np.int64)
+            pos = np.cumsum(not_pad, axis=1) * not_pad + pad
+        else:
+            pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+        e = (self.w["embeddings.word_embeddings.weight"][ids]
+             + self.w["embeddings.token_type_embeddings.weight"][tt]
+             + self.w["embeddings.position_embeddings.weight"][pos])
+        return layer_norm(e, self.w["embeddings.LayerNorm.weight"], self.w["embeddings.LayerNorm.bias"], self.eps)
+
+    def attention(self, i: int, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        B, T, H = x.shape
+        nh = self.ck.num_heads
+        d = H // nh
+
+        def heads(name):
+            y = linear(x, self.L(i, f"attention.self.{name}.weight"), self.L(i, f"attention.self.{name}.bias"))
+            return y.reshape(B, T, nh, d).transpose(0, 2, 1, 3)
+
+        q, k, v = heads("query"), heads("key"), heads("value")
+        scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(d)
+        scores = scores + ((1.0 - np.asarray(mask, np.float64)) * F32_MIN)[:, None, None, :]
+        scores = scores - scores.max(-1, keepdims=True)
+        p = np.exp(scores)
+        p = p / p.sum(-1, keepdims=True)
+        ctx = (p @ v).transpose(0, 2, 1, 3).reshape(B, T, H)
+        return linear(ctx, self.L(i, "attention.output.dense.weight"), self.L(i, "attention.output.dense.bias"))
+
+    def ffn(self, i: int, x: np.ndarray) -> np.ndarray:
+        m = gelu(linear(x, self.L(i, "intermediate.dense.weight"), self.L(i, "intermediate.dense.bias")))
+        return linear(m, self.L(i, "output.dense.weight"), self.L(i, "output.dense.bias"))
+
+    def ln_of(self, i: int, location: str):
+        base = "attention.output.LayerNorm" if location == "attention" else "output.LayerNorm"
+        return self.L(i, base + ".weight"), self.L(i, base + ".bias")
+
+    def slot(self, i: int, location: str, h, x, adapter: Adapter | None = None):
+        """Plain slot LN(h + x), or the AdapterHub bottleneck rule if an adapter is active here."""
+        lw, lb = self.ln_of(i, location)
+        sw = None if adapter is None else adapter.slots.get((i, location))
+        if sw is None:
+            return layer_norm(h + x, lw, lb, self.eps)
+        u = layer_norm(h + x, lw, lb, self.eps) if adapter.original_ln_before else h
+        if adapter.residual_before_ln == "post_add":
+            r = h + x
+        elif adapter.residual_before_ln:
+            r = h
+        else:
+            r = u
+        a = linear(activation(linear(u, sw.down_w, sw.down_b), adapter.non_linearity), sw.up_w, sw.up_b)
+        out = a * adapter.scaling + r
+        return layer_norm(out + x, lw, lb, self.eps) if adapter.original_ln_after else out
+
+    def layer(self, i, x0, mask, adapter=None):
+        x1 = self.slot(i, "attention", self.attention(i, x0, mask), x0, adapter)
+        return self.slot(i, "ffn", self.ffn(i, x1), x1, adapter)
+
+    # ---- whole model -----------------------------------------------------------------
+    def encode(self, input_ids, attention_mask, token_type_ids=None, adapter: Adapter | None = None,
+               dropped=()):
+        """Last hidden state [B,T,H]; adapters are skipped (plain layers) in layers `dropped`."""
+        ids = np.asarray(input_ids, np.int64)
+        tt = np.zeros_like(ids) if token_type_ids is None else np.asarray(token_type_ids, np.int64)
+        mask = np.asarray(attention_mask, np.int64)
+        x = self.embeddings(ids, tt)
+        dropped = set(dropped)
+        for i in range(self.ck.num_layers):
+            x = self.layer(i, x, mask, None if i in dropped else adapter)
+        return x
+
+    def logits(self, input_ids, attention_mask, token_type_ids=None, adapter=None, head: Head | None = None,
+               dropped=()):
+        hid = self.encode(input_ids, attention_mask, token_type_ids, adapter, dropped)
+        return head_logits(hid, head)
+
+
+def head_logits(hidden: np.ndarray, head: Head) -> np.ndarray:
+    z = np.tanh(linear(hidden[:, 0], head.w1, head.b1))
+    return linear(z, head.w2, head.b2)
+
+
+def mean_pool(hidden: np.ndarray, mask) -> np.ndarray:
+    m = np.asarray(mask, np.float64)[:, :, None]
+    v = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def pad_batch(seqs, pad_id: int = 0, type_seqs=None):
+    """Unpadded per-sequence ids -> (input_ids, attention_mask, token_type_ids) right-padded arrays."""
+    T = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), T), pad_id, np.int64)
+    mask = np.zeros((len(seqs), T), np.int64)
+    tt = np.zeros((len(seqs), T), np.int64)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = s
+        mask[r, :len(s)] = 1
+        if type_seqs is not None:
+            tt[r, :len(s)] = type_seqs[r]
+    return ids, mask, tt

@@ -1,0 +1,215 @@
+"""Write backbones and tasks into a model repository (format v1, models/README.md), atomically."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+from . import ExportError, InvalidCheckpoint
+from .adapterhub import Adapter, Head
+from .checkpoint import Checkpoint
+from .graphs_backbone import attention_graph, embeddings_graph, ffn_graph, plain_slot_graph
+from .graphs_task import adapter_slot_graph, head_graph
+from .onnx_builder import initializers, save
+
+FORMAT_VERSION = 1
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    if not NAME_RE.match(name) or ".." in name:
+        raise ExportError(f"invalid {kind} name {name!r} (must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}, no '..')")
+    return name
+
+
+def write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def _atomic_install(tmp: str, final: str, force: bool) -> None:
+    """Move the finished temp dir `tmp` to `final` (same filesystem: a rename)."""
+    if os.path.exists(final):
+        if not force:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ExportError(f"{final} already exists (use --force to replace it)")
+        old = os.path.join(os.path.dirname(tmp), f".old-{os.getpid()}-{os.path.basename(final)}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.rename(tmp, final)
+
+
+def _fresh_tmp(parent: str, label: str) -> str:
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{label}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+# ---- backbones ------------------------------------------------------------------------------
+def backbone_manifest(ck: Checkpoint, name: str, tokenizer: bool, source: str | None, license: str | None) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "architecture": ck.architecture,
+        "num_layers": ck.num_layers,
+        "hidden_size": ck.hidden_size,
+        "num_heads": ck.num_heads,
+        "intermediate_size": ck.intermediate_size,
+        "vocab_size": int(ck.config["vocab_size"]),
+        "type_vocab_size": int(ck.config.get("type_vocab_size", 2)),
+        "max_positions": ck.max_positions,
+        "pad_token_id": ck.pad_token_id,
+        "layer_norm_eps": ck.eps,
+        "tokenizer": "tokenizer.json" if tokenizer else None,
+        "slots": ["attention", "ffn"],
+        "source": source,
+        "license": license,
+    }
+
+
+def write_backbone(ck: Checkpoint, repo: str, name: str, tokenizer_path: str | None = None,
+                   source: str | None = None, license: str | None = None, force: bool = False) -> str:
+    check_name("backbone", name)
+    if ck.hidden_size % ck.num_heads:
+        raise InvalidCheckpoint(f"hidden_size {ck.hidden_size} is not a multiple of num_heads {ck.num_heads}")
+    final = os.path.join(repo, "backbones", name)
+    if os.path.exists(final) and not force:
+        raise ExportError(f"{final} already exists (use --force to replace it)")
+    if tokenizer_path is None and os.path.isfile(os.path.join(ck.path, "tokenizer.json")):
+        tokenizer_path = os.path.join(ck.path, "tokenizer.json")
+    if tokenizer_path is not None and not os.path.isfile(tokenizer_path):
+        raise ExportError(f"tokenizer {tokenizer_path} not found")
+    tmp = _fresh_tmp(os.path.join(repo, "backbones"), name)
+    try:
+        save(embeddings_graph(ck), os.path.join(tmp, "embeddings.onnx"))
+        for i in range(ck.num_layers):
+            d = os.path.join(tmp, "layers", str(i))
+            os.makedirs(d)
+            save(attention_graph(ck, i), os.path.join(d, "attention.onnx"))
+            save(plain_slot_graph(*ck.ln(i, "attention"), ck.eps, f"layer{i}_attention_slot"),
+                 os.path.join(d, "attention_slot.onnx"))
+            save(ffn_graph(ck, i), os.path.join(d, "ffn.onnx"))
+            save(plain_slot_graph(*ck.ln(i, "ffn"), ck.eps, f"layer{i}_ffn_slot"), os.path.join(d, "ffn_slot.onnx"))
+        if tokenizer_path:
+            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
+        write_json(os.path.join(tmp, "backbone.json"),
+                   backbone_manifest(ck, name, bool(tokenizer_path), source or "/".join(
+                       os.path.normpath(os.path.abspath(ck.path)).split(os.sep)[-2:]), license))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _atomic_install(tmp, final, force)
+    return final
+
+
+def read_backbone(repo: str, name: str) -> dict:
+    path = os.path.join(repo, "backbones", name, "backbone.json")
+    if not os.path.isfile(path):
+        raise ExportError(f"backbone {name!r} not found in {repo} ({path} missing)")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class RepoLayerNorms:
+    """LayerNorm weights of a backbone read back from its plain slot graphs (no checkpoint needed)."""
+
+    def __init__(self, repo: str, name: str):
+        self.dir = os.path.join(repo, "backbones", name)
+
+    def ln(self, i: int, location: str):
+        init = initializers(os.path.join(self.dir, "layers", str(i), f"{location}_slot.onnx"))
+        return init["ln.weight"], init["ln.bias"]
+
+
+# ---- tasks ----------------------------------------------------------------------------------
+def parse_drop(num_layers: int, drop_first=None, layers=None, robust=None) -> dict:
+    given = [x is not None for x in (drop_first, layers, robust)]
+    if sum(given) != 1:
+        raise ExportError("give exactly one of --drop-first, --drop-layers, --robust")
+    if drop_first is not None:
+        if not 0 <= int(drop_first) <= num_layers:
+            raise ExportError(f"drop_first {drop_first} not in 0..{num_layers}")
+        return {"drop_first": int(drop_first)}
+    if layers is not None:
+        layers = sorted(set(int(x) for x in layers))
+        if any(not 0 <= x < num_layers for x in layers):
+            raise ExportError(f"drop layers {layers} must be in 0..{num_layers - 1}")
+        return {"layers": layers}
+    default, lo, hi = (int(x) for x in robust)
+    if not (0 <= lo <= default <= hi <= num_layers):
+        raise ExportError(f"robust drop needs 0 <= min <= default <= max <= {num_layers}, got {default},{lo},{hi}")
+    return {"robust": {"default": default, "min": lo, "max": hi}}
+
+
+def always_dropped(drop: dict, num_layers: int) -> set:
+    if "drop_first" in drop:
+        return set(range(drop["drop_first"]))
+    if "layers" in drop:
+        return set(drop["layers"])
+    return set(range(drop["robust"]["min"]))
+
+
+def dropped_for(drop: dict, n: int | None = None) -> set:
+    """Layers whose adapters are skipped for one request (n only for robust tasks)."""
+    if "drop_first" in drop:
+        return set(range(drop["drop_first"]))
+    if "layers" in drop:
+        return set(drop["layers"])
+    r = drop["robust"]
+    return set(range(r["default"] if n is None else n))
+
+
+def write_task(repo: str, backbone: str, adapter: Adapter, head: Head, lns, name: str, version: int,
+               drop: dict, description: str | None = None, force: bool = False) -> str:
+    """`lns` has .ln(layer, location) -> (weight, bias): a Checkpoint or RepoLayerNorms."""
+    check_name("task", name)
+    if int(version) < 1:
+        raise ExportError(f"version must be a positive integer, got {version}")
+    bb = read_backbone(repo, backbone)
+    L, H, eps = int(bb["num_layers"]), int(bb["hidden_size"]), float(bb["layer_norm_eps"])
+    if adapter.hidden_size != H:
+        raise InvalidCheckpoint(f"adapter hidden size {adapter.hidden_size} != backbone {backbone!r} hidden {H}")
+    final = os.path.join(repo, "tasks", name, str(int(version)))
+    if os.path.exists(final) and not force:
+        raise ExportError(f"{final} already exists (use --force to replace it)")
+    skip = always_dropped(drop, L)
+    tmp = _fresh_tmp(os.path.join(repo, "tasks"), f"{name}-{version}")
+    try:
+        os.makedirs(os.path.join(tmp, "slots"))
+        slots = []
+        for (layer, loc), sw in sorted(adapter.slots.items()):
+            if layer in skip:
+                continue
+            if layer >= L:
+                raise InvalidCheckpoint(f"adapter has layer {layer}, backbone has {L} layers")
+            lw, lb = lns.ln(layer, loc)
+            rel = f"slots/layer{layer}_{loc}.onnx"
+            save(adapter_slot_graph(adapter, sw, lw, lb, eps, f"{name}_layer{layer}_{loc}"), os.path.join(tmp, rel))
+            slots.append({"layer": layer, "location": loc, "graph": rel})
+        save(head_graph(head, H), os.path.join(tmp, "head.onnx"))
+        head_obj = {"type": head.kind, "graph": "head.onnx", "labels": list(head.labels)}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "version": int(version),
+            "backbone": backbone,
+            "description": description or f"{adapter.name}: {adapter.method} adapter",
+            "adapter": {"method": adapter.method, "reduction_factor": adapter.reduction_factor,
+                        "non_linearity": adapter.non_linearity_name, "source": adapter.source},
+            "slots": slots,
+            "drop": drop,
+            "head": head_obj,
+        }
+        write_json(os.path.join(tmp, "task.json"), manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _atomic_install(tmp, final, force)
+    return final
