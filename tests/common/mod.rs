@@ -1,0 +1,129 @@
+//! Starts the real server binary on an ephemeral port against the exported test repository.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use adapterdrop_serve::proto::inference_client::InferenceClient;
+use tonic::transport::Channel;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Built by `make test-repo` (tools/make_test_repo.py) before `cargo test` runs.
+pub fn test_repo() -> PathBuf {
+    let p = std::env::var_os("ADAPTERDROP_TEST_REPO").map(PathBuf::from).unwrap_or_else(|| root().join("build/test-repo"));
+    assert!(p.join("expected.json").is_file(), "test repository {} is missing: run `make test-repo` first", p.display());
+    p
+}
+
+pub fn ort_library() -> PathBuf {
+    let p = std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from).unwrap_or_else(|| root().join("build/lib/libonnxruntime.so"));
+    assert!(p.is_file(), "ONNX Runtime library {} is missing: run `make setup` first", p.display());
+    p
+}
+
+pub fn shared_fixtures() -> PathBuf {
+    root().join("../shared/fixtures/adapterhub-tiny")
+}
+
+pub struct TestServer {
+    child: Child,
+    pub addr: String,
+    pub logs: mpsc::Receiver<String>,
+}
+
+impl TestServer {
+    /// Starts the server on the test repository with extra `ADAPTERDROP__*` settings.
+    pub fn start(env: &[(&str, &str)]) -> Self {
+        Self::start_on(&test_repo(), env)
+    }
+
+    pub fn start_on(repo: &Path, env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_adapterdrop-serve"));
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("ORT_DYLIB_PATH", ort_library())
+            .env("ADAPTERDROP__SERVER__LISTEN", "127.0.0.1:0")
+            .env("ADAPTERDROP__REPOSITORY__PATH", repo)
+            .env("ADAPTERDROP__RUNTIME__INTRA_THREADS", "2")
+            .env("ADAPTERDROP__LOG__FORMAT", "text")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn server");
+        let (tx, logs) = mpsc::channel();
+        for stream in [Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().unwrap())] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let mut seen = Vec::new();
+        loop {
+            match logs.recv_timeout(Duration::from_secs(120)) {
+                Ok(line) => {
+                    if line.contains("listening") {
+                        if let Some(addr) = line.split("addr=").nth(1).and_then(|r| r.split_whitespace().next()) {
+                            return Self { child, addr: addr.to_string(), logs };
+                        }
+                    }
+                    seen.push(line);
+                }
+                Err(_) => panic!("server did not start; output:\n{}", seen.join("\n")),
+            }
+        }
+    }
+
+    pub async fn client(&self) -> InferenceClient<Channel> {
+        InferenceClient::connect(format!("http://{}", self.addr)).await.expect("connect").max_decoding_message_size(64 << 20)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.expect("connect")
+    }
+
+    /// Everything the server logged so far.
+    pub fn drain_logs(&self) -> Vec<String> {
+        self.logs.try_iter().collect()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the binary to completion (for start-up failures) and returns (exit success, output).
+pub fn run_to_exit(env: &[(&str, &str)]) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_adapterdrop-serve"));
+    cmd.env_clear().env("ADAPTERDROP__SERVER__LISTEN", "127.0.0.1:0").env("NO_COLOR", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run server");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch: {a:?} vs {b:?}");
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max)
+}
