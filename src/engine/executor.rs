@@ -107,6 +107,7 @@ impl State<'_> {
         let rows_before = self.input_of.len();
         let mut copies: Vec<usize> = Vec::new();
         let mut row_choice: Vec<Choice> = Vec::with_capacity(rows_before);
+        let mut copy_choice: Vec<Choice> = Vec::new();
         // A representative lane per choice, to find its graph.
         let mut witness: BTreeMap<Choice, usize> = BTreeMap::new();
         for r in 0..rows_before {
@@ -127,9 +128,11 @@ impl State<'_> {
                 copies.push(r);
                 self.input_of.push(self.input_of[r]);
                 self.lanes_of.push(ls);
-                row_choice.push(c);
+                copy_choice.push(c);
             }
         }
+        // Copies are appended after every existing row, in the order they were made.
+        row_choice.extend(copy_choice);
         if !copies.is_empty() {
             h = concatenate![Axis(0), h, h.select(Axis(0), &copies)];
             self.hidden = concatenate![Axis(0), self.hidden, self.hidden.select(Axis(0), &copies)];
