@@ -25,11 +25,13 @@ fn main() -> ExitCode {
         }
     };
     adapterdrop_serve::telemetry::init(&settings.log);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    let result = runtime.block_on(async {
-        let app = App::load(settings)?;
-        let listener = app.bind().await?;
-        app.serve(listener, shutdown_signal()).await
+    // Loading creates ONNX Runtime sessions: do it before the async runtime exists, never on a reactor thread.
+    let result = App::load(settings).and_then(|app| {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+        runtime.block_on(async {
+            let listener = app.bind().await?;
+            app.serve(listener, shutdown_signal()).await
+        })
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

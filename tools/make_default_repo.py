@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 
@@ -24,16 +23,12 @@ from adapterdrop_tools import ExportError  # noqa: E402
 from adapterdrop_tools.adapterhub import load_adapter, load_head  # noqa: E402
 from adapterdrop_tools.checkpoint import load_checkpoint, minilm_path  # noqa: E402
 from adapterdrop_tools.fixtures import make_all  # noqa: E402
-from adapterdrop_tools.repository import parse_drop, write_backbone, write_task  # noqa: E402
+from adapterdrop_tools.repository import build_dir_atomically, parse_drop, write_backbone, write_task  # noqa: E402
 from adapterdrop_tools.testrepo import MINILM_SOURCE  # noqa: E402
 
 
 def build(out: str, seed: int) -> str:
-    out = os.path.abspath(out)
-    tmp = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    def fill(tmp: str) -> None:
         ck = load_checkpoint(minilm_path())
         write_backbone(ck, tmp, "minilm", None, MINILM_SOURCE, "Apache-2.0")
         with tempfile.TemporaryDirectory() as src:
@@ -43,18 +38,8 @@ def build(out: str, seed: int) -> str:
                 head = load_head(paths[key], ck.hidden_size)
                 write_task(tmp, "minilm", adapter, head, ck, task, 1, parse_drop(ck.num_layers, robust=(0, 0, 6)),
                            f"DEMO: random untrained {adapter.method} adapter (seed {seed}); labels are meaningless")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(out):
-        old = f"{out.rstrip(os.sep)}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        os.rename(tmp, out)
-    return out
+
+    return build_dir_atomically(out, fill)
 
 
 def main(argv=None) -> int:

@@ -44,6 +44,21 @@ def _atomic_install(tmp: str, final: str, force: bool) -> None:
         os.rename(tmp, final)
 
 
+def build_dir_atomically(out: str, fill) -> str:
+    """Run `fill(tmp)` on a sibling temp dir, then swap it in for `out`; a failure leaves `out` as it was."""
+    out = os.path.abspath(out).rstrip(os.sep)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _atomic_install(tmp, out, force=True)
+    return out
+
+
 def _fresh_tmp(parent: str, label: str) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp-{label}-{os.getpid()}")

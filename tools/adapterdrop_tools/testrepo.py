@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 
@@ -39,7 +38,7 @@ from .adapterhub import load_adapter, load_head
 from .checkpoint import load_checkpoint, minilm_path
 from .fixtures import adapterhub_tiny, make_all
 from .reference import Reference, pad_batch
-from .repository import dropped_for, parse_drop, write_backbone, write_json, write_task
+from .repository import build_dir_atomically, dropped_for, parse_drop, write_backbone, write_json, write_task
 
 SEED = 1234
 FIXTURE_LICENSE = "test fixture: random weights"
@@ -114,23 +113,7 @@ def task_specs(src: str, with_minilm: bool) -> list:
 
 
 def build(out: str, with_minilm: bool = False) -> str:
-    out = os.path.abspath(out)
-    tmp = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        _build_into(tmp, with_minilm)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(out):
-        old = f"{out.rstrip(os.sep)}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-    return out
+    return build_dir_atomically(out, lambda tmp: _build_into(tmp, with_minilm))
 
 
 def _build_into(repo: str, with_minilm: bool) -> None:
