@@ -28,6 +28,7 @@ fn request(tasks: &[(&str, Option<u32>)], inputs: Inputs) -> InferRequest {
         tasks: tasks.iter().map(|(n, d)| TaskRef { name: n.to_string(), version: None, drop_first: *d }).collect(),
         inputs: Some(inputs),
         truncate: false,
+        id: String::new(),
     }
 }
 

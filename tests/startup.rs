@@ -75,6 +75,7 @@ async fn broken_tasks_are_refused_by_file_and_healthy_ones_still_serve() {
         tasks: vec![TaskRef { name: task.into(), ..Default::default() }],
         inputs: Some(Inputs::Texts(Texts { texts: vec!["fine".into()] })),
         truncate: false,
+        id: String::new(),
     };
     c.infer(infer("sent")).await.expect("healthy task serves");
     c.infer(infer("rand-pfeiffer")).await.expect("default version serves");

@@ -3,12 +3,21 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tonic::{Request, Response, Status};
+use std::pin::Pin;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::{convert, deadline};
 use crate::error::ServeError;
 use crate::proto::inference_server::Inference;
-use crate::proto::{GetTaskRequest, InferRequest, InferResponse, ListTasksRequest, ListTasksResponse, TaskInfo, TaskResult, Timings};
+use crate::proto::infer_stream_response as stream_response;
+use crate::proto::{
+    Error, GetTaskRequest, InferRequest, InferResponse, InferStreamResponse, ListTasksRequest, ListTasksResponse, TaskInfo, TaskResult, Timings,
+};
 use crate::router::Router;
 use crate::scheduler::Scheduler;
 
@@ -17,15 +26,13 @@ pub struct NativeApi {
     pub scheduler: Scheduler,
 }
 
-#[tonic::async_trait]
-impl Inference for NativeApi {
-    async fn infer(&self, request: Request<InferRequest>) -> Result<Response<InferResponse>, Status> {
+impl NativeApi {
+    /// One inference, shared by the unary and streaming RPCs.
+    async fn run(router: Arc<Router>, scheduler: Scheduler, req: InferRequest, deadline: Option<Instant>) -> Result<InferResponse, ServeError> {
         let started = Instant::now();
-        let deadline = deadline::from_metadata(request.metadata());
-        let req = request.into_inner();
-        let span = tracing::info_span!("infer", tasks = ?req.tasks.iter().map(|t| t.name.as_str()).collect::<Vec<_>>());
-        let result = async {
-            let router = self.router.clone();
+        let id = req.id.clone();
+        let span = tracing::info_span!("infer", id = %id, tasks = ?req.tasks.iter().map(|t| t.name.as_str()).collect::<Vec<_>>());
+        let work = async {
             // Tokenization is CPU work: keep it off the reactor threads.
             let job = tokio::task::spawn_blocking(move || router.prepare(req, deadline))
                 .await
@@ -33,7 +40,7 @@ impl Inference for NativeApi {
             let tokenize_us = started.elapsed().as_micros() as u64;
             let num_tokens = job.sequences.iter().map(|s| s.ids.len() as u32).collect();
             let runs = job.tasks.clone();
-            let out = self.scheduler.submit(job).await?;
+            let out = scheduler.submit(job).await?;
             let results = runs
                 .iter()
                 .zip(out.logits)
@@ -54,15 +61,48 @@ impl Inference for NativeApi {
                 total_us: started.elapsed().as_micros() as u64,
                 batch_rows: out.batch_rows as u32,
             };
-            Ok::<_, ServeError>(InferResponse { results, num_tokens, timings: Some(timings) })
+            Ok::<_, ServeError>(InferResponse { results, num_tokens, timings: Some(timings), id })
         };
-        match tracing::Instrument::instrument(result, span.clone()).await {
-            Ok(resp) => Ok(Response::new(resp)),
-            Err(e) => {
-                tracing::info!(parent: &span, error_type = e.error_type(), error = %e, "infer rejected");
-                Err(e.into())
-            }
+        let result = work.instrument(span.clone()).await;
+        if let Err(e) = &result {
+            tracing::info!(parent: &span, error_type = e.error_type(), error = %e, "infer rejected");
         }
+        result
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<InferStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Inference for NativeApi {
+    async fn infer(&self, request: Request<InferRequest>) -> Result<Response<InferResponse>, Status> {
+        let deadline = deadline::from_metadata(request.metadata());
+        let resp = Self::run(self.router.clone(), self.scheduler.clone(), request.into_inner(), deadline).await?;
+        Ok(Response::new(resp))
+    }
+
+    type InferStreamStream = ResponseStream;
+
+    async fn infer_stream(&self, request: Request<Streaming<InferRequest>>) -> Result<Response<ResponseStream>, Status> {
+        let deadline = deadline::from_metadata(request.metadata());
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(128);
+        let (router, scheduler) = (self.router.clone(), self.scheduler.clone());
+        tokio::spawn(async move {
+            // Each message runs concurrently so that one stream's requests batch together.
+            while let Some(Ok(req)) = inbound.next().await {
+                let (tx, router, scheduler) = (tx.clone(), router.clone(), scheduler.clone());
+                tokio::spawn(async move {
+                    let id = req.id.clone();
+                    let result = match Self::run(router, scheduler, req, deadline).await {
+                        Ok(resp) => stream_response::Result::Response(resp),
+                        Err(e) => stream_response::Result::Error(Error { code: e.code() as i32, message: e.to_string() }),
+                    };
+                    let _ = tx.send(Ok(InferStreamResponse { id, result: Some(result) })).await;
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn list_tasks(&self, _request: Request<ListTasksRequest>) -> Result<Response<ListTasksResponse>, Status> {

@@ -121,7 +121,7 @@ def test_reflection_v1_describes_inference(channel, reflection_pb2):
     assert resp.WhichOneof("message_response") == "file_descriptor_response"
     files = [descriptor_pb2.FileDescriptorProto.FromString(b) for b in resp.file_descriptor_response.file_descriptor_proto]
     services = {f"{f.package}.{s.name}": {m.name for m in s.method} for f in files for s in f.service}
-    assert services.get("adapterdrop.v1.Inference") == {"Infer", "ListTasks", "GetTask"}
+    assert services.get("adapterdrop.v1.Inference") == {"Infer", "InferStream", "ListTasks", "GetTask"}
 
 
 def test_reflection_v1_unknown_symbol_is_not_found(channel, reflection_pb2):
