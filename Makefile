@@ -51,9 +51,10 @@ $(TEST_REPO)/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdrop_tool
 	$(PY) tools/make_test_repo.py --out $(TEST_REPO) --with-minilm
 	touch $@
 
+## AdapterDrop Table 2 (docs/benchmarks.md). Shrink with BENCH_QUICK=1, BENCH_BACKBONES=minilm, BENCH_K, BENCH_N, BENCH_RUNS.
 bench: setup models
-	cargo build --release $(CARGO_FLAGS)
-	@echo "benchmarks: see docs/benchmarks.md"
+	$(PY) tools/make_bench_repo.py --out build/bench-repo
+	cargo bench $(CARGO_FLAGS) --bench table2
 
 clean:
 	rm -rf build target $(DEFAULT_REPO)
