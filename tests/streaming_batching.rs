@@ -86,3 +86,16 @@ async fn a_full_queue_answers_resource_exhausted_and_recovers() {
     let mut c = server.client().await;
     c.infer(request("after", "mini-pfeiffer", None, &["still serving"])).await.expect("recovered");
 }
+
+#[tokio::test]
+async fn a_request_whose_deadline_passes_in_the_queue_gets_deadline_exceeded() {
+    // A long batching window holds the request in the queue past its 300 ms deadline.
+    let server = TestServer::start(&[("ADAPTERDROP__BATCHING__MAX_BATCH_DELAY_MS", "1500")]);
+    let mut c = server.client().await;
+    // The raw header, as any gRPC client sends it (tonic's own client would also cancel locally).
+    let mut r = tonic::Request::new(request("late", "mini-pfeiffer", None, &["too late"]));
+    r.metadata_mut().insert("grpc-timeout", "300m".parse().unwrap());
+    let status = c.infer(r).await.expect_err("deadline");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    c.infer(request("next", "mini-pfeiffer", None, &["on time"])).await.expect("still serving");
+}

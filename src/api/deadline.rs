@@ -9,6 +9,13 @@ pub fn from_metadata(meta: &MetadataMap) -> Option<Instant> {
     parse_timeout(value).map(|d| Instant::now() + d)
 }
 
+/// When the server must answer by: a little before the deadline, so that our DEADLINE_EXCEEDED
+/// status wins the race against the transport's own timeout.
+pub fn answer_by(deadline: Instant) -> tokio::time::Instant {
+    let margin = Duration::from_millis(20);
+    tokio::time::Instant::from_std(deadline.checked_sub(margin).unwrap_or(deadline))
+}
+
 /// Parses the gRPC wire format: up to 8 digits and a unit (H, M, S, m, u, n).
 fn parse_timeout(v: &str) -> Option<Duration> {
     if v.len() < 2 || v.len() > 9 {

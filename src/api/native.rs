@@ -77,7 +77,15 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<InferStreamResponse, Stat
 impl Inference for NativeApi {
     async fn infer(&self, request: Request<InferRequest>) -> Result<Response<InferResponse>, Status> {
         let deadline = deadline::from_metadata(request.metadata());
-        let resp = Self::run(self.router.clone(), self.scheduler.clone(), request.into_inner(), deadline).await?;
+        let work = Self::run(self.router.clone(), self.scheduler.clone(), request.into_inner(), deadline);
+        let resp = match deadline {
+            // Answer DEADLINE_EXCEEDED ourselves, just before tonic's transport layer would cancel
+            // the call with a bare CANCELLED.
+            Some(d) => tokio::time::timeout_at(deadline::answer_by(d), work)
+                .await
+                .map_err(|_| ServeError::DeadlineExceeded("deadline exceeded before the result was ready".into()))??,
+            None => work.await?,
+        };
         Ok(Response::new(resp))
     }
 
