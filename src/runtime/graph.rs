@@ -108,14 +108,14 @@ fn check_io<'a>(
             return Err(LoadError::new(path, format!("{kind} `{}` has rank {}, expected {}", spec.name, shape.len(), spec.dims.len())));
         }
         for (axis, (got, want)) in shape.iter().zip(&spec.dims).enumerate() {
-            if let Dim::Fixed(n) = want {
-                if *got != *n {
-                    let shown = if *got < 0 { "dynamic".to_string() } else { got.to_string() };
-                    return Err(LoadError::new(
-                        path,
-                        format!("{kind} `{}` axis {axis} is {shown}, expected {n} (hidden size mismatch?)", spec.name),
-                    ));
-                }
+            if let Dim::Fixed(n) = want
+                && *got != *n
+            {
+                let shown = if *got < 0 { "dynamic".to_string() } else { got.to_string() };
+                return Err(LoadError::new(
+                    path,
+                    format!("{kind} `{}` axis {axis} is {shown}, expected {n} (hidden size mismatch?)", spec.name),
+                ));
             }
         }
     }

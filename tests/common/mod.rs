@@ -74,14 +74,17 @@ impl TestServer {
         loop {
             match logs.recv_timeout(Duration::from_secs(120)) {
                 Ok(line) => {
-                    if line.contains("listening") {
-                        if let Some(addr) = line.split("addr=").nth(1).and_then(|r| r.split_whitespace().next()) {
-                            return Self { child, addr: addr.to_string(), logs };
-                        }
+                    let addr = line.split("listening addr=").nth(1).and_then(|r| r.split_whitespace().next());
+                    if let Some(addr) = addr {
+                        return Self { child, addr: addr.to_string(), logs };
                     }
                     seen.push(line);
                 }
-                Err(_) => panic!("server did not start; output:\n{}", seen.join("\n")),
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("server did not start; output:\n{}", seen.join("\n"));
+                }
             }
         }
     }
