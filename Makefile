@@ -55,6 +55,7 @@ $(TEST_REPO)/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdrop_tool
 bench: setup models
 	$(PY) tools/make_bench_repo.py --out build/bench-repo
 	cargo bench $(CARGO_FLAGS) --bench table2
+	cargo bench $(CARGO_FLAGS) --bench serving
 	cargo build --release $(CARGO_FLAGS)
 	$(PY) tools/bench_memory.py --binary target/release/adapterdrop-serve
 
