@@ -38,7 +38,7 @@ from adapterdrop_tools.fixtures import random_adapter  # noqa: E402
 from adapterdrop_tools.graphs_backbone import attention_graph, embeddings_graph, ffn_graph, plain_slot_graph  # noqa: E402
 from adapterdrop_tools.graphs_task import head_graph  # noqa: E402
 from adapterdrop_tools.onnx_builder import F, I64, IR_VERSION, OPSET, save  # noqa: E402
-from adapterdrop_tools.repository import parse_drop, write_backbone, write_json, write_task  # noqa: E402
+from adapterdrop_tools.repository import build_dir_atomically, parse_drop, write_backbone, write_json, write_task  # noqa: E402
 from adapterdrop_tools.testrepo import MINILM_SOURCE  # noqa: E402
 
 STAMP_VERSION = 1
@@ -165,26 +165,14 @@ def build(out: str, seed: int, tasks: int, only: list, fused: bool, force: bool)
             if json.load(f) == params:
                 print(f"{out} is up to date (--force rebuilds)")
                 return out
-    tmp = f"{out.rstrip(os.sep)}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+
+    def fill(tmp: str) -> None:
         for name in only:
             build_backbone(tmp, name, seed, tasks, fused)
         shutil.rmtree(os.path.join(tmp, "sources"), ignore_errors=True)  # ~0.5 GB of safetensors, not needed
         write_json(os.path.join(tmp, ".stamp"), params)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(out):
-        old = f"{out.rstrip(os.sep)}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        os.rename(tmp, out)
-    return out
+
+    return build_dir_atomically(out, fill)
 
 
 def main(argv=None) -> int:
