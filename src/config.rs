@@ -23,11 +23,13 @@ pub struct ServerSettings {
     pub listen: String,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
+    /// After SIGTERM: how long in-flight and queued requests may take before the process exits.
+    pub shutdown_grace_s: u64,
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
-        Self { listen: "0.0.0.0:50051".into(), max_message_bytes: 64 << 20 }
+        Self { listen: "0.0.0.0:50051".into(), max_message_bytes: 64 << 20, shutdown_grace_s: 30 }
     }
 }
 

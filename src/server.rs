@@ -81,12 +81,32 @@ impl App {
             .build_v1()?;
         let ready = self.registry.entries().iter().filter(|e| e.state == TaskState::Ready).count();
         tracing::info!(%addr, tasks_ready = ready, ort = self.runtime.version(), "listening");
-        tonic::transport::Server::builder()
+        // On shutdown: report NOT_SERVING everywhere first (load balancers stop sending), then let
+        // tonic stop accepting and drain in-flight requests, which also drains the queue.
+        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        let registry = self.registry.clone();
+        let signal = async move {
+            shutdown.await;
+            health.set_service_status("", ServingStatus::NotServing).await;
+            health.set_not_serving::<InferenceServer<NativeApi>>().await;
+            for entry in registry.entries() {
+                health.set_service_status(&entry.name, ServingStatus::NotServing).await;
+            }
+            tracing::info!("draining in-flight requests");
+            let _ = stopping_tx.send(());
+        };
+        let serve = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
             .add_service(native)
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
-            .await?;
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener), signal);
+        let grace = std::time::Duration::from_secs(self.settings.server.shutdown_grace_s);
+        tokio::select! {
+            result = serve => result?,
+            _ = async { if stopping_rx.await.is_ok() { tokio::time::sleep(grace).await } else { std::future::pending().await } } => {
+                tracing::warn!(grace_s = grace.as_secs(), "grace period over; exiting with requests still in flight");
+            }
+        }
         tracing::info!("server stopped");
         Ok(())
     }
