@@ -60,12 +60,11 @@ impl App {
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr: "?".into(), source })?;
         let (health, health_service) = tonic_health::server::health_reporter();
-        for entry in self.registry.entries() {
-            let status = if entry.state == TaskState::Ready { ServingStatus::Serving } else { ServingStatus::NotServing };
-            health.set_service_status(&entry.name, status).await;
-            if self.registry.default_version(&entry.name) == Some(entry.version) {
-                health.set_service_status(&entry.name, ServingStatus::Serving).await;
-            }
+        // A task name is SERVING exactly when a request without a version would be served: it has a
+        // ready default version, whatever state its other versions are in.
+        for name in self.registry.entries().into_iter().map(|e| e.name).collect::<std::collections::BTreeSet<_>>() {
+            let ready = self.registry.default_version(&name).is_some();
+            health.set_service_status(&name, if ready { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
         }
         let scheduler = Scheduler::start(self.settings.batching.clone());
         let router = Arc::new(Router { registry: self.registry.clone(), limits: self.settings.limits.clone() });

@@ -88,6 +88,9 @@ async fn broken_tasks_are_refused_by_file_and_healthy_ones_still_serve() {
     assert_eq!(health.check(check("")).await.unwrap().into_inner().status, ServingStatus::Serving as i32);
     assert_eq!(health.check(check("sent")).await.unwrap().into_inner().status, ServingStatus::Serving as i32);
     assert_eq!(health.check(check("topic")).await.unwrap().into_inner().status, ServingStatus::NotServing as i32);
+    // A failed newer version does not take down the ready default version.
+    assert_eq!(health.check(check("rand-pfeiffer")).await.unwrap().into_inner().status, ServingStatus::Serving as i32);
+    assert_eq!(health.check(check("score")).await.unwrap().into_inner().status, ServingStatus::NotServing as i32);
     assert_eq!(health.check(check("adapterdrop.v1.Inference")).await.unwrap().into_inner().status, ServingStatus::Serving as i32);
     assert_eq!(health.check(check("unknown")).await.unwrap_err().code(), tonic::Code::NotFound);
 }

@@ -29,14 +29,6 @@ pub struct Job {
     pub deadline: Option<Instant>,
 }
 
-impl Job {
-    /// Padded tokens this job adds to a batch.
-    pub fn cost(&self) -> usize {
-        let longest = self.sequences.iter().map(|s| s.ids.len()).max().unwrap_or(0);
-        self.sequences.len() * longest.max(1)
-    }
-}
-
 /// The engine's answer to one job.
 #[derive(Debug)]
 pub struct JobOutput {
