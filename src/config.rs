@@ -14,6 +14,33 @@ pub struct Settings {
     pub limits: LimitSettings,
     pub batching: BatchingSettings,
     pub log: LogSettings,
+    pub metrics: MetricsSettings,
+    pub tls: TlsSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Address of the Prometheus endpoint (`GET /metrics`); empty disables it.
+    pub listen: String,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self { listen: "0.0.0.0:9090".into() }
+    }
+}
+
+/// TLS for the gRPC ports. Both paths set: TLS on; both empty: plaintext.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain of the server.
+    pub cert_path: String,
+    /// PEM private key of the server.
+    pub key_path: String,
+    /// PEM CA bundle; when set, the admin port requires client certificates signed by it.
+    pub client_ca_path: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -8,12 +8,14 @@ pub mod api;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod metrics;
 pub mod repository;
 pub mod router;
 pub mod runtime;
 pub mod scheduler;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 
 /// Generated code of `proto/adapterdrop/v1/adapterdrop.proto`.
 pub mod proto {

@@ -29,6 +29,8 @@ pub enum StartError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection set-up failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Everything loaded and ready to accept connections.
@@ -78,8 +80,10 @@ impl App {
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
+        let metrics_task = self.start_metrics().await?;
+        let tls = crate::tls::server_config(&self.settings.tls, false)?;
         let ready = self.registry.entries().iter().filter(|e| e.state == TaskState::Ready).count();
-        tracing::info!(%addr, tasks_ready = ready, ort = self.runtime.version(), "listening");
+        tracing::info!(%addr, tls = tls.is_some(), tasks_ready = ready, ort = self.runtime.version(), "listening");
         // On shutdown: report NOT_SERVING everywhere first (load balancers stop sending), then let
         // tonic stop accepting and drain in-flight requests, which also drains the queue.
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
@@ -94,7 +98,12 @@ impl App {
             tracing::info!("draining in-flight requests");
             let _ = stopping_tx.send(());
         };
-        let serve = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let serve = builder
+            .layer(crate::api::request_id::RequestIdLayer)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(native)
@@ -106,7 +115,23 @@ impl App {
                 tracing::warn!(grace_s = grace.as_secs(), "grace period over; exiting with requests still in flight");
             }
         }
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
         tracing::info!("server stopped");
         Ok(())
+    }
+
+    /// Binds the metrics port (when configured) before the gRPC port reports `listening`, so
+    /// whoever waits for that line can scrape at once.
+    async fn start_metrics(&self) -> Result<Option<tokio::task::JoinHandle<()>>, StartError> {
+        let addr = self.settings.metrics.listen.clone();
+        if addr.is_empty() {
+            return Ok(None);
+        }
+        let listener = TcpListener::bind(&addr).await.map_err(|source| StartError::Listen { addr: addr.clone(), source })?;
+        let bound = listener.local_addr().map_err(|source| StartError::Listen { addr, source })?;
+        tracing::info!(metrics_addr = %bound, "metrics endpoint on http://{bound}/metrics");
+        Ok(Some(tokio::spawn(crate::metrics::http::serve(listener, self.registry.clone()))))
     }
 }

@@ -3,3 +3,4 @@
 pub mod convert;
 pub mod deadline;
 pub mod native;
+pub mod request_id;

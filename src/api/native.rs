@@ -11,7 +11,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::{convert, deadline};
+use super::{convert, deadline, request_id};
 use crate::error::ServeError;
 use crate::proto::inference_server::Inference;
 use crate::proto::infer_stream_response as stream_response;
@@ -28,10 +28,17 @@ pub struct NativeApi {
 
 impl NativeApi {
     /// One inference, shared by the unary and streaming RPCs.
-    async fn run(router: Arc<Router>, scheduler: Scheduler, req: InferRequest, deadline: Option<Instant>) -> Result<InferResponse, ServeError> {
+    async fn run(
+        router: Arc<Router>,
+        scheduler: Scheduler,
+        req: InferRequest,
+        deadline: Option<Instant>,
+        request_id: &str,
+    ) -> Result<InferResponse, ServeError> {
         let started = Instant::now();
         let id = req.id.clone();
-        let span = tracing::info_span!("infer", id = %id, tasks = ?req.tasks.iter().map(|t| t.name.as_str()).collect::<Vec<_>>());
+        let task_names: Vec<String> = req.tasks.iter().map(|t| t.name.clone()).collect();
+        let span = tracing::info_span!("infer", request_id, id = %id, tasks = ?req.tasks.iter().map(|t| t.name.as_str()).collect::<Vec<_>>());
         let work = async {
             // Tokenization is CPU work: keep it off the reactor threads.
             let job = tokio::task::spawn_blocking(move || router.prepare(req, deadline))
@@ -64,6 +71,8 @@ impl NativeApi {
             Ok::<_, ServeError>(InferResponse { results, num_tokens, timings: Some(timings), id })
         };
         let result = work.instrument(span.clone()).await;
+        let names: Vec<&str> = task_names.iter().map(String::as_str).collect();
+        crate::metrics::get().record_request("native", &names, result.as_ref().map(|_| ()), started.elapsed());
         if let Err(e) = &result {
             tracing::info!(parent: &span, error_type = e.error_type(), error = %e, "infer rejected");
         }
@@ -77,13 +86,24 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<InferStreamResponse, Stat
 impl Inference for NativeApi {
     async fn infer(&self, request: Request<InferRequest>) -> Result<Response<InferResponse>, Status> {
         let deadline = deadline::from_metadata(request.metadata());
-        let work = Self::run(self.router.clone(), self.scheduler.clone(), request.into_inner(), deadline);
+        let request_id = request_id::of(request.metadata());
+        let req = request.into_inner();
+        let tasks: Vec<String> = req.tasks.iter().map(|t| t.name.clone()).collect();
+        let started = Instant::now();
+        let work = Self::run(self.router.clone(), self.scheduler.clone(), req, deadline, &request_id);
         let resp = match deadline {
             // Answer DEADLINE_EXCEEDED ourselves, just before tonic's transport layer would cancel
             // the call with a bare CANCELLED.
-            Some(d) => tokio::time::timeout_at(deadline::answer_by(d), work)
-                .await
-                .map_err(|_| ServeError::DeadlineExceeded("deadline exceeded before the result was ready".into()))??,
+            Some(d) => match tokio::time::timeout_at(deadline::answer_by(d), work).await {
+                Ok(result) => result?,
+                Err(_) => {
+                    let e = ServeError::DeadlineExceeded("deadline exceeded before the result was ready".into());
+                    let names: Vec<&str> = tasks.iter().map(String::as_str).collect();
+                    crate::metrics::get().record_request("native", &names, Err(&e), started.elapsed());
+                    tracing::info!(request_id, error_type = e.error_type(), "infer timed out");
+                    return Err(e.into());
+                }
+            },
             None => work.await?,
         };
         Ok(Response::new(resp))
@@ -93,16 +113,17 @@ impl Inference for NativeApi {
 
     async fn infer_stream(&self, request: Request<Streaming<InferRequest>>) -> Result<Response<ResponseStream>, Status> {
         let deadline = deadline::from_metadata(request.metadata());
+        let request_id = request_id::of(request.metadata());
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(128);
         let (router, scheduler) = (self.router.clone(), self.scheduler.clone());
         tokio::spawn(async move {
             // Each message runs concurrently so that one stream's requests batch together.
             while let Some(Ok(req)) = inbound.next().await {
-                let (tx, router, scheduler) = (tx.clone(), router.clone(), scheduler.clone());
+                let (tx, router, scheduler, request_id) = (tx.clone(), router.clone(), scheduler.clone(), request_id.clone());
                 tokio::spawn(async move {
                     let id = req.id.clone();
-                    let result = match Self::run(router, scheduler, req, deadline).await {
+                    let result = match Self::run(router, scheduler, req, deadline, &request_id).await {
                         Ok(resp) => stream_response::Result::Response(resp),
                         Err(e) => stream_response::Result::Error(Error { code: e.code() as i32, message: e.to_string() }),
                     };

@@ -96,6 +96,8 @@ fn run_batch(batch: Batch) {
     let compute = started.elapsed();
     match result {
         Ok((logits, stats)) => {
+            let lane_rows = lanes.iter().map(|l| l.rows.len()).sum();
+            crate::metrics::get().record_batch(&stats, rows, lane_rows, compute);
             tracing::debug!(rows, lanes = lanes.len(), padded_len = stats.padded_len, layer_rows = ?stats.layer_rows, compute_us = compute.as_micros() as u64, "batch done");
             let mut logits = logits.into_iter();
             for e in live {
@@ -103,6 +105,7 @@ fn run_batch(batch: Batch) {
                     .take(e.job.tasks.len())
                     .map(|m| m.outer_iter().map(|r| r.to_vec()).collect())
                     .collect();
+                crate::metrics::get().queue_duration.observe((started - e.enqueued).as_secs_f64());
                 let out = JobOutput { logits: per_task, queue: started - e.enqueued, compute, batch_rows: rows, stats: stats.clone() };
                 let _ = e.reply.send(Ok(out));
             }

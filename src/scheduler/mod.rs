@@ -40,10 +40,22 @@ impl Scheduler {
                 self.max_queued
             ))
         })?;
+        // Counts the request from queueing until its answer (or cancellation) in the depth gauge.
+        let depth = &crate::metrics::get().queue_depth;
+        depth.inc();
+        let _depth = DepthGuard(depth);
         let (reply, rx) = oneshot::channel();
         let entry = Entry { job, reply, enqueued: Instant::now(), span: tracing::Span::current() };
         self.tx.send(entry).map_err(|_| ServeError::Unavailable("the server is shutting down".into()))?;
         rx.await.map_err(|_| ServeError::Internal("the engine dropped the request".into()))?
+    }
+}
+
+struct DepthGuard<'a>(&'a prometheus::IntGauge);
+
+impl Drop for DepthGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -10,6 +10,8 @@ use std::time::Duration;
 use adapterdrop_serve::proto::inference_client::InferenceClient;
 use tonic::transport::Channel;
 
+pub mod certs;
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -34,6 +36,8 @@ pub fn shared_fixtures() -> PathBuf {
 pub struct TestServer {
     child: Child,
     pub addr: String,
+    /// `host:port` of the Prometheus endpoint.
+    pub metrics_addr: String,
     pub logs: mpsc::Receiver<String>,
 }
 
@@ -49,6 +53,7 @@ impl TestServer {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("ORT_DYLIB_PATH", ort_library())
             .env("ADAPTERDROP__SERVER__LISTEN", "127.0.0.1:0")
+            .env("ADAPTERDROP__METRICS__LISTEN", "127.0.0.1:0")
             .env("ADAPTERDROP__REPOSITORY__PATH", repo)
             .env("ADAPTERDROP__RUNTIME__INTRA_THREADS", "2")
             .env("ADAPTERDROP__LOG__FORMAT", "text")
@@ -71,12 +76,16 @@ impl TestServer {
             });
         }
         let mut seen = Vec::new();
+        let mut metrics_addr = String::new();
         loop {
             match logs.recv_timeout(Duration::from_secs(120)) {
                 Ok(line) => {
+                    if let Some(m) = line.split("metrics_addr=").nth(1).and_then(|r| r.split_whitespace().next()) {
+                        metrics_addr = m.to_string();
+                    }
                     let addr = line.split("listening addr=").nth(1).and_then(|r| r.split_whitespace().next());
                     if let Some(addr) = addr {
-                        return Self { child, addr: addr.to_string(), logs };
+                        return Self { child, addr: addr.to_string(), metrics_addr, logs };
                     }
                     seen.push(line);
                 }
@@ -135,7 +144,7 @@ impl Drop for TestServer {
 /// Runs the binary to completion (for start-up failures) and returns (exit success, output).
 pub fn run_to_exit(env: &[(&str, &str)]) -> (bool, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_adapterdrop-serve"));
-    cmd.env_clear().env("ADAPTERDROP__SERVER__LISTEN", "127.0.0.1:0").env("NO_COLOR", "1");
+    cmd.env_clear().env("ADAPTERDROP__SERVER__LISTEN", "127.0.0.1:0").env("ADAPTERDROP__METRICS__LISTEN", "127.0.0.1:0").env("NO_COLOR", "1");
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -78,10 +78,11 @@ def pb_grpc(stub_dir):
 
 
 class ServerProcess:
-    def __init__(self, proc: subprocess.Popen, addr: str, logs: list):
+    def __init__(self, proc: subprocess.Popen, addr: str, logs: list, metrics_addr: "str | None" = None):
         self.proc = proc
         self.addr = addr
         self.logs = logs
+        self.metrics_addr = metrics_addr
 
     def log_text(self) -> str:
         return "".join(self.logs)
@@ -98,6 +99,7 @@ def server():
     env.update(
         {
             "ADAPTERDROP__SERVER__LISTEN": "127.0.0.1:0",
+            "ADAPTERDROP__METRICS__LISTEN": "127.0.0.1:0",
             "ADAPTERDROP__REPOSITORY__PATH": str(repo),
             "ORT_DYLIB_PATH": str(ort),
             "ADAPTERDROP__LOG__FORMAT": "text",
@@ -125,6 +127,7 @@ def server():
     threading.Thread(target=pump, daemon=True).start()
 
     addr = None
+    metrics_addr = None
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while addr is None:
         remaining = deadline - time.monotonic()
@@ -136,7 +139,9 @@ def server():
             break
         if line is None:
             break
-        if "listening" in line and "addr=" in line:
+        if "metrics_addr=" in line:
+            metrics_addr = line.split("metrics_addr=", 1)[1].split()[0]
+        elif "listening" in line and "addr=" in line:
             addr = line.split("addr=", 1)[1].split()[0]
     if addr is None:
         proc.kill()
@@ -147,7 +152,7 @@ def server():
             pytrace=False,
         )
 
-    yield ServerProcess(proc, addr, logs)
+    yield ServerProcess(proc, addr, logs, metrics_addr)
 
     proc.terminate()
     try:

@@ -1,0 +1,55 @@
+//! The metrics port: plain HTTP/1.1, `GET /metrics` only. Kept off the gRPC port so scrapers and
+//! network policies can treat it separately.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::repository::Registry;
+
+/// Serves until the task is dropped (the server aborts it at shutdown).
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics port: accept failed");
+                continue;
+            }
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| answer(req, registry.clone()));
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn answer(req: Request<Incoming>, registry: Arc<Registry>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header(hyper::header::CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts are valid")
+    };
+    Ok(match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => {
+            // Rendering walks the registry; keep it off the reactor threads.
+            let text = tokio::task::spawn_blocking(move || super::get().render(&registry)).await.unwrap_or_default();
+            reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text)
+        }
+        (_, "/metrics") => reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n".into()),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "metrics are at /metrics\n".into()),
+    })
+}

@@ -1,0 +1,156 @@
+//! Prometheus metrics. One process-wide registry: the API, scheduler and engine record into it
+//! from wherever the event happens, and `http.rs` serves it as text on its own port.
+//!
+//! Names follow the Prometheus conventions: `adapterdrop_` prefix, base units (seconds), `_total`
+//! for counters. Loaded-task gauges are rebuilt from the registry at scrape time, so they are
+//! always current whatever changed the registry.
+
+pub mod http;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::engine::ExecStats;
+use crate::repository::{self, TaskState};
+
+/// Latency buckets in seconds, 100 µs to 30 s.
+const LATENCY_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub errors: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub queue_duration: Histogram,
+    pub compute_duration: Histogram,
+    pub batches: IntCounter,
+    pub batch_rows: Histogram,
+    pub batch_tokens: Histogram,
+    pub queue_depth: IntGauge,
+    pub layer_rows: IntCounter,
+    pub rows_saved: IntCounter,
+    pub adapter_rows: IntCounter,
+    pub tasks_loaded: IntGaugeVec,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let r = Registry::new();
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new("adapterdrop_request_duration_seconds", "Time from receiving an inference request to its answer.")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["api"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(request_duration.clone())).expect("unique metric");
+        let queue_depth = IntGauge::new("adapterdrop_queue_depth", "Inference requests waiting for or in the engine.").expect("valid metric");
+        r.register(Box::new(queue_depth.clone())).expect("unique metric");
+        let tasks_loaded = IntGaugeVec::new(
+            Opts::new("adapterdrop_tasks_loaded", "1 for every task version the server knows, labelled with its lifecycle state."),
+            &["task", "version", "state"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(tasks_loaded.clone())).expect("unique metric");
+        let info = IntGaugeVec::new(Opts::new("adapterdrop_build_info", "Always 1; labels carry the server version."), &["version"])
+            .expect("valid metric");
+        r.register(Box::new(info.clone())).expect("unique metric");
+        info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let rows: Vec<f64> = (0..12).map(|i| f64::from(1u32 << i)).collect();
+        let tokens: Vec<f64> = (4..18).map(|i| f64::from(1u32 << i)).collect();
+        Self {
+            requests: counter_vec(&r, "adapterdrop_requests_total", "Inference requests answered, per task, API and gRPC status code.", &[
+                "api", "task", "code",
+            ]),
+            errors: counter_vec(&r, "adapterdrop_errors_total", "Failed inference requests by API and error type.", &["api", "type"]),
+            request_duration,
+            queue_duration: histogram(&r, "adapterdrop_queue_duration_seconds", "Time a request waited in the batching queue.", LATENCY_BUCKETS.to_vec()),
+            compute_duration: histogram(&r, "adapterdrop_compute_duration_seconds", "Engine time of one batch.", LATENCY_BUCKETS.to_vec()),
+            batches: counter(&r, "adapterdrop_batches_total", "Engine batches run."),
+            batch_rows: histogram(&r, "adapterdrop_batch_rows", "Input sequences per engine batch.", rows),
+            batch_tokens: histogram(&r, "adapterdrop_batch_tokens", "Padded tokens (rows x longest) per engine batch.", tokens),
+            queue_depth,
+            layer_rows: counter(&r, "adapterdrop_layer_rows_total", "Hidden-state rows run through backbone layers (summed over layers)."),
+            rows_saved: counter(
+                &r,
+                "adapterdrop_trunk_rows_saved_total",
+                "Layer rows that sharing the trunk across tasks avoided, compared with running every task separately.",
+            ),
+            adapter_rows: counter(&r, "adapterdrop_adapter_rows_total", "Rows run through adapter slot graphs (summed over slots)."),
+            tasks_loaded,
+            registry: r,
+        }
+    }
+
+    /// Records one finished engine batch. `lane_rows` is the rows every lane would have needed
+    /// on its own, per layer.
+    pub fn record_batch(&self, stats: &ExecStats, rows: usize, lane_rows: usize, compute: Duration) {
+        self.batches.inc();
+        self.batch_rows.observe(rows as f64);
+        self.batch_tokens.observe((rows * stats.padded_len) as f64);
+        self.compute_duration.observe(compute.as_secs_f64());
+        let physical: usize = stats.layer_rows.iter().sum();
+        self.layer_rows.inc_by(physical as u64);
+        self.rows_saved.inc_by((lane_rows * stats.layer_rows.len()).saturating_sub(physical) as u64);
+        self.adapter_rows.inc_by(stats.adapter_rows as u64);
+    }
+
+    /// Records one answered inference request for each task it named.
+    pub fn record_request(&self, api: &str, tasks: &[&str], result: Result<(), &crate::error::ServeError>, total: Duration) {
+        let code = match result {
+            Ok(()) => "OK".to_string(),
+            Err(e) => {
+                self.errors.with_label_values(&[api, e.error_type()]).inc();
+                format!("{:?}", e.code())
+            }
+        };
+        for task in tasks {
+            self.requests.with_label_values(&[api, task, &code]).inc();
+        }
+        self.request_duration.with_label_values(&[api]).observe(total.as_secs_f64());
+    }
+
+    /// The text exposition, with loaded-task gauges refreshed from `registry`.
+    pub fn render(&self, registry: &repository::Registry) -> String {
+        self.tasks_loaded.reset();
+        for e in registry.entries() {
+            let state = match e.state {
+                TaskState::Loading => "loading",
+                TaskState::Ready => "ready",
+                TaskState::Failed(_) => "failed",
+                TaskState::Draining => "draining",
+            };
+            self.tasks_loaded.with_label_values(&[&e.name, &e.version.to_string(), state]).set(1);
+        }
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+/// The process-wide metrics.
+pub fn get() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
