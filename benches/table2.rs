@@ -12,6 +12,7 @@
 //!   BENCH_REPO=build/bench-repo   BENCH_BACKBONES=minilm,bert-base-random   BENCH_K=1,2,4,8,16
 //!   BENCH_N=all|0,5,...           BENCH_RUNS=5 (timed rounds; median)        BENCH_WARMUP=1
 //!   BENCH_B=8  BENCH_T=128        BENCH_SEPARATE=1 (5b: k separate calls)    BENCH_FUSED=1
+//!   ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER=cuda (GPU; `make gpu-check`)
 //!   BENCH_THREADS=0 (ORT intra-op threads, 0 = cores)  BENCH_OUT=FILE (also write the markdown there)
 //!   BENCH_QUICK=1: K=1,8, N=0,round(5L/12),L-1, RUNS=3 unless set explicitly.
 
@@ -303,6 +304,8 @@ fn main() -> Res<()> {
     let settings = RuntimeSettings {
         library_path: env("ORT_DYLIB_PATH").map(PathBuf::from).or_else(|| Some(PathBuf::from("build/lib/libonnxruntime.so"))),
         intra_threads: env_usize("BENCH_THREADS", 0)?,
+        // `cuda` under `make gpu-check`.
+        execution_provider: env("ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER").unwrap_or_else(|| "cpu".into()),
         ..Default::default()
     };
     let rt = Runtime::init(&settings)?;

@@ -81,11 +81,24 @@ pub struct RuntimeSettings {
     pub intra_threads: usize,
     /// ONNX Runtime graph optimization: `disable`, `basic`, `extended` or `all`.
     pub optimization_level: String,
+    /// `cpu`, or `cuda` (needs the onnxruntime-gpu library; failing to register it is a start-up
+    /// error, never a silent fall-back to CPU).
+    pub execution_provider: String,
+    pub cuda_device_id: i32,
+    /// Byte limit of the CUDA memory arena; 0 = no limit.
+    pub cuda_memory_limit_bytes: usize,
 }
 
 impl Default for RuntimeSettings {
     fn default() -> Self {
-        Self { library_path: None, intra_threads: 0, optimization_level: "all".into() }
+        Self {
+            library_path: None,
+            intra_threads: 0,
+            optimization_level: "all".into(),
+            execution_provider: "cpu".into(),
+            cuda_device_id: 0,
+            cuda_memory_limit_bytes: 0,
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use ndarray::{Array2, Array3, Axis, concatenate, s};
 
-use super::tensors::{f32_input, i64_input, run3, run_head, run_slot};
+use super::tensors::{Hidden, i64_input, run_head, run_hidden, run_slot};
 use crate::error::ServeError;
 use crate::repository::{ActiveLayers, Backbone, Location, Task};
 use crate::runtime::Graph;
@@ -52,7 +52,7 @@ const PLAIN: Choice = Choice(0);
 
 struct State<'a> {
     lanes: &'a [Lane],
-    hidden: Array3<f32>,
+    hidden: Hidden,
     mask: Array2<i64>,
     /// For each physical row: its input row and the lanes it serves.
     input_of: Vec<usize>,
@@ -63,7 +63,7 @@ struct State<'a> {
 pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result<(Vec<Array2<f32>>, ExecStats), ServeError> {
     let (ids, types, mask) = pad(seqs, backbone.manifest.pad_token_id);
     let (iv, tv) = (ids.view(), types.view());
-    let hidden = run3(&backbone.embeddings, vec![("input_ids", i64_input(&iv)?), ("token_type_ids", i64_input(&tv)?)], "hidden")?;
+    let hidden = run_hidden(&backbone.embeddings, vec![("input_ids", i64_input(&iv)?), ("token_type_ids", i64_input(&tv)?)], "hidden")?;
     let mut lanes_of = vec![Vec::new(); seqs.len()];
     for (l, lane) in lanes.iter().enumerate() {
         for &r in &lane.rows {
@@ -73,16 +73,13 @@ pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result
     let mut st = State { lanes, hidden, mask, input_of: (0..seqs.len()).collect(), lanes_of };
     let mut stats = ExecStats { padded_len: ids.ncols(), ..Default::default() };
     for (layer, graphs) in backbone.layers.iter().enumerate() {
-        stats.layer_rows.push(st.hidden.len_of(Axis(0)));
+        stats.layer_rows.push(st.hidden.rows()?);
         let h = {
-            let (hv, mv) = (st.hidden.view(), st.mask.view());
-            run3(&graphs.attention, vec![("hidden", f32_input(&hv)?), ("attention_mask", i64_input(&mv)?)], "h")?
+            let mv = st.mask.view();
+            run_hidden(&graphs.attention, vec![("hidden", st.hidden.input()?), ("attention_mask", i64_input(&mv)?)], "h")?
         };
         st.slot(backbone, layer, Location::Attention, h, &mut stats)?;
-        let h = {
-            let hv = st.hidden.view();
-            run3(&graphs.ffn, vec![("hidden", f32_input(&hv)?)], "h")?
-        };
+        let h = run_hidden(&graphs.ffn, vec![("hidden", st.hidden.input()?)], "h")?;
         st.slot(backbone, layer, Location::Ffn, h, &mut stats)?;
     }
     st.heads()
@@ -102,8 +99,10 @@ impl State<'_> {
     }
 
     /// Splits rows whose lanes disagree at this slot, then runs each distinct slot graph once on
-    /// its rows. `self.hidden` is the slot's `x`; it becomes the slot output.
-    fn slot(&mut self, backbone: &Backbone, layer: usize, location: Location, mut h: Array3<f32>, stats: &mut ExecStats) -> Result<(), ServeError> {
+    /// its rows. `self.hidden` is the slot's `x`; it becomes the slot output. While all rows take
+    /// the same graph, states stay where the graphs left them (on the GPU for CUDA); a split
+    /// works on host copies.
+    fn slot(&mut self, backbone: &Backbone, layer: usize, location: Location, h: Hidden, stats: &mut ExecStats) -> Result<(), ServeError> {
         let rows_before = self.input_of.len();
         let mut copies: Vec<usize> = Vec::new();
         let mut row_choice: Vec<Choice> = Vec::with_capacity(rows_before);
@@ -133,46 +132,52 @@ impl State<'_> {
         }
         // Copies are appended after every existing row, in the order they were made.
         row_choice.extend(copy_choice);
-        if !copies.is_empty() {
-            h = concatenate![Axis(0), h, h.select(Axis(0), &copies)];
-            self.hidden = concatenate![Axis(0), self.hidden, self.hidden.select(Axis(0), &copies)];
-            self.mask = concatenate![Axis(0), self.mask, self.mask.select(Axis(0), &copies)];
-        }
         let mut by_choice: BTreeMap<Choice, Vec<usize>> = BTreeMap::new();
         for (r, c) in row_choice.iter().enumerate() {
             by_choice.entry(*c).or_default().push(r);
         }
         let plain = backbone.layers[layer].plain_slot(location);
-        if by_choice.len() == 1 {
+        if copies.is_empty() && by_choice.len() == 1 {
             let (&c, _) = by_choice.iter().next().expect("one group");
-            if c != PLAIN {
+            let adapter;
+            let graph: &Graph = if c != PLAIN {
                 stats.adapter_rows += row_choice.len();
-                let g = self.adapter_graph(witness[&c], layer, location);
-                self.hidden = run_slot(&g, &h, &self.hidden, None)?;
+                adapter = self.adapter_graph(witness[&c], layer, location);
+                &adapter
             } else {
-                self.hidden = run_slot(plain, &h, &self.hidden, None)?;
-            }
+                plain
+            };
+            self.hidden = run_hidden(graph, vec![("h", h.input()?), ("x", self.hidden.input()?)], "y")?;
             return Ok(());
         }
-        let mut out = Array3::<f32>::zeros(self.hidden.raw_dim());
+        let mut h = h.into_host()?;
+        let mut x = std::mem::replace(&mut self.hidden, Hidden::Host(Array3::zeros((0, 0, 0)))).into_host()?;
+        if !copies.is_empty() {
+            h = concatenate![Axis(0), h, h.select(Axis(0), &copies)];
+            x = concatenate![Axis(0), x, x.select(Axis(0), &copies)];
+            self.mask = concatenate![Axis(0), self.mask, self.mask.select(Axis(0), &copies)];
+        }
+        let mut out = Array3::<f32>::zeros(x.raw_dim());
         for (c, rows) in &by_choice {
+            let all = if rows.len() == row_choice.len() { None } else { Some(rows.as_slice()) };
             let y = if *c == PLAIN {
-                run_slot(plain, &h, &self.hidden, Some(rows))?
+                run_slot(plain, &h, &x, all)?
             } else {
                 stats.adapter_rows += rows.len();
                 let g = self.adapter_graph(witness[c], layer, location);
-                run_slot(&g, &h, &self.hidden, Some(rows))?
+                run_slot(&g, &h, &x, all)?
             };
             for (i, &r) in rows.iter().enumerate() {
                 out.index_axis_mut(Axis(0), r).assign(&y.index_axis(Axis(0), i));
             }
         }
-        self.hidden = out;
+        self.hidden = Hidden::Host(out);
         Ok(())
     }
 
     /// Runs each task's head once over the first-token states of all its lanes' rows.
-    fn heads(&self) -> Result<Vec<Array2<f32>>, ServeError> {
+    fn heads(mut self) -> Result<Vec<Array2<f32>>, ServeError> {
+        let hidden = std::mem::replace(&mut self.hidden, Hidden::Host(Array3::zeros((0, 0, 0)))).into_host()?;
         let mut row_of: BTreeMap<(usize, usize), usize> = BTreeMap::new();
         for (r, lanes) in self.lanes_of.iter().enumerate() {
             for &l in lanes {
@@ -187,7 +192,7 @@ impl State<'_> {
         for lanes in by_head.values() {
             let row_of = &row_of;
             let rows: Vec<usize> = lanes.iter().flat_map(|&l| self.lanes[l].rows.iter().map(move |&i| row_of[&(l, i)])).collect();
-            let first = self.hidden.slice(s![.., 0..1, ..]).select(Axis(0), &rows);
+            let first = hidden.slice(s![.., 0..1, ..]).select(Axis(0), &rows);
             let logits = run_head(&self.lanes[lanes[0]].task.head, &first)?;
             let mut at = 0;
             for &l in lanes {

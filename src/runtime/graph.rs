@@ -3,7 +3,9 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{Session, SessionInputValue, SessionOutputs};
+use ort::value::DynValue;
 use ort::value::TensorElementType;
 use ort::value::ValueType;
 
@@ -36,6 +38,7 @@ impl IoSpec {
 pub struct Graph {
     file: String,
     session: Mutex<Session>,
+    device: super::Device,
 }
 
 impl std::fmt::Debug for Graph {
@@ -53,7 +56,7 @@ impl Graph {
         let session = build_session(runtime, path).map_err(|e| LoadError::new(path, format!("not a loadable ONNX graph: {e}")))?;
         check_io(path, "input", session.inputs().iter().map(|o| (o.name(), o.dtype())), inputs)?;
         check_io(path, "output", session.outputs().iter().map(|o| (o.name(), o.dtype())), outputs)?;
-        Ok(Self { file: path.display().to_string(), session: Mutex::new(session) })
+        Ok(Self { file: path.display().to_string(), session: Mutex::new(session), device: runtime.device() })
     }
 
     pub fn file(&self) -> &str {
@@ -71,13 +74,46 @@ impl Graph {
         let outputs = session.run(inputs)?;
         read(outputs)
     }
+
+    /// Where this graph's outputs live.
+    pub fn device(&self) -> super::Device {
+        self.device
+    }
+
+    /// Runs the graph with its single output `name` left where the graph produced it: on the GPU
+    /// for CUDA sessions (IoBinding), so the next graph reads it without a host round trip.
+    pub fn run_on_device(&self, inputs: Vec<(&'static str, SessionInputValue<'_>)>, name: &'static str) -> ort::Result<DynValue> {
+        let super::Device::Cuda { device_id, .. } = self.device else {
+            return self.run(inputs, |mut outputs| {
+                outputs.remove(name).ok_or_else(|| ort::Error::new(format!("graph has no output `{name}`")))
+            });
+        };
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let mut binding = session.create_binding()?;
+        for (input, value) in &inputs {
+            binding.bind_input(*input, &**value)?;
+        }
+        let memory = MemoryInfo::new(AllocationDevice::CUDA, device_id, AllocatorType::Device, MemoryType::Default)?;
+        binding.bind_output_to_device(name, &memory)?;
+        let mut outputs = session.run_binding(&binding)?;
+        outputs.remove(name).ok_or_else(|| ort::Error::new(format!("graph has no output `{name}`")))
+    }
 }
 
 fn build_session(runtime: &Runtime, path: &Path) -> ort::Result<Session> {
-    Session::builder(runtime.environment())?
+    let mut builder = Session::builder(runtime.environment())?
         .with_optimization_level(runtime.optimization())
-        .map_err(|e| -> ort::Error { e.into() })?
-        .commit_from_file(path)
+        .map_err(|e| -> ort::Error { e.into() })?;
+    if let super::Device::Cuda { device_id, memory_limit } = runtime.device() {
+        // TF32 matmuls would move logits by ~1e-3; exactness to the reference needs full fp32.
+        let mut cuda = ort::ep::CUDA::default().with_device_id(device_id).with_tf32(false);
+        if memory_limit > 0 {
+            cuda = cuda.with_memory_limit(memory_limit);
+        }
+        // error_on_failure: a CUDA session that cannot register must not quietly run on the CPU.
+        builder = builder.with_execution_providers([cuda.build().error_on_failure()]).map_err(|e| -> ort::Error { e.into() })?;
+    }
+    builder.commit_from_file(path)
 }
 
 fn check_io<'a>(

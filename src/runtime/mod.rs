@@ -28,6 +28,20 @@ pub enum RuntimeError {
     WrongVersion { path: PathBuf, found: String },
     #[error("ONNX Runtime environment could not be created: {0}")]
     Environment(String),
+    #[error("runtime.execution_provider is `{0}`; expected `cpu` or `cuda`")]
+    UnknownProvider(String),
+    #[error(
+        "runtime.execution_provider = \"cuda\" but {path} has no CUDA execution provider; \
+         point runtime.library_path at the onnxruntime-gpu==1.31.1 library (`make gpu-check` installs it)"
+    )]
+    NoCuda { path: PathBuf },
+}
+
+/// Where graphs run. CUDA sessions keep hidden states on the device between graphs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Device {
+    Cpu,
+    Cuda { device_id: i32, memory_limit: usize },
 }
 
 /// The process-wide ONNX Runtime environment with its global thread pool: every session uses that
@@ -37,6 +51,7 @@ pub struct Runtime {
     env: Environment,
     version: String,
     optimization: ort::session::builder::GraphOptimizationLevel,
+    device: Device,
 }
 
 impl Runtime {
@@ -49,6 +64,11 @@ impl Runtime {
         if !path.is_file() {
             return Err(RuntimeError::Missing(path));
         }
+        let device = match settings.execution_provider.as_str() {
+            "cpu" => Device::Cpu,
+            "cuda" => Device::Cuda { device_id: settings.cuda_device_id, memory_limit: settings.cuda_memory_limit_bytes },
+            other => return Err(RuntimeError::UnknownProvider(other.to_string())),
+        };
         let version = library_version(&path)?;
         if !version.starts_with(&format!("{REQUIRED_ORT_VERSION}.")) {
             return Err(RuntimeError::WrongVersion { path, found: version });
@@ -77,8 +97,14 @@ impl Runtime {
             "extended" => L::Level2,
             _ => L::All,
         };
-        tracing::info!(library = %path.display(), %version, intra_threads = threads, "ONNX Runtime loaded");
-        Ok(Self { env, version, optimization })
+        if device != Device::Cpu {
+            use ort::ep::ExecutionProvider;
+            if !ort::ep::CUDA::is_available().unwrap_or(false) {
+                return Err(RuntimeError::NoCuda { path });
+            }
+        }
+        tracing::info!(library = %path.display(), %version, intra_threads = threads, ?device, "ONNX Runtime loaded");
+        Ok(Self { env, version, optimization, device })
     }
 
     pub fn version(&self) -> &str {
@@ -87,6 +113,10 @@ impl Runtime {
 
     pub(crate) fn environment(&self) -> &Environment {
         &self.env
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     pub(crate) fn optimization(&self) -> ort::session::builder::GraphOptimizationLevel {

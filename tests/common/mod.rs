@@ -29,6 +29,11 @@ pub fn ort_library() -> PathBuf {
     p
 }
 
+/// The server under test; `ADAPTERDROP_SERVER_BIN` overrides it (the GPU check runs prebuilt binaries elsewhere).
+pub fn server_binary() -> PathBuf {
+    std::env::var_os("ADAPTERDROP_SERVER_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_adapterdrop-serve")))
+}
+
 pub fn shared_fixtures() -> PathBuf {
     root().join("../shared/fixtures/adapterhub-tiny")
 }
@@ -48,7 +53,7 @@ impl TestServer {
     }
 
     pub fn start_on(repo: &Path, env: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_adapterdrop-serve"));
+        let mut cmd = Command::new(server_binary());
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("ORT_DYLIB_PATH", ort_library())
@@ -60,6 +65,13 @@ impl TestServer {
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // `make gpu-check` runs the same tests on the CUDA execution provider.
+        for (k, v) in std::env::vars_os() {
+            let key = k.to_string_lossy();
+            if key.starts_with("ADAPTERDROP__RUNTIME__") || key == "LD_LIBRARY_PATH" {
+                cmd.env(&k, v);
+            }
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -143,7 +155,7 @@ impl Drop for TestServer {
 
 /// Runs the binary to completion (for start-up failures) and returns (exit success, output).
 pub fn run_to_exit(env: &[(&str, &str)]) -> (bool, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_adapterdrop-serve"));
+    let mut cmd = Command::new(server_binary());
     cmd.env_clear().env("ADAPTERDROP__SERVER__LISTEN", "127.0.0.1:0").env("ADAPTERDROP__METRICS__LISTEN", "127.0.0.1:0").env("NO_COLOR", "1");
     for (k, v) in env {
         cmd.env(k, v);
