@@ -147,10 +147,14 @@ def test_every_manifest_validates(name):
         if kind == "ServiceMonitor":
             check_service_monitor(doc, objs)
             continue
-        try:
-            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{kind}/{obj_name} is invalid for Kubernetes {KUBE_VERSION}: {e}")
+        # The agreed target version, the newest schemas, and the chart's kubeVersion floor (1.27) for the
+        # value sets that do not use the preStop sleep action (1.30+).
+        versions = [KUBE_VERSION, kubernetes_validate.latest_version()] + (["1.27"] if name != "all-features" else [])
+        for version in versions:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                pytest.fail(f"{kind}/{obj_name} is invalid for Kubernetes {version}: {e}")
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
