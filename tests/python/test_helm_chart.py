@@ -6,9 +6,11 @@ Three value sets: the defaults, the GPU preset (values-gpu.yaml) and one that tu
 from __future__ import annotations
 
 import copy
+import json
 import os
 import queue
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -291,20 +293,48 @@ def test_a_config_change_rolls_the_pods():
     assert checksum({}) != checksum({"config": {"batching": {"max_queued": 7}}})
 
 
-@pytest.mark.parametrize(
-    "values, message",
-    [
-        ({"config": {"server": {"listen": "0.0.0.0:1"}}}, "config.server.listen is set by the chart"),
-        ({"config": {"repository": {"path": "/x"}}}, "config.repository.path is set by the chart"),
-        ({"tls": {"enabled": True}}, "tls.enabled needs tls.secretName"),
-        ({"modelRepository": {"source": "s3"}}, "modelRepository.source must be image or pvc"),
-        ({"podDisruptionBudget": {"minAvailable": 1}}, "exactly one of minAvailable and maxUnavailable"),
-        ({"config": {"batching": {"max_queued": [1]}}}, "config values must be strings, numbers or booleans"),
-    ],
-)
-def test_mistakes_fail_the_render_with_a_clear_message(values, message):
-    with pytest.raises(helm_errors.HelmError, match=re.escape(message)):
+# (values, what the values schema says, what the templates say when the schema is skipped or allows it)
+MISTAKES = [
+    ({"config": {"server": {"listen": "0.0.0.0:1"}}}, "additional properties 'listen' not allowed",
+     "config.server.listen is set by the chart"),
+    ({"config": {"repository": {"path": "/x"}}}, "additional properties 'path' not allowed",
+     "config.repository.path is set by the chart"),
+    ({"config": {"batching": {"max_queued": [1]}}}, "/config/batching/max_queued",
+     "config values must be strings, numbers or booleans"),
+    ({"modelRepository": {"source": "s3"}}, "value must be one of 'image', 'pvc'",
+     "modelRepository.source must be image or pvc"),
+    ({"tls": {"enabled": True}}, None, "tls.enabled needs tls.secretName"),
+    ({"podDisruptionBudget": {"minAvailable": 1}}, None, "exactly one of minAvailable and maxUnavailable"),
+    ({"config": {"runtime": {"execution_provider": "gpu"}}}, "value must be one of 'cpu', 'cuda'", None),
+    ({"config": {"auth": {"admin_token": "s3cret"}}}, "additional properties 'admin_token' not allowed", None),
+    ({"modelRepository": {"sorce": "pvc"}}, "additional properties 'sorce' not allowed", None),
+]
+
+
+@pytest.mark.parametrize("values, schema_message, template_message", MISTAKES)
+def test_mistakes_fail_the_render_with_a_clear_message(values, schema_message, template_message, tmp_path):
+    with pytest.raises(helm_errors.HelmError, match=re.escape(schema_message or template_message)):
         render(values)
+    if template_message:
+        # The templates guard on their own too (helm --skip-schema-validation, or a schema that allows it).
+        chart = shutil.copytree(CHART, tmp_path / "chart")
+        (chart / "values.schema.json").unlink()
+        with helm_chart.Chart.load(chart) as c, pytest.raises(helm_errors.HelmError, match=re.escape(template_message)):
+            c.render(values=copy.deepcopy(values), name=RELEASE, namespace=NAMESPACE)
+
+
+def test_values_schema_covers_exactly_the_server_keys():
+    """Every key the server accepts can be set through config (or is set by the chart, or comes from a
+    Secret), and the schema names no key the server would reject."""
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    sections = schema["properties"]["config"]["properties"]
+    offered = {(sec, key) for sec, body in sections.items() for key in body["properties"]}
+    by_chart = {("server", "listen"), ("metrics", "listen"), ("admin", "listen"), ("repository", "path"),
+                ("tls", "cert_path"), ("tls", "key_path"), ("tls", "client_ca_path")}
+    from_secret = {("auth", "admin_token"), ("auth", "inference_token")}
+    known = {(sec, key) for sec, keys in known_keys().items() for key in keys}
+    assert offered | by_chart | from_secret == known, "update helm/adapterdrop-serve/values.schema.json"
+    assert not offered & (by_chart | from_secret)
 
 
 def init_script(values: dict) -> tuple[str, dict]:
@@ -418,3 +448,17 @@ def test_the_server_accepts_the_rendered_config_and_serves_the_readiness_service
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, f"no graceful exit on SIGTERM:\n{''.join(logs)}"
+
+
+def test_notes_tell_the_client_target_and_warn_about_risky_settings():
+    def notes(values):
+        with helm_chart.Chart.load(CHART) as chart:
+            out = chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
+        return next(text for path, text in out.items() if path.endswith("NOTES.txt"))
+
+    default = notes({})
+    assert f"dns:///{FULLNAME}-headless.{NAMESPACE}.svc.cluster.local:50051" in default
+    assert "WARNING" not in default
+    risky = notes({"admin": {"enabled": True}})
+    assert "each pod has its own copy" in risky and "without a token" in risky
+    assert "WARNING" not in notes(copy.deepcopy(ALL_FEATURES))
