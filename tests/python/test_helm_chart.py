@@ -407,8 +407,12 @@ def test_the_server_accepts_the_rendered_config_and_serves_the_readiness_service
     tomllib.loads(path.read_text())
     env = dict(os.environ)
     # Only what a test machine needs differently from a pod: a free port and the test repository.
-    env.update({"ADAPTERDROP__SERVER__LISTEN": "127.0.0.1:0", "ADAPTERDROP__REPOSITORY__PATH": str(_test_repo()),
+    env.update({"ADAPTERDROP__REPOSITORY__PATH": str(_test_repo()),
                 "ORT_DYLIB_PATH": str(_ort_library()), "ADAPTERDROP__LOG__FORMAT": "text", "NO_COLOR": "1"})
+    # Every port (gRPC, metrics, admin: whichever the binary knows) on a free loopback port.
+    for section, keys in accepted.items():
+        if "listen" in keys:
+            env[f"ADAPTERDROP__{section.upper()}__LISTEN"] = "127.0.0.1:0"
     binary = os.environ.get("ADAPTERDROP_SERVER_BINARY") or str(_server_binary())
     proc = subprocess.Popen([binary, "--config", str(path)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
@@ -431,8 +435,8 @@ def test_the_server_accepts_the_rendered_config_and_serves_the_readiness_service
                 break
             if line is None:
                 break
-            if "listening" in line and "addr=" in line:
-                addr = line.split("addr=", 1)[1].split()[0]
+            if m := re.search(r"\blistening addr=(\S+)", line):
+                addr = m[1]
         assert addr, f"server did not start (exit {proc.poll()}):\n{''.join(logs)}"
         with grpc.insecure_channel(addr) as ch:
             health = health_pb2_grpc.HealthStub(ch)
