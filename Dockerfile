@@ -13,10 +13,7 @@ ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS rust
 WORKDIR /src
-# cmake/clang: C dependencies with cmake builds (e.g. aws-lc-sys behind rustls); onig builds with cc.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake clang \
- && rm -rf /var/lib/apt/lists/*
+# The full rust image has the C compiler that onig (tokenizers) and ring (rustls) need.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 COPY src src
