@@ -150,8 +150,40 @@ impl State<'_> {
             self.hidden = run_hidden(graph, vec![("h", h.input()?), ("x", self.hidden.input()?)], "y")?;
             return Ok(());
         }
+        let x = std::mem::replace(&mut self.hidden, Hidden::Host(Array3::zeros((0, 0, 0))));
+        if let (Hidden::Device(hd), Hidden::Device(xd), Some(ops)) = (&h, &x, plain.row_ops()) {
+            // On the GPU: gather each group's rows, run its graph, and stack the outputs in group
+            // order; the row bookkeeping is permuted to match, so nothing is scattered back.
+            let src = |r: usize| if r < rows_before { r } else { copies[r - rows_before] };
+            let mut parts = Vec::with_capacity(by_choice.len());
+            let mut perm = Vec::with_capacity(row_choice.len());
+            for (c, rows) in &by_choice {
+                let idx: Vec<usize> = rows.iter().map(|&r| src(r)).collect();
+                let (hg, xg) = (ops.gather(hd, &idx)?, ops.gather(xd, &idx)?);
+                let adapter;
+                let graph: &Graph = if *c != PLAIN {
+                    stats.adapter_rows += rows.len();
+                    adapter = self.adapter_graph(witness[c], layer, location);
+                    &adapter
+                } else {
+                    plain
+                };
+                match run_hidden(graph, vec![("h", (&hg).into()), ("x", (&xg).into())], "y")? {
+                    Hidden::Device(y) => parts.push(y),
+                    Hidden::Host(_) => return Err(ServeError::Internal("a CUDA slot graph returned host states".into())),
+                }
+                perm.extend_from_slice(rows);
+            }
+            self.input_of = perm.iter().map(|&r| self.input_of[r]).collect();
+            let mut lanes_of = std::mem::take(&mut self.lanes_of);
+            self.lanes_of = perm.iter().map(|&r| std::mem::take(&mut lanes_of[r])).collect();
+            let src_rows: Vec<usize> = perm.iter().map(|&r| src(r)).collect();
+            self.mask = self.mask.select(Axis(0), &src_rows);
+            self.hidden = Hidden::Device(ops.concat(&parts)?);
+            return Ok(());
+        }
         let mut h = h.into_host()?;
-        let mut x = std::mem::replace(&mut self.hidden, Hidden::Host(Array3::zeros((0, 0, 0)))).into_host()?;
+        let mut x = x.into_host()?;
         if !copies.is_empty() {
             h = concatenate![Axis(0), h, h.select(Axis(0), &copies)];
             x = concatenate![Axis(0), x, x.select(Axis(0), &copies)];

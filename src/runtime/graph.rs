@@ -39,6 +39,7 @@ pub struct Graph {
     file: String,
     session: Mutex<Session>,
     device: super::Device,
+    row_ops: Option<std::sync::Arc<super::RowOps>>,
 }
 
 impl std::fmt::Debug for Graph {
@@ -56,7 +57,7 @@ impl Graph {
         let session = build_session(runtime, path).map_err(|e| LoadError::new(path, format!("not a loadable ONNX graph: {e}")))?;
         check_io(path, "input", session.inputs().iter().map(|o| (o.name(), o.dtype())), inputs)?;
         check_io(path, "output", session.outputs().iter().map(|o| (o.name(), o.dtype())), outputs)?;
-        Ok(Self { file: path.display().to_string(), session: Mutex::new(session), device: runtime.device() })
+        Ok(Self { file: path.display().to_string(), session: Mutex::new(session), device: runtime.device(), row_ops: runtime.row_ops().cloned() })
     }
 
     pub fn file(&self) -> &str {
@@ -78,6 +79,11 @@ impl Graph {
     /// Where this graph's outputs live.
     pub fn device(&self) -> super::Device {
         self.device
+    }
+
+    /// Row regrouping on this graph's device (CUDA only).
+    pub fn row_ops(&self) -> Option<&super::RowOps> {
+        self.row_ops.as_deref()
     }
 
     /// Runs the graph with its single output `name` left where the graph produced it: on the GPU

@@ -1,10 +1,12 @@
 //! ONNX Runtime: loading the shared library, the one process-wide environment, and graphs.
 
 mod graph;
+mod row_ops;
 
 use std::path::{Path, PathBuf};
 
 pub use graph::{Dim, Graph, IoSpec};
+pub use row_ops::RowOps;
 use ort::environment::{Environment, GlobalThreadPoolOptions};
 
 use crate::config::RuntimeSettings;
@@ -52,6 +54,8 @@ pub struct Runtime {
     version: String,
     optimization: ort::session::builder::GraphOptimizationLevel,
     device: Device,
+    /// Device-side row regrouping, for CUDA only.
+    row_ops: Option<std::sync::Arc<RowOps>>,
 }
 
 impl Runtime {
@@ -103,8 +107,14 @@ impl Runtime {
                 return Err(RuntimeError::NoCuda { path });
             }
         }
+        let row_ops = match device {
+            Device::Cuda { device_id, .. } => Some(std::sync::Arc::new(
+                RowOps::new(&env, device_id).map_err(|e| RuntimeError::Environment(format!("CUDA row operations: {e}")))?,
+            )),
+            Device::Cpu => None,
+        };
         tracing::info!(library = %path.display(), %version, intra_threads = threads, ?device, "ONNX Runtime loaded");
-        Ok(Self { env, version, optimization, device })
+        Ok(Self { env, version, optimization, device, row_ops })
     }
 
     pub fn version(&self) -> &str {
@@ -117,6 +127,10 @@ impl Runtime {
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    pub fn row_ops(&self) -> Option<&std::sync::Arc<RowOps>> {
+        self.row_ops.as_ref()
     }
 
     pub(crate) fn optimization(&self) -> ort::session::builder::GraphOptimizationLevel {
