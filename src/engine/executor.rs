@@ -151,7 +151,7 @@ impl State<'_> {
             return Ok(());
         }
         let x = std::mem::replace(&mut self.hidden, Hidden::Host(Array3::zeros((0, 0, 0))));
-        if let (Hidden::Device(hd), Hidden::Device(xd), Some(ops)) = (&h, &x, plain.row_ops()) {
+        if let (Hidden::Ort(hd), Hidden::Ort(xd), Some(ops)) = (&h, &x, plain.row_ops()) {
             // On the GPU: gather each group's rows, run its graph, and stack the outputs in group
             // order; the row bookkeeping is permuted to match, so nothing is scattered back.
             let src = |r: usize| if r < rows_before { r } else { copies[r - rows_before] };
@@ -169,7 +169,7 @@ impl State<'_> {
                     plain
                 };
                 match run_hidden(graph, vec![("h", (&hg).into()), ("x", (&xg).into())], "y")? {
-                    Hidden::Device(y) => parts.push(y),
+                    Hidden::Ort(y) => parts.push(y),
                     Hidden::Host(_) => return Err(ServeError::Internal("a CUDA slot graph returned host states".into())),
                 }
                 perm.extend_from_slice(rows);
@@ -179,7 +179,7 @@ impl State<'_> {
             self.lanes_of = perm.iter().map(|&r| std::mem::take(&mut lanes_of[r])).collect();
             let src_rows: Vec<usize> = perm.iter().map(|&r| src(r)).collect();
             self.mask = self.mask.select(Axis(0), &src_rows);
-            self.hidden = Hidden::Device(ops.concat(&parts)?);
+            self.hidden = Hidden::Ort(ops.concat(&parts)?);
             return Ok(());
         }
         let mut h = h.into_host()?;

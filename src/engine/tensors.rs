@@ -6,20 +6,21 @@ use ort::session::SessionInputValue;
 use ort::value::{DynValue, TensorRef, TensorValueType};
 
 use crate::error::ServeError;
-use crate::runtime::{Device, Graph};
+use crate::runtime::Graph;
 
-/// Hidden states `[rows, tokens, hidden]`: on the host, or left on the GPU between CUDA graphs
-/// (only the row splits and the heads bring them back to the host).
+/// Hidden states `[rows, tokens, hidden]`: an ndarray on the host, or the tensor a graph returned,
+/// left where ONNX Runtime put it (host memory for CPU sessions, the GPU for CUDA ones) and fed to the
+/// next graph without a copy. Only row splits and the heads need an ndarray.
 pub enum Hidden {
     Host(Array3<f32>),
-    Device(DynValue),
+    Ort(DynValue),
 }
 
 impl Hidden {
     pub fn rows(&self) -> Result<usize, ServeError> {
         Ok(match self {
             Self::Host(a) => a.len_of(Axis(0)),
-            Self::Device(v) => match v.dtype() {
+            Self::Ort(v) => match v.dtype() {
                 ort::value::ValueType::Tensor { shape, .. } if !shape.is_empty() => shape[0] as usize,
                 other => return Err(ServeError::Internal(format!("device hidden states are {other:?}, not a tensor"))),
             },
@@ -30,7 +31,7 @@ impl Hidden {
     pub fn input(&self) -> Result<SessionInputValue<'_>, ServeError> {
         Ok(match self {
             Self::Host(a) => TensorRef::from_array_view(a.view())?.into(),
-            Self::Device(v) => v.into(),
+            Self::Ort(v) => v.into(),
         })
     }
 
@@ -38,7 +39,14 @@ impl Hidden {
     pub fn into_host(self) -> Result<Array3<f32>, ServeError> {
         match self {
             Self::Host(a) => Ok(a),
-            Self::Device(v) => {
+            Self::Ort(v) => {
+                // Host memory (CPU sessions) reads directly; GPU memory is copied down first.
+                if let Ok(view) = v.try_extract_array::<f32>() {
+                    return view
+                        .to_owned()
+                        .into_dimensionality::<Ix3>()
+                        .map_err(|e| ServeError::Internal(format!("hidden states are not rank 3: {e}")));
+                }
                 let host = v.downcast::<TensorValueType<f32>>()?.to(AllocationDevice::CPU, 0)?;
                 host.extract_array()
                     .to_owned()
@@ -49,12 +57,9 @@ impl Hidden {
     }
 }
 
-/// Runs `graph` and keeps its output `name` on the graph's device.
+/// Runs `graph` and keeps its output `name` as ONNX Runtime returned it, on the graph's device.
 pub fn run_hidden(graph: &Graph, inputs: Vec<(&'static str, SessionInputValue<'_>)>, name: &'static str) -> Result<Hidden, ServeError> {
-    match graph.device() {
-        Device::Cpu => Ok(Hidden::Host(run3(graph, inputs, name)?)),
-        Device::Cuda { .. } => Ok(Hidden::Device(graph.run_on_device(inputs, name)?)),
-    }
+    Ok(Hidden::Ort(graph.run_on_device(inputs, name)?))
 }
 
 /// Wraps a standard-layout view without copying.
