@@ -10,7 +10,7 @@ use tonic_health::ServingStatus;
 use crate::api::native::NativeApi;
 use crate::config::Settings;
 use crate::proto::inference_server::InferenceServer;
-use crate::repository::{Registry, TaskState};
+use crate::repository::{Registrar, Registry, TaskState};
 use crate::router::Router;
 use crate::runtime::{Runtime, RuntimeError};
 use crate::scheduler::Scheduler;
@@ -72,20 +72,53 @@ impl App {
         let native = InferenceServer::new(NativeApi { router, scheduler })
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
+        // Inference requires auth.inference_token when one is set; health and reflection never do.
+        let inference_auth = crate::admin::BearerAuth::new(&self.settings.auth.inference_token, "inference", "auth.inference_token");
+        let native = tonic::service::interceptor::InterceptedService::new(native, inference_auth);
         health.set_serving::<InferenceServer<NativeApi>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
+        let registrar = Arc::new(Registrar::new(self.registry.clone(), self.runtime.clone()));
+        let admin_listener = match self.settings.admin.listen.as_str() {
+            "" => None,
+            a => Some(TcpListener::bind(a).await.map_err(|source| StartError::Listen { addr: a.to_string(), source })?),
+        };
         let ready = self.registry.entries().iter().filter(|e| e.state == TaskState::Ready).count();
         tracing::info!(%addr, tasks_ready = ready, ort = self.runtime.version(), "listening");
+        // Run-time lifecycle: per-task health follows the registry; the admin port and the
+        // repository poll change it. All stop when shutdown begins.
+        let (admin_stop_tx, admin_stop) = tokio::sync::watch::channel(false);
+        let admin = match admin_listener {
+            Some(l) => {
+                let admin_addr = l.local_addr().map_err(|source| StartError::Listen { addr: "?".into(), source })?;
+                let routes = crate::admin::routes(tonic::transport::Server::builder(), registrar.clone(), health.clone(), &self.settings)?;
+                tracing::info!(admin = %admin_addr, "admin service up");
+                let mut stop = admin_stop.clone();
+                Some(tokio::spawn(routes.serve_with_incoming_shutdown(TcpIncoming::from(l), async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })))
+            }
+            None => None,
+        };
+        let follower = crate::api::health::follow(self.registry.clone(), health.clone());
+        let poller = match self.settings.repository.poll_interval_s {
+            0 => None,
+            s => Some(registrar.clone().spawn_poller(std::time::Duration::from_secs(s))),
+        };
         // On shutdown: report NOT_SERVING everywhere first (load balancers stop sending), then let
         // tonic stop accepting and drain in-flight requests, which also drains the queue.
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let registry = self.registry.clone();
         let signal = async move {
             shutdown.await;
+            follower.abort();
+            if let Some(p) = poller {
+                p.abort();
+            }
+            let _ = admin_stop_tx.send(true);
             health.set_service_status("", ServingStatus::NotServing).await;
             health.set_not_serving::<InferenceServer<NativeApi>>().await;
             for entry in registry.entries() {
@@ -105,6 +138,9 @@ impl App {
             _ = async { if stopping_rx.await.is_ok() { tokio::time::sleep(grace).await } else { std::future::pending().await } } => {
                 tracing::warn!(grace_s = grace.as_secs(), "grace period over; exiting with requests still in flight");
             }
+        }
+        if let Some(admin) = admin {
+            let _ = tokio::time::timeout(grace, admin).await;
         }
         tracing::info!("server stopped");
         Ok(())

@@ -2,4 +2,6 @@
 
 pub mod convert;
 pub mod deadline;
+pub mod health;
 pub mod native;
+pub mod tasks;
