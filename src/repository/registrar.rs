@@ -76,6 +76,8 @@ pub struct Registered {
     pub validate: Duration,
 }
 
+/// Cheap to clone: every clone shares the registry and its mutation lock.
+#[derive(Clone)]
 pub struct Registrar {
     registry: Arc<Registry>,
     runtime: Runtime,
@@ -95,8 +97,15 @@ impl Registrar {
     }
 
     /// Validates `bundle` completely, then publishes it as `tasks/<name>/<version>/` and serves it.
-    /// Nothing is written to the repository or served unless every check passes.
+    /// Nothing is written to the repository or served unless every check passes. Runs to the end
+    /// even if the caller stops waiting (a client that disconnects mid-commit), so the tables never
+    /// miss a version that was published.
     pub async fn register(&self, name: &str, bundle: Bundle, opts: RegisterOptions) -> Result<Registered, ServeError> {
+        let (this, name) = (self.clone(), name.to_string());
+        detached(async move { this.register_now(&name, bundle, opts).await }).await
+    }
+
+    async fn register_now(&self, name: &str, bundle: Bundle, opts: RegisterOptions) -> Result<Registered, ServeError> {
         check_name(name)?;
         if opts.version == Some(0) {
             return Err(ServeError::InvalidArgument("version must be a positive integer (omit it for the next free one)".into()));
@@ -160,6 +169,11 @@ impl Registrar {
     /// Removes one version (or all of them) from disk and from service. Requests that already
     /// resolved a removed version finish on it; the returned entries show DRAINING while they run.
     pub async fn unregister(&self, name: &str, version: Option<u32>) -> Result<Vec<TaskEntry>, ServeError> {
+        let (this, name) = (self.clone(), name.to_string());
+        detached(async move { this.unregister_now(&name, version).await }).await
+    }
+
+    async fn unregister_now(&self, name: &str, version: Option<u32>) -> Result<Vec<TaskEntry>, ServeError> {
         check_name(name)?;
         let _guard = self.registry.mutation.lock().await;
         let task_dir = self.tasks_root().join(name);
@@ -208,6 +222,11 @@ impl Registrar {
 
     /// Pins the default version (it must be ready) or removes the pin.
     pub async fn set_default(&self, name: &str, version: Option<u32>) -> Result<(), ServeError> {
+        let (this, name) = (self.clone(), name.to_string());
+        detached(async move { this.set_default_now(&name, version).await }).await
+    }
+
+    async fn set_default_now(&self, name: &str, version: Option<u32>) -> Result<(), ServeError> {
         check_name(name)?;
         let _guard = self.registry.mutation.lock().await;
         let entries: Vec<TaskEntry> = self.registry.entries().into_iter().filter(|e| e.name == name && e.state != TaskState::Draining).collect();
@@ -408,6 +427,11 @@ async fn on_loader<T: Send + 'static>(f: impl FnOnce() -> Result<T, ServeError> 
     });
     sender.lock().unwrap_or_else(|p| p.into_inner()).send(job).map_err(|_| ServeError::Internal("task loader thread is gone".into()))?;
     answer.await.map_err(|_| ServeError::Internal("task loader dropped the job".into()))?
+}
+
+/// Runs a change on its own task: dropping the caller's future does not stop it half-way.
+async fn detached<T: Send + 'static>(f: impl std::future::Future<Output = Result<T, ServeError>> + Send + 'static) -> Result<T, ServeError> {
+    tokio::spawn(f).await.map_err(|e| ServeError::Internal(format!("repository change failed: {e}")))?
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ServeError> + Send + 'static) -> Result<T, ServeError> {

@@ -49,10 +49,18 @@ impl Staging {
     pub fn create(tasks_root: &Path) -> std::io::Result<Self> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         fs::create_dir_all(tasks_root)?;
-        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = tasks_root.join(format!("{STAGING_PREFIX}{}-{n}-{nanos:x}", std::process::id()));
-        fs::create_dir(&dir)?;
+        // Replicas in containers often share a pid (1): the clock and retries keep names apart.
+        let mut attempt = 0;
+        let dir = loop {
+            let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let dir = tasks_root.join(format!("{STAGING_PREFIX}{}-{n}-{nanos:x}", std::process::id()));
+            match fs::create_dir(&dir) {
+                Ok(()) => break dir,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
+                Err(e) => return Err(e),
+            }
+        };
         let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(LOCK_FILE))?;
         lock.try_lock().map_err(|e| std::io::Error::other(format!("cannot lock {}: {e}", dir.display())))?;
         Ok(Self { dir, _lock: lock })
