@@ -10,6 +10,7 @@ use std::time::Duration;
 use adapterdrop_serve::proto::{RegisterTaskRequest, TaskStatus};
 use admin_support::*;
 use common::TestServer;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_upload_leaves_nothing_after_restart() {
@@ -121,6 +122,10 @@ async fn requests_in_flight_on_an_unregistered_version_complete() {
     assert_eq!(listed[0].status, TaskStatus::Draining as i32);
     let mut c = inference(&server.addr).await;
     assert_eq!(infer(&mut c, "leaving", None).await.unwrap_err().code(), tonic::Code::NotFound, "no new requests");
+    // Health forgets the name at once (NOT_SERVING was sent to watchers first).
+    let mut health = HealthClient::new(server.channel().await);
+    let status = health.check(HealthCheckRequest { service: "leaving".into() }).await;
+    assert_eq!(status.unwrap_err().code(), tonic::Code::NotFound);
     for p in pending {
         let r = p.await.unwrap().expect("in-flight request completes");
         assert_eq!((r.results[0].task.as_str(), r.results[0].version), ("leaving", 1));

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
+use crate::error::ServeError;
+
 #[derive(Clone)]
 pub struct BearerAuth {
     token: Option<Arc<[u8]>>,
@@ -29,7 +31,7 @@ impl Interceptor for BearerAuth {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let Some(expected) = &self.token else { return Ok(request) };
         let Some(value) = request.metadata().get("authorization") else {
-            return Err(Status::unauthenticated(format!(
+            return Err(unauthenticated(format!(
                 "missing `authorization: Bearer <token>` metadata: the {} service requires the token configured as {}",
                 self.scope, self.key
             )));
@@ -40,13 +42,17 @@ impl Interceptor for BearerAuth {
         });
         match presented {
             Some(t) if constant_time_eq(&t, expected) => Ok(request),
-            Some(_) => Err(Status::unauthenticated(format!("invalid bearer token for the {} service ({})", self.scope, self.key))),
-            None => Err(Status::unauthenticated(format!(
+            Some(_) => Err(unauthenticated(format!("invalid bearer token for the {} service ({})", self.scope, self.key))),
+            None => Err(unauthenticated(format!(
                 "malformed authorization metadata: expected `Bearer <token>` for the {} service",
                 self.scope
             ))),
         }
     }
+}
+
+fn unauthenticated(message: String) -> Status {
+    ServeError::Unauthenticated(message).into()
 }
 
 /// Compares without an early exit on the first differing byte.

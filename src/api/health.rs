@@ -8,11 +8,12 @@ use std::sync::Arc;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::repository::Registry;
+use crate::repository::{Registry, TaskState};
 
 /// Sets every task name's status from the registry now.
 pub async fn sync(registry: &Registry, health: &mut HealthReporter, known: &mut BTreeSet<String>) {
-    let names: BTreeSet<String> = registry.entries().into_iter().map(|e| e.name).collect();
+    // Versions still draining after removal do not keep a name known.
+    let names: BTreeSet<String> = registry.entries().into_iter().filter(|e| e.state != TaskState::Draining).map(|e| e.name).collect();
     for name in &names {
         let ready = registry.default_version(name).is_some();
         health.set_service_status(name, if ready { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
