@@ -198,7 +198,8 @@ impl Registrar {
             let trash = Staging::create(&tasks_root).map_err(io_error)?;
             match version {
                 // One rename takes every version (and the pin) out of the repository.
-                None => store::retire(&task_dir, &trash.path().join("task")).map_err(io_error)?,
+                None if task_dir.exists() => store::retire(&task_dir, &trash.path().join("task")).map_err(io_error)?,
+                None => {}
                 Some(v) => {
                     if on_disk.contains(&v) {
                         store::retire(&task_dir.join(v.to_string()), &trash.path().join("version")).map_err(io_error)?;
