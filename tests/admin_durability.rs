@@ -133,3 +133,72 @@ async fn requests_in_flight_on_an_unregistered_version_complete() {
     // Drained: no longer listed at all.
     assert!(list(&mut a).await.iter().all(|t| t.name != "leaving"));
 }
+
+/// Deterministic crashes at the steps of a commit (`ADAPTERDROP_CRASH_AT` aborts the process there):
+/// before the publishing rename the old state survives, after it the new one, never a mix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_at_each_commit_step_leaves_the_old_or_the_new_version() {
+    let repo = temp_repo(&["sent"]);
+    let no_poll = ("ADAPTERDROP__REPOSITORY__POLL_INTERVAL_S", "0");
+    let crash = |point: &'static str| TestServer::start_on(repo.path(), &[no_poll, ("ADAPTERDROP_CRASH_AT", point)]);
+    let restart = || TestServer::start_on(repo.path(), &[no_poll]);
+    let versions = |repo: &std::path::Path| -> Vec<u32> {
+        let mut v: Vec<u32> = std::fs::read_dir(repo.join("tasks/crash")).map(|r| r.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()).unwrap_or_default();
+        v.sort();
+        v
+    };
+
+    // Validated and fsynced, killed before the rename: the version never existed.
+    let mut s = crash("before-publish");
+    let mut a = admin(&s.admin_addr()).await;
+    assert!(register(&mut a, header("crash", None, true, false), &source("sent")).await.is_err());
+    assert!(s.wait_exit(Duration::from_secs(10)).is_some(), "aborted");
+    assert_eq!(staging_dirs(repo.path()).len(), 1, "the fully staged version is left in staging");
+    let s = restart();
+    assert!(staging_dirs(repo.path()).is_empty());
+    assert!(versions(repo.path()).is_empty());
+    let mut c = inference(&s.addr).await;
+    assert_eq!(infer(&mut c, "crash", None).await.unwrap_err().code(), tonic::Code::NotFound);
+    drop(s);
+
+    // Killed right after the rename (before serving it and before the DEFAULT pin): the version
+    // is complete and served after the restart, just not pinned.
+    let mut s = crash("after-publish");
+    let mut a = admin(&s.admin_addr()).await;
+    assert!(register(&mut a, header("crash", None, true, false), &source("sent")).await.is_err());
+    assert!(s.wait_exit(Duration::from_secs(10)).is_some(), "aborted");
+    let s = restart();
+    assert!(staging_dirs(repo.path()).is_empty());
+    assert_eq!(versions(repo.path()), vec![1]);
+    assert!(!repo.path().join("tasks/crash/DEFAULT").exists());
+    let mut c = inference(&s.addr).await;
+    assert_eq!(infer(&mut c, "crash", None).await.unwrap().results[0].version, 1);
+    // A replacement killed after the atomic swap: the new content is in place, the old one is
+    // only in staging (cleaned at the next start).
+    let mut a = admin(&s.admin_addr()).await;
+    register(&mut a, header("crash", None, false, false), &source("sent")).await.unwrap();
+    drop(s);
+    let mut s = crash("after-publish");
+    let mut a = admin(&s.admin_addr()).await;
+    assert!(register(&mut a, header("crash", Some(2), false, true), &source("topic")).await.is_err());
+    assert!(s.wait_exit(Duration::from_secs(10)).is_some(), "aborted");
+    let s = restart();
+    assert!(staging_dirs(repo.path()).is_empty());
+    let mut a = admin(&s.admin_addr()).await;
+    let info = a.get_task(adapterdrop_serve::proto::GetTaskRequest { name: "crash".into(), version: Some(2) }).await.unwrap().into_inner();
+    let topic_labels: Vec<String> = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(source("topic").join("task.json")).unwrap()).unwrap()["head"]["labels"]
+        .as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect();
+    assert_eq!((info.status, info.labels), (TaskStatus::Ready as i32, topic_labels), "the replacement won");
+    drop(s);
+
+    // Unregister killed after the version left tasks/ but before it was deleted: gone for good.
+    let mut s = crash("after-retire");
+    let mut a = admin(&s.admin_addr()).await;
+    assert!(unregister(&mut a, "crash", Some(1)).await.is_err());
+    assert!(s.wait_exit(Duration::from_secs(10)).is_some(), "aborted");
+    let s = restart();
+    assert!(staging_dirs(repo.path()).is_empty());
+    assert_eq!(versions(repo.path()), vec![2]);
+    let mut c = inference(&s.addr).await;
+    assert_eq!(infer(&mut c, "crash", None).await.unwrap().results[0].version, 2);
+}

@@ -136,12 +136,14 @@ impl Registrar {
         let outcome = on_loader(move || {
             let (task, staged) = prepare(&registry, &runtime, &owned_name, version, &bundle)?;
             let target = registry.root().join("tasks").join(&owned_name).join(version.to_string());
+            store::crash_point("before-publish");
             let published = if target.is_dir() { store::publish_replace(&staged, &target) } else { store::publish_new(&staged, &target) };
             published.map_err(|e| {
                 ServeError::FailedPrecondition(format!(
                     "cannot publish `{owned_name}@{version}` (another replica may have published it first; retry): {e}"
                 ))
             })?;
+            store::crash_point("after-publish");
             drop(bundle); // removes the staging directory, with the replaced version if any
             Ok((task, Stamp::of(&target)))
         })
@@ -203,6 +205,7 @@ impl Registrar {
                 Some(v) => {
                     if on_disk.contains(&v) {
                         store::retire(&task_dir.join(v.to_string()), &trash.path().join("version")).map_err(io_error)?;
+                        store::crash_point("after-retire");
                     }
                     if pinned == Some(v) {
                         store::write_default(&task_dir, None).map_err(io_error)?;

@@ -136,6 +136,15 @@ pub fn retire(target: &Path, trash: &Path) -> std::io::Result<()> {
     sync_dir(target.parent().expect("target has a parent"))
 }
 
+/// Crash-consistency testing: when `ADAPTERDROP_CRASH_AT` names this point, the process aborts
+/// here (no destructors, no clean-up; like `kill -9` at exactly this step). Unset in production.
+pub fn crash_point(point: &str) {
+    if std::env::var_os("ADAPTERDROP_CRASH_AT").is_some_and(|v| v == point) {
+        eprintln!("ADAPTERDROP_CRASH_AT={point}: aborting");
+        std::process::abort();
+    }
+}
+
 /// Reads `tasks/<name>/DEFAULT`; None when absent or unreadable (logged).
 pub fn read_default(task_dir: &Path) -> Option<u32> {
     let path = task_dir.join(DEFAULT_FILE);
