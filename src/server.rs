@@ -97,9 +97,14 @@ impl App {
                 let routes = crate::admin::routes(tonic::transport::Server::builder(), registrar.clone(), health.clone(), &self.settings)?;
                 tracing::info!(admin = %admin_addr, "admin service up");
                 let mut stop = admin_stop.clone();
-                Some(tokio::spawn(routes.serve_with_incoming_shutdown(TcpIncoming::from(l), async move {
+                let stopped = async move {
                     let _ = stop.wait_for(|s| *s).await;
-                })))
+                };
+                Some(tokio::spawn(async move {
+                    if let Err(e) = routes.serve_with_incoming_shutdown(TcpIncoming::from(l), stopped).await {
+                        tracing::error!(error = %e, "admin server failed");
+                    }
+                }))
             }
             None => None,
         };
