@@ -72,6 +72,10 @@ async fn versions_default_pins_and_replacement() {
     assert_eq!(register(&mut a, header("multi", None, false, false), &source("topic")).await.unwrap().task.unwrap().version, 2);
     assert_eq!(version(infer(&mut c, "multi", None).await.unwrap()), 2);
     assert_eq!(version(infer(&mut c, "multi", Some(1)).await.unwrap()), 1);
+    // `task@N` is the same as naming the version.
+    assert_eq!(version(infer(&mut c, "multi@1", None).await.unwrap()), 1);
+    assert_eq!(infer(&mut c, "multi@x", None).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_eq!(infer(&mut c, "multi@1", Some(2)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
 
     // Pin version 1: requests without a version get it; persisted as tasks/multi/DEFAULT.
     let info = a.set_default_version(SetDefaultVersionRequest { name: "multi".into(), version: Some(1) }).await.unwrap().into_inner();

@@ -105,7 +105,16 @@ impl Registry {
     }
 
     /// The task version a request names; without a version, the default one.
+    /// `name@N` is accepted as `name` with version N (task names never contain `@`).
     pub fn resolve(&self, name: &str, version: Option<u32>) -> Result<Arc<Task>, ServeError> {
+        let (name, version) = match name.split_once('@') {
+            Some((n, v)) if version.is_none() => {
+                let v = v.parse::<u32>().map_err(|_| ServeError::InvalidArgument(format!("`{name}`: the version after `@` must be a positive integer")))?;
+                (n, Some(v))
+            }
+            Some(_) => return Err(ServeError::InvalidArgument(format!("`{name}`: give the version either as `@N` or in `version`, not both"))),
+            None => (name, version),
+        };
         let tables = self.read();
         let Some(versions) = tables.tasks.get(name) else {
             let known: Vec<&String> = tables.tasks.keys().collect();
