@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/adapterdrop/v1/adapterdrop.proto"];
+    let protos = ["proto/adapterdrop/v1/adapterdrop.proto", "proto/adapterdrop/v1/admin.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -317,6 +317,7 @@ fn main() -> Res<()> {
     let mut settings = Settings::default();
     settings.server.listen = "127.0.0.1:0".into();
     settings.metrics.listen = String::new();
+    settings.admin.listen = String::new(); // no admin port in the benchmark
     settings.repository.path = repo;
     settings.runtime.library_path = env("ORT_DYLIB_PATH").map(PathBuf::from).or_else(|| Some(PathBuf::from("build/lib/libonnxruntime.so")));
     settings.runtime.intra_threads = env_usize("BENCH_THREADS", 0)?;

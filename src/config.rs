@@ -16,6 +16,8 @@ pub struct Settings {
     pub log: LogSettings,
     pub metrics: MetricsSettings,
     pub tls: TlsSettings,
+    pub admin: AdminSettings,
+    pub auth: AuthSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,12 +66,37 @@ impl Default for ServerSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct RepositorySettings {
     pub path: PathBuf,
+    /// Seconds between scans for tasks added or removed by other replicas sharing the repository; 0 = never.
+    pub poll_interval_s: u64,
 }
 
 impl Default for RepositorySettings {
     fn default() -> Self {
-        Self { path: PathBuf::from("models/default") }
+        Self { path: PathBuf::from("models/default"), poll_interval_s: 5 }
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Address of the admin port (`adapterdrop.v1.Admin`, health); empty disables the admin service.
+    pub listen: String,
+    /// Largest task bundle `RegisterTask` accepts (all files together), in bytes.
+    pub max_bundle_bytes: u64,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self { listen: "0.0.0.0:50052".into(), max_bundle_bytes: 256 << 20 }
+    }
+}
+
+/// Bearer tokens (`authorization: Bearer <token>`); empty = no token required.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    pub admin_token: String,
+    pub inference_token: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -4,6 +4,7 @@
 //! -> [`engine`] (execution plan over shared rows) -> [`runtime`] (ONNX Runtime), with
 //! [`repository`] holding what is loaded.
 
+pub mod admin;
 pub mod api;
 pub mod config;
 pub mod engine;

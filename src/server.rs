@@ -10,7 +10,7 @@ use tonic_health::ServingStatus;
 use crate::api::native::NativeApi;
 use crate::config::Settings;
 use crate::proto::inference_server::InferenceServer;
-use crate::repository::{Registry, TaskState};
+use crate::repository::{Registrar, Registry, TaskState};
 use crate::router::Router;
 use crate::runtime::{Runtime, RuntimeError};
 use crate::scheduler::Scheduler;
@@ -74,6 +74,9 @@ impl App {
         let native = InferenceServer::new(NativeApi { router, scheduler })
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
+        // Inference requires auth.inference_token when one is set; health and reflection never do.
+        let inference_auth = crate::admin::BearerAuth::new(&self.settings.auth.inference_token, "inference", "auth.inference_token");
+        let native = tonic::service::interceptor::InterceptedService::new(native, inference_auth);
         health.set_serving::<InferenceServer<NativeApi>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
         let reflection = tonic_reflection::server::Builder::configure()
@@ -82,14 +85,54 @@ impl App {
             .build_v1()?;
         let metrics_task = self.start_metrics().await?;
         let tls = crate::tls::server_config(&self.settings.tls, false)?;
+        let registrar = Arc::new(Registrar::new(self.registry.clone(), self.runtime.clone()));
+        let admin_listener = match self.settings.admin.listen.as_str() {
+            "" => None,
+            a => Some(TcpListener::bind(a).await.map_err(|source| StartError::Listen { addr: a.to_string(), source })?),
+        };
         let ready = self.registry.entries().iter().filter(|e| e.state == TaskState::Ready).count();
         tracing::info!(%addr, tls = tls.is_some(), tasks_ready = ready, ort = self.runtime.version(), "listening");
+        // Run-time lifecycle: per-task health follows the registry; the admin port and the
+        // repository poll change it. All stop when shutdown begins.
+        let (admin_stop_tx, admin_stop) = tokio::sync::watch::channel(false);
+        let admin = match admin_listener {
+            Some(l) => {
+                let admin_addr = l.local_addr().map_err(|source| StartError::Listen { addr: "?".into(), source })?;
+                // The admin port requires client certificates when tls.client_ca_path is set.
+                let mut builder = tonic::transport::Server::builder();
+                if let Some(tls) = crate::tls::server_config(&self.settings.tls, true)? {
+                    builder = builder.tls_config(tls)?;
+                }
+                let routes = crate::admin::routes(builder, registrar.clone(), health.clone(), &self.settings)?;
+                tracing::info!(admin = %admin_addr, "admin service up");
+                let mut stop = admin_stop.clone();
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                Some(tokio::spawn(async move {
+                    if let Err(e) = routes.serve_with_incoming_shutdown(TcpIncoming::from(l), stopped).await {
+                        tracing::error!(error = %e, "admin server failed");
+                    }
+                }))
+            }
+            None => None,
+        };
+        let follower = crate::api::health::follow(self.registry.clone(), health.clone());
+        let poller = match self.settings.repository.poll_interval_s {
+            0 => None,
+            s => Some(registrar.clone().spawn_poller(std::time::Duration::from_secs(s))),
+        };
         // On shutdown: report NOT_SERVING everywhere first (load balancers stop sending), then let
         // tonic stop accepting and drain in-flight requests, which also drains the queue.
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let registry = self.registry.clone();
         let signal = async move {
             shutdown.await;
+            follower.abort();
+            if let Some(p) = poller {
+                p.abort();
+            }
+            let _ = admin_stop_tx.send(true);
             health.set_service_status("", ServingStatus::NotServing).await;
             health.set_not_serving::<InferenceServer<NativeApi>>().await;
             for entry in registry.entries() {
@@ -114,6 +157,9 @@ impl App {
             _ = async { if stopping_rx.await.is_ok() { tokio::time::sleep(grace).await } else { std::future::pending().await } } => {
                 tracing::warn!(grace_s = grace.as_secs(), "grace period over; exiting with requests still in flight");
             }
+        }
+        if let Some(admin) = admin {
+            let _ = tokio::time::timeout(grace, admin).await;
         }
         if let Some(task) = metrics_task {
             task.abort();

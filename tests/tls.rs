@@ -69,3 +69,49 @@ fn incomplete_or_unreadable_tls_settings_stop_start_up() {
     let (ok, out) = run(&[("ADAPTERDROP__TLS__CERT_PATH", repo.join("expected.json").to_str().unwrap()), ("ADAPTERDROP__TLS__KEY_PATH", pki.server_key.to_str().unwrap())]);
     assert!(!ok && out.contains("holds no PEM block"), "{out}");
 }
+
+#[tokio::test]
+async fn admin_port_requires_a_client_certificate_signed_by_the_client_ca() {
+    use adapterdrop_serve::proto::ListTasksRequest;
+    use adapterdrop_serve::proto::admin_client::AdminClient;
+    use tonic::transport::Identity;
+
+    let pki = certs::generate("test CA");
+    let server = TestServer::start(&[
+        ("ADAPTERDROP__TLS__CERT_PATH", pki.server_cert.to_str().unwrap()),
+        ("ADAPTERDROP__TLS__KEY_PATH", pki.server_key.to_str().unwrap()),
+        ("ADAPTERDROP__TLS__CLIENT_CA_PATH", pki.ca_path.to_str().unwrap()),
+    ]);
+    let admin = server.admin_addr();
+    let port = admin.rsplit(':').next().unwrap().to_string();
+    let connect = |identity: Option<Identity>| {
+        let (ca, port) = (pki.ca_pem.clone(), port.clone());
+        async move {
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("localhost");
+            if let Some(id) = identity {
+                tls = tls.identity(id);
+            }
+            let channel = Channel::from_shared(format!("https://localhost:{port}")).unwrap().tls_config(tls)?.connect().await?;
+            Ok::<_, tonic::transport::Error>(AdminClient::new(channel))
+        }
+    };
+    // With a client certificate from the trusted CA: served.
+    let mut ok = connect(Some(Identity::from_pem(&pki.client_cert_pem, &pki.client_key_pem))).await.expect("mutual TLS handshake");
+    let tasks = ok.list_tasks(ListTasksRequest {}).await.expect("admin over mutual TLS").into_inner().tasks;
+    assert!(tasks.iter().any(|t| t.name == "sent"));
+    // Without one, or with one from another CA: refused.
+    let refused = match connect(None).await {
+        Err(_) => true,
+        Ok(mut c) => c.list_tasks(ListTasksRequest {}).await.is_err(),
+    };
+    assert!(refused, "admin served a client without a certificate");
+    let other = certs::generate("another CA");
+    let refused = match connect(Some(Identity::from_pem(&other.client_cert_pem, &other.client_key_pem))).await {
+        Err(_) => true,
+        Ok(mut c) => c.list_tasks(ListTasksRequest {}).await.is_err(),
+    };
+    assert!(refused, "admin served a client whose certificate another CA signed");
+    // The inference port keeps server-only TLS: no client certificate needed there.
+    let channel = tls_channel(&server.addr, &pki.ca_pem).await.unwrap();
+    InferenceClient::new(channel).infer(request()).await.expect("inference without a client certificate");
+}

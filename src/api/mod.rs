@@ -2,5 +2,7 @@
 
 pub mod convert;
 pub mod deadline;
+pub mod health;
 pub mod native;
 pub mod request_id;
+pub mod tasks;

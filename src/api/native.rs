@@ -135,27 +135,11 @@ impl Inference for NativeApi {
     }
 
     async fn list_tasks(&self, _request: Request<ListTasksRequest>) -> Result<Response<ListTasksResponse>, Status> {
-        let registry = &self.router.registry;
-        let tasks = registry
-            .entries()
-            .iter()
-            .map(|e| convert::task_info(e, registry.default_version(&e.name) == Some(e.version)))
-            .collect();
-        Ok(Response::new(ListTasksResponse { tasks }))
+        Ok(Response::new(ListTasksResponse { tasks: super::tasks::list(&self.router.registry) }))
     }
 
     async fn get_task(&self, request: Request<GetTaskRequest>) -> Result<Response<TaskInfo>, Status> {
         let req = request.into_inner();
-        let registry = &self.router.registry;
-        let default = registry.default_version(&req.name);
-        let entries: Vec<_> = registry.entries().into_iter().filter(|e| e.name == req.name).collect();
-        if entries.is_empty() {
-            return Err(ServeError::NotFound(format!("task `{}` not found", req.name)).into());
-        }
-        let wanted = req.version.or(default).or_else(|| entries.iter().map(|e| e.version).max());
-        let entry = entries.iter().find(|e| Some(e.version) == wanted).ok_or_else(|| {
-            ServeError::NotFound(format!("task `{}` has no version {}", req.name, req.version.unwrap_or_default()))
-        })?;
-        Ok(Response::new(convert::task_info(entry, default == Some(entry.version))))
+        Ok(Response::new(super::tasks::get(&self.router.registry, &req.name, req.version)?))
     }
 }

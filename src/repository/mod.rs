@@ -2,10 +2,14 @@
 
 pub mod backbone;
 pub mod manifest;
+pub mod registrar;
 pub mod registry;
+pub mod store;
 pub mod task;
+mod trial;
 
 pub use backbone::Backbone;
 pub use manifest::Location;
+pub use registrar::{Bundle, RegisterOptions, Registered, Registrar};
 pub use registry::{Registry, TaskEntry, TaskState};
 pub use task::{ActiveLayers, Task};

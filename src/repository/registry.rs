@@ -1,11 +1,16 @@
-//! Every backbone and task the server knows, with each task version's lifecycle status.
+//! Every backbone and task the server knows, with each task version's lifecycle status. The task
+//! tables change at run time (registration, removal, default pins, other replicas' changes);
+//! requests hold `Arc<Task>`, so a version removed while they run finishes on what it resolved.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
+
+use tokio::sync::watch;
 
 use super::backbone::Backbone;
 use super::manifest::{TaskManifest, read_json, valid_name};
+use super::store::{self, Stamp};
 use super::task::Task;
 use crate::error::{LoadError, ServeError};
 use crate::runtime::Runtime;
@@ -28,21 +33,46 @@ pub struct TaskEntry {
     pub task: Option<Arc<Task>>,
 }
 
+/// A version taken out of service whose `Arc<Task>` requests may still hold.
+struct Drained {
+    entry: TaskEntry,
+    task: Weak<Task>,
+}
+
 #[derive(Default)]
 struct Tables {
     backbones: BTreeMap<String, Arc<Backbone>>,
     tasks: BTreeMap<String, BTreeMap<u32, TaskEntry>>,
+    /// Disk identity of each loaded version directory, to notice replacements by other replicas.
+    stamps: BTreeMap<(String, u32), Stamp>,
+    /// Default versions pinned by `tasks/<name>/DEFAULT`.
+    pinned: BTreeMap<String, u32>,
+    draining: Vec<Drained>,
+}
+
+/// What the repository holds for one task name: version directories and the pin.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskSnapshot {
+    pub versions: BTreeMap<u32, Option<Stamp>>,
+    pub pinned: Option<u32>,
 }
 
 pub struct Registry {
     root: PathBuf,
     tables: RwLock<Tables>,
+    /// Bumped on every change of the task tables; the health reporter follows it.
+    changes: watch::Sender<u64>,
+    /// Serialises every change of the repository and tables (uploads, removals, pins, polls), in
+    /// this process; replicas coordinate through atomic renames only (`store`).
+    pub(crate) mutation: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
     /// Loads everything under `root`. Broken entries are logged and recorded as failed; healthy
-    /// ones are served. Only an unreadable repository root is fatal.
+    /// ones are served. Only an unreadable repository root is fatal. Leftovers of interrupted
+    /// uploads (`tasks/.staging-*`) are removed first.
     pub fn open(runtime: &Runtime, root: &Path) -> Result<Self, LoadError> {
+        store::clean_leftovers(&root.join("tasks"));
         let mut tables = Tables::default();
         for dir in subdirs(&root.join("backbones"))? {
             match Backbone::load(runtime, &dir) {
@@ -53,38 +83,46 @@ impl Registry {
                 Err(e) => tracing::error!(error = %e, "backbone refused"),
             }
         }
-        for task_dir in subdirs(&root.join("tasks"))? {
-            let name = task_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            if !valid_name(&name) {
-                tracing::warn!(dir = %task_dir.display(), "ignoring task directory with an invalid name");
-                continue;
+        for (name, snapshot) in scan_tasks(root)? {
+            for version in snapshot.versions.keys() {
+                let dir = root.join("tasks").join(&name).join(version.to_string());
+                let entry = load_task(runtime, &tables.backbones, &name, *version, &dir);
+                if let Some(stamp) = Stamp::of(&dir) {
+                    tables.stamps.insert((name.clone(), *version), stamp);
+                }
+                tables.tasks.entry(name.clone()).or_default().insert(*version, entry);
             }
-            for version_dir in subdirs(&task_dir)? {
-                let Some(version) = version_dir.file_name().and_then(|v| v.to_str()).and_then(|v| v.parse::<u32>().ok()) else {
-                    tracing::warn!(dir = %version_dir.display(), "ignoring task version directory that is not a number");
-                    continue;
-                };
-                let entry = load_task(runtime, &tables.backbones, &name, version, &version_dir);
-                tables.tasks.entry(name.clone()).or_default().insert(version, entry);
+            if let Some(v) = snapshot.pinned {
+                tables.pinned.insert(name.clone(), v);
             }
         }
-        Ok(Self { root: root.to_path_buf(), tables: RwLock::new(tables) })
+        let (changes, _) = watch::channel(0);
+        Ok(Self { root: root.to_path_buf(), tables: RwLock::new(tables), changes, mutation: tokio::sync::Mutex::new(()) })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    /// The task version a request names; without a version, the highest ready one.
+    /// The task version a request names; without a version, the default one.
+    /// `name@N` is accepted as `name` with version N (task names never contain `@`).
     pub fn resolve(&self, name: &str, version: Option<u32>) -> Result<Arc<Task>, ServeError> {
-        let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
+        let (name, version) = match name.split_once('@') {
+            Some((n, v)) if version.is_none() => {
+                let v = v.parse::<u32>().map_err(|_| ServeError::InvalidArgument(format!("`{name}`: the version after `@` must be a positive integer")))?;
+                (n, Some(v))
+            }
+            Some(_) => return Err(ServeError::InvalidArgument(format!("`{name}`: give the version either as `@N` or in `version`, not both"))),
+            None => (name, version),
+        };
+        let tables = self.read();
         let Some(versions) = tables.tasks.get(name) else {
             let known: Vec<&String> = tables.tasks.keys().collect();
             return Err(ServeError::NotFound(format!("task `{name}` not found; known tasks: {known:?}")));
         };
         let version = match version {
             Some(v) => v,
-            None => default_version(versions).ok_or_else(|| {
+            None => default_version(versions, tables.pinned.get(name)).ok_or_else(|| {
                 ServeError::FailedPrecondition(format!("task `{name}` has no ready version: {}", describe(versions)))
             })?,
         };
@@ -101,29 +139,144 @@ impl Registry {
         }
     }
 
-    /// Every task version, sorted by name then version.
+    /// Every task version, sorted by name then version, then versions still draining after removal.
     pub fn entries(&self) -> Vec<TaskEntry> {
-        let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
-        tables.tasks.values().flat_map(|v| v.values().cloned()).collect()
+        let tables = self.read();
+        let mut out: Vec<TaskEntry> = tables.tasks.values().flat_map(|v| v.values().cloned()).collect();
+        out.extend(tables.draining.iter().filter(|d| d.task.strong_count() > 0).map(|d| d.entry.clone()));
+        out
     }
 
-    /// The version a request without one gets.
+    /// The version a request without one gets: the pinned version if it is ready, else the
+    /// highest ready version.
     pub fn default_version(&self, name: &str) -> Option<u32> {
-        let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
-        tables.tasks.get(name).and_then(default_version)
+        let tables = self.read();
+        tables.tasks.get(name).and_then(|v| default_version(v, tables.pinned.get(name)))
+    }
+
+    /// The version pinned by `tasks/<name>/DEFAULT`, if any.
+    pub fn pinned_version(&self, name: &str) -> Option<u32> {
+        self.read().pinned.get(name).copied()
     }
 
     pub fn backbone(&self, name: &str) -> Option<Arc<Backbone>> {
-        self.tables.read().unwrap_or_else(|p| p.into_inner()).backbones.get(name).cloned()
+        self.read().backbones.get(name).cloned()
     }
 
     pub fn backbones(&self) -> Vec<Arc<Backbone>> {
-        self.tables.read().unwrap_or_else(|p| p.into_inner()).backbones.values().cloned().collect()
+        self.read().backbones.values().cloned().collect()
+    }
+
+    /// A receiver that sees a new value after every change of the task tables.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Loads a task version directory against the loaded backbones (blocking: creates sessions).
+    pub fn load_version(&self, runtime: &Runtime, name: &str, version: u32, dir: &Path) -> TaskEntry {
+        let backbones = self.read().backbones.clone();
+        load_task(runtime, &backbones, name, version, dir)
+    }
+
+    /// What the tables hold, in the shape of [`scan_tasks`], for reconciling with the disk.
+    pub fn snapshot(&self) -> BTreeMap<String, TaskSnapshot> {
+        let tables = self.read();
+        let mut out: BTreeMap<String, TaskSnapshot> = BTreeMap::new();
+        for (name, versions) in &tables.tasks {
+            let snap = out.entry(name.clone()).or_default();
+            for v in versions.keys() {
+                snap.versions.insert(*v, tables.stamps.get(&(name.clone(), *v)).copied());
+            }
+        }
+        for (name, v) in &tables.pinned {
+            out.entry(name.clone()).or_default().pinned = Some(*v);
+        }
+        out
+    }
+
+    /// Adds or replaces one version. A replaced ready version keeps serving the requests that
+    /// already hold it.
+    pub(crate) fn insert(&self, entry: TaskEntry, stamp: Option<Stamp>) {
+        {
+            let mut tables = self.write();
+            let key = (entry.name.clone(), entry.version);
+            match stamp {
+                Some(s) => tables.stamps.insert(key, s),
+                None => tables.stamps.remove(&key),
+            };
+            let old = tables.tasks.entry(entry.name.clone()).or_default().insert(entry.version, entry);
+            if let Some(old) = old {
+                retire(&mut tables, old);
+            }
+        }
+        self.changed();
+    }
+
+    /// Takes a version out of service; returns it as listed afterwards (DRAINING while requests
+    /// hold it). A pin on it is dropped.
+    pub(crate) fn remove(&self, name: &str, version: u32) -> Option<TaskEntry> {
+        let removed = {
+            let mut tables = self.write();
+            let versions = tables.tasks.get_mut(name)?;
+            let old = versions.remove(&version)?;
+            if versions.is_empty() {
+                tables.tasks.remove(name);
+            }
+            tables.stamps.remove(&(name.to_string(), version));
+            if tables.pinned.get(name) == Some(&version) {
+                tables.pinned.remove(name);
+            }
+            retire(&mut tables, old)
+        };
+        self.changed();
+        Some(removed)
+    }
+
+    pub(crate) fn set_pinned(&self, name: &str, version: Option<u32>) {
+        {
+            let mut tables = self.write();
+            match version {
+                Some(v) => tables.pinned.insert(name.to_string(), v),
+                None => tables.pinned.remove(name),
+            };
+        }
+        self.changed();
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Tables> {
+        self.tables.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Tables> {
+        self.tables.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-fn default_version(versions: &BTreeMap<u32, TaskEntry>) -> Option<u32> {
-    versions.values().rev().find(|e| e.state == TaskState::Ready).map(|e| e.version)
+/// Moves a version out of the tables: draining while requests hold it. Returns it as listed.
+fn retire(tables: &mut Tables, mut old: TaskEntry) -> TaskEntry {
+    tables.draining.retain(|d| d.task.strong_count() > 0);
+    let Some(task) = old.task.take() else { return old };
+    let weak = Arc::downgrade(&task);
+    drop(task);
+    if weak.strong_count() > 0 {
+        old.state = TaskState::Draining;
+        tables.draining.push(Drained { entry: old.clone(), task: weak });
+    }
+    old
+}
+
+fn default_version(versions: &BTreeMap<u32, TaskEntry>, pinned: Option<&u32>) -> Option<u32> {
+    let ready = |e: &TaskEntry| e.state == TaskState::Ready;
+    if let Some(p) = pinned
+        && versions.get(p).is_some_and(ready)
+    {
+        return Some(*p);
+    }
+    versions.values().rev().find(|e| ready(e)).map(|e| e.version)
 }
 
 fn describe(versions: &BTreeMap<u32, TaskEntry>) -> String {
@@ -154,13 +307,42 @@ fn load_task(runtime: &Runtime, backbones: &BTreeMap<String, Arc<Backbone>>, nam
     entry
 }
 
+/// The task version directories and pins under `<root>/tasks` (names checked, hidden skipped).
+pub fn scan_tasks(root: &Path) -> Result<BTreeMap<String, TaskSnapshot>, LoadError> {
+    let mut out = BTreeMap::new();
+    for task_dir in subdirs(&root.join("tasks"))? {
+        let name = task_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if !valid_name(&name) {
+            tracing::warn!(dir = %task_dir.display(), "ignoring task directory with an invalid name");
+            continue;
+        }
+        let mut snap = TaskSnapshot::default();
+        for version_dir in subdirs(&task_dir)? {
+            match version_dir.file_name().and_then(|v| v.to_str()).and_then(|v| v.parse::<u32>().ok()) {
+                Some(version) => {
+                    snap.versions.insert(version, Stamp::of(&version_dir));
+                }
+                None => tracing::warn!(dir = %version_dir.display(), "ignoring task version directory that is not a number"),
+            }
+        }
+        snap.pinned = store::read_default(&task_dir);
+        if !snap.versions.is_empty() {
+            out.insert(name, snap);
+        }
+    }
+    Ok(out)
+}
+
 /// Sub-directories in name order, skipping hidden ones (in-progress uploads start with `.`).
 fn subdirs(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
-    if !dir.exists() {
-        return Ok(Vec::new());
-    }
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        // Absent, or removed by another replica between two scans.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(LoadError::new(dir, format!("cannot list: {e}"))),
+    };
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| LoadError::new(dir, format!("cannot list: {e}")))? {
+    for entry in entries {
         let entry = entry.map_err(|e| LoadError::new(dir, format!("cannot list: {e}")))?;
         let hidden = entry.file_name().to_string_lossy().starts_with('.');
         if entry.path().is_dir() && !hidden {

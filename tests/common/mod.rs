@@ -59,6 +59,7 @@ impl TestServer {
             .env("ORT_DYLIB_PATH", ort_library())
             .env("ADAPTERDROP__SERVER__LISTEN", "127.0.0.1:0")
             .env("ADAPTERDROP__METRICS__LISTEN", "127.0.0.1:0")
+            .env("ADAPTERDROP__ADMIN__LISTEN", "127.0.0.1:0")
             .env("ADAPTERDROP__REPOSITORY__PATH", repo)
             .env("ADAPTERDROP__RUNTIME__INTRA_THREADS", "2")
             .env("ADAPTERDROP__LOG__FORMAT", "text")
@@ -144,6 +145,30 @@ impl TestServer {
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().expect("try_wait").is_none()
     }
+
+    /// The admin port's address, from the `admin service up admin=` log line (logged right after
+    /// `listening`).
+    pub fn admin_addr(&self) -> String {
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < end {
+            if let Ok(line) = self.logs.recv_timeout(Duration::from_millis(100))
+                && let Some(addr) = line.split("admin service up admin=").nth(1).and_then(|r| r.split_whitespace().next())
+            {
+                return addr.to_string();
+            }
+        }
+        panic!("the server did not log `admin service up admin=`");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crashed or OOM-killed pod: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for TestServer {
@@ -156,7 +181,11 @@ impl Drop for TestServer {
 /// Runs the binary to completion (for start-up failures) and returns (exit success, output).
 pub fn run_to_exit(env: &[(&str, &str)]) -> (bool, String) {
     let mut cmd = Command::new(server_binary());
-    cmd.env_clear().env("ADAPTERDROP__SERVER__LISTEN", "127.0.0.1:0").env("ADAPTERDROP__METRICS__LISTEN", "127.0.0.1:0").env("NO_COLOR", "1");
+    cmd.env_clear()
+        .env("ADAPTERDROP__SERVER__LISTEN", "127.0.0.1:0")
+        .env("ADAPTERDROP__METRICS__LISTEN", "127.0.0.1:0")
+        .env("ADAPTERDROP__ADMIN__LISTEN", "127.0.0.1:0")
+        .env("NO_COLOR", "1");
     for (k, v) in env {
         cmd.env(k, v);
     }

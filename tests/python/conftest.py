@@ -100,6 +100,7 @@ def server():
         {
             "ADAPTERDROP__SERVER__LISTEN": "127.0.0.1:0",
             "ADAPTERDROP__METRICS__LISTEN": "127.0.0.1:0",
+            "ADAPTERDROP__ADMIN__LISTEN": "127.0.0.1:0",
             "ADAPTERDROP__REPOSITORY__PATH": str(repo),
             "ORT_DYLIB_PATH": str(ort),
             "ADAPTERDROP__LOG__FORMAT": "text",

@@ -1,0 +1,43 @@
+//! The admin port: `adapterdrop.v1.Admin` (run-time task registration), `grpc.health.v1` and
+//! reflection, behind a bearer token (`auth.admin_token`) when one is configured.
+
+pub mod auth;
+pub mod service;
+pub mod upload;
+
+use std::sync::Arc;
+
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+use tonic::transport::server::Router;
+use tonic_health::server::{HealthReporter, HealthService};
+use tonic_health::pb::health_server::HealthServer;
+
+pub use auth::BearerAuth;
+pub use service::AdminApi;
+
+use crate::config::Settings;
+use crate::proto::admin_server::AdminServer;
+use crate::repository::Registrar;
+use crate::server::StartError;
+
+/// Every service of the admin port on `builder` (the caller configures transport, e.g. TLS, on the
+/// builder). Health answers without a token, so probes work; Admin requires `auth.admin_token`.
+pub fn routes(mut builder: Server, registrar: Arc<Registrar>, health: HealthReporter, settings: &Settings) -> Result<Router, StartError> {
+    let max = settings.server.max_message_bytes;
+    let api = AdminServer::new(AdminApi { registrar, max_bundle_bytes: settings.admin.max_bundle_bytes })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let auth = BearerAuth::new(&settings.auth.admin_token, "admin", "auth.admin_token");
+    if !auth.required() {
+        tracing::warn!("the admin service accepts requests without a token: set auth.admin_token (ADAPTERDROP__AUTH__ADMIN_TOKEN)");
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    Ok(builder
+        .add_service(HealthServer::new(HealthService::from_health_reporter(health)))
+        .add_service(reflection)
+        .add_service(InterceptedService::new(api, auth)))
+}

@@ -1,0 +1,69 @@
+//! The `adapterdrop.v1.Admin` service: thin handlers over [`Registrar`].
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status, Streaming};
+
+use super::upload;
+use crate::api::tasks;
+use crate::error::ServeError;
+use crate::proto::admin_server::Admin;
+use crate::proto::{
+    GetTaskRequest, ListTasksRequest, ListTasksResponse, RegisterTaskRequest, RegisterTaskResponse, SetDefaultVersionRequest, TaskInfo,
+    UnregisterTaskRequest, UnregisterTaskResponse,
+};
+use crate::repository::{RegisterOptions, Registrar};
+
+pub struct AdminApi {
+    pub registrar: Arc<Registrar>,
+    pub max_bundle_bytes: u64,
+}
+
+#[tonic::async_trait]
+impl Admin for AdminApi {
+    async fn register_task(&self, request: Request<Streaming<RegisterTaskRequest>>) -> Result<Response<RegisterTaskResponse>, Status> {
+        let mut stream = request.into_inner();
+        let received = upload::receive(&mut stream, &self.registrar.tasks_root(), self.max_bundle_bytes).await.inspect_err(log_refused)?;
+        let h = &received.header;
+        let opts = RegisterOptions { version: h.version, set_default: h.set_default, replace: h.replace };
+        let name = h.name.clone();
+        tracing::info!(task = %name, version = ?opts.version, bytes = received.bytes, files = received.files, "task bundle received");
+        let done = self.registrar.register(&name, received.bundle, opts).await?;
+        let registry = self.registrar.registry();
+        Ok(Response::new(RegisterTaskResponse {
+            task: Some(tasks::get(registry, &name, Some(done.entry.version))?),
+            bytes_received: received.bytes,
+            files_received: received.files as u32,
+            validate_ms: done.validate.as_millis() as u64,
+        }))
+    }
+
+    async fn unregister_task(&self, request: Request<UnregisterTaskRequest>) -> Result<Response<UnregisterTaskResponse>, Status> {
+        let req = request.into_inner();
+        if req.version.is_some() == req.all_versions {
+            return Err(ServeError::InvalidArgument("give exactly one of `version` and `all_versions = true`".into()).into());
+        }
+        let removed = self.registrar.unregister(&req.name, req.version).await?;
+        let removed = removed.iter().map(|e| crate::api::convert::task_info(e, false)).collect();
+        Ok(Response::new(UnregisterTaskResponse { removed }))
+    }
+
+    async fn set_default_version(&self, request: Request<SetDefaultVersionRequest>) -> Result<Response<TaskInfo>, Status> {
+        let req = request.into_inner();
+        self.registrar.set_default(&req.name, req.version).await?;
+        Ok(Response::new(tasks::get(self.registrar.registry(), &req.name, None)?))
+    }
+
+    async fn list_tasks(&self, _request: Request<ListTasksRequest>) -> Result<Response<ListTasksResponse>, Status> {
+        Ok(Response::new(ListTasksResponse { tasks: tasks::list(self.registrar.registry()) }))
+    }
+
+    async fn get_task(&self, request: Request<GetTaskRequest>) -> Result<Response<TaskInfo>, Status> {
+        let req = request.into_inner();
+        Ok(Response::new(tasks::get(self.registrar.registry(), &req.name, req.version)?))
+    }
+}
+
+fn log_refused(e: &ServeError) {
+    tracing::info!(error_type = e.error_type(), error = %e, "task upload refused");
+}

@@ -1,0 +1,275 @@
+//! Crash-safe writes to the repository's `tasks/` tree: hidden staging directories, fsync, atomic
+//! renames, the `DEFAULT` pin file, and start-up clean-up of what a killed process left behind.
+//!
+//! Invariant: a `tasks/<name>/<version>/` directory only ever appears or disappears by one
+//! `rename(2)` (or `renameat2(RENAME_EXCHANGE)` when replacing), after every file in it was
+//! fsynced, so a `kill -9` at any moment leaves the old version or the new one, never half of one.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+/// Prefix of staging directories under `tasks/`; hidden, so scans skip them.
+pub const STAGING_PREFIX: &str = ".staging-";
+/// The file in `tasks/<name>/` that pins the default version (decimal, one line).
+pub const DEFAULT_FILE: &str = "DEFAULT";
+const LOCK_FILE: &str = ".lock";
+
+/// Identity of a task version directory as seen on disk: replaced directories get a new inode, so
+/// replicas notice a replacement even when the version number stays the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    dev: u64,
+    ino: u64,
+    manifest_mtime_ns: i128,
+}
+
+impl Stamp {
+    pub fn of(version_dir: &Path) -> Option<Self> {
+        let dir = fs::metadata(version_dir).ok()?;
+        let manifest = fs::metadata(version_dir.join("task.json")).ok();
+        let mtime = manifest.map(|m| m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128).unwrap_or(0);
+        Some(Self { dev: dir.dev(), ino: dir.ino(), manifest_mtime_ns: mtime })
+    }
+}
+
+/// A private directory `tasks/.staging-<pid>-<n>/` holding an exclusive lock while it lives, so
+/// start-up clean-up (of this or another replica) never deletes a staging area still in use.
+/// Dropping it removes the directory and whatever is still in it.
+#[derive(Debug)]
+pub struct Staging {
+    dir: PathBuf,
+    _lock: File,
+}
+
+impl Staging {
+    pub fn create(tasks_root: &Path) -> std::io::Result<Self> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        fs::create_dir_all(tasks_root)?;
+        // Replicas in containers often share a pid (1): the clock and retries keep names apart.
+        let mut attempt = 0;
+        let dir = loop {
+            let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let dir = tasks_root.join(format!("{STAGING_PREFIX}{}-{n}-{nanos:x}", std::process::id()));
+            match fs::create_dir(&dir) {
+                Ok(()) => break dir,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
+                Err(e) => return Err(e),
+            }
+        };
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(LOCK_FILE))?;
+        lock.try_lock().map_err(|e| std::io::Error::other(format!("cannot lock {}: {e}", dir.display())))?;
+        Ok(Self { dir, _lock: lock })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "could not remove staging directory");
+        }
+    }
+}
+
+/// fsyncs every file and directory under `dir` (and `dir` itself), so a rename that publishes it
+/// can never expose a file whose data is not on disk yet.
+pub fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            File::open(&path)?.sync_all()?;
+        }
+    }
+    sync_dir(dir)
+}
+
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Publishes `staged` as the new directory `target` (which must not exist yet).
+pub fn publish_new(staged: &Path, target: &Path) -> std::io::Result<()> {
+    let parent = target.parent().expect("target has a parent");
+    if !parent.exists() {
+        fs::create_dir_all(parent)?;
+        sync_dir(parent.parent().expect("tasks root"))?;
+    }
+    // rename(2) onto an existing non-empty directory fails (ENOTEMPTY/EEXIST): another replica
+    // that published the same version first wins, and we report the conflict.
+    fs::rename(staged, target)?;
+    sync_dir(parent)
+}
+
+/// Atomically swaps `staged` and the existing `target`; afterwards `staged` holds the old version.
+pub fn publish_replace(staged: &Path, target: &Path) -> std::io::Result<()> {
+    rename_exchange(staged, target)?;
+    sync_dir(target.parent().expect("target has a parent"))?;
+    sync_dir(staged.parent().expect("staged has a parent"))
+}
+
+fn rename_exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let ca = CString::new(a.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let cb = CString::new(b.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Moves `target` out of the repository into `trash` (inside a staging directory) with one rename.
+pub fn retire(target: &Path, trash: &Path) -> std::io::Result<()> {
+    fs::rename(target, trash)?;
+    sync_dir(target.parent().expect("target has a parent"))
+}
+
+/// Crash-consistency testing: when `ADAPTERDROP_CRASH_AT` names this point, the process aborts
+/// here (no destructors, no clean-up; like `kill -9` at exactly this step). Unset in production.
+pub fn crash_point(point: &str) {
+    if std::env::var_os("ADAPTERDROP_CRASH_AT").is_some_and(|v| v == point) {
+        eprintln!("ADAPTERDROP_CRASH_AT={point}: aborting");
+        std::process::abort();
+    }
+}
+
+/// Reads `tasks/<name>/DEFAULT`; None when absent or unreadable (logged).
+pub fn read_default(task_dir: &Path) -> Option<u32> {
+    let path = task_dir.join(DEFAULT_FILE);
+    let text = fs::read_to_string(&path).ok()?;
+    match text.trim().parse::<u32>() {
+        Ok(v) if v > 0 => Some(v),
+        _ => {
+            tracing::warn!(file = %path.display(), content = text.trim(), "ignoring DEFAULT file that is not a positive version number");
+            None
+        }
+    }
+}
+
+/// Writes (write temp, fsync, rename, fsync dir) or removes the `DEFAULT` pin.
+pub fn write_default(task_dir: &Path, version: Option<u32>) -> std::io::Result<()> {
+    let path = task_dir.join(DEFAULT_FILE);
+    match version {
+        Some(v) => {
+            let tmp = task_dir.join(format!(".{DEFAULT_FILE}.tmp-{}", std::process::id()));
+            let mut f = File::create(&tmp)?;
+            writeln!(f, "{v}")?;
+            f.sync_all()?;
+            drop(f);
+            fs::rename(&tmp, &path)?;
+        }
+        None => match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        },
+    }
+    sync_dir(task_dir)
+}
+
+/// Removes what killed processes left: unlocked `tasks/.staging-*` directories and stale
+/// `.DEFAULT.tmp-*` files. A staging directory whose lock another live process holds is kept.
+pub fn clean_leftovers(tasks_root: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(tasks_root) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if name.starts_with(STAGING_PREFIX) && path.is_dir() {
+            if in_use(&path) {
+                tracing::info!(dir = %path.display(), "staging directory in use by another process; kept");
+                continue;
+            }
+            match fs::remove_dir_all(&path) {
+                Ok(()) => {
+                    removed += 1;
+                    tracing::warn!(dir = %path.display(), "removed leftover staging directory of an interrupted upload");
+                }
+                Err(e) => tracing::warn!(dir = %path.display(), error = %e, "cannot remove leftover staging directory"),
+            }
+        } else if path.is_dir() && !name.starts_with('.') {
+            removed += clean_default_temps(&path);
+        }
+    }
+    removed
+}
+
+fn in_use(staging: &Path) -> bool {
+    let Ok(f) = File::open(staging.join(LOCK_FILE)) else { return false };
+    f.try_lock().is_err()
+}
+
+fn clean_default_temps(task_dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(task_dir) else { return 0 };
+    let stale = |p: &Path| {
+        fs::metadata(p).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age > Duration::from_secs(10))
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with(&format!(".{DEFAULT_FILE}.tmp-")) && stale(&path) && fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_is_removed_on_drop_and_locked_while_alive() {
+        let root = tempfile::tempdir().unwrap();
+        let staging = Staging::create(root.path()).unwrap();
+        let path = staging.path().to_path_buf();
+        fs::write(path.join("x"), b"1").unwrap();
+        // A live staging directory survives clean-up.
+        assert_eq!(clean_leftovers(root.path()), 0);
+        assert!(path.is_dir());
+        drop(staging);
+        assert!(!path.exists());
+        // An unlocked one (its process died) is removed.
+        fs::create_dir_all(root.path().join(".staging-dead/sent/1")).unwrap();
+        assert_eq!(clean_leftovers(root.path()), 1);
+        assert!(!root.path().join(".staging-dead").exists());
+    }
+
+    #[test]
+    fn replace_swaps_directories_atomically() {
+        let root = tempfile::tempdir().unwrap();
+        let (a, b) = (root.path().join("a"), root.path().join("b"));
+        fs::create_dir(&a).unwrap();
+        fs::create_dir(&b).unwrap();
+        fs::write(a.join("f"), b"new").unwrap();
+        fs::write(b.join("f"), b"old").unwrap();
+        publish_replace(&a, &b).unwrap();
+        assert_eq!(fs::read(b.join("f")).unwrap(), b"new");
+        assert_eq!(fs::read(a.join("f")).unwrap(), b"old");
+        // publish_new refuses to clobber an existing version.
+        assert!(publish_new(&a, &b).is_err());
+    }
+
+    #[test]
+    fn default_pin_round_trips() {
+        let root = tempfile::tempdir().unwrap();
+        assert_eq!(read_default(root.path()), None);
+        write_default(root.path(), Some(3)).unwrap();
+        assert_eq!(read_default(root.path()), Some(3));
+        write_default(root.path(), None).unwrap();
+        assert_eq!(read_default(root.path()), None);
+        fs::write(root.path().join(DEFAULT_FILE), "junk").unwrap();
+        assert_eq!(read_default(root.path()), None);
+    }
+}

@@ -1,0 +1,137 @@
+//! Registration at run time over gRPC: an uploaded task serves exactly like the same task loaded
+//! from disk; versions, default pins, replacement; a restart serves everything registered.
+
+mod admin_support;
+mod common;
+
+use adapterdrop_serve::proto::{GetTaskRequest, SetDefaultVersionRequest, TaskStatus};
+use admin_support::*;
+use common::TestServer;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+const TEXTS: [&str; 3] = ["a gripping, beautifully shot film", "the plot never comes together", "ok"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_task_serves_like_the_same_task_from_disk_and_survives_a_restart() {
+    let repo = temp_repo(&["sent"]);
+    let mut server = TestServer::start_on(repo.path(), &[("ADAPTERDROP__REPOSITORY__POLL_INTERVAL_S", "0")]);
+    let mut admin_c = admin(&server.admin_addr()).await;
+    let mut c = inference(&server.addr).await;
+    let mut health = HealthClient::new(server.channel().await);
+    let check = |s: &str| HealthCheckRequest { service: s.into() };
+    assert_eq!(health.check(check("sent-up")).await.unwrap_err().code(), tonic::Code::NotFound);
+
+    // Small chunks: files arrive in many pieces.
+    let resp = register_msgs(&mut admin_c, messages(header("sent-up", None, false, false), &source("sent"), 1000), None).await.unwrap();
+    let info = resp.task.unwrap();
+    assert_eq!((info.name.as_str(), info.version, info.status), ("sent-up", 1, TaskStatus::Ready as i32));
+    assert!(info.is_default_version && !info.default_pinned);
+    assert_eq!(resp.files_received, 4);
+    assert!(resp.bytes_received > 1000);
+    assert_eq!(health.check(check("sent-up")).await.unwrap().into_inner().status, ServingStatus::Serving as i32);
+    // On disk under its own name, task.json rewritten to it.
+    let manifest = std::fs::read_to_string(repo.path().join("tasks/sent-up/1/task.json")).unwrap();
+    assert!(manifest.contains("\"name\": \"sent-up\""), "{manifest}");
+
+    for drop in [None, Some(0), Some(1), Some(2)] {
+        let disk = c.infer(infer_req("sent", None, drop, &TEXTS)).await.unwrap().into_inner();
+        let up = c.infer(infer_req("sent-up", None, drop, &TEXTS)).await.unwrap().into_inner();
+        assert_eq!(up.results[0].task, "sent-up");
+        for (a, b) in disk.results[0].sequences.iter().zip(&up.results[0].sequences) {
+            assert_eq!(a.logits, b.logits, "drop {drop:?}: uploaded task differs from the disk copy");
+            assert_eq!(a.label, b.label);
+        }
+        assert_eq!(disk.results[0].dropped_layers, up.results[0].dropped_layers);
+    }
+    // Both ports list it the same way.
+    let listed = c.list_tasks(adapterdrop_serve::proto::ListTasksRequest {}).await.unwrap().into_inner().tasks;
+    assert!(listed.iter().any(|t| t.name == "sent-up" && t.status == TaskStatus::Ready as i32));
+    assert_eq!(list(&mut admin_c).await, listed);
+
+    // Restart (SIGTERM, then a fresh process on the same repository): still served, same answers.
+    let before = c.infer(infer_req("sent-up", None, None, &TEXTS)).await.unwrap().into_inner();
+    server.terminate();
+    assert!(server.wait_exit(std::time::Duration::from_secs(30)).is_some_and(|s| s.success()));
+    let server = TestServer::start_on(repo.path(), &[("ADAPTERDROP__REPOSITORY__POLL_INTERVAL_S", "0")]);
+    let mut c = inference(&server.addr).await;
+    let after = c.infer(infer_req("sent-up", None, None, &TEXTS)).await.unwrap().into_inner();
+    assert_eq!(before.results[0].sequences, after.results[0].sequences);
+    assert_eq!(after.results[0].version, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_default_pins_and_replacement() {
+    let repo = temp_repo(&[]);
+    let mut server = TestServer::start_on(repo.path(), &[("ADAPTERDROP__REPOSITORY__POLL_INTERVAL_S", "0")]);
+    let mut a = admin(&server.admin_addr()).await;
+    let mut c = inference(&server.addr).await;
+    let version = |r: adapterdrop_serve::proto::InferResponse| r.results[0].version;
+
+    // Versions count up: task@1, task@2; the default is the highest ready one.
+    assert_eq!(register(&mut a, header("multi", None, false, false), &source("sent")).await.unwrap().task.unwrap().version, 1);
+    assert_eq!(register(&mut a, header("multi", None, false, false), &source("topic")).await.unwrap().task.unwrap().version, 2);
+    assert_eq!(version(infer(&mut c, "multi", None).await.unwrap()), 2);
+    assert_eq!(version(infer(&mut c, "multi", Some(1)).await.unwrap()), 1);
+    // `task@N` is the same as naming the version.
+    assert_eq!(version(infer(&mut c, "multi@1", None).await.unwrap()), 1);
+    assert_eq!(infer(&mut c, "multi@x", None).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_eq!(infer(&mut c, "multi@1", Some(2)).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+
+    // Pin version 1: requests without a version get it; persisted as tasks/multi/DEFAULT.
+    let info = a.set_default_version(SetDefaultVersionRequest { name: "multi".into(), version: Some(1) }).await.unwrap().into_inner();
+    assert_eq!((info.version, info.is_default_version, info.default_pinned), (1, true, true));
+    assert_eq!(version(infer(&mut c, "multi", None).await.unwrap()), 1);
+    assert_eq!(std::fs::read_to_string(repo.path().join("tasks/multi/DEFAULT")).unwrap().trim(), "1");
+
+    // A new version registered with set_default takes over at once.
+    let r = register(&mut a, header("multi", None, true, false), &source("sent")).await.unwrap().task.unwrap();
+    assert_eq!((r.version, r.is_default_version, r.default_pinned), (3, true, true));
+    assert_eq!(version(infer(&mut c, "multi", None).await.unwrap()), 3);
+
+    // An existing version is not overwritten by accident...
+    let err = register(&mut a, header("multi", Some(2), false, false), &source("sent")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("multi@2") && err.message().contains("replace"), "{}", err.message());
+    // ...but can be replaced atomically: version 2 is now a `sent` copy (2 labels, not topic's).
+    let topic_labels = a.get_task(GetTaskRequest { name: "multi".into(), version: Some(2) }).await.unwrap().into_inner().labels;
+    let r = register(&mut a, header("multi", Some(2), false, true), &source("sent")).await.unwrap().task.unwrap();
+    assert_ne!(r.labels, topic_labels);
+    assert_eq!(r.labels, vec!["negative", "positive"]);
+    assert_eq!(infer(&mut c, "multi", Some(2)).await.unwrap().results[0].sequences[0].scores.len(), 2);
+
+    // Clearing the pin: back to the highest ready version.
+    let info = a.set_default_version(SetDefaultVersionRequest { name: "multi".into(), version: None }).await.unwrap().into_inner();
+    assert_eq!((info.version, info.default_pinned), (3, false));
+    assert!(!repo.path().join("tasks/multi/DEFAULT").exists());
+    // Pinning a missing version fails and changes nothing.
+    let err = a.set_default_version(SetDefaultVersionRequest { name: "multi".into(), version: Some(9) }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    // Unregistering the pinned version drops the pin; the next highest serves.
+    a.set_default_version(SetDefaultVersionRequest { name: "multi".into(), version: Some(3) }).await.unwrap();
+    let removed = unregister(&mut a, "multi", Some(3)).await.unwrap().removed;
+    assert_eq!(removed.iter().map(|t| t.version).collect::<Vec<_>>(), vec![3]);
+    assert!(!repo.path().join("tasks/multi/3").exists() && !repo.path().join("tasks/multi/DEFAULT").exists());
+    assert_eq!(version(infer(&mut c, "multi", None).await.unwrap()), 2);
+    assert_eq!(infer(&mut c, "multi", Some(3)).await.unwrap_err().code(), tonic::Code::NotFound);
+    // A version number is never reused while higher ones exist; after removal of all, it starts at 1.
+    assert_eq!(register(&mut a, header("multi", None, false, false), &source("sent")).await.unwrap().task.unwrap().version, 3);
+    let removed = unregister(&mut a, "multi", None).await.unwrap().removed;
+    assert_eq!(removed.len(), 3);
+    assert!(!repo.path().join("tasks/multi").exists());
+    assert_eq!(infer(&mut c, "multi", None).await.unwrap_err().code(), tonic::Code::NotFound);
+    assert_eq!(unregister(&mut a, "multi", None).await.unwrap_err().code(), tonic::Code::NotFound);
+    let bad = a.unregister_task(adapterdrop_serve::proto::UnregisterTaskRequest { name: "x".into(), version: None, all_versions: false }).await;
+    assert_eq!(bad.unwrap_err().code(), tonic::Code::InvalidArgument);
+
+    // The pin survives a restart.
+    register(&mut a, header("multi", None, false, false), &source("sent")).await.unwrap();
+    register(&mut a, header("multi", None, false, false), &source("sent")).await.unwrap();
+    a.set_default_version(SetDefaultVersionRequest { name: "multi".into(), version: Some(1) }).await.unwrap();
+    server.kill9();
+    let server = TestServer::start_on(repo.path(), &[]);
+    let mut c = inference(&server.addr).await;
+    assert_eq!(version(infer(&mut c, "multi", None).await.unwrap()), 1);
+    let info = c.get_task(GetTaskRequest { name: "multi".into(), version: None }).await.unwrap().into_inner();
+    assert!(info.default_pinned && info.version == 1);
+}

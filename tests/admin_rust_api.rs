@@ -1,0 +1,46 @@
+//! The registrar is a Rust API, not only a gRPC handler (other front ends, e.g. a KServe
+//! repository endpoint, call it): register, reconcile with changes made on disk, unregister.
+
+mod admin_support;
+mod common;
+
+use adapterdrop_serve::config::Settings;
+use adapterdrop_serve::repository::{Bundle, RegisterOptions, Registrar};
+use adapterdrop_serve::server::App;
+use admin_support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrar_registers_reconciles_and_unregisters_in_process() {
+    let repo = temp_repo(&[]);
+    let mut settings = Settings::default();
+    settings.repository.path = repo.path().to_path_buf();
+    settings.runtime.library_path = Some(common::ort_library());
+    settings.runtime.intra_threads = 1;
+    let app = tokio::task::block_in_place(|| App::load(settings)).unwrap();
+    let registrar = Registrar::new(app.registry.clone(), app.runtime.clone());
+    let mut changes = app.registry.subscribe();
+
+    let bundle = Bundle::copy_of(&registrar.tasks_root(), &source("sent")).unwrap();
+    let done = registrar.register("rust-api", bundle, RegisterOptions { set_default: true, ..Default::default() }).await.unwrap();
+    assert_eq!(done.entry.version, 1);
+    assert_eq!(app.registry.resolve("rust-api", None).unwrap().version(), 1);
+    assert_eq!(app.registry.pinned_version("rust-api"), Some(1));
+    assert!(changes.has_changed().unwrap());
+    changes.borrow_and_update();
+
+    // A version another process put into the repository is served after a reconcile...
+    copy_dir(&source("topic"), &repo.path().join("tasks/topic/1"));
+    assert_eq!(registrar.reconcile().await.unwrap(), 1);
+    assert!(app.registry.resolve("topic", None).is_ok());
+    assert_eq!(registrar.reconcile().await.unwrap(), 0, "nothing more to do");
+    // ...and one it removed is dropped.
+    std::fs::remove_dir_all(repo.path().join("tasks/topic")).unwrap();
+    assert_eq!(registrar.reconcile().await.unwrap(), 1);
+    assert!(app.registry.resolve("topic", None).is_err());
+
+    let removed = registrar.unregister("rust-api", None).await.unwrap();
+    assert_eq!(removed.len(), 1);
+    assert!(app.registry.resolve("rust-api", None).is_err());
+    assert!(changes.has_changed().unwrap());
+    assert!(staging_dirs(repo.path()).is_empty());
+}
