@@ -7,8 +7,10 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use crate::api::kserve::KServeApi;
 use crate::api::native::NativeApi;
 use crate::config::Settings;
+use crate::kserve_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::inference_server::InferenceServer;
 use crate::repository::{Registry, TaskState};
 use crate::router::Router;
@@ -69,10 +71,17 @@ impl App {
         let scheduler = Scheduler::start(self.settings.batching.clone());
         let router = Arc::new(Router { registry: self.registry.clone(), limits: self.settings.limits.clone() });
         let max = self.settings.server.max_message_bytes;
+        // KServe v2 on the same port, same router and scheduler: requests of both APIs batch together.
+        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let kserve_api = KServeApi { router: router.clone(), scheduler: scheduler.clone(), batching: self.settings.batching.clone(), draining: draining.clone() };
+        let kserve = GrpcInferenceServiceServer::new(kserve_api)
+            .max_decoding_message_size(crate::api::kserve::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::api::kserve::MAX_MESSAGE_BYTES);
         let native = InferenceServer::new(NativeApi { router, scheduler })
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
         health.set_serving::<InferenceServer<NativeApi>>().await;
+        health.set_serving::<GrpcInferenceServiceServer<KServeApi>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -88,6 +97,8 @@ impl App {
             shutdown.await;
             health.set_service_status("", ServingStatus::NotServing).await;
             health.set_not_serving::<InferenceServer<NativeApi>>().await;
+            health.set_not_serving::<GrpcInferenceServiceServer<KServeApi>>().await;
+            draining.store(true, std::sync::atomic::Ordering::Relaxed);
             for entry in registry.entries() {
                 health.set_service_status(&entry.name, ServingStatus::NotServing).await;
             }
@@ -98,6 +109,7 @@ impl App {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(native)
+            .add_service(kserve)
             .serve_with_incoming_shutdown(TcpIncoming::from(listener), signal);
         let grace = std::time::Duration::from_secs(self.settings.server.shutdown_grace_s);
         tokio::select! {
