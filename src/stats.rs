@@ -38,6 +38,8 @@ pub struct TaskStats {
     pub compute_input: DurationStat,
     /// Engine execution of the batch each successful request ran in.
     pub compute_infer: DurationStat,
+    /// Taking a request's rows out of its batch's result and handing them back.
+    pub compute_output: DurationStat,
     /// Sequences answered (a request with 8 texts counts 8).
     pub inference_count: u64,
     /// Engine executions that ran this task (many requests batched together count once).
@@ -73,6 +75,7 @@ pub struct RequestTimes {
     pub input: Duration,
     pub queue: Duration,
     pub compute: Duration,
+    pub output: Duration,
 }
 
 impl Stats {
@@ -89,6 +92,7 @@ impl Stats {
                 s.compute_input.add(t.input);
                 s.queue.add(t.queue);
                 s.compute_infer.add(t.compute);
+                s.compute_output.add(t.output);
                 s.inference_count += sequences as u64;
                 s.last_inference_ms = now;
             }
@@ -129,7 +133,7 @@ mod tests {
         let a = ("a".to_string(), 1);
         let b = ("b".to_string(), 2);
         let ms = Duration::from_millis;
-        let t = RequestTimes { total: ms(5), input: ms(1), queue: ms(2), compute: ms(3) };
+        let t = RequestTimes { total: ms(5), input: ms(1), queue: ms(2), compute: ms(3), output: ms(0) };
         stats.request_succeeded(&[a.clone(), b.clone()], 4, t);
         stats.request_succeeded(&[a.clone()], 1, t);
         stats.request_failed(&[b.clone()], ms(7));

@@ -38,11 +38,15 @@ impl Scheduler {
         let keys = crate::stats::keys(&job.tasks);
         let (received, sequences) = (job.received, job.sequences.len());
         let input = received.elapsed();
+        let submitted = Instant::now();
         let result = self.enqueue(job).await;
         let stats = crate::stats::global();
         match &result {
             Ok(out) => {
-                let times = crate::stats::RequestTimes { total: received.elapsed(), input, queue: out.queue, compute: out.compute };
+                // What is left after queue and compute: taking this job's rows out of the batch
+                // result and handing them back.
+                let output = submitted.elapsed().saturating_sub(out.queue + out.compute);
+                let times = crate::stats::RequestTimes { total: received.elapsed(), input, queue: out.queue, compute: out.compute, output };
                 stats.request_succeeded(&keys, sequences, times);
             }
             Err(_) => stats.request_failed(&keys, received.elapsed()),

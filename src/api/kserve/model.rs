@@ -122,8 +122,7 @@ pub fn statistics(name: &str, version: u32, s: &TaskStats) -> ModelStatistics {
             queue: duration(s.queue),
             compute_input: duration(s.compute_input),
             compute_infer: duration(s.compute_infer),
-            // Response conversion is not timed separately (it is part of `success`).
-            compute_output: duration(DurationStat::default()),
+            compute_output: duration(s.compute_output),
             cache_hit: duration(DurationStat::default()),
             cache_miss: duration(DurationStat::default()),
         }),
