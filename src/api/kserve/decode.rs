@@ -433,7 +433,9 @@ mod tests {
         assert!(err(mixed, vec![raw_bytes(&["a"])]).contains("has typed contents while raw_input_contents is used"));
         let ids = InferInputTensor { name: INPUT_IDS.into(), datatype: "INT64".into(), shape: vec![1, 3], ..Default::default() };
         assert!(err(vec![ids.clone()], vec![vec![0; 16]]).contains("holds 3 INT64 elements (24 bytes) but its raw contents have 16 bytes"));
-        assert!(err(vec![text_input(vec![1], &["a"]), ids], vec![]).contains("alternatives"));
+        let mut typed_ids = ids;
+        typed_ids.contents = Some(InferTensorContents { int64_contents: vec![101, 7, 102], ..Default::default() });
+        assert!(err(vec![text_input(vec![1], &["a"]), typed_ids], vec![]).contains("alternatives"));
     }
 
     #[test]
