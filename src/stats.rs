@@ -135,8 +135,8 @@ mod tests {
         let ms = Duration::from_millis;
         let t = RequestTimes { total: ms(5), input: ms(1), queue: ms(2), compute: ms(3), output: ms(0) };
         stats.request_succeeded(&[a.clone(), b.clone()], 4, t);
-        stats.request_succeeded(&[a.clone()], 1, t);
-        stats.request_failed(&[b.clone()], ms(7));
+        stats.request_succeeded(std::slice::from_ref(&a), 1, t);
+        stats.request_failed(std::slice::from_ref(&b), ms(7));
         stats.executed(a.clone(), 5, ms(3));
         stats.executed(a.clone(), 5, ms(4));
         let snap = stats.snapshot(|_, _| true);

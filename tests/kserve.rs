@@ -65,7 +65,7 @@ async fn malformed_tensors_get_invalid_argument_and_the_server_keeps_serving() {
     assert_eq!(ok.outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["logits", "probabilities", "label"]);
     assert_eq!(ok.raw_output_contents[0].len(), 2 * 4);
     let stats = c.model_statistics(ModelStatisticsRequest { name: "sent".into(), version: String::new() }).await.unwrap().into_inner();
-    let s = stats.model_stats[0].inference_stats.clone().unwrap();
+    let s = stats.model_stats[0].inference_stats.unwrap();
     assert_eq!(s.success.unwrap().count, 1);
     // Only the refusal after the task resolved (the router's vocabulary check) is a task failure.
     assert_eq!(s.fail.unwrap().count, 1);
