@@ -53,13 +53,17 @@ def run_perf_analyzer(perf_dir: Path, addr: str, model: str, data: Path, concurr
     return rows[0] | {"command": " ".join(cmd), "stdout": proc.stdout}
 
 
-def server_counts(addr: str, model: str) -> tuple[int, int]:
-    """(success, fail) request counts of the model's default version, from ModelStatistics."""
+def server_counts(addr: str, model: str, executions: bool = False) -> tuple[int, ...]:
+    """(success, fail) request counts of the model (all versions), from ModelStatistics;
+    with `executions`, also (inference_count, execution_count)."""
     import tritonclient.grpc as grpcclient
 
     with grpcclient.InferenceServerClient(addr) as c:
         stats = c.get_inference_statistics(model).model_stats
-    return sum(s.inference_stats.success.count for s in stats), sum(s.inference_stats.fail.count for s in stats)
+    counts = (sum(s.inference_stats.success.count for s in stats), sum(s.inference_stats.fail.count for s in stats))
+    if executions:
+        counts += (sum(s.inference_count for s in stats), sum(s.execution_count for s in stats))
+    return counts
 
 
 def start_server(binary: Path, repo: Path, threads: int) -> tuple[subprocess.Popen, str]:
@@ -100,6 +104,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1, help="sequences per request (perf_analyzer -b)")
     ap.add_argument("--interval-ms", type=int, default=3000, help="perf_analyzer measurement window")
     ap.add_argument("--threads", type=int, default=0, help="runtime.intra_threads (0 = one per core)")
+    ap.add_argument("--stability", type=int, default=25, help="perf_analyzer --stability-percentage (its default, 10, rarely settles on a shared machine)")
+    ap.add_argument("--max-trials", type=int, default=10)
     args = ap.parse_args()
 
     proc, addr = start_server(args.binary, args.repo, args.threads)
@@ -109,13 +115,14 @@ def main() -> int:
             data = input_data(Path(tmp) / "data.json", 1)
             for model in args.models.split(","):
                 for conc in [int(c) for c in args.concurrency.split(",")]:
-                    ok0, fail0 = server_counts(addr, model)
-                    extra = ["-b", str(args.batch), "--measurement-interval", str(args.interval_ms), "--max-trials", "6"]
+                    ok0, fail0, inf0, ex0 = server_counts(addr, model, True)
+                    extra = ["-b", str(args.batch), "--measurement-interval", str(args.interval_ms), "--max-trials", str(args.max_trials),
+                             "--stability-percentage", str(args.stability)]
                     row = run_perf_analyzer(args.perf_dir, addr, model, data, conc, extra, Path(tmp) / "out.csv", 600)
-                    ok1, fail1 = server_counts(addr, model)
+                    ok1, fail1, inf1, ex1 = server_counts(addr, model, True)
                     if fail1 != fail0 or ok1 == ok0:
                         raise RuntimeError(f"{model}: server counted {fail1 - fail0} failed and {ok1 - ok0} successful requests")
-                    rows.append((model, conc, row, ok1 - ok0))
+                    rows.append((model, conc, row, ok1 - ok0, (inf1 - inf0) / max(1, ex1 - ex0)))
                     print(f"{model} c={conc}: {float(row['Inferences/Second']):.1f} infer/s, p50 {int(row['p50 latency']) / 1000:.2f} ms, "
                           f"p99 {int(row['p99 latency']) / 1000:.2f} ms, {ok1 - ok0} requests, 0 failed", file=sys.stderr)
     finally:
@@ -123,15 +130,18 @@ def main() -> int:
         proc.wait(timeout=30)
 
     print(f"\nMachine: {cpu_model()}, {os.cpu_count()} cores; "
-          f"batch {args.batch}, window {args.interval_ms} ms; server {args.binary.name} on {args.repo.name}\n")
-    print("| model | concurrency | infer/s | p50 ms | p90 ms | p99 ms | avg ms | server requests | failed |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for model, conc, r, n in rows:
+          f"load average {os.getloadavg()[0]:.1f} at the end; batch {args.batch}, window {args.interval_ms} ms, stability {args.stability}%; "
+          f"server {args.binary.name} on {args.repo.name}, intra_threads {args.threads}\n")
+    print("| model | concurrency | infer/s | infer/s vs first concurrency | p50 ms | p90 ms | p99 ms | avg ms | server requests | failed | rows per execution |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    first = {}
+    for model, conc, r, n, per_exec in rows:
+        first.setdefault(model, float(r["Inferences/Second"]))
         ms = lambda k: f"{int(r[k]) / 1000:.2f}"  # noqa: E731
         avg = sum(int(r[k]) for k in ("Client Send", "Network+Server Send/Recv", "Server Queue", "Server Compute Input",
                                        "Server Compute Infer", "Server Compute Output", "Client Recv"))
-        print(f"| {model} | {conc} | {float(r['Inferences/Second']):.1f} | {ms('p50 latency')} | {ms('p90 latency')} | "
-              f"{ms('p99 latency')} | {avg / 1000:.2f} | {n} | 0 |")
+        print(f"| {model} | {conc} | {float(r['Inferences/Second']):.1f} | {float(r['Inferences/Second']) / first[model]:.2f}x | "
+              f"{ms('p50 latency')} | {ms('p90 latency')} | {ms('p99 latency')} | {avg / 1000:.2f} | {n} | 0 | {per_exec:.2f} |")
     print(f"\nCommand (per row): {rows[-1][2]['command'] if rows else ''}")
     return 0
 
