@@ -50,12 +50,13 @@ impl KServeApi {
         let work = async move {
             // Tensor decoding and tokenization are CPU work: keep them off the reactor threads.
             let (decoded, job, plan) = tokio::task::spawn_blocking(move || {
-                let d = decode::decode(req)?;
+                let mut d = decode::decode(req)?;
                 let deadline = match (deadline, d.timeout.map(|t| Instant::now() + t)) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
-                let job = router.prepare(d.native.clone(), deadline)?;
+                let native = std::mem::take(&mut d.native);
+                let job = router.prepare(native, deadline)?;
                 // Unknown output names are refused before any compute is spent.
                 let plan = encode::plan(&job.tasks, &d.prefixes, &d.outputs)
                     .inspect_err(|_| crate::stats::global().request_failed(&crate::stats::keys(&job.tasks), job.received.elapsed()))?;
@@ -80,7 +81,7 @@ impl KServeApi {
             Ok(ModelInferResponse {
                 model_name: model,
                 model_version: runs[0].task.version().to_string(),
-                id: decoded.native.id,
+                id,
                 parameters,
                 outputs,
                 raw_output_contents,
