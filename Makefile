@@ -20,7 +20,7 @@ run: setup models
 	./target/release/adapterdrop-serve $(if $(CONFIG),--config $(CONFIG))
 
 ## Build everything and run the whole suite (Rust unit + integration over gRPC, Python tools + clients).
-test: setup test-repo
+test: setup test-repo perf-analyzer
 	cargo build --tests $(CARGO_FLAGS)
 	cargo test $(CARGO_FLAGS) -- --test-threads=2
 	$(PY) -m pytest -q tools/tests tests/python
@@ -58,6 +58,18 @@ bench: setup models
 	cargo bench $(CARGO_FLAGS) --bench serving
 	cargo build --release $(CARGO_FLAGS)
 	$(PY) tools/bench_memory.py --binary target/release/adapterdrop-serve
+	$(MAKE) bench-kserve
+
+## Triton's perf_analyzer (tritonclient 2.41.0 wheel) in build/perf, outside the venv; apt-gets libb64-0d if missing.
+.PHONY: perf-analyzer bench-kserve
+PERF_ANALYZER := build/perf/bin/perf_analyzer
+perf-analyzer: $(VENV)/.stamp
+	@(test -x $(PERF_ANALYZER) && dpkg -s libb64-0d >/dev/null 2>&1) || tools/install_perf_analyzer.sh $(PY) build/perf
+
+## perf_analyzer against the KServe v2 endpoint (docs/benchmarks.md). KSERVE_BENCH_ARGS passes options.
+bench-kserve: setup test-repo perf-analyzer
+	cargo build --release $(CARGO_FLAGS)
+	$(PY) tools/bench_kserve.py --binary target/release/adapterdrop-serve --repo $(TEST_REPO) $(KSERVE_BENCH_ARGS)
 
 ## Equality tests + fan-out benchmark on the CUDA execution provider; skips cleanly without a GPU.
 ## onnxruntime-gpu and its CUDA/cuDNN wheels go into their own venv (.venv-gpu): both ORT wheels

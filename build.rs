@@ -2,7 +2,13 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/adapterdrop/v1/adapterdrop.proto", "proto/adapterdrop/v1/admin.proto"];
+    let protos = [
+        "proto/adapterdrop/v1/adapterdrop.proto",
+        "proto/adapterdrop/v1/admin.proto",
+        // Open Inference Protocol (KServe v2), package `inference`.
+        "proto/kserve/grpc_service.proto",
+        "proto/kserve/model_config.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

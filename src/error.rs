@@ -18,6 +18,9 @@ pub enum ServeError {
     Unavailable(String),
     #[error("{0}")]
     Unauthenticated(String),
+    /// An operation this server does not offer (yet), e.g. KServe RepositoryModelUnload.
+    #[error("{0}")]
+    Unimplemented(String),
     #[error("request cancelled by the client")]
     Cancelled,
     #[error("ONNX Runtime failed: {0}")]
@@ -37,6 +40,7 @@ impl ServeError {
             Self::DeadlineExceeded(_) => "deadline_exceeded",
             Self::Unavailable(_) => "unavailable",
             Self::Unauthenticated(_) => "unauthenticated",
+            Self::Unimplemented(_) => "unimplemented",
             Self::Cancelled => "cancelled",
             Self::Runtime(_) => "runtime",
             Self::Internal(_) => "internal",
@@ -52,6 +56,7 @@ impl ServeError {
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Unavailable(_) => Code::Unavailable,
             Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::Unimplemented(_) => Code::Unimplemented,
             Self::Cancelled => Code::Cancelled,
             Self::Runtime(_) | Self::Internal(_) => Code::Internal,
         }

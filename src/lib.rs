@@ -15,6 +15,7 @@ pub mod router;
 pub mod runtime;
 pub mod scheduler;
 pub mod server;
+pub mod stats;
 pub mod telemetry;
 pub mod tls;
 
@@ -23,4 +24,10 @@ pub mod proto {
     tonic::include_proto!("adapterdrop.v1");
     /// Encoded descriptors of every proto this server defines, for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
+}
+
+/// Generated code of `proto/kserve/*.proto`: the Open Inference Protocol (KServe v2), package
+/// `inference`, wire-compatible with Triton's. Its descriptors are in [`proto::FILE_DESCRIPTOR_SET`].
+pub mod kserve_proto {
+    tonic::include_proto!("inference");
 }

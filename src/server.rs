@@ -7,8 +7,10 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use crate::api::kserve::KServeApi;
 use crate::api::native::NativeApi;
 use crate::config::Settings;
+use crate::kserve_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::inference_server::InferenceServer;
 use crate::repository::{Registrar, Registry, TaskState};
 use crate::router::Router;
@@ -71,13 +73,28 @@ impl App {
         let scheduler = Scheduler::start(self.settings.batching.clone());
         let router = Arc::new(Router { registry: self.registry.clone(), limits: self.settings.limits.clone() });
         let max = self.settings.server.max_message_bytes;
+        // KServe v2 on the same port, same router and scheduler: requests of both APIs batch together.
+        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let registrar = Arc::new(Registrar::new(self.registry.clone(), self.runtime.clone()));
+        let kserve_api = KServeApi {
+            router: router.clone(),
+            scheduler: scheduler.clone(),
+            batching: self.settings.batching.clone(),
+            draining: draining.clone(),
+            registrar: registrar.clone(),
+        };
+        let kserve = GrpcInferenceServiceServer::new(kserve_api)
+            .max_decoding_message_size(crate::api::kserve::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::api::kserve::MAX_MESSAGE_BYTES);
         let native = InferenceServer::new(NativeApi { router, scheduler })
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
         // Inference requires auth.inference_token when one is set; health and reflection never do.
         let inference_auth = crate::admin::BearerAuth::new(&self.settings.auth.inference_token, "inference", "auth.inference_token");
-        let native = tonic::service::interceptor::InterceptedService::new(native, inference_auth);
+        let native = tonic::service::interceptor::InterceptedService::new(native, inference_auth.clone());
+        let kserve = tonic::service::interceptor::InterceptedService::new(kserve, inference_auth);
         health.set_serving::<InferenceServer<NativeApi>>().await;
+        health.set_serving::<GrpcInferenceServiceServer<KServeApi>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -85,7 +102,6 @@ impl App {
             .build_v1()?;
         let metrics_task = self.start_metrics().await?;
         let tls = crate::tls::server_config(&self.settings.tls, false)?;
-        let registrar = Arc::new(Registrar::new(self.registry.clone(), self.runtime.clone()));
         let admin_listener = match self.settings.admin.listen.as_str() {
             "" => None,
             a => Some(TcpListener::bind(a).await.map_err(|source| StartError::Listen { addr: a.to_string(), source })?),
@@ -135,6 +151,8 @@ impl App {
             let _ = admin_stop_tx.send(true);
             health.set_service_status("", ServingStatus::NotServing).await;
             health.set_not_serving::<InferenceServer<NativeApi>>().await;
+            health.set_not_serving::<GrpcInferenceServiceServer<KServeApi>>().await;
+            draining.store(true, std::sync::atomic::Ordering::Relaxed);
             for entry in registry.entries() {
                 health.set_service_status(&entry.name, ServingStatus::NotServing).await;
             }
@@ -150,6 +168,7 @@ impl App {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(native)
+            .add_service(kserve)
             .serve_with_incoming_shutdown(TcpIncoming::from(listener), signal);
         let grace = std::time::Duration::from_secs(self.settings.server.shutdown_grace_s);
         tokio::select! {

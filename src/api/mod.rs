@@ -3,6 +3,7 @@
 pub mod convert;
 pub mod deadline;
 pub mod health;
+pub mod kserve;
 pub mod native;
 pub mod request_id;
 pub mod tasks;

@@ -27,6 +27,8 @@ pub struct Job {
     pub sequences: Vec<Sequence>,
     pub tasks: Vec<TaskRun>,
     pub deadline: Option<Instant>,
+    /// When routing started; request durations in the statistics count from here.
+    pub received: Instant,
 }
 
 /// The engine's answer to one job.
@@ -99,6 +101,7 @@ fn run_batch(batch: Batch) {
             let lane_rows = lanes.iter().map(|l| l.rows.len()).sum();
             crate::metrics::get().record_batch(&stats, rows, lane_rows, compute);
             tracing::debug!(rows, lanes = lanes.len(), padded_len = stats.padded_len, layer_rows = ?stats.layer_rows, compute_us = compute.as_micros() as u64, "batch done");
+            record_executions(&lanes, compute);
             let mut logits = logits.into_iter();
             for e in live {
                 let per_task = (&mut logits)
@@ -116,5 +119,16 @@ fn run_batch(batch: Batch) {
                 let _ = e.reply.send(Err(ServeError::Runtime(err.to_string())));
             }
         }
+    }
+}
+
+/// One execution per task version in the batch, with that version's row count (ModelStatistics).
+fn record_executions(lanes: &[Lane], compute: Duration) {
+    let mut rows: std::collections::BTreeMap<(String, u32), usize> = std::collections::BTreeMap::new();
+    for lane in lanes {
+        *rows.entry((lane.task.name().to_string(), lane.task.version())).or_default() += lane.rows.len();
+    }
+    for (key, n) in rows {
+        crate::stats::global().executed(key, n, compute);
     }
 }

@@ -301,6 +301,30 @@ impl Registrar {
         Ok(changes)
     }
 
+    /// Loads `name`'s failed versions again (their files fixed in place, which the stamp-based
+    /// poll does not notice). Returns how many are ready now. KServe's RepositoryModelLoad uses it.
+    pub async fn retry_failed(&self, name: &str) -> Result<usize, ServeError> {
+        let _guard = self.registry.mutation.lock().await;
+        let failed: Vec<u32> = self
+            .registry
+            .entries()
+            .into_iter()
+            .filter(|e| e.name == name && matches!(e.state, TaskState::Failed(_)))
+            .map(|e| e.version)
+            .collect();
+        let mut ready = 0;
+        for version in failed {
+            let dir = self.tasks_root().join(name).join(version.to_string());
+            let stamp = Stamp::of(&dir);
+            let (registry, runtime, name2, dir2) = (self.registry.clone(), self.runtime.clone(), name.to_string(), dir.clone());
+            let entry = on_loader(move || Ok(registry.load_version(&runtime, &name2, version, &dir2))).await?;
+            tracing::info!(task = name, version, state = ?entry.state, "failed task version loaded again");
+            ready += usize::from(entry.state == TaskState::Ready);
+            self.registry.insert(entry, stamp);
+        }
+        Ok(ready)
+    }
+
     /// Reconciles every `interval` until the returned handle is aborted.
     pub fn spawn_poller(self: Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {

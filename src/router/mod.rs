@@ -20,7 +20,14 @@ pub struct Router {
 impl Router {
     /// Validates and tokenizes a request. CPU work (tokenization): call it off the reactor.
     pub fn prepare(&self, req: InferRequest, deadline: Option<Instant>) -> Result<Job, ServeError> {
+        let received = Instant::now();
         let tasks = self.resolve_tasks(&req.tasks)?;
+        // Refusals after the tasks resolved count as those tasks' failures (ModelStatistics).
+        let keys = crate::stats::keys(&tasks);
+        self.prepare_inputs(req, tasks, deadline, received).inspect_err(|_| crate::stats::global().request_failed(&keys, received.elapsed()))
+    }
+
+    fn prepare_inputs(&self, req: InferRequest, tasks: Vec<TaskRun>, deadline: Option<Instant>, received: Instant) -> Result<Job, ServeError> {
         let backbone = tasks[0].task.backbone.clone();
         let count = match &req.inputs {
             Some(Inputs::Texts(t)) => t.texts.len(),
@@ -49,7 +56,7 @@ impl Router {
                 self.limits.max_tokens_per_request
             )));
         }
-        Ok(Job { backbone, sequences, tasks, deadline })
+        Ok(Job { backbone, sequences, tasks, deadline, received })
     }
 
     fn resolve_tasks(&self, refs: &[TaskRef]) -> Result<Vec<TaskRun>, ServeError> {

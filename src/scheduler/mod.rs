@@ -33,7 +33,28 @@ impl Scheduler {
     }
 
     /// Queues a job and waits for its result. RESOURCE_EXHAUSTED when `max_queued` jobs wait.
+    /// Every outcome is counted in [`crate::stats`] for the job's tasks.
     pub async fn submit(&self, job: Job) -> Result<JobOutput, ServeError> {
+        let keys = crate::stats::keys(&job.tasks);
+        let (received, sequences) = (job.received, job.sequences.len());
+        let input = received.elapsed();
+        let submitted = Instant::now();
+        let result = self.enqueue(job).await;
+        let stats = crate::stats::global();
+        match &result {
+            Ok(out) => {
+                // What is left after queue and compute: taking this job's rows out of the batch
+                // result and handing them back.
+                let output = submitted.elapsed().saturating_sub(out.queue + out.compute);
+                let times = crate::stats::RequestTimes { total: received.elapsed(), input, queue: out.queue, compute: out.compute, output };
+                stats.request_succeeded(&keys, sequences, times);
+            }
+            Err(_) => stats.request_failed(&keys, received.elapsed()),
+        }
+        result
+    }
+
+    async fn enqueue(&self, job: Job) -> Result<JobOutput, ServeError> {
         let _permit = self.permits.clone().try_acquire_owned().map_err(|_| {
             ServeError::ResourceExhausted(format!(
                 "server queue is full ({} requests waiting, batching.max_queued); retry with backoff",

@@ -1,0 +1,91 @@
+//! Engine results -> KServe output tensors, always in `raw_output_contents` (what tritonclient
+//! reads). Scores and labels come from the same conversion the native API uses.
+
+use crate::api::convert;
+use crate::engine::TaskRun;
+use crate::error::ServeError;
+use crate::kserve_proto::model_infer_response::InferOutputTensor;
+use crate::proto::SequenceResult;
+use crate::repository::manifest::HeadKind;
+
+pub const LOGITS: &str = "logits";
+pub const PROBABILITIES: &str = "probabilities";
+pub const LABEL: &str = "label";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Logits,
+    Probabilities,
+    Label,
+}
+
+/// One output tensor to send: its name, the task it belongs to (index into the job's tasks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    pub name: String,
+    pub task: usize,
+    pub kind: Kind,
+}
+
+/// The outputs a head has: logits always; probabilities and label for classification heads.
+pub fn kinds(head: HeadKind) -> &'static [(Kind, &'static str)] {
+    match head {
+        HeadKind::Classification => &[(Kind::Logits, LOGITS), (Kind::Probabilities, PROBABILITIES), (Kind::Label, LABEL)],
+        HeadKind::Regression => &[(Kind::Logits, LOGITS)],
+    }
+}
+
+/// Resolves the requested output names (empty = all) against the job's tasks, before running.
+pub fn plan(tasks: &[TaskRun], prefixes: &[String], requested: &[String]) -> Result<Vec<Planned>, ServeError> {
+    let all: Vec<Planned> = tasks
+        .iter()
+        .zip(prefixes)
+        .enumerate()
+        .flat_map(|(i, (run, prefix))| kinds(run.task.manifest.head.kind).iter().map(move |(kind, n)| Planned { name: format!("{prefix}{n}"), task: i, kind: *kind }))
+        .collect();
+    if requested.is_empty() {
+        return Ok(all);
+    }
+    requested
+        .iter()
+        .map(|name| {
+            all.iter().find(|p| &p.name == name).cloned().ok_or_else(|| {
+                let names: Vec<&str> = all.iter().map(|p| p.name.as_str()).collect();
+                ServeError::InvalidArgument(format!("unknown output `{name}`; this request's outputs are {}", names.join(", ")))
+            })
+        })
+        .collect()
+}
+
+/// Builds the output tensors and their raw contents from `logits[task][sequence]`.
+pub fn encode(tasks: &[TaskRun], plan: &[Planned], logits: Vec<Vec<Vec<f32>>>) -> (Vec<InferOutputTensor>, Vec<Vec<u8>>) {
+    let results: Vec<Vec<SequenceResult>> = tasks
+        .iter()
+        .zip(logits)
+        .map(|(run, rows)| {
+            let head = &run.task.manifest.head;
+            rows.into_iter().map(|l| convert::sequence_result(l, head.kind, &head.labels)).collect()
+        })
+        .collect();
+    let mut outputs = Vec::with_capacity(plan.len());
+    let mut raw = Vec::with_capacity(plan.len());
+    for p in plan {
+        let rows = &results[p.task];
+        let n = rows.len() as i64;
+        let (datatype, shape, bytes) = match p.kind {
+            Kind::Logits | Kind::Probabilities => {
+                let pick = |r: &SequenceResult| if p.kind == Kind::Logits { r.logits.clone() } else { r.scores.clone() };
+                let width = rows.first().map(|r| pick(r).len()).unwrap_or(0) as i64;
+                let bytes: Vec<u8> = rows.iter().flat_map(pick).flat_map(f32::to_le_bytes).collect();
+                ("FP32", vec![n, width], bytes)
+            }
+            Kind::Label => {
+                let bytes = rows.iter().flat_map(|r| (r.label.len() as u32).to_le_bytes().into_iter().chain(r.label.bytes())).collect();
+                ("BYTES", vec![n, 1], bytes)
+            }
+        };
+        outputs.push(InferOutputTensor { name: p.name.clone(), datatype: datatype.into(), shape, ..Default::default() });
+        raw.push(bytes);
+    }
+    (outputs, raw)
+}
