@@ -54,11 +54,14 @@ pub struct ServerSettings {
     pub max_message_bytes: usize,
     /// After SIGTERM: how long in-flight and queued requests may take before the process exits.
     pub shutdown_grace_s: u64,
+    /// Connections older than this are closed gracefully (GOAWAY), so clients balancing over a
+    /// headless Service re-resolve DNS and reach pods added by a scale-out. 0 = never.
+    pub max_connection_age_s: u64,
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
-        Self { listen: "0.0.0.0:50051".into(), max_message_bytes: 64 << 20, shutdown_grace_s: 30 }
+        Self { listen: "0.0.0.0:50051".into(), max_message_bytes: 64 << 20, shutdown_grace_s: 30, max_connection_age_s: 300 }
     }
 }
 

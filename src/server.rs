@@ -160,6 +160,9 @@ impl App {
             let _ = stopping_tx.send(());
         };
         let mut builder = tonic::transport::Server::builder();
+        if self.settings.server.max_connection_age_s > 0 {
+            builder = builder.max_connection_age(std::time::Duration::from_secs(self.settings.server.max_connection_age_s));
+        }
         if let Some(tls) = tls {
             builder = builder.tls_config(tls)?;
         }
