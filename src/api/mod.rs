@@ -2,4 +2,5 @@
 
 pub mod convert;
 pub mod deadline;
+pub mod fusion;
 pub mod native;

@@ -13,9 +13,10 @@ use std::sync::Arc;
 
 use ndarray::{Array2, Array3, Axis, concatenate, s};
 
+use super::fusion::{self, FusionWeights, Group};
 use super::tensors::{f32_input, i64_input, run3, run_head, run_slot};
 use crate::error::ServeError;
-use crate::repository::{ActiveLayers, Backbone, Location, Task};
+use crate::repository::{ActiveLayers, Backbone, FusionSlot, Location, Task};
 use crate::runtime::Graph;
 
 /// One tokenized sequence, unpadded.
@@ -42,6 +43,12 @@ pub struct ExecStats {
     /// Rows run through adapter slot graphs, summed over all slots.
     pub adapter_rows: usize,
     pub padded_len: usize,
+    /// Rows run through fused adapters' output graphs (also counted in `adapter_rows`).
+    pub fusion_adapter_rows: usize,
+    /// Fused-adapter row runs avoided because fusions on the same rows shared one adapter run.
+    pub fusion_adapter_rows_saved: usize,
+    /// Per lane (index into the lanes given to `execute`): AdapterFusion weights at each fusion slot.
+    pub fusion: Vec<Vec<FusionWeights>>,
 }
 
 /// Slot graph choice of one lane at one slot; compared by graph identity.
@@ -92,7 +99,16 @@ pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result
 impl State<'_> {
     fn choice(&self, lane: usize, layer: usize, location: Location) -> Choice {
         let lane = &self.lanes[lane];
+        if let Some(f) = lane.task.fusion_slot(&lane.active, layer, location) {
+            return Choice(Arc::as_ptr(f) as usize);
+        }
         lane.task.slot(&lane.active, layer, location).map_or(PLAIN, |g| Choice(Arc::as_ptr(g) as usize))
+    }
+
+    /// The fusion slot behind a choice, if it is one.
+    fn fusion_of(&self, lane: usize, layer: usize, location: Location) -> Option<Arc<FusionSlot>> {
+        let l = &self.lanes[lane];
+        l.task.fusion_slot(&l.active, layer, location).cloned()
     }
 
     /// The adapter graph behind a non-plain choice, found through a lane that made it.
@@ -143,9 +159,27 @@ impl State<'_> {
             by_choice.entry(*c).or_default().push(r);
         }
         let plain = backbone.layers[layer].plain_slot(location);
+        // Fusion choices run together so that each fused adapter runs once per distinct row.
+        let fusions: Vec<(Choice, Arc<FusionSlot>)> = by_choice
+            .keys()
+            .filter(|c| **c != PLAIN)
+            .filter_map(|c| self.fusion_of(witness[c], layer, location).map(|f| (*c, f)))
+            .collect();
+        let mut fused: BTreeMap<Choice, Array3<f32>> = BTreeMap::new();
+        if !fusions.is_empty() {
+            let origin: Vec<usize> = (0..rows_before).chain(copies.iter().copied()).collect();
+            let groups: Vec<Group> = fusions.iter().map(|(c, f)| Group { slot: f, rows: &by_choice[c] }).collect();
+            let outs = fusion::run_groups(&groups, &origin, &h, &self.hidden, stats)?;
+            for ((c, f), o) in fusions.iter().zip(outs) {
+                fusion::record(stats, self.lanes.len(), layer, location, f, &by_choice[c], &o.alpha, &self.mask, &self.lanes_of);
+                fused.insert(*c, o.y);
+            }
+        }
         if by_choice.len() == 1 {
             let (&c, _) = by_choice.iter().next().expect("one group");
-            if c != PLAIN {
+            if let Some(y) = fused.remove(&c) {
+                self.hidden = y;
+            } else if c != PLAIN {
                 stats.adapter_rows += row_choice.len();
                 let g = self.adapter_graph(witness[&c], layer, location);
                 self.hidden = run_slot(&g, &h, &self.hidden, None)?;
@@ -156,7 +190,9 @@ impl State<'_> {
         }
         let mut out = Array3::<f32>::zeros(self.hidden.raw_dim());
         for (c, rows) in &by_choice {
-            let y = if *c == PLAIN {
+            let y = if let Some(y) = fused.remove(c) {
+                y
+            } else if *c == PLAIN {
                 run_slot(plain, &h, &self.hidden, Some(rows))?
             } else {
                 stats.adapter_rows += rows.len();

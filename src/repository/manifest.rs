@@ -4,6 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::fusion::{FusedAdapterSpec, SlotKind};
 use crate::error::LoadError;
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -91,6 +92,12 @@ pub struct SlotSpec {
     pub layer: usize,
     pub location: Location,
     pub graph: String,
+    /// `adapter` (default; absent in older manifests) or `fusion` (see `super::fusion`).
+    #[serde(default, skip_serializing_if = "SlotKind::is_adapter")]
+    pub kind: SlotKind,
+    /// Fusion slots only: the fused adapters' output graphs, in fusion order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<FusedAdapterSpec>,
 }
 
 /// Which layers lose their adapters; exactly one form.

@@ -1,11 +1,13 @@
 //! The model repository on disk (format v1, `models/README.md`) and what is loaded from it.
 
 pub mod backbone;
+pub mod fusion;
 pub mod manifest;
 pub mod registry;
 pub mod task;
 
 pub use backbone::Backbone;
+pub use fusion::{FusedAdapter, FusionSlot};
 pub use manifest::Location;
 pub use registry::{Registry, TaskEntry, TaskState};
 pub use task::{ActiveLayers, Task};

@@ -1,0 +1,127 @@
+//! AdapterFusion slots in the executor: every fused adapter runs once over the distinct input rows
+//! that any fusion at this slot needs it for (rows copied at this very slot share their `(h, x)`),
+//! then each fusion graph runs on its own rows with the stacked adapter outputs.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use ndarray::{Array2, Array3, Array4, Axis, Ix3, s};
+
+use super::executor::ExecStats;
+use super::tensors::f32_input;
+use crate::error::ServeError;
+use crate::repository::{FusionSlot, Location};
+use ort::session::SessionInputValue;
+use ort::value::TensorRef;
+
+/// Average-able AdapterFusion weights of one lane at one fusion slot: per adapter, the sum of its
+/// attention weight over the lane's real (unpadded) tokens, and the token count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FusionWeights {
+    pub layer: usize,
+    pub location: Location,
+    pub adapters: Vec<String>,
+    pub sums: Vec<f64>,
+    pub tokens: u64,
+}
+
+impl FusionWeights {
+    /// Per-adapter mean weight over the tokens seen.
+    pub fn means(&self) -> Vec<f64> {
+        self.sums.iter().map(|s| if self.tokens == 0 { 0.0 } else { s / self.tokens as f64 }).collect()
+    }
+}
+
+/// One fusion at one slot and the (post-split) physical rows that take it.
+pub struct Group<'a> {
+    pub slot: &'a Arc<FusionSlot>,
+    pub rows: &'a [usize],
+}
+
+/// Fusion outputs of one group: `y [n,T,H]`, `alpha [n,T,N]`.
+pub struct GroupOut {
+    pub y: Array3<f32>,
+    pub alpha: Array3<f32>,
+}
+
+/// Runs all fusion groups of one slot. `origin[r]` is the pre-split row whose `(h, x)` row `r`
+/// copies (itself for rows that were not copied here).
+pub fn run_groups(groups: &[Group], origin: &[usize], h: &Array3<f32>, x: &Array3<f32>, stats: &mut ExecStats) -> Result<Vec<GroupOut>, ServeError> {
+    // Distinct adapter graphs -> distinct origin rows they are needed on.
+    let mut need: BTreeMap<usize, (&Arc<crate::runtime::Graph>, BTreeSet<usize>)> = BTreeMap::new();
+    let mut asked = 0;
+    for g in groups {
+        for a in &g.slot.adapters {
+            let entry = need.entry(Arc::as_ptr(&a.graph) as usize).or_insert_with(|| (&a.graph, BTreeSet::new()));
+            entry.1.extend(g.rows.iter().map(|&r| origin[r]));
+            asked += g.rows.len();
+        }
+    }
+    let mut ups: HashMap<usize, (Array3<f32>, HashMap<usize, usize>)> = HashMap::new();
+    for (ptr, (graph, rows)) in need {
+        let rows: Vec<usize> = rows.into_iter().collect();
+        let (hs, xs) = (h.select(Axis(0), &rows), x.select(Axis(0), &rows));
+        let (hv, xv) = (hs.view(), xs.view());
+        let up = super::tensors::run3(graph, vec![("h", f32_input(&hv)?), ("x", f32_input(&xv)?)], "up")?;
+        stats.adapter_rows += rows.len();
+        stats.fusion_adapter_rows += rows.len();
+        ups.insert(ptr, (up, rows.iter().enumerate().map(|(i, &r)| (r, i)).collect()));
+    }
+    stats.fusion_adapter_rows_saved += asked - ups.values().map(|(_, m)| m.len()).sum::<usize>();
+    let (t, hid) = (h.len_of(Axis(1)), h.len_of(Axis(2)));
+    let mut out = Vec::with_capacity(groups.len());
+    for g in groups {
+        let n = g.slot.adapters.len();
+        let mut up = Array4::<f32>::zeros((g.rows.len(), t, n, hid));
+        for (j, a) in g.slot.adapters.iter().enumerate() {
+            let (res, at) = &ups[&(Arc::as_ptr(&a.graph) as usize)];
+            for (i, &r) in g.rows.iter().enumerate() {
+                up.slice_mut(s![i, .., j, ..]).assign(&res.index_axis(Axis(0), at[&origin[r]]));
+            }
+        }
+        let (hs, xs) = (h.select(Axis(0), g.rows), x.select(Axis(0), g.rows));
+        let (hv, xv, uv) = (hs.view(), xs.view(), up.view());
+        let up_in: SessionInputValue<'_> = TensorRef::from_array_view(uv)?.into();
+        let (y, alpha) = g.slot.graph.run(vec![("h", f32_input(&hv)?), ("x", f32_input(&xv)?), ("up", up_in)], |o| {
+            Ok((o["y"].try_extract_array::<f32>()?.to_owned(), o["alpha"].try_extract_array::<f32>()?.to_owned()))
+        })?;
+        let rank3 = |a: ndarray::ArrayD<f32>, name: &str| {
+            a.into_dimensionality::<Ix3>().map_err(|e| ServeError::Internal(format!("{}: `{name}` is not rank 3: {e}", g.slot.graph.file())))
+        };
+        out.push(GroupOut { y: rank3(y, "y")?, alpha: rank3(alpha, "alpha")? });
+    }
+    Ok(out)
+}
+
+/// Adds one group's attention weights to the statistics of the lanes on its rows.
+pub fn record(stats: &mut ExecStats, lanes: usize, layer: usize, location: Location, slot: &FusionSlot, rows: &[usize], alpha: &Array3<f32>, mask: &Array2<i64>, lanes_of: &[Vec<usize>]) {
+    if stats.fusion.len() < lanes {
+        stats.fusion.resize(lanes, Vec::new());
+    }
+    let n = slot.adapters.len();
+    for (i, &r) in rows.iter().enumerate() {
+        let mut sums = vec![0f64; n];
+        let mut tokens = 0u64;
+        for (t, m) in mask.row(r).iter().enumerate() {
+            if *m != 0 {
+                tokens += 1;
+                for (j, v) in alpha.slice(s![i, t, ..]).iter().enumerate() {
+                    sums[j] += *v as f64;
+                }
+            }
+        }
+        for &lane in &lanes_of[r] {
+            let list = &mut stats.fusion[lane];
+            let idx = match list.iter().position(|w| w.layer == layer && w.location == location) {
+                Some(k) => k,
+                None => {
+                    list.push(FusionWeights { layer, location, adapters: slot.adapter_names(), sums: vec![0.0; n], tokens: 0 });
+                    list.len() - 1
+                }
+            };
+            let w = &mut list[idx];
+            w.tokens += tokens;
+            w.sums.iter_mut().zip(&sums).for_each(|(a, b)| *a += b);
+        }
+    }
+}
