@@ -195,9 +195,10 @@ def fusion_slot(ref: Reference, i: int, loc: str, h, x, fusion, adapters: list):
 
 
 def fusion_logits(ref: Reference, input_ids, attention_mask, token_type_ids, fusion, adapters: dict, head,
-                  keep=None, dropped=()):
+                  keep=None, dropped=(), alphas: dict | None = None):
     """Logits of a fusion task. `keep` maps (layer, location) -> adapter names (pruned sets); default:
-    the fusion's own adapter list everywhere. Layers in `dropped` run plain (AdapterDrop)."""
+    the fusion's own adapter list everywhere. Layers in `dropped` run plain (AdapterDrop). If `alphas`
+    is a dict, it receives (layer, location) -> attention weights [B,T,N]."""
     ids = np.asarray(input_ids, np.int64)
     tt = np.zeros_like(ids) if token_type_ids is None else np.asarray(token_type_ids, np.int64)
     mask = np.asarray(attention_mask, np.int64)
@@ -208,9 +209,18 @@ def fusion_logits(ref: Reference, input_ids, attention_mask, token_type_ids, fus
         if i in dropped or (i, loc) not in fusion.slots:
             return ref.slot(i, loc, h, xin)
         names = (keep or {}).get((i, loc), fusion.adapter_names)
-        return fusion_slot(ref, i, loc, h, xin, fusion, [adapters[n] for n in names])[0]
+        y, alpha = fusion_slot(ref, i, loc, h, xin, fusion, [adapters[n] for n in names])
+        if alphas is not None:
+            alphas[(i, loc)] = alpha
+        return y
 
     for i in range(ref.ck.num_layers):
         x1 = slot(i, "attention", ref.attention(i, x, mask), x)
         x = slot(i, "ffn", ref.ffn(i, x1), x1)
     return head_logits(x, head)
+
+
+def mean_fusion_weights(alphas: dict, attention_mask) -> dict:
+    """"layer:location" -> per-adapter mean attention weight over the real tokens of all sequences."""
+    m = np.asarray(attention_mask, np.float64)[:, :, None]
+    return {f"{i}:{loc}": ((a * m).sum((0, 1)) / m.sum()).tolist() for (i, loc), a in sorted(alphas.items())}

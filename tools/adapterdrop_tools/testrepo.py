@@ -39,7 +39,7 @@ from .checkpoint import load_checkpoint, minilm_path
 from .fixtures import adapterhub_tiny, make_all
 from .fusion import load_fusion
 from .fusion_task import prune_task, write_fusion_task
-from .reference import Reference, fusion_logits, pad_batch
+from .reference import Reference, fusion_logits, mean_fusion_weights, pad_batch
 from .repository import build_dir_atomically, dropped_for, parse_drop, write_backbone, write_json, write_task
 
 SEED = 1234
@@ -190,14 +190,23 @@ def _fusion_tasks(repo, src, cks, refs, cases, expected) -> None:
 def expected_fusion_case(ref: Reference, case: dict, fusion, adapters, head, drop: dict, keep: dict) -> dict:
     ids, mask, tt = pad_batch(case["input_ids"], ref.ck.pad_token_id, case["token_type_ids"])
 
-    def run(dropped):
-        return fusion_logits(ref, ids, mask, tt, fusion, adapters, head, keep, dropped).tolist()
+    weights = {}
+
+    def run(dropped, n=None):
+        alphas = {}
+        logits = fusion_logits(ref, ids, mask, tt, fusion, adapters, head, keep, dropped, alphas).tolist()
+        if n is not None:
+            weights[str(n)] = mean_fusion_weights(alphas, mask)
+        return logits
 
     out = dict(case)
     out["attention_mask"] = [[1] * len(s) for s in case["input_ids"]]
-    out["logits"] = {str(n): run(range(n)) for n in servable_ns(drop)}
+    out["logits"] = {str(n): run(range(n), n) for n in servable_ns(drop)}
     out["default_logits"] = run(dropped_for(drop))
-    order = ["name", "input_ids", "attention_mask", "token_type_ids", "texts", "pairs", "logits", "default_logits"]
+    # "<n>" -> "layer:location" -> mean attention weight per kept adapter (slot order), over real tokens
+    out["fusion_weights"] = weights
+    order = ["name", "input_ids", "attention_mask", "token_type_ids", "texts", "pairs", "logits", "default_logits",
+             "fusion_weights"]
     return {k: out[k] for k in order}
 
 
