@@ -167,9 +167,10 @@ FUSION_CONFIGS = {
 
 
 def random_fusion(out: str, seed: int, names: list, config: str, num_layers: int, hidden: int, locations: list,
-                  labels: list, prefix="bert.", std=0.3) -> str:
+                  labels: list, prefix="bert.", std=0.3, value_near_identity=False) -> str:
     """An AdapterFusion saved in the library's layout (adapter_fusion_config.json,
-    model_adapter_fusion.safetensors) with random query/key(/value) weights, plus a head "fused"."""
+    model_adapter_fusion.safetensors) with random query/key(/value) weights, plus a head "fused".
+    value_near_identity: value = I + small noise, like the library's value_initialized start."""
     rng = np.random.default_rng(seed)
     os.makedirs(out, exist_ok=True)
     cfg, fname = FUSION_CONFIGS[config], ",".join(names)
@@ -179,7 +180,10 @@ def random_fusion(out: str, seed: int, names: list, config: str, num_layers: int
             base = f"{prefix}encoder.layer.{i}.{loc}adapter_fusion_layer.{fname}."
             parts = ["query", "key"] + (["value"] if cfg["value"] else [])
             for part in parts:
-                tensors[base + part + ".weight"] = (rng.standard_normal((hidden, hidden)) * std).astype(np.float32)
+                w = rng.standard_normal((hidden, hidden)) * std
+                if part == "value" and value_near_identity:
+                    w = np.eye(hidden) + w * 0.1
+                tensors[base + part + ".weight"] = w.astype(np.float32)
                 if part != "value":
                     tensors[base + part + ".bias"] = (rng.standard_normal(hidden) * 0.1).astype(np.float32)
     save_file(tensors, os.path.join(out, "model_adapter_fusion.safetensors"))

@@ -122,3 +122,25 @@ def test_temperature_and_missing_weights_are_refused(tmp_path):
     save_file(t, str(d / "model_adapter_fusion.safetensors"))
     with pytest.raises(ExportError, match="value.weight"):
         load_fusion(str(d), 2, 32)
+
+
+def test_export_fusion_cli_writes_a_task_equal_to_the_library(tmp_path, bert_fixture):
+    import export_backbone
+    import export_fusion
+    repo = str(tmp_path / "repo")
+    assert export_backbone.main(["--checkpoint", os.path.join(BT, "backbone"), "--out", repo, "--name", "bt"]) == 0
+    args = ["--repo", repo, "--backbone", "bt", "--fusion", os.path.join(BT, "fusion"), "--name", "fz", "--version", "1",
+            "--drop-first", "1"] + sum((["--adapter", os.path.join(BT, "adapters", n)] for n in ("fa", "fb", "fc")), [])
+    assert export_fusion.main(args) == 0
+    p = Pipeline(repo, "fz", 1, {})
+    assert [s["layer"] for s in p.task.manifest["slots"]] == [1]  # layer 0 always dropped: not written
+    got = p.logits(bert_fixture["input_ids"], bert_fixture["attention_mask"], None, [0])
+    assert np.abs(got - np.array(bert_fixture["logits"]["fusion:fa,fb,fc"]["1"])).max() <= 1e-4
+    # A fused adapter left out is an error naming it; nothing is written.
+    bad = args[:-2] + ["--force"]
+    assert export_fusion.main(bad[:bad.index("--name") + 1] + ["fz2"] + bad[bad.index("--name") + 2:]) == 2
+    assert not os.path.exists(os.path.join(repo, "tasks", "fz2"))
+    # A plain adapter directory is not a fusion.
+    assert export_fusion.main(["--repo", repo, "--backbone", "bt", "--fusion", os.path.join(BT, "adapters", "fa"),
+                               "--adapter", os.path.join(BT, "adapters", "fa"), "--name", "fz3", "--version", "1",
+                               "--drop-first", "0"]) == 2
