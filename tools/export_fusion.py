@@ -5,7 +5,7 @@ with its fused adapters and head as a fusion task of a model repository (models/
 Usage:
   export_fusion.py --repo REPO --backbone NAME --fusion DIR --adapter DIR [--adapter DIR ...] [--head DIR]
                    --name TASK --version N (--drop-first n | --drop-layers 0,2 | --robust default,min,max)
-                   [--checkpoint BACKBONE_DIR] [--description TEXT] [--force]
+                   [--checkpoint BACKBONE_DIR] [--description TEXT] [--graph-form reassociated|library] [--force]
 
 Every adapter named in the fusion's adapter_names must be given with --adapter (matched by the name in
 its adapter_config.json). --head defaults to --fusion (where the library saves the fusion model's head).
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from adapterdrop_tools import ExportError, InvalidCheckpoint  # noqa: E402
 from adapterdrop_tools.adapterhub import load_adapter, load_head  # noqa: E402
 from adapterdrop_tools.checkpoint import load_checkpoint  # noqa: E402
-from adapterdrop_tools.fusion import load_fusion  # noqa: E402
+from adapterdrop_tools.fusion import FORMS, load_fusion  # noqa: E402
 from adapterdrop_tools.fusion_task import write_fusion_task  # noqa: E402
 from adapterdrop_tools.repository import RepoLayerNorms, parse_drop, read_backbone  # noqa: E402
 from export_task import _ints  # noqa: E402
@@ -51,7 +51,8 @@ def export(a) -> str:
     if robust is not None and len(robust) != 3:
         raise ExportError("--robust takes default,min,max")
     drop = parse_drop(L, a.drop_first, _ints(a.drop_layers, "--drop-layers") if a.drop_layers is not None else None, robust)
-    return write_fusion_task(a.repo, a.backbone, fusion, adapters, head, lns, a.name, a.version, drop, a.description, a.force)
+    return write_fusion_task(a.repo, a.backbone, fusion, adapters, head, lns, a.name, a.version, drop, a.description,
+                             a.force, a.graph_form)
 
 
 def main(argv=None) -> int:
@@ -69,6 +70,9 @@ def main(argv=None) -> int:
     d.add_argument("--drop-layers")
     d.add_argument("--robust")
     p.add_argument("--description")
+    p.add_argument("--graph-form", choices=FORMS, default="reassociated",
+                   help="reassociated (default): the same numbers with K/V applied once per token, not per adapter; "
+                        "library: per-adapter K/V projections as the library computes them (slower)")
     p.add_argument("--force", action="store_true")
     a = p.parse_args(argv)
     try:

@@ -12,6 +12,8 @@ Backbones (format v1, models/README.md) and tasks (all version 1, robust Adapter
 AdapterFusion (issue 7, benches/fusion.rs), per backbone unless --fusion 0:
   <prefix>-fusion<K>        dynamic AdapterFusion over the adapters of <prefix>-00..K-1 (random Q/K, V near I), robust 0..L
   <prefix>-fusion<K>-top2   the same fusion weights over 2 of them (<prefix>-00, -01: random adapters, so any 2)
+  <prefix>-fusion<K>-lib, <prefix>-fusion<K>-lib-top2   the same, fusion graphs in the library's form
+                            (K/V projected per adapter) instead of the reassociated default
 Fused compute floor (item 5b), outside backbones/ and tasks/ so the server ignores it:
   DIR/fused/<backbone>/model.onnx  ONE graph: embeddings + every plain layer + the head of task *-pf-00;
                     inputs input_ids, token_type_ids, attention_mask (int64 [B,T]); output logits f32 [B,2].
@@ -137,11 +139,13 @@ def build_fusion(repo: str, name: str, ck, adapters: list, seed: int, prefix: st
     fusion = load_fusion(src, ck.num_layers, ck.hidden_size)
     head = load_head(src, ck.hidden_size)
     drop = parse_drop(ck.num_layers, robust=(0, 0, ck.num_layers))
-    task = f"{prefix}-fusion{k}"
-    write_fusion_task(repo, name, fusion, {a.name: a for a in adapters}, head, ck, task, 1, drop,
-                      f"BENCHMARK: random dynamic AdapterFusion over {k} random adapters; outputs are meaningless")
     keep = {f"{i}:{loc}": names[:2] for (i, loc) in fusion.slots}
-    prune_task(repo, task, 1, keep, f"{task}-top2", 1, {"kept": names[:2], "how": "fixed (random adapters)"})
+    for form, suffix in (("reassociated", ""), ("library", "-lib")):
+        task = f"{prefix}-fusion{k}{suffix}"
+        write_fusion_task(repo, name, fusion, {a.name: a for a in adapters}, head, ck, task, 1, drop,
+                          f"BENCHMARK: random dynamic AdapterFusion over {k} random adapters ({form} graphs); "
+                          "outputs are meaningless", form=form)
+        prune_task(repo, task, 1, keep, f"{task}-top2", 1, {"kept": names[:2], "how": "fixed (random adapters)"})
 
 
 def build_backbone(repo: str, name: str, seed: int, tasks: int, fused: bool, fusion_k: int = 0) -> None:

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use ndarray::{Array2, Array3, Array4, Axis, Ix3, s};
+use ndarray::{Array2, Array3, Array4, Axis, CowArray, Ix3, s};
 
 use super::executor::ExecStats;
 use super::tensors::f32_input;
@@ -60,7 +60,7 @@ pub fn run_groups(groups: &[Group], origin: &[usize], h: &Array3<f32>, x: &Array
     let mut ups: HashMap<usize, (Array3<f32>, HashMap<usize, usize>)> = HashMap::new();
     for (ptr, (graph, rows)) in need {
         let rows: Vec<usize> = rows.into_iter().collect();
-        let (hs, xs) = (h.select(Axis(0), &rows), x.select(Axis(0), &rows));
+        let (hs, xs) = (pick(h, &rows), pick(x, &rows));
         let (hv, xv) = (hs.view(), xs.view());
         let up = super::tensors::run3(graph, vec![("h", f32_input(&hv)?), ("x", f32_input(&xv)?)], "up")?;
         stats.adapter_rows += rows.len();
@@ -75,11 +75,15 @@ pub fn run_groups(groups: &[Group], origin: &[usize], h: &Array3<f32>, x: &Array
         let mut up = Array4::<f32>::zeros((g.rows.len(), t, n, hid));
         for (j, a) in g.slot.adapters.iter().enumerate() {
             let (res, at) = &ups[&(Arc::as_ptr(&a.graph) as usize)];
+            if res.len_of(Axis(0)) == g.rows.len() && g.rows.iter().enumerate().all(|(i, &r)| at[&origin[r]] == i) {
+                up.slice_mut(s![.., .., j, ..]).assign(res);
+                continue;
+            }
             for (i, &r) in g.rows.iter().enumerate() {
                 up.slice_mut(s![i, .., j, ..]).assign(&res.index_axis(Axis(0), at[&origin[r]]));
             }
         }
-        let (hs, xs) = (h.select(Axis(0), g.rows), x.select(Axis(0), g.rows));
+        let (hs, xs) = (pick(h, g.rows), pick(x, g.rows));
         let (hv, xv, uv) = (hs.view(), xs.view(), up.view());
         let up_in: SessionInputValue<'_> = TensorRef::from_array_view(uv)?.into();
         let (y, alpha) = g.slot.graph.run(vec![("h", f32_input(&hv)?), ("x", f32_input(&xv)?), ("up", up_in)], |o| {
@@ -91,6 +95,15 @@ pub fn run_groups(groups: &[Group], origin: &[usize], h: &Array3<f32>, x: &Array
         out.push(GroupOut { y: rank3(y, "y")?, alpha: rank3(alpha, "alpha")? });
     }
     Ok(out)
+}
+
+/// The given rows of `a`, borrowed without a copy when they are all rows in order.
+fn pick<'a>(a: &'a Array3<f32>, rows: &[usize]) -> CowArray<'a, f32, Ix3> {
+    if rows.len() == a.len_of(Axis(0)) && rows.iter().enumerate().all(|(i, &r)| i == r) {
+        CowArray::from(a.view())
+    } else {
+        CowArray::from(a.select(Axis(0), rows))
+    }
 }
 
 /// Adds one group's attention weights to the statistics of the lanes on its rows.

@@ -163,8 +163,21 @@ def adapter_up_graph(a: Adapter, layer: int, loc: str, lw, lb, eps: float, name:
     return g.model()
 
 
-def fusion_graph(fusion: Fusion, rules: Adapter, fw: FusionWeights, H: int, lw, lb, eps: float, name: str):
-    """(h [B,T,H], x [B,T,H], up [B,T,N,H]) -> (y [B,T,H], alpha [B,T,N]); N is dynamic."""
+FORMS = ("reassociated", "library")
+
+
+def fusion_graph(fusion: Fusion, rules: Adapter, fw: FusionWeights, H: int, lw, lb, eps: float, name: str,
+                 form: str = "reassociated"):
+    """(h [B,T,H], x [B,T,H], up [B,T,N,H]) -> (y [B,T,H], alpha [B,T,N]); N is dynamic.
+
+    form "library" projects every adapter output with W_k and W_v, as the library does ((2N+1) H^2
+    multiply-adds per token). form "reassociated" computes the same numbers with 2-3 H^2 per token:
+    <Q, W_k up_j + b_k> = <W_k^T Q, up_j> + <Q, b_k>, and the last term is the same for every j, so
+    softmax ignores it; sum_j alpha_j W_v up_j = W_v sum_j alpha_j up_j (the value has no bias)."""
+    if form not in FORMS:
+        raise ValueError(f"fusion graph form {form!r} is not one of {FORMS}")
+    if form == "reassociated":
+        return _fusion_graph_reassociated(fusion, rules, fw, H, lw, lb, eps, name)
     c = fusion.config
     g = GraphBuilder(name)
     h, x = g.input("h", F, hidden_dims(H)), g.input("x", F, hidden_dims(H))
@@ -183,6 +196,34 @@ def fusion_graph(fusion: Fusion, rules: Adapter, fw: FusionWeights, H: int, lw, 
     alpha = g.op("Softmax", [scores], "alpha", axis=-1)
     ctx = g.op("Squeeze", [g.op("MatMul", [g.op("Unsqueeze", [alpha, ax2]), V]), ax2])  # [B,T,H]
     if c["value"] and not c["value_before_softmax"]:
+        ctx = g.linear(ctx, fw.v_w, None, "value")
+    out = ctx if c["residual_before"] else g.op("Add", [ctx, r])
+    if rules.original_ln_after:
+        g.layer_norm(g.op("Add", [out, x]), lw, lb, eps, "ln", out="y")
+    else:
+        g.op("Identity", [out], "y")
+    return g.model()
+
+
+def _fusion_graph_reassociated(fusion: Fusion, rules: Adapter, fw: FusionWeights, H: int, lw, lb, eps: float, name: str):
+    c = fusion.config
+    g = GraphBuilder(name)
+    h, x = g.input("h", F, hidden_dims(H)), g.input("x", F, hidden_dims(H))
+    up = g.input("up", F, ["batch", "seq", "adapters", H])
+    g.output("y", F, hidden_dims(H))
+    g.output("alpha", F, ["batch", "seq", "adapters"])
+    u, r = _pre(g, rules, h, x, lw, lb, eps)
+    q = h if c["query_before_ln"] else u
+    ax2, axm1 = g.const([2], "axis2", np.int64), g.const([-1], "axis_last", np.int64)
+    if c["residual_before"]:
+        up = g.op("Add", [up, g.op("Unsqueeze", [r, ax2])])
+    Q = g.linear(q, fw.q_w, fw.q_b, "query") if c["query"] else q
+    # W_k^T Q: with torch layout W_k [out, in], Q @ W_k (no transpose); the bias term drops out.
+    Qk = g.op("MatMul", [Q, g.const(np.asarray(fw.k_w, np.float32), "key.weight")]) if c["key"] else Q
+    scores = g.op("Squeeze", [g.op("MatMul", [up, g.op("Unsqueeze", [Qk, axm1])]), axm1])  # [B,T,N]
+    alpha = g.op("Softmax", [scores], "alpha", axis=-1)
+    ctx = g.op("Squeeze", [g.op("MatMul", [g.op("Unsqueeze", [alpha, ax2]), up]), ax2])  # [B,T,H]
+    if c["value"]:
         ctx = g.linear(ctx, fw.v_w, None, "value")
     out = ctx if c["residual_before"] else g.op("Add", [ctx, r])
     if rules.original_ln_after:

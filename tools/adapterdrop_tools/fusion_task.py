@@ -25,8 +25,10 @@ from .repository import FORMAT_VERSION, _atomic_install, _fresh_tmp, always_drop
 
 
 def write_fusion_task(repo: str, backbone: str, fusion: Fusion, adapters: dict, head: Head, lns, name: str,
-                      version: int, drop: dict, description: str | None = None, force: bool = False) -> str:
-    """`adapters` maps every name in fusion.adapter_names to its Adapter; `lns` as in write_task."""
+                      version: int, drop: dict, description: str | None = None, force: bool = False,
+                      form: str = "reassociated") -> str:
+    """`adapters` maps every name in fusion.adapter_names to its Adapter; `lns` as in write_task;
+    `form`: fusion graph form (fusion.fusion_graph), recorded in task.json."""
     check_name("task", name)
     for n in fusion.adapter_names:
         check_name("adapter", n)
@@ -56,7 +58,7 @@ def write_fusion_task(repo: str, backbone: str, fusion: Fusion, adapters: dict, 
                 raise InvalidCheckpoint(f"fusion has layer {layer}, backbone has {L} layers")
             lw, lb = lns.ln(layer, loc)
             rel = f"fusion/layer{layer}_{loc}.onnx"
-            save(fusion_graph(fusion, rules, fw, H, lw, lb, eps, f"{name}_fusion{layer}_{loc}"), os.path.join(tmp, rel))
+            save(fusion_graph(fusion, rules, fw, H, lw, lb, eps, f"{name}_fusion{layer}_{loc}", form), os.path.join(tmp, rel))
             refs = []
             for n in fusion.adapter_names:
                 arel = f"adapters/{n}/layer{layer}_{loc}.onnx"
@@ -69,7 +71,7 @@ def write_fusion_task(repo: str, backbone: str, fusion: Fusion, adapters: dict, 
             "format_version": FORMAT_VERSION, "name": name, "version": int(version), "backbone": backbone,
             "description": description or f"AdapterFusion {fusion.name!r} ({fusion.config_name})",
             "adapter": {"method": "fusion", "fusion_name": fusion.name, "fusion_config": fusion.config_name,
-                        "fusion": fusion.config, "adapters": list(fusion.adapter_names),
+                        "fusion": fusion.config, "fusion_graph_form": form, "adapters": list(fusion.adapter_names),
                         "adapter_sources": {n: used[n].source for n in fusion.adapter_names},
                         "source": fusion.source},
             "slots": slots,

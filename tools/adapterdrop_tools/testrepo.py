@@ -173,8 +173,10 @@ def _fusion_tasks(repo, src, cks, refs, cases, expected) -> None:
         head = load_head(fdir, ck.hidden_size)
         drop = parse_drop(ck.num_layers, drop_args.get("drop_first"), drop_args.get("layers"), drop_args.get("robust"))
         if kept is None:
+            form = "library" if task == "fusion-static" else "reassociated"  # both graph forms served
             write_fusion_task(repo, bname, fusion, adapters, head, ck, task, 1, drop,
-                              f"test fusion task: {fusion.config_name} AdapterFusion over {fusion.adapter_names}")
+                              f"test fusion task: {fusion.config_name} AdapterFusion over {fusion.adapter_names}",
+                              form=form)
         else:
             prune_task(repo, "fusion", 1, {f"{i}:{loc}": kept for (i, loc) in fusion.slots}, task, 1,
                        {"kept": kept, "how": "fixed (the library reference uses Fuse(fa, fc))"})

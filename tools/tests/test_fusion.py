@@ -124,16 +124,18 @@ def test_temperature_and_missing_weights_are_refused(tmp_path):
         load_fusion(str(d), 2, 32)
 
 
-def test_export_fusion_cli_writes_a_task_equal_to_the_library(tmp_path, bert_fixture):
+@pytest.mark.parametrize("form", ["reassociated", "library"])
+def test_export_fusion_cli_writes_a_task_equal_to_the_library(tmp_path, bert_fixture, form):
     import export_backbone
     import export_fusion
     repo = str(tmp_path / "repo")
     assert export_backbone.main(["--checkpoint", os.path.join(BT, "backbone"), "--out", repo, "--name", "bt"]) == 0
     args = ["--repo", repo, "--backbone", "bt", "--fusion", os.path.join(BT, "fusion"), "--name", "fz", "--version", "1",
-            "--drop-first", "1"] + sum((["--adapter", os.path.join(BT, "adapters", n)] for n in ("fa", "fb", "fc")), [])
+            "--drop-first", "1", "--graph-form", form] + sum((["--adapter", os.path.join(BT, "adapters", n)] for n in ("fa", "fb", "fc")), [])
     assert export_fusion.main(args) == 0
     p = Pipeline(repo, "fz", 1, {})
     assert [s["layer"] for s in p.task.manifest["slots"]] == [1]  # layer 0 always dropped: not written
+    assert p.task.manifest["adapter"]["fusion_graph_form"] == form
     got = p.logits(bert_fixture["input_ids"], bert_fixture["attention_mask"], None, [0])
     assert np.abs(got - np.array(bert_fixture["logits"]["fusion:fa,fb,fc"]["1"])).max() <= 1e-4
     # A fused adapter left out is an error naming it; nothing is written.
