@@ -171,9 +171,10 @@ def fusion_graph(fusion: Fusion, rules: Adapter, fw: FusionWeights, H: int, lw, 
     """(h [B,T,H], x [B,T,H], up [B,T,N,H]) -> (y [B,T,H], alpha [B,T,N]); N is dynamic.
 
     form "library" projects every adapter output with W_k and W_v, as the library does ((2N+1) H^2
-    multiply-adds per token). form "reassociated" computes the same numbers with 2-3 H^2 per token:
+    multiply-adds per token). form "reassociated" computes the same numbers with 2 H^2 per token:
     <Q, W_k up_j + b_k> = <W_k^T Q, up_j> + <Q, b_k>, and the last term is the same for every j, so
-    softmax ignores it; sum_j alpha_j W_v up_j = W_v sum_j alpha_j up_j (the value has no bias)."""
+    softmax ignores it; W_k^T W_q folds into one matrix; sum_j alpha_j W_v up_j = W_v sum_j alpha_j up_j
+    (the value has no bias)."""
     if form not in FORMS:
         raise ValueError(f"fusion graph form {form!r} is not one of {FORMS}")
     if form == "reassociated":
@@ -217,9 +218,16 @@ def _fusion_graph_reassociated(fusion: Fusion, rules: Adapter, fw: FusionWeights
     ax2, axm1 = g.const([2], "axis2", np.int64), g.const([-1], "axis_last", np.int64)
     if c["residual_before"]:
         up = g.op("Add", [up, g.op("Unsqueeze", [r, ax2])])
-    Q = g.linear(q, fw.q_w, fw.q_b, "query") if c["query"] else q
-    # W_k^T Q: with torch layout W_k [out, in], Q @ W_k (no transpose); the bias term drops out.
-    Qk = g.op("MatMul", [Q, g.const(np.asarray(fw.k_w, np.float32), "key.weight")]) if c["key"] else Q
+    # Qk = W_k^T Q (row form: Q @ W_k for torch-layout W_k [out, in]); b_k drops out. With a query
+    # projection Q = q W_q^T + b_q, both fold into one matrix (computed in float64): one H^2 per token.
+    if c["query"] and c["key"]:
+        wq, wk = np.asarray(fw.q_w, np.float64), np.asarray(fw.k_w, np.float64)
+        m = g.const((wq.T @ wk).astype(np.float32), "query_key.weight")
+        Qk = g.op("Add", [g.op("MatMul", [q, m]), g.const((np.asarray(fw.q_b, np.float64) @ wk).astype(np.float32), "query_key.bias")])
+    elif c["key"]:
+        Qk = g.op("MatMul", [q, g.const(np.asarray(fw.k_w, np.float32), "key.weight")])
+    else:
+        Qk = g.linear(q, fw.q_w, fw.q_b, "query") if c["query"] else q
     scores = g.op("Squeeze", [g.op("MatMul", [up, g.op("Unsqueeze", [Qk, axm1])]), axm1])  # [B,T,N]
     alpha = g.op("Softmax", [scores], "alpha", axis=-1)
     ctx = g.op("Squeeze", [g.op("MatMul", [g.op("Unsqueeze", [alpha, ax2]), up]), ax2])  # [B,T,H]
