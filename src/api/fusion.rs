@@ -15,6 +15,6 @@ pub fn fusion_weights(list: &[FusionWeights]) -> Vec<proto::FusionWeights> {
             tokens: w.tokens,
         })
         .collect();
-    out.sort_by(|a, b| (a.layer, a.location != "attention").cmp(&(b.layer, b.location != "attention")));
+    out.sort_by_key(|w| (w.layer, w.location != "attention"));
     out
 }

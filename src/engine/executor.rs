@@ -47,7 +47,8 @@ pub struct ExecStats {
     pub fusion_adapter_rows: usize,
     /// Fused-adapter row runs avoided because fusions on the same rows shared one adapter run.
     pub fusion_adapter_rows_saved: usize,
-    /// Per lane (index into the lanes given to `execute`): AdapterFusion weights at each fusion slot.
+    /// Per lane (index into the lanes given to `execute`; shorter when the last lanes ran no
+    /// fusion): AdapterFusion weights at each fusion slot.
     pub fusion: Vec<Vec<FusionWeights>>,
 }
 
@@ -171,7 +172,7 @@ impl State<'_> {
             let groups: Vec<Group> = fusions.iter().map(|(c, f)| Group { slot: f, rows: &by_choice[c] }).collect();
             let outs = fusion::run_groups(&groups, &origin, &h, &self.hidden, stats)?;
             for ((c, f), o) in fusions.iter().zip(outs) {
-                fusion::record(stats, self.lanes.len(), layer, location, f, &by_choice[c], &o.alpha, &self.mask, &self.lanes_of);
+                fusion::record(stats, (layer, location), f, &by_choice[c], &o.alpha, &self.mask, &self.lanes_of);
                 fused.insert(*c, o.y);
             }
         }

@@ -107,10 +107,8 @@ fn pick<'a>(a: &'a Array3<f32>, rows: &[usize]) -> CowArray<'a, f32, Ix3> {
 }
 
 /// Adds one group's attention weights to the statistics of the lanes on its rows.
-pub fn record(stats: &mut ExecStats, lanes: usize, layer: usize, location: Location, slot: &FusionSlot, rows: &[usize], alpha: &Array3<f32>, mask: &Array2<i64>, lanes_of: &[Vec<usize>]) {
-    if stats.fusion.len() < lanes {
-        stats.fusion.resize(lanes, Vec::new());
-    }
+/// `stats.fusion` grows to the highest lane index seen; lanes past its end have no fusion weights.
+pub fn record(stats: &mut ExecStats, (layer, location): (usize, Location), slot: &FusionSlot, rows: &[usize], alpha: &Array3<f32>, mask: &Array2<i64>, lanes_of: &[Vec<usize>]) {
     let n = slot.adapters.len();
     for (i, &r) in rows.iter().enumerate() {
         let mut sums = vec![0f64; n];
@@ -124,6 +122,9 @@ pub fn record(stats: &mut ExecStats, lanes: usize, layer: usize, location: Locat
             }
         }
         for &lane in &lanes_of[r] {
+            if stats.fusion.len() <= lane {
+                stats.fusion.resize(lane + 1, Vec::new());
+            }
             let list = &mut stats.fusion[lane];
             let idx = match list.iter().position(|w| w.layer == layer && w.location == location) {
                 Some(k) => k,
