@@ -120,7 +120,7 @@ async fn fan_out_over_fusions_sharing_adapters_equals_each_alone() {
     let server = TestServer::start(&[]);
     let mut client = server.client().await;
     let texts = Inputs::Texts(Texts { texts: vec!["the plot never comes together.".into(), "a gripping, moving film".into()] });
-    let tasks = [("fusion", Some(0)), ("fusion-pruned", Some(0)), ("fusion", Some(1)), ("sent", Some(0)), ("fusion-pruned", Some(2))];
+    let tasks = [("fusion", Some(0)), ("fusion-pruned", Some(0)), ("fusion", Some(1)), ("sent", Some(0)), ("fusion-pruned", Some(2)), ("fa-plain", Some(0))];
     let fanned = client.infer(request(&tasks, texts.clone(), true)).await.unwrap().into_inner();
     for (i, t) in tasks.iter().enumerate() {
         let alone = client.infer(request(&[*t], texts.clone(), true)).await.unwrap().into_inner();
@@ -151,7 +151,7 @@ async fn broken_fusion_tasks_are_refused_by_file_and_the_rest_serves() {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path();
     copy_dir(&test_repo().join("backbones/bert-tiny"), &repo.join("backbones/bert-tiny"));
-    for (t, to) in [("fusion", "fusion"), ("fusion-pruned", "fusion-pruned"), ("fusion", "no-adapters"), ("fusion", "wrong-kind")] {
+    for (t, to) in [("fusion", "fusion"), ("fusion-pruned", "fusion-pruned"), ("fusion", "no-adapters"), ("fusion", "wrong-kind"), ("fusion", "up-on-fusion")] {
         copy_dir(&test_repo().join("tasks").join(t), &repo.join("tasks").join(to));
         let m = repo.join("tasks").join(to).join("1/task.json");
         std::fs::write(&m, std::fs::read_to_string(&m).unwrap().replace(&format!("\"name\": \"{t}\""), &format!("\"name\": \"{to}\""))).unwrap();
@@ -167,6 +167,7 @@ async fn broken_fusion_tasks_are_refused_by_file_and_the_rest_serves() {
     };
     edit("no-adapters", &|m| m["slots"][0]["adapters"] = Value::Array(vec![]));
     edit("wrong-kind", &|m| m["slots"][1]["kind"] = "adapter".into());
+    edit("up-on-fusion", &|m| m["slots"][0]["up"] = "adapters/fa/layer0_ffn.onnx".into());
 
     let server = TestServer::start_on(repo, &[]);
     let mut c = server.client().await;
@@ -174,7 +175,7 @@ async fn broken_fusion_tasks_are_refused_by_file_and_the_rest_serves() {
     let get = |name: &str| list.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("{name} listed"));
     assert_eq!(get("fusion").status, TaskStatus::Ready as i32, "{}", get("fusion").status_reason);
     assert!(get("fusion").slots.iter().any(|s| s == "1:ffn:fusion[fa,fb,fc]"), "{:?}", get("fusion").slots);
-    for (name, needle) in [("fusion-pruned", "layer1_ffn.onnx"), ("no-adapters", "lists no adapters"), ("wrong-kind", "is not `\"kind\": \"fusion\"`")] {
+    for (name, needle) in [("fusion-pruned", "layer1_ffn.onnx"), ("no-adapters", "lists no adapters"), ("wrong-kind", "is not `\"kind\": \"fusion\"`"), ("up-on-fusion", "`up` belongs to adapter slots")] {
         let t = get(name);
         assert_eq!(t.status, TaskStatus::Failed as i32, "{name}");
         assert!(t.status_reason.contains(needle), "{name}: {}", t.status_reason);

@@ -46,4 +46,20 @@ fn fusions_share_loaded_adapters_and_run_each_adapter_once_per_row_set() {
     let (_, s) = execute(&bb, &seqs, &[lane(&full, 1), lane(&pruned, 1)]).unwrap();
     assert_eq!((s.fusion_adapter_rows, s.fusion_adapter_rows_saved), (6, 4));
     assert_eq!(s.layer_rows, [2, 2]);
+
+    // A plain task over fa declaring fa's output graph (the same file bytes) shares it too.
+    let plain = reg.resolve("fa-plain", None).unwrap();
+    assert!(Arc::ptr_eq(&plain.up[&(0, Location::Ffn)], &full.fusion[&(0, Location::Ffn)].adapters[0].graph));
+    let (both, s) = execute(&bb, &seqs, &[lane(&plain, 0), lane(&full, 0)]).unwrap();
+    // Layer 0: fa, fb, fc on the 2 shared rows (6 runs; fa-plain's 2 saved). Layer 1: the rows have
+    // split; fa runs once over all 4 rows, fb and fc on the fusion's 2 (8 runs, none saved).
+    assert_eq!((s.fusion_adapter_rows, s.fusion_adapter_rows_saved), (14, 2));
+    assert_eq!(s.fusion.len(), 2);
+    assert!(s.fusion[0].is_empty(), "the plain task has no fusion weights");
+    for (i, t) in [&plain, &full].into_iter().enumerate() {
+        let (alone, a) = execute(&bb, &seqs, &[lane(t, 0)]).unwrap();
+        let d = (&alone[0] - &both[i]).iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(d <= 1e-5, "task {i}: shared vs alone differ by {d:e}");
+        assert_eq!(a.fusion_adapter_rows_saved, 0);
+    }
 }

@@ -8,12 +8,12 @@
 //! over every physical row. This generalises the paper's Parallel block, which tiles all k tasks
 //! at the first adapter.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use ndarray::{Array2, Array3, Axis, concatenate, s};
 
-use super::fusion::{self, FusionWeights, Group};
+use super::fusion::{self, FusionWeights, Group, Kind};
 use super::tensors::{f32_input, i64_input, run3, run_head, run_slot};
 use crate::error::ServeError;
 use crate::repository::{ActiveLayers, Backbone, FusionSlot, Location, Task};
@@ -112,6 +112,12 @@ impl State<'_> {
         l.task.fusion_slot(&l.active, layer, location).cloned()
     }
 
+    /// The adapter output graph `(h, x) -> up` behind an adapter choice, if its task declares one.
+    fn adapter_up(&self, lane: usize, layer: usize, location: Location) -> Option<Arc<Graph>> {
+        let l = &self.lanes[lane];
+        l.task.adapter_up(&l.active, layer, location).cloned()
+    }
+
     /// The adapter graph behind a non-plain choice, found through a lane that made it.
     fn adapter_graph(&self, lane: usize, layer: usize, location: Location) -> Arc<Graph> {
         let l = &self.lanes[lane];
@@ -166,13 +172,25 @@ impl State<'_> {
             .filter(|c| **c != PLAIN)
             .filter_map(|c| self.fusion_of(witness[c], layer, location).map(|f| (*c, f)))
             .collect();
+        // Plain adapter choices whose adapter output graph a fusion here also needs join them.
+        let fused_graphs: BTreeSet<usize> = fusions.iter().flat_map(|(_, f)| f.adapters.iter().map(|a| Arc::as_ptr(&a.graph) as usize)).collect();
+        let joined: Vec<(Choice, Arc<Graph>)> = by_choice
+            .keys()
+            .filter(|c| **c != PLAIN && !fusions.iter().any(|(f, _)| f == *c))
+            .filter_map(|c| self.adapter_up(witness[c], layer, location).map(|g| (*c, g)))
+            .filter(|(_, g)| fused_graphs.contains(&(Arc::as_ptr(g) as usize)))
+            .collect();
         let mut fused: BTreeMap<Choice, Array3<f32>> = BTreeMap::new();
         if !fusions.is_empty() {
             let origin: Vec<usize> = (0..rows_before).chain(copies.iter().copied()).collect();
-            let groups: Vec<Group> = fusions.iter().map(|(c, f)| Group { slot: f, rows: &by_choice[c] }).collect();
+            let mut groups: Vec<Group> = fusions.iter().map(|(c, f)| Group { kind: Kind::Fusion(f), rows: &by_choice[c] }).collect();
+            groups.extend(joined.iter().map(|(c, g)| Group { kind: Kind::Adapter { up: g, plain }, rows: &by_choice[c] }));
             let outs = fusion::run_groups(&groups, &origin, &h, &self.hidden, stats)?;
-            for ((c, f), o) in fusions.iter().zip(outs) {
-                fusion::record(stats, (layer, location), f, &by_choice[c], &o.alpha, &self.mask, &self.lanes_of);
+            for ((c, f), o) in fusions.iter().zip(&outs) {
+                let alpha = o.alpha.as_ref().expect("fusion groups have weights");
+                fusion::record(stats, (layer, location), f, &by_choice[c], alpha, &self.mask, &self.lanes_of);
+            }
+            for (c, o) in fusions.iter().map(|(c, _)| c).chain(joined.iter().map(|(c, _)| c)).zip(outs) {
                 fused.insert(*c, o.y);
             }
         }

@@ -1,6 +1,8 @@
 //! AdapterFusion slots in the executor: every fused adapter runs once over the distinct input rows
 //! that any fusion at this slot needs it for (rows copied at this very slot share their `(h, x)`),
-//! then each fusion graph runs on its own rows with the stacked adapter outputs.
+//! then each fusion graph runs on its own rows with the stacked adapter outputs. A plain adapter
+//! task whose slot declares the same adapter's output graph joins in: its `y = LN(up + h + x)` is
+//! the backbone's plain slot applied to `(h + up, x)`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use super::executor::ExecStats;
 use super::tensors::f32_input;
 use crate::error::ServeError;
 use crate::repository::{FusionSlot, Location};
+use crate::runtime::Graph;
 use ort::session::SessionInputValue;
 use ort::value::TensorRef;
 
@@ -32,27 +35,43 @@ impl FusionWeights {
     }
 }
 
-/// One fusion at one slot and the (post-split) physical rows that take it.
+/// What one group of rows takes at this slot.
+pub enum Kind<'a> {
+    Fusion(&'a Arc<FusionSlot>),
+    /// A plain adapter slot computed from its output graph `up` and the backbone's plain slot.
+    Adapter { up: &'a Arc<Graph>, plain: &'a Graph },
+}
+
+/// One choice at one slot and the (post-split) physical rows that take it.
 pub struct Group<'a> {
-    pub slot: &'a Arc<FusionSlot>,
+    pub kind: Kind<'a>,
     pub rows: &'a [usize],
 }
 
-/// Fusion outputs of one group: `y [n,T,H]`, `alpha [n,T,N]`.
+impl Group<'_> {
+    fn graphs(&self) -> Vec<&Arc<Graph>> {
+        match &self.kind {
+            Kind::Fusion(f) => f.adapters.iter().map(|a| &a.graph).collect(),
+            Kind::Adapter { up, .. } => vec![*up],
+        }
+    }
+}
+
+/// Outputs of one group: `y [n,T,H]`, and for fusions `alpha [n,T,N]`.
 pub struct GroupOut {
     pub y: Array3<f32>,
-    pub alpha: Array3<f32>,
+    pub alpha: Option<Array3<f32>>,
 }
 
 /// Runs all fusion groups of one slot. `origin[r]` is the pre-split row whose `(h, x)` row `r`
 /// copies (itself for rows that were not copied here).
 pub fn run_groups(groups: &[Group], origin: &[usize], h: &Array3<f32>, x: &Array3<f32>, stats: &mut ExecStats) -> Result<Vec<GroupOut>, ServeError> {
     // Distinct adapter graphs -> distinct origin rows they are needed on.
-    let mut need: BTreeMap<usize, (&Arc<crate::runtime::Graph>, BTreeSet<usize>)> = BTreeMap::new();
+    let mut need: BTreeMap<usize, (&Arc<Graph>, BTreeSet<usize>)> = BTreeMap::new();
     let mut asked = 0;
     for g in groups {
-        for a in &g.slot.adapters {
-            let entry = need.entry(Arc::as_ptr(&a.graph) as usize).or_insert_with(|| (&a.graph, BTreeSet::new()));
+        for graph in g.graphs() {
+            let entry = need.entry(Arc::as_ptr(graph) as usize).or_insert_with(|| (graph, BTreeSet::new()));
             entry.1.extend(g.rows.iter().map(|&r| origin[r]));
             asked += g.rows.len();
         }
@@ -71,9 +90,22 @@ pub fn run_groups(groups: &[Group], origin: &[usize], h: &Array3<f32>, x: &Array
     let (t, hid) = (h.len_of(Axis(1)), h.len_of(Axis(2)));
     let mut out = Vec::with_capacity(groups.len());
     for g in groups {
-        let n = g.slot.adapters.len();
+        let slot = match g.kind {
+            Kind::Fusion(slot) => slot,
+            Kind::Adapter { up, plain } => {
+                let (res, at) = &ups[&(Arc::as_ptr(up) as usize)];
+                let picked: Vec<usize> = g.rows.iter().map(|r| at[&origin[*r]]).collect();
+                let hp = &pick(h, g.rows) + &pick(res, &picked);
+                let xs = pick(x, g.rows);
+                let (hv, xv) = (hp.view(), xs.view());
+                let y = super::tensors::run3(plain, vec![("h", f32_input(&hv)?), ("x", f32_input(&xv)?)], "y")?;
+                out.push(GroupOut { y, alpha: None });
+                continue;
+            }
+        };
+        let n = slot.adapters.len();
         let mut up = Array4::<f32>::zeros((g.rows.len(), t, n, hid));
-        for (j, a) in g.slot.adapters.iter().enumerate() {
+        for (j, a) in slot.adapters.iter().enumerate() {
             let (res, at) = &ups[&(Arc::as_ptr(&a.graph) as usize)];
             if res.len_of(Axis(0)) == g.rows.len() && g.rows.iter().enumerate().all(|(i, &r)| at[&origin[r]] == i) {
                 up.slice_mut(s![.., .., j, ..]).assign(res);
@@ -86,13 +118,13 @@ pub fn run_groups(groups: &[Group], origin: &[usize], h: &Array3<f32>, x: &Array
         let (hs, xs) = (pick(h, g.rows), pick(x, g.rows));
         let (hv, xv, uv) = (hs.view(), xs.view(), up.view());
         let up_in: SessionInputValue<'_> = TensorRef::from_array_view(uv)?.into();
-        let (y, alpha) = g.slot.graph.run(vec![("h", f32_input(&hv)?), ("x", f32_input(&xv)?), ("up", up_in)], |o| {
+        let (y, alpha) = slot.graph.run(vec![("h", f32_input(&hv)?), ("x", f32_input(&xv)?), ("up", up_in)], |o| {
             Ok((o["y"].try_extract_array::<f32>()?.to_owned(), o["alpha"].try_extract_array::<f32>()?.to_owned()))
         })?;
         let rank3 = |a: ndarray::ArrayD<f32>, name: &str| {
-            a.into_dimensionality::<Ix3>().map_err(|e| ServeError::Internal(format!("{}: `{name}` is not rank 3: {e}", g.slot.graph.file())))
+            a.into_dimensionality::<Ix3>().map_err(|e| ServeError::Internal(format!("{}: `{name}` is not rank 3: {e}", slot.graph.file())))
         };
-        out.push(GroupOut { y: rank3(y, "y")?, alpha: rank3(alpha, "alpha")? });
+        out.push(GroupOut { y: rank3(y, "y")?, alpha: Some(rank3(alpha, "alpha")?) });
     }
     Ok(out)
 }

@@ -109,6 +109,25 @@ impl Task {
     pub fn fusion_slot(&self, active: &ActiveLayers, layer: usize, location: Location) -> Option<&Arc<FusionSlot>> {
         if active.0[layer] { self.fusion.get(&(layer, location)) } else { None }
     }
+
+    /// The output graph `(h, x) -> up` of the adapter slot at `(layer, location)`, if declared and active.
+    pub fn adapter_up(&self, active: &ActiveLayers, layer: usize, location: Location) -> Option<&Arc<Graph>> {
+        if active.0[layer] { self.up.get(&(layer, location)) } else { None }
+    }
+}
+
+/// Loads an adapter slot's optional `up` graph (shared by content with fusion tasks' adapter files).
+/// Only valid for adapters whose slot is `y = LN(up + h + x)` (residual_before_ln, original_ln_after);
+/// the exporter writes `up` only for those.
+pub fn load_up(runtime: &Runtime, dir: &Path, spec: &SlotSpec, hidden: usize) -> Result<Option<Arc<Graph>>, LoadError> {
+    let Some(up) = &spec.up else { return Ok(None) };
+    if spec.kind == SlotKind::Fusion || !inside(up) {
+        let why = format!("slot at layer {} {}: `up` graph `{up}` must stay inside the task directory and belongs to adapter slots only", spec.layer, spec.location.as_str());
+        return Err(LoadError::new(dir.join("task.json"), why));
+    }
+    let bth = [Dim::Any, Dim::Any, Dim::Fixed(hidden as i64)];
+    let hx = [IoSpec::new("h", T::Float32, &bth), IoSpec::new("x", T::Float32, &bth)];
+    load_shared(runtime, &dir.join(up), &hx, &[IoSpec::new("up", T::Float32, &bth)]).map(Some)
 }
 
 type Key = (u64, u64, usize);

@@ -98,6 +98,10 @@ pub struct SlotSpec {
     /// Fusion slots only: the fused adapters' output graphs, in fusion order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub adapters: Vec<FusedAdapterSpec>,
+    /// Adapter slots only, optional: the same adapter's output graph `(h, x) -> up`, so that a fusion
+    /// holding the same file computes the adapter once for both (`super::fusion`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up: Option<String>,
 }
 
 /// Which layers lose their adapters; exactly one form.

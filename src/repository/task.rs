@@ -7,7 +7,7 @@ use std::sync::Arc;
 use ort::value::TensorElementType as T;
 
 use super::backbone::{Backbone, slot_contract};
-use super::fusion::{FusionSlot, SlotKind};
+use super::fusion::{FusionSlot, SlotKind, load_up};
 use super::manifest::{DropSpec, FORMAT_VERSION, HeadKind, Location, TaskManifest, read_json, valid_name};
 use crate::error::{LoadError, ServeError};
 use crate::runtime::{Dim, Graph, IoSpec, Runtime};
@@ -20,6 +20,8 @@ pub struct Task {
     pub slots: BTreeMap<(usize, Location), Arc<Graph>>,
     /// AdapterFusion slots by (layer, location), same drop rule as `slots`.
     pub fusion: BTreeMap<(usize, Location), Arc<FusionSlot>>,
+    /// Optional output graphs `(h, x) -> up` of adapter slots, for sharing with fusions.
+    pub up: BTreeMap<(usize, Location), Arc<Graph>>,
     pub head: Graph,
 }
 
@@ -42,6 +44,7 @@ impl Task {
         let (slot_in, slot_out) = slot_contract(backbone.manifest.hidden_size);
         let mut slots = BTreeMap::new();
         let mut fusion = BTreeMap::new();
+        let mut up = BTreeMap::new();
         for spec in &manifest.slots {
             if !needed[spec.layer] {
                 continue;
@@ -52,6 +55,9 @@ impl Task {
                 continue;
             }
             let graph = Graph::load(runtime, &dir.join(&spec.graph), &slot_in, &slot_out)?;
+            if let Some(g) = load_up(runtime, dir, spec, backbone.manifest.hidden_size)? {
+                up.insert((spec.layer, spec.location), g);
+            }
             slots.insert((spec.layer, spec.location), Arc::new(graph));
         }
         let h = backbone.manifest.hidden_size as i64;
@@ -65,7 +71,7 @@ impl Task {
             &[IoSpec::new("hidden", T::Float32, &[Dim::Any, Dim::Any, Dim::Fixed(h)])],
             &[IoSpec::new("logits", T::Float32, &[Dim::Any, Dim::Fixed(width)])],
         )?;
-        Ok(Self { manifest, backbone, slots, fusion, head })
+        Ok(Self { manifest, backbone, slots, fusion, up, head })
     }
 
     pub fn name(&self) -> &str {
@@ -177,6 +183,9 @@ fn validate_manifest(m: &TaskManifest, path: &Path, dir: &Path, backbone: &Backb
         }
         if s.graph.contains("..") || Path::new(&s.graph).is_absolute() {
             return bad(format!("slot graph path `{}` must stay inside the task directory", s.graph));
+        }
+        if s.kind == SlotKind::Fusion && s.up.is_some() {
+            return bad(format!("fusion slot {} has an `up` graph; `up` belongs to adapter slots", s.graph));
         }
         if s.kind == SlotKind::Adapter && !s.adapters.is_empty() {
             return bad(format!("slot {} lists `adapters` but is not `\"kind\": \"fusion\"`", s.graph));

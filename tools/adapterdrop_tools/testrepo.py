@@ -165,7 +165,18 @@ def fusion_specs(src: str) -> list:
 
 
 def _fusion_tasks(repo, src, cks, refs, cases, expected) -> None:
-    """Fusion tasks; "fusion-pruned" is written by prune_task from "fusion" (same fusion weights)."""
+    """Fusion tasks; "fusion-pruned" is written by prune_task from "fusion" (same fusion weights).
+    "fa-plain": a plain task over fusion adapter fa (with the fusion's head) that declares fa's output
+    graph, so it shares fa's computation with the fusion tasks."""
+    bt = os.path.join(adapterhub_tiny(), "bert-tiny")
+    fa = load_adapter(os.path.join(bt, "adapters", "fa"), 2, 32)
+    fa_head = load_head(os.path.join(bt, "fusion"), 32)
+    drop = parse_drop(2, robust=(0, 0, 2))
+    write_task(repo, "bert-tiny", fa, fa_head, cks["bert-tiny"], "fa-plain", 1, drop,
+               "test task: fusion adapter fa alone (head of the fusion), sharing fa with the fusions", with_up=True)
+    expected["tasks"]["fa-plain"] = {
+        "backbone": "bert-tiny", "version": 1, "num_layers": 2, "kind": fa_head.kind, "labels": list(fa_head.labels),
+        "drop": drop, "cases": [expected_case(refs["bert-tiny"], c, fa, fa_head, drop) for c in cases["bert"]]}
     for task, bname, fdir, adirs, drop_args, kept in fusion_specs(src):
         ck = cks[bname]
         fusion = load_fusion(fdir, ck.num_layers, ck.hidden_size)

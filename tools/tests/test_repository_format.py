@@ -80,6 +80,8 @@ def test_task_manifests_and_graphs(test_repo):
                     check_graph(os.path.join(d, a["graph"]), [("h", F, hid), ("x", F, hid)], [("up", F, hid)])
                 continue
             assert s["graph"] == f"slots/layer{s['layer']}_{s['location']}.onnx"
+            if "up" in s:
+                check_graph(os.path.join(d, s["up"]), [("h", F, hid), ("x", F, hid)], [("up", F, hid)])
             check_graph(os.path.join(d, s["graph"]), [("h", F, hid), ("x", F, hid)], [("y", F, hid)])
         width = 1 if m["head"]["type"] == "regression" else len(m["head"]["labels"])
         check_graph(os.path.join(d, m["head"]["graph"]), [("hidden", F, hid)], [("logits", F, ["batch", width])])
