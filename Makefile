@@ -56,6 +56,7 @@ bench: setup models
 	$(PY) tools/make_bench_repo.py --out build/bench-repo
 	cargo bench $(CARGO_FLAGS) --bench table2
 	cargo bench $(CARGO_FLAGS) --bench serving
+	cargo bench $(CARGO_FLAGS) --bench fusion
 	cargo build --release $(CARGO_FLAGS)
 	$(PY) tools/bench_memory.py --binary target/release/adapterdrop-serve
 	$(MAKE) bench-kserve

@@ -81,7 +81,7 @@ impl Req {
         InferRequest {
             tasks: vec![TaskRef { name: format!("{PREFIX}-{:02}", self.task), version: None, drop_first: Some(self.drop) }],
             inputs: Some(infer_request::Inputs::Tokens(TokenizedInputs { sequences })),
-            truncate: false,
+            truncate: false, return_fusion_weights: false,
             id: String::new(),
         }
     }

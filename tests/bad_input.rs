@@ -7,7 +7,7 @@ use common::TestServer;
 use tonic::Code;
 
 fn req(task: &str, version: Option<u32>, drop_first: Option<u32>, inputs: Option<Inputs>) -> InferRequest {
-    InferRequest { tasks: vec![TaskRef { name: task.into(), version, drop_first }], inputs, truncate: false, id: String::new() }
+    InferRequest { tasks: vec![TaskRef { name: task.into(), version, drop_first }], inputs, truncate: false, return_fusion_weights: false, id: String::new() }
 }
 
 fn texts(t: &[&str]) -> Option<Inputs> {
@@ -56,17 +56,17 @@ async fn bad_requests_get_actionable_statuses_and_the_server_stays_up() {
         ("text to an id-only backbone", req("rsent", None, None, texts(&["hi"])), Code::FailedPrecondition, "has no tokenizer"),
         (
             "tasks on two backbones",
-            InferRequest { tasks: vec![TaskRef { name: "sent".into(), ..Default::default() }, TaskRef { name: "rand-pfeiffer".into(), ..Default::default() }], inputs: texts(&["hi"]), truncate: false, id: String::new() },
+            InferRequest { tasks: vec![TaskRef { name: "sent".into(), ..Default::default() }, TaskRef { name: "rand-pfeiffer".into(), ..Default::default() }], inputs: texts(&["hi"]), truncate: false, return_fusion_weights: false, id: String::new() },
             Code::InvalidArgument,
             "different backbones",
         ),
         (
             "too many tasks",
-            InferRequest { tasks: vec![TaskRef { name: "sent".into(), ..Default::default() }; 4], inputs: texts(&["hi"]), truncate: false, id: String::new() },
+            InferRequest { tasks: vec![TaskRef { name: "sent".into(), ..Default::default() }; 4], inputs: texts(&["hi"]), truncate: false, return_fusion_weights: false, id: String::new() },
             Code::InvalidArgument,
             "4 tasks exceed the limit of 3",
         ),
-        ("no task", InferRequest { tasks: vec![], inputs: texts(&["hi"]), truncate: false, id: String::new() }, Code::InvalidArgument, "no task"),
+        ("no task", InferRequest { tasks: vec![], inputs: texts(&["hi"]), truncate: false, return_fusion_weights: false, id: String::new() }, Code::InvalidArgument, "no task"),
     ];
     for (what, r, code, needle) in cases {
         let status = c.infer(r).await.expect_err(what);

@@ -31,6 +31,7 @@ fn request(tasks: &[&str], texts: &[&str]) -> InferRequest {
         inputs: Some(Inputs::Texts(Texts { texts: texts.iter().map(|s| s.to_string()).collect() })),
         truncate: false,
         id: String::new(),
+        return_fusion_weights: false,
     }
 }
 

@@ -27,7 +27,7 @@ fn request(tasks: &[(&str, Option<u32>)], inputs: Inputs) -> InferRequest {
     InferRequest {
         tasks: tasks.iter().map(|(n, d)| TaskRef { name: n.to_string(), version: None, drop_first: *d }).collect(),
         inputs: Some(inputs),
-        truncate: false,
+        truncate: false, return_fusion_weights: false,
         id: String::new(),
     }
 }

@@ -74,7 +74,7 @@ async fn broken_tasks_are_refused_by_file_and_healthy_ones_still_serve() {
     let infer = |task: &str| InferRequest {
         tasks: vec![TaskRef { name: task.into(), ..Default::default() }],
         inputs: Some(Inputs::Texts(Texts { texts: vec!["fine".into()] })),
-        truncate: false,
+        truncate: false, return_fusion_weights: false,
         id: String::new(),
     };
     c.infer(infer("sent")).await.expect("healthy task serves");

@@ -15,6 +15,7 @@ fn request() -> InferRequest {
         inputs: Some(Inputs::Texts(Texts { texts: vec!["secure and sound".into()] })),
         truncate: false,
         id: String::new(),
+        return_fusion_weights: false,
     }
 }
 

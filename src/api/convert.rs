@@ -43,7 +43,14 @@ pub fn task_info(entry: &TaskEntry, is_default: bool) -> TaskInfo {
         info.adapter_method = m.adapter.method.clone();
         info.head_type = m.head.kind.as_str().into();
         info.labels = m.head.labels.clone();
-        info.slots = m.slots.iter().map(|s| format!("{}:{}", s.layer, s.location.as_str())).collect();
+        info.slots = m
+            .slots
+            .iter()
+            .map(|s| match s.adapters.is_empty() {
+                true => format!("{}:{}", s.layer, s.location.as_str()),
+                false => format!("{}:{}:fusion[{}]", s.layer, s.location.as_str(), s.adapters.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(",")),
+            })
+            .collect();
         info.drop = Some(DropConfig {
             mode: Some(match &m.drop {
                 DropSpec::DropFirst(n) => Mode::DropFirst(*n as u32),

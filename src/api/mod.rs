@@ -2,6 +2,7 @@
 
 pub mod convert;
 pub mod deadline;
+pub mod fusion;
 pub mod health;
 pub mod kserve;
 pub mod native;

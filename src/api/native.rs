@@ -38,6 +38,7 @@ impl NativeApi {
         let started = Instant::now();
         let id = req.id.clone();
         let task_names: Vec<String> = req.tasks.iter().map(|t| t.name.clone()).collect();
+        let want_fusion = req.return_fusion_weights;
         let span = tracing::info_span!("infer", request_id, id = %id, tasks = ?req.tasks.iter().map(|t| t.name.as_str()).collect::<Vec<_>>());
         let work = async {
             // Tokenization is CPU work: keep it off the reactor threads.
@@ -48,16 +49,19 @@ impl NativeApi {
             let num_tokens = job.sequences.iter().map(|s| s.ids.len() as u32).collect();
             let runs = job.tasks.clone();
             let out = scheduler.submit(job).await?;
+            let mut fusion = out.fusion.into_iter();
             let results = runs
                 .iter()
                 .zip(out.logits)
                 .map(|(run, rows)| {
+                    let weights = fusion.next().unwrap_or_default();
                     let head = &run.task.manifest.head;
                     TaskResult {
                         task: run.task.name().to_string(),
                         version: run.task.version(),
                         dropped_layers: run.active.dropped(),
                         sequences: rows.into_iter().map(|l| convert::sequence_result(l, head.kind, &head.labels)).collect(),
+                        fusion_weights: if want_fusion { super::fusion::fusion_weights(&weights) } else { Vec::new() },
                     }
                 })
                 .collect();

@@ -8,14 +8,15 @@
 //! over every physical row. This generalises the paper's Parallel block, which tiles all k tasks
 //! at the first adapter.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use ndarray::{Array2, Array3, Axis, concatenate, s};
 
+use super::fusion::{self, FusionWeights, Group, Kind};
 use super::tensors::{Hidden, i64_input, run_head, run_hidden, run_slot};
 use crate::error::ServeError;
-use crate::repository::{ActiveLayers, Backbone, Location, Task};
+use crate::repository::{ActiveLayers, Backbone, FusionSlot, Location, Task};
 use crate::runtime::Graph;
 
 /// One tokenized sequence, unpadded.
@@ -42,6 +43,13 @@ pub struct ExecStats {
     /// Rows run through adapter slot graphs, summed over all slots.
     pub adapter_rows: usize,
     pub padded_len: usize,
+    /// Rows run through fused adapters' output graphs (also counted in `adapter_rows`).
+    pub fusion_adapter_rows: usize,
+    /// Fused-adapter row runs avoided because fusions on the same rows shared one adapter run.
+    pub fusion_adapter_rows_saved: usize,
+    /// Per lane (index into the lanes given to `execute`; shorter when the last lanes ran no
+    /// fusion): AdapterFusion weights at each fusion slot.
+    pub fusion: Vec<Vec<FusionWeights>>,
 }
 
 /// Slot graph choice of one lane at one slot; compared by graph identity.
@@ -89,7 +97,22 @@ pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result
 impl State<'_> {
     fn choice(&self, lane: usize, layer: usize, location: Location) -> Choice {
         let lane = &self.lanes[lane];
+        if let Some(f) = lane.task.fusion_slot(&lane.active, layer, location) {
+            return Choice(Arc::as_ptr(f) as usize);
+        }
         lane.task.slot(&lane.active, layer, location).map_or(PLAIN, |g| Choice(Arc::as_ptr(g) as usize))
+    }
+
+    /// The fusion slot behind a choice, if it is one.
+    fn fusion_of(&self, lane: usize, layer: usize, location: Location) -> Option<Arc<FusionSlot>> {
+        let l = &self.lanes[lane];
+        l.task.fusion_slot(&l.active, layer, location).cloned()
+    }
+
+    /// The adapter output graph `(h, x) -> up` behind an adapter choice, if its task declares one.
+    fn adapter_up(&self, lane: usize, layer: usize, location: Location) -> Option<Arc<Graph>> {
+        let l = &self.lanes[lane];
+        l.task.adapter_up(&l.active, layer, location).cloned()
     }
 
     /// The adapter graph behind a non-plain choice, found through a lane that made it.
@@ -100,8 +123,8 @@ impl State<'_> {
 
     /// Splits rows whose lanes disagree at this slot, then runs each distinct slot graph once on
     /// its rows. `self.hidden` is the slot's `x`; it becomes the slot output. While all rows take
-    /// the same graph, states stay where the graphs left them (on the GPU for CUDA); a split
-    /// works on host copies.
+    /// the same graph, states stay where the graphs left them (on the GPU for CUDA); splits are
+    /// regrouped on the GPU when there is one, else on host copies. Fusion slots run on the host.
     fn slot(&mut self, backbone: &Backbone, layer: usize, location: Location, h: Hidden, stats: &mut ExecStats) -> Result<(), ServeError> {
         let rows_before = self.input_of.len();
         let mut copies: Vec<usize> = Vec::new();
@@ -137,7 +160,13 @@ impl State<'_> {
             by_choice.entry(*c).or_default().push(r);
         }
         let plain = backbone.layers[layer].plain_slot(location);
-        if copies.is_empty() && by_choice.len() == 1 {
+        // Fusion choices run together so that each fused adapter runs once per distinct row.
+        let fusions: Vec<(Choice, Arc<FusionSlot>)> = by_choice
+            .keys()
+            .filter(|c| **c != PLAIN)
+            .filter_map(|c| self.fusion_of(witness[c], layer, location).map(|f| (*c, f)))
+            .collect();
+        if fusions.is_empty() && copies.is_empty() && by_choice.len() == 1 {
             let (&c, _) = by_choice.iter().next().expect("one group");
             let adapter;
             let graph: &Graph = if c != PLAIN {
@@ -151,7 +180,7 @@ impl State<'_> {
             return Ok(());
         }
         let x = std::mem::replace(&mut self.hidden, Hidden::Host(Array3::zeros((0, 0, 0))));
-        if let (Hidden::Ort(hd), Hidden::Ort(xd), Some(ops)) = (&h, &x, plain.row_ops()) {
+        if let (true, Hidden::Ort(hd), Hidden::Ort(xd), Some(ops)) = (fusions.is_empty(), &h, &x, plain.row_ops()) {
             // On the GPU: gather each group's rows, run its graph, and stack the outputs in group
             // order; the row bookkeeping is permuted to match, so nothing is scattered back.
             let src = |r: usize| if r < rows_before { r } else { copies[r - rows_before] };
@@ -189,16 +218,45 @@ impl State<'_> {
             x = concatenate![Axis(0), x, x.select(Axis(0), &copies)];
             self.mask = concatenate![Axis(0), self.mask, self.mask.select(Axis(0), &copies)];
         }
+        let mut fused: BTreeMap<Choice, Array3<f32>> = BTreeMap::new();
+        if !fusions.is_empty() {
+            // Plain adapter choices whose adapter output graph a fusion here also needs join them.
+            let fused_graphs: BTreeSet<usize> =
+                fusions.iter().flat_map(|(_, f)| f.adapters.iter().map(|a| Arc::as_ptr(&a.graph) as usize)).collect();
+            let joined: Vec<(Choice, Arc<Graph>)> = by_choice
+                .keys()
+                .filter(|c| **c != PLAIN && !fusions.iter().any(|(f, _)| f == *c))
+                .filter_map(|c| self.adapter_up(witness[c], layer, location).map(|g| (*c, g)))
+                .filter(|(_, g)| fused_graphs.contains(&(Arc::as_ptr(g) as usize)))
+                .collect();
+            let origin: Vec<usize> = (0..rows_before).chain(copies.iter().copied()).collect();
+            let mut groups: Vec<Group> = fusions.iter().map(|(c, f)| Group { kind: Kind::Fusion(f), rows: &by_choice[c] }).collect();
+            groups.extend(joined.iter().map(|(c, g)| Group { kind: Kind::Adapter { up: g, plain }, rows: &by_choice[c] }));
+            let outs = fusion::run_groups(&groups, &origin, &h, &x, stats)?;
+            for ((c, f), o) in fusions.iter().zip(&outs) {
+                let alpha = o.alpha.as_ref().expect("fusion groups have weights");
+                fusion::record(stats, (layer, location), f, &by_choice[c], alpha, &self.mask, &self.lanes_of);
+            }
+            for (c, o) in fusions.iter().map(|(c, _)| c).chain(joined.iter().map(|(c, _)| c)).zip(outs) {
+                fused.insert(*c, o.y);
+            }
+        }
         let mut out = Array3::<f32>::zeros(x.raw_dim());
         for (c, rows) in &by_choice {
             let all = if rows.len() == row_choice.len() { None } else { Some(rows.as_slice()) };
-            let y = if *c == PLAIN {
+            let y = if let Some(y) = fused.remove(c) {
+                y
+            } else if *c == PLAIN {
                 run_slot(plain, &h, &x, all)?
             } else {
                 stats.adapter_rows += rows.len();
                 let g = self.adapter_graph(witness[c], layer, location);
                 run_slot(&g, &h, &x, all)?
             };
+            if by_choice.len() == 1 {
+                self.hidden = Hidden::Host(y);
+                return Ok(());
+            }
             for (i, &r) in rows.iter().enumerate() {
                 out.index_axis_mut(Axis(0), r).assign(&y.index_axis(Axis(0), i));
             }

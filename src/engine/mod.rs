@@ -1,6 +1,7 @@
 //! The engine: one thread that owns all ONNX Runtime work, fed batches over a channel.
 
 pub mod executor;
+pub mod fusion;
 mod tensors;
 
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
 pub use executor::{ExecStats, Lane, Sequence, execute};
+pub use fusion::FusionWeights;
 
 use crate::error::ServeError;
 use crate::repository::{ActiveLayers, Backbone, Task};
@@ -40,6 +42,8 @@ pub struct JobOutput {
     pub compute: Duration,
     pub batch_rows: usize,
     pub stats: ExecStats,
+    /// `fusion[task]`: AdapterFusion weights of each fusion slot the task ran (empty for others).
+    pub fusion: Vec<Vec<FusionWeights>>,
 }
 
 pub struct Entry {
@@ -97,9 +101,10 @@ fn run_batch(batch: Batch) {
         .unwrap_or_else(|_| Err(ServeError::Internal("the engine panicked while running this batch".into())));
     let compute = started.elapsed();
     match result {
-        Ok((logits, stats)) => {
+        Ok((logits, mut stats)) => {
             let lane_rows = lanes.iter().map(|l| l.rows.len()).sum();
             crate::metrics::get().record_batch(&stats, rows, lane_rows, compute);
+            let mut fusion_by_lane = std::mem::take(&mut stats.fusion).into_iter().chain(std::iter::repeat_with(Vec::new));
             tracing::debug!(rows, lanes = lanes.len(), padded_len = stats.padded_len, layer_rows = ?stats.layer_rows, compute_us = compute.as_micros() as u64, "batch done");
             record_executions(&lanes, compute);
             let mut logits = logits.into_iter();
@@ -109,7 +114,8 @@ fn run_batch(batch: Batch) {
                     .map(|m| m.outer_iter().map(|r| r.to_vec()).collect())
                     .collect();
                 crate::metrics::get().queue_duration.observe((started - e.enqueued).as_secs_f64());
-                let out = JobOutput { logits: per_task, queue: started - e.enqueued, compute, batch_rows: rows, stats: stats.clone() };
+                let fusion = (&mut fusion_by_lane).take(e.job.tasks.len()).collect();
+                let out = JobOutput { logits: per_task, queue: started - e.enqueued, compute, batch_rows: rows, stats: stats.clone(), fusion };
                 let _ = e.reply.send(Ok(out));
             }
         }

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::fusion::{FusedAdapterSpec, SlotKind};
 use crate::error::LoadError;
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -91,6 +92,16 @@ pub struct SlotSpec {
     pub layer: usize,
     pub location: Location,
     pub graph: String,
+    /// `adapter` (default; absent in older manifests) or `fusion` (see `super::fusion`).
+    #[serde(default, skip_serializing_if = "SlotKind::is_adapter")]
+    pub kind: SlotKind,
+    /// Fusion slots only: the fused adapters' output graphs, in fusion order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<FusedAdapterSpec>,
+    /// Adapter slots only, optional: the same adapter's output graph `(h, x) -> up`, so that a fusion
+    /// holding the same file computes the adapter once for both (`super::fusion`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up: Option<String>,
 }
 
 /// Which layers lose their adapters; exactly one form.

@@ -1,6 +1,7 @@
 //! The model repository on disk (format v1, `models/README.md`) and what is loaded from it.
 
 pub mod backbone;
+pub mod fusion;
 pub mod manifest;
 pub mod registrar;
 pub mod registry;
@@ -9,6 +10,7 @@ pub mod task;
 mod trial;
 
 pub use backbone::Backbone;
+pub use fusion::{FusedAdapter, FusionSlot};
 pub use manifest::Location;
 pub use registrar::{Bundle, RegisterOptions, Registered, Registrar};
 pub use registry::{Registry, TaskEntry, TaskState};

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use ort::value::TensorElementType as T;
 
 use super::backbone::{Backbone, slot_contract};
+use super::fusion::{FusionSlot, SlotKind, load_up};
 use super::manifest::{DropSpec, FORMAT_VERSION, HeadKind, Location, TaskManifest, read_json, valid_name};
 use crate::error::{LoadError, ServeError};
 use crate::runtime::{Dim, Graph, IoSpec, Runtime};
@@ -17,6 +18,10 @@ pub struct Task {
     pub backbone: Arc<Backbone>,
     /// Adapter graphs by (layer, location). Slots in layers the task always drops are not loaded.
     pub slots: BTreeMap<(usize, Location), Arc<Graph>>,
+    /// AdapterFusion slots by (layer, location), same drop rule as `slots`.
+    pub fusion: BTreeMap<(usize, Location), Arc<FusionSlot>>,
+    /// Optional output graphs `(h, x) -> up` of adapter slots, for sharing with fusions.
+    pub up: BTreeMap<(usize, Location), Arc<Graph>>,
     pub head: Graph,
 }
 
@@ -38,11 +43,21 @@ impl Task {
         let needed = needed_layers(&manifest.drop, backbone.num_layers());
         let (slot_in, slot_out) = slot_contract(backbone.manifest.hidden_size);
         let mut slots = BTreeMap::new();
+        let mut fusion = BTreeMap::new();
+        let mut up = BTreeMap::new();
         for spec in &manifest.slots {
             if !needed[spec.layer] {
                 continue;
             }
+            if spec.kind == SlotKind::Fusion {
+                let f = FusionSlot::load(runtime, dir, spec, backbone.manifest.hidden_size)?;
+                fusion.insert((spec.layer, spec.location), Arc::new(f));
+                continue;
+            }
             let graph = Graph::load(runtime, &dir.join(&spec.graph), &slot_in, &slot_out)?;
+            if let Some(g) = load_up(runtime, dir, spec, backbone.manifest.hidden_size)? {
+                up.insert((spec.layer, spec.location), g);
+            }
             slots.insert((spec.layer, spec.location), Arc::new(graph));
         }
         let h = backbone.manifest.hidden_size as i64;
@@ -56,7 +71,7 @@ impl Task {
             &[IoSpec::new("hidden", T::Float32, &[Dim::Any, Dim::Any, Dim::Fixed(h)])],
             &[IoSpec::new("logits", T::Float32, &[Dim::Any, Dim::Fixed(width)])],
         )?;
-        Ok(Self { manifest, backbone, slots, head })
+        Ok(Self { manifest, backbone, slots, fusion, up, head })
     }
 
     pub fn name(&self) -> &str {
@@ -168,6 +183,12 @@ fn validate_manifest(m: &TaskManifest, path: &Path, dir: &Path, backbone: &Backb
         }
         if s.graph.contains("..") || Path::new(&s.graph).is_absolute() {
             return bad(format!("slot graph path `{}` must stay inside the task directory", s.graph));
+        }
+        if s.kind == SlotKind::Fusion && s.up.is_some() {
+            return bad(format!("fusion slot {} has an `up` graph; `up` belongs to adapter slots", s.graph));
+        }
+        if s.kind == SlotKind::Adapter && !s.adapters.is_empty() {
+            return bad(format!("slot {} lists `adapters` but is not `\"kind\": \"fusion\"`", s.graph));
         }
     }
     let needed = needed_layers(&m.drop, layers);

@@ -60,6 +60,13 @@ impl Graph {
         Ok(Self { file: path.display().to_string(), session: Mutex::new(session), device: runtime.device(), row_ops: runtime.row_ops().cloned() })
     }
 
+    /// Checks an already loaded graph against a contract (for graphs shared between tasks).
+    pub fn check_contract(&self, path: &Path, inputs: &[IoSpec], outputs: &[IoSpec]) -> Result<(), LoadError> {
+        let session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        check_io(path, "input", session.inputs().iter().map(|o| (o.name(), o.dtype())), inputs)?;
+        check_io(path, "output", session.outputs().iter().map(|o| (o.name(), o.dtype())), outputs)
+    }
+
     pub fn file(&self) -> &str {
         &self.file
     }

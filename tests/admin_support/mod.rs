@@ -117,6 +117,7 @@ pub fn infer_req(task: &str, version: Option<u32>, drop_first: Option<u32>, text
         inputs: Some(Inputs::Texts(Texts { texts: texts.iter().map(|t| t.to_string()).collect() })),
         truncate: false,
         id: String::new(),
+        return_fusion_weights: false,
     }
 }
 

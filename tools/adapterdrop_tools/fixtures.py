@@ -148,4 +148,55 @@ def make_all(out: str, seed: int) -> dict:
     paths["mini-houlsby"] = random_adapter(os.path.join(mini, "mini-houlsby"), seed + 4, "mini_hb", "houlsby",
                                            6, 384, 32, "swish", ["business", "sport", "tech"],
                                            std_down=0.08, std_up=0.2, std_head=0.08, prefix="bert.")
+    # Houlsby adapters under a "static" AdapterFusion: fusion at both slot locations, no value matrix.
+    paths["hb-two"] = random_adapter(os.path.join(tr, "adapters", "hb-two"), seed + 5, "hb_two", "houlsby",
+                                     3, 32, 8, "relu", ["no", "yes"])
+    paths["rand-fusion"] = random_fusion(os.path.join(tr, "fusion-static"), seed + 6, ["hb_rand", "hb_two"],
+                                         "static", 3, 32, ["attention.output.", "output."], ["no", "yes"])
     return paths
+
+
+FUSION_CONFIGS = {
+    "static": {"dropout_prob": None, "key": True, "query": True, "query_before_ln": False, "regularization": False,
+               "residual_before": False, "temperature": False, "value": False, "value_before_softmax": True,
+               "value_initialized": False},
+    "dynamic": {"dropout_prob": None, "key": True, "query": True, "query_before_ln": False, "regularization": True,
+                "residual_before": False, "temperature": False, "value": True, "value_before_softmax": True,
+                "value_initialized": True},
+}
+
+
+def random_fusion(out: str, seed: int, names: list, config: str, num_layers: int, hidden: int, locations: list,
+                  labels: list, prefix="bert.", std=0.3, value_near_identity=False) -> str:
+    """An AdapterFusion saved in the library's layout (adapter_fusion_config.json,
+    model_adapter_fusion.safetensors) with random query/key(/value) weights, plus a head "fused".
+    value_near_identity: value = I + small noise, like the library's value_initialized start."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(out, exist_ok=True)
+    cfg, fname = FUSION_CONFIGS[config], ",".join(names)
+    tensors = {}
+    for i in range(num_layers):
+        for loc in locations:
+            base = f"{prefix}encoder.layer.{i}.{loc}adapter_fusion_layer.{fname}."
+            parts = ["query", "key"] + (["value"] if cfg["value"] else [])
+            for part in parts:
+                w = rng.standard_normal((hidden, hidden)) * std
+                if part == "value" and value_near_identity:
+                    w = np.eye(hidden) + w * 0.1
+                tensors[base + part + ".weight"] = w.astype(np.float32)
+                if part != "value":
+                    tensors[base + part + ".bias"] = (rng.standard_normal(hidden) * 0.1).astype(np.float32)
+    save_file(tensors, os.path.join(out, "model_adapter_fusion.safetensors"))
+    meta = {"hidden_size": hidden, "model_class": "BertAdapterModel", "model_name": "", "model_type": "bert",
+            "version": "adapters.1.3.0"}
+    _json(os.path.join(out, "adapter_fusion_config.json"), {"adapter_names": names, "config": cfg, "name": fname, **meta})
+    n = len(labels)
+    head = {"heads.fused.1.weight": rng.standard_normal((hidden, hidden)) * std,
+            "heads.fused.1.bias": rng.standard_normal(hidden) * 0.1,
+            "heads.fused.4.weight": rng.standard_normal((n, hidden)) * 0.3,
+            "heads.fused.4.bias": rng.standard_normal(n) * 0.1}
+    save_file({k: v.astype(np.float32) for k, v in head.items()}, os.path.join(out, "model_head.safetensors"))
+    head_cfg = {"activation_function": "tanh", "bias": True, "dropout_prob": None, "head_type": "classification",
+                "label2id": {lab: i for i, lab in enumerate(labels)}, "layers": 2, "num_labels": n, "use_pooler": False}
+    _json(os.path.join(out, "head_config.json"), {"config": head_cfg, "name": "fused", **meta})
+    return out

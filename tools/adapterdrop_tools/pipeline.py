@@ -60,7 +60,11 @@ class TaskRunner:
             self.manifest = json.load(f)
         self.slots = {}
         for s in self.manifest["slots"]:
-            self.slots.setdefault(int(s["layer"]), {})[s["location"]] = _session(os.path.join(self.dir, s["graph"]))
+            if s.get("kind", "adapter") == "fusion":
+                sess = FusionSlotRunner(self.dir, s)
+            else:
+                sess = _session(os.path.join(self.dir, s["graph"]))
+            self.slots.setdefault(int(s["layer"]), {})[s["location"]] = sess
         self.head = _session(os.path.join(self.dir, self.manifest["head"]["graph"]))
 
     def slots_for(self, layer: int) -> dict:
@@ -68,6 +72,21 @@ class TaskRunner:
 
     def logits(self, hidden):
         return self.head.run(["logits"], {"hidden": hidden})[0]
+
+
+class FusionSlotRunner:
+    """A fusion slot as the server runs it: each adapter's (h, x) -> up graph, stacked on axis 2, then
+    the fusion graph (h, x, up) -> (y, alpha). Same `run` signature as a session; `last_alpha` kept."""
+
+    def __init__(self, task_dir: str, spec: dict):
+        self.fusion = _session(os.path.join(task_dir, spec["graph"]))
+        self.adapters = [_session(os.path.join(task_dir, a["graph"])) for a in spec["adapters"]]
+        self.last_alpha = None
+
+    def run(self, outputs, feeds):
+        ups = np.stack([a.run(["up"], feeds)[0] for a in self.adapters], axis=2)
+        y, self.last_alpha = self.fusion.run(["y", "alpha"], {**feeds, "up": ups})
+        return [y]
 
 
 class Pipeline:

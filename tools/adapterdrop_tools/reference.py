@@ -156,3 +156,71 @@ def pad_batch(seqs, pad_id: int = 0, type_seqs=None):
         if type_seqs is not None:
             tt[r, :len(s)] = type_seqs[r]
     return ids, mask, tt
+
+
+# ---- AdapterFusion (adapter-math.md "AdapterFusion"; written from the formulas, no ONNX) ---------
+def _softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def fusion_slot(ref: Reference, i: int, loc: str, h, x, fusion, adapters: list):
+    """One fusion slot over `adapters` (Adapter objects, in order); returns (y, alpha [B,T,N])."""
+    lw, lb = ref.ln_of(i, loc)
+    last = adapters[-1]  # the library takes the pre/post rules from the last fused adapter
+    s = h + x
+    u = layer_norm(s, lw, lb, ref.eps) if last.original_ln_before else h
+    r = s if last.residual_before_ln == "post_add" else (h if last.residual_before_ln else u)
+    c, fw = fusion.config, fusion.slots[(i, loc)]
+    ups = []
+    for a in adapters:
+        sw = a.slots[(i, loc)]
+        ups.append(linear(activation(linear(u, sw.down_w, sw.down_b), a.non_linearity), sw.up_w, sw.up_b) * a.scaling)
+    up = np.stack(ups, axis=2)  # [B,T,N,H]
+    if c["residual_before"]:
+        up = up + r[:, :, None, :]
+    q = h if c["query_before_ln"] else u
+    Q = linear(q, fw.q_w, fw.q_b) if c["query"] else q
+    K = linear(up, fw.k_w, fw.k_b) if c["key"] else up
+    V = linear(up, fw.v_w, None) if (c["value"] and c["value_before_softmax"]) else up
+    alpha = _softmax(np.einsum("bth,btnh->btn", Q, K))
+    o = np.einsum("btn,btnh->bth", alpha, V)
+    if c["value"] and not c["value_before_softmax"]:
+        o = linear(o, fw.v_w, None)
+    if not c["residual_before"]:
+        o = o + r
+    y = layer_norm(o + x, lw, lb, ref.eps) if last.original_ln_after else o
+    return y, alpha
+
+
+def fusion_logits(ref: Reference, input_ids, attention_mask, token_type_ids, fusion, adapters: dict, head,
+                  keep=None, dropped=(), alphas: dict | None = None):
+    """Logits of a fusion task. `keep` maps (layer, location) -> adapter names (pruned sets); default:
+    the fusion's own adapter list everywhere. Layers in `dropped` run plain (AdapterDrop). If `alphas`
+    is a dict, it receives (layer, location) -> attention weights [B,T,N]."""
+    ids = np.asarray(input_ids, np.int64)
+    tt = np.zeros_like(ids) if token_type_ids is None else np.asarray(token_type_ids, np.int64)
+    mask = np.asarray(attention_mask, np.int64)
+    x = ref.embeddings(ids, tt)
+    dropped = set(dropped)
+
+    def slot(i, loc, h, xin):
+        if i in dropped or (i, loc) not in fusion.slots:
+            return ref.slot(i, loc, h, xin)
+        names = (keep or {}).get((i, loc), fusion.adapter_names)
+        y, alpha = fusion_slot(ref, i, loc, h, xin, fusion, [adapters[n] for n in names])
+        if alphas is not None:
+            alphas[(i, loc)] = alpha
+        return y
+
+    for i in range(ref.ck.num_layers):
+        x1 = slot(i, "attention", ref.attention(i, x, mask), x)
+        x = slot(i, "ffn", ref.ffn(i, x1), x1)
+    return head_logits(x, head)
+
+
+def mean_fusion_weights(alphas: dict, attention_mask) -> dict:
+    """"layer:location" -> per-adapter mean attention weight over the real tokens of all sequences."""
+    m = np.asarray(attention_mask, np.float64)[:, :, None]
+    return {f"{i}:{loc}": ((a * m).sum((0, 1)) / m.sum()).tolist() for (i, loc), a in sorted(alphas.items())}

@@ -182,8 +182,13 @@ def dropped_for(drop: dict, n: int | None = None) -> set:
 
 
 def write_task(repo: str, backbone: str, adapter: Adapter, head: Head, lns, name: str, version: int,
-               drop: dict, description: str | None = None, force: bool = False) -> str:
-    """`lns` has .ln(layer, location) -> (weight, bias): a Checkpoint or RepoLayerNorms."""
+               drop: dict, description: str | None = None, force: bool = False, with_up: bool = False) -> str:
+    """`lns` has .ln(layer, location) -> (weight, bias): a Checkpoint or RepoLayerNorms.
+    with_up: also write each slot's adapter output graph (`"up"`, models/README.md "Fusion tasks"), byte
+    for byte what a fusion task holds for the same adapter, so the server computes it once for both."""
+    if with_up and not (adapter.residual_before_ln is True and adapter.original_ln_after):
+        raise ExportError("an `up` graph needs residual_before_ln=true and original_ln_after=true "
+                          "(the slot must be LN(up + h + x))")
     check_name("task", name)
     if int(version) < 1:
         raise ExportError(f"version must be a positive integer, got {version}")
@@ -207,7 +212,15 @@ def write_task(repo: str, backbone: str, adapter: Adapter, head: Head, lns, name
             lw, lb = lns.ln(layer, loc)
             rel = f"slots/layer{layer}_{loc}.onnx"
             save(adapter_slot_graph(adapter, sw, lw, lb, eps, f"{name}_layer{layer}_{loc}"), os.path.join(tmp, rel))
-            slots.append({"layer": layer, "location": loc, "graph": rel})
+            spec = {"layer": layer, "location": loc, "graph": rel}
+            if with_up:
+                from .fusion import adapter_up_graph  # fusion imports nothing from here
+                up = f"adapters/{adapter.name}/layer{layer}_{loc}.onnx"
+                os.makedirs(os.path.join(tmp, os.path.dirname(up)), exist_ok=True)
+                save(adapter_up_graph(adapter, layer, loc, lw, lb, eps, f"{adapter.name}_layer{layer}_{loc}"),
+                     os.path.join(tmp, up))
+                spec["up"] = up
+            slots.append(spec)
         save(head_graph(head, H), os.path.join(tmp, "head.onnx"))
         head_obj = {"type": head.kind, "graph": "head.onnx", "labels": list(head.labels)}
         manifest = {

@@ -37,7 +37,9 @@ import numpy as np
 from .adapterhub import load_adapter, load_head
 from .checkpoint import load_checkpoint, minilm_path
 from .fixtures import adapterhub_tiny, make_all
-from .reference import Reference, pad_batch
+from .fusion import load_fusion
+from .fusion_task import prune_task, write_fusion_task
+from .reference import Reference, fusion_logits, mean_fusion_weights, pad_batch
 from .repository import build_dir_atomically, dropped_for, parse_drop, write_backbone, write_json, write_task
 
 SEED = 1234
@@ -147,7 +149,78 @@ def _build_into(repo: str, with_minilm: bool) -> None:
             "backbone": bname, "version": 1, "num_layers": ck.num_layers, "kind": head.kind,
             "labels": list(head.labels), "drop": drop,
             "cases": [expected_case(refs[bname], c, adapter, head, drop) for c in cases[ck.architecture]]}
+    _fusion_tasks(repo, src, cks, refs, cases, expected)
     write_json(os.path.join(repo, "expected.json"), expected)
+
+
+def fusion_specs(src: str) -> list:
+    """(task, backbone, fusion dir, adapter dirs, drop args, kept adapters or None) of the fusion tasks."""
+    bt = os.path.join(adapterhub_tiny(), "bert-tiny")
+    tr = os.path.join(src, "tiny-random")
+    abc = [os.path.join(bt, "adapters", n) for n in ("fa", "fb", "fc")]
+    hb = [os.path.join(tr, "adapters", n) for n in ("rand-houlsby", "hb-two")]
+    return [("fusion", "bert-tiny", os.path.join(bt, "fusion"), abc, {"robust": (0, 0, 2)}, None),
+            ("fusion-pruned", "bert-tiny", os.path.join(bt, "fusion"), abc, {"robust": (0, 0, 2)}, ["fa", "fc"]),
+            ("fusion-static", "tiny-random", os.path.join(tr, "fusion-static"), hb, {"robust": (0, 0, 3)}, None)]
+
+
+def _fusion_tasks(repo, src, cks, refs, cases, expected) -> None:
+    """Fusion tasks; "fusion-pruned" is written by prune_task from "fusion" (same fusion weights).
+    "fa-plain": a plain task over fusion adapter fa (with the fusion's head) that declares fa's output
+    graph, so it shares fa's computation with the fusion tasks."""
+    bt = os.path.join(adapterhub_tiny(), "bert-tiny")
+    fa = load_adapter(os.path.join(bt, "adapters", "fa"), 2, 32)
+    fa_head = load_head(os.path.join(bt, "fusion"), 32)
+    drop = parse_drop(2, robust=(0, 0, 2))
+    write_task(repo, "bert-tiny", fa, fa_head, cks["bert-tiny"], "fa-plain", 1, drop,
+               "test task: fusion adapter fa alone (head of the fusion), sharing fa with the fusions", with_up=True)
+    expected["tasks"]["fa-plain"] = {
+        "backbone": "bert-tiny", "version": 1, "num_layers": 2, "kind": fa_head.kind, "labels": list(fa_head.labels),
+        "drop": drop, "cases": [expected_case(refs["bert-tiny"], c, fa, fa_head, drop) for c in cases["bert"]]}
+    for task, bname, fdir, adirs, drop_args, kept in fusion_specs(src):
+        ck = cks[bname]
+        fusion = load_fusion(fdir, ck.num_layers, ck.hidden_size)
+        adapters = {a.name: a for a in (load_adapter(d, ck.num_layers, ck.hidden_size) for d in adirs)}
+        head = load_head(fdir, ck.hidden_size)
+        drop = parse_drop(ck.num_layers, drop_args.get("drop_first"), drop_args.get("layers"), drop_args.get("robust"))
+        if kept is None:
+            form = "library" if task == "fusion-static" else "reassociated"  # both graph forms served
+            write_fusion_task(repo, bname, fusion, adapters, head, ck, task, 1, drop,
+                              f"test fusion task: {fusion.config_name} AdapterFusion over {fusion.adapter_names}",
+                              form=form)
+        else:
+            prune_task(repo, "fusion", 1, {f"{i}:{loc}": kept for (i, loc) in fusion.slots}, task, 1,
+                       {"kept": kept, "how": "fixed (the library reference uses Fuse(fa, fc))"})
+        keep = {k: (kept or fusion.adapter_names) for k in fusion.slots}
+        expected["tasks"][task] = {
+            "backbone": bname, "version": 1, "num_layers": ck.num_layers, "kind": head.kind,
+            "labels": list(head.labels), "drop": drop,
+            "fusion": {"config": fusion.config_name, "slots": {f"{i}:{loc}": v for (i, loc), v in sorted(keep.items())}},
+            "cases": [expected_fusion_case(refs[bname], c, fusion, adapters, head, drop, keep)
+                      for c in cases[ck.architecture]]}
+
+
+def expected_fusion_case(ref: Reference, case: dict, fusion, adapters, head, drop: dict, keep: dict) -> dict:
+    ids, mask, tt = pad_batch(case["input_ids"], ref.ck.pad_token_id, case["token_type_ids"])
+
+    weights = {}
+
+    def run(dropped, n=None):
+        alphas = {}
+        logits = fusion_logits(ref, ids, mask, tt, fusion, adapters, head, keep, dropped, alphas).tolist()
+        if n is not None:
+            weights[str(n)] = mean_fusion_weights(alphas, mask)
+        return logits
+
+    out = dict(case)
+    out["attention_mask"] = [[1] * len(s) for s in case["input_ids"]]
+    out["logits"] = {str(n): run(range(n), n) for n in servable_ns(drop)}
+    out["default_logits"] = run(dropped_for(drop))
+    # "<n>" -> "layer:location" -> mean attention weight per kept adapter (slot order), over real tokens
+    out["fusion_weights"] = weights
+    order = ["name", "input_ids", "attention_mask", "token_type_ids", "texts", "pairs", "logits", "default_logits",
+             "fusion_weights"]
+    return {k: out[k] for k in order}
 
 
 def load_expected(repo: str) -> dict:

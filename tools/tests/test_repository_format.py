@@ -66,13 +66,22 @@ def test_task_manifests_and_graphs(test_repo):
             m = json.load(f)
         assert m["format_version"] == 1 and m["name"] == task and m["version"] == 1
         assert m["backbone"] == t["backbone"] and m["drop"] == t["drop"]
-        assert m["adapter"]["method"] in ("seq_bn", "double_seq_bn")
+        assert m["adapter"]["method"] in ("seq_bn", "double_seq_bn", "fusion")
         assert len([k for k in ("drop_first", "layers", "robust") if k in m["drop"]]) == 1
         H = 32
         hid = ["batch", "seq", H]
         for s in m["slots"]:
             assert s["location"] in ("attention", "ffn") and 0 <= s["layer"] < t["num_layers"]
+            if s.get("kind") == "fusion":  # models/README.md, "Fusion tasks"
+                assert m["adapter"]["method"] == "fusion" and s["adapters"]
+                check_graph(os.path.join(d, s["graph"]), [("h", F, hid), ("x", F, hid), ("up", F, ["batch", "seq", "adapters", H])],
+                            [("y", F, hid), ("alpha", F, ["batch", "seq", "adapters"])])
+                for a in s["adapters"]:
+                    check_graph(os.path.join(d, a["graph"]), [("h", F, hid), ("x", F, hid)], [("up", F, hid)])
+                continue
             assert s["graph"] == f"slots/layer{s['layer']}_{s['location']}.onnx"
+            if "up" in s:
+                check_graph(os.path.join(d, s["up"]), [("h", F, hid), ("x", F, hid)], [("up", F, hid)])
             check_graph(os.path.join(d, s["graph"]), [("h", F, hid), ("x", F, hid)], [("y", F, hid)])
         width = 1 if m["head"]["type"] == "regression" else len(m["head"]["labels"])
         check_graph(os.path.join(d, m["head"]["graph"]), [("hidden", F, hid)], [("logits", F, ["batch", width])])

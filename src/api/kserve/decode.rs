@@ -76,7 +76,7 @@ pub fn decode(req: ModelInferRequest) -> Result<Decoded, ServeError> {
         }
         outputs.push(o.name.clone());
     }
-    let native = InferRequest { tasks, inputs: Some(inputs), truncate: params.truncate, id: req.id };
+    let native = InferRequest { tasks, inputs: Some(inputs), truncate: params.truncate, id: req.id, return_fusion_weights: false };
     Ok(Decoded { native, prefixes, outputs, timeout: params.timeout })
 }
 
