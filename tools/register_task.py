@@ -83,7 +83,7 @@ def export_adapter(a, out_dir: str) -> str:
     os.symlink(os.path.abspath(os.path.join(a.repo, "backbones")), os.path.join(repo, "backbones"))
     args = argparse.Namespace(repo=repo, backbone=a.backbone, adapter=a.adapter, head=a.head, checkpoint=a.checkpoint,
                               name=a.name, version=1, drop_first=a.drop_first, drop_layers=a.drop_layers,
-                              robust=a.robust, description=a.description, force=False)
+                              robust=a.robust, description=a.description, force=False, with_up=False)
     return export_task.export(args)
 
 
