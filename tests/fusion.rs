@@ -5,7 +5,7 @@
 mod common;
 
 use adapterdrop_serve::proto::{InferRequest, InferResponse, ListTasksRequest, TaskRef, TaskStatus, Texts, TokenIds, TokenizedInputs, infer_request::Inputs};
-use common::{TestServer, max_abs_diff, shared_fixtures, test_repo};
+use common::{TestServer, max_abs_diff, shared_fixtures, test_repo, copy_dir};
 use serde_json::Value;
 
 const TOL: f64 = 1e-4;
@@ -137,14 +137,6 @@ async fn fan_out_over_fusions_sharing_adapters_equals_each_alone() {
     }
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.path().is_dir() { copy_dir(&e.path(), &target) } else { std::fs::copy(e.path(), &target).map(|_| ()).unwrap() }
-    }
-}
 
 #[tokio::test]
 async fn broken_fusion_tasks_are_refused_by_file_and_the_rest_serves() {

@@ -3,14 +3,13 @@
 
 mod common;
 
-use std::path::Path;
 
 use adapterdrop_serve::kserve_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use adapterdrop_serve::kserve_proto::model_infer_request::InferInputTensor;
 use adapterdrop_serve::kserve_proto::{
     InferTensorContents, ModelInferRequest, ModelReadyRequest, ModelStatisticsRequest, RepositoryIndexRequest, RepositoryModelLoadRequest,
 };
-use common::{TestServer, test_repo};
+use common::{TestServer, test_repo, copy_dir};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -71,14 +70,6 @@ async fn malformed_tensors_get_invalid_argument_and_the_server_keeps_serving() {
     assert_eq!(s.fail.unwrap().count, 1);
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.path().is_dir() { copy_dir(&e.path(), &target) } else { std::fs::copy(e.path(), &target).map(|_| ()).unwrap() }
-    }
-}
 
 #[tokio::test]
 async fn failed_versions_are_unavailable_in_the_index_and_not_ready() {

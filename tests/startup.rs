@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use adapterdrop_serve::proto::{InferRequest, ListTasksRequest, TaskRef, TaskStatus, Texts, infer_request::Inputs};
-use common::{TestServer, ort_library, run_to_exit, test_repo};
+use common::{TestServer, ort_library, run_to_exit, test_repo, copy_dir};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 #[test]
@@ -28,14 +28,6 @@ fn missing_or_wrong_onnx_runtime_fails_with_a_clear_message() {
     assert!(!ok && out.contains("does not exist"), "{out}");
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.path().is_dir() { copy_dir(&e.path(), &target) } else { std::fs::copy(e.path(), &target).map(|_| ()).unwrap() }
-    }
-}
 
 #[tokio::test]
 async fn broken_tasks_are_refused_by_file_and_healthy_ones_still_serve() {

@@ -15,14 +15,7 @@ use tonic::{Request, Status};
 
 use crate::common::test_repo;
 
-pub fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.path().is_dir() { copy_dir(&e.path(), &target) } else { std::fs::copy(e.path(), &target).map(|_| ()).unwrap() }
-    }
-}
+pub use crate::common::copy_dir;
 
 /// A private repository with the small `bert-tiny` backbone and the given test-repo tasks.
 pub fn temp_repo(tasks: &[&str]) -> tempfile::TempDir {
