@@ -4,7 +4,7 @@
 Usage: eval_trained.py [--binary target/release/adapterdrop-serve] [--repo build/eval-repo]
                        [--out docs/results.md] [--plot docs/results.png]
 
-Exports models/trained/* into REPO with every run as robust 0..L (tools/adapterdrop_tools/trained.py,
+Exports models/trained/* (runs not yet in --cache) into REPO with every run as robust 0..L (tools/adapterdrop_tools/trained.py,
 layout "eval"), starts the server binary on it, sends each task's whole test split over gRPC (one request
 per 64 texts, one TaskRef per n, so the shared lower layers run once), and writes the table to --out,
 the raw numbers next to it (.json) and the plot to --plot (matplotlib, tools/requirements-eval.txt).
@@ -14,6 +14,7 @@ tools/train/golden.py) is shown next to the served numbers.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -30,29 +31,63 @@ PAPER = {"specialized": 97.1, "robust": 95.4}  # % of full-adapter performance a
 NUM_LAYERS = 6
 
 
-def measure(binary: str, repo: str) -> dict:
+def _key(run: str, cfg: dict) -> str:
+    """Cache key: the exported weights and the test split (accuracy does not depend on anything else)."""
+    h = hashlib.sha256()
+    for fn in ("adapter.safetensors", "model_head.safetensors", "adapter_config.json", "head_config.json"):
+        with open(os.path.join(trained.TRAINED_DIR, run, fn), "rb") as f:
+            h.update(f.read())
+    h.update(datasets.describe(cfg["task"])["splits"]["test"]["ids_sha256"].encode())
+    return h.hexdigest()
+
+
+def measure(binary: str, repo: str, cache: str, reverse: bool = False) -> dict:
+    """Accuracy per run at n = 0..L; runs whose weights and test split are unchanged come from `cache`."""
     import grpc
-    pb, pb_grpc = load_stubs()
     runs = trained.runs()
-    trained.build_repo(repo, "eval")
-    ns = list(range(NUM_LAYERS + 1))
-    results = {}
-    with Server(binary, repo) as srv:
-        ch = grpc.insecure_channel(srv.addr)
-        grpc.channel_ready_future(ch).result(timeout=30)
-        stub = pb_grpc.InferenceStub(ch)
-        for run, cfg in runs.items():
-            test = datasets.check_recorded(cfg["task"])["test"]
-            t0 = time.time()
-            logits = served_logits(stub, pb, run, test.texts, ns)
-            acc = {n: float((logits[n].argmax(-1) == np.array(test.labels)).mean()) for n in ns}
-            results[run] = {"task": cfg["task"], "variant": cfg["variant"], "method": cfg["method"],
-                            "train_drop": cfg["train_drop"], "test_size": len(test.labels),
-                            "accuracy": {str(n): a for n, a in acc.items()}}
-            print(f"{run}: " + " ".join(f"{n}:{a:.3f}" for n, a in acc.items()) + f" ({time.time() - t0:.0f}s)",
-                  flush=True)
-        ch.close()
-    return results
+    os.makedirs(cache, exist_ok=True)
+    results, todo = {}, []
+    for run, cfg in runs.items():
+        path = os.path.join(cache, run + ".json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+            if old.get("key") == _key(run, cfg):
+                results[run] = old["result"]
+                continue
+        todo.append(run)
+    if reverse:  # a second measuring process can start from the other end
+        todo.reverse()
+    if todo:
+        pb, pb_grpc = load_stubs()
+        trained.build_repo(repo, "eval", only=todo)
+        ns = list(range(NUM_LAYERS + 1))
+        with Server(binary, repo) as srv:
+            ch = grpc.insecure_channel(srv.addr)
+            grpc.channel_ready_future(ch).result(timeout=30)
+            stub = pb_grpc.InferenceStub(ch)
+            for run in todo:
+                cfg = runs[run]
+                done = os.path.join(cache, run + ".json")
+                if os.path.isfile(done):  # measured meanwhile by another process
+                    with open(done, encoding="utf-8") as f:
+                        old = json.load(f)
+                    if old.get("key") == _key(run, cfg):
+                        results[run] = old["result"]
+                        continue
+                test = datasets.check_recorded(cfg["task"])["test"]
+                t0 = time.time()
+                logits = served_logits(stub, pb, run, test.texts, ns)
+                acc = {n: float((logits[n].argmax(-1) == np.array(test.labels)).mean()) for n in ns}
+                results[run] = {"task": cfg["task"], "variant": cfg["variant"], "method": cfg["method"],
+                                "train_drop": cfg["train_drop"], "test_size": len(test.labels),
+                                "accuracy": {str(n): a for n, a in acc.items()}}
+                with open(os.path.join(cache, run + ".json"), "w", encoding="utf-8") as f:
+                    json.dump({"key": _key(run, cfg), "result": results[run]}, f)
+                print(f"{run}: " + " ".join(f"{n}:{a:.3f}" for n, a in acc.items())
+                      + f" ({time.time() - t0:.0f}s)", flush=True)
+            ch.close()
+    return {run: results[run] for run in runs}
 
 
 def label(r: dict) -> str:
@@ -66,9 +101,8 @@ def write_markdown(results: dict, torch_acc: dict, path: str, plot_rel: str) -> 
              "(6 layers, frozen). Adapters and heads trained by tools/train/ (models/trained/*/train_config.json:",
              "2 epochs, batch 32, AdamW lr 1e-3). n = adapters dropped from layers 0..n-1 at inference; every",
              "number below was measured **through the server over gRPC** on the task's whole test split",
-             "(splits: models/trained/splits.json). `torch` rows: the PyTorch `adapters` library on the same split",
-             "(models/trained/pytorch_accuracy.json); they agree with the served numbers up to ties in float",
-             "rounding.", "",
+             "(splits: models/trained/splits.json). *torch* rows: the PyTorch `adapters` library on the same split",
+             "at n = 0, 3, 6 (models/trained/pytorch_accuracy.json, tools/train/golden.py).", "",
              f"![accuracy vs dropped layers]({plot_rel})", "",
              "## Test accuracy (%)", "",
              "| task | variant | test size | " + " | ".join(f"n={n}" for n in ns) + " |",
@@ -77,7 +111,8 @@ def write_markdown(results: dict, torch_acc: dict, path: str, plot_rel: str) -> 
         lines.append(f"| {r['task']} | {label(r)} | {r['test_size']} | "
                      + " | ".join(f"{100 * r['accuracy'][n]:.1f}" for n in ns) + " |")
         if run in torch_acc:
-            lines.append(f"| | torch | | " + " | ".join(f"{100 * torch_acc[run]['accuracy'][n]:.1f}" for n in ns) + " |")
+            t = torch_acc[run]["accuracy"]
+            lines.append("| | *torch* | | " + " | ".join(f"*{100 * t[n]:.1f}*" if n in t else "" for n in ns) + " |")
     lines += ["", "## Retention vs the paper", "",
               "Retention = accuracy at n / accuracy of the standard adapter of the same task at n = 0 (the paper's",
               "\"full-adapter performance\"). The paper (Rücklé et al. 2021, Fig. 2 / Table 8; RoBERTa-base, 12",
@@ -133,8 +168,14 @@ def main(argv=None) -> int:
     p.add_argument("--repo", default=str(ROOT / "build" / "eval-repo"))
     p.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     p.add_argument("--plot", default=str(ROOT / "docs" / "results.png"))
+    p.add_argument("--cache", default=str(ROOT / "build" / "eval-cache"),
+                   help="per-run results, reused while the run's weights and test split are unchanged")
+    p.add_argument("--measure-only", action="store_true", help="measure (and cache) runs; write no report")
+    p.add_argument("--reverse", action="store_true", help="measure uncached runs in reverse order")
     a = p.parse_args(argv)
-    results = measure(a.binary, a.repo)
+    results = measure(a.binary, a.repo, a.cache, a.reverse)
+    if a.measure_only:
+        return 0
     torch_path = os.path.join(trained.TRAINED_DIR, "pytorch_accuracy.json")
     torch_acc = json.load(open(torch_path, encoding="utf-8")) if os.path.isfile(torch_path) else {}
     with open(os.path.splitext(a.out)[0] + ".json", "w", encoding="utf-8") as f:

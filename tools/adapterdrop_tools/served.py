@@ -82,7 +82,7 @@ class Server:
         self.stop()
 
 
-def served_logits(stub, pb, task: str, texts: list, ns: list, batch: int = 64, timeout_s: float = 120) -> dict:
+def served_logits(stub, pb, task: str, texts: list, ns: list, batch: int = 32, timeout_s: float = 900) -> dict:
     """{n: logits [len(texts), C]} for `task` at each drop depth n (one request per chunk, one TaskRef per n)."""
     out = {n: [] for n in ns}
     for i in range(0, len(texts), batch):

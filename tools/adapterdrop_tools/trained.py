@@ -23,11 +23,11 @@ DEFAULT_ROBUST_N = 3
 
 
 def runs(trained: str = TRAINED_DIR) -> dict:
-    """{run name: train_config.json} for every trained run, sorted by name."""
+    """{run name: train_config.json} for every saved run (adapter_config.json present), sorted by name."""
     out = {}
     for name in sorted(os.listdir(trained)):
         cfg = os.path.join(trained, name, "train_config.json")
-        if os.path.isfile(cfg):
+        if os.path.isfile(cfg) and os.path.isfile(os.path.join(trained, name, "adapter_config.json")):
             with open(cfg, encoding="utf-8") as f:
                 out[name] = json.load(f)
     return out

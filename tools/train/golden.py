@@ -7,7 +7,7 @@ Every run in models/trained/*/ is reloaded from its saved AdapterHub directory (
 head) into a fresh all-MiniLM-L6-v2, so what is checked is what was committed. Writes
   golden_logits.json     logits of the first --count test inputs (identified by split and index only)
                          at n = 0, 3, 5, 6 dropped layers (skip_layers = [0..n-1])
-  pytorch_accuracy.json  accuracy on the whole test split at n = 0..6
+  pytorch_accuracy.json  with --accuracy: accuracy on the whole test split at n = 0..6
 (each run's part first goes to <run>/golden.json, so runs can be evaluated as soon as they are trained).
 The serving test (tests/python/test_trained_golden.py) compares the server with golden_logits.json.
 """
@@ -27,13 +27,14 @@ from adapterdrop_tools import datasets  # noqa: E402
 from train import logits, minilm_path, set_drop, tokenizer  # noqa: E402
 
 GOLDEN_N = (0, 3, 5, 6)
+ACCURACY_N = ()  # whole-test-split accuracy: none by default (CPU time); the server measures every n (make eval)
 
 
 def runs(trained: str) -> list:
     return sorted(d for d in os.listdir(trained) if os.path.isfile(os.path.join(trained, d, "train_config.json")))
 
 
-def evaluate_run(d: str, count: int, path: str, tok, splits: dict) -> dict:
+def evaluate_run(d: str, count: int, path: str, tok, splits: dict, accuracy_n=ACCURACY_N) -> dict:
     """Golden logits + test accuracy of one saved run; also written to <run>/golden.json."""
     from adapters import AutoAdapterModel
     with open(os.path.join(d, "train_config.json"), encoding="utf-8") as f:
@@ -43,10 +44,11 @@ def evaluate_run(d: str, count: int, path: str, tok, splits: dict) -> dict:
     test = splits[cfg["task"]]["test"]
     res = {"task": cfg["task"], "variant": cfg["variant"], "method": cfg["method"], "count": count,
            "logits": {}, "accuracy": {}}
-    for n in range(model.config.num_hidden_layers + 1):
+    for n in sorted(set(GOLDEN_N) | set(accuracy_n)):
         set_drop(model, name, n)
-        out = logits(model, tok, test.texts)
-        res["accuracy"][str(n)] = float((out.argmax(-1) == np.array(test.labels)).mean())
+        out = logits(model, tok, test.texts if n in accuracy_n else test.texts[:count])
+        if n in accuracy_n:
+            res["accuracy"][str(n)] = float((out.argmax(-1) == np.array(test.labels)).mean())
         if n in GOLDEN_N:
             res["logits"][str(n)] = [[round(float(v), 6) for v in row] for row in out[:count]]
     with open(os.path.join(d, "golden.json"), "w", encoding="utf-8") as f:
@@ -65,13 +67,15 @@ def merge(trained: str, count: int) -> None:
         if res["count"] != count:
             raise SystemExit(f"{run}/golden.json has {res['count']} inputs, want {count}")
         golden["runs"][run] = {k: res[k] for k in ("task", "variant", "method", "logits")}
-        acc[run] = {k: res[k] for k in ("task", "variant", "method", "accuracy")}
+        if res["accuracy"]:
+            acc[run] = {k: res[k] for k in ("task", "variant", "method", "accuracy")}
     with open(os.path.join(trained, "golden_logits.json"), "w", encoding="utf-8") as f:
         json.dump(golden, f, separators=(",", ":"))
         f.write("\n")
-    with open(os.path.join(trained, "pytorch_accuracy.json"), "w", encoding="utf-8") as f:
-        json.dump(acc, f, indent=1)
-        f.write("\n")
+    if acc:
+        with open(os.path.join(trained, "pytorch_accuracy.json"), "w", encoding="utf-8") as f:
+            json.dump(acc, f, indent=1)
+            f.write("\n")
 
 
 def main(argv=None) -> int:
@@ -82,6 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--run", action="append", help="only these runs (default: every run without golden.json)")
     p.add_argument("--all", action="store_true", help="recompute runs that already have golden.json")
     p.add_argument("--no-merge", action="store_true")
+    p.add_argument("--accuracy", action="store_true", help="also whole-test-split accuracy at n = 0..L (slow)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     path = minilm_path()
@@ -91,7 +96,7 @@ def main(argv=None) -> int:
         d = os.path.join(a.trained, run)
         if not a.run and not a.all and os.path.isfile(os.path.join(d, "golden.json")):
             continue
-        res = evaluate_run(d, a.count, path, tok, splits)
+        res = evaluate_run(d, a.count, path, tok, splits, range(7) if a.accuracy else ACCURACY_N)
         print(run, " ".join(f"{k}:{v:.3f}" for k, v in res["accuracy"].items()), flush=True)
     if not a.no_merge:
         merge(a.trained, a.count)
