@@ -41,7 +41,7 @@ def _key(run: str, cfg: dict) -> str:
     return h.hexdigest()
 
 
-def measure(binary: str, repo: str, cache: str, reverse: bool = False) -> dict:
+def measure(binary: str, repo: str, cache: str, reverse: bool = False, lock: bool = False) -> dict:
     """Accuracy per run at n = 0..L; runs whose weights and test split are unchanged come from `cache`."""
     import grpc
     runs = trained.runs()
@@ -75,6 +75,11 @@ def measure(binary: str, repo: str, cache: str, reverse: bool = False) -> dict:
                     if old.get("key") == _key(run, cfg):
                         results[run] = old["result"]
                         continue
+                if lock:  # several measuring processes share the work: one run each at a time
+                    try:
+                        os.close(os.open(os.path.join(cache, run + ".lock"), os.O_CREAT | os.O_EXCL))
+                    except FileExistsError:
+                        continue
                 test = datasets.check_recorded(cfg["task"])["test"]
                 t0 = time.time()
                 logits = served_logits(stub, pb, run, test.texts, ns)
@@ -84,10 +89,12 @@ def measure(binary: str, repo: str, cache: str, reverse: bool = False) -> dict:
                                 "accuracy": {str(n): a for n, a in acc.items()}}
                 with open(os.path.join(cache, run + ".json"), "w", encoding="utf-8") as f:
                     json.dump({"key": _key(run, cfg), "result": results[run]}, f)
+                if lock:
+                    os.remove(os.path.join(cache, run + ".lock"))
                 print(f"{run}: " + " ".join(f"{n}:{a:.3f}" for n, a in acc.items())
                       + f" ({time.time() - t0:.0f}s)", flush=True)
             ch.close()
-    return {run: results[run] for run in runs}
+    return {run: results[run] for run in runs if run in results}
 
 
 def label(r: dict) -> str:
@@ -172,10 +179,14 @@ def main(argv=None) -> int:
                    help="per-run results, reused while the run's weights and test split are unchanged")
     p.add_argument("--measure-only", action="store_true", help="measure (and cache) runs; write no report")
     p.add_argument("--reverse", action="store_true", help="measure uncached runs in reverse order")
+    p.add_argument("--lock", action="store_true", help="skip runs another --lock process is measuring")
     a = p.parse_args(argv)
-    results = measure(a.binary, a.repo, a.cache, a.reverse)
+    results = measure(a.binary, a.repo, a.cache, a.reverse, a.lock)
     if a.measure_only:
         return 0
+    missing = [r for r in trained.runs() if r not in results]
+    if missing:
+        raise SystemExit(f"runs not measured (locked by another process?): {missing}")
     torch_path = os.path.join(trained.TRAINED_DIR, "pytorch_accuracy.json")
     torch_acc = json.load(open(torch_path, encoding="utf-8")) if os.path.isfile(torch_path) else {}
     with open(os.path.splitext(a.out)[0] + ".json", "w", encoding="utf-8") as f:
