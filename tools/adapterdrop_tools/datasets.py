@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import functools
 import hashlib
 import importlib.util
 import io
@@ -97,20 +98,21 @@ def _dedup(items: list) -> list:
     return out
 
 
-def _pool(task: str) -> list:
+@functools.lru_cache(maxsize=None)
+def _pool(task: str) -> tuple:
     """All usable (source id, text, label id) items of a task, in a fixed order."""
     if task in ("sentiment", "subjectivity"):
         rows = _rotten_tomatoes()
         if task == "sentiment":
             lab = {"rotten": 0, "fresh": 1}
-            return _dedup([(str(i), clip(r["text"]), lab[r["category"]]) for i, r in enumerate(rows)
-                           if r["category"] in lab])
+            return tuple(_dedup([(str(i), clip(r["text"]), lab[r["category"]]) for i, r in enumerate(rows)
+                                 if r["category"] in lab]))
         plots = _dedup([(str(i), clip(first_sentence(r["text"])), 0) for i, r in enumerate(rows)
                         if r["category"] == "plot"])
         reviews = _dedup([(str(i), clip(r["text"]), 1) for i, r in enumerate(rows)
                           if r["category"] in ("fresh", "rotten")])
         random.Random(SEED + 1).shuffle(reviews)
-        return plots + reviews[:len(plots)]  # balanced
+        return tuple(plots + reviews[:len(plots)])  # balanced
     if task == "topic":
         root = _package_file(*BBC_DIR)
         items = []
@@ -118,7 +120,7 @@ def _pool(task: str) -> list:
             for fn in sorted(os.listdir(os.path.join(root, cls))):
                 with open(os.path.join(root, cls, fn), encoding="utf-8", errors="replace") as f:
                     items.append((f"{cls}/{fn}", clip(f.read()), label))
-        return _dedup(items)
+        return tuple(_dedup(items))
     raise KeyError(f"unknown task {task!r} (one of {TASKS})")
 
 
@@ -128,7 +130,7 @@ def _hash(ids: list) -> str:
 
 def load_splits(task: str) -> dict:
     """{'train': Split, 'dev': Split, 'test': Split} for a task, deterministic."""
-    pool = _pool(task)
+    pool = list(_pool(task))  # cached per process; shuffled as a copy
     random.Random(SEED).shuffle(pool)
     n_train, n_dev, n_test = SIZES[task]
     if n_train + n_dev + n_test > len(pool):

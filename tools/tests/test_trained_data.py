@@ -57,13 +57,14 @@ def test_numpy_reference_matches_pytorch_golden(golden):
     tok = Tokenizer.from_file(os.path.join(minilm_path(), "tokenizer.json"))
     tok.no_truncation()
     tok.no_padding()
-    k = 4  # a few inputs per run keep this fast; the served test checks all 64
+    k = 2  # two inputs per run keep this fast; the served test checks all 64
     for run, entry in golden["runs"].items():
         d = os.path.join(trained.TRAINED_DIR, run)
         adapter, head = load_adapter(d, 6, 384), load_head(d, 384)
         enc = tok.encode_batch(datasets.load_splits(entry["task"])["test"].texts[:k])
         ids, mask, tt = pad_batch([e.ids for e in enc], 0, [e.type_ids for e in enc])
-        for n, want in entry["logits"].items():
+        for n in ("0", "3"):  # every n is checked through the server (tests/python/test_trained_golden.py)
+            want = entry["logits"][n]
             got = ref.logits(ids, mask, tt, adapter, head, range(int(n)))
             err = float(np.abs(got - np.asarray(want[:k])).max())
             assert err <= 1e-4, (run, n, err)
