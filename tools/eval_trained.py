@@ -105,6 +105,18 @@ def ordered(results: dict) -> list:
                                                     kv[1]["method"] != "seq_bn", rank[kv[1]["variant"]]))
 
 
+def agreement(results: dict, torch_acc: dict) -> str:
+    """One sentence comparing served accuracy with the PyTorch library's, computed, not asserted."""
+    pairs = [(run, n) for run in results for n in torch_acc.get(run, {}).get("accuracy", {})]
+    if not pairs:
+        return "No PyTorch accuracy file: run `make golden` with `--accuracy` to compare."
+    off = [(run, n) for run, n in pairs if abs(results[run]["accuracy"][n] - torch_acc[run]["accuracy"][n]) > 1e-9]
+    if not off:
+        return (f"Served accuracy equals the PyTorch library's in all {len(pairs)} (run, n) pairs that "
+                "pytorch_accuracy.json holds.")
+    return f"Served accuracy differs from the PyTorch library's in {len(off)} of {len(pairs)} (run, n) pairs: {off}."
+
+
 def label(r: dict) -> str:
     return r["variant"] + (" (Houlsby)" if r["method"] == "double_seq_bn" else "")
 
@@ -123,6 +135,7 @@ def write_markdown(results: dict, torch_acc: dict, path: str, plot_rel: str) -> 
              "standard error is about 1.3 points at 1000 test examples and 2 points at 400 (for 80 % accuracy).", "",
              "Server binary that measured them: " + ", ".join(sorted({f"`{r.get('server', '?')}`" for r in results.values()}))
              + " (accuracy does not depend on the build profile: the same ONNX Runtime graphs run either way).", "",
+             agreement(results, torch_acc), "",
              f"![accuracy vs dropped layers]({plot_rel})", "",
              "## Test accuracy (%)", "",
              "| task | variant | test size | " + " | ".join(f"n={n}" for n in ns) + " |",
