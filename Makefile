@@ -85,4 +85,4 @@ train: train-venv
 	$(MAKE) golden
 
 golden: train-venv
-	nice -n 19 $(TRAIN_VENV)/bin/python tools/train/golden.py
+	nice -n 19 $(TRAIN_VENV)/bin/python tools/train/golden.py --accuracy
