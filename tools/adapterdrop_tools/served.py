@@ -1,0 +1,96 @@
+"""Start a real adapterdrop-serve on a repository and query it over gRPC (for `make eval` and tests)."""
+from __future__ import annotations
+
+import importlib
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+PROTO = "adapterdrop/v1/adapterdrop.proto"
+
+
+def load_stubs():
+    """(adapterdrop_pb2, adapterdrop_pb2_grpc), generated from proto/ into a temp dir."""
+    from grpc_tools import protoc
+
+    out = tempfile.mkdtemp(prefix="adapterdrop-stubs-")
+    if protoc.main(["protoc", f"-I{ROOT / 'proto'}", f"--python_out={out}", f"--grpc_python_out={out}", PROTO]) != 0:
+        raise RuntimeError(f"grpc_tools.protoc failed on {PROTO}")
+    for pkg in ("adapterdrop", "adapterdrop/v1"):
+        (Path(out) / pkg / "__init__.py").touch()
+    sys.path.insert(0, out)
+    importlib.invalidate_caches()
+    return (importlib.import_module("adapterdrop.v1.adapterdrop_pb2"),
+            importlib.import_module("adapterdrop.v1.adapterdrop_pb2_grpc"))
+
+
+class Server:
+    """The server binary on 127.0.0.1:0 serving `repo`; `addr` is read from its `listening` log line."""
+
+    def __init__(self, binary: str, repo: str, timeout_s: float = 180, extra_env: dict | None = None):
+        ort = os.environ.get("ORT_DYLIB_PATH", str(ROOT / "build" / "lib" / "libonnxruntime.so"))
+        env = {**os.environ, "ADAPTERDROP__SERVER__LISTEN": "127.0.0.1:0", "ADAPTERDROP__REPOSITORY__PATH": str(repo),
+               "ORT_DYLIB_PATH": ort, "ADAPTERDROP__LOG__FORMAT": "text", "NO_COLOR": "1", **(extra_env or {})}
+        self.proc = subprocess.Popen([str(binary)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, encoding="utf-8", errors="replace")
+        self.logs: list = []
+        lines: queue.Queue = queue.Queue()
+
+        def pump():
+            for line in self.proc.stdout:
+                self.logs.append(line)
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        self.addr = None
+        deadline = time.monotonic() + timeout_s
+        while self.addr is None and time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            if "listening" in line and "addr=" in line:
+                self.addr = line.split("addr=", 1)[1].split()[0]
+        if self.addr is None:
+            self.stop()
+            raise RuntimeError(f"{binary} did not report `listening` within {timeout_s}s; log:\n{''.join(self.logs)}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def served_logits(stub, pb, task: str, texts: list, ns: list, batch: int = 32, timeout_s: float = 900) -> dict:
+    """{n: logits [len(texts), C]} for `task` at each drop depth n (one request per chunk, one TaskRef per n)."""
+    out = {n: [] for n in ns}
+    for i in range(0, len(texts), batch):
+        req = pb.InferRequest(tasks=[pb.TaskRef(name=task, drop_first=n) for n in ns],
+                              texts=pb.Texts(texts=texts[i:i + batch]))
+        resp = stub.Infer(req, timeout=timeout_s)
+        for n, res in zip(ns, resp.results):
+            if list(res.dropped_layers) != list(range(n)):
+                raise AssertionError(f"{task} n={n}: server dropped {list(res.dropped_layers)}")
+            out[n].extend([list(s.logits) for s in res.sequences])
+    return {n: np.asarray(v, dtype=np.float32) for n, v in out.items()}
