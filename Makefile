@@ -115,3 +115,14 @@ train: train-venv
 
 golden: train-venv
 	nice -n 19 $(TRAIN_VENV)/bin/python tools/train/golden.py --accuracy
+
+## AdapterFusion over the trained adapters (issue 7 item 6): pruning curve into docs/results.md
+## (docs/results-fusion.json); `make train-fusion` retrains the fusion (~12 min on 2 cores).
+.PHONY: eval-fusion train-fusion
+eval-fusion: setup
+	$(PY) -m pip install -q --disable-pip-version-check -r tools/requirements-eval.txt
+	cargo build --release $(CARGO_FLAGS)
+	$(PY) tools/eval_fusion.py --binary target/release/adapterdrop-serve
+
+train-fusion: train-venv
+	nice -n 19 $(TRAIN_VENV)/bin/python tools/train/train_fusion.py --out models/trained/sentiment-fusion

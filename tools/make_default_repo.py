@@ -12,6 +12,8 @@ AdapterHub format; accuracy in docs/results.md):
   *-specialized   Pfeiffer, trained with n = 3 dropped    served with drop_first 3
   *-robust        Pfeiffer, trained with n drawn per batch   robust 0..6, default 3 (per-request drop_first)
   sentiment-houlsby  Houlsby, trained without dropping    served with drop_first 0
+  sentiment-fusion   dynamic AdapterFusion over the three *-standard adapters (tools/train/train_fusion.py),
+                     robust 0..6, default 0
 DIR is rebuilt in a temp dir and swapped in.
 """
 from __future__ import annotations

@@ -78,3 +78,27 @@ def test_served_logits_match_pytorch(golden, trained_stub, pb):
             checked += 1
     assert checked == 4 * len(golden["runs"])
     print(f"{checked} (run, n) pairs, worst max abs diff {worst:.2e}")
+
+
+def test_served_fusion_logits_match_pytorch(trained_stub, pb):
+    """The trained AdapterFusion (models/trained/sentiment-fusion, tools/train/train_fusion.py) served over
+    gRPC vs the library's logits of the reloaded saved fusion, at every golden n (fusion layers dropped)."""
+    stub, _ = trained_stub
+    fusions = trained.fusion_runs()
+    assert "sentiment-fusion" in fusions
+    for run, cfg in fusions.items():
+        with open(ROOT / "models" / "trained" / run / "golden.json", encoding="utf-8") as f:
+            entry = json.load(f)
+        ns = sorted(int(n) for n in entry["logits"])
+        assert ns == [0, 3, 6], (run, ns)
+        texts = datasets.check_recorded(cfg["task"])["test"].texts[:entry["count"]]
+        got = served_logits(stub, pb, run, texts, ns)
+        prev = None
+        for n in ns:
+            want = np.asarray(entry["logits"][str(n)], dtype=np.float32)
+            assert got[n].shape == want.shape == (entry["count"], len(cfg["labels"])), (run, n)
+            err = float(np.abs(got[n] - want).max())
+            assert err <= TOLERANCE, f"{run} n={n}: max abs {err} > {TOLERANCE}"
+            if prev is not None:
+                assert float(np.abs(want - prev).max()) > 1e-3, (run, n)
+            prev = want

@@ -37,7 +37,9 @@ class Server:
 
     def __init__(self, binary: str, repo: str, timeout_s: float = 180, extra_env: dict | None = None):
         ort = os.environ.get("ORT_DYLIB_PATH", str(ROOT / "build" / "lib" / "libonnxruntime.so"))
-        env = {**os.environ, "ADAPTERDROP__SERVER__LISTEN": "127.0.0.1:0", "ADAPTERDROP__REPOSITORY__PATH": str(repo),
+        # every port ephemeral: fixed metrics/admin ports collide with other servers on the machine
+        env = {**os.environ, "ADAPTERDROP__SERVER__LISTEN": "127.0.0.1:0", "ADAPTERDROP__METRICS__LISTEN": "127.0.0.1:0",
+               "ADAPTERDROP__ADMIN__LISTEN": "127.0.0.1:0", "ADAPTERDROP__REPOSITORY__PATH": str(repo),
                "ORT_DYLIB_PATH": ort, "ADAPTERDROP__LOG__FORMAT": "text", "NO_COLOR": "1", **(extra_env or {})}
         self.proc = subprocess.Popen([str(binary)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, encoding="utf-8", errors="replace")

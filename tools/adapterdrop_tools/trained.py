@@ -61,7 +61,7 @@ def describe(cfg: dict) -> str:
 def build_repo(out: str, layout: str = "default", trained: str = TRAINED_DIR, only: list | None = None) -> str:
     """Backbone `minilm` + one task per trained run (named like the run), built atomically into `out`."""
     selected = {k: v for k, v in runs(trained).items() if only is None or k in only}
-    if not selected:
+    if not selected and not any(only is None or k in only for k in fusion_runs(trained)):
         raise FileNotFoundError(f"no trained runs in {trained} (tools/train/train_all.sh)")
 
     def fill(tmp: str) -> None:
@@ -75,5 +75,38 @@ def build_repo(out: str, layout: str = "default", trained: str = TRAINED_DIR, on
                 raise ValueError(f"{d}: head labels {head.labels} != trained labels {cfg['labels']}")
             write_task(tmp, "minilm", adapter, head, ck, name, 1, drop_config(cfg, layout, ck.num_layers),
                        describe(cfg))
+        for name, cfg in fusion_runs(trained).items():
+            if only is None or name in only:
+                write_trained_fusion(tmp, ck, trained, name, cfg)
 
     return build_dir_atomically(out, fill)
+
+
+def fusion_runs(trained: str = TRAINED_DIR) -> dict:
+    """{run: train_config.json} for every saved AdapterFusion (tools/train/train_fusion.py)."""
+    out = {}
+    for name in sorted(os.listdir(trained)):
+        d = os.path.join(trained, name)
+        if os.path.isfile(os.path.join(d, "adapter_fusion_config.json")) and os.path.isfile(os.path.join(d, "train_config.json")):
+            with open(os.path.join(d, "train_config.json"), encoding="utf-8") as f:
+                out[name] = json.load(f)
+    return out
+
+
+def write_trained_fusion(repo: str, ck, trained: str, name: str, cfg: dict) -> str:
+    """The fusion task `name` over its fused trained adapters, robust 0..L with default 0 in both layouts
+    (the fusion was trained without dropping; any n can be requested)."""
+    from .fusion import load_fusion
+    from .fusion_task import write_fusion_task
+
+    d = os.path.join(trained, name)
+    fusion = load_fusion(d, ck.num_layers, ck.hidden_size)
+    adapters = {r: load_adapter(os.path.join(trained, r), ck.num_layers, ck.hidden_size) for r in cfg["fused_adapters"]}
+    head = load_head(d, ck.hidden_size)
+    if head.labels != cfg["labels"]:
+        raise ValueError(f"{d}: head labels {head.labels} != trained labels {cfg['labels']}")
+    acc = cfg.get("dev_accuracy", {}).get("0")
+    desc = (f"Rotten Tomatoes sentiment; dynamic AdapterFusion over {', '.join(cfg['fused_adapters'])} (fusion + head "
+            "trained, adapters frozen)" + (f"; dev accuracy {acc:.3f} at n=0" if acc is not None else ""))
+    return write_fusion_task(repo, "minilm", fusion, adapters, head, ck, name, 1,
+                             parse_drop(ck.num_layers, robust=(0, 0, ck.num_layers)), desc)

@@ -86,8 +86,11 @@ def test_make_default_repo(tmp_path):
     import make_default_repo
     out = str(tmp_path / "default")
     assert make_default_repo.main(["--out", out]) == 0
-    from adapterdrop_tools.trained import runs
-    assert sorted(os.listdir(os.path.join(out, "tasks"))) == sorted(runs())  # the trained real tasks
+    from adapterdrop_tools.trained import fusion_runs, runs
+    # the trained real tasks and the trained AdapterFusion
+    assert sorted(os.listdir(os.path.join(out, "tasks"))) == sorted([*runs(), *fusion_runs()])
+    with open(os.path.join(out, "tasks", "sentiment-fusion", "1", "task.json"), encoding="utf-8") as f:
+        assert json.load(f)["drop"] == {"robust": {"default": 0, "min": 0, "max": 6}}
     assert not any(t.startswith("demo-") for t in os.listdir(os.path.join(out, "tasks")))
     with open(os.path.join(out, "tasks", "sentiment-specialized", "1", "task.json"), encoding="utf-8") as f:
         assert json.load(f)["drop"] == {"drop_first": 3}

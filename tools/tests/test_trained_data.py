@@ -68,3 +68,31 @@ def test_numpy_reference_matches_pytorch_golden(golden):
             got = ref.logits(ids, mask, tt, adapter, head, range(int(n)))
             err = float(np.abs(got - np.asarray(want[:k])).max())
             assert err <= 1e-4, (run, n, err)
+
+
+def test_numpy_reference_matches_pytorch_fusion_golden():
+    """The trained AdapterFusion (sentiment-fusion): numpy reference vs the library's golden logits."""
+    from tokenizers import Tokenizer
+    from adapterdrop_tools.checkpoint import load_checkpoint, minilm_path
+    from adapterdrop_tools.fusion import load_fusion
+    from adapterdrop_tools.reference import Reference, fusion_logits, pad_batch
+    ref = Reference(load_checkpoint(minilm_path()))
+    tok = Tokenizer.from_file(os.path.join(minilm_path(), "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    k = 2
+    runs = trained.fusion_runs()
+    assert "sentiment-fusion" in runs
+    for run, cfg in runs.items():
+        d = os.path.join(trained.TRAINED_DIR, run)
+        with open(os.path.join(d, "golden.json"), encoding="utf-8") as f:
+            entry = json.load(f)
+        fusion, head = load_fusion(d, 6, 384), load_head(d, 384)
+        assert fusion.adapter_names == cfg["fused_adapters"]
+        adapters = {a: load_adapter(os.path.join(trained.TRAINED_DIR, a), 6, 384) for a in cfg["fused_adapters"]}
+        enc = tok.encode_batch(datasets.load_splits(cfg["task"])["test"].texts[:k])
+        ids, mask, tt = pad_batch([e.ids for e in enc], 0, [e.type_ids for e in enc])
+        for n in ("0", "3"):
+            got = fusion_logits(ref, ids, mask, tt, fusion, adapters, head, None, range(int(n)))
+            err = float(np.abs(got - np.asarray(entry["logits"][n][:k])).max())
+            assert err <= 1e-4, (run, n, err)

@@ -31,7 +31,9 @@ ACCURACY_N = ()  # whole-test-split accuracy: none by default (CPU time); the se
 
 
 def runs(trained: str) -> list:
-    return sorted(d for d in os.listdir(trained) if os.path.isfile(os.path.join(trained, d, "train_config.json")))
+    """Adapter runs (a fusion run, with adapter_fusion_config.json, writes its golden.json itself)."""
+    return sorted(d for d in os.listdir(trained) if os.path.isfile(os.path.join(trained, d, "train_config.json"))
+                  and os.path.isfile(os.path.join(trained, d, "adapter_config.json")))
 
 
 def evaluate_run(d: str, count: int, path: str, tok, splits: dict, accuracy_n=ACCURACY_N) -> dict:
