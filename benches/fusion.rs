@@ -10,6 +10,8 @@
 //!   BENCH_RUNS=5  BENCH_WARMUP=1  BENCH_B=8  BENCH_T=128  BENCH_THREADS=0 (0 = one per core)
 //!   BENCH_QUICK=1: B=4, T=64, RUNS=3 unless set explicitly.   BENCH_FUSION_OUT=FILE (markdown copy)
 
+mod support;
+
 use std::error::Error;
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -20,35 +22,12 @@ use adapterdrop_serve::config::RuntimeSettings;
 use adapterdrop_serve::engine::{ExecStats, Lane, Sequence, execute};
 use adapterdrop_serve::repository::{Registry, Task};
 use adapterdrop_serve::runtime::Runtime;
+use support::{env, env_usize, median, sequences};
 
 type Res<X> = Result<X, Box<dyn Error>>;
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
 
-fn env_usize(name: &str, default: usize) -> Res<usize> {
-    env(name).map_or(Ok(default), |v| v.trim().parse().map_err(|e| format!("{name}={v}: {e}").into()))
-}
 
-/// B sequences of exactly T tokens (xorshift, seeded): [CLS] ids [SEP].
-fn sequences(b: usize, t: usize, seed: u64) -> Vec<Sequence> {
-    let mut s = seed | 1;
-    let mut next = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    };
-    (0..b)
-        .map(|_| {
-            let mut ids: Vec<i64> = (0..t).map(|_| 1000 + (next() % 29000) as i64).collect();
-            ids[0] = 101;
-            ids[t - 1] = 102;
-            Sequence { ids, mask: vec![1; t], types: vec![0; t] }
-        })
-        .collect()
-}
 
 /// One timed configuration: lanes of (task, drop depth), all on every row.
 struct Config {
@@ -66,11 +45,6 @@ fn run(cfg: &Config, seqs: &[Sequence]) -> Res<ExecStats> {
     Ok(execute(&backbone, seqs, &lanes)?.1)
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 }
-}
 
 fn main() -> Res<()> {
     let quick = env("BENCH_QUICK").is_some_and(|v| v != "0");

@@ -14,6 +14,8 @@
 //!   BENCH_THREADS=0 (ORT intra-op threads, 0 = cores)  BENCH_QUICK=1: RUNS=5, SECS=8, REQUESTS=400
 //!   BENCH_OUT=FILE (also write the markdown there)
 
+mod support;
+
 use std::error::Error;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -33,14 +35,9 @@ type Res<X> = Result<X, Box<dyn Error + Send + Sync>>;
 const PREFIX: &str = "mini-pf";
 const BACKBONE: &str = "minilm";
 const TASKS: usize = 16;
+use support::{env, env_usize, median};
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
 
-fn env_usize(name: &str, default: usize) -> Res<usize> {
-    env(name).map_or(Ok(default), |v| v.trim().parse().map_err(|e| format!("{name}={v}: {e}").into()))
-}
 
 struct Rng(u64);
 
@@ -87,11 +84,6 @@ impl Req {
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 }
-}
 
 fn quick() -> bool {
     env("BENCH_QUICK").is_some_and(|v| v != "0")

@@ -16,6 +16,8 @@
 //!   BENCH_THREADS=0 (ORT intra-op threads, 0 = cores)  BENCH_OUT=FILE (also write the markdown there)
 //!   BENCH_QUICK=1: K=1,8, N=0,round(5L/12),L-1, RUNS=3 unless set explicitly.
 
+mod support;
+
 use std::error::Error;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -28,19 +30,14 @@ use adapterdrop_serve::repository::{Backbone, Registry, Task};
 use adapterdrop_serve::runtime::{Dim, Graph, IoSpec, Runtime};
 use ndarray::{Array2, Ix2};
 use ort::value::{TensorElementType as T, TensorRef};
+use support::{env, env_usize, median, sequences};
 
 type Res<X> = Result<X, Box<dyn Error>>;
 
 /// Task name prefix per backbone, as `tools/make_bench_repo.py` names them.
 const BACKBONES: &[(&str, &str)] = &[("minilm", "mini-pf"), ("bert-base-random", "base-pf")];
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
 
-fn env_usize(name: &str, default: usize) -> Res<usize> {
-    env(name).map_or(Ok(default), |v| v.trim().parse().map_err(|e| format!("{name}={v}: {e}").into()))
-}
 
 fn list(v: &str) -> Res<Vec<usize>> {
     v.split(',').map(|s| s.trim().parse::<usize>().map_err(|e| format!("`{s}`: {e}").into())).collect()
@@ -101,24 +98,6 @@ impl Opts {
     }
 }
 
-/// B sequences of exactly T tokens: [CLS]=101, ids in 1000..30000, [SEP]=102 (xorshift, seeded).
-fn sequences(b: usize, t: usize, seed: u64) -> Vec<Sequence> {
-    let mut s = seed | 1;
-    let mut next = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    };
-    (0..b)
-        .map(|_| {
-            let mut ids: Vec<i64> = (0..t).map(|_| 1000 + (next() % 29000) as i64).collect();
-            ids[0] = 101;
-            ids[t - 1] = 102;
-            Sequence { ids, mask: vec![1; t], types: vec![0; t] }
-        })
-        .collect()
-}
 
 /// One timed thing of a (backbone, k) group.
 #[derive(Clone, Copy, PartialEq)]
@@ -189,11 +168,6 @@ fn load_fused(rt: &Runtime, repo: &Path, backbone: &str, labels: usize) -> Res<G
     Ok(Graph::load(rt, &repo.join("fused").join(backbone).join("model.onnx"), &inputs, &outputs)?)
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 }
-}
 
 fn max_diff(a: &[Array2<f32>], b: &[Array2<f32>]) -> f32 {
     a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y.iter()).map(|(p, q)| (p - q).abs())).fold(0.0, f32::max)
