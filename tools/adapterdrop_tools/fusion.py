@@ -177,8 +177,6 @@ def fusion_graph(fusion: Fusion, rules: Adapter, fw: FusionWeights, H: int, lw, 
     (the value has no bias)."""
     if form not in FORMS:
         raise ValueError(f"fusion graph form {form!r} is not one of {FORMS}")
-    if form == "reassociated":
-        return _fusion_graph_reassociated(fusion, rules, fw, H, lw, lb, eps, name)
     c = fusion.config
     g = GraphBuilder(name)
     h, x = g.input("h", F, hidden_dims(H)), g.input("x", F, hidden_dims(H))
@@ -190,14 +188,8 @@ def fusion_graph(fusion: Fusion, rules: Adapter, fw: FusionWeights, H: int, lw, 
     ax2, axm1 = g.const([2], "axis2", np.int64), g.const([-1], "axis_last", np.int64)
     if c["residual_before"]:  # the library adds r in place to the tensor used as both key and value
         up = g.op("Add", [up, g.op("Unsqueeze", [r, ax2])])
-    Q = g.linear(q, fw.q_w, fw.q_b, "query") if c["query"] else q
-    K = g.linear(up, fw.k_w, fw.k_b, "key") if c["key"] else up
-    V = g.linear(up, fw.v_w, None, "value") if (c["value"] and c["value_before_softmax"]) else up
-    scores = g.op("Squeeze", [g.op("MatMul", [K, g.op("Unsqueeze", [Q, axm1])]), axm1])  # [B,T,N]
-    alpha = g.op("Softmax", [scores], "alpha", axis=-1)
-    ctx = g.op("Squeeze", [g.op("MatMul", [g.op("Unsqueeze", [alpha, ax2]), V]), ax2])  # [B,T,H]
-    if c["value"] and not c["value_before_softmax"]:
-        ctx = g.linear(ctx, fw.v_w, None, "value")
+    context = _context_reassociated if form == "reassociated" else _context_library
+    ctx = context(g, c, fw, q, up, ax2, axm1)  # [B,T,H]
     out = ctx if c["residual_before"] else g.op("Add", [ctx, r])
     if rules.original_ln_after:
         g.layer_norm(g.op("Add", [out, x]), lw, lb, eps, "ln", out="y")
@@ -206,18 +198,21 @@ def fusion_graph(fusion: Fusion, rules: Adapter, fw: FusionWeights, H: int, lw, 
     return g.model()
 
 
-def _fusion_graph_reassociated(fusion: Fusion, rules: Adapter, fw: FusionWeights, H: int, lw, lb, eps: float, name: str):
-    c = fusion.config
-    g = GraphBuilder(name)
-    h, x = g.input("h", F, hidden_dims(H)), g.input("x", F, hidden_dims(H))
-    up = g.input("up", F, ["batch", "seq", "adapters", H])
-    g.output("y", F, hidden_dims(H))
-    g.output("alpha", F, ["batch", "seq", "adapters"])
-    u, r = _pre(g, rules, h, x, lw, lb, eps)
-    q = h if c["query_before_ln"] else u
-    ax2, axm1 = g.const([2], "axis2", np.int64), g.const([-1], "axis_last", np.int64)
-    if c["residual_before"]:
-        up = g.op("Add", [up, g.op("Unsqueeze", [r, ax2])])
+def _context_library(g: GraphBuilder, c: dict, fw: FusionWeights, q, up, ax2, axm1):
+    """The library's order: K and V projected per adapter ((2N+1)H^2 per token)."""
+    Q = g.linear(q, fw.q_w, fw.q_b, "query") if c["query"] else q
+    K = g.linear(up, fw.k_w, fw.k_b, "key") if c["key"] else up
+    V = g.linear(up, fw.v_w, None, "value") if (c["value"] and c["value_before_softmax"]) else up
+    scores = g.op("Squeeze", [g.op("MatMul", [K, g.op("Unsqueeze", [Q, axm1])]), axm1])  # [B,T,N]
+    alpha = g.op("Softmax", [scores], "alpha", axis=-1)
+    ctx = g.op("Squeeze", [g.op("MatMul", [g.op("Unsqueeze", [alpha, ax2]), V]), ax2])
+    if c["value"] and not c["value_before_softmax"]:
+        ctx = g.linear(ctx, fw.v_w, None, "value")
+    return ctx
+
+
+def _context_reassociated(g: GraphBuilder, c: dict, fw: FusionWeights, q, up, ax2, axm1):
+    """The same numbers in 2H^2 per token (see `fusion_graph`)."""
     # Qk = W_k^T Q (row form: Q @ W_k for torch-layout W_k [out, in]); b_k drops out. With a query
     # projection Q = q W_q^T + b_q, both fold into one matrix (computed in float64): one H^2 per token.
     if c["query"] and c["key"]:
@@ -230,12 +225,7 @@ def _fusion_graph_reassociated(fusion: Fusion, rules: Adapter, fw: FusionWeights
         Qk = g.linear(q, fw.q_w, fw.q_b, "query") if c["query"] else q
     scores = g.op("Squeeze", [g.op("MatMul", [up, g.op("Unsqueeze", [Qk, axm1])]), axm1])  # [B,T,N]
     alpha = g.op("Softmax", [scores], "alpha", axis=-1)
-    ctx = g.op("Squeeze", [g.op("MatMul", [g.op("Unsqueeze", [alpha, ax2]), up]), ax2])  # [B,T,H]
+    ctx = g.op("Squeeze", [g.op("MatMul", [g.op("Unsqueeze", [alpha, ax2]), up]), ax2])
     if c["value"]:
         ctx = g.linear(ctx, fw.v_w, None, "value")
-    out = ctx if c["residual_before"] else g.op("Add", [ctx, r])
-    if rules.original_ln_after:
-        g.layer_norm(g.op("Add", [out, x]), lw, lb, eps, "ln", out="y")
-    else:
-        g.op("Identity", [out], "y")
-    return g.model()
+    return ctx
