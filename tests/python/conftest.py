@@ -6,15 +6,13 @@ proto/ with grpc_tools at session start, so nothing generated is checked in.
 import importlib
 import json
 import os
-import queue
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import grpc
 import pytest
+
+from adapterdrop_tools.served import Server
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = ROOT / "proto"
@@ -77,90 +75,18 @@ def pb_grpc(stub_dir):
     return importlib.import_module("adapterdrop.v1.adapterdrop_pb2_grpc")
 
 
-class ServerProcess:
-    def __init__(self, proc: subprocess.Popen, addr: str, logs: list, metrics_addr: "str | None" = None):
-        self.proc = proc
-        self.addr = addr
-        self.logs = logs
-        self.metrics_addr = metrics_addr
-
-    def log_text(self) -> str:
-        return "".join(self.logs)
-
-
 @pytest.fixture(scope="session")
 def server():
-    exe = _server_binary()
-    repo = _test_repo()
+    """The real server binary on the test repository (`served.Server`: every port ephemeral)."""
     ort = _ort_library()
     if not ort.exists():
         pytest.fail(f"ONNX Runtime library {ort} is missing; run `make setup` or set ORT_DYLIB_PATH", pytrace=False)
-    env = dict(os.environ)
-    env.update(
-        {
-            "ADAPTERDROP__SERVER__LISTEN": "127.0.0.1:0",
-            "ADAPTERDROP__METRICS__LISTEN": "127.0.0.1:0",
-            "ADAPTERDROP__ADMIN__LISTEN": "127.0.0.1:0",
-            "ADAPTERDROP__REPOSITORY__PATH": str(repo),
-            "ORT_DYLIB_PATH": str(ort),
-            "ADAPTERDROP__LOG__FORMAT": "text",
-            "NO_COLOR": "1",
-        }
-    )
-    proc = subprocess.Popen(
-        [str(exe)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-    )
-    logs: list = []
-    lines: "queue.Queue[str | None]" = queue.Queue()
-
-    def pump():
-        for line in proc.stdout:
-            logs.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-
-    addr = None
-    metrics_addr = None
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while addr is None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        try:
-            line = lines.get(timeout=remaining)
-        except queue.Empty:
-            break
-        if line is None:
-            break
-        if "metrics_addr=" in line:
-            metrics_addr = line.split("metrics_addr=", 1)[1].split()[0]
-        elif "listening" in line and "addr=" in line:
-            addr = line.split("addr=", 1)[1].split()[0]
-    if addr is None:
-        proc.kill()
-        proc.wait()
-        pytest.fail(
-            f"adapterdrop-serve did not report `listening` within {STARTUP_TIMEOUT_S}s "
-            f"(exit code {proc.returncode}); log:\n{''.join(logs)}",
-            pytrace=False,
-        )
-
-    yield ServerProcess(proc, addr, logs, metrics_addr)
-
-    proc.terminate()
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        srv = Server(_server_binary(), _test_repo(), timeout_s=STARTUP_TIMEOUT_S, extra_env={"ORT_DYLIB_PATH": str(ort)})
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    yield srv
+    srv.stop(10)
 
 
 @pytest.fixture(scope="session")

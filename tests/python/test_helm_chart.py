@@ -8,12 +8,9 @@ from __future__ import annotations
 import copy
 import json
 import os
-import queue
 import re
 import shutil
 import subprocess
-import threading
-import time
 import tomllib
 from pathlib import Path
 
@@ -24,6 +21,8 @@ yaml = pytest.importorskip("yaml")
 helm_chart = pytest.importorskip("helm_python.chart", reason="helm-python-sdk is not installed (make setup)")
 helm_errors = pytest.importorskip("helm_python.errors")
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
+
+from adapterdrop_tools.served import Server  # noqa: E402
 
 from .conftest import _ort_library, _server_binary, _test_repo  # noqa: E402
 
@@ -385,8 +384,8 @@ def test_init_container_scripts_copy_and_seed_the_repository(tmp_path):
 
 
 def test_the_server_accepts_the_rendered_config_and_serves_the_readiness_service(tmp_path):
-    """Starts the real binary with the chart's config.toml (keys it does not know yet, from branches still
-    being merged, are left out) and asks grpc.health.v1 what the kubelet's probes would ask."""
+    """Starts the real binary with the chart's config.toml (keys the binary does not accept are left out;
+    the schema test above keeps the two in step) and asks grpc.health.v1 what the kubelet's probes ask."""
     health_pb2 = pytest.importorskip("grpc_health.v1.health_pb2")
     health_pb2_grpc = pytest.importorskip("grpc_health.v1.health_pb2_grpc")
     objs = objects({})
@@ -405,53 +404,20 @@ def test_the_server_accepts_the_rendered_config_and_serves_the_readiness_service
     path = tmp_path / "config.toml"
     path.write_text("\n".join(kept) + "\n", encoding="utf-8")
     tomllib.loads(path.read_text())
-    env = dict(os.environ)
-    # Only what a test machine needs differently from a pod: a free port and the test repository.
-    env.update({"ADAPTERDROP__REPOSITORY__PATH": str(_test_repo()),
-                "ORT_DYLIB_PATH": str(_ort_library()), "ADAPTERDROP__LOG__FORMAT": "text", "NO_COLOR": "1"})
-    # Every port (gRPC, metrics, admin: whichever the binary knows) on a free loopback port.
-    for section, keys in accepted.items():
-        if "listen" in keys:
-            env[f"ADAPTERDROP__{section.upper()}__LISTEN"] = "127.0.0.1:0"
+    # Only what a test machine needs differently from a pod: free ports and the test repository.
     binary = os.environ.get("ADAPTERDROP_SERVER_BINARY") or str(_server_binary())
-    proc = subprocess.Popen([binary, "--config", str(path)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
-    logs: list[str] = []
-    lines: queue.Queue = queue.Queue()
-
-    def pump():
-        for line in proc.stdout:
-            logs.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
+    server = Server(binary, str(_test_repo()), timeout_s=120, extra_env={"ORT_DYLIB_PATH": str(_ort_library())},
+                    args=("--config", path))
     try:
-        addr, deadline = None, time.monotonic() + 120
-        while addr is None and time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            if m := re.search(r"\blistening addr=(\S+)", line):
-                addr = m[1]
-        assert addr, f"server did not start (exit {proc.poll()}):\n{''.join(logs)}"
-        with grpc.insecure_channel(addr) as ch:
+        with grpc.insecure_channel(server.addr) as ch:
             health = health_pb2_grpc.HealthStub(ch)
             c = server_container(objs)
             for service in (c["livenessProbe"]["grpc"]["service"], c["readinessProbe"]["grpc"]["service"]):
                 reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, f"no graceful exit on SIGTERM:\n{''.join(logs)}"
+        code = server.stop(40)
+    assert code == 0, f"no graceful exit on SIGTERM:\n{''.join(server.logs)}"
 
 
 def test_notes_tell_the_client_target_and_warn_about_risky_settings():

@@ -33,15 +33,16 @@ def load_stubs():
 
 
 class Server:
-    """The server binary on 127.0.0.1:0 serving `repo`; `addr` is read from its `listening` log line."""
+    """The server binary on 127.0.0.1:0 serving `repo`; `addr` (and `metrics_addr`) are read from its
+    log lines. Used by `make eval` and by every Python test that starts a server."""
 
-    def __init__(self, binary: str, repo: str, timeout_s: float = 180, extra_env: dict | None = None):
+    def __init__(self, binary: str, repo: str, timeout_s: float = 180, extra_env: dict | None = None, args: tuple = ()):
         ort = os.environ.get("ORT_DYLIB_PATH", str(ROOT / "build" / "lib" / "libonnxruntime.so"))
         # every port ephemeral: fixed metrics/admin ports collide with other servers on the machine
         env = {**os.environ, "ADAPTERDROP__SERVER__LISTEN": "127.0.0.1:0", "ADAPTERDROP__METRICS__LISTEN": "127.0.0.1:0",
                "ADAPTERDROP__ADMIN__LISTEN": "127.0.0.1:0", "ADAPTERDROP__REPOSITORY__PATH": str(repo),
                "ORT_DYLIB_PATH": ort, "ADAPTERDROP__LOG__FORMAT": "text", "NO_COLOR": "1", **(extra_env or {})}
-        self.proc = subprocess.Popen([str(binary)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen([str(binary), *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, encoding="utf-8", errors="replace")
         self.logs: list = []
         lines: queue.Queue = queue.Queue()
@@ -53,7 +54,7 @@ class Server:
             lines.put(None)
 
         threading.Thread(target=pump, daemon=True).start()
-        self.addr = None
+        self.addr = self.metrics_addr = None
         deadline = time.monotonic() + timeout_s
         while self.addr is None and time.monotonic() < deadline:
             try:
@@ -62,20 +63,24 @@ class Server:
                 break
             if line is None:
                 break
-            if "listening" in line and "addr=" in line:
+            if "metrics_addr=" in line:
+                self.metrics_addr = line.split("metrics_addr=", 1)[1].split()[0]
+            elif "listening" in line and "addr=" in line:
                 self.addr = line.split("addr=", 1)[1].split()[0]
         if self.addr is None:
             self.stop()
             raise RuntimeError(f"{binary} did not report `listening` within {timeout_s}s; log:\n{''.join(self.logs)}")
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 15) -> int:
+        """SIGTERM (graceful drain), SIGKILL after `timeout_s`; returns the exit code."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        return self.proc.returncode
 
     def __enter__(self):
         return self
