@@ -35,6 +35,8 @@ pub struct Metrics {
     pub rows_saved: IntCounter,
     pub adapter_rows: IntCounter,
     pub tasks_loaded: IntGaugeVec,
+    /// Serialises scrapes: each rebuilds the loaded-task gauges, and two at once would interleave.
+    render_lock: std::sync::Mutex<()>,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -99,6 +101,7 @@ impl Metrics {
             ),
             adapter_rows: counter(&r, "adapterdrop_adapter_rows_total", "Rows run through adapter slot graphs (summed over slots)."),
             tasks_loaded,
+            render_lock: std::sync::Mutex::new(()),
             registry: r,
         }
     }
@@ -133,6 +136,7 @@ impl Metrics {
 
     /// The text exposition, with loaded-task gauges refreshed from `registry`.
     pub fn render(&self, registry: &repository::Registry) -> String {
+        let _one_at_a_time = self.render_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.tasks_loaded.reset();
         for e in registry.entries() {
             let state = match e.state {
