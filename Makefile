@@ -12,7 +12,7 @@ CARGO_FLAGS ?=
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 export PYTHONPATH := $(abspath tools)
 
-.PHONY: run test setup models test-repo test-rust test-python bench gpu-check clean
+.PHONY: run test setup models test-repo test-rust test-python bench gpu-check clean lint
 
 ## Serve the bundled default model repository on 0.0.0.0:50051.
 run: setup models
@@ -24,6 +24,11 @@ test: setup test-repo perf-analyzer
 	cargo build --tests $(CARGO_FLAGS)
 	cargo test $(CARGO_FLAGS) -- --test-threads=2
 	$(PY) -m pytest -q tools/tests tests/python
+
+## rustfmt (rustfmt.toml) and clippy with warnings as errors, over every target.
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets $(CARGO_FLAGS) -- -D warnings
 
 setup: $(VENV)/.stamp $(ORT_LIB)
 

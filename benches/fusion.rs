@@ -26,9 +26,6 @@ use support::{env, env_usize, median, sequences};
 
 type Res<X> = Result<X, Box<dyn Error>>;
 
-
-
-
 /// One timed configuration: lanes of (task, drop depth), all on every row.
 struct Config {
     label: &'static str,
@@ -44,7 +41,6 @@ fn run(cfg: &Config, seqs: &[Sequence]) -> Res<ExecStats> {
     let backbone = cfg.lanes[0].0.backbone.clone();
     Ok(execute(&backbone, seqs, &lanes)?.1)
 }
-
 
 fn main() -> Res<()> {
     let quick = env("BENCH_QUICK").is_some_and(|v| v != "0");
@@ -76,7 +72,10 @@ fn main() -> Res<()> {
         Config { label: "AdapterFusion pruned to 2, library-form graphs", lanes: vec![(lib2.clone(), 0)] },
         Config { label: "AdapterFusion over K adapters, reassociated graphs (default)", lanes: vec![(full.clone(), 0)] },
         Config { label: "AdapterFusion pruned to 2, reassociated graphs", lanes: vec![(top2.clone(), 0)] },
-        Config { label: "fan-out: full + pruned fusion (reassociated), one request (shared adapters)", lanes: vec![(full.clone(), 0), (top2.clone(), 0)] },
+        Config {
+            label: "fan-out: full + pruned fusion (reassociated), one request (shared adapters)",
+            lanes: vec![(full.clone(), 0), (top2.clone(), 0)],
+        },
     ];
     let seqs = sequences(b, t, 7);
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
@@ -95,12 +94,25 @@ fn main() -> Res<()> {
     }
     let med: Vec<f64> = times.iter_mut().map(|v| median(v)).collect();
     let mut md = String::new();
-    let threads = if settings.intra_threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { settings.intra_threads };
-    let _ = writeln!(md, "## fusion: {backbone}, K = {k}, ONNX Runtime {}, {threads} intra-op threads, B = {b}, T = {t}, {runs} timed rounds (median), quick = {quick}\n", rt.version());
+    let threads =
+        if settings.intra_threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { settings.intra_threads };
+    let _ = writeln!(
+        md,
+        "## fusion: {backbone}, K = {k}, ONNX Runtime {}, {threads} intra-op threads, B = {b}, T = {t}, {runs} timed rounds (median), quick = {quick}\n",
+        rt.version()
+    );
     let _ = writeln!(md, "| configuration | median ms | vs plain | fused-adapter rows (saved) |");
     let _ = writeln!(md, "|---|---:|---:|---:|");
     for (i, c) in configs.iter().enumerate() {
-        let _ = writeln!(md, "| {} | {:.1} | {:.2}x | {} ({}) |", c.label, med[i], med[i] / med[0], stats[i].fusion_adapter_rows, stats[i].fusion_adapter_rows_saved);
+        let _ = writeln!(
+            md,
+            "| {} | {:.1} | {:.2}x | {} ({}) |",
+            c.label,
+            med[i],
+            med[i] / med[0],
+            stats[i].fusion_adapter_rows,
+            stats[i].fusion_adapter_rows_saved
+        );
     }
     let _ = writeln!(md);
     for (form, f, p) in [("library-form", 2, 3), ("reassociated", 4, 5)] {
@@ -114,7 +126,12 @@ fn main() -> Res<()> {
         );
     }
     let _ = writeln!(md, "- single adapter vs plain: {:+.0}% time", (med[1] / med[0] - 1.0) * 100.0);
-    let _ = writeln!(md, "- fan-out full + pruned (reassociated) in one request vs the two alone: {:.1} ms vs {:.1} ms", med[6], med[4] + med[5]);
+    let _ = writeln!(
+        md,
+        "- fan-out full + pruned (reassociated) in one request vs the two alone: {:.1} ms vs {:.1} ms",
+        med[6],
+        med[4] + med[5]
+    );
     print!("{md}");
     if let Some(path) = env("BENCH_FUSION_OUT") {
         std::fs::write(&path, &md)?;

@@ -16,6 +16,12 @@
 
 mod support;
 
+use adapterdrop_serve::config::Settings;
+use adapterdrop_serve::engine::{Lane, Sequence, execute};
+use adapterdrop_serve::proto::inference_client::InferenceClient;
+use adapterdrop_serve::proto::{InferRequest, TaskRef, TokenIds, TokenizedInputs, infer_request};
+use adapterdrop_serve::repository::{Backbone, Registry};
+use adapterdrop_serve::server::App;
 use std::error::Error;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -23,12 +29,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use adapterdrop_serve::config::Settings;
-use adapterdrop_serve::engine::{Lane, Sequence, execute};
-use adapterdrop_serve::proto::inference_client::InferenceClient;
-use adapterdrop_serve::proto::{InferRequest, TaskRef, TokenIds, TokenizedInputs, infer_request};
-use adapterdrop_serve::repository::{Backbone, Registry};
-use adapterdrop_serve::server::App;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 type Res<X> = Result<X, Box<dyn Error + Send + Sync>>;
@@ -36,8 +36,6 @@ const PREFIX: &str = "mini-pf";
 const BACKBONE: &str = "minilm";
 const TASKS: usize = 16;
 use support::{env, env_usize, median};
-
-
 
 struct Rng(u64);
 
@@ -78,12 +76,12 @@ impl Req {
         InferRequest {
             tasks: vec![TaskRef { name: format!("{PREFIX}-{:02}", self.task), version: None, drop_first: Some(self.drop) }],
             inputs: Some(infer_request::Inputs::Tokens(TokenizedInputs { sequences })),
-            truncate: false, return_fusion_weights: false,
+            truncate: false,
+            return_fusion_weights: false,
             id: String::new(),
         }
     }
 }
-
 
 fn quick() -> bool {
     env("BENCH_QUICK").is_some_and(|v| v != "0")
@@ -100,7 +98,12 @@ async fn start(app: App) -> Res<(SocketAddr, oneshot::Sender<()>, tokio::task::J
     let addr = listener.local_addr()?;
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
-        if let Err(e) = app.serve(listener, async { let _ = rx.await; }).await {
+        if let Err(e) = app
+            .serve(listener, async {
+                let _ = rx.await;
+            })
+            .await
+        {
             eprintln!("server failed: {e}");
         }
     });
@@ -157,11 +160,17 @@ async fn bench_5c(app: App, backbone: Arc<Backbone>, reg: Arc<Registry>, md: &mu
     handle.await?;
     let (ma, mg, mc) = (median(&mut a), median(&mut g), median(&mut server_compute));
     let ratio = mg / ma;
-    let _ = writeln!(md, "\n### 5c: in-process vs gRPC on loopback (B = {b}, T = {t}, 1 task, n = 0, max_batch_delay_ms = 0, {runs} runs each, ABAB)\n");
+    let _ = writeln!(
+        md,
+        "\n### 5c: in-process vs gRPC on loopback (B = {b}, T = {t}, 1 task, n = 0, max_batch_delay_ms = 0, {runs} runs each, ABAB)\n"
+    );
     let _ = writeln!(md, "| path | median ms | runs (ms) |\n|---|---|---|");
     let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(", ");
     let (fa, fg, fc) = (fmt(&a), fmt(&g), fmt(&server_compute));
-    let _ = writeln!(md, "| in-process `execute` | {ma:.1} | {fa} |\n| gRPC round trip | {mg:.1} | {fg} |\n| (server-side `timings.compute_us`) | {mc:.1} | {fc} |");
+    let _ = writeln!(
+        md,
+        "| in-process `execute` | {ma:.1} | {fa} |\n| gRPC round trip | {mg:.1} | {fg} |\n| (server-side `timings.compute_us`) | {mc:.1} | {fc} |"
+    );
     let _ = writeln!(
         md,
         "\n- gRPC / in-process = **{ratio:.3}x** ({:+.1} ms); target <= 1.10x: **{}**",
@@ -191,7 +200,16 @@ async fn bench_5d(app: App, backbone: Arc<Backbone>, reg: Arc<Registry>, md: &mu
             .map(|_| {
                 let (task, drop) = (rng.range(0, TASKS - 1), rng.range(0, layers) as u32);
                 let n = rng.range(1, 4);
-                Req { task, drop, seqs: (0..n).map(|_| { let t = rng.range(16, 128); sequence(&mut rng, t) }).collect() }
+                Req {
+                    task,
+                    drop,
+                    seqs: (0..n)
+                        .map(|_| {
+                            let t = rng.range(16, 128);
+                            sequence(&mut rng, t)
+                        })
+                        .collect(),
+                }
             })
             .collect(),
     );
@@ -220,7 +238,13 @@ async fn bench_5d(app: App, backbone: Arc<Backbone>, reg: Arc<Registry>, md: &mu
                 let resp = c.infer(proto).await?.into_inner();
                 let ms = s.elapsed().as_secs_f64() * 1e3;
                 let tm = resp.timings.unwrap_or_default();
-                done.push(Done { idx, ms, batch_rows: tm.batch_rows, compute_ms: tm.compute_us as f64 / 1e3, queue_ms: tm.queue_us as f64 / 1e3 });
+                done.push(Done {
+                    idx,
+                    ms,
+                    batch_rows: tm.batch_rows,
+                    compute_ms: tm.compute_us as f64 / 1e3,
+                    queue_ms: tm.queue_us as f64 / 1e3,
+                });
             }
             Ok::<_, tonic::Status>(done)
         }));
@@ -282,9 +306,15 @@ async fn bench_5d(app: App, backbone: Arc<Backbone>, reg: Arc<Registry>, md: &mu
     let _ = writeln!(md, "| metric | value |\n|---|---|");
     let _ = writeln!(md, "| served throughput | {served_tput:.1} sequences/s ({:.1} requests/s) |", done.len() as f64 / wall);
     let _ = writeln!(md, "| latency p50 / p99 (client round trip) | {p50:.1} / {p99:.1} ms |");
-    let _ = writeln!(md, "| server queue_us p50 / p99 | {q50:.1} / {q99:.1} ms |\n| batch compute (timings.compute_us) median / max | {c50:.1} / {c_max:.1} ms |");
+    let _ = writeln!(
+        md,
+        "| server queue_us p50 / p99 | {q50:.1} / {q99:.1} ms |\n| batch compute (timings.compute_us) median / max | {c50:.1} / {c_max:.1} ms |"
+    );
     let _ = writeln!(md, "| mean batch rows (timings.batch_rows, per request) | {mean_rows:.1} |");
-    let _ = writeln!(md, "| offline `execute`, same requests, {nb} batches of >= {offline_b} sequences | {offline_tput:.1} sequences/s ({offline_s:.1} s) |");
+    let _ = writeln!(
+        md,
+        "| offline `execute`, same requests, {nb} batches of >= {offline_b} sequences | {offline_tput:.1} sequences/s ({offline_s:.1} s) |"
+    );
     let _ = writeln!(md, "\n- served / offline throughput = **{:.0}%**; target >= 85%: **{}**", ratio * 100.0, hit(ratio >= 0.85));
     let _ = writeln!(
         md,
@@ -304,7 +334,12 @@ async fn bench_5d(app: App, backbone: Arc<Backbone>, reg: Arc<Registry>, md: &mu
 fn main() -> Res<()> {
     let repo = PathBuf::from(env("BENCH_REPO").unwrap_or_else(|| "build/bench-repo".into()));
     if !repo.join("backbones").is_dir() {
-        return Err(format!("{} has no backbones/: run `tools/make_bench_repo.py --out {}` (make bench does)", repo.display(), repo.display()).into());
+        return Err(format!(
+            "{} has no backbones/: run `tools/make_bench_repo.py --out {}` (make bench does)",
+            repo.display(),
+            repo.display()
+        )
+        .into());
     }
     let mut settings = Settings::default();
     settings.server.listen = "127.0.0.1:0".into();
@@ -323,9 +358,18 @@ fn main() -> Res<()> {
     s0.batching.max_batch_delay_ms = 0;
     let app_5c = App { settings: s0, registry: reg.clone(), runtime: app.runtime.clone() };
     let app_5d = app; // default batching (max_batch_delay_ms = 2)
-    let threads = if settings.runtime.intra_threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { settings.runtime.intra_threads };
+    let threads = if settings.runtime.intra_threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        settings.runtime.intra_threads
+    };
     let mut md = String::new();
-    let _ = writeln!(md, "## serving (5c, 5d): ONNX Runtime {}, {threads} intra-op threads, backbone {BACKBONE}, quick = {}", app_5d.runtime.version(), quick());
+    let _ = writeln!(
+        md,
+        "## serving (5c, 5d): ONNX Runtime {}, {threads} intra-op threads, backbone {BACKBONE}, quick = {}",
+        app_5d.runtime.version(),
+        quick()
+    );
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         bench_5c(app_5c, backbone.clone(), reg.clone(), &mut md).await?;

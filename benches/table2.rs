@@ -37,8 +37,6 @@ type Res<X> = Result<X, Box<dyn Error>>;
 /// Task name prefix per backbone, as `tools/make_bench_repo.py` names them.
 const BACKBONES: &[(&str, &str)] = &[("minilm", "mini-pf"), ("bert-base-random", "base-pf")];
 
-
-
 fn list(v: &str) -> Res<Vec<usize>> {
     v.split(',').map(|s| s.trim().parse::<usize>().map_err(|e| format!("`{s}`: {e}").into())).collect()
 }
@@ -97,7 +95,6 @@ impl Opts {
         ns
     }
 }
-
 
 /// One timed thing of a (backbone, k) group.
 #[derive(Clone, Copy, PartialEq)]
@@ -163,11 +160,11 @@ fn run_fused(graph: &Graph, seqs: &[Sequence]) -> Res<Array2<f32>> {
 
 fn load_fused(rt: &Runtime, repo: &Path, backbone: &str, labels: usize) -> Res<Graph> {
     let bt = [Dim::Any, Dim::Any];
-    let inputs: Vec<IoSpec> = ["input_ids", "token_type_ids", "attention_mask"].into_iter().map(|n| IoSpec::new(n, T::Int64, &bt)).collect();
+    let inputs: Vec<IoSpec> =
+        ["input_ids", "token_type_ids", "attention_mask"].into_iter().map(|n| IoSpec::new(n, T::Int64, &bt)).collect();
     let outputs = [IoSpec::new("logits", T::Float32, &[Dim::Any, Dim::Fixed(labels as i64)])];
     Ok(Graph::load(rt, &repo.join("fused").join(backbone).join("model.onnx"), &inputs, &outputs)?)
 }
-
 
 fn max_diff(a: &[Array2<f32>], b: &[Array2<f32>]) -> f32 {
     a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y.iter()).map(|(p, q)| (p - q).abs())).fold(0.0, f32::max)
@@ -216,8 +213,15 @@ fn bench_backbone(rt: &Runtime, reg: &Registry, name: &str, o: &Opts, md: &mut S
     let ctx = Ctx { backbone: &backbone, tasks: &tasks, seqs: &seqs, fused: fused.as_ref() };
     let ns = o.ns_for(layers);
     let paper_n = (5 * layers + 6) / 12;
-    let _ = writeln!(md, "\n### {name} ({layers} layers, hidden {}), B = {}, T = {}, median of {} runs\n", backbone.manifest.hidden_size, o.b, o.t, o.runs);
-    let _ = writeln!(md, "| k | n | fan-out ms | speed-up vs n=0 | ideal (layer rows) | % of ideal | gain / dropped layer | k separate ms | separate / fan-out |");
+    let _ = writeln!(
+        md,
+        "\n### {name} ({layers} layers, hidden {}), B = {}, T = {}, median of {} runs\n",
+        backbone.manifest.hidden_size, o.b, o.t, o.runs
+    );
+    let _ = writeln!(
+        md,
+        "| k | n | fan-out ms | speed-up vs n=0 | ideal (layer rows) | % of ideal | gain / dropped layer | k separate ms | separate / fan-out |"
+    );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
     let mut notes = Vec::new();
     for &k in &o.ks {
@@ -298,7 +302,12 @@ fn main() -> Res<()> {
     };
     let rt = Runtime::init(&settings)?;
     if !o.repo.join("backbones").is_dir() {
-        return Err(format!("{} has no backbones/: run `tools/make_bench_repo.py --out {}` (make bench does)", o.repo.display(), o.repo.display()).into());
+        return Err(format!(
+            "{} has no backbones/: run `tools/make_bench_repo.py --out {}` (make bench does)",
+            o.repo.display(),
+            o.repo.display()
+        )
+        .into());
     }
     let t0 = Instant::now();
     let reg = Registry::open(&rt, &o.repo)?;

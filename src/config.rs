@@ -193,12 +193,7 @@ impl Settings {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
         }
         builder
-            .add_source(
-                config::Environment::with_prefix("ADAPTERDROP")
-                    .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true),
-            )
+            .add_source(config::Environment::with_prefix("ADAPTERDROP").prefix_separator("__").separator("__").try_parsing(true))
             .build()?
             .try_deserialize()
     }

@@ -86,9 +86,7 @@ impl App {
         let kserve = GrpcInferenceServiceServer::new(kserve_api)
             .max_decoding_message_size(crate::api::kserve::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(crate::api::kserve::MAX_MESSAGE_BYTES);
-        let native = InferenceServer::new(NativeApi { router, scheduler })
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
+        let native = InferenceServer::new(NativeApi { router, scheduler }).max_decoding_message_size(max).max_encoding_message_size(max);
         // Inference requires auth.inference_token when one is set; health and reflection never do.
         let inference_auth = crate::admin::BearerAuth::new(&self.settings.auth.inference_token, "inference", "auth.inference_token");
         let native = tonic::service::interceptor::InterceptedService::new(native, inference_auth.clone());

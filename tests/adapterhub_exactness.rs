@@ -34,7 +34,13 @@ fn expected(v: &Value) -> Vec<Vec<f64>> {
 
 async fn infer(server: &TestServer, task: &str, n: u32, inputs: Inputs) -> Vec<Vec<f32>> {
     let mut client = server.client().await;
-    let req = InferRequest { tasks: vec![TaskRef { name: task.into(), version: None, drop_first: Some(n) }], inputs: Some(inputs), truncate: false, return_fusion_weights: false, id: String::new() };
+    let req = InferRequest {
+        tasks: vec![TaskRef { name: task.into(), version: None, drop_first: Some(n) }],
+        inputs: Some(inputs),
+        truncate: false,
+        return_fusion_weights: false,
+        id: String::new(),
+    };
     let resp = client.infer(req).await.unwrap_or_else(|s| panic!("{task} n={n}: {s}")).into_inner();
     assert_eq!(resp.results.len(), 1);
     assert_eq!(resp.results[0].dropped_layers, (0..n).collect::<Vec<_>>());

@@ -26,7 +26,9 @@ async fn kill_9_mid_upload_leaves_nothing_after_restart() {
         tx.send(m.clone()).await.unwrap();
     }
     let staged = wait_until(|| {
-        staging_dirs(repo.path()).iter().any(|d| repo.path().join("tasks").join(d).join("upload").read_dir().is_ok_and(|mut r| r.next().is_some()))
+        staging_dirs(repo.path())
+            .iter()
+            .any(|d| repo.path().join("tasks").join(d).join("upload").read_dir().is_ok_and(|mut r| r.next().is_some()))
     })
     .await;
     assert!(staged, "the upload never reached the staging directory");
@@ -71,7 +73,11 @@ async fn kill_9_at_random_moments_of_registrations_never_leaves_half_a_task() {
             let mut a = admin(&addr).await;
             for i in 0.. {
                 let set_default = i % 2 == 0;
-                let Ok(r) = register(&mut a, header("churn", None, set_default, false), &source(if i % 3 == 0 { "topic" } else { "sent" })).await else { break };
+                let Ok(r) =
+                    register(&mut a, header("churn", None, set_default, false), &source(if i % 3 == 0 { "topic" } else { "sent" })).await
+                else {
+                    break;
+                };
                 if i % 4 == 3 && unregister(&mut a, "churn", Some(r.task.unwrap().version)).await.is_err() {
                     break;
                 }
@@ -90,7 +96,8 @@ async fn kill_9_at_random_moments_of_registrations_never_leaves_half_a_task() {
             assert_eq!(t.status, TaskStatus::Ready as i32, "round {round}: churn@{} is {:?}: {}", t.version, t.status, t.status_reason);
         }
         // Every version directory on disk is a complete, loadable task.
-        let on_disk = std::fs::read_dir(repo.path().join("tasks/churn")).map(|r| r.flatten().filter(|e| e.path().is_dir()).count()).unwrap_or(0);
+        let on_disk =
+            std::fs::read_dir(repo.path().join("tasks/churn")).map(|r| r.flatten().filter(|e| e.path().is_dir()).count()).unwrap_or(0);
         assert_eq!(on_disk, churned.len(), "round {round}");
         if !churned.is_empty() {
             let mut c = inference(&server.addr).await;
@@ -143,7 +150,9 @@ async fn crash_at_each_commit_step_leaves_the_old_or_the_new_version() {
     let crash = |point: &'static str| TestServer::start_on(repo.path(), &[no_poll, ("ADAPTERDROP_CRASH_AT", point)]);
     let restart = || TestServer::start_on(repo.path(), &[no_poll]);
     let versions = |repo: &std::path::Path| -> Vec<u32> {
-        let mut v: Vec<u32> = std::fs::read_dir(repo.join("tasks/crash")).map(|r| r.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()).unwrap_or_default();
+        let mut v: Vec<u32> = std::fs::read_dir(repo.join("tasks/crash"))
+            .map(|r| r.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+            .unwrap_or_default();
         v.sort();
         v
     };
@@ -186,8 +195,15 @@ async fn crash_at_each_commit_step_leaves_the_old_or_the_new_version() {
     assert!(staging_dirs(repo.path()).is_empty());
     let mut a = admin(&s.admin_addr()).await;
     let info = a.get_task(adapterdrop_serve::proto::GetTaskRequest { name: "crash".into(), version: Some(2) }).await.unwrap().into_inner();
-    let topic_labels: Vec<String> = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(source("topic").join("task.json")).unwrap()).unwrap()["head"]["labels"]
-        .as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect();
+    let topic_labels: Vec<String> = serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(source("topic").join("task.json")).unwrap(),
+    )
+    .unwrap()["head"]["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect();
     assert_eq!((info.status, info.labels), (TaskStatus::Ready as i32, topic_labels), "the replacement won");
     drop(s);
 
@@ -201,4 +217,20 @@ async fn crash_at_each_commit_step_leaves_the_old_or_the_new_version() {
     assert_eq!(versions(repo.path()), vec![2]);
     let mut c = inference(&s.addr).await;
     assert_eq!(infer(&mut c, "crash", None).await.unwrap().results[0].version, 2);
+    drop(s);
+
+    // A version published just before a crash is not in LAST_VERSION yet; removing it raises the
+    // record first, so its number is not handed out again.
+    let last = || std::fs::read_to_string(repo.path().join("tasks/crash/LAST_VERSION")).unwrap().trim().to_string();
+    let mut s = crash("after-publish");
+    let mut a = admin(&s.admin_addr()).await;
+    assert!(register(&mut a, header("crash", None, false, false), &source("sent")).await.is_err());
+    assert!(s.wait_exit(Duration::from_secs(10)).is_some(), "aborted");
+    assert_eq!(last(), "2");
+    let s = restart();
+    assert_eq!(versions(repo.path()), vec![2, 3]);
+    let mut a = admin(&s.admin_addr()).await;
+    unregister(&mut a, "crash", Some(3)).await.unwrap();
+    assert_eq!(last(), "3");
+    assert_eq!(register(&mut a, header("crash", None, false, false), &source("sent")).await.unwrap().task.unwrap().version, 4);
 }

@@ -95,9 +95,23 @@ async fn concurrent_register_unregister_and_infer_fail_no_request() {
     let (q50, q99, qmax) = quiet.summary();
     let (b50, b99, bmax) = busy.summary();
     println!("ADMIN-CHURN clients={CLIENTS} phase_s={} admin_ops={ops}", PHASE.as_secs());
-    println!("ADMIN-CHURN quiet: n={} p50={q50:.1}ms p99={q99:.1}ms max={qmax:.1}ms failures={}", quiet.latencies_ms.len(), quiet.failures.len());
-    println!("ADMIN-CHURN churn: n={} p50={b50:.1}ms p99={b99:.1}ms max={bmax:.1}ms failures={}", busy.latencies_ms.len(), busy.failures.len());
-    println!("ADMIN-CHURN ratio churn/quiet: p50 {:.2}x p99 {:.2}x max {:.2}x; worst bump {:.1} ms", b50 / q50, b99 / q99, bmax / qmax, bmax - qmax);
+    println!(
+        "ADMIN-CHURN quiet: n={} p50={q50:.1}ms p99={q99:.1}ms max={qmax:.1}ms failures={}",
+        quiet.latencies_ms.len(),
+        quiet.failures.len()
+    );
+    println!(
+        "ADMIN-CHURN churn: n={} p50={b50:.1}ms p99={b99:.1}ms max={bmax:.1}ms failures={}",
+        busy.latencies_ms.len(),
+        busy.failures.len()
+    );
+    println!(
+        "ADMIN-CHURN ratio churn/quiet: p50 {:.2}x p99 {:.2}x max {:.2}x; worst bump {:.1} ms",
+        b50 / q50,
+        b99 / q99,
+        bmax / qmax,
+        bmax - qmax
+    );
     assert!(quiet.failures.is_empty(), "{:?}", quiet.failures);
     assert!(busy.failures.is_empty(), "requests failed during admin churn: {:?}", busy.failures);
     assert!(ops >= 5, "the churn loop ran");
@@ -136,7 +150,10 @@ async fn soak_of_register_unregister_cycles_does_not_grow_memory_or_files() {
     }
     let (_, rss0, fds0) = samples[0];
     let (_, rss1, fds1) = *samples.last().unwrap();
-    println!("ADMIN-SOAK {cycles} cycles after warm-up: rss {rss0} -> {rss1} KiB ({:+} KiB), fds {fds0} -> {fds1}", rss1 as i64 - rss0 as i64);
+    println!(
+        "ADMIN-SOAK {cycles} cycles after warm-up: rss {rss0} -> {rss1} KiB ({:+} KiB), fds {fds0} -> {fds1}",
+        rss1 as i64 - rss0 as i64
+    );
     assert!(fds1 <= fds0 + 2, "open files grew: {fds0} -> {fds1}");
     assert!(rss1 <= rss0 + 3 * 1024, "memory grew: {rss0} -> {rss1} KiB");
     assert!(staging_dirs(repo.path()).is_empty());

@@ -114,14 +114,22 @@ async fn versions_default_pins_and_replacement() {
     assert!(!repo.path().join("tasks/multi/3").exists() && !repo.path().join("tasks/multi/DEFAULT").exists());
     assert_eq!(version(infer(&mut c, "multi", None).await.unwrap()), 2);
     assert_eq!(infer(&mut c, "multi", Some(3)).await.unwrap_err().code(), tonic::Code::NotFound);
-    // A version number is never reused while higher ones exist; after removal of all, it starts at 1.
-    assert_eq!(register(&mut a, header("multi", None, false, false), &source("sent")).await.unwrap().task.unwrap().version, 3);
+    // A removed version's number is never handed out again (`multi@3` named other bytes): the next
+    // is above every number ever assigned, recorded in tasks/multi/LAST_VERSION. An explicit
+    // version raises the record too. After removal of all versions, numbering starts at 1.
+    assert_eq!(register(&mut a, header("multi", None, false, false), &source("sent")).await.unwrap().task.unwrap().version, 4);
+    assert_eq!(std::fs::read_to_string(repo.path().join("tasks/multi/LAST_VERSION")).unwrap().trim(), "4");
+    unregister(&mut a, "multi", Some(4)).await.unwrap();
+    assert_eq!(register(&mut a, header("multi", Some(7), false, false), &source("sent")).await.unwrap().task.unwrap().version, 7);
+    unregister(&mut a, "multi", Some(7)).await.unwrap();
+    assert_eq!(register(&mut a, header("multi", None, false, false), &source("sent")).await.unwrap().task.unwrap().version, 8);
     let removed = unregister(&mut a, "multi", None).await.unwrap().removed;
     assert_eq!(removed.len(), 3);
     assert!(!repo.path().join("tasks/multi").exists());
     assert_eq!(infer(&mut c, "multi", None).await.unwrap_err().code(), tonic::Code::NotFound);
     assert_eq!(unregister(&mut a, "multi", None).await.unwrap_err().code(), tonic::Code::NotFound);
-    let bad = a.unregister_task(adapterdrop_serve::proto::UnregisterTaskRequest { name: "x".into(), version: None, all_versions: false }).await;
+    let bad =
+        a.unregister_task(adapterdrop_serve::proto::UnregisterTaskRequest { name: "x".into(), version: None, all_versions: false }).await;
     assert_eq!(bad.unwrap_err().code(), tonic::Code::InvalidArgument);
 
     // The pin survives a restart.

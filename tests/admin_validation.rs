@@ -35,10 +35,20 @@ async fn bad_bundles_are_refused_by_file_and_nothing_is_written() {
     let mut cases: Vec<(&str, Vec<adapterdrop_serve::proto::RegisterTaskRequest>, Code, Vec<&str>)> = Vec::new();
     // Path traversal and bad names, in the header...
     for name in ["../evil", "a/b", "/abs", "..", ".hidden", "", "a..b", "tab\tname"] {
-        cases.push(("bad name", messages(header(name, None, false, false), &source("sent"), 1 << 20), Code::InvalidArgument, vec!["is not valid"]));
+        cases.push((
+            "bad name",
+            messages(header(name, None, false, false), &source("sent"), 1 << 20),
+            Code::InvalidArgument,
+            vec!["is not valid"],
+        ));
     }
     let long = "x".repeat(65);
-    cases.push(("long name", messages(header(&long, None, false, false), &source("sent"), 1 << 20), Code::InvalidArgument, vec!["is not valid"]));
+    cases.push((
+        "long name",
+        messages(header(&long, None, false, false), &source("sent"), 1 << 20),
+        Code::InvalidArgument,
+        vec!["is not valid"],
+    ));
     // ...and in file paths.
     for path in ["../../evil.onnx", "/tmp/evil.onnx", "slots/../../../evil.onnx", ".task.json", "slots//x.onnx"] {
         let mut m = messages(header("ok-name", None, false, false), &source("sent"), 1 << 20);
@@ -48,47 +58,107 @@ async fn bad_bundles_are_refused_by_file_and_nothing_is_written() {
     // Corrupt ONNX.
     let corrupt = bundle_copy("sent");
     std::fs::write(corrupt.path().join("slots/layer1_ffn.onnx"), b"\x08\x07garbage, not a protobuf").unwrap();
-    cases.push(("corrupt onnx", messages(header("corrupt", None, false, false), corrupt.path(), 1 << 20), Code::InvalidArgument, vec!["slots/layer1_ffn.onnx", "not a loadable ONNX graph"]));
+    cases.push((
+        "corrupt onnx",
+        messages(header("corrupt", None, false, false), corrupt.path(), 1 << 20),
+        Code::InvalidArgument,
+        vec!["slots/layer1_ffn.onnx", "not a loadable ONNX graph"],
+    ));
     // Wrong hidden size: MiniLM's 384-wide adapter on the 32-wide bert-tiny.
     let wide = bundle_copy("sent");
     std::fs::copy(source("mini-pfeiffer").join("slots/layer0_ffn.onnx"), wide.path().join("slots/layer0_ffn.onnx")).unwrap();
-    cases.push(("hidden size", messages(header("wide", None, false, false), wide.path(), 1 << 20), Code::InvalidArgument, vec!["slots/layer0_ffn.onnx", "expected 32", "hidden size"]));
+    cases.push((
+        "hidden size",
+        messages(header("wide", None, false, false), wide.path(), 1 << 20),
+        Code::InvalidArgument,
+        vec!["slots/layer0_ffn.onnx", "expected 32", "hidden size"],
+    ));
     // Drop config that does not match the adapters present: sent-layers has no layer-1 slot.
     let drop = bundle_copy("sent-layers");
     edit_manifest(drop.path(), |m| m["drop"] = serde_json::json!({"drop_first": 0}));
-    cases.push(("drop config", messages(header("drop", None, false, false), drop.path(), 1 << 20), Code::InvalidArgument, vec!["task.json", "layer 1 is not dropped"]));
+    cases.push((
+        "drop config",
+        messages(header("drop", None, false, false), drop.path(), 1 << 20),
+        Code::InvalidArgument,
+        vec!["task.json", "layer 1 is not dropped"],
+    ));
     let range = bundle_copy("sent");
     edit_manifest(range.path(), |m| m["drop"] = serde_json::json!({"robust": {"default": 0, "min": 0, "max": 5}}));
-    cases.push(("drop range", messages(header("range", None, false, false), range.path(), 1 << 20), Code::InvalidArgument, vec!["task.json", "robust range"]));
+    cases.push((
+        "drop range",
+        messages(header("range", None, false, false), range.path(), 1 << 20),
+        Code::InvalidArgument,
+        vec!["task.json", "robust range"],
+    ));
     // Slot at a layer the backbone does not have.
     let layer = bundle_copy("sent");
     edit_manifest(layer.path(), |m| m["slots"][1]["layer"] = serde_json::json!(7));
-    cases.push(("layer index", messages(header("layer", None, false, false), layer.path(), 1 << 20), Code::InvalidArgument, vec!["task.json", "layer 7"]));
+    cases.push((
+        "layer index",
+        messages(header("layer", None, false, false), layer.path(), 1 << 20),
+        Code::InvalidArgument,
+        vec!["task.json", "layer 7"],
+    ));
     // Head label count differs from the head's width.
     let labels = bundle_copy("sent");
     edit_manifest(labels.path(), |m| m["head"]["labels"] = serde_json::json!(["a", "b", "c"]));
-    cases.push(("labels", messages(header("labels", None, false, false), labels.path(), 1 << 20), Code::InvalidArgument, vec!["head.onnx", "expected 3"]));
+    cases.push((
+        "labels",
+        messages(header("labels", None, false, false), labels.path(), 1 << 20),
+        Code::InvalidArgument,
+        vec!["head.onnx", "expected 3"],
+    ));
     // Unknown backbone: a state of this server, not of the bundle.
     let bb = bundle_copy("sent");
     edit_manifest(bb.path(), |m| m["backbone"] = serde_json::json!("bert-huge"));
-    cases.push(("backbone", messages(header("bb", None, false, false), bb.path(), 1 << 20), Code::FailedPrecondition, vec!["task.json", "bert-huge", "not loaded"]));
+    cases.push((
+        "backbone",
+        messages(header("bb", None, false, false), bb.path(), 1 << 20),
+        Code::FailedPrecondition,
+        vec!["task.json", "bert-huge", "not loaded"],
+    ));
     // Missing head file, missing manifest, unreferenced extra file, invalid JSON.
     let nohead = bundle_copy("sent");
     std::fs::remove_file(nohead.path().join("head.onnx")).unwrap();
-    cases.push(("no head", messages(header("nohead", None, false, false), nohead.path(), 1 << 20), Code::InvalidArgument, vec!["head.onnx", "missing"]));
+    cases.push((
+        "no head",
+        messages(header("nohead", None, false, false), nohead.path(), 1 << 20),
+        Code::InvalidArgument,
+        vec!["head.onnx", "missing"],
+    ));
     let nomanifest = bundle_copy("sent");
     std::fs::remove_file(nomanifest.path().join("task.json")).unwrap();
-    cases.push(("no manifest", messages(header("nomanifest", None, false, false), nomanifest.path(), 1 << 20), Code::InvalidArgument, vec!["task.json", "missing"]));
+    cases.push((
+        "no manifest",
+        messages(header("nomanifest", None, false, false), nomanifest.path(), 1 << 20),
+        Code::InvalidArgument,
+        vec!["task.json", "missing"],
+    ));
     let extra = bundle_copy("sent");
     std::fs::write(extra.path().join("notes.txt"), b"hello").unwrap();
-    cases.push(("extra file", messages(header("extra", None, false, false), extra.path(), 1 << 20), Code::InvalidArgument, vec!["notes.txt", "not referenced"]));
+    cases.push((
+        "extra file",
+        messages(header("extra", None, false, false), extra.path(), 1 << 20),
+        Code::InvalidArgument,
+        vec!["notes.txt", "not referenced"],
+    ));
     let json = bundle_copy("sent");
     std::fs::write(json.path().join("task.json"), b"{ not json").unwrap();
-    cases.push(("bad json", messages(header("json", None, false, false), json.path(), 1 << 20), Code::InvalidArgument, vec!["task.json", "invalid JSON"]));
+    cases.push((
+        "bad json",
+        messages(header("json", None, false, false), json.path(), 1 << 20),
+        Code::InvalidArgument,
+        vec!["task.json", "invalid JSON"],
+    ));
     // Too big (admin.max_bundle_bytes = 200000 here).
     let big = bundle_copy("sent");
     std::fs::write(big.path().join("head.onnx"), vec![0u8; 250_000]).unwrap();
-    cases.push(("too big", messages(header("big", None, false, false), big.path(), 64 << 10), Code::InvalidArgument, vec!["head.onnx", "admin.max_bundle_bytes"]));
+    cases.push((
+        "too big",
+        messages(header("big", None, false, false), big.path(), 64 << 10),
+        Code::InvalidArgument,
+        vec!["head.onnx", "admin.max_bundle_bytes"],
+    ));
     // Protocol misuse: no header first, two headers, a file sent twice, version 0, nothing at all.
     let m = messages(header("proto", None, false, false), &source("sent"), 1 << 20);
     cases.push(("chunk first", m[1..].to_vec(), Code::InvalidArgument, vec!["first message must be a `header`"]));
@@ -98,7 +168,12 @@ async fn bad_bundles_are_refused_by_file_and_nothing_is_written() {
     let mut twice = m.clone();
     twice.push(m[1].clone());
     cases.push(("twice", twice, Code::InvalidArgument, vec!["sent twice"]));
-    cases.push(("version 0", messages(header("v0", Some(0), false, false), &source("sent"), 1 << 20), Code::InvalidArgument, vec!["positive"]));
+    cases.push((
+        "version 0",
+        messages(header("v0", Some(0), false, false), &source("sent"), 1 << 20),
+        Code::InvalidArgument,
+        vec!["positive"],
+    ));
     cases.push(("empty", vec![], Code::InvalidArgument, vec!["empty upload"]));
 
     for (what, msgs, code, needles) in cases {

@@ -2,12 +2,20 @@
 
 mod common;
 
-use adapterdrop_serve::proto::{GetTaskRequest, InferRequest, TaskRef, TextPair, TextPairs, Texts, TokenIds, TokenizedInputs, infer_request::Inputs};
+use adapterdrop_serve::proto::{
+    GetTaskRequest, InferRequest, TaskRef, TextPair, TextPairs, Texts, TokenIds, TokenizedInputs, infer_request::Inputs,
+};
 use common::TestServer;
 use tonic::Code;
 
 fn req(task: &str, version: Option<u32>, drop_first: Option<u32>, inputs: Option<Inputs>) -> InferRequest {
-    InferRequest { tasks: vec![TaskRef { name: task.into(), version, drop_first }], inputs, truncate: false, return_fusion_weights: false, id: String::new() }
+    InferRequest {
+        tasks: vec![TaskRef { name: task.into(), version, drop_first }],
+        inputs,
+        truncate: false,
+        return_fusion_weights: false,
+        id: String::new(),
+    }
 }
 
 fn texts(t: &[&str]) -> Option<Inputs> {
@@ -44,29 +52,79 @@ async fn bad_requests_get_actionable_statuses_and_the_server_stays_up() {
             Code::InvalidArgument,
             "pair 0",
         ),
-        ("id >= vocab", req("sent", None, None, ids(vec![tok(vec![101, 30522, 102], vec![])])), Code::InvalidArgument, "outside the vocabulary"),
-        ("negative id", req("sent", None, None, ids(vec![tok(vec![101, -1, 102], vec![])])), Code::InvalidArgument, "outside the vocabulary"),
-        ("mask length", req("sent", None, None, ids(vec![tok(vec![101, 7, 102], vec![1, 1])])), Code::InvalidArgument, "attention_mask has 2 entries"),
+        (
+            "id >= vocab",
+            req("sent", None, None, ids(vec![tok(vec![101, 30522, 102], vec![])])),
+            Code::InvalidArgument,
+            "outside the vocabulary",
+        ),
+        (
+            "negative id",
+            req("sent", None, None, ids(vec![tok(vec![101, -1, 102], vec![])])),
+            Code::InvalidArgument,
+            "outside the vocabulary",
+        ),
+        (
+            "mask length",
+            req("sent", None, None, ids(vec![tok(vec![101, 7, 102], vec![1, 1])])),
+            Code::InvalidArgument,
+            "attention_mask has 2 entries",
+        ),
         ("empty ids", req("sent", None, None, ids(vec![tok(vec![], vec![])])), Code::InvalidArgument, "input_ids is empty"),
-        ("drop outside robust range", req("sent", None, Some(3), texts(&["hi"])), Code::InvalidArgument, "outside task `sent`'s robust range 0..=2"),
+        (
+            "drop outside robust range",
+            req("sent", None, Some(3), texts(&["hi"])),
+            Code::InvalidArgument,
+            "outside task `sent`'s robust range 0..=2",
+        ),
         ("drop on a fixed task", req("sent-spec", None, Some(0), texts(&["hi"])), Code::InvalidArgument, "is not robust"),
-        ("too many sequences", req("sent", None, None, texts(&["a", "b", "c", "d", "e"])), Code::InvalidArgument, "5 sequences exceed the limit of 4"),
-        ("too many tokens", req("sent", None, None, texts(&[&twenty, &twenty, &twenty, &twenty])), Code::InvalidArgument, "88 tokens exceed the limit of 70"),
+        (
+            "too many sequences",
+            req("sent", None, None, texts(&["a", "b", "c", "d", "e"])),
+            Code::InvalidArgument,
+            "5 sequences exceed the limit of 4",
+        ),
+        (
+            "too many tokens",
+            req("sent", None, None, texts(&[&twenty, &twenty, &twenty, &twenty])),
+            Code::InvalidArgument,
+            "88 tokens exceed the limit of 70",
+        ),
         ("longer than the backbone", req("sent", None, None, texts(&[&long])), Code::InvalidArgument, "accepts at most 64"),
         ("text to an id-only backbone", req("rsent", None, None, texts(&["hi"])), Code::FailedPrecondition, "has no tokenizer"),
         (
             "tasks on two backbones",
-            InferRequest { tasks: vec![TaskRef { name: "sent".into(), ..Default::default() }, TaskRef { name: "rand-pfeiffer".into(), ..Default::default() }], inputs: texts(&["hi"]), truncate: false, return_fusion_weights: false, id: String::new() },
+            InferRequest {
+                tasks: vec![
+                    TaskRef { name: "sent".into(), ..Default::default() },
+                    TaskRef { name: "rand-pfeiffer".into(), ..Default::default() },
+                ],
+                inputs: texts(&["hi"]),
+                truncate: false,
+                return_fusion_weights: false,
+                id: String::new(),
+            },
             Code::InvalidArgument,
             "different backbones",
         ),
         (
             "too many tasks",
-            InferRequest { tasks: vec![TaskRef { name: "sent".into(), ..Default::default() }; 4], inputs: texts(&["hi"]), truncate: false, return_fusion_weights: false, id: String::new() },
+            InferRequest {
+                tasks: vec![TaskRef { name: "sent".into(), ..Default::default() }; 4],
+                inputs: texts(&["hi"]),
+                truncate: false,
+                return_fusion_weights: false,
+                id: String::new(),
+            },
             Code::InvalidArgument,
             "4 tasks exceed the limit of 3",
         ),
-        ("no task", InferRequest { tasks: vec![], inputs: texts(&["hi"]), truncate: false, return_fusion_weights: false, id: String::new() }, Code::InvalidArgument, "no task"),
+        (
+            "no task",
+            InferRequest { tasks: vec![], inputs: texts(&["hi"]), truncate: false, return_fusion_weights: false, id: String::new() },
+            Code::InvalidArgument,
+            "no task",
+        ),
     ];
     for (what, r, code, needle) in cases {
         let status = c.infer(r).await.expect_err(what);

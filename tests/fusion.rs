@@ -4,8 +4,10 @@
 
 mod common;
 
-use adapterdrop_serve::proto::{InferRequest, InferResponse, ListTasksRequest, TaskRef, TaskStatus, Texts, TokenIds, TokenizedInputs, infer_request::Inputs};
-use common::{TestServer, max_abs_diff, shared_fixtures, test_repo, copy_dir};
+use adapterdrop_serve::proto::{
+    InferRequest, InferResponse, ListTasksRequest, TaskRef, TaskStatus, Texts, TokenIds, TokenizedInputs, infer_request::Inputs,
+};
+use common::{TestServer, copy_dir, max_abs_diff, shared_fixtures, test_repo};
 use serde_json::Value;
 
 const TOL: f64 = 1e-4;
@@ -84,7 +86,11 @@ async fn fusion_weights_equal_the_reference_and_sum_to_one() {
         let spec = &exp["tasks"][task];
         for case in spec["cases"].as_array().unwrap() {
             let seqs: Vec<TokenIds> = (0..case["input_ids"].as_array().unwrap().len())
-                .map(|r| TokenIds { input_ids: ints(&case["input_ids"][r]), attention_mask: vec![], token_type_ids: ints(&case["token_type_ids"][r]) })
+                .map(|r| TokenIds {
+                    input_ids: ints(&case["input_ids"][r]),
+                    attention_mask: vec![],
+                    token_type_ids: ints(&case["token_type_ids"][r]),
+                })
                 .collect();
             let tokens: u64 = seqs.iter().map(|s| s.input_ids.len() as u64).sum();
             for (n, want) in case["fusion_weights"].as_object().unwrap() {
@@ -98,7 +104,8 @@ async fn fusion_weights_equal_the_reference_and_sum_to_one() {
                     assert!(w.layer >= n, "{task}: dropped layer {} reported", w.layer);
                     let key = format!("{}:{}", w.layer, w.location);
                     let names: Vec<&str> = w.adapters.iter().map(String::as_str).collect();
-                    let expected_names: Vec<&str> = spec["fusion"]["slots"][&key].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+                    let expected_names: Vec<&str> =
+                        spec["fusion"]["slots"][&key].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
                     assert_eq!(names, expected_names, "{task} {key}");
                     let d = max_abs_diff(&w.weights, &floats(&want[&key]));
                     assert!(d <= TOL, "{task} n={n} {key}: weights {:?} vs reference {:?}", w.weights, want[&key]);
@@ -120,7 +127,14 @@ async fn fan_out_over_fusions_sharing_adapters_equals_each_alone() {
     let server = TestServer::start(&[]);
     let mut client = server.client().await;
     let texts = Inputs::Texts(Texts { texts: vec!["the plot never comes together.".into(), "a gripping, moving film".into()] });
-    let tasks = [("fusion", Some(0)), ("fusion-pruned", Some(0)), ("fusion", Some(1)), ("sent", Some(0)), ("fusion-pruned", Some(2)), ("fa-plain", Some(0))];
+    let tasks = [
+        ("fusion", Some(0)),
+        ("fusion-pruned", Some(0)),
+        ("fusion", Some(1)),
+        ("sent", Some(0)),
+        ("fusion-pruned", Some(2)),
+        ("fa-plain", Some(0)),
+    ];
     let fanned = client.infer(request(&tasks, texts.clone(), true)).await.unwrap().into_inner();
     for (i, t) in tasks.iter().enumerate() {
         let alone = client.infer(request(&[*t], texts.clone(), true)).await.unwrap().into_inner();
@@ -137,16 +151,22 @@ async fn fan_out_over_fusions_sharing_adapters_equals_each_alone() {
     }
 }
 
-
 #[tokio::test]
 async fn broken_fusion_tasks_are_refused_by_file_and_the_rest_serves() {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path();
     copy_dir(&test_repo().join("backbones/bert-tiny"), &repo.join("backbones/bert-tiny"));
-    for (t, to) in [("fusion", "fusion"), ("fusion-pruned", "fusion-pruned"), ("fusion", "no-adapters"), ("fusion", "wrong-kind"), ("fusion", "up-on-fusion")] {
+    for (t, to) in [
+        ("fusion", "fusion"),
+        ("fusion-pruned", "fusion-pruned"),
+        ("fusion", "no-adapters"),
+        ("fusion", "wrong-kind"),
+        ("fusion", "up-on-fusion"),
+    ] {
         copy_dir(&test_repo().join("tasks").join(t), &repo.join("tasks").join(to));
         let m = repo.join("tasks").join(to).join("1/task.json");
-        std::fs::write(&m, std::fs::read_to_string(&m).unwrap().replace(&format!("\"name\": \"{t}\""), &format!("\"name\": \"{to}\""))).unwrap();
+        std::fs::write(&m, std::fs::read_to_string(&m).unwrap().replace(&format!("\"name\": \"{t}\""), &format!("\"name\": \"{to}\"")))
+            .unwrap();
     }
     // fusion-pruned: an adapter graph is missing. no-adapters: an empty adapter list. wrong-kind: a
     // fusion slot declared as a plain adapter slot.
@@ -167,7 +187,12 @@ async fn broken_fusion_tasks_are_refused_by_file_and_the_rest_serves() {
     let get = |name: &str| list.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("{name} listed"));
     assert_eq!(get("fusion").status, TaskStatus::Ready as i32, "{}", get("fusion").status_reason);
     assert!(get("fusion").slots.iter().any(|s| s == "1:ffn:fusion[fa,fb,fc]"), "{:?}", get("fusion").slots);
-    for (name, needle) in [("fusion-pruned", "layer1_ffn.onnx"), ("no-adapters", "lists no adapters"), ("wrong-kind", "is not `\"kind\": \"fusion\"`"), ("up-on-fusion", "`up` belongs to adapter slots")] {
+    for (name, needle) in [
+        ("fusion-pruned", "layer1_ffn.onnx"),
+        ("no-adapters", "lists no adapters"),
+        ("wrong-kind", "is not `\"kind\": \"fusion\"`"),
+        ("up-on-fusion", "`up` belongs to adapter slots"),
+    ] {
         let t = get(name);
         assert_eq!(t.status, TaskStatus::Failed as i32, "{name}");
         assert!(t.status_reason.contains(needle), "{name}: {}", t.status_reason);

@@ -27,7 +27,11 @@ fn fusions_share_loaded_adapters_and_run_each_adapter_once_per_row_set() {
         .into_iter()
         .map(|ids| Sequence { mask: vec![1; ids.len()], types: vec![0; ids.len()], ids })
         .collect();
-    let lane = |t: &Arc<adapterdrop_serve::repository::Task>, n| Lane { task: t.clone(), active: t.active_layers(Some(n)).unwrap(), rows: vec![0, 1] };
+    let lane = |t: &Arc<adapterdrop_serve::repository::Task>, n| Lane {
+        task: t.clone(),
+        active: t.active_layers(Some(n)).unwrap(),
+        rows: vec![0, 1],
+    };
     let bb = full.backbone.clone();
     let (both, stats) = execute(&bb, &seqs, &[lane(&full, 0), lane(&pruned, 0)]).unwrap();
     // Layer 0: fa, fb, fc once on the 2 shared rows (6), not 3 + 2 per row (10). Layer 1: the rows

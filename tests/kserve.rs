@@ -3,13 +3,12 @@
 
 mod common;
 
-
 use adapterdrop_serve::kserve_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use adapterdrop_serve::kserve_proto::model_infer_request::InferInputTensor;
 use adapterdrop_serve::kserve_proto::{
     InferTensorContents, ModelInferRequest, ModelReadyRequest, ModelStatisticsRequest, RepositoryIndexRequest, RepositoryModelLoadRequest,
 };
-use common::{TestServer, test_repo, copy_dir};
+use common::{TestServer, copy_dir, test_repo};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -45,12 +44,44 @@ async fn malformed_tensors_get_invalid_argument_and_the_server_keeps_serving() {
             request("sent", vec![tensor("input_ids", "INT64", &[1, 3])], vec![ids_raw(&[101, 102])]),
             "shape [1, 3] holds 3 INT64 elements (24 bytes) but its raw contents have 16 bytes",
         ),
-        ("wrong datatype", request("sent", vec![tensor("TEXT", "FP32", &[1])], vec![vec![0; 4]]), "input `TEXT` has datatype FP32; it must be BYTES"),
+        (
+            "wrong datatype",
+            request("sent", vec![tensor("TEXT", "FP32", &[1])], vec![vec![0; 4]]),
+            "input `TEXT` has datatype FP32; it must be BYTES",
+        ),
         ("missing input", request("sent", vec![], vec![]), "missing input"),
-        ("extra input", request("sent", vec![tensor("TEXT", "BYTES", &[1]), tensor("IMAGE", "BYTES", &[1])], vec![bytes_elems(&["a"]), bytes_elems(&["b"])]), "unknown input `IMAGE`"),
-        ("raw and typed mixed", request("sent", vec![tensor("TEXT", "BYTES", &[1]), { let mut t = typed.clone(); t.name = "TEXT_PAIR".into(); t }], vec![bytes_elems(&["a"]), vec![]]), "has typed contents while raw_input_contents is used"),
-        ("element count", request("sent", vec![tensor("TEXT", "BYTES", &[2, 1])], vec![bytes_elems(&["only one"])]), "shape [2, 1] holds 2 elements but its raw contents encode 1"),
-        ("router validation", request("sent", vec![tensor("input_ids", "INT64", &[1, 3])], vec![ids_raw(&[101, 99999, 102])]), "outside the vocabulary"),
+        (
+            "extra input",
+            request(
+                "sent",
+                vec![tensor("TEXT", "BYTES", &[1]), tensor("IMAGE", "BYTES", &[1])],
+                vec![bytes_elems(&["a"]), bytes_elems(&["b"])],
+            ),
+            "unknown input `IMAGE`",
+        ),
+        (
+            "raw and typed mixed",
+            request(
+                "sent",
+                vec![tensor("TEXT", "BYTES", &[1]), {
+                    let mut t = typed.clone();
+                    t.name = "TEXT_PAIR".into();
+                    t
+                }],
+                vec![bytes_elems(&["a"]), vec![]],
+            ),
+            "has typed contents while raw_input_contents is used",
+        ),
+        (
+            "element count",
+            request("sent", vec![tensor("TEXT", "BYTES", &[2, 1])], vec![bytes_elems(&["only one"])]),
+            "shape [2, 1] holds 2 elements but its raw contents encode 1",
+        ),
+        (
+            "router validation",
+            request("sent", vec![tensor("input_ids", "INT64", &[1, 3])], vec![ids_raw(&[101, 99999, 102])]),
+            "outside the vocabulary",
+        ),
     ];
     for (what, req, needle) in cases {
         let status = c.model_infer(req).await.expect_err(what);
@@ -69,7 +100,6 @@ async fn malformed_tensors_get_invalid_argument_and_the_server_keeps_serving() {
     // Only the refusal after the task resolved (the router's vocabulary check) is a task failure.
     assert_eq!(s.fail.unwrap().count, 1);
 }
-
 
 #[tokio::test]
 async fn failed_versions_are_unavailable_in_the_index_and_not_ready() {

@@ -96,3 +96,23 @@ async fn request_ids_are_returned_and_logged() {
     let logs = server.drain_logs().join("\n");
     assert!(logs.contains("client-chosen-42"), "the rejected request's log line names its id:\n{logs}");
 }
+
+#[tokio::test]
+async fn the_admin_port_returns_and_logs_request_ids_too() {
+    use adapterdrop_serve::proto::{UnregisterTaskRequest, admin_client::AdminClient};
+    let server = TestServer::start(&[]);
+    let mut admin = AdminClient::connect(format!("http://{}", server.admin_addr())).await.expect("admin port");
+
+    let mut req = Request::new(UnregisterTaskRequest { name: "no-such-task".into(), version: None, all_versions: true });
+    req.metadata_mut().insert("x-request-id", "admin-op-7".parse().unwrap());
+    let status = admin.unregister_task(req).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    assert_eq!(status.metadata().get("x-request-id").unwrap(), "admin-op-7");
+
+    let listed = admin.list_tasks(adapterdrop_serve::proto::ListTasksRequest {}).await.expect("list");
+    assert!(!listed.metadata().get("x-request-id").expect("a generated id").is_empty());
+
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let logs = server.drain_logs().join("\n");
+    assert!(logs.contains("admin-op-7"), "the refused admin call's log line names its id:\n{logs}");
+}

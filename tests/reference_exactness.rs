@@ -4,7 +4,9 @@
 
 mod common;
 
-use adapterdrop_serve::proto::{InferRequest, InferResponse, TaskRef, TextPair, TextPairs, Texts, TokenIds, TokenizedInputs, infer_request::Inputs};
+use adapterdrop_serve::proto::{
+    InferRequest, InferResponse, TaskRef, TextPair, TextPairs, Texts, TokenIds, TokenizedInputs, infer_request::Inputs,
+};
 use common::{TestServer, max_abs_diff, test_repo};
 use serde_json::Value;
 
@@ -15,7 +17,11 @@ fn expected() -> Value {
 fn ids_of(case: &Value) -> Vec<TokenIds> {
     let col = |k: &str, r: usize| case[k][r].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect::<Vec<_>>();
     (0..case["input_ids"].as_array().unwrap().len())
-        .map(|r| TokenIds { input_ids: col("input_ids", r), attention_mask: col("attention_mask", r), token_type_ids: col("token_type_ids", r) })
+        .map(|r| TokenIds {
+            input_ids: col("input_ids", r),
+            attention_mask: col("attention_mask", r),
+            token_type_ids: col("token_type_ids", r),
+        })
         .collect()
 }
 
@@ -27,7 +33,8 @@ fn request(tasks: &[(&str, Option<u32>)], inputs: Inputs) -> InferRequest {
     InferRequest {
         tasks: tasks.iter().map(|(n, d)| TaskRef { name: n.to_string(), version: None, drop_first: *d }).collect(),
         inputs: Some(inputs),
-        truncate: false, return_fusion_weights: false,
+        truncate: false,
+        return_fusion_weights: false,
         id: String::new(),
     }
 }
@@ -49,7 +56,8 @@ async fn every_task_every_drop_depth_matches_the_numpy_reference() {
                 forms.push(("texts", Inputs::Texts(Texts { texts: texts.iter().map(|t| t.as_str().unwrap().into()).collect() })));
             }
             if let Some(pairs) = case["pairs"].as_array() {
-                let pairs = pairs.iter().map(|p| TextPair { text: p[0].as_str().unwrap().into(), text_pair: p[1].as_str().unwrap().into() });
+                let pairs =
+                    pairs.iter().map(|p| TextPair { text: p[0].as_str().unwrap().into(), text_pair: p[1].as_str().unwrap().into() });
                 forms.push(("pairs", Inputs::Pairs(TextPairs { pairs: pairs.collect() })));
             }
             let robust = spec["drop"].get("robust").is_some();
@@ -61,7 +69,8 @@ async fn every_task_every_drop_depth_matches_the_numpy_reference() {
             }
             for (form, inputs) in &forms {
                 for (n, want) in &depths {
-                    let resp = client.infer(request(&[(task, *n)], inputs.clone())).await.unwrap_or_else(|s| panic!("{task} {form} n={n:?}: {s}"));
+                    let resp =
+                        client.infer(request(&[(task, *n)], inputs.clone())).await.unwrap_or_else(|s| panic!("{task} {form} n={n:?}: {s}"));
                     let got = logits(&resp.into_inner(), 0);
                     for (r, (g, w)) in got.iter().zip(want).enumerate() {
                         let d = max_abs_diff(g, w);
@@ -87,9 +96,13 @@ async fn a_sequence_gives_the_same_result_alone_or_batched_with_longer_ones() {
         if known["tasks"].get(task).is_none() {
             continue; // the GPU check's small repository has no MiniLM
         }
-        let alone = client.infer(request(&[(task, Some(n))], Inputs::Texts(Texts { texts: vec![short.clone()] }))).await.unwrap().into_inner();
-        let batched =
-            client.infer(request(&[(task, Some(n))], Inputs::Texts(Texts { texts: vec![long.clone(), short.clone(), long.clone()] }))).await.unwrap().into_inner();
+        let alone =
+            client.infer(request(&[(task, Some(n))], Inputs::Texts(Texts { texts: vec![short.clone()] }))).await.unwrap().into_inner();
+        let batched = client
+            .infer(request(&[(task, Some(n))], Inputs::Texts(Texts { texts: vec![long.clone(), short.clone(), long.clone()] })))
+            .await
+            .unwrap()
+            .into_inner();
         let a = &logits(&alone, 0)[0];
         let b = &logits(&batched, 0)[1];
         let d = max_abs_diff(a, &b.iter().map(|v| *v as f64).collect::<Vec<_>>());
@@ -107,7 +120,13 @@ async fn fan_out_to_several_tasks_equals_asking_each_alone() {
     // and on the tiny random backbone (the only one in the GPU check's small repository).
     let sets: [&[(&str, Option<u32>)]; 2] = [
         &[("mini-pfeiffer", Some(3)), ("mini-houlsby", Some(1)), ("mini-pfeiffer", Some(6)), ("mini-pfeiffer", Some(3))],
-        &[("rand-pfeiffer", Some(1)), ("rand-houlsby", Some(0)), ("rand-pfeiffer", Some(3)), ("rand-houlsby", Some(2)), ("rand-pfeiffer", Some(1))],
+        &[
+            ("rand-pfeiffer", Some(1)),
+            ("rand-houlsby", Some(0)),
+            ("rand-pfeiffer", Some(3)),
+            ("rand-houlsby", Some(2)),
+            ("rand-pfeiffer", Some(1)),
+        ],
     ];
     let mut ran = 0;
     for tasks in sets {

@@ -16,7 +16,8 @@ async fn sigterm_drains_queued_requests_then_exits_cleanly() {
     let request = InferRequest {
         tasks: vec![TaskRef { name: "mini-pfeiffer".into(), version: None, drop_first: Some(2) }],
         inputs: Some(Inputs::Texts(Texts { texts: vec!["still answered during shutdown".into()] })),
-        truncate: false, return_fusion_weights: false,
+        truncate: false,
+        return_fusion_weights: false,
         id: "draining".into(),
     };
     let in_flight = tokio::spawn(async move { client.infer(request).await });

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use adapterdrop_serve::proto::{InferRequest, ListTasksRequest, TaskRef, TaskStatus, Texts, infer_request::Inputs};
-use common::{TestServer, ort_library, run_to_exit, test_repo, copy_dir};
+use common::{TestServer, copy_dir, ort_library, run_to_exit, test_repo};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 #[test]
@@ -24,10 +24,10 @@ fn missing_or_wrong_onnx_runtime_fails_with_a_clear_message() {
         .expect("libc");
     let (ok, out) = run_to_exit(&[("ADAPTERDROP__REPOSITORY__PATH", repo), ("ADAPTERDROP__RUNTIME__LIBRARY_PATH", libc)]);
     assert!(!ok && out.contains("not ONNX Runtime"), "{out}");
-    let (ok, out) = run_to_exit(&[("ORT_DYLIB_PATH", ort_library().to_str().unwrap()), ("ADAPTERDROP__REPOSITORY__PATH", "/nonexistent/repo")]);
+    let (ok, out) =
+        run_to_exit(&[("ORT_DYLIB_PATH", ort_library().to_str().unwrap()), ("ADAPTERDROP__REPOSITORY__PATH", "/nonexistent/repo")]);
     assert!(!ok && out.contains("does not exist"), "{out}");
 }
-
 
 #[tokio::test]
 async fn broken_tasks_are_refused_by_file_and_healthy_ones_still_serve() {
@@ -46,7 +46,11 @@ async fn broken_tasks_are_refused_by_file_and_healthy_ones_still_serve() {
     copy_dir(&repo.join("tasks/rand-pfeiffer/1"), &repo.join("tasks/rand-pfeiffer/2"));
     let manifest = repo.join("tasks/rand-pfeiffer/2/task.json");
     std::fs::write(&manifest, std::fs::read_to_string(&manifest).unwrap().replace("\"version\": 1", "\"version\": 2")).unwrap();
-    std::fs::copy(test_repo().join("tasks/mini-pfeiffer/1/slots/layer0_ffn.onnx"), repo.join("tasks/rand-pfeiffer/2/slots/layer0_ffn.onnx")).unwrap();
+    std::fs::copy(
+        test_repo().join("tasks/mini-pfeiffer/1/slots/layer0_ffn.onnx"),
+        repo.join("tasks/rand-pfeiffer/2/slots/layer0_ffn.onnx"),
+    )
+    .unwrap();
 
     let server = TestServer::start_on(repo, &[]);
     let mut c = server.client().await;
@@ -55,7 +59,11 @@ async fn broken_tasks_are_refused_by_file_and_healthy_ones_still_serve() {
     assert_eq!(status("sent", 1).status, TaskStatus::Ready as i32);
     let topic = status("topic", 1);
     assert_eq!(topic.status, TaskStatus::Failed as i32);
-    assert!(topic.status_reason.contains("layer1_ffn.onnx") && topic.status_reason.contains("not a loadable ONNX graph"), "{}", topic.status_reason);
+    assert!(
+        topic.status_reason.contains("layer1_ffn.onnx") && topic.status_reason.contains("not a loadable ONNX graph"),
+        "{}",
+        topic.status_reason
+    );
     let score = status("score", 1);
     assert!(score.status_reason.contains("head.onnx") && score.status_reason.contains("missing"), "{}", score.status_reason);
     let wide = status("rand-pfeiffer", 2);
@@ -66,7 +74,8 @@ async fn broken_tasks_are_refused_by_file_and_healthy_ones_still_serve() {
     let infer = |task: &str| InferRequest {
         tasks: vec![TaskRef { name: task.into(), ..Default::default() }],
         inputs: Some(Inputs::Texts(Texts { texts: vec!["fine".into()] })),
-        truncate: false, return_fusion_weights: false,
+        truncate: false,
+        return_fusion_weights: false,
         id: String::new(),
     };
     c.infer(infer("sent")).await.expect("healthy task serves");

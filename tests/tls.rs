@@ -57,7 +57,10 @@ async fn tls_port_serves_trusting_clients_only() {
 fn incomplete_or_unreadable_tls_settings_stop_start_up() {
     let pki = certs::generate("test CA");
     let repo = test_repo();
-    let base = [("ORT_DYLIB_PATH", ort_library().to_str().unwrap().to_string()), ("ADAPTERDROP__REPOSITORY__PATH", repo.to_str().unwrap().to_string())];
+    let base = [
+        ("ORT_DYLIB_PATH", ort_library().to_str().unwrap().to_string()),
+        ("ADAPTERDROP__REPOSITORY__PATH", repo.to_str().unwrap().to_string()),
+    ];
     let run = |extra: &[(&str, &str)]| {
         let mut env: Vec<(&str, &str)> = base.iter().map(|(k, v)| (*k, v.as_str())).collect();
         env.extend_from_slice(extra);
@@ -65,9 +68,13 @@ fn incomplete_or_unreadable_tls_settings_stop_start_up() {
     };
     let (ok, out) = run(&[("ADAPTERDROP__TLS__CERT_PATH", pki.server_cert.to_str().unwrap())]);
     assert!(!ok && out.contains("tls.cert_path and tls.key_path must be set together"), "{out}");
-    let (ok, out) = run(&[("ADAPTERDROP__TLS__CERT_PATH", "/nonexistent/cert.pem"), ("ADAPTERDROP__TLS__KEY_PATH", pki.server_key.to_str().unwrap())]);
+    let (ok, out) =
+        run(&[("ADAPTERDROP__TLS__CERT_PATH", "/nonexistent/cert.pem"), ("ADAPTERDROP__TLS__KEY_PATH", pki.server_key.to_str().unwrap())]);
     assert!(!ok && out.contains("cannot read TLS certificate /nonexistent/cert.pem"), "{out}");
-    let (ok, out) = run(&[("ADAPTERDROP__TLS__CERT_PATH", repo.join("expected.json").to_str().unwrap()), ("ADAPTERDROP__TLS__KEY_PATH", pki.server_key.to_str().unwrap())]);
+    let (ok, out) = run(&[
+        ("ADAPTERDROP__TLS__CERT_PATH", repo.join("expected.json").to_str().unwrap()),
+        ("ADAPTERDROP__TLS__KEY_PATH", pki.server_key.to_str().unwrap()),
+    ]);
     assert!(!ok && out.contains("holds no PEM block"), "{out}");
 }
 

@@ -43,10 +43,9 @@ impl Interceptor for BearerAuth {
         match presented {
             Some(t) if constant_time_eq(&t, expected) => Ok(request),
             Some(_) => Err(unauthenticated(format!("invalid bearer token for the {} service ({})", self.scope, self.key))),
-            None => Err(unauthenticated(format!(
-                "malformed authorization metadata: expected `Bearer <token>` for the {} service",
-                self.scope
-            ))),
+            None => {
+                Err(unauthenticated(format!("malformed authorization metadata: expected `Bearer <token>` for the {} service", self.scope)))
+            }
         }
     }
 }

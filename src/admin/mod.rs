@@ -10,12 +10,14 @@ use std::sync::Arc;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic::transport::server::Router;
-use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
+use tower::layer::util::{Identity, Stack};
 
 pub use auth::BearerAuth;
 pub use service::AdminApi;
 
+use crate::api::request_id::RequestIdLayer;
 use crate::config::Settings;
 use crate::proto::admin_server::AdminServer;
 use crate::repository::Registrar;
@@ -23,7 +25,13 @@ use crate::server::StartError;
 
 /// Every service of the admin port on `builder` (the caller configures transport, e.g. TLS, on the
 /// builder). Health answers without a token, so probes work; Admin requires `auth.admin_token`.
-pub fn routes(mut builder: Server, registrar: Arc<Registrar>, health: HealthReporter, settings: &Settings) -> Result<Router, StartError> {
+/// Calls get an `x-request-id` as on the inference port, so registrations can be traced in logs.
+pub fn routes(
+    builder: Server,
+    registrar: Arc<Registrar>,
+    health: HealthReporter,
+    settings: &Settings,
+) -> Result<Router<Stack<RequestIdLayer, Identity>>, StartError> {
     let max = settings.server.max_message_bytes;
     let api = AdminServer::new(AdminApi { registrar, max_bundle_bytes: settings.admin.max_bundle_bytes })
         .max_decoding_message_size(max)
@@ -37,6 +45,7 @@ pub fn routes(mut builder: Server, registrar: Arc<Registrar>, health: HealthRepo
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     Ok(builder
+        .layer(RequestIdLayer)
         .add_service(HealthServer::new(HealthService::from_health_reporter(health)))
         .add_service(reflection)
         .add_service(InterceptedService::new(api, auth)))

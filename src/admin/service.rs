@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::upload;
-use crate::api::tasks;
+use crate::api::{request_id, tasks};
 use crate::error::ServeError;
 use crate::proto::admin_server::Admin;
 use crate::proto::{
@@ -22,13 +22,16 @@ pub struct AdminApi {
 #[tonic::async_trait]
 impl Admin for AdminApi {
     async fn register_task(&self, request: Request<Streaming<RegisterTaskRequest>>) -> Result<Response<RegisterTaskResponse>, Status> {
+        let request_id = request_id::of(request.metadata());
         let mut stream = request.into_inner();
-        let received = upload::receive(&mut stream, &self.registrar.tasks_root(), self.max_bundle_bytes).await.inspect_err(log_refused)?;
+        let received = upload::receive(&mut stream, &self.registrar.tasks_root(), self.max_bundle_bytes)
+            .await
+            .inspect_err(|e| log_refused(&request_id, "register", e))?;
         let h = &received.header;
         let opts = RegisterOptions { version: h.version, set_default: h.set_default, replace: h.replace };
         let name = h.name.clone();
-        tracing::info!(task = %name, version = ?opts.version, bytes = received.bytes, files = received.files, "task bundle received");
-        let done = self.registrar.register(&name, received.bundle, opts).await?;
+        tracing::info!(request_id, task = %name, version = ?opts.version, bytes = received.bytes, files = received.files, "task bundle received");
+        let done = self.registrar.register(&name, received.bundle, opts).await.inspect_err(|e| log_refused(&request_id, "register", e))?;
         let registry = self.registrar.registry();
         Ok(Response::new(RegisterTaskResponse {
             task: Some(tasks::get(registry, &name, Some(done.entry.version))?),
@@ -39,18 +42,22 @@ impl Admin for AdminApi {
     }
 
     async fn unregister_task(&self, request: Request<UnregisterTaskRequest>) -> Result<Response<UnregisterTaskResponse>, Status> {
+        let request_id = request_id::of(request.metadata());
         let req = request.into_inner();
         if req.version.is_some() == req.all_versions {
             return Err(ServeError::InvalidArgument("give exactly one of `version` and `all_versions = true`".into()).into());
         }
-        let removed = self.registrar.unregister(&req.name, req.version).await?;
+        let removed = self.registrar.unregister(&req.name, req.version).await.inspect_err(|e| log_refused(&request_id, "unregister", e))?;
+        tracing::info!(request_id, task = %req.name, removed = removed.len(), "task versions unregistered");
         let removed = removed.iter().map(|e| crate::api::convert::task_info(e, false)).collect();
         Ok(Response::new(UnregisterTaskResponse { removed }))
     }
 
     async fn set_default_version(&self, request: Request<SetDefaultVersionRequest>) -> Result<Response<TaskInfo>, Status> {
+        let request_id = request_id::of(request.metadata());
         let req = request.into_inner();
-        self.registrar.set_default(&req.name, req.version).await?;
+        self.registrar.set_default(&req.name, req.version).await.inspect_err(|e| log_refused(&request_id, "set_default_version", e))?;
+        tracing::info!(request_id, task = %req.name, version = ?req.version, "default version set");
         Ok(Response::new(tasks::get(self.registrar.registry(), &req.name, None)?))
     }
 
@@ -64,6 +71,8 @@ impl Admin for AdminApi {
     }
 }
 
-fn log_refused(e: &ServeError) {
-    tracing::info!(error_type = e.error_type(), error = %e, "task upload refused");
+/// Refusals are logged with the caller's request id: the status alone does not say which upload
+/// or which operator's call it answered.
+fn log_refused(request_id: &str, op: &'static str, e: &ServeError) {
+    tracing::info!(request_id, op, error_type = e.error_type(), error = %e, "admin call refused");
 }

@@ -25,7 +25,11 @@ pub struct Received {
 }
 
 /// Reads the header and every chunk. On any error the staging directory is removed.
-pub async fn receive(stream: &mut Streaming<crate::proto::RegisterTaskRequest>, tasks_root: &Path, max_bytes: u64) -> Result<Received, ServeError> {
+pub async fn receive(
+    stream: &mut Streaming<crate::proto::RegisterTaskRequest>,
+    tasks_root: &Path,
+    max_bytes: u64,
+) -> Result<Received, ServeError> {
     let header = match next(stream).await? {
         Some(Part::Header(h)) => h,
         Some(Part::Chunk(_)) => return Err(ServeError::InvalidArgument("the first message must be a `header`, not a `chunk`".into())),

@@ -48,7 +48,12 @@ pub fn task_info(entry: &TaskEntry, is_default: bool) -> TaskInfo {
             .iter()
             .map(|s| match s.adapters.is_empty() {
                 true => format!("{}:{}", s.layer, s.location.as_str()),
-                false => format!("{}:{}:fusion[{}]", s.layer, s.location.as_str(), s.adapters.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(",")),
+                false => format!(
+                    "{}:{}:fusion[{}]",
+                    s.layer,
+                    s.location.as_str(),
+                    s.adapters.iter().map(|a| a.name.as_str()).collect::<Vec<_>>().join(",")
+                ),
             })
             .collect();
         info.drop = Some(DropConfig {

@@ -13,10 +13,11 @@ use tracing::Instrument;
 
 use super::{convert, deadline, request_id};
 use crate::error::ServeError;
-use crate::proto::inference_server::Inference;
 use crate::proto::infer_stream_response as stream_response;
+use crate::proto::inference_server::Inference;
 use crate::proto::{
-    Error, GetTaskRequest, InferRequest, InferResponse, InferStreamResponse, ListTasksRequest, ListTasksResponse, TaskInfo, TaskResult, Timings,
+    Error, GetTaskRequest, InferRequest, InferResponse, InferStreamResponse, ListTasksRequest, ListTasksResponse, TaskInfo, TaskResult,
+    Timings,
 };
 use crate::router::Router;
 use crate::scheduler::Scheduler;
@@ -39,7 +40,8 @@ impl NativeApi {
         let id = req.id.clone();
         let task_names: Vec<String> = req.tasks.iter().map(|t| t.name.clone()).collect();
         let want_fusion = req.return_fusion_weights;
-        let span = tracing::info_span!("infer", request_id, id = %id, tasks = ?req.tasks.iter().map(|t| t.name.as_str()).collect::<Vec<_>>());
+        let span =
+            tracing::info_span!("infer", request_id, id = %id, tasks = ?req.tasks.iter().map(|t| t.name.as_str()).collect::<Vec<_>>());
         let work = async {
             // Tokenization is CPU work: keep it off the reactor threads.
             let job = tokio::task::spawn_blocking(move || router.prepare(req, deadline))

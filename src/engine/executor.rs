@@ -90,8 +90,7 @@ pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result
         let h = run_hidden(&graphs.ffn, vec![("hidden", st.hidden.input()?)], "h")?;
         st.slot(backbone, layer, Location::Ffn, h, &mut stats)?;
     }
-    st.heads()
-        .map(|logits| (logits, stats))
+    st.heads().map(|logits| (logits, stats))
 }
 
 impl State<'_> {

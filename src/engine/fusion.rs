@@ -39,7 +39,10 @@ impl FusionWeights {
 pub enum Kind<'a> {
     Fusion(&'a Arc<FusionSlot>),
     /// A plain adapter slot computed from its output graph `up` and the backbone's plain slot.
-    Adapter { up: &'a Arc<Graph>, plain: &'a Graph },
+    Adapter {
+        up: &'a Arc<Graph>,
+        plain: &'a Graph,
+    },
 }
 
 /// One choice at one slot and the (post-split) physical rows that take it.
@@ -65,7 +68,13 @@ pub struct GroupOut {
 
 /// Runs all fusion groups of one slot. `origin[r]` is the pre-split row whose `(h, x)` row `r`
 /// copies (itself for rows that were not copied here).
-pub fn run_groups(groups: &[Group], origin: &[usize], h: &Array3<f32>, x: &Array3<f32>, stats: &mut ExecStats) -> Result<Vec<GroupOut>, ServeError> {
+pub fn run_groups(
+    groups: &[Group],
+    origin: &[usize],
+    h: &Array3<f32>,
+    x: &Array3<f32>,
+    stats: &mut ExecStats,
+) -> Result<Vec<GroupOut>, ServeError> {
     // Distinct adapter graphs -> distinct origin rows they are needed on.
     let mut need: BTreeMap<usize, (&Arc<Graph>, BTreeSet<usize>)> = BTreeMap::new();
     let mut asked = 0;
@@ -140,7 +149,15 @@ fn pick<'a>(a: &'a Array3<f32>, rows: &[usize]) -> CowArray<'a, f32, Ix3> {
 
 /// Adds one group's attention weights to the statistics of the lanes on its rows.
 /// `stats.fusion` grows to the highest lane index seen; lanes past its end have no fusion weights.
-pub fn record(stats: &mut ExecStats, (layer, location): (usize, Location), slot: &FusionSlot, rows: &[usize], alpha: &Array3<f32>, mask: &Array2<i64>, lanes_of: &[Vec<usize>]) {
+pub fn record(
+    stats: &mut ExecStats,
+    (layer, location): (usize, Location),
+    slot: &FusionSlot,
+    rows: &[usize],
+    alpha: &Array3<f32>,
+    mask: &Array2<i64>,
+    lanes_of: &[Vec<usize>],
+) {
     let n = slot.adapters.len();
     for (i, &r) in rows.iter().enumerate() {
         let mut sums = vec![0f64; n];

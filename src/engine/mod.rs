@@ -109,13 +109,11 @@ fn run_batch(batch: Batch) {
             record_executions(&lanes, compute);
             let mut logits = logits.into_iter();
             for e in live {
-                let per_task = (&mut logits)
-                    .take(e.job.tasks.len())
-                    .map(|m| m.outer_iter().map(|r| r.to_vec()).collect())
-                    .collect();
+                let per_task = (&mut logits).take(e.job.tasks.len()).map(|m| m.outer_iter().map(|r| r.to_vec()).collect()).collect();
                 crate::metrics::get().queue_duration.observe((started - e.enqueued).as_secs_f64());
                 let fusion = (&mut fusion_by_lane).take(e.job.tasks.len()).collect();
-                let out = JobOutput { logits: per_task, queue: started - e.enqueued, compute, batch_rows: rows, stats: stats.clone(), fusion };
+                let out =
+                    JobOutput { logits: per_task, queue: started - e.enqueued, compute, batch_rows: rows, stats: stats.clone(), fusion };
                 let _ = e.reply.send(Ok(out));
             }
         }

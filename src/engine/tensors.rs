@@ -77,16 +77,14 @@ pub fn run3(graph: &Graph, inputs: Vec<(&'static str, SessionInputValue<'_>)>, n
         let view = outputs[name].try_extract_array::<f32>()?;
         Ok(view.to_owned())
     })?;
-    out.into_dimensionality::<Ix3>()
-        .map_err(|e| ServeError::Internal(format!("{}: output `{name}` is not rank 3: {e}", graph.file())))
+    out.into_dimensionality::<Ix3>().map_err(|e| ServeError::Internal(format!("{}: output `{name}` is not rank 3: {e}", graph.file())))
 }
 
 /// Runs a head graph; returns `[rows, labels]` logits.
 pub fn run_head(graph: &Graph, hidden: &Array3<f32>) -> Result<Array2<f32>, ServeError> {
     let view = hidden.view();
     let out = graph.run(vec![("hidden", f32_input(&view)?)], |outputs| Ok(outputs["logits"].try_extract_array::<f32>()?.to_owned()))?;
-    out.into_dimensionality()
-        .map_err(|e| ServeError::Internal(format!("{}: logits are not rank 2: {e}", graph.file())))
+    out.into_dimensionality().map_err(|e| ServeError::Internal(format!("{}: logits are not rank 2: {e}", graph.file())))
 }
 
 /// Runs a slot graph `(h, x) -> y`, on the given rows only (all rows when `rows` is None).

@@ -18,7 +18,8 @@ use crate::engine::ExecStats;
 use crate::repository::{self, TaskState};
 
 /// Latency buckets in seconds, 100 µs to 30 s.
-const LATENCY_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 pub struct Metrics {
     registry: Registry,
@@ -67,7 +68,8 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(request_duration.clone())).expect("unique metric");
-        let queue_depth = IntGauge::new("adapterdrop_queue_depth", "Inference requests waiting for or in the engine.").expect("valid metric");
+        let queue_depth =
+            IntGauge::new("adapterdrop_queue_depth", "Inference requests waiting for or in the engine.").expect("valid metric");
         r.register(Box::new(queue_depth.clone())).expect("unique metric");
         let tasks_loaded = IntGaugeVec::new(
             Opts::new("adapterdrop_tasks_loaded", "1 for every task version the server knows, labelled with its lifecycle state."),
@@ -82,12 +84,20 @@ impl Metrics {
         let rows: Vec<f64> = (0..12).map(|i| f64::from(1u32 << i)).collect();
         let tokens: Vec<f64> = (4..18).map(|i| f64::from(1u32 << i)).collect();
         Self {
-            requests: counter_vec(&r, "adapterdrop_requests_total", "Inference requests answered, per task, API and gRPC status code.", &[
-                "api", "task", "code",
-            ]),
+            requests: counter_vec(
+                &r,
+                "adapterdrop_requests_total",
+                "Inference requests answered, per task, API and gRPC status code.",
+                &["api", "task", "code"],
+            ),
             errors: counter_vec(&r, "adapterdrop_errors_total", "Failed inference requests by API and error type.", &["api", "type"]),
             request_duration,
-            queue_duration: histogram(&r, "adapterdrop_queue_duration_seconds", "Time a request waited in the batching queue.", LATENCY_BUCKETS.to_vec()),
+            queue_duration: histogram(
+                &r,
+                "adapterdrop_queue_duration_seconds",
+                "Time a request waited in the batching queue.",
+                LATENCY_BUCKETS.to_vec(),
+            ),
             compute_duration: histogram(&r, "adapterdrop_compute_duration_seconds", "Engine time of one batch.", LATENCY_BUCKETS.to_vec()),
             batches: counter(&r, "adapterdrop_batches_total", "Engine batches run."),
             batch_rows: histogram(&r, "adapterdrop_batch_rows", "Input sequences per engine batch.", rows),

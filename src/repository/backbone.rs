@@ -42,10 +42,7 @@ pub struct Backbone {
 /// Contract of a slot graph, plain or adapter: `(h, x) -> y`, all `[B, T, H]`.
 pub fn slot_contract(hidden: usize) -> (Vec<IoSpec>, Vec<IoSpec>) {
     let bth = [Dim::Any, Dim::Any, Dim::Fixed(hidden as i64)];
-    (
-        vec![IoSpec::new("h", T::Float32, &bth), IoSpec::new("x", T::Float32, &bth)],
-        vec![IoSpec::new("y", T::Float32, &bth)],
-    )
+    (vec![IoSpec::new("h", T::Float32, &bth), IoSpec::new("x", T::Float32, &bth)], vec![IoSpec::new("y", T::Float32, &bth)])
 }
 
 impl Backbone {
@@ -118,8 +115,6 @@ fn load_tokenizer(path: &Path) -> Result<Tokenizer, LoadError> {
     }
     let mut tokenizer = Tokenizer::from_file(path).map_err(|e| LoadError::new(path, format!("invalid tokenizer: {e}")))?;
     tokenizer.with_padding(None);
-    tokenizer
-        .with_truncation(None)
-        .map_err(|e| LoadError::new(path, format!("cannot disable truncation: {e}")))?;
+    tokenizer.with_truncation(None).map_err(|e| LoadError::new(path, format!("cannot disable truncation: {e}")))?;
     Ok(tokenizer)
 }

@@ -75,7 +75,10 @@ impl FusionSlot {
                 return Err(LoadError::new(&manifest, format!("{at}: adapter name `{}` is invalid or repeated", a.name)));
             }
             if !inside(&a.graph) {
-                return Err(LoadError::new(&manifest, format!("{at}: adapter graph path `{}` must stay inside the task directory", a.graph)));
+                return Err(LoadError::new(
+                    &manifest,
+                    format!("{at}: adapter graph path `{}` must stay inside the task directory", a.graph),
+                ));
             }
         }
         let h = hidden as i64;
@@ -122,7 +125,11 @@ impl Task {
 pub fn load_up(runtime: &Runtime, dir: &Path, spec: &SlotSpec, hidden: usize) -> Result<Option<Arc<Graph>>, LoadError> {
     let Some(up) = &spec.up else { return Ok(None) };
     if spec.kind == SlotKind::Fusion || !inside(up) {
-        let why = format!("slot at layer {} {}: `up` graph `{up}` must stay inside the task directory and belongs to adapter slots only", spec.layer, spec.location.as_str());
+        let why = format!(
+            "slot at layer {} {}: `up` graph `{up}` must stay inside the task directory and belongs to adapter slots only",
+            spec.layer,
+            spec.location.as_str()
+        );
         return Err(LoadError::new(dir.join("task.json"), why));
     }
     let bth = [Dim::Any, Dim::Any, Dim::Fixed(hidden as i64)];

@@ -160,10 +160,7 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, LoadE
 pub fn valid_name(name: &str) -> bool {
     let mut chars = name.chars();
     let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
-    first_ok
-        && name.len() <= 64
-        && !name.contains("..")
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    first_ok && name.len() <= 64 && !name.contains("..") && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 #[cfg(test)]

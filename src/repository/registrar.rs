@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::manifest::{TaskManifest, read_json, valid_name};
 use super::registry::{Registry, TaskEntry, TaskState, scan_tasks};
-use super::store::{self, Stamp, Staging};
+use super::store::{self, Staging, Stamp};
 use super::task::Task;
 use super::trial::trial_run;
 use crate::error::ServeError;
@@ -63,7 +63,7 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RegisterOptions {
-    /// None: the next free version.
+    /// None: one above every version the task ever had (removed numbers are not reused).
     pub version: Option<u32>,
     pub set_default: bool,
     /// Allow replacing an existing version.
@@ -114,12 +114,21 @@ impl Registrar {
         let task_dir = self.tasks_root().join(name);
         let mut known: BTreeSet<u32> = self.registry.snapshot().get(name).map(|s| s.versions.keys().copied().collect()).unwrap_or_default();
         // Another replica may have published versions this one has not polled yet.
-        known.extend(blocking({
+        known.extend(
+            blocking({
+                let task_dir = task_dir.clone();
+                move || Ok(versions_on_disk(&task_dir))
+            })
+            .await?,
+        );
+        // Never reuse a removed version's number: the next one is above every version ever assigned.
+        let last = blocking({
             let task_dir = task_dir.clone();
-            move || Ok(versions_on_disk(&task_dir))
+            move || Ok(store::read_last_version(&task_dir))
         })
-        .await?);
-        let version = opts.version.unwrap_or_else(|| known.last().map_or(1, |v| v + 1));
+        .await?;
+        let highest = known.last().copied().max(last).unwrap_or(0);
+        let version = opts.version.unwrap_or(highest + 1);
         let exists = known.contains(&version);
         if exists && !opts.replace {
             return Err(ServeError::FailedPrecondition(format!(
@@ -144,6 +153,10 @@ impl Registrar {
                 ))
             })?;
             store::crash_point("after-publish");
+            // Published either way; a missing record is restored by the unregister that needs it.
+            if let Err(e) = store::raise_last_version(target.parent().expect("task dir"), version) {
+                tracing::warn!(task = %owned_name, version, error = %e, "cannot record the highest assigned version");
+            }
             drop(bundle); // removes the staging directory, with the replaced version if any
             Ok((task, Stamp::of(&target)))
         })
@@ -159,7 +172,8 @@ impl Registrar {
             }
         };
         let validate = started.elapsed();
-        let entry = TaskEntry { name: name.into(), version, state: TaskState::Ready, manifest: Some(task.manifest.clone()), task: Some(task) };
+        let entry =
+            TaskEntry { name: name.into(), version, state: TaskState::Ready, manifest: Some(task.manifest.clone()), task: Some(task) };
         self.registry.insert(entry.clone(), stamp);
         tracing::info!(task = name, version, replaced = exists, validate_ms = validate.as_millis() as u64, "task registered");
         if opts.set_default {
@@ -203,6 +217,9 @@ impl Registrar {
                 None if task_dir.exists() => store::retire(&task_dir, &trash.path().join("task")).map_err(io_error)?,
                 None => {}
                 Some(v) => {
+                    // Before a version goes, the record must cover it, so its number is not reused.
+                    let highest = all.last().copied().unwrap_or(v);
+                    store::raise_last_version(&task_dir, highest).map_err(io_error)?;
                     if on_disk.contains(&v) {
                         store::retire(&task_dir.join(v.to_string()), &trash.path().join("version")).map_err(io_error)?;
                         store::crash_point("after-retire");
@@ -212,6 +229,7 @@ impl Registrar {
                     }
                     if versions_on_disk(&task_dir).is_empty() {
                         let _ = store::write_default(&task_dir, None);
+                        let _ = store::clear_last_version(&task_dir);
                         let _ = std::fs::remove_dir(&task_dir);
                     }
                 }
@@ -219,7 +237,8 @@ impl Registrar {
             Ok(())
         })
         .await?;
-        let removed: Vec<TaskEntry> = version.map_or(loaded.into_iter().collect(), |v| vec![v]).into_iter().filter_map(|v| self.registry.remove(name, v)).collect();
+        let removed: Vec<TaskEntry> =
+            version.map_or(loaded.into_iter().collect(), |v| vec![v]).into_iter().filter_map(|v| self.registry.remove(name, v)).collect();
         tracing::info!(task = name, versions = ?removed.iter().map(|e| e.version).collect::<Vec<_>>(), "task unregistered");
         Ok(removed)
     }
@@ -233,7 +252,8 @@ impl Registrar {
     async fn set_default_now(&self, name: &str, version: Option<u32>) -> Result<(), ServeError> {
         check_name(name)?;
         let _guard = self.registry.mutation.lock().await;
-        let entries: Vec<TaskEntry> = self.registry.entries().into_iter().filter(|e| e.name == name && e.state != TaskState::Draining).collect();
+        let entries: Vec<TaskEntry> =
+            self.registry.entries().into_iter().filter(|e| e.name == name && e.state != TaskState::Draining).collect();
         if entries.is_empty() {
             return Err(ServeError::NotFound(format!("task `{name}` not found")));
         }
@@ -241,7 +261,10 @@ impl Registrar {
             match entries.iter().find(|e| e.version == v) {
                 None => return Err(ServeError::NotFound(format!("task `{name}` has no version {v}"))),
                 Some(e) if e.state != TaskState::Ready => {
-                    return Err(ServeError::FailedPrecondition(format!("task `{name}@{v}` is not ready ({:?}); cannot make it the default", e.state)));
+                    return Err(ServeError::FailedPrecondition(format!(
+                        "task `{name}@{v}` is not ready ({:?}); cannot make it the default",
+                        e.state
+                    )));
                 }
                 Some(_) => {}
             }
@@ -369,7 +392,10 @@ fn prepare(registry: &Registry, runtime: &Runtime, name: &str, version: u32, bun
     }
     let backbone = registry.backbone(&manifest.backbone).ok_or_else(|| {
         let known: Vec<String> = registry.backbones().iter().map(|b| b.name().to_string()).collect();
-        ServeError::FailedPrecondition(format!("task.json: backbone `{}` is not loaded on this server; loaded backbones: {known:?}", manifest.backbone))
+        ServeError::FailedPrecondition(format!(
+            "task.json: backbone `{}` is not loaded on this server; loaded backbones: {known:?}",
+            manifest.backbone
+        ))
     })?;
     let task = Task::load(runtime, &staged, backbone).map_err(|e| invalid(relative(e.to_string())))?;
     trial_run(&task).map_err(|e| invalid(relative(e.to_string())))?;
@@ -458,7 +484,9 @@ async fn on_loader<T: Send + 'static>(f: impl FnOnce() -> Result<T, ServeError> 
 }
 
 /// Runs a change on its own task: dropping the caller's future does not stop it half-way.
-async fn detached<T: Send + 'static>(f: impl std::future::Future<Output = Result<T, ServeError>> + Send + 'static) -> Result<T, ServeError> {
+async fn detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, ServeError>> + Send + 'static,
+) -> Result<T, ServeError> {
     tokio::spawn(f).await.map_err(|e| ServeError::Internal(format!("repository change failed: {e}")))?
 }
 

@@ -109,10 +109,14 @@ impl Registry {
     pub fn resolve(&self, name: &str, version: Option<u32>) -> Result<Arc<Task>, ServeError> {
         let (name, version) = match name.split_once('@') {
             Some((n, v)) if version.is_none() => {
-                let v = v.parse::<u32>().map_err(|_| ServeError::InvalidArgument(format!("`{name}`: the version after `@` must be a positive integer")))?;
+                let v = v
+                    .parse::<u32>()
+                    .map_err(|_| ServeError::InvalidArgument(format!("`{name}`: the version after `@` must be a positive integer")))?;
                 (n, Some(v))
             }
-            Some(_) => return Err(ServeError::InvalidArgument(format!("`{name}`: give the version either as `@N` or in `version`, not both"))),
+            Some(_) => {
+                return Err(ServeError::InvalidArgument(format!("`{name}`: give the version either as `@N` or in `version`, not both")));
+            }
             None => (name, version),
         };
         let tables = self.read();
@@ -122,9 +126,8 @@ impl Registry {
         };
         let version = match version {
             Some(v) => v,
-            None => default_version(versions, tables.pinned.get(name)).ok_or_else(|| {
-                ServeError::FailedPrecondition(format!("task `{name}` has no ready version: {}", describe(versions)))
-            })?,
+            None => default_version(versions, tables.pinned.get(name))
+                .ok_or_else(|| ServeError::FailedPrecondition(format!("task `{name}` has no ready version: {}", describe(versions))))?,
         };
         let Some(entry) = versions.get(&version) else {
             let known: Vec<&u32> = versions.keys().collect();

@@ -16,6 +16,9 @@ use std::time::{Duration, SystemTime};
 pub const STAGING_PREFIX: &str = ".staging-";
 /// The file in `tasks/<name>/` that pins the default version (decimal, one line).
 pub const DEFAULT_FILE: &str = "DEFAULT";
+/// The file in `tasks/<name>/` holding the highest version number ever assigned (decimal, one
+/// line), so a removed version's number is never handed out again for different bytes.
+pub const LAST_VERSION_FILE: &str = "LAST_VERSION";
 const LOCK_FILE: &str = ".lock";
 
 /// Identity of a task version directory as seen on disk: replaced directories get a new inode, so
@@ -147,23 +150,56 @@ pub fn crash_point(point: &str) {
 
 /// Reads `tasks/<name>/DEFAULT`; None when absent or unreadable (logged).
 pub fn read_default(task_dir: &Path) -> Option<u32> {
-    let path = task_dir.join(DEFAULT_FILE);
+    read_number(task_dir, DEFAULT_FILE)
+}
+
+/// Writes (write temp, fsync, rename, fsync dir) or removes the `DEFAULT` pin.
+pub fn write_default(task_dir: &Path, version: Option<u32>) -> std::io::Result<()> {
+    write_number(task_dir, DEFAULT_FILE, version)
+}
+
+/// Reads `tasks/<name>/LAST_VERSION`; None when absent or unreadable (logged).
+pub fn read_last_version(task_dir: &Path) -> Option<u32> {
+    read_number(task_dir, LAST_VERSION_FILE)
+}
+
+/// Raises `tasks/<name>/LAST_VERSION` to `version` (never lowers it), creating the task directory
+/// if needed. Written after a version is published and again before one is removed, so a crash
+/// between publishing and recording cannot let a removed number be handed out twice.
+pub fn raise_last_version(task_dir: &Path, version: u32) -> std::io::Result<()> {
+    if read_last_version(task_dir).is_some_and(|last| last >= version) {
+        return Ok(());
+    }
+    if !task_dir.exists() {
+        fs::create_dir_all(task_dir)?;
+        sync_dir(task_dir.parent().expect("tasks root"))?;
+    }
+    write_number(task_dir, LAST_VERSION_FILE, Some(version))
+}
+
+/// Removes the `LAST_VERSION` record (the task's last version is gone; numbering starts over).
+pub fn clear_last_version(task_dir: &Path) -> std::io::Result<()> {
+    write_number(task_dir, LAST_VERSION_FILE, None)
+}
+
+fn read_number(task_dir: &Path, file: &str) -> Option<u32> {
+    let path = task_dir.join(file);
     let text = fs::read_to_string(&path).ok()?;
     match text.trim().parse::<u32>() {
         Ok(v) if v > 0 => Some(v),
         _ => {
-            tracing::warn!(file = %path.display(), content = text.trim(), "ignoring DEFAULT file that is not a positive version number");
+            tracing::warn!(file = %path.display(), content = text.trim(), "ignoring {file} file that is not a positive version number");
             None
         }
     }
 }
 
-/// Writes (write temp, fsync, rename, fsync dir) or removes the `DEFAULT` pin.
-pub fn write_default(task_dir: &Path, version: Option<u32>) -> std::io::Result<()> {
-    let path = task_dir.join(DEFAULT_FILE);
+/// Writes `file` atomically (write temp, fsync, rename, fsync dir), or removes it for `None`.
+fn write_number(task_dir: &Path, file: &str, version: Option<u32>) -> std::io::Result<()> {
+    let path = task_dir.join(file);
     match version {
         Some(v) => {
-            let tmp = task_dir.join(format!(".{DEFAULT_FILE}.tmp-{}", std::process::id()));
+            let tmp = task_dir.join(format!(".{file}.tmp-{}", std::process::id()));
             let mut f = File::create(&tmp)?;
             writeln!(f, "{v}")?;
             f.sync_all()?;
@@ -179,7 +215,7 @@ pub fn write_default(task_dir: &Path, version: Option<u32>) -> std::io::Result<(
 }
 
 /// Removes what killed processes left: unlocked `tasks/.staging-*` directories and stale
-/// `.DEFAULT.tmp-*` files. A staging directory whose lock another live process holds is kept.
+/// `.DEFAULT.tmp-*` / `.LAST_VERSION.tmp-*` files. A staging directory whose lock another live process holds is kept.
 pub fn clean_leftovers(tasks_root: &Path) -> usize {
     let Ok(entries) = fs::read_dir(tasks_root) else { return 0 };
     let mut removed = 0;
@@ -218,7 +254,9 @@ fn clean_default_temps(task_dir: &Path) -> usize {
     let mut removed = 0;
     for entry in entries.flatten() {
         let path = entry.path();
-        if entry.file_name().to_string_lossy().starts_with(&format!(".{DEFAULT_FILE}.tmp-")) && stale(&path) && fs::remove_file(&path).is_ok() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let temp = [DEFAULT_FILE, LAST_VERSION_FILE].iter().any(|f| name.starts_with(&format!(".{f}.tmp-")));
+        if temp && stale(&path) && fs::remove_file(&path).is_ok() {
             removed += 1;
         }
     }
@@ -259,6 +297,20 @@ mod tests {
         assert_eq!(fs::read(a.join("f")).unwrap(), b"old");
         // publish_new refuses to clobber an existing version.
         assert!(publish_new(&a, &b).is_err());
+    }
+
+    #[test]
+    fn last_version_only_rises_and_clears() {
+        let root = tempfile::tempdir().unwrap();
+        let task = root.path().join("t");
+        assert_eq!(read_last_version(&task), None);
+        raise_last_version(&task, 3).unwrap();
+        raise_last_version(&task, 2).unwrap();
+        assert_eq!(read_last_version(&task), Some(3));
+        raise_last_version(&task, 5).unwrap();
+        assert_eq!(read_last_version(&task), Some(5));
+        clear_last_version(&task).unwrap();
+        assert_eq!(read_last_version(&task), None);
     }
 
     #[test]

@@ -154,10 +154,7 @@ fn validate_manifest(m: &TaskManifest, path: &Path, dir: &Path, backbone: &Backb
     let task_dir = dir.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned());
     let version_dir = dir.file_name().map(|n| n.to_string_lossy().into_owned());
     if task_dir.as_deref() != Some(m.name.as_str()) || version_dir != Some(m.version.to_string()) || m.version == 0 {
-        return bad(format!(
-            "name `{}` and version {} must match the directory tasks/<name>/<version> (version >= 1)",
-            m.name, m.version
-        ));
+        return bad(format!("name `{}` and version {} must match the directory tasks/<name>/<version> (version >= 1)", m.name, m.version));
     }
     let layers = backbone.num_layers();
     match &m.drop {
@@ -194,10 +191,7 @@ fn validate_manifest(m: &TaskManifest, path: &Path, dir: &Path, backbone: &Backb
     let needed = needed_layers(&m.drop, layers);
     for (layer, need) in needed.iter().enumerate() {
         if *need && !m.slots.iter().any(|s| s.layer == layer) {
-            return bad(format!(
-                "layer {layer} is not dropped by {} but the task has no adapter slot there",
-                describe_drop(&m.drop)
-            ));
+            return bad(format!("layer {layer} is not dropped by {} but the task has no adapter slot there", describe_drop(&m.drop)));
         }
     }
     if m.head.graph.contains("..") || Path::new(&m.head.graph).is_absolute() {

@@ -42,10 +42,7 @@ fn run(graph: &Graph, inputs: &[(&'static str, &Array3<f32>)], output: &'static 
 
 fn check(graph: &Graph, name: &str, value: &ArrayD<f32>, shape: &[usize]) -> Result<(), LoadError> {
     if value.shape() != shape {
-        return Err(LoadError::new(
-            graph.file(),
-            format!("trial run: output `{name}` has shape {:?}, expected {shape:?}", value.shape()),
-        ));
+        return Err(LoadError::new(graph.file(), format!("trial run: output `{name}` has shape {:?}, expected {shape:?}", value.shape())));
     }
     if value.iter().any(|v| !v.is_finite()) {
         return Err(LoadError::new(graph.file(), format!("trial run: output `{name}` has non-finite values (NaN or inf)")));

@@ -24,10 +24,17 @@ impl Router {
         let tasks = self.resolve_tasks(&req.tasks)?;
         // Refusals after the tasks resolved count as those tasks' failures (ModelStatistics).
         let keys = crate::stats::keys(&tasks);
-        self.prepare_inputs(req, tasks, deadline, received).inspect_err(|_| crate::stats::global().request_failed(&keys, received.elapsed()))
+        self.prepare_inputs(req, tasks, deadline, received)
+            .inspect_err(|_| crate::stats::global().request_failed(&keys, received.elapsed()))
     }
 
-    fn prepare_inputs(&self, req: InferRequest, tasks: Vec<TaskRun>, deadline: Option<Instant>, received: Instant) -> Result<Job, ServeError> {
+    fn prepare_inputs(
+        &self,
+        req: InferRequest,
+        tasks: Vec<TaskRun>,
+        deadline: Option<Instant>,
+        received: Instant,
+    ) -> Result<Job, ServeError> {
         let backbone = tasks[0].task.backbone.clone();
         let count = match &req.inputs {
             Some(Inputs::Texts(t)) => t.texts.len(),

@@ -15,9 +15,7 @@ pub fn encode_texts(backbone: &Backbone, inputs: Vec<EncodeInput<'_>>, truncate:
             backbone.name()
         ))
     })?;
-    let encodings = tokenizer
-        .encode_batch(inputs, true)
-        .map_err(|e| ServeError::InvalidArgument(format!("tokenization failed: {e}")))?;
+    let encodings = tokenizer.encode_batch(inputs, true).map_err(|e| ServeError::InvalidArgument(format!("tokenization failed: {e}")))?;
     let max = backbone.manifest.max_positions;
     encodings.into_iter().enumerate().map(|(i, e)| fit(i, e, max, truncate)).collect()
 }

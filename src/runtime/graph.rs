@@ -57,7 +57,12 @@ impl Graph {
         let session = build_session(runtime, path).map_err(|e| LoadError::new(path, format!("not a loadable ONNX graph: {e}")))?;
         check_io(path, "input", session.inputs().iter().map(|o| (o.name(), o.dtype())), inputs)?;
         check_io(path, "output", session.outputs().iter().map(|o| (o.name(), o.dtype())), outputs)?;
-        Ok(Self { file: path.display().to_string(), session: Mutex::new(session), device: runtime.device(), row_ops: runtime.row_ops().cloned() })
+        Ok(Self {
+            file: path.display().to_string(),
+            session: Mutex::new(session),
+            device: runtime.device(),
+            row_ops: runtime.row_ops().cloned(),
+        })
     }
 
     /// Checks an already loaded graph against a contract (for graphs shared between tasks).
@@ -97,9 +102,8 @@ impl Graph {
     /// for CUDA sessions (IoBinding), so the next graph reads it without a host round trip.
     pub fn run_on_device(&self, inputs: Vec<(&'static str, SessionInputValue<'_>)>, name: &'static str) -> ort::Result<DynValue> {
         let super::Device::Cuda { device_id, .. } = self.device else {
-            return self.run(inputs, |mut outputs| {
-                outputs.remove(name).ok_or_else(|| ort::Error::new(format!("graph has no output `{name}`")))
-            });
+            return self
+                .run(inputs, |mut outputs| outputs.remove(name).ok_or_else(|| ort::Error::new(format!("graph has no output `{name}`"))));
         };
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let mut binding = session.create_binding()?;
@@ -114,9 +118,8 @@ impl Graph {
 }
 
 fn build_session(runtime: &Runtime, path: &Path) -> ort::Result<Session> {
-    let mut builder = Session::builder(runtime.environment())?
-        .with_optimization_level(runtime.optimization())
-        .map_err(|e| -> ort::Error { e.into() })?;
+    let mut builder =
+        Session::builder(runtime.environment())?.with_optimization_level(runtime.optimization()).map_err(|e| -> ort::Error { e.into() })?;
     if let super::Device::Cuda { device_id, memory_limit } = runtime.device() {
         // TF32 matmuls would move logits by ~1e-3; exactness to the reference needs full fp32.
         let mut cuda = ort::ep::CUDA::default().with_device_id(device_id).with_tf32(false);

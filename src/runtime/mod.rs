@@ -6,8 +6,8 @@ mod row_ops;
 use std::path::{Path, PathBuf};
 
 pub use graph::{Dim, Graph, IoSpec};
-pub use row_ops::RowOps;
 use ort::environment::{Environment, GlobalThreadPoolOptions};
+pub use row_ops::RowOps;
 
 use crate::config::RuntimeSettings;
 

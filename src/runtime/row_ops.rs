@@ -22,11 +22,14 @@ pub struct RowOps {
 }
 
 fn tensor(name: &str, ty: TensorElementType, dims: &[&str]) -> Outlet {
-    Outlet::new(name, ValueType::Tensor {
-        ty,
-        shape: Shape::new(dims.iter().map(|_| -1i64)),
-        dimension_symbols: SymbolicDimensions::new(dims.iter().map(|d| d.to_string())),
-    })
+    Outlet::new(
+        name,
+        ValueType::Tensor {
+            ty,
+            shape: Shape::new(dims.iter().map(|_| -1i64)),
+            dimension_symbols: SymbolicDimensions::new(dims.iter().map(|d| d.to_string())),
+        },
+    )
 }
 
 fn cuda_session(env: &Environment, device_id: i32, graph: EditorGraph) -> ort::Result<Session> {
@@ -69,16 +72,18 @@ impl RowOps {
     pub fn concat(&self, parts: &[DynValue]) -> ort::Result<DynValue> {
         let mut sessions = self.concat.lock().unwrap_or_else(|p| p.into_inner());
         let n = parts.len();
-        if !sessions.contains_key(&n) {
-            let names: Vec<String> = (0..n).map(|i| format!("in{i}")).collect();
-            let rows: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
-            let mut g = EditorGraph::new()?;
-            g.set_inputs(names.iter().zip(&rows).map(|(name, r)| tensor(name, TensorElementType::Float32, &[r, "t", "h"])))?;
-            g.set_outputs([tensor("out", TensorElementType::Float32, &["rows", "t", "h"])])?;
-            g.add_node(Node::new("Concat", ONNX_DOMAIN, "concat", &names, ["out"], [Attribute::new("axis", 0i64)?])?)?;
-            sessions.insert(n, cuda_session(&self.env, self.device_id, g)?);
-        }
-        let session = sessions.get_mut(&n).expect("inserted above");
+        let session = match sessions.entry(n) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let names: Vec<String> = (0..n).map(|i| format!("in{i}")).collect();
+                let rows: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
+                let mut g = EditorGraph::new()?;
+                g.set_inputs(names.iter().zip(&rows).map(|(name, r)| tensor(name, TensorElementType::Float32, &[r, "t", "h"])))?;
+                g.set_outputs([tensor("out", TensorElementType::Float32, &["rows", "t", "h"])])?;
+                g.add_node(Node::new("Concat", ONNX_DOMAIN, "concat", &names, ["out"], [Attribute::new("axis", 0i64)?])?)?;
+                e.insert(cuda_session(&self.env, self.device_id, g)?)
+            }
+        };
         let mut binding = session.create_binding()?;
         for (i, part) in parts.iter().enumerate() {
             binding.bind_input(format!("in{i}"), part)?;

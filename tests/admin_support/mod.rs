@@ -87,7 +87,11 @@ pub async fn inference(addr: &str) -> InferenceClient<Channel> {
     InferenceClient::connect(format!("http://{addr}")).await.expect("connect").max_decoding_message_size(64 << 20)
 }
 
-pub async fn register_msgs(c: &mut AdminClient<Channel>, msgs: Vec<RegisterTaskRequest>, token: Option<&str>) -> Result<RegisterTaskResponse, Status> {
+pub async fn register_msgs(
+    c: &mut AdminClient<Channel>,
+    msgs: Vec<RegisterTaskRequest>,
+    token: Option<&str>,
+) -> Result<RegisterTaskResponse, Status> {
     c.register_task(with_token(tokio_stream::iter(msgs), token)).await.map(|r| r.into_inner())
 }
 

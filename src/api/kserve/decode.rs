@@ -43,7 +43,10 @@ pub fn parse_version(model: &str, version: &str) -> Result<Option<u32>, ServeErr
     if version.is_empty() {
         return Ok(None);
     }
-    version.parse::<u32>().map(Some).map_err(|_| invalid(format!("model `{model}`: version `{version}` is not a number (leave it empty for the default version)")))
+    version
+        .parse::<u32>()
+        .map(Some)
+        .map_err(|_| invalid(format!("model `{model}`: version `{version}` is not a number (leave it empty for the default version)")))
 }
 
 pub fn decode(req: ModelInferRequest) -> Result<Decoded, ServeError> {
@@ -57,7 +60,9 @@ pub fn decode(req: ModelInferRequest) -> Result<Decoded, ServeError> {
     for entry in params.tasks.iter() {
         let (task, prefix) = fan_out_entry(entry)?;
         if prefixes.contains(&prefix) || (version.is_none() && task.name == req.model_name && task.version.is_none()) {
-            return Err(invalid(format!("parameter `tasks`: `{entry}` is listed twice (or repeats model_name); each task's outputs need distinct names")));
+            return Err(invalid(format!(
+                "parameter `tasks`: `{entry}` is listed twice (or repeats model_name); each task's outputs need distinct names"
+            )));
         }
         tasks.push(task);
         prefixes.push(prefix);
@@ -66,7 +71,10 @@ pub fn decode(req: ModelInferRequest) -> Result<Decoded, ServeError> {
     let mut outputs = Vec::with_capacity(req.outputs.len());
     for o in &req.outputs {
         if o.parameters.get("classification").is_some_and(|p| !matches!(p.parameter_choice, Some(ParameterChoice::Int64Param(0)) | None)) {
-            return Err(invalid(format!("output `{}`: the classification extension is not supported; request `label` and `probabilities`", o.name)));
+            return Err(invalid(format!(
+                "output `{}`: the classification extension is not supported; request `label` and `probabilities`",
+                o.name
+            )));
         }
         if o.parameters.keys().any(|k| k.starts_with("shared_memory")) {
             return Err(invalid(format!("output `{}`: shared memory is not supported; outputs come in raw_output_contents", o.name)));
@@ -97,9 +105,14 @@ impl Params {
         for key in keys {
             let value = map[key].parameter_choice.as_ref();
             match key.as_str() {
-                "drop_first" => p.drop_first = Some(u32::try_from(int_param(key, value)?).map_err(|_| invalid("parameter `drop_first` is out of range"))?),
+                "drop_first" => {
+                    p.drop_first =
+                        Some(u32::try_from(int_param(key, value)?).map_err(|_| invalid("parameter `drop_first` is out of range"))?)
+                }
                 "tasks" => match value {
-                    Some(ParameterChoice::StringParam(s)) => p.tasks = s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
+                    Some(ParameterChoice::StringParam(s)) => {
+                        p.tasks = s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+                    }
                     _ => return Err(invalid("parameter `tasks` must be a string such as \"topic,score@2,sent:1\"")),
                 },
                 "truncate" => match value {
@@ -119,7 +132,9 @@ impl Params {
                         _ => false,
                     };
                     if set {
-                        return Err(invalid(format!("parameter `{key}`: sequence batching is not supported; every request is independent")));
+                        return Err(invalid(format!(
+                            "parameter `{key}`: sequence batching is not supported; every request is independent"
+                        )));
                     }
                 }
                 // Reserved by the protocol and meaningless here (HTTP-only or scheduling hints).
@@ -203,10 +218,17 @@ fn decode_inputs(inputs: &[InferInputTensor], raw: &[Vec<u8>]) -> Result<Inputs,
             return Err(invalid(format!("input `{}` appears twice", t.name)));
         }
         if t.datatype != want {
-            return Err(invalid(format!("input `{}` has datatype {}; it must be {want}", t.name, if t.datatype.is_empty() { "\"\"" } else { &t.datatype })));
+            return Err(invalid(format!(
+                "input `{}` has datatype {}; it must be {want}",
+                t.name,
+                if t.datatype.is_empty() { "\"\"" } else { &t.datatype }
+            )));
         }
         if t.parameters.keys().any(|k| k.starts_with("shared_memory")) {
-            return Err(invalid(format!("input `{}`: shared memory is not supported; send the data in contents or raw_input_contents", t.name)));
+            return Err(invalid(format!(
+                "input `{}`: shared memory is not supported; send the data in contents or raw_input_contents",
+                t.name
+            )));
         }
         let shape = check_shape(t)?;
         let count: usize = shape.iter().product();
@@ -254,12 +276,16 @@ fn check_shape(t: &InferInputTensor) -> Result<Vec<usize>, ServeError> {
 fn typed_data(t: &InferInputTensor, want: &str, count: usize) -> Result<Data, ServeError> {
     let empty = InferTensorContents::default();
     let c = t.contents.as_ref().unwrap_or(&empty);
-    let (field, len) = if want == "BYTES" { ("bytes_contents", c.bytes_contents.len()) } else { ("int64_contents", c.int64_contents.len()) };
+    let (field, len) =
+        if want == "BYTES" { ("bytes_contents", c.bytes_contents.len()) } else { ("int64_contents", c.int64_contents.len()) };
     let mut other = c.clone();
     other.bytes_contents.clear();
     other.int64_contents.clear();
     if has_typed(Some(&other)) || (want == "BYTES" && !c.int64_contents.is_empty()) || (want == "INT64" && !c.bytes_contents.is_empty()) {
-        return Err(invalid(format!("input `{}` is {want}: its typed data goes in contents.{field}, not in another contents field", t.name)));
+        return Err(invalid(format!(
+            "input `{}` is {want}: its typed data goes in contents.{field}, not in another contents field",
+            t.name
+        )));
     }
     if len != count {
         return Err(invalid(format!(
@@ -338,10 +364,15 @@ fn assemble(mut found: HashMap<&str, (Vec<usize>, Data)>) -> Result<Inputs, Serv
             None => Ok(Inputs::Texts(Texts { texts })),
             Some((pair_shape, Data::Bytes(second))) => {
                 if pair_shape[0] != shape[0] {
-                    return Err(invalid(format!("input `{TEXT_PAIR}` has {} elements but `{TEXT}` has {}; pairs need one of each", pair_shape[0], shape[0])));
+                    return Err(invalid(format!(
+                        "input `{TEXT_PAIR}` has {} elements but `{TEXT}` has {}; pairs need one of each",
+                        pair_shape[0], shape[0]
+                    )));
                 }
                 let second = utf8(TEXT_PAIR, second)?;
-                Ok(Inputs::Pairs(TextPairs { pairs: texts.into_iter().zip(second).map(|(text, text_pair)| TextPair { text, text_pair }).collect() }))
+                Ok(Inputs::Pairs(TextPairs {
+                    pairs: texts.into_iter().zip(second).map(|(text, text_pair)| TextPair { text, text_pair }).collect(),
+                }))
             }
             Some(_) => unreachable!("datatype checked"),
         };
@@ -365,7 +396,11 @@ fn assemble(mut found: HashMap<&str, (Vec<usize>, Data)>) -> Result<Inputs, Serv
     let (rows, len) = (shape[0], shape[1]);
     let row = |v: &Option<Vec<i64>>, r: usize| v.as_ref().map(|v| v[r * len..(r + 1) * len].to_vec()).unwrap_or_default();
     let sequences = (0..rows)
-        .map(|r| TokenIds { input_ids: input_ids[r * len..(r + 1) * len].to_vec(), attention_mask: row(&mask, r), token_type_ids: row(&types, r) })
+        .map(|r| TokenIds {
+            input_ids: input_ids[r * len..(r + 1) * len].to_vec(),
+            attention_mask: row(&mask, r),
+            token_type_ids: row(&types, r),
+        })
         .collect();
     Ok(Inputs::Tokens(TokenizedInputs { sequences }))
 }
@@ -379,7 +414,10 @@ mod tests {
             name: TEXT.into(),
             datatype: "BYTES".into(),
             shape,
-            contents: Some(InferTensorContents { bytes_contents: items.iter().map(|s| s.as_bytes().to_vec()).collect(), ..Default::default() }),
+            contents: Some(InferTensorContents {
+                bytes_contents: items.iter().map(|s| s.as_bytes().to_vec()).collect(),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
@@ -416,7 +454,10 @@ mod tests {
 
     #[test]
     fn malformed_tensors_are_named_precisely() {
-        assert!(err(vec![text_input(vec![3, 1], &["a", "b"])], vec![]).contains("shape [3, 1] holds 3 elements but contents.bytes_contents has 2"));
+        assert!(
+            err(vec![text_input(vec![3, 1], &["a", "b"])], vec![])
+                .contains("shape [3, 1] holds 3 elements but contents.bytes_contents has 2")
+        );
         let mut t = text_input(vec![1], &[]);
         t.contents = None;
         assert!(err(vec![t.clone()], vec![vec![9, 0, 0, 0, b'x']]).contains("declares 9 bytes but only 1 remain"));
@@ -428,7 +469,10 @@ mod tests {
         extra.name = "IMAGE".into();
         assert!(err(vec![text_input(vec![1], &["a"]), extra], vec![]).contains("unknown input `IMAGE`"));
         assert!(err(vec![], vec![]).contains("missing input"));
-        assert!(err(vec![text_input(vec![1], &["a"]), t], vec![raw_bytes(&["a"])]).contains("raw_input_contents has 1 entries but the request has 2 inputs"));
+        assert!(
+            err(vec![text_input(vec![1], &["a"]), t], vec![raw_bytes(&["a"])])
+                .contains("raw_input_contents has 1 entries but the request has 2 inputs")
+        );
         let mixed = vec![text_input(vec![1], &["a"])];
         assert!(err(mixed, vec![raw_bytes(&["a"])]).contains("has typed contents while raw_input_contents is used"));
         let ids = InferInputTensor { name: INPUT_IDS.into(), datatype: "INT64".into(), shape: vec![1, 3], ..Default::default() };

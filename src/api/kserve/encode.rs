@@ -41,7 +41,9 @@ pub fn plan(tasks: &[TaskRun], prefixes: &[String], requested: &[String]) -> Res
         .iter()
         .zip(prefixes)
         .enumerate()
-        .flat_map(|(i, (run, prefix))| kinds(run.task.manifest.head.kind).iter().map(move |(kind, n)| Planned { name: format!("{prefix}{n}"), task: i, kind: *kind }))
+        .flat_map(|(i, (run, prefix))| {
+            kinds(run.task.manifest.head.kind).iter().map(move |(kind, n)| Planned { name: format!("{prefix}{n}"), task: i, kind: *kind })
+        })
         .collect();
     if requested.is_empty() {
         return Ok(all);

@@ -46,7 +46,12 @@ pub struct KServeApi {
 
 impl KServeApi {
     /// One inference, shared by ModelInfer and ModelStreamInfer.
-    async fn run(router: Arc<Router>, scheduler: Scheduler, req: ModelInferRequest, deadline: Option<Instant>) -> Result<ModelInferResponse, ServeError> {
+    async fn run(
+        router: Arc<Router>,
+        scheduler: Scheduler,
+        req: ModelInferRequest,
+        deadline: Option<Instant>,
+    ) -> Result<ModelInferResponse, ServeError> {
         let (model, id) = (req.model_name.clone(), req.id.clone());
         let model_name = model.clone();
         let span = tracing::info_span!("model_infer", model = %model, id = %id);
@@ -70,16 +75,19 @@ impl KServeApi {
             let runs = job.tasks.clone();
             let timeout = decoded.timeout;
             let out = match (timeout, job.deadline) {
-                (Some(_), Some(d)) => tokio::time::timeout_at(deadline::answer_by(d), scheduler.submit(job))
-                    .await
-                    .map_err(|_| ServeError::DeadlineExceeded("the request's `timeout` parameter passed before the result was ready".into()))??,
+                (Some(_), Some(d)) => tokio::time::timeout_at(deadline::answer_by(d), scheduler.submit(job)).await.map_err(|_| {
+                    ServeError::DeadlineExceeded("the request's `timeout` parameter passed before the result was ready".into())
+                })??,
                 _ => scheduler.submit(job).await?,
             };
             let (outputs, raw_output_contents) = encode::encode(&runs, &plan, out.logits);
             let mut parameters = std::collections::HashMap::new();
             for (run, prefix) in runs.iter().zip(&decoded.prefixes) {
                 let dropped = run.active.dropped().iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-                parameters.insert(format!("{prefix}dropped_layers"), InferParameter { parameter_choice: Some(ParameterChoice::StringParam(dropped)) });
+                parameters.insert(
+                    format!("{prefix}dropped_layers"),
+                    InferParameter { parameter_choice: Some(ParameterChoice::StringParam(dropped)) },
+                );
             }
             Ok(ModelInferResponse {
                 model_name: model,
@@ -237,14 +245,20 @@ impl GrpcInferenceService for KServeApi {
 
     /// Loading new tasks at run time belongs to task registration (the admin service); until
     /// that is wired here, Load succeeds only for a task that is already ready, which is then a no-op.
-    async fn repository_model_load(&self, request: Request<RepositoryModelLoadRequest>) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+    async fn repository_model_load(
+        &self,
+        request: Request<RepositoryModelLoadRequest>,
+    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
         let r = request.into_inner();
         if r.model_name.is_empty() {
             return Err(ServeError::InvalidArgument("model_name is empty".into()).into());
         }
         if !r.parameters.is_empty() {
             let keys: Vec<&String> = r.parameters.keys().collect();
-            return Err(ServeError::Unimplemented(format!("RepositoryModelLoad parameters {keys:?} (config or file overrides) are not supported")).into());
+            return Err(ServeError::Unimplemented(format!(
+                "RepositoryModelLoad parameters {keys:?} (config or file overrides) are not supported"
+            ))
+            .into());
         }
         let registry = &self.router.registry;
         if registry.default_version(&r.model_name).is_some() {
@@ -267,7 +281,11 @@ impl GrpcInferenceService for KServeApi {
             ))
         })?;
         let reason = registry.resolve(&r.model_name, None).err().map(|e| e.to_string()).unwrap_or_default();
-        Err(ServeError::FailedPrecondition(format!("model `{}` has no ready version after rescanning the repository: {reason}", r.model_name)).into())
+        Err(ServeError::FailedPrecondition(format!(
+            "model `{}` has no ready version after rescanning the repository: {reason}",
+            r.model_name
+        ))
+        .into())
     }
 
     async fn repository_model_unload(

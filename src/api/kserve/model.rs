@@ -77,16 +77,24 @@ pub fn config(task: &Task, limits: &LimitSettings, batching: &BatchingSettings) 
         name: task.name().into(),
         platform: PLATFORM.into(),
         backend: PLATFORM.into(),
-        version_policy: Some(ModelVersionPolicy { policy_choice: Some(model_version_policy::PolicyChoice::All(model_version_policy::All {})) }),
+        version_policy: Some(ModelVersionPolicy {
+            policy_choice: Some(model_version_policy::PolicyChoice::All(model_version_policy::All {})),
+        }),
         max_batch_size: limits.max_sequences_per_request.min(i32::MAX as usize) as i32,
         input: inputs(task)
             .into_iter()
             .map(|(name, _, dt, dims)| ModelInput { name: name.into(), data_type: dt as i32, dims, optional: true, ..Default::default() })
             .collect(),
-        output: outputs(task).into_iter().map(|(name, _, dt, dims)| ModelOutput { name: name.into(), data_type: dt as i32, dims, ..Default::default() }).collect(),
+        output: outputs(task)
+            .into_iter()
+            .map(|(name, _, dt, dims)| ModelOutput { name: name.into(), data_type: dt as i32, dims, ..Default::default() })
+            .collect(),
         scheduling_choice: Some(model_config::SchedulingChoice::DynamicBatching(ModelDynamicBatching {
             max_queue_delay_microseconds: batching.max_batch_delay_ms.saturating_mul(1000),
-            default_queue_policy: Some(ModelQueuePolicy { max_queue_size: batching.max_queued.min(u32::MAX as usize) as u32, ..Default::default() }),
+            default_queue_policy: Some(ModelQueuePolicy {
+                max_queue_size: batching.max_queued.min(u32::MAX as usize) as u32,
+                ..Default::default()
+            }),
             ..Default::default()
         })),
         parameters,
