@@ -296,6 +296,7 @@ fn main() -> Res<()> {
     let settings = RuntimeSettings {
         library_path: env("ORT_DYLIB_PATH").map(PathBuf::from).or_else(|| Some(PathBuf::from("build/lib/libonnxruntime.so"))),
         intra_threads: env_usize("BENCH_THREADS", 0)?,
+        allow_spinning: env_usize("BENCH_SPIN", RuntimeSettings::default().allow_spinning as usize)? != 0,
         // `cuda` under `make gpu-check`.
         execution_provider: env("ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER").unwrap_or_else(|| "cpu".into()),
         ..Default::default()

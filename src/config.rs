@@ -109,6 +109,9 @@ pub struct RuntimeSettings {
     pub library_path: Option<PathBuf>,
     /// Threads of the global intra-op pool shared by every session; 0 = one per core.
     pub intra_threads: usize,
+    /// Let the pool's idle workers spin briefly before sleeping. Off, every parallel operator
+    /// pays a thread wake-up, and the segmented pipeline runs many short operators.
+    pub allow_spinning: bool,
     /// ONNX Runtime graph optimization: `disable`, `basic`, `extended` or `all`.
     pub optimization_level: String,
     /// `cpu`, or `cuda` (needs the onnxruntime-gpu library; failing to register it is a start-up
@@ -124,6 +127,7 @@ impl Default for RuntimeSettings {
         Self {
             library_path: None,
             intra_threads: 0,
+            allow_spinning: false,
             optimization_level: "all".into(),
             execution_provider: "cpu".into(),
             cuda_device_id: 0,

@@ -85,7 +85,7 @@ impl Runtime {
         let pool = GlobalThreadPoolOptions::default()
             .with_intra_threads(threads)
             .and_then(|p| p.with_inter_threads(1))
-            .and_then(|p| p.with_spin_control(false))
+            .and_then(|p| p.with_spin_control(settings.allow_spinning))
             .map_err(|e| RuntimeError::Environment(e.to_string()))?;
         let env = ort::init_from(&path)
             .map_err(|e| RuntimeError::Unloadable { path: path.clone(), reason: e.to_string() })?
@@ -113,7 +113,7 @@ impl Runtime {
             )),
             Device::Cpu => None,
         };
-        tracing::info!(library = %path.display(), %version, intra_threads = threads, ?device, "ONNX Runtime loaded");
+        tracing::info!(library = %path.display(), %version, intra_threads = threads, allow_spinning = settings.allow_spinning, ?device, "ONNX Runtime loaded");
         Ok(Self { env, version, optimization, device, row_ops })
     }
 
