@@ -143,3 +143,45 @@ async fn versions_default_pins_and_replacement() {
     let info = c.get_task(GetTaskRequest { name: "multi".into(), version: None }).await.unwrap().into_inner();
     assert!(info.default_pinned && info.version == 1);
 }
+
+/// A version is LOADING while it is validated (held there by the `ADAPTERDROP_PAUSE_AT` test hook):
+/// listed as such, refused with UNAVAILABLE when named, not SERVING on health, and the name's
+/// default stays on the ready version; then it turns READY and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_is_loading_while_validated_then_ready() {
+    let repo = temp_repo(&[]);
+    let server = TestServer::start_on(
+        repo.path(),
+        &[("ADAPTERDROP__REPOSITORY__POLL_INTERVAL_S", "0"), ("ADAPTERDROP_PAUSE_AT", "before-publish:1500")],
+    );
+    let mut a = admin(&server.admin_addr()).await;
+    let mut c = inference(&server.addr).await;
+    let mut health = HealthClient::new(server.channel().await);
+    let check = |s: &str| HealthCheckRequest { service: s.into() };
+    // Version 1 ready first (it also waits at the pause).
+    register(&mut a, header("slow", None, false, false), &source("sent")).await.unwrap();
+
+    let mut a2 = a.clone();
+    let second = tokio::spawn(async move { register(&mut a2, header("slow", None, false, false), &source("sent")).await });
+    let mut seen = None;
+    for _ in 0..100 {
+        let tasks = list(&mut a).await;
+        if let Some(t) = tasks.iter().find(|t| t.name == "slow" && t.version == 2) {
+            seen = Some(t.clone());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let loading = seen.expect("version 2 listed while it is validated");
+    assert_eq!(loading.status, TaskStatus::Loading as i32, "{loading:?}");
+    let err = infer(&mut c, "slow", Some(2)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("slow@2") && err.message().contains("not ready"), "{}", err.message());
+    // Meanwhile the name is served by version 1, and health says so.
+    assert_eq!(infer(&mut c, "slow", None).await.unwrap().results[0].version, 1);
+    assert_eq!(health.check(check("slow")).await.unwrap().into_inner().status, ServingStatus::Serving as i32);
+
+    let done = second.await.unwrap().unwrap().task.unwrap();
+    assert_eq!((done.version, done.status), (2, TaskStatus::Ready as i32));
+    assert_eq!(infer(&mut c, "slow", None).await.unwrap().results[0].version, 2);
+}

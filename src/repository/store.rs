@@ -139,12 +139,19 @@ pub fn retire(target: &Path, trash: &Path) -> std::io::Result<()> {
     sync_dir(target.parent().expect("target has a parent"))
 }
 
-/// Crash-consistency testing: when `ADAPTERDROP_CRASH_AT` names this point, the process aborts
-/// here (no destructors, no clean-up; like `kill -9` at exactly this step). Unset in production.
+/// Lifecycle testing hooks, both unset in production. When `ADAPTERDROP_CRASH_AT` names this
+/// point, the process aborts here (no destructors, no clean-up; like `kill -9` at exactly this
+/// step). When `ADAPTERDROP_PAUSE_AT` is `point:millis`, this step waits that long, so a test can
+/// observe the states in between (a version LOADING while it is validated).
 pub fn crash_point(point: &str) {
     if std::env::var_os("ADAPTERDROP_CRASH_AT").is_some_and(|v| v == point) {
         eprintln!("ADAPTERDROP_CRASH_AT={point}: aborting");
         std::process::abort();
+    }
+    let pause = std::env::var("ADAPTERDROP_PAUSE_AT").ok();
+    if let Some(ms) = pause.as_deref().and_then(|v| v.strip_prefix(point)).and_then(|r| r.strip_prefix(':')).and_then(|ms| ms.parse().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
     }
 }
 
