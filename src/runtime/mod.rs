@@ -1,5 +1,6 @@
 //! ONNX Runtime: loading the shared library, the one process-wide environment, and graphs.
 
+mod allocator;
 mod graph;
 mod row_ops;
 
@@ -106,6 +107,9 @@ impl Runtime {
             if !ort::ep::CUDA::is_available().unwrap_or(false) {
                 return Err(RuntimeError::NoCuda { path });
             }
+        }
+        if device == Device::Cpu {
+            allocator::register_shared_cpu_arena(&env).map_err(|e| RuntimeError::Environment(format!("shared CPU arena: {e}")))?;
         }
         let row_ops = match device {
             Device::Cuda { device_id, .. } => Some(std::sync::Arc::new(
