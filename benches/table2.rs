@@ -14,6 +14,7 @@
 //!   BENCH_B=8  BENCH_T=128        BENCH_SEPARATE=1 (5b: k separate calls)    BENCH_FUSED=1
 //!   ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER=cuda (GPU; `make gpu-check`)
 //!   BENCH_THREADS=0 (ORT intra-op threads, 0 = cores)  BENCH_OUT=FILE (also write the markdown there)
+//!   BENCH_SPIN=0 (1: idle pool threads spin, runtime.allow_spinning)
 //!   BENCH_QUICK=1: K=1,8, N=0,round(5L/12),L-1, RUNS=3 unless set explicitly.
 
 mod support;

@@ -4,8 +4,8 @@
 //! backbone (plus every task's adapter sessions) each keep their own intermediate buffers: the
 //! engine cycles through far more memory than one model would, and buffers are cache-cold when a
 //! graph starts. With one shared arena, consecutive graphs reuse the same blocks, as inside a
-//! single fused graph. Measured on MiniLM, B = 8, T = 128 (tools/experiments/segment_merge.py):
-//! segmented 1.20x the fused model with per-session arenas, 1.05x with the shared one.
+//! single fused graph. Measured on MiniLM, B = 8, T = 128 (tools/experiments/segment_floor.py):
+//! segmented 1.25x the fused model with per-session arenas, 1.07x with the shared one.
 
 use ort::AsPointer;
 use ort::environment::Environment;

@@ -125,7 +125,7 @@ fn build_session(runtime: &Runtime, path: &Path) -> ort::Result<Session> {
         builder = builder.with_env_allocators().map_err(|e| -> ort::Error { e.into() })?;
         // ORT 1.31's CPU SkipLayerNormalization kernel takes ~3x as long as the Add +
         // LayerNormalization it replaces (0.95 vs 0.29 ms on [8, 128, 384], 2 threads), and every
-        // slot graph ends in one (tools/experiments/segment_merge.py).
+        // slot graph ends in one (tools/experiments/segment_floor.py).
         builder = builder.with_disabled_optimizers("SkipLayerNormFusion").map_err(|e| -> ort::Error { e.into() })?;
     }
     if let super::Device::Cuda { device_id, memory_limit } = runtime.device() {
