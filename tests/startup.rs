@@ -95,3 +95,18 @@ async fn broken_tasks_are_refused_by_file_and_healthy_ones_still_serve() {
     assert_eq!(health.check(check("adapterdrop.v1.Inference")).await.unwrap().into_inner().status, ServingStatus::Serving as i32);
     assert_eq!(health.check(check("unknown")).await.unwrap_err().code(), tonic::Code::NotFound);
 }
+
+#[tokio::test]
+async fn runtime_library_path_alone_is_enough() {
+    // No ORT_DYLIB_PATH: the library comes from the config key only (as in a container that sets
+    // runtime.library_path in its config file).
+    let lib = ort_library();
+    let server = TestServer::start(&[("ORT_DYLIB_PATH", ""), ("ADAPTERDROP__RUNTIME__LIBRARY_PATH", lib.to_str().unwrap())]);
+    let mut c = server.client().await;
+    let req = InferRequest {
+        tasks: vec![TaskRef { name: "sent".into(), ..Default::default() }],
+        inputs: Some(Inputs::Texts(Texts { texts: vec!["fine".into()] })),
+        ..Default::default()
+    };
+    assert_eq!(c.infer(req).await.expect("served").into_inner().results.len(), 1);
+}

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use ndarray::{Array2, Array3, Axis, concatenate, s};
 
 use super::fusion::{self, FusionWeights, Group, Kind};
-use super::tensors::{Hidden, i64_input, run_head, run_hidden, run_slot};
+use super::tensors::{Hidden, f32_input, i64_input, run_head, run_hidden, run_slot};
 use crate::error::ServeError;
 use crate::repository::{ActiveLayers, Backbone, FusionSlot, Location, Task};
 use crate::runtime::Graph;
@@ -210,6 +210,17 @@ impl State<'_> {
             self.hidden = Hidden::Ort(ops.concat(&parts)?);
             return Ok(());
         }
+        if fusions.is_empty() && plain.row_ops().is_none() {
+            // On the CPU: groups in order of their first row, so an unchanged grouping keeps its
+            // rows where they are.
+            let mut groups: Vec<(Option<Arc<Graph>>, Vec<usize>)> = by_choice
+                .iter()
+                .map(|(c, rows)| ((*c != PLAIN).then(|| self.adapter_graph(witness[c], layer, location)), rows.clone()))
+                .collect();
+            groups.sort_by_key(|(_, rows)| rows[0]);
+            let src_of: Vec<usize> = (0..rows_before).chain(copies.iter().copied()).collect();
+            return self.groups_on_host(h, x, &groups, &src_of, plain, stats);
+        }
         let mut h = h.into_host()?;
         let mut x = x.into_host()?;
         if !copies.is_empty() {
@@ -261,6 +272,53 @@ impl State<'_> {
             }
         }
         self.hidden = Hidden::Host(out);
+        Ok(())
+    }
+
+    /// CPU slot with several row groups (`src_of`: the state row each row reads, copies of split
+    /// rows after the existing ones): each group's graph reads its rows of `h` and `x` where
+    /// they are (a contiguous range; the rows are regrouped with one copy only when the grouping
+    /// changed or rows were split), and the group outputs are joined in one copy. The bookkeeping
+    /// follows the new row order, so nothing is scattered back.
+    fn groups_on_host(
+        &mut self,
+        h: Hidden,
+        x: Hidden,
+        groups: &[(Option<Arc<Graph>>, Vec<usize>)],
+        src_of: &[usize],
+        plain: &Graph,
+        stats: &mut ExecStats,
+    ) -> Result<(), ServeError> {
+        let perm: Vec<usize> = groups.iter().flat_map(|(_, rows)| rows.iter().copied()).collect();
+        let (h, x) = if perm.iter().enumerate().all(|(i, &r)| r == i && src_of[r] == i) {
+            (h, x)
+        } else {
+            let src_rows: Vec<usize> = perm.iter().map(|&r| src_of[r]).collect();
+            self.input_of = perm.iter().map(|&r| self.input_of[r]).collect();
+            let mut lanes_of = std::mem::take(&mut self.lanes_of);
+            self.lanes_of = perm.iter().map(|&r| std::mem::take(&mut lanes_of[r])).collect();
+            self.mask = self.mask.select(Axis(0), &src_rows);
+            (Hidden::Host(h.view()?.select(Axis(0), &src_rows)), Hidden::Host(x.view()?.select(Axis(0), &src_rows)))
+        };
+        let (hv, xv) = (h.view()?, x.view()?);
+        let mut parts = Vec::with_capacity(groups.len());
+        let mut at = 0;
+        for (adapter, rows) in groups {
+            let range = at..at + rows.len();
+            at = range.end;
+            let graph = match adapter {
+                Some(g) => {
+                    stats.adapter_rows += rows.len();
+                    g.as_ref()
+                }
+                None => plain,
+            };
+            let (hs, xs) = (hv.slice(s![range.clone(), .., ..]), xv.slice(s![range, .., ..]));
+            parts.push(run_hidden(graph, vec![("h", f32_input(&hs)?), ("x", f32_input(&xs)?)], "y")?);
+        }
+        let views = parts.iter().map(Hidden::view).collect::<Result<Vec<_>, _>>()?;
+        let joined = concatenate(Axis(0), &views).map_err(|e| ServeError::Internal(format!("joining slot outputs: {e}")))?;
+        self.hidden = Hidden::Host(joined);
         Ok(())
     }
 

@@ -27,6 +27,18 @@ impl Hidden {
         })
     }
 
+    /// The states in place, for host memory (ndarrays and CPU sessions' outputs); GPU states
+    /// cannot be read in place.
+    pub fn view(&self) -> Result<ArrayView3<'_, f32>, ServeError> {
+        match self {
+            Self::Host(a) => Ok(a.view()),
+            Self::Ort(v) => v
+                .try_extract_array::<f32>()?
+                .into_dimensionality::<Ix3>()
+                .map_err(|e| ServeError::Internal(format!("hidden states are not rank 3: {e}"))),
+        }
+    }
+
     /// A graph input reading these states where they are, without copying.
     pub fn input(&self) -> Result<SessionInputValue<'_>, ServeError> {
         Ok(match self {

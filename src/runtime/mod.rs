@@ -83,13 +83,15 @@ impl Runtime {
         } else {
             settings.intra_threads
         };
+        // Load the library first: any other ort call before `init_from` would make ort load its
+        // default (`ORT_DYLIB_PATH` or `libonnxruntime.so`) and ignore `runtime.library_path`.
+        let builder = ort::init_from(&path).map_err(|e| RuntimeError::Unloadable { path: path.clone(), reason: e.to_string() })?;
         let pool = GlobalThreadPoolOptions::default()
             .with_intra_threads(threads)
             .and_then(|p| p.with_inter_threads(1))
             .and_then(|p| p.with_spin_control(settings.allow_spinning))
             .map_err(|e| RuntimeError::Environment(e.to_string()))?;
-        let env = ort::init_from(&path)
-            .map_err(|e| RuntimeError::Unloadable { path: path.clone(), reason: e.to_string() })?
+        let env = builder
             .with_name("adapterdrop-serve")
             .with_telemetry(false)
             .with_global_thread_pool(pool)

@@ -88,6 +88,8 @@ impl TestServer {
                 }
             });
         }
+        // Only the readers hold senders now: a server that dies early fails the test at once.
+        drop(tx);
         let mut seen = Vec::new();
         let mut metrics_addr = String::new();
         loop {
