@@ -21,7 +21,7 @@ from .adapterhub import Adapter, Head
 from .fusion import Fusion, adapter_up_graph, check_compatible, fusion_graph
 from .graphs_task import head_graph
 from .onnx_builder import save
-from .repository import FORMAT_VERSION, _atomic_install, _fresh_tmp, always_dropped, check_name, read_backbone, write_json
+from .repository import FORMAT_VERSION, check_name, install_task_version, kept_slots, read_backbone
 
 
 def write_fusion_task(repo: str, backbone: str, fusion: Fusion, adapters: dict, head: Head, lns, name: str,
@@ -42,20 +42,12 @@ def write_fusion_task(repo: str, backbone: str, fusion: Fusion, adapters: dict, 
     check_compatible(fusion, used)
     if any(a.hidden_size != H for a in used.values()):
         raise InvalidCheckpoint(f"an adapter's hidden size differs from backbone {backbone!r} hidden {H}")
-    final = os.path.join(repo, "tasks", name, str(int(version)))
-    if os.path.exists(final) and not force:
-        raise ExportError(f"{final} already exists (use --force to replace it)")
-    skip = always_dropped(drop, L)
     rules = used[fusion.adapter_names[-1]]
-    tmp = _fresh_tmp(os.path.join(repo, "tasks"), f"{name}-{version}")
-    try:
+
+    def build(tmp: str) -> dict:
         os.makedirs(os.path.join(tmp, "fusion"))
         slots = []
-        for (layer, loc), fw in sorted(fusion.slots.items()):
-            if layer in skip:
-                continue
-            if layer >= L:
-                raise InvalidCheckpoint(f"fusion has layer {layer}, backbone has {L} layers")
+        for layer, loc, fw in kept_slots(fusion.slots, drop, L, "fusion"):
             lw, lb = lns.ln(layer, loc)
             rel = f"fusion/layer{layer}_{loc}.onnx"
             save(fusion_graph(fusion, rules, fw, H, lw, lb, eps, f"{name}_fusion{layer}_{loc}", form), os.path.join(tmp, rel))
@@ -67,7 +59,7 @@ def write_fusion_task(repo: str, backbone: str, fusion: Fusion, adapters: dict, 
                 refs.append({"name": n, "graph": arel})
             slots.append({"layer": layer, "location": loc, "kind": "fusion", "graph": rel, "adapters": refs})
         save(head_graph(head, H), os.path.join(tmp, "head.onnx"))
-        manifest = {
+        return {
             "format_version": FORMAT_VERSION, "name": name, "version": int(version), "backbone": backbone,
             "description": description or f"AdapterFusion {fusion.name!r} ({fusion.config_name})",
             "adapter": {"method": "fusion", "fusion_name": fusion.name, "fusion_config": fusion.config_name,
@@ -78,12 +70,8 @@ def write_fusion_task(repo: str, backbone: str, fusion: Fusion, adapters: dict, 
             "drop": drop,
             "head": {"type": head.kind, "graph": "head.onnx", "labels": list(head.labels)},
         }
-        write_json(os.path.join(tmp, "task.json"), manifest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _atomic_install(tmp, final, force)
-    return final
+
+    return install_task_version(repo, name, version, force, build)
 
 
 def read_task(repo: str, name: str, version: int) -> dict:
@@ -111,11 +99,8 @@ def prune_task(repo: str, src: str, src_version: int, keep: dict, name: str, ver
     if m.get("adapter", {}).get("method") != "fusion":
         raise ExportError(f"task {src}@{src_version} is not a fusion task")
     sdir = os.path.join(repo, "tasks", src, str(int(src_version)))
-    final = os.path.join(repo, "tasks", name, str(int(version)))
-    if os.path.exists(final) and not force:
-        raise ExportError(f"{final} already exists (use --force to replace it)")
-    tmp = _fresh_tmp(os.path.join(repo, "tasks"), f"{name}-{version}")
-    try:
+
+    def build(tmp: str) -> dict:
         slots, kept_all = [], []
         for s in m["slots"]:
             key = f"{s['layer']}:{s['location']}"
@@ -140,12 +125,9 @@ def prune_task(repo: str, src: str, src_version: int, keep: dict, name: str, ver
                                              f"{len(m['adapter'].get('adapters', []))} adapters"
         out["adapter"] = dict(m["adapter"], adapters=kept_all,
                               pruned_from={"task": src, "version": int(src_version), **(pruning or {})})
-        write_json(os.path.join(tmp, "task.json"), out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _atomic_install(tmp, final, force)
-    return final
+        return out
+
+    return install_task_version(repo, name, version, force, build)
 
 
 def rank(weights: dict, k: int, mode: str) -> dict:

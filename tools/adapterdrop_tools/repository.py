@@ -67,6 +67,35 @@ def _fresh_tmp(parent: str, label: str) -> str:
     return tmp
 
 
+def install_task_version(repo: str, name: str, version: int, force: bool, build) -> str:
+    """Write one task version as the server expects it: `build(tmp)` fills a fresh hidden staging
+    directory and returns the manifest, which goes to task.json; then the directory is renamed into
+    place as tasks/<name>/<version>. Any failure leaves the repository as it was."""
+    final = os.path.join(repo, "tasks", name, str(int(version)))
+    if os.path.exists(final) and not force:
+        raise ExportError(f"{final} already exists (use --force to replace it)")
+    tmp = _fresh_tmp(os.path.join(repo, "tasks"), f"{name}-{version}")
+    try:
+        write_json(os.path.join(tmp, "task.json"), build(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _atomic_install(tmp, final, force)
+    return final
+
+
+def kept_slots(slots: dict, drop: dict, num_layers: int, what: str):
+    """(layer, location, value) of `slots` in order, without the layers `drop` always skips; a layer
+    the backbone does not have is an error naming `what` ("adapter", "fusion")."""
+    skip = always_dropped(drop, num_layers)
+    for (layer, loc), value in sorted(slots.items()):
+        if layer in skip:
+            continue
+        if layer >= num_layers:
+            raise InvalidCheckpoint(f"{what} has layer {layer}, backbone has {num_layers} layers")
+        yield layer, loc, value
+
+
 # ---- backbones ------------------------------------------------------------------------------
 def backbone_manifest(ck: Checkpoint, name: str, tokenizer: bool, source: str | None, license: str | None) -> dict:
     return {
@@ -196,19 +225,11 @@ def write_task(repo: str, backbone: str, adapter: Adapter, head: Head, lns, name
     L, H, eps = int(bb["num_layers"]), int(bb["hidden_size"]), float(bb["layer_norm_eps"])
     if adapter.hidden_size != H:
         raise InvalidCheckpoint(f"adapter hidden size {adapter.hidden_size} != backbone {backbone!r} hidden {H}")
-    final = os.path.join(repo, "tasks", name, str(int(version)))
-    if os.path.exists(final) and not force:
-        raise ExportError(f"{final} already exists (use --force to replace it)")
-    skip = always_dropped(drop, L)
-    tmp = _fresh_tmp(os.path.join(repo, "tasks"), f"{name}-{version}")
-    try:
+
+    def build(tmp: str) -> dict:
         os.makedirs(os.path.join(tmp, "slots"))
         slots = []
-        for (layer, loc), sw in sorted(adapter.slots.items()):
-            if layer in skip:
-                continue
-            if layer >= L:
-                raise InvalidCheckpoint(f"adapter has layer {layer}, backbone has {L} layers")
+        for layer, loc, sw in kept_slots(adapter.slots, drop, L, "adapter"):
             lw, lb = lns.ln(layer, loc)
             rel = f"slots/layer{layer}_{loc}.onnx"
             save(adapter_slot_graph(adapter, sw, lw, lb, eps, f"{name}_layer{layer}_{loc}"), os.path.join(tmp, rel))
@@ -222,8 +243,7 @@ def write_task(repo: str, backbone: str, adapter: Adapter, head: Head, lns, name
                 spec["up"] = up
             slots.append(spec)
         save(head_graph(head, H), os.path.join(tmp, "head.onnx"))
-        head_obj = {"type": head.kind, "graph": "head.onnx", "labels": list(head.labels)}
-        manifest = {
+        return {
             "format_version": FORMAT_VERSION,
             "name": name,
             "version": int(version),
@@ -233,11 +253,7 @@ def write_task(repo: str, backbone: str, adapter: Adapter, head: Head, lns, name
                         "non_linearity": adapter.non_linearity_name, "source": adapter.source},
             "slots": slots,
             "drop": drop,
-            "head": head_obj,
+            "head": {"type": head.kind, "graph": "head.onnx", "labels": list(head.labels)},
         }
-        write_json(os.path.join(tmp, "task.json"), manifest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _atomic_install(tmp, final, force)
-    return final
+
+    return install_task_version(repo, name, version, force, build)
