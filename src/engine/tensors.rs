@@ -1,6 +1,6 @@
 //! Thin glue between ndarray buffers and ONNX Runtime graph runs.
 
-use ndarray::{Array2, Array3, ArrayView2, ArrayView3, Axis, Ix3};
+use ndarray::{Array2, Array3, ArrayView2, ArrayView3, ArrayViewD, Axis, Ix3};
 use ort::memory::AllocationDevice;
 use ort::session::SessionInputValue;
 use ort::value::{DynValue, TensorRef, TensorValueType};
@@ -32,10 +32,7 @@ impl Hidden {
     pub fn view(&self) -> Result<ArrayView3<'_, f32>, ServeError> {
         match self {
             Self::Host(a) => Ok(a.view()),
-            Self::Ort(v) => v
-                .try_extract_array::<f32>()?
-                .into_dimensionality::<Ix3>()
-                .map_err(|e| ServeError::Internal(format!("hidden states are not rank 3: {e}"))),
+            Self::Ort(v) => rank3(v.try_extract_array::<f32>()?),
         }
     }
 
@@ -54,19 +51,17 @@ impl Hidden {
             Self::Ort(v) => {
                 // Host memory (CPU sessions) reads directly; GPU memory is copied down first.
                 if let Ok(view) = v.try_extract_array::<f32>() {
-                    return view
-                        .to_owned()
-                        .into_dimensionality::<Ix3>()
-                        .map_err(|e| ServeError::Internal(format!("hidden states are not rank 3: {e}")));
+                    return Ok(rank3(view)?.to_owned());
                 }
                 let host = v.downcast::<TensorValueType<f32>>()?.to(AllocationDevice::CPU, 0)?;
-                host.extract_array()
-                    .to_owned()
-                    .into_dimensionality::<Ix3>()
-                    .map_err(|e| ServeError::Internal(format!("device hidden states are not rank 3: {e}")))
+                Ok(rank3(host.extract_array())?.to_owned())
             }
         }
     }
+}
+
+fn rank3(a: ArrayViewD<'_, f32>) -> Result<ArrayView3<'_, f32>, ServeError> {
+    a.into_dimensionality::<Ix3>().map_err(|e| ServeError::Internal(format!("hidden states are not rank 3: {e}")))
 }
 
 /// Runs `graph` and keeps its output `name` as ONNX Runtime returned it, on the graph's device.

@@ -113,20 +113,14 @@ impl Registrar {
         let _guard = self.registry.mutation.lock().await;
         let task_dir = self.tasks_root().join(name);
         let mut known: BTreeSet<u32> = self.registry.snapshot().get(name).map(|s| s.versions.keys().copied().collect()).unwrap_or_default();
-        // Another replica may have published versions this one has not polled yet.
-        known.extend(
-            blocking({
-                let task_dir = task_dir.clone();
-                move || Ok(versions_on_disk(&task_dir))
-            })
-            .await?,
-        );
-        // Never reuse a removed version's number: the next one is above every version ever assigned.
-        let last = blocking({
+        // Another replica may have published versions this one has not polled yet, and a removed
+        // version's number is never reused: the next one is above every version ever assigned.
+        let (on_disk, last) = blocking({
             let task_dir = task_dir.clone();
-            move || Ok(store::read_last_version(&task_dir))
+            move || Ok((versions_on_disk(&task_dir), store::read_last_version(&task_dir)))
         })
         .await?;
+        known.extend(on_disk);
         let highest = known.last().copied().max(last).unwrap_or(0);
         let version = opts.version.unwrap_or(highest + 1);
         let exists = known.contains(&version);

@@ -170,16 +170,13 @@ pub fn read_last_version(task_dir: &Path) -> Option<u32> {
     read_number(task_dir, LAST_VERSION_FILE)
 }
 
-/// Raises `tasks/<name>/LAST_VERSION` to `version` (never lowers it), creating the task directory
-/// if needed. Written after a version is published and again before one is removed, so a crash
-/// between publishing and recording cannot let a removed number be handed out twice.
+/// Raises `tasks/<name>/LAST_VERSION` to `version` (never lowers it). Written after a version is
+/// published and again before one is removed, so a crash between publishing and recording cannot
+/// let a removed number be handed out twice. Without a task directory there is no version to
+/// protect (numbering starts over), so nothing is written.
 pub fn raise_last_version(task_dir: &Path, version: u32) -> std::io::Result<()> {
-    if read_last_version(task_dir).is_some_and(|last| last >= version) {
+    if !task_dir.is_dir() || read_last_version(task_dir).is_some_and(|last| last >= version) {
         return Ok(());
-    }
-    if !task_dir.exists() {
-        fs::create_dir_all(task_dir)?;
-        sync_dir(task_dir.parent().expect("tasks root"))?;
     }
     write_number(task_dir, LAST_VERSION_FILE, Some(version))
 }
@@ -310,6 +307,9 @@ mod tests {
     fn last_version_only_rises_and_clears() {
         let root = tempfile::tempdir().unwrap();
         let task = root.path().join("t");
+        raise_last_version(&task, 3).unwrap();
+        assert!(!task.exists(), "no task directory, nothing to protect");
+        fs::create_dir(&task).unwrap();
         assert_eq!(read_last_version(&task), None);
         raise_last_version(&task, 3).unwrap();
         raise_last_version(&task, 2).unwrap();
