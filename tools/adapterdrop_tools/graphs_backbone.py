@@ -35,12 +35,18 @@ def embeddings_graph(ck: Checkpoint):
 
 def attention_graph(ck: Checkpoint, i: int):
     """(hidden, attention_mask) -> h = attention.output.dense(SelfAttention(hidden))."""
+    g = GraphBuilder(f"layer{i}_attention")
+    x = g.input("hidden", F, hidden_dims(ck.hidden_size))
+    mask = g.input("attention_mask", I64, ["batch", "seq"])
+    g.output("h", F, hidden_dims(ck.hidden_size))
+    attention_body(g, ck, i, x, mask, out="h")
+    return g.model()
+
+
+def attention_body(g: GraphBuilder, ck: Checkpoint, i: int, x: str, mask: str, out: str | None = None) -> str:
+    """The attention segment's nodes inside `g` (shared by attention.onnx and layer.onnx)."""
     H, nh = ck.hidden_size, ck.num_heads
     d = H // nh
-    g = GraphBuilder(f"layer{i}_attention")
-    x = g.input("hidden", F, hidden_dims(H))
-    mask = g.input("attention_mask", I64, ["batch", "seq"])
-    g.output("h", F, hidden_dims(H))
     heads_shape = g.const([0, 0, nh, d], "heads_shape", np.int64)
 
     def proj(name):
@@ -57,9 +63,8 @@ def attention_graph(ck: Checkpoint, i: int):
     probs = g.op("Softmax", [g.op("Add", [scores, term])], axis=-1)
     ctx = g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])  # [B,T,nh,d]
     ctx = g.op("Reshape", [ctx, g.const([0, 0, H], "merge_shape", np.int64)])
-    g.linear(ctx, ck.layer(i, "attention.output.dense.weight"), ck.layer(i, "attention.output.dense.bias"),
-             "attention.output.dense", out="h")
-    return g.model()
+    return g.linear(ctx, ck.layer(i, "attention.output.dense.weight"), ck.layer(i, "attention.output.dense.bias"),
+                    "attention.output.dense", out=out)
 
 
 def ffn_graph(ck: Checkpoint, i: int):
@@ -67,10 +72,15 @@ def ffn_graph(ck: Checkpoint, i: int):
     g = GraphBuilder(f"layer{i}_ffn")
     x = g.input("hidden", F, hidden_dims(ck.hidden_size))
     g.output("h", F, hidden_dims(ck.hidden_size))
+    ffn_body(g, ck, i, x, out="h")
+    return g.model()
+
+
+def ffn_body(g: GraphBuilder, ck: Checkpoint, i: int, x: str, out: str | None = None) -> str:
+    """The FFN segment's nodes inside `g` (shared by ffn.onnx and layer.onnx)."""
     m = g.linear(x, ck.layer(i, "intermediate.dense.weight"), ck.layer(i, "intermediate.dense.bias"), "intermediate.dense")
     m = g.activation(m, "gelu")
-    g.linear(m, ck.layer(i, "output.dense.weight"), ck.layer(i, "output.dense.bias"), "output.dense", out="h")
-    return g.model()
+    return g.linear(m, ck.layer(i, "output.dense.weight"), ck.layer(i, "output.dense.bias"), "output.dense", out=out)
 
 
 def plain_slot_graph(ln_weight, ln_bias, eps: float, name: str):

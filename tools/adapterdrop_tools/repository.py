@@ -10,6 +10,7 @@ from . import ExportError, InvalidCheckpoint
 from .adapterhub import Adapter, Head
 from .checkpoint import Checkpoint
 from .graphs_backbone import attention_graph, embeddings_graph, ffn_graph, plain_slot_graph
+from .graphs_layer import layer_graph
 from .graphs_task import adapter_slot_graph, head_graph
 from .onnx_builder import initializers, save
 
@@ -141,6 +142,7 @@ def write_backbone(ck: Checkpoint, repo: str, name: str, tokenizer_path: str | N
                  os.path.join(d, "attention_slot.onnx"))
             save(ffn_graph(ck, i), os.path.join(d, "ffn.onnx"))
             save(plain_slot_graph(*ck.ln(i, "ffn"), ck.eps, f"layer{i}_ffn_slot"), os.path.join(d, "ffn_slot.onnx"))
+            save(layer_graph(ck, i), os.path.join(d, "layer.onnx"))  # the whole layer with adapter banks
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
         write_json(os.path.join(tmp, "backbone.json"),

@@ -1,0 +1,161 @@
+"""layer.onnx (one graph per layer, adapter banks as inputs) against the segmented graphs it replaces:
+bank row 0 is the plain layer bit for bit; adapter rows equal the per-task slot graphs within 1e-6 for
+every slot rule and activation, with rows split and bottlenecks padded to the bank width."""
+import itertools
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from adapterdrop_tools.adapterhub import Adapter, SlotWeights
+from adapterdrop_tools.checkpoint import load_checkpoint
+from adapterdrop_tools.fixtures import random_bert
+from adapterdrop_tools.graphs_backbone import attention_graph, ffn_graph, plain_slot_graph
+from adapterdrop_tools.graphs_layer import ACTIVATIONS, bank, layer_graph
+from adapterdrop_tools.graphs_task import adapter_slot_graph
+
+H, LAYERS, T = 32, 2, 7
+ADAPTER_TOL = 1e-6
+
+
+def session(model):
+    """As the server builds CPU sessions: all optimizations but the SkipLayerNorm fusion."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=["SkipLayerNormFusion"])
+
+
+@pytest.fixture(scope="module")
+def ck(tmp_path_factory):
+    out = random_bert(str(tmp_path_factory.mktemp("bert") / "ck"), seed=7, layers=LAYERS, hidden=H, heads=4,
+                      ffn=64, vocab=50, max_pos=16, tokenizer=None)
+    return load_checkpoint(out)
+
+
+@pytest.fixture(scope="module")
+def graphs(ck):
+    layers = []
+    for i in range(LAYERS):
+        layers.append({"layer": session(layer_graph(ck, i)), "attention": session(attention_graph(ck, i)),
+                       "ffn": session(ffn_graph(ck, i)),
+                       "attention_slot": session(plain_slot_graph(*ck.ln(i, "attention"), ck.eps, "a")),
+                       "ffn_slot": session(plain_slot_graph(*ck.ln(i, "ffn"), ck.eps, "f"))})
+    return layers
+
+
+def inputs(rows, seed=3):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, T, H)) * 2).astype(np.float32)
+    mask = np.ones((rows, T), np.int64)
+    mask[0, T - 2:] = 0  # a padded row
+    return x, mask
+
+
+def adapter(rf, act, lnb, lna, res, scaling, seed, locations=("attention", "ffn")) -> Adapter:
+    rng = np.random.default_rng(seed)
+    d = max(1, H // rf)
+    slots = {}
+    for i in range(LAYERS):
+        for loc in locations:
+            slots[(i, loc)] = SlotWeights(*(rng.standard_normal(s).astype(np.float32) * 0.4
+                                            for s in ((d, H), (d,), (H, d), (H,))))
+    return Adapter(name=f"a{seed}", method="bottleneck", hidden_size=H, non_linearity=act, non_linearity_name=act,
+                   reduction_factor=rf, original_ln_before=lnb, original_ln_after=lna, residual_before_ln=res,
+                   scaling=scaling, leave_out=[], locations=locations, slots=slots)
+
+
+def run_layer(g, i, x, mask, a_rows, a_idx, f_rows, f_idx, banks):
+    feeds = {"hidden": x, "attention_mask": mask, "attention_rows": np.asarray(a_rows, np.int64),
+             "attention_index": np.asarray(a_idx, np.int64), "ffn_rows": np.asarray(f_rows, np.int64),
+             "ffn_index": np.asarray(f_idx, np.int64)}
+    for loc in ("attention", "ffn"):
+        feeds.update({f"{loc}.{k}": v for k, v in banks[loc].items()})
+    return g[i]["layer"].run(["y"], feeds)[0]
+
+
+def segmented(g, i, x, mask, slots=None):
+    """Today's per-task path: attention, slot, ffn, slot (a task slot session where given)."""
+    slots = slots or {}
+    h1 = g[i]["attention"].run(["h"], {"hidden": x, "attention_mask": mask})[0]
+    x1 = slots.get("attention", g[i]["attention_slot"]).run(["y"], {"h": h1, "x": x})[0]
+    h2 = g[i]["ffn"].run(["h"], {"hidden": x1})[0]
+    return slots.get("ffn", g[i]["ffn_slot"]).run(["y"], {"h": h2, "x": x1})[0]
+
+
+def task_slots(ck, a: Adapter, i: int) -> dict:
+    return {loc: session(adapter_slot_graph(a, a.slots[(i, loc)], *ck.ln(i, loc), ck.eps, f"{a.name}_{loc}"))
+            for loc in a.locations}
+
+
+def test_row_zero_is_the_plain_layer_bit_for_bit(graphs):
+    x, mask = inputs(3)
+    empty = {loc: bank([], H) for loc in ("attention", "ffn")}
+    for i in range(LAYERS):
+        want = segmented(graphs, i, x, mask)
+        got = run_layer(graphs, i, x, mask, [0, 1, 2], [0, 0, 0], [0, 1, 2], [0, 0, 0], empty)
+        assert np.array_equal(got, want), i
+
+
+def test_row_zero_stays_plain_beside_adapters(ck, graphs):
+    """Plain rows next to adapter rows in a bank padded to a wider bottleneck: still the plain layer exactly."""
+    a = adapter(4, "sigmoid", True, True, True, 2.0, seed=11)
+    x, mask = inputs(2)
+    for i in range(LAYERS):
+        banks = {loc: bank([(a, a.slots[(i, loc)])], H) for loc in ("attention", "ffn")}
+        got = run_layer(graphs, i, x, mask, [0, 1, 1], [0, 0, 1], [0, 1, 2], [0, 0, 1], banks)
+        assert np.array_equal(got[:2], segmented(graphs, i, x, mask)), i
+
+
+RULES = [  # (original_ln_before, original_ln_after, residual_before_ln)
+    (True, True, True),  # Pfeiffer
+    (False, True, True),  # Houlsby
+    (True, True, False), (True, True, "post_add"), (True, False, True), (False, False, False),
+]
+
+
+@pytest.mark.parametrize("rule,act", list(itertools.product(RULES, ACTIVATIONS)))
+def test_adapter_rows_equal_the_task_slot_graphs(ck, graphs, rule, act):
+    """Three tasks of different widths in one bank (the widest pads the others); every row split."""
+    lnb, lna, res = rule
+    others = [adapter(2, "relu", True, True, True, 1.0, seed=21), adapter(16, "gelu", False, True, True, 0.5, seed=22)]
+    a = adapter(8, act, lnb, lna, res, 1.0 if act != "tanh" else 1.7, seed=23)
+    x, mask = inputs(2)
+    for i in range(LAYERS):
+        banks = {loc: bank([(o, o.slots[(i, loc)]) for o in others] + [(a, a.slots[(i, loc)])], H)
+                 for loc in ("attention", "ffn")}
+        # rows: input 0 plain, input 0 with `a`, input 1 with `a`, input 1 with others[0]
+        got = run_layer(graphs, i, x, mask, [0, 0, 1, 1], [0, 3, 3, 1], [0, 1, 2, 3], [0, 3, 3, 1], banks)
+        want_a = segmented(graphs, i, x, mask, task_slots(ck, a, i))
+        want_o = segmented(graphs, i, x, mask, task_slots(ck, others[0], i))
+        assert np.array_equal(got[0], segmented(graphs, i, x, mask)[0])
+        assert np.abs(got[1:3] - want_a).max() <= ADAPTER_TOL, (i, rule, act)
+        assert np.abs(got[3] - want_o[1]).max() <= ADAPTER_TOL, (i, rule, act)
+
+
+def test_attention_only_at_one_slot_and_split_below(ck, graphs):
+    """A Pfeiffer task (FFN slot only) and a task whose attention slot splits rows before the FFN."""
+    p = adapter(4, "relu", True, True, True, 1.0, seed=31, locations=("ffn",))
+    x, mask = inputs(2)
+    for i in range(LAYERS):
+        banks = {"attention": bank([], H), "ffn": bank([(p, p.slots[(i, "ffn")])], H)}
+        got = run_layer(graphs, i, x, mask, [0, 1], [0, 0], [0, 1, 1], [1, 0, 1], banks)
+        want = segmented(graphs, i, x, mask, task_slots(ck, p, i))
+        assert np.abs(got[0] - want[0]).max() <= ADAPTER_TOL
+        assert np.array_equal(got[1], segmented(graphs, i, x, mask)[1])
+        assert np.abs(got[2] - want[1]).max() <= ADAPTER_TOL
+
+
+def test_every_backbone_writer_writes_layer_graphs(test_repo):
+    for b in os.listdir(os.path.join(test_repo, "backbones")):
+        d = os.path.join(test_repo, "backbones", b)
+        if not os.path.isfile(os.path.join(d, "backbone.json")):
+            continue
+        n = len(os.listdir(os.path.join(d, "layers")))
+        for i in range(n):
+            path = os.path.join(d, "layers", str(i), "layer.onnx")
+            names = [v.name for v in ort.InferenceSession(path, providers=["CPUExecutionProvider"]).get_inputs()]
+            assert names[:6] == ["hidden", "attention_mask", "attention_rows", "attention_index", "ffn_rows",
+                                 "ffn_index"], path
