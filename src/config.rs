@@ -13,6 +13,7 @@ pub struct Settings {
     pub runtime: RuntimeSettings,
     pub limits: LimitSettings,
     pub batching: BatchingSettings,
+    pub engine: EngineSettings,
     pub log: LogSettings,
     pub metrics: MetricsSettings,
     pub tls: TlsSettings,
@@ -171,6 +172,21 @@ impl Default for BatchingSettings {
 impl BatchingSettings {
     pub fn max_batch_delay(&self) -> Duration {
         Duration::from_millis(self.max_batch_delay_ms)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSettings {
+    /// Run tasks loaded from AdapterHub weights on the adapter banks (one `layer.onnx` run per
+    /// layer, whatever tasks a batch mixes); false keeps every task on the per-task segment path
+    /// (for A/B benchmarks).
+    pub banks: bool,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self { banks: true }
     }
 }
 

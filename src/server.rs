@@ -70,7 +70,7 @@ impl App {
             let ready = self.registry.default_version(&name).is_some();
             health.set_service_status(&name, if ready { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
         }
-        let scheduler = Scheduler::start(self.settings.batching.clone());
+        let scheduler = Scheduler::start(self.settings.batching.clone(), self.settings.engine.clone());
         let router = Arc::new(Router { registry: self.registry.clone(), limits: self.settings.limits.clone() });
         let max = self.settings.server.max_message_bytes;
         // KServe v2 on the same port, same router and scheduler: requests of both APIs batch together.

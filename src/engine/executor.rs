@@ -50,6 +50,10 @@ pub struct ExecStats {
     /// Per lane (index into the lanes given to `execute`; shorter when the last lanes ran no
     /// fusion): AdapterFusion weights at each fusion slot.
     pub fusion: Vec<Vec<FusionWeights>>,
+    /// ONNX Runtime session runs the batch made (embeddings, segments, slots, layers, heads).
+    pub graph_runs: usize,
+    /// Lanes that ran on the adapter banks (the rest ran on the per-task path).
+    pub bank_lanes: usize,
 }
 
 /// Slot graph choice of one lane at one slot; compared by graph identity.
@@ -69,6 +73,7 @@ struct State<'a> {
 
 /// Returns one `[rows, labels]` logits matrix per lane, rows in the lane's order.
 pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result<(Vec<Array2<f32>>, ExecStats), ServeError> {
+    let runs = crate::runtime::session_runs();
     let (ids, types, mask) = pad(seqs, backbone.manifest.pad_token_id);
     let (iv, tv) = (ids.view(), types.view());
     let hidden = run_hidden(&backbone.embeddings, vec![("input_ids", i64_input(&iv)?), ("token_type_ids", i64_input(&tv)?)], "hidden")?;
@@ -90,7 +95,9 @@ pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result
         let h = run_hidden(&graphs.ffn, vec![("hidden", st.hidden.input()?)], "h")?;
         st.slot(backbone, layer, Location::Ffn, h, &mut stats)?;
     }
-    st.heads().map(|logits| (logits, stats))
+    let logits = st.heads()?;
+    stats.graph_runs = (crate::runtime::session_runs() - runs) as usize;
+    Ok((logits, stats))
 }
 
 impl State<'_> {
@@ -353,7 +360,7 @@ impl State<'_> {
 }
 
 /// Pads to the longest sequence: pad id, token type 0, mask 0.
-fn pad(seqs: &[Sequence], pad_id: i64) -> (Array2<i64>, Array2<i64>, Array2<i64>) {
+pub(crate) fn pad(seqs: &[Sequence], pad_id: i64) -> (Array2<i64>, Array2<i64>, Array2<i64>) {
     let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
     let mut ids = Array2::from_elem((seqs.len(), t), pad_id);
     let mut types = Array2::zeros((seqs.len(), t));

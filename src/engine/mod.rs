@@ -1,7 +1,11 @@
 //! The engine: one thread that owns all ONNX Runtime work, fed batches over a channel.
 
+pub mod banked;
+pub mod banks;
 pub mod executor;
 pub mod fusion;
+pub mod plan;
+pub mod planner;
 mod tensors;
 
 use std::sync::Arc;
@@ -12,7 +16,9 @@ use tracing::Span;
 
 pub use executor::{ExecStats, Lane, Sequence, execute};
 pub use fusion::FusionWeights;
+pub use planner::run_lanes;
 
+use crate::config::EngineSettings;
 use crate::error::ServeError;
 use crate::repository::{ActiveLayers, Backbone, Task};
 
@@ -60,19 +66,19 @@ pub struct Batch {
 }
 
 /// Starts the engine thread; it stops when the sender side closes.
-pub fn spawn(mut rx: mpsc::Receiver<Batch>) -> std::thread::JoinHandle<()> {
+pub fn spawn(mut rx: mpsc::Receiver<Batch>, settings: EngineSettings) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
             while let Some(batch) = rx.blocking_recv() {
-                run_batch(batch);
+                run_batch(batch, settings.banks);
             }
             tracing::debug!("engine stopped");
         })
         .expect("spawn engine thread")
 }
 
-fn run_batch(batch: Batch) {
+fn run_batch(batch: Batch, banks: bool) {
     let started = Instant::now();
     let mut live = Vec::with_capacity(batch.entries.len());
     for e in batch.entries {
@@ -97,7 +103,7 @@ fn run_batch(batch: Batch) {
         }
     }
     let rows = seqs.len();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(&backbone, &seqs, &lanes)))
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_lanes(&backbone, &seqs, &lanes, banks)))
         .unwrap_or_else(|_| Err(ServeError::Internal("the engine panicked while running this batch".into())));
     let compute = started.elapsed();
     match result {
@@ -105,7 +111,7 @@ fn run_batch(batch: Batch) {
             let lane_rows = lanes.iter().map(|l| l.rows.len()).sum();
             crate::metrics::get().record_batch(&stats, rows, lane_rows, compute);
             let mut fusion_by_lane = std::mem::take(&mut stats.fusion).into_iter().chain(std::iter::repeat_with(Vec::new));
-            tracing::debug!(rows, lanes = lanes.len(), padded_len = stats.padded_len, layer_rows = ?stats.layer_rows, compute_us = compute.as_micros() as u64, "batch done");
+            tracing::debug!(rows, lanes = lanes.len(), bank_lanes = stats.bank_lanes, graph_runs = stats.graph_runs, padded_len = stats.padded_len, layer_rows = ?stats.layer_rows, compute_us = compute.as_micros() as u64, "batch done");
             record_executions(&lanes, compute);
             let mut logits = logits.into_iter();
             for e in live {

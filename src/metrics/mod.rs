@@ -29,6 +29,7 @@ pub struct Metrics {
     pub queue_duration: Histogram,
     pub compute_duration: Histogram,
     pub batches: IntCounter,
+    pub graph_runs: IntCounter,
     pub batch_rows: Histogram,
     pub batch_tokens: Histogram,
     pub queue_depth: IntGauge,
@@ -100,6 +101,7 @@ impl Metrics {
             ),
             compute_duration: histogram(&r, "adapterdrop_compute_duration_seconds", "Engine time of one batch.", LATENCY_BUCKETS.to_vec()),
             batches: counter(&r, "adapterdrop_batches_total", "Engine batches run."),
+            graph_runs: counter(&r, "adapterdrop_graph_runs_total", "ONNX Runtime session runs made by engine batches."),
             batch_rows: histogram(&r, "adapterdrop_batch_rows", "Input sequences per engine batch.", rows),
             batch_tokens: histogram(&r, "adapterdrop_batch_tokens", "Padded tokens (rows x longest) per engine batch.", tokens),
             queue_depth,
@@ -120,6 +122,7 @@ impl Metrics {
     /// on its own, per layer.
     pub fn record_batch(&self, stats: &ExecStats, rows: usize, lane_rows: usize, compute: Duration) {
         self.batches.inc();
+        self.graph_runs.inc_by(stats.graph_runs as u64);
         self.batch_rows.observe(rows as f64);
         self.batch_tokens.observe((rows * stats.padded_len) as f64);
         self.compute_duration.observe(compute.as_secs_f64());

@@ -6,6 +6,7 @@ use ort::value::TensorElementType as T;
 use tokenizers::Tokenizer;
 
 use super::manifest::{BackboneManifest, FORMAT_VERSION, Location, read_json, valid_name};
+use crate::engine::banks::BackboneBanks;
 use crate::error::LoadError;
 use crate::runtime::{Dim, Graph, IoSpec, Runtime};
 
@@ -37,7 +38,50 @@ pub struct Backbone {
     pub tokenizer: Option<Tokenizer>,
     pub embeddings: Graph,
     pub layers: Vec<LayerGraphs>,
+    /// `layers/<i>/layer.onnx` for every layer (whole layers with adapter banks as inputs) and the
+    /// banks they read; `None` for a backbone exported before layer graphs existed.
+    pub banked: Option<Banked>,
 }
+
+/// One graph per layer and the adapter banks of every bank task of this backbone.
+#[derive(Debug)]
+pub struct Banked {
+    pub layers: Vec<Graph>,
+    pub banks: BackboneBanks,
+}
+
+/// Contract of `layer.onnx` (models/README.md, "Layer graphs").
+pub fn layer_contract(hidden: usize) -> (Vec<IoSpec>, Vec<IoSpec>) {
+    let h = hidden as i64;
+    let bth = [Dim::Any, Dim::Any, Dim::Fixed(h)];
+    let rows = [Dim::Any];
+    let mut inputs = vec![
+        IoSpec::new("hidden", T::Float32, &bth),
+        IoSpec::new("attention_mask", T::Int64, &[Dim::Any, Dim::Any]),
+        IoSpec::new("attention_rows", T::Int64, &rows),
+        IoSpec::new("attention_index", T::Int64, &rows),
+        IoSpec::new("ffn_rows", T::Int64, &rows),
+        IoSpec::new("ffn_index", T::Int64, &rows),
+    ];
+    for names in [BANK_INPUTS[0], BANK_INPUTS[1]] {
+        let k = crate::repository::adapterhub::RULE_FLAGS as i64;
+        let dims: [&[Dim]; 5] = [
+            &[Dim::Any, Dim::Fixed(h), Dim::Any],
+            &[Dim::Any, Dim::Fixed(1), Dim::Any],
+            &[Dim::Any, Dim::Any, Dim::Fixed(h)],
+            &[Dim::Any, Dim::Fixed(1), Dim::Fixed(h)],
+            &[Dim::Any, Dim::Fixed(1), Dim::Fixed(k)],
+        ];
+        inputs.extend(names.iter().zip(dims).map(|(n, d)| IoSpec::new(n, T::Float32, d)));
+    }
+    (inputs, vec![IoSpec::new("y", T::Float32, &bth)])
+}
+
+/// Bank input names of `layer.onnx`, per location (attention, ffn), in `Bank` field order.
+pub const BANK_INPUTS: [[&str; 5]; 2] = [
+    ["attention.down_w", "attention.down_b", "attention.up_w", "attention.up_b", "attention.rule"],
+    ["ffn.down_w", "ffn.down_b", "ffn.up_w", "ffn.up_b", "ffn.rule"],
+];
 
 /// Contract of a slot graph, plain or adapter: `(h, x) -> y`, all `[B, T, H]`.
 pub fn slot_contract(hidden: usize) -> (Vec<IoSpec>, Vec<IoSpec>) {
@@ -95,7 +139,8 @@ impl Backbone {
                 ffn_slot: Graph::load(runtime, &ldir.join("ffn_slot.onnx"), &slot_in, &slot_out)?,
             });
         }
-        Ok(Self { manifest, tokenizer, embeddings, layers })
+        let banked = load_banked(runtime, dir, &manifest)?;
+        Ok(Self { manifest, tokenizer, embeddings, layers, banked })
     }
 
     pub fn name(&self) -> &str {
@@ -105,6 +150,19 @@ impl Backbone {
     pub fn num_layers(&self) -> usize {
         self.manifest.num_layers
     }
+}
+
+/// The layer graphs when the backbone has them all (a backbone without any serves through its
+/// segments only; one with some but not all is broken).
+fn load_banked(runtime: &Runtime, dir: &Path, manifest: &BackboneManifest) -> Result<Option<Banked>, LoadError> {
+    let path = |i: usize| dir.join("layers").join(i.to_string()).join("layer.onnx");
+    let present = (0..manifest.num_layers).filter(|&i| path(i).is_file()).count();
+    if present == 0 {
+        return Ok(None);
+    }
+    let (inputs, outputs) = layer_contract(manifest.hidden_size);
+    let layers = (0..manifest.num_layers).map(|i| Graph::load(runtime, &path(i), &inputs, &outputs)).collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(Banked { layers, banks: BackboneBanks::new(manifest.num_layers, manifest.hidden_size) }))
 }
 
 /// Loads `tokenizer.json` with its built-in padding and truncation switched off: the server pads

@@ -6,9 +6,11 @@ use std::sync::Arc;
 
 use ort::value::TensorElementType as T;
 
+use super::adapterhub::{AdapterWeights, HeadWeights};
 use super::backbone::{Backbone, slot_contract};
 use super::fusion::{FusionSlot, SlotKind, load_up};
 use super::manifest::{DropSpec, FORMAT_VERSION, HeadKind, Location, TaskManifest, read_json, valid_name};
+use crate::engine::banks::{BankRows, BankWrite};
 use crate::error::{LoadError, ServeError};
 use crate::runtime::{Dim, Graph, IoSpec, Runtime};
 
@@ -23,6 +25,16 @@ pub struct Task {
     /// Optional output graphs `(h, x) -> up` of adapter slots, for sharing with fusions.
     pub up: BTreeMap<(usize, Location), Arc<Graph>>,
     pub head: Graph,
+    /// The task's rows in its backbone's adapter banks and its head as data, when it was loaded
+    /// from AdapterHub weights and the backbone has layer graphs; such a task runs on the bank path.
+    pub bank: Option<TaskBank>,
+}
+
+/// A bank task's handle on its rows (freed when the last holder of the task drops it) and its head.
+#[derive(Debug)]
+pub struct TaskBank {
+    pub rows: Arc<BankRows>,
+    pub head: HeadWeights,
 }
 
 /// The adapter layout one request runs with: which layers keep the task's adapters.
@@ -71,7 +83,21 @@ impl Task {
             &[IoSpec::new("hidden", T::Float32, &[Dim::Any, Dim::Any, Dim::Fixed(h)])],
             &[IoSpec::new("logits", T::Float32, &[Dim::Any, Dim::Fixed(width)])],
         )?;
-        Ok(Self { manifest, backbone, slots, fusion, up, head })
+        Ok(Self { manifest, backbone, slots, fusion, up, head, bank: None })
+    }
+
+    /// Puts this task's AdapterHub weights into its backbone's banks (slots of layers its drop
+    /// policy always skips are left out). Without layer graphs the task stays on the per-task path.
+    /// Fusion tasks never take banks.
+    pub fn attach_bank(&mut self, weights: AdapterWeights) {
+        let Some(banked) = &self.backbone.banked else { return };
+        if !self.fusion.is_empty() {
+            return;
+        }
+        let needed = needed_layers(&self.manifest.drop, self.backbone.num_layers());
+        let slots = weights.slots.into_iter().filter(|((layer, _), _)| needed.get(*layer).copied().unwrap_or(false)).collect();
+        let rows = banked.banks.register(BankWrite { rule: weights.rule, slots });
+        self.bank = Some(TaskBank { rows, head: weights.head });
     }
 
     pub fn name(&self) -> &str {

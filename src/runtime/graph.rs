@@ -84,6 +84,7 @@ impl Graph {
         read: impl FnOnce(SessionOutputs<'_>) -> ort::Result<R>,
     ) -> ort::Result<R> {
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        super::count_run();
         let outputs = session.run(inputs)?;
         read(outputs)
     }
@@ -112,6 +113,7 @@ impl Graph {
         }
         let memory = MemoryInfo::new(AllocationDevice::CUDA, device_id, AllocatorType::Device, MemoryType::Default)?;
         binding.bind_output_to_device(name, &memory)?;
+        super::count_run();
         let mut outputs = session.run_binding(&binding)?;
         outputs.remove(name).ok_or_else(|| ort::Error::new(format!("graph has no output `{name}`")))
     }

@@ -10,6 +10,20 @@ pub use graph::{Dim, Graph, IoSpec};
 use ort::environment::{Environment, GlobalThreadPoolOptions};
 pub use row_ops::RowOps;
 
+thread_local! {
+    static RUNS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn count_run() {
+    RUNS.with(|r| r.set(r.get() + 1));
+}
+
+/// ONNX Runtime session runs made by this thread so far (the engine's batches read the
+/// difference: `ExecStats.graph_runs`, `adapterdrop_graph_runs_total`).
+pub fn session_runs() -> u64 {
+    RUNS.with(|r| r.get())
+}
+
 use crate::config::RuntimeSettings;
 
 /// ONNX Runtime minor version this server is built and tested against (`onnxruntime==1.31.1`).

@@ -64,6 +64,7 @@ impl RowOps {
         binding.bind_input("data", data)?;
         binding.bind_input("indices", &indices)?;
         binding.bind_output_to_device("out", &self.device_memory()?)?;
+        super::count_run();
         let mut out = session.run_binding(&binding)?;
         out.remove("out").ok_or_else(|| ort::Error::new("gather graph has no output"))
     }
@@ -89,6 +90,7 @@ impl RowOps {
             binding.bind_input(format!("in{i}"), part)?;
         }
         binding.bind_output_to_device("out", &self.device_memory()?)?;
+        super::count_run();
         let mut out = session.run_binding(&binding)?;
         out.remove("out").ok_or_else(|| ort::Error::new("concat graph has no output"))
     }

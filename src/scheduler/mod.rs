@@ -8,7 +8,7 @@ use std::time::Instant;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 
-use crate::config::BatchingSettings;
+use crate::config::{BatchingSettings, EngineSettings};
 use crate::engine::{self, Batch, Entry, Job, JobOutput};
 use crate::error::ServeError;
 
@@ -21,11 +21,11 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Starts the queue actor (on the tokio runtime) and the engine thread.
-    pub fn start(settings: BatchingSettings) -> Self {
+    pub fn start(settings: BatchingSettings, engine_settings: EngineSettings) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         // One batch running and one ready: the actor keeps collecting while the engine works.
         let (engine_tx, engine_rx) = mpsc::channel(1);
-        engine::spawn(engine_rx);
+        engine::spawn(engine_rx, engine_settings);
         let permits = Arc::new(Semaphore::new(settings.max_queued));
         let max_queued = settings.max_queued;
         tokio::spawn(queue_actor(rx, engine_tx, settings).instrument(tracing::info_span!("queue")));

@@ -1,0 +1,102 @@
+//! The CPU runner of a bank plan (`plan.rs`): embeddings, then one `layer.onnx` run per layer with
+//! the backbone's adapter banks as inputs, then the heads on the host. A batch costs 1 + L session
+//! runs whatever tasks and drop depths it mixes (plus one per task whose head is only a graph).
+
+use std::sync::Arc;
+
+use ndarray::{Array1, Array2, ArrayView2, Axis, s};
+use ort::session::SessionInputValue;
+use ort::value::TensorRef;
+
+use super::executor::{ExecStats, Lane, Sequence, pad};
+use super::plan::{LanePath, plan};
+use super::tensors::{Hidden, i64_input, run_head, run_hidden};
+use crate::error::ServeError;
+use crate::repository::adapterhub::HeadWeights;
+use crate::repository::backbone::BANK_INPUTS;
+use crate::repository::{Backbone, Location};
+
+/// Runs `lanes` on the bank path; one `[rows, labels]` logits matrix per lane, as `execute` returns.
+pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result<(Vec<Array2<f32>>, ExecStats), ServeError> {
+    let banked =
+        backbone.banked.as_ref().ok_or_else(|| ServeError::Internal(format!("backbone `{}` has no layer graphs", backbone.name())))?;
+    let runs = crate::runtime::session_runs();
+    let store = banked.banks.store();
+    let layers = backbone.num_layers();
+    let paths: Vec<LanePath> = lanes
+        .iter()
+        .map(|lane| {
+            let id = lane.task.bank.as_ref().map(|b| b.rows.id());
+            let index = (0..layers)
+                .map(|l| match id {
+                    Some(id) if lane.active.0[l] => [store.index(id, l, Location::Attention), store.index(id, l, Location::Ffn)],
+                    _ => [0, 0],
+                })
+                .collect();
+            LanePath { index, rows: lane.rows.clone(), head: Arc::as_ptr(&lane.task) as usize }
+        })
+        .collect();
+    let plan = plan(&paths, seqs.len(), layers);
+    let (ids, types, mask) = pad(seqs, backbone.manifest.pad_token_id);
+    let (iv, tv) = (ids.view(), types.view());
+    let mut hidden = run_hidden(&backbone.embeddings, vec![("input_ids", i64_input(&iv)?), ("token_type_ids", i64_input(&tv)?)], "hidden")?;
+    let mut stats =
+        ExecStats { padded_len: ids.ncols(), layer_rows: plan.rows_per_layer.clone(), bank_lanes: lanes.len(), ..Default::default() };
+    for (layer, lp) in plan.layers.iter().enumerate() {
+        let identity = lp.input_rows.iter().enumerate().all(|(i, &r)| i == r) && lp.input_rows.len() == mask.nrows();
+        let selected;
+        let mv: ArrayView2<'_, i64> = if identity {
+            mask.view()
+        } else {
+            selected = mask.select(Axis(0), &lp.input_rows);
+            selected.view()
+        };
+        stats.adapter_rows += lp.attention_index.iter().chain(&lp.ffn_index).filter(|&&i| i != 0).count();
+        let maps = [&lp.attention_rows, &lp.attention_index, &lp.ffn_rows, &lp.ffn_index].map(|v| Array1::from(v.clone()));
+        let mut inputs: Vec<(&'static str, SessionInputValue<'_>)> = vec![("hidden", hidden.input()?), ("attention_mask", i64_input(&mv)?)];
+        for (name, v) in ["attention_rows", "attention_index", "ffn_rows", "ffn_index"].into_iter().zip(&maps) {
+            inputs.push((name, TensorRef::from_array_view(v.view())?.into()));
+        }
+        for (names, location) in BANK_INPUTS.iter().zip([Location::Attention, Location::Ffn]) {
+            let bank = store.bank(layer, location);
+            for (name, t) in names.iter().zip([&bank.down_w, &bank.down_b, &bank.up_w, &bank.up_b, &bank.rule]) {
+                inputs.push((name, TensorRef::from_array_view(t.view())?.into()));
+            }
+        }
+        hidden = run_hidden(&banked.layers[layer], inputs, "y")?;
+    }
+    drop(store);
+    let logits = heads(&hidden, lanes, &plan.heads)?;
+    stats.graph_runs = (crate::runtime::session_runs() - runs) as usize;
+    Ok((logits, stats))
+}
+
+/// Each task's head once over the first-token states of all its lanes' rows: on the host from
+/// the AdapterHub head weights, else through the task's head graph.
+fn heads(hidden: &Hidden, lanes: &[Lane], groups: &[super::plan::HeadGroup]) -> Result<Vec<Array2<f32>>, ServeError> {
+    let view = hidden.view()?;
+    let first = view.slice(s![.., 0, ..]);
+    let mut out: Vec<Option<Array2<f32>>> = vec![None; lanes.len()];
+    for g in groups {
+        let task = &lanes[g.lanes[0]].task;
+        let rows = first.select(Axis(0), &g.rows);
+        let logits = match &task.bank {
+            Some(bank) => host_head(&bank.head, &rows),
+            None => run_head(&task.head, &rows.insert_axis(Axis(1)))?,
+        };
+        let mut at = 0;
+        for &l in &g.lanes {
+            let n = lanes[l].rows.len();
+            out[l] = Some(logits.slice(s![at..at + n, ..]).to_owned());
+            at += n;
+        }
+    }
+    Ok(out.into_iter().map(|o| o.expect("every lane is in a head group")).collect())
+}
+
+/// `W2 tanh(W1 h0 + b1) + b2` on first-token rows `[n, H]`.
+pub fn host_head(head: &HeadWeights, first: &Array2<f32>) -> Array2<f32> {
+    let mut z = first.dot(&head.w1.t()) + &head.b1;
+    z.mapv_inplace(f32::tanh);
+    z.dot(&head.w2.t()) + &head.b2
+}

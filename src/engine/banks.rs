@@ -1,0 +1,454 @@
+//! Adapter banks (issue 12): the bottleneck weights of every bank task of one backbone, stacked per
+//! (layer, slot location) into the tensors `layer.onnx` takes as inputs, with the slot rule as a
+//! flag row (`models/README.md`, "Layer graphs"). Row 0 of every bank is "no adapter".
+//!
+//! The engine thread owns the stored tensors: registration sends `Write` and the last drop of a
+//! task's [`BankRows`] handle sends `Free` over a channel, and the engine applies them between
+//! batches, so a draining version keeps its rows until its last in-flight job is done and the hot
+//! path takes no lock anyone else holds. Rows come from a free list; the banks grow by at most
+//! 1.25x (exactly to size when many writes arrive at once, as at start-up) and shrink, compacting
+//! rows, when fewer than half are used. A task keeps one row number in every bank of its backbone;
+//! widths are per bank (the widest bottleneck written there), so a Pfeiffer-only repository's
+//! attention banks stay one unit wide.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ndarray::{Array3, Axis, s};
+
+use crate::repository::Location;
+use crate::repository::adapterhub::{BottleneckWeights, RULE_FLAGS, SlotRule};
+
+/// Rule row of bank row 0: LN before (unused: the weights are zero), LN after, residual `h`,
+/// scale 0, relu: `y = LN(h + x)`, the plain slot, bit for bit.
+pub const PLAIN_RULE: [f32; RULE_FLAGS] = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0];
+/// Capacity (rows, row 0 included) the banks never shrink below.
+const MIN_ROWS: usize = 8;
+/// Largest growth step.
+const GROWTH: f64 = 1.25;
+
+pub const LOCATIONS: [Location; 2] = [Location::Attention, Location::Ffn];
+
+pub fn slot_of(location: Location) -> usize {
+    match location {
+        Location::Attention => 0,
+        Location::Ffn => 1,
+    }
+}
+
+/// One (layer, location) bank: `down_w [N,H,r]`, `down_b [N,1,r]`, `up_w [N,r,H]`, `up_b [N,1,H]`,
+/// `rule [N,1,K]`, weights in the row-vector layout the graph multiplies (`u @ down_w`).
+#[derive(Debug)]
+pub struct Bank {
+    pub down_w: Array3<f32>,
+    pub down_b: Array3<f32>,
+    pub up_w: Array3<f32>,
+    pub up_b: Array3<f32>,
+    pub rule: Array3<f32>,
+}
+
+impl Bank {
+    fn new(rows: usize, hidden: usize, width: usize) -> Self {
+        let mut rule = Array3::zeros((rows, 1, RULE_FLAGS));
+        rule.slice_mut(s![0, 0, ..]).assign(&ndarray::ArrayView1::from(&PLAIN_RULE));
+        Self {
+            down_w: Array3::zeros((rows, hidden, width)),
+            down_b: Array3::zeros((rows, 1, width)),
+            up_w: Array3::zeros((rows, width, hidden)),
+            up_b: Array3::zeros((rows, 1, hidden)),
+            rule,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rule.len_of(Axis(0))
+    }
+
+    pub fn width(&self) -> usize {
+        self.down_w.len_of(Axis(2))
+    }
+
+    pub fn bytes(&self) -> usize {
+        4 * (self.down_w.len() + self.down_b.len() + self.up_w.len() + self.up_b.len() + self.rule.len())
+    }
+
+    /// The same bank with `rows` rows and bottleneck `width`; rows `[0, keep)` are copied.
+    fn resized(&self, rows: usize, width: usize, keep: usize) -> Self {
+        let hidden = self.up_b.len_of(Axis(2));
+        let mut out = Self::new(rows, hidden, width);
+        let (k, w) = (keep.min(rows).min(self.rows()), width.min(self.width()));
+        out.down_w.slice_mut(s![..k, .., ..w]).assign(&self.down_w.slice(s![..k, .., ..w]));
+        out.down_b.slice_mut(s![..k, .., ..w]).assign(&self.down_b.slice(s![..k, .., ..w]));
+        out.up_w.slice_mut(s![..k, ..w, ..]).assign(&self.up_w.slice(s![..k, ..w, ..]));
+        out.up_b.slice_mut(s![..k, .., ..]).assign(&self.up_b.slice(s![..k, .., ..]));
+        out.rule.slice_mut(s![..k, .., ..]).assign(&self.rule.slice(s![..k, .., ..]));
+        out
+    }
+
+    fn write(&mut self, row: usize, rule: &[f32; RULE_FLAGS], w: &BottleneckWeights) {
+        let r = w.width();
+        self.clear(row);
+        self.down_w.slice_mut(s![row, .., ..r]).assign(&w.down_w.t());
+        self.down_b.slice_mut(s![row, 0, ..r]).assign(&w.down_b);
+        self.up_w.slice_mut(s![row, ..r, ..]).assign(&w.up_w.t());
+        self.up_b.slice_mut(s![row, 0, ..]).assign(&w.up_b);
+        self.rule.slice_mut(s![row, 0, ..]).assign(&ndarray::ArrayView1::from(rule));
+    }
+
+    fn clear(&mut self, row: usize) {
+        self.down_w.index_axis_mut(Axis(0), row).fill(0.0);
+        self.down_b.index_axis_mut(Axis(0), row).fill(0.0);
+        self.up_w.index_axis_mut(Axis(0), row).fill(0.0);
+        self.up_b.index_axis_mut(Axis(0), row).fill(0.0);
+        self.rule.index_axis_mut(Axis(0), row).fill(0.0);
+    }
+
+    fn move_row(&mut self, from: usize, to: usize) {
+        fn mv(a: &mut Array3<f32>, from: usize, to: usize) {
+            let src = a.index_axis(Axis(0), from).to_owned();
+            a.index_axis_mut(Axis(0), to).assign(&src);
+        }
+        for a in [&mut self.down_w, &mut self.down_b, &mut self.up_w, &mut self.up_b, &mut self.rule] {
+            mv(a, from, to);
+        }
+        self.clear(from);
+    }
+}
+
+/// What registration hands the banks: the rule and the bottleneck weights of one task version.
+#[derive(Debug)]
+pub struct BankWrite {
+    pub rule: SlotRule,
+    pub slots: BTreeMap<(usize, Location), BottleneckWeights>,
+}
+
+enum BankOp {
+    Write { id: u64, write: Box<BankWrite> },
+    Free(u64),
+}
+
+/// A task version's rows in its backbone's banks; dropping the last clone frees them.
+#[derive(Debug)]
+pub struct BankRows {
+    id: u64,
+    tx: Mutex<Sender<BankOp>>,
+}
+
+impl BankRows {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Drop for BankRows {
+    fn drop(&mut self) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        // The engine may be gone at shutdown; nothing to free then.
+        let _ = tx.send(BankOp::Free(self.id));
+    }
+}
+
+/// The banks of one backbone: the registration side (any thread) and the store (engine thread).
+#[derive(Debug)]
+pub struct BackboneBanks {
+    tx: Mutex<Sender<BankOp>>,
+    next_id: AtomicU64,
+    store: Mutex<BankStore>,
+}
+
+impl BackboneBanks {
+    pub fn new(layers: usize, hidden: usize) -> Self {
+        let (tx, rx) = channel();
+        Self { tx: Mutex::new(tx), next_id: AtomicU64::new(1), store: Mutex::new(BankStore::new(rx, layers, hidden)) }
+    }
+
+    /// Queues a task version's weights for the banks; the engine writes them before its next batch.
+    pub fn register(&self, write: BankWrite) -> Arc<BankRows> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let _ = tx.send(BankOp::Write { id, write: Box::new(write) });
+        Arc::new(BankRows { id, tx: Mutex::new(tx) })
+    }
+
+    /// The store with every queued write and free applied (the engine calls this per batch).
+    pub fn store(&self) -> MutexGuard<'_, BankStore> {
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.apply_pending();
+        store
+    }
+}
+
+/// The bank tensors and the row map, owned by the engine thread.
+#[derive(Debug)]
+pub struct BankStore {
+    rx: Receiver<BankOp>,
+    hidden: usize,
+    /// `banks[layer][slot_of(location)]`.
+    banks: Vec<[Bank; 2]>,
+    /// Task handle id -> (its row, the slots it has weights for).
+    rows: HashMap<u64, (usize, Vec<(usize, Location)>)>,
+    /// Unused rows (> 0), lowest last.
+    free: Vec<usize>,
+    /// Writes of tasks dropped before the engine applied them are skipped.
+    freed_early: Vec<u64>,
+}
+
+impl BankStore {
+    fn new(rx: Receiver<BankOp>, layers: usize, hidden: usize) -> Self {
+        let banks = (0..layers).map(|_| [Bank::new(MIN_ROWS, hidden, 1), Bank::new(MIN_ROWS, hidden, 1)]).collect();
+        Self { rx, hidden, banks, rows: HashMap::new(), free: (1..MIN_ROWS).rev().collect(), freed_early: Vec::new() }
+    }
+
+    pub fn bank(&self, layer: usize, location: Location) -> &Bank {
+        &self.banks[layer][slot_of(location)]
+    }
+
+    /// Rows per bank (row 0 included).
+    pub fn capacity(&self) -> usize {
+        self.banks.first().map_or(0, |b| b[0].rows())
+    }
+
+    /// Task rows in use.
+    pub fn used(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.banks.iter().flat_map(|b| b.iter()).map(Bank::bytes).sum()
+    }
+
+    /// The bank row of a task at one slot; 0 where it has no adapter (or was never written).
+    pub fn index(&self, id: u64, layer: usize, location: Location) -> u32 {
+        match self.rows.get(&id) {
+            Some((row, slots)) if slots.contains(&(layer, location)) => *row as u32,
+            _ => 0,
+        }
+    }
+
+    pub fn contains(&self, id: u64) -> bool {
+        self.rows.contains_key(&id)
+    }
+
+    fn apply_pending(&mut self) {
+        let ops: Vec<BankOp> = self.rx.try_iter().collect();
+        if ops.is_empty() {
+            return;
+        }
+        // Frees first (their rows are reused by the writes), then grow once for all writes.
+        let mut writes = Vec::new();
+        for op in ops {
+            match op {
+                BankOp::Free(id) => self.free_rows(id),
+                BankOp::Write { id, write } => writes.push((id, write)),
+            }
+        }
+        writes.retain(|(id, _)| !self.freed_early.contains(id));
+        self.freed_early.clear();
+        let need = writes.len().saturating_sub(self.free.len());
+        if need > 0 {
+            let cap = self.capacity();
+            let grown = if writes.len() > 1 { cap + need } else { ((cap as f64 * GROWTH).ceil() as usize).max(cap + need) };
+            self.resize(grown);
+        }
+        for (id, w) in writes {
+            self.write(id, &w);
+        }
+        self.maybe_shrink();
+    }
+
+    fn write(&mut self, id: u64, w: &BankWrite) {
+        let row = self.free.pop().expect("grown for every write");
+        let flags = w.rule.flags();
+        for (&(layer, location), weights) in &w.slots {
+            let Some(pair) = self.banks.get_mut(layer) else { continue };
+            let bank = &mut pair[slot_of(location)];
+            if weights.width() > bank.width() {
+                *bank = bank.resized(bank.rows(), weights.width(), bank.rows());
+            }
+            bank.write(row, &flags, weights);
+        }
+        self.rows.insert(id, (row, w.slots.keys().copied().collect()));
+    }
+
+    fn free_rows(&mut self, id: u64) {
+        let Some((row, _)) = self.rows.remove(&id) else {
+            self.freed_early.push(id);
+            return;
+        };
+        for pair in &mut self.banks {
+            for bank in pair.iter_mut() {
+                bank.clear(row);
+            }
+        }
+        self.free.push(row);
+        self.free.sort_unstable_by(|a, b| b.cmp(a));
+    }
+
+    fn resize(&mut self, rows: usize) {
+        let keep = self.capacity().min(rows);
+        for pair in &mut self.banks {
+            for bank in pair.iter_mut() {
+                *bank = bank.resized(rows, bank.width(), keep);
+            }
+        }
+        let old = keep;
+        self.free.retain(|&r| r < rows);
+        self.free.extend(old..rows);
+        self.free.sort_unstable_by(|a, b| b.cmp(a));
+    }
+
+    /// Below half use: move the highest rows down into free ones, drop the top, and narrow banks
+    /// whose widest bottleneck left.
+    fn maybe_shrink(&mut self) {
+        let cap = self.capacity();
+        let live = self.used() + 1;
+        if cap <= MIN_ROWS || live * 2 > cap {
+            return;
+        }
+        let target = ((live as f64 * GROWTH).ceil() as usize).max(MIN_ROWS);
+        let mut moves = Vec::new();
+        let mut ids: Vec<u64> = self.rows.iter().filter(|(_, (r, _))| *r >= target).map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        self.free.retain(|&r| r < target);
+        self.free.sort_unstable_by(|a, b| b.cmp(a));
+        for id in ids {
+            let to = self.free.pop().expect("live rows fit below the target");
+            let entry = self.rows.get_mut(&id).expect("listed above");
+            moves.push((entry.0, to));
+            entry.0 = to;
+        }
+        for pair in &mut self.banks {
+            for bank in pair.iter_mut() {
+                for &(from, to) in &moves {
+                    bank.move_row(from, to);
+                }
+            }
+        }
+        let mut widths = vec![[1usize; 2]; self.banks.len()];
+        for (layer, pair) in self.banks.iter().enumerate() {
+            for (slot, bank) in pair.iter().enumerate() {
+                // Columns beyond the last nonzero one of any live row can go.
+                let nonzero = |c: usize| {
+                    bank.down_w.slice(s![..target, .., c]).iter().chain(bank.down_b.slice(s![..target, .., c])).any(|v| *v != 0.0)
+                        || bank.up_w.slice(s![..target, c, ..]).iter().any(|v| *v != 0.0)
+                };
+                let used = (0..bank.width()).rev().find(|&c| nonzero(c));
+                widths[layer][slot] = used.map_or(1, |c| c + 1);
+            }
+        }
+        for (pair, w) in self.banks.iter_mut().zip(widths) {
+            for (bank, width) in pair.iter_mut().zip(w) {
+                *bank = bank.resized(target, width, target);
+            }
+        }
+        tracing::debug!(from = cap, to = target, moved = moves.len(), "adapter banks shrunk");
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::{Array1, Array2};
+
+    use super::*;
+    use crate::repository::adapterhub::{Activation, Residual};
+
+    const H: usize = 4;
+
+    fn weights(r: usize, seed: f32) -> BottleneckWeights {
+        BottleneckWeights {
+            down_w: Array2::from_shape_fn((r, H), |(i, j)| seed + (i * H + j) as f32),
+            down_b: Array1::from_elem(r, seed),
+            up_w: Array2::from_shape_fn((H, r), |(i, j)| -seed - (i * r + j) as f32),
+            up_b: Array1::from_elem(H, seed * 2.0),
+        }
+    }
+
+    fn task(r: usize, seed: f32, slots: &[(usize, Location)]) -> BankWrite {
+        let rule = SlotRule { ln_before: true, ln_after: true, residual: Residual::H, activation: Activation::Gelu, scaling: 1.0 };
+        BankWrite { rule, slots: slots.iter().map(|k| (*k, weights(r, seed))).collect() }
+    }
+
+    #[test]
+    fn rows_hold_weights_transposed_and_padded() {
+        let b = BackboneBanks::new(2, H);
+        let wide = b.register(task(3, 1.0, &[(0, Location::Ffn), (1, Location::Ffn)]));
+        let narrow = b.register(task(2, 5.0, &[(1, Location::Ffn)]));
+        let s = b.store();
+        let (rw, rn) = (s.index(wide.id(), 1, Location::Ffn) as usize, s.index(narrow.id(), 1, Location::Ffn) as usize);
+        assert!(rw > 0 && rn > 0 && rw != rn);
+        assert_eq!(s.index(narrow.id(), 0, Location::Ffn), 0, "no adapter at layer 0: plain row");
+        assert_eq!(s.index(wide.id(), 0, Location::Attention), 0);
+        let bank = s.bank(1, Location::Ffn);
+        assert_eq!(bank.width(), 3);
+        assert_eq!(s.bank(0, Location::Attention).width(), 1, "unused banks stay one unit wide");
+        let w = weights(2, 5.0);
+        assert_eq!(bank.down_w.slice(s![rn, .., ..2]), w.down_w.t());
+        assert!(bank.down_w.slice(s![rn, .., 2]).iter().all(|v| *v == 0.0), "padded column");
+        assert!(bank.up_w.slice(s![rn, 2, ..]).iter().all(|v| *v == 0.0), "padded row");
+        assert_eq!(bank.rule.slice(s![0, 0, ..]).to_vec(), PLAIN_RULE.to_vec());
+        assert!(bank.down_w.index_axis(Axis(0), 0).iter().all(|v| *v == 0.0), "row 0 stays zero");
+    }
+
+    #[test]
+    fn freed_rows_are_zeroed_and_reused() {
+        let b = BackboneBanks::new(1, H);
+        let first = b.register(task(2, 1.0, &[(0, Location::Ffn)]));
+        let row = b.store().index(first.id(), 0, Location::Ffn);
+        drop(first);
+        {
+            let s = b.store();
+            assert_eq!(s.used(), 0);
+            assert!(s.bank(0, Location::Ffn).down_w.index_axis(Axis(0), row as usize).iter().all(|v| *v == 0.0));
+        }
+        let second = b.register(task(2, 9.0, &[(0, Location::Ffn)]));
+        assert_eq!(b.store().index(second.id(), 0, Location::Ffn), row, "the freed row is the next one handed out");
+    }
+
+    #[test]
+    fn grows_by_at_most_a_quarter_and_shrinks_when_half_empty() {
+        let b = BackboneBanks::new(1, H);
+        let mut held = Vec::new();
+        let mut caps = vec![b.store().capacity()];
+        for i in 0..40 {
+            held.push(b.register(task(2, i as f32, &[(0, Location::Ffn)])));
+            let s = b.store();
+            if s.capacity() != *caps.last().unwrap() {
+                assert!(s.capacity() as f64 <= (*caps.last().unwrap() as f64 * GROWTH).ceil(), "{caps:?} -> {}", s.capacity());
+                caps.push(s.capacity());
+            }
+        }
+        let full = b.store().capacity();
+        assert!(full >= 41);
+        // Keep every 8th task: the rest free, the banks compact and the kept weights move intact.
+        let kept: Vec<(usize, Arc<BankRows>)> = held.drain(..).enumerate().filter(|(i, _)| i % 8 == 0).collect();
+        let s = b.store();
+        assert!(s.capacity() < full / 2, "{} rows after shrinking from {full}", s.capacity());
+        for (i, rows) in &kept {
+            let r = s.index(rows.id(), 0, Location::Ffn) as usize;
+            assert!(r > 0 && r < s.capacity());
+            assert_eq!(s.bank(0, Location::Ffn).down_w.slice(s![r, .., ..]), weights(2, *i as f32).down_w.t());
+        }
+    }
+
+    #[test]
+    fn many_writes_at_once_grow_to_exact_size() {
+        let b = BackboneBanks::new(1, H);
+        let held: Vec<_> = (0..100).map(|i| b.register(task(1, i as f32, &[(0, Location::Ffn)]))).collect();
+        let s = b.store();
+        assert_eq!(s.capacity(), 101);
+        assert_eq!(s.used(), held.len());
+    }
+
+    #[test]
+    fn a_task_dropped_before_its_write_takes_no_row() {
+        let b = BackboneBanks::new(1, H);
+        drop(b.register(task(2, 1.0, &[(0, Location::Ffn)])));
+        assert_eq!(b.store().used(), 0);
+    }
+}

@@ -1,0 +1,343 @@
+//! The bank path in process (issue 12): tasks with AdapterHub weights in the adapter banks run
+//! through one `layer.onnx` per layer. Checked against an independent reference (the backbone's
+//! segment graphs with the slot rule computed on the host), mixed in one batch with per-task and
+//! fusion tasks, with banks that grow, shrink and reuse rows while batches run.
+
+mod common;
+
+use std::sync::Arc;
+
+use adapterdrop_serve::config::RuntimeSettings;
+use adapterdrop_serve::engine::{ExecStats, Lane, Sequence, execute, run_lanes};
+use adapterdrop_serve::repository::adapterhub::{Activation, AdapterWeights, BottleneckWeights, HeadWeights, Residual, SlotRule};
+use adapterdrop_serve::repository::manifest::HeadKind;
+use adapterdrop_serve::repository::{Backbone, Location, Registry, Task};
+use adapterdrop_serve::runtime::{Graph, Runtime};
+use common::{ort_library, test_repo};
+use ndarray::{Array1, Array2, Array3, s};
+use ort::value::TensorRef;
+
+/// The suites' tolerance for served logits.
+const TOL: f32 = 1e-4;
+
+struct Fixture {
+    rt: &'static Runtime,
+    reg: Registry,
+}
+
+/// One ONNX Runtime per process; each test its own registry, so its own backbone and banks.
+fn fixture() -> Fixture {
+    static RT: std::sync::OnceLock<Runtime> = std::sync::OnceLock::new();
+    let rt = RT.get_or_init(|| {
+        Runtime::init(&RuntimeSettings { library_path: Some(ort_library()), intra_threads: 1, ..Default::default() }).unwrap()
+    });
+    let reg = Registry::open(rt, &test_repo()).unwrap();
+    Fixture { rt, reg }
+}
+
+/// Deterministic values in [-scale, scale).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self, scale: f32) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+    }
+    fn mat(&mut self, r: usize, c: usize, scale: f32) -> Array2<f32> {
+        Array2::from_shape_simple_fn((r, c), || self.next(scale))
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Array1<f32> {
+        Array1::from_shape_simple_fn(n, || self.next(scale))
+    }
+}
+
+/// Synthetic AdapterHub weights for a backbone: every layer at `locations`, bottleneck `r`.
+fn weights(bb: &Backbone, seed: u64, rule: SlotRule, r: usize, locations: &[Location], labels: usize) -> AdapterWeights {
+    let h = bb.manifest.hidden_size;
+    let mut g = Rng(seed * 7919 + 1);
+    let mut slots = std::collections::BTreeMap::new();
+    for layer in 0..bb.num_layers() {
+        for &loc in locations {
+            let w = BottleneckWeights { down_w: g.mat(r, h, 0.5), down_b: g.vec(r, 0.2), up_w: g.mat(h, r, 0.5), up_b: g.vec(h, 0.2) };
+            slots.insert((layer, loc), w);
+        }
+    }
+    let head = HeadWeights {
+        kind: HeadKind::Classification,
+        labels: (0..labels).map(|i| format!("l{i}")).collect(),
+        w1: g.mat(h, h, 0.3),
+        b1: g.vec(h, 0.1),
+        w2: g.mat(labels, h, 0.3),
+        b2: g.vec(labels, 0.1),
+    };
+    AdapterWeights { name: format!("syn{seed}"), method: "bottleneck".into(), rule, slots, leave_out: Vec::new(), head }
+}
+
+fn rule(ln_before: bool, ln_after: bool, residual: Residual, activation: Activation, scaling: f32) -> SlotRule {
+    SlotRule { ln_before, ln_after, residual, activation, scaling }
+}
+
+/// A bank task: the test repository's `rand-houlsby` version directory (robust 0..=3) loaded
+/// afresh, with synthetic weights in the banks.
+fn bank_task(f: &Fixture, w: AdapterWeights) -> Arc<Task> {
+    let per_task = f.reg.resolve("rand-houlsby", None).unwrap();
+    let dir = test_repo().join("tasks/rand-houlsby/1");
+    let mut t = Task::load(f.rt, &dir, per_task.backbone.clone()).unwrap();
+    t.attach_bank(w);
+    assert!(t.bank.is_some(), "tiny-random has layer graphs");
+    Arc::new(t)
+}
+
+fn seqs() -> Vec<Sequence> {
+    [vec![101i64, 2023, 3185, 2003, 2307, 102], vec![101, 7592, 102], vec![101, 2023, 2001, 1037, 3185, 2143, 2172, 102]]
+        .into_iter()
+        .map(|ids| Sequence { mask: vec![1; ids.len()], types: vec![0; ids.len()], ids })
+        .collect()
+}
+
+fn run3(g: &Graph, inputs: Vec<(&'static str, ort::session::SessionInputValue<'_>)>, out: &'static str) -> Array3<f32> {
+    g.run(inputs, |o| Ok(o[out].try_extract_array::<f32>()?.to_owned())).unwrap().into_dimensionality().unwrap()
+}
+
+fn input(a: &Array3<f32>) -> ort::session::SessionInputValue<'_> {
+    TensorRef::from_array_view(a.view()).unwrap().into()
+}
+
+fn erf(x: f64) -> f64 {
+    // Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7), enough for a 1e-4 logit tolerance.
+    let t = 1.0 / (1.0 + 0.3275911 * x.abs());
+    let y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * (-x * x).exp();
+    if x >= 0.0 { y } else { -y }
+}
+
+fn act(a: Activation, v: f32) -> f32 {
+    let sig = |v: f32| 1.0 / (1.0 + (-v).exp());
+    match a {
+        Activation::Relu => v.max(0.0),
+        Activation::Silu => v * sig(v),
+        Activation::Gelu => (0.5 * f64::from(v) * (1.0 + erf(f64::from(v) / std::f64::consts::SQRT_2))) as f32,
+        Activation::Tanh => v.tanh(),
+        Activation::Sigmoid => sig(v),
+    }
+}
+
+/// One lane the slow way: segments and plain slots in ONNX Runtime, adapters on the host
+/// (`LN(v)` is the plain slot on `(v, 0)`), the head on the host.
+fn reference(bb: &Backbone, seqs: &[Sequence], w: &AdapterWeights, drop_first: usize) -> Array2<f32> {
+    let t = seqs.iter().map(|s| s.ids.len()).max().unwrap();
+    let mut ids = Array2::<i64>::zeros((seqs.len(), t));
+    let mut mask = Array2::<i64>::zeros((seqs.len(), t));
+    for (r, sq) in seqs.iter().enumerate() {
+        for (j, id) in sq.ids.iter().enumerate() {
+            ids[[r, j]] = *id;
+            mask[[r, j]] = 1;
+        }
+    }
+    let types = Array2::<i64>::zeros(ids.raw_dim());
+    let mut x = run3(
+        &bb.embeddings,
+        vec![
+            ("input_ids", TensorRef::from_array_view(ids.view()).unwrap().into()),
+            ("token_type_ids", TensorRef::from_array_view(types.view()).unwrap().into()),
+        ],
+        "hidden",
+    );
+    for (layer, g) in bb.layers.iter().enumerate() {
+        for loc in [Location::Attention, Location::Ffn] {
+            let h = match loc {
+                Location::Attention => run3(
+                    &g.attention,
+                    vec![("hidden", input(&x)), ("attention_mask", TensorRef::from_array_view(mask.view()).unwrap().into())],
+                    "h",
+                ),
+                Location::Ffn => run3(&g.ffn, vec![("hidden", input(&x))], "h"),
+            };
+            let plain = g.plain_slot(loc);
+            let zeros = Array3::<f32>::zeros(x.raw_dim());
+            let ln = |v: &Array3<f32>| run3(plain, vec![("h", input(v)), ("x", input(&zeros))], "y");
+            x = match w.slots.get(&(layer, loc)).filter(|_| layer >= drop_first) {
+                None => run3(plain, vec![("h", input(&h)), ("x", input(&x))], "y"),
+                Some(bw) => {
+                    let r = &w.rule;
+                    let sum = &h + &x;
+                    let u = if r.ln_before { ln(&sum) } else { h.clone() };
+                    let (n, tt, hd) = u.dim();
+                    let flat = u.to_shape((n * tt, hd)).unwrap().to_owned();
+                    let mut z = flat.dot(&bw.down_w.t()) + &bw.down_b;
+                    z.mapv_inplace(|v| act(r.activation, v));
+                    let up = (z.dot(&bw.up_w.t()) + &bw.up_b) * r.scaling;
+                    let up = up.into_shape_with_order((n, tt, hd)).unwrap();
+                    let res = match r.residual {
+                        Residual::H => h.clone(),
+                        Residual::U => u.clone(),
+                        Residual::HPlusX => sum.clone(),
+                    };
+                    let out = up + res;
+                    if r.ln_after { ln(&(&out + &x)) } else { out }
+                }
+            };
+        }
+    }
+    let first: Array2<f32> = x.slice(s![.., 0, ..]).to_owned();
+    let z = (first.dot(&w.head.w1.t()) + &w.head.b1).mapv(|v: f32| v.tanh());
+    z.dot(&w.head.w2.t()) + &w.head.b2
+}
+
+fn max_diff(a: &Array2<f32>, b: &Array2<f32>) -> f32 {
+    assert_eq!(a.dim(), b.dim());
+    a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn lane(t: &Arc<Task>, n: u32, rows: &[usize]) -> Lane {
+    Lane { task: t.clone(), active: t.active_layers(Some(n)).unwrap(), rows: rows.to_vec() }
+}
+
+/// Every slot rule and activation, bottlenecks of different widths in one bank, drop depths mixed.
+fn rules() -> Vec<(SlotRule, usize, &'static [Location])> {
+    const BOTH: &[Location] = &[Location::Attention, Location::Ffn];
+    const FFN: &[Location] = &[Location::Ffn];
+    vec![
+        (rule(true, true, Residual::H, Activation::Relu, 1.0), 2, FFN),   // Pfeiffer
+        (rule(false, true, Residual::H, Activation::Gelu, 1.0), 8, BOTH), // Houlsby
+        (rule(true, true, Residual::HPlusX, Activation::Silu, 1.0), 4, FFN),
+        (rule(true, false, Residual::U, Activation::Tanh, 2.0), 3, BOTH),
+        (rule(false, false, Residual::U, Activation::Sigmoid, 0.5), 16, FFN),
+    ]
+}
+
+#[test]
+fn bank_lanes_equal_the_reference_in_one_layer_run_per_layer() {
+    let f = fixture();
+    let bb = f.reg.resolve("rand-houlsby", None).unwrap().backbone.clone();
+    let seqs = seqs();
+    let tasks: Vec<(Arc<Task>, AdapterWeights)> = rules()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (r, width, locs))| {
+            let w = weights(&bb, i as u64, r, width, locs, 2 + i % 2);
+            (bank_task(&f, w.clone()), w)
+        })
+        .collect();
+    // Lane i of task i at drop depth i % 4, on overlapping rows.
+    let lanes: Vec<Lane> =
+        tasks.iter().enumerate().map(|(i, (t, _))| lane(t, (i % 4) as u32, if i % 2 == 0 { &[0, 1, 2] } else { &[2, 0] })).collect();
+    let (out, stats) = run_lanes(&bb, &seqs, &lanes, true).unwrap();
+    assert_eq!(stats.bank_lanes, lanes.len());
+    assert_eq!(stats.graph_runs, 1 + bb.num_layers(), "embeddings + one run per layer, heads on the host");
+    assert!(stats.graph_runs <= bb.num_layers() + 4);
+    for (i, ((_, w), l)) in tasks.iter().zip(&lanes).enumerate() {
+        let sub: Vec<Sequence> = l.rows.iter().map(|&r| seqs[r].clone()).collect();
+        let want = reference(&bb, &sub, w, i % 4);
+        let d = max_diff(&out[i], &want);
+        assert!(d <= TOL, "lane {i} ({:?}): bank path vs reference differ by {d:e}", w.rule);
+    }
+}
+
+#[test]
+fn one_batch_mixes_bank_per_task_and_fusion_lanes() {
+    let f = fixture();
+    let per_task = f.reg.resolve("rand-pfeiffer", None).unwrap();
+    let fusion = f.reg.resolve("fusion-static", None).unwrap();
+    assert!(per_task.bank.is_none() && fusion.bank.is_none());
+    let bb = per_task.backbone.clone();
+    let (r0, w0, l0) = rules()[1];
+    let w = weights(&bb, 40, r0, w0, l0, 3);
+    let bank = bank_task(&f, w.clone());
+    let seqs = seqs();
+    let lanes = vec![lane(&per_task, 1, &[0, 1]), lane(&bank, 0, &[1, 2]), lane(&fusion, 0, &[2, 0]), lane(&bank, 2, &[0])];
+    let (out, stats) = run_lanes(&bb, &seqs, &lanes, true).unwrap();
+    assert_eq!(stats.bank_lanes, 2);
+    for (i, l) in lanes.iter().enumerate() {
+        let want = if l.task.bank.is_some() {
+            let sub: Vec<Sequence> = l.rows.iter().map(|&r| seqs[r].clone()).collect();
+            reference(&bb, &sub, &w, if i == 1 { 0 } else { 2 })
+        } else {
+            execute(&bb, &seqs, std::slice::from_ref(l)).unwrap().0.remove(0)
+        };
+        let d = max_diff(&out[i], &want);
+        assert!(d <= 1e-5 || (l.task.bank.is_some() && d <= TOL), "lane {i} differs by {d:e}");
+    }
+    // The fusion lane's weights come back at its own lane index.
+    assert!(stats.fusion.get(2).is_some_and(|f| !f.is_empty()), "{:?}", stats.fusion.len());
+    // engine.banks = false: the same bank task runs on its per-task graphs (the real rand-houlsby).
+    let (off, s) = run_lanes(&bb, &seqs, &lanes[1..2], false).unwrap();
+    assert_eq!(s.bank_lanes, 0);
+    let want = execute(&bb, &seqs, &[lane(&f.reg.resolve("rand-houlsby", None).unwrap(), 0, &[1, 2])]).unwrap().0.remove(0);
+    assert!(max_diff(&off[0], &want) <= 1e-6);
+}
+
+fn check(bb: &Backbone, seqs: &[Sequence], live: &[(Arc<Task>, AdapterWeights)]) -> ExecStats {
+    let lanes: Vec<Lane> = live.iter().enumerate().map(|(i, (t, _))| lane(t, (i % 3) as u32, &[i % seqs.len()])).collect();
+    let (out, stats) = run_lanes(bb, seqs, &lanes, true).unwrap();
+    for (i, (_, w)) in live.iter().enumerate() {
+        let want = reference(bb, &seqs[i % seqs.len()..i % seqs.len() + 1], w, i % 3);
+        let d = max_diff(&out[i], &want);
+        assert!(d <= TOL, "task {i} of {}: {d:e}", live.len());
+    }
+    stats
+}
+
+#[test]
+fn banks_grow_and_shrink_between_batches_and_reuse_freed_rows() {
+    let f = fixture();
+    let bb = f.reg.resolve("rand-houlsby", None).unwrap().backbone.clone();
+    let seqs = seqs();
+    let banked = bb.banked.as_ref().unwrap();
+    let start = banked.banks.store().capacity();
+    let mut live: Vec<(Arc<Task>, AdapterWeights)> = Vec::new();
+    // Register one task at a time, a batch of every live task after each (traffic between writes).
+    for i in 0..24 {
+        let (r, width, locs) = rules()[i % 5];
+        let w = weights(&bb, 100 + i as u64, r, width + i % 3, locs, 2);
+        live.push((bank_task(&f, w.clone()), w));
+        if i % 4 == 3 {
+            check(&bb, &seqs, &live);
+        }
+    }
+    let grown = banked.banks.store().capacity();
+    assert!(grown > start && grown >= 25, "capacity {start} -> {grown}");
+    // A draining version keeps its rows while a job holds it: drop the registry's side only.
+    let held = live[5].0.clone();
+    let held_row = banked.banks.store().index(held.bank.as_ref().unwrap().rows.id(), 1, Location::Ffn);
+    // Remove most tasks; survivors keep their results through the compaction.
+    let survivors: Vec<(Arc<Task>, AdapterWeights)> = live.drain(..).enumerate().filter(|(i, _)| i % 6 == 0).map(|(_, t)| t).collect();
+    live = survivors;
+    check(&bb, &seqs, &live);
+    let store = banked.banks.store();
+    assert_eq!(store.used(), live.len() + 1, "the held task keeps its rows");
+    assert!(store.capacity() < grown / 2, "capacity {grown} -> {} after removing most tasks", store.capacity());
+    assert!(store.index(held.bank.as_ref().unwrap().rows.id(), 1, Location::Ffn) > 0, "held row {held_row} kept (maybe moved)");
+    drop(store);
+    // Its last holder done, the held version's rows go too.
+    let held_id = held.bank.as_ref().unwrap().rows.id();
+    drop(held);
+    check(&bb, &seqs, &live);
+    let store = banked.banks.store();
+    assert_eq!(store.used(), live.len());
+    assert!(!store.contains(held_id));
+}
+
+#[test]
+fn a_removed_tasks_rows_are_zeroed_and_reused_by_a_new_task() {
+    let f = fixture();
+    let bb = f.reg.resolve("rand-houlsby", None).unwrap().backbone.clone();
+    let seqs = seqs();
+    let banked = bb.banked.as_ref().unwrap();
+    let mk = |seed: u64, k: usize| {
+        let (r, width, locs) = rules()[k];
+        let w = weights(&bb, seed, r, width, locs, 2);
+        (bank_task(&f, w.clone()), w)
+    };
+    let (a, b) = (mk(1, 1), mk(2, 0));
+    check(&bb, &seqs, &[a.clone(), b.clone()]);
+    let row_a = banked.banks.store().index(a.0.bank.as_ref().unwrap().rows.id(), 0, Location::Attention);
+    let capacity = banked.banks.store().capacity();
+    drop(a);
+    check(&bb, &seqs, std::slice::from_ref(&b));
+    let c = mk(3, 3);
+    check(&bb, &seqs, &[c.clone(), b.clone()]);
+    let store = banked.banks.store();
+    assert_eq!(store.index(c.0.bank.as_ref().unwrap().rows.id(), 0, Location::Attention), row_a, "the freed row is reused");
+    assert_eq!(store.capacity(), capacity);
+}
