@@ -1,5 +1,6 @@
 //! The model repository on disk (format v1, `models/README.md`) and what is loaded from it.
 
+pub mod adapterhub;
 pub mod backbone;
 pub mod fusion;
 pub mod manifest;
