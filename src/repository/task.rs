@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use ort::value::TensorElementType as T;
 
+use super::adapterhub::{self, AdapterWeights};
 use super::backbone::{Backbone, slot_contract};
 use super::fusion::{FusionSlot, SlotKind, load_up};
 use super::manifest::{DropSpec, FORMAT_VERSION, HeadKind, Location, TaskManifest, read_json, valid_name};
@@ -23,6 +24,9 @@ pub struct Task {
     /// Optional output graphs `(h, x) -> up` of adapter slots, for sharing with fusions.
     pub up: BTreeMap<(usize, Location), Arc<Graph>>,
     pub head: Graph,
+    /// The AdapterHub weights the task was exported from (`task.json` key `adapterhub`), validated
+    /// against the backbone and the task's own slots and head: what the adapter banks load.
+    pub adapterhub: Option<Arc<AdapterWeights>>,
 }
 
 /// The adapter layout one request runs with: which layers keep the task's adapters.
@@ -71,7 +75,11 @@ impl Task {
             &[IoSpec::new("hidden", T::Float32, &[Dim::Any, Dim::Any, Dim::Fixed(h)])],
             &[IoSpec::new("logits", T::Float32, &[Dim::Any, Dim::Fixed(width)])],
         )?;
-        Ok(Self { manifest, backbone, slots, fusion, up, head })
+        let adapterhub = match &manifest.adapterhub {
+            None => None,
+            Some(rel) => Some(Arc::new(load_adapterhub(&manifest, &manifest_path, &dir.join(rel), &backbone, &needed)?)),
+        };
+        Ok(Self { manifest, backbone, slots, fusion, up, head, adapterhub })
     }
 
     pub fn name(&self) -> &str {
@@ -130,6 +138,53 @@ pub fn describe_drop(spec: &DropSpec) -> String {
         DropSpec::Layers(l) => format!("layers {l:?}"),
         DropSpec::Robust(r) => format!("robust {}..={} (default {})", r.min, r.max, r.default),
     }
+}
+
+/// Parses the task's AdapterHub directory and checks it says what the task's graphs say: the same
+/// adapter slots in every layer the drop policy can use, the same head kind and labels.
+fn load_adapterhub(
+    m: &TaskManifest,
+    manifest_path: &Path,
+    dir: &Path,
+    backbone: &Backbone,
+    needed: &[bool],
+) -> Result<AdapterWeights, LoadError> {
+    let w = adapterhub::load(dir, backbone.num_layers(), backbone.manifest.hidden_size)?;
+    let in_use = |keys: Vec<(usize, Location)>| keys.into_iter().filter(|(l, _)| needed[*l]).collect::<std::collections::BTreeSet<_>>();
+    let graphs = in_use(m.slots.iter().map(|s| (s.layer, s.location)).collect());
+    let weights = in_use(w.slots.keys().copied().collect());
+    if graphs != weights {
+        let show = |s: &std::collections::BTreeSet<(usize, Location)>| {
+            s.iter().map(|(l, loc)| format!("{l}:{}", loc.as_str())).collect::<Vec<_>>()
+        };
+        return Err(LoadError::new(
+            manifest_path,
+            format!(
+                "the slots {:?} differ from those of the AdapterHub adapter in `{}`: {:?}",
+                show(&graphs),
+                dir.display(),
+                show(&weights)
+            ),
+        ));
+    }
+    let labels = match m.head.kind {
+        HeadKind::Classification => m.head.labels.clone(),
+        HeadKind::Regression => Vec::new(),
+    };
+    if w.head.kind != m.head.kind || w.head.labels != labels {
+        return Err(LoadError::new(
+            manifest_path,
+            format!(
+                "head {} {:?} differs from the AdapterHub head in `{}`: {} {:?}",
+                m.head.kind.as_str(),
+                labels,
+                dir.display(),
+                w.head.kind.as_str(),
+                w.head.labels
+            ),
+        ));
+    }
+    Ok(w)
 }
 
 /// Layers whose adapters can ever be active under the drop policy.
@@ -193,6 +248,14 @@ fn validate_manifest(m: &TaskManifest, path: &Path, dir: &Path, backbone: &Backb
         if *need && !m.slots.iter().any(|s| s.layer == layer) {
             return bad(format!("layer {layer} is not dropped by {} but the task has no adapter slot there", describe_drop(&m.drop)));
         }
+    }
+    if let Some(a) = &m.adapterhub
+        && (a.contains("..") || Path::new(a).is_absolute() || a.is_empty())
+    {
+        return bad(format!("adapterhub directory `{a}` must be a path inside the task directory"));
+    }
+    if m.adapterhub.is_some() && m.slots.iter().any(|s| s.kind == SlotKind::Fusion) {
+        return bad("`adapterhub` is for single-adapter tasks; a fusion task is served from its graphs only".into());
     }
     if m.head.graph.contains("..") || Path::new(&m.head.graph).is_absolute() {
         return bad(format!("head graph path `{}` must stay inside the task directory", m.head.graph));
