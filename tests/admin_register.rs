@@ -26,7 +26,7 @@ async fn registered_task_serves_like_the_same_task_from_disk_and_survives_a_rest
     let info = resp.task.unwrap();
     assert_eq!((info.name.as_str(), info.version, info.status), ("sent-up", 1, TaskStatus::Ready as i32));
     assert!(info.is_default_version && !info.default_pinned);
-    assert_eq!(resp.files_received, 4);
+    assert_eq!(resp.files_received, 8, "task.json, 2 slots, head and 4 AdapterHub files");
     assert!(resp.bytes_received > 1000);
     assert_eq!(health.check(check("sent-up")).await.unwrap().into_inner().status, ServingStatus::Serving as i32);
     // On disk under its own name, task.json rewritten to it.

@@ -84,7 +84,7 @@ fn bank_task(f: &Fixture, w: AdapterWeights) -> Arc<Task> {
     let per_task = f.reg.resolve("rand-houlsby", None).unwrap();
     let dir = test_repo().join("tasks/rand-houlsby/1");
     let mut t = Task::load(f.rt, &dir, per_task.backbone.clone()).unwrap();
-    t.attach_bank(w);
+    t.attach_bank(Arc::new(w));
     assert!(t.bank.is_some(), "tiny-random has layer graphs");
     Arc::new(t)
 }
@@ -237,10 +237,13 @@ fn bank_lanes_equal_the_reference_in_one_layer_run_per_layer() {
 #[test]
 fn one_batch_mixes_bank_per_task_and_fusion_lanes() {
     let f = fixture();
-    let per_task = f.reg.resolve("rand-pfeiffer", None).unwrap();
+    // A task without bank rows (as one exported without AdapterHub files) and a fusion task.
+    let bb = f.reg.resolve("rand-pfeiffer", None).unwrap().backbone.clone();
+    let mut plain = Task::load(f.rt, &test_repo().join("tasks/rand-pfeiffer/1"), bb.clone()).unwrap();
+    plain.bank = None;
+    let per_task = Arc::new(plain);
     let fusion = f.reg.resolve("fusion-static", None).unwrap();
-    assert!(per_task.bank.is_none() && fusion.bank.is_none());
-    let bb = per_task.backbone.clone();
+    assert!(fusion.bank.is_none(), "fusion tasks never take banks");
     let (r0, w0, l0) = rules()[1];
     let w = weights(&bb, 40, r0, w0, l0, 3);
     let bank = bank_task(&f, w.clone());
@@ -285,6 +288,7 @@ fn banks_grow_and_shrink_between_batches_and_reuse_freed_rows() {
     let seqs = seqs();
     let banked = bb.banked.as_ref().unwrap();
     let start = banked.banks.store().capacity();
+    let base = banked.banks.store().used(); // the repository's own tiny-random tasks
     let mut live: Vec<(Arc<Task>, AdapterWeights)> = Vec::new();
     // Register one task at a time, a batch of every live task after each (traffic between writes).
     for i in 0..24 {
@@ -296,7 +300,7 @@ fn banks_grow_and_shrink_between_batches_and_reuse_freed_rows() {
         }
     }
     let grown = banked.banks.store().capacity();
-    assert!(grown > start && grown >= 25, "capacity {start} -> {grown}");
+    assert!(grown > start && grown >= base + 25, "capacity {start} -> {grown}");
     // A draining version keeps its rows while a job holds it: drop the registry's side only.
     let held = live[5].0.clone();
     let held_row = banked.banks.store().index(held.bank.as_ref().unwrap().rows.id(), 1, Location::Ffn);
@@ -305,7 +309,7 @@ fn banks_grow_and_shrink_between_batches_and_reuse_freed_rows() {
     live = survivors;
     check(&bb, &seqs, &live);
     let store = banked.banks.store();
-    assert_eq!(store.used(), live.len() + 1, "the held task keeps its rows");
+    assert_eq!(store.used(), base + live.len() + 1, "the held task keeps its rows");
     assert!(store.capacity() < grown / 2, "capacity {grown} -> {} after removing most tasks", store.capacity());
     assert!(store.index(held.bank.as_ref().unwrap().rows.id(), 1, Location::Ffn) > 0, "held row {held_row} kept (maybe moved)");
     drop(store);
@@ -314,7 +318,7 @@ fn banks_grow_and_shrink_between_batches_and_reuse_freed_rows() {
     drop(held);
     check(&bb, &seqs, &live);
     let store = banked.banks.store();
-    assert_eq!(store.used(), live.len());
+    assert_eq!(store.used(), base + live.len());
     assert!(!store.contains(held_id));
 }
 

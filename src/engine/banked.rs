@@ -80,9 +80,9 @@ fn heads(hidden: &Hidden, lanes: &[Lane], groups: &[super::plan::HeadGroup]) -> 
     for g in groups {
         let task = &lanes[g.lanes[0]].task;
         let rows = first.select(Axis(0), &g.rows);
-        let logits = match &task.bank {
-            Some(bank) => host_head(&bank.head, &rows),
-            None => run_head(&task.head, &rows.insert_axis(Axis(1)))?,
+        let logits = match (&task.bank, &task.adapterhub) {
+            (Some(_), Some(w)) => host_head(&w.head, &rows),
+            _ => run_head(&task.head, &rows.insert_axis(Axis(1)))?,
         };
         let mut at = 0;
         for &l in &g.lanes {

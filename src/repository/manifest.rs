@@ -72,6 +72,24 @@ pub struct TaskManifest {
     pub slots: Vec<SlotSpec>,
     pub drop: DropSpec,
     pub head: HeadSpec,
+    /// Optional: a directory (relative to the task's) holding the AdapterHub files the task was
+    /// exported from (`super::adapterhub::FILES`), which the server loads into its adapter banks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapterhub: Option<String>,
+}
+
+impl TaskManifest {
+    /// Every file of the task version directory the manifest names (relative paths).
+    pub fn files(&self) -> std::collections::BTreeSet<String> {
+        let mut out: std::collections::BTreeSet<String> = std::iter::once("task.json".to_string())
+            .chain(self.slots.iter().map(|s| s.graph.clone()))
+            .chain(std::iter::once(self.head.graph.clone()))
+            .collect();
+        if let Some(dir) = &self.adapterhub {
+            out.extend(super::adapterhub::FILES.iter().map(|f| format!("{}/{f}", dir.trim_end_matches('/'))));
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -375,10 +375,7 @@ fn prepare(registry: &Registry, runtime: &Runtime, name: &str, version: u32, bun
     rewrite_identity(&manifest_path, name, version)?;
     let relative = |m: String| m.replace(&format!("{}/", staged.display()), "");
     let manifest: TaskManifest = read_json(&manifest_path).map_err(|e| invalid(relative(e.to_string())))?;
-    let referenced: BTreeSet<String> = std::iter::once("task.json".to_string())
-        .chain(manifest.slots.iter().map(|s| s.graph.clone()))
-        .chain(std::iter::once(manifest.head.graph.clone()))
-        .collect();
+    let referenced = manifest.files();
     for file in files_under(&staged).map_err(io_error)? {
         if !referenced.contains(&file) {
             return Err(invalid(format!("{file}: not referenced by task.json (a bundle holds task.json and the graphs it names)")));

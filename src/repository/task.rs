@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use ort::value::TensorElementType as T;
 
-use super::adapterhub::{AdapterWeights, HeadWeights};
+use super::adapterhub::{self, AdapterWeights};
 use super::backbone::{Backbone, slot_contract};
 use super::fusion::{FusionSlot, SlotKind, load_up};
 use super::manifest::{DropSpec, FORMAT_VERSION, HeadKind, Location, TaskManifest, read_json, valid_name};
@@ -25,16 +25,19 @@ pub struct Task {
     /// Optional output graphs `(h, x) -> up` of adapter slots, for sharing with fusions.
     pub up: BTreeMap<(usize, Location), Arc<Graph>>,
     pub head: Graph,
-    /// The task's rows in its backbone's adapter banks and its head as data, when it was loaded
-    /// from AdapterHub weights and the backbone has layer graphs; such a task runs on the bank path.
+    /// The AdapterHub weights the task was exported from (`task.json` key `adapterhub`), validated
+    /// against the backbone and the task's own slots and head: what the adapter banks load.
+    pub adapterhub: Option<Arc<AdapterWeights>>,
+    /// The task's rows in its backbone's adapter banks, when it has AdapterHub weights, the
+    /// backbone has layer graphs and the task is not a fusion; such a task runs on the bank path
+    /// with its head computed on the host from `adapterhub`.
     pub bank: Option<TaskBank>,
 }
 
-/// A bank task's handle on its rows (freed when the last holder of the task drops it) and its head.
+/// A bank task's handle on its rows: freed when the last holder of the task version drops it.
 #[derive(Debug)]
 pub struct TaskBank {
     pub rows: Arc<BankRows>,
-    pub head: HeadWeights,
 }
 
 /// The adapter layout one request runs with: which layers keep the task's adapters.
@@ -83,21 +86,33 @@ impl Task {
             &[IoSpec::new("hidden", T::Float32, &[Dim::Any, Dim::Any, Dim::Fixed(h)])],
             &[IoSpec::new("logits", T::Float32, &[Dim::Any, Dim::Fixed(width)])],
         )?;
-        Ok(Self { manifest, backbone, slots, fusion, up, head, bank: None })
+        let adapterhub = match &manifest.adapterhub {
+            None => None,
+            Some(rel) => Some(Arc::new(load_adapterhub(&manifest, &manifest_path, &dir.join(rel), &backbone, &needed)?)),
+        };
+        let mut task = Self { manifest, backbone, slots, fusion, up, head, adapterhub: None, bank: None };
+        if let Some(w) = adapterhub {
+            task.attach_bank(w);
+        }
+        Ok(task)
     }
 
-    /// Puts this task's AdapterHub weights into its backbone's banks (slots of layers its drop
-    /// policy always skips are left out). Without layer graphs the task stays on the per-task path.
-    /// Fusion tasks never take banks.
-    pub fn attach_bank(&mut self, weights: AdapterWeights) {
-        let Some(banked) = &self.backbone.banked else { return };
-        if !self.fusion.is_empty() {
-            return;
+    /// Sets the task's AdapterHub weights and puts them into its backbone's banks (slots of layers
+    /// its drop policy always skips are left out). Without layer graphs, or for a fusion task, the
+    /// task stays on the per-task path.
+    pub fn attach_bank(&mut self, weights: Arc<AdapterWeights>) {
+        self.bank = None;
+        if let (Some(banked), true) = (&self.backbone.banked, self.fusion.is_empty()) {
+            let needed = needed_layers(&self.manifest.drop, self.backbone.num_layers());
+            let slots = weights
+                .slots
+                .iter()
+                .filter(|((layer, _), _)| needed.get(*layer).copied().unwrap_or(false))
+                .map(|(k, w)| (*k, w.clone()))
+                .collect();
+            self.bank = Some(TaskBank { rows: banked.banks.register(BankWrite { rule: weights.rule, slots }) });
         }
-        let needed = needed_layers(&self.manifest.drop, self.backbone.num_layers());
-        let slots = weights.slots.into_iter().filter(|((layer, _), _)| needed.get(*layer).copied().unwrap_or(false)).collect();
-        let rows = banked.banks.register(BankWrite { rule: weights.rule, slots });
-        self.bank = Some(TaskBank { rows, head: weights.head });
+        self.adapterhub = Some(weights);
     }
 
     pub fn name(&self) -> &str {
@@ -156,6 +171,53 @@ pub fn describe_drop(spec: &DropSpec) -> String {
         DropSpec::Layers(l) => format!("layers {l:?}"),
         DropSpec::Robust(r) => format!("robust {}..={} (default {})", r.min, r.max, r.default),
     }
+}
+
+/// Parses the task's AdapterHub directory and checks it says what the task's graphs say: the same
+/// adapter slots in every layer the drop policy can use, the same head kind and labels.
+fn load_adapterhub(
+    m: &TaskManifest,
+    manifest_path: &Path,
+    dir: &Path,
+    backbone: &Backbone,
+    needed: &[bool],
+) -> Result<AdapterWeights, LoadError> {
+    let w = adapterhub::load(dir, backbone.num_layers(), backbone.manifest.hidden_size)?;
+    let in_use = |keys: Vec<(usize, Location)>| keys.into_iter().filter(|(l, _)| needed[*l]).collect::<std::collections::BTreeSet<_>>();
+    let graphs = in_use(m.slots.iter().map(|s| (s.layer, s.location)).collect());
+    let weights = in_use(w.slots.keys().copied().collect());
+    if graphs != weights {
+        let show = |s: &std::collections::BTreeSet<(usize, Location)>| {
+            s.iter().map(|(l, loc)| format!("{l}:{}", loc.as_str())).collect::<Vec<_>>()
+        };
+        return Err(LoadError::new(
+            manifest_path,
+            format!(
+                "the slots {:?} differ from those of the AdapterHub adapter in `{}`: {:?}",
+                show(&graphs),
+                dir.display(),
+                show(&weights)
+            ),
+        ));
+    }
+    let labels = match m.head.kind {
+        HeadKind::Classification => m.head.labels.clone(),
+        HeadKind::Regression => Vec::new(),
+    };
+    if w.head.kind != m.head.kind || w.head.labels != labels {
+        return Err(LoadError::new(
+            manifest_path,
+            format!(
+                "head {} {:?} differs from the AdapterHub head in `{}`: {} {:?}",
+                m.head.kind.as_str(),
+                labels,
+                dir.display(),
+                w.head.kind.as_str(),
+                w.head.labels
+            ),
+        ));
+    }
+    Ok(w)
 }
 
 /// Layers whose adapters can ever be active under the drop policy.
@@ -219,6 +281,14 @@ fn validate_manifest(m: &TaskManifest, path: &Path, dir: &Path, backbone: &Backb
         if *need && !m.slots.iter().any(|s| s.layer == layer) {
             return bad(format!("layer {layer} is not dropped by {} but the task has no adapter slot there", describe_drop(&m.drop)));
         }
+    }
+    if let Some(a) = &m.adapterhub
+        && (a.contains("..") || Path::new(a).is_absolute() || a.is_empty())
+    {
+        return bad(format!("adapterhub directory `{a}` must be a path inside the task directory"));
+    }
+    if m.adapterhub.is_some() && m.slots.iter().any(|s| s.kind == SlotKind::Fusion) {
+        return bad("`adapterhub` is for single-adapter tasks; a fusion task is served from its graphs only".into());
     }
     if m.head.graph.contains("..") || Path::new(&m.head.graph).is_absolute() {
         return bad(format!("head graph path `{}` must stay inside the task directory", m.head.graph));

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +49,8 @@ class Adapter:
     locations: tuple
     slots: dict = field(repr=False)  # (layer, location) -> SlotWeights
     source: str = ""
+    directory: str = ""  # where adapter_config.json was read
+    weights_file: str = ""  # the weights file read (safetensors or a torch .bin)
 
 
 @dataclass
@@ -59,6 +62,31 @@ class Head:
     b1: np.ndarray
     w2: np.ndarray
     b2: np.ndarray
+    directory: str = ""  # where head_config.json was read
+    weights_file: str = ""
+
+
+ADAPTERHUB_FILES = ("adapter_config.json", "adapter.safetensors", "head_config.json", "model_head.safetensors")
+
+
+def copy_adapterhub(adapter: Adapter, head: Head, out: str) -> None:
+    """Write the AdapterHub files an adapter and its head were read from into `out`, as `save_adapter`
+    writes them: the two configs verbatim, the weights verbatim when they are safetensors, else
+    converted to float32 safetensors (same keys), so the server's own parser can read them."""
+    from safetensors.numpy import save_file
+    os.makedirs(out, exist_ok=True)
+    for src_dir, cfg, wfile, st_name in ((adapter.directory, "adapter_config.json", adapter.weights_file,
+                                          "adapter.safetensors"),
+                                         (head.directory, "head_config.json", head.weights_file,
+                                          "model_head.safetensors")):
+        if not src_dir or not wfile:
+            raise InvalidCheckpoint("the adapter or head was not read from an AdapterHub directory")
+        shutil.copyfile(os.path.join(src_dir, cfg), os.path.join(out, cfg))
+        if wfile.endswith(".safetensors"):
+            shutil.copyfile(wfile, os.path.join(out, st_name))
+        else:
+            tensors = _read_bin(wfile)
+            save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, os.path.join(out, st_name))
 
 
 def _read_json(path: str) -> dict:
@@ -66,6 +94,16 @@ def _read_json(path: str) -> dict:
         raise InvalidCheckpoint(f"{path} not found")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def _read_bin(pt: str, st_name: str = "safetensors") -> dict:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise InvalidCheckpoint(f"{pt} is a PyTorch pickle and torch is not installed; "
+                                f"convert it to {st_name}") from None
+    state = torch.load(pt, map_location="cpu", weights_only=True)
+    return {k: v.detach().float().numpy() for k, v in state.items()}
 
 
 def load_tensors(directory: str, st_name: str, bin_name: str) -> tuple[dict, str]:
@@ -76,13 +114,7 @@ def load_tensors(directory: str, st_name: str, bin_name: str) -> tuple[dict, str
         return {k: np.asarray(v, np.float32) for k, v in load_file(st).items()}, st
     pt = os.path.join(directory, bin_name)
     if os.path.isfile(pt):
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise InvalidCheckpoint(f"{pt} is a PyTorch pickle and torch is not installed; "
-                                    f"convert it to {st_name}") from None
-        state = torch.load(pt, map_location="cpu", weights_only=True)
-        return {k: v.detach().float().numpy() for k, v in state.items()}, pt
+        return _read_bin(pt, st_name), pt
     raise InvalidCheckpoint(f"neither {st_name} nor {bin_name} found in {directory}")
 
 
@@ -197,7 +229,8 @@ def load_adapter(directory: str, num_layers: int, hidden_size: int | None = None
                    original_ln_after=bool(cfg["original_ln_after"]),
                    residual_before_ln=cfg["residual_before_ln"], scaling=float(cfg["scaling"]),
                    leave_out=leave_out, locations=locations, slots=slots,
-                   source=f"{short} ({version})" if version else short)
+                   source=f"{short} ({version})" if version else short,
+                   directory=os.path.abspath(directory), weights_file=os.path.abspath(wpath))
 
 
 def load_head(directory: str, hidden_size: int) -> Head:
@@ -224,8 +257,9 @@ def load_head(directory: str, hidden_size: int) -> Head:
                                 f"num_labels {num_labels}")
     label2id = cfg.get("label2id") or {f"LABEL_{i}": i for i in range(num_labels)}
     labels = [k for k, _ in sorted(label2id.items(), key=lambda kv: int(kv[1]))]
+    where = {"directory": os.path.abspath(directory), "weights_file": os.path.abspath(wpath)}
     if num_labels == 1:
-        return Head(name, "regression", [], w1, b1, w2, b2)
+        return Head(name, "regression", [], w1, b1, w2, b2, **where)
     if len(labels) != num_labels:
         raise InvalidCheckpoint(f"label2id has {len(labels)} labels, num_labels is {num_labels}")
-    return Head(name, "classification", labels, w1, b1, w2, b2)
+    return Head(name, "classification", labels, w1, b1, w2, b2, **where)

@@ -7,7 +7,7 @@ import re
 import shutil
 
 from . import ExportError, InvalidCheckpoint
-from .adapterhub import Adapter, Head
+from .adapterhub import Adapter, Head, copy_adapterhub
 from .checkpoint import Checkpoint
 from .graphs_backbone import attention_graph, embeddings_graph, ffn_graph, plain_slot_graph
 from .graphs_layer import layer_graph
@@ -15,6 +15,7 @@ from .graphs_task import adapter_slot_graph, head_graph
 from .onnx_builder import initializers, save
 
 FORMAT_VERSION = 1
+ADAPTERHUB_DIR = "adapterhub"  # the task's AdapterHub files, which the server loads into its adapter banks
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -245,6 +246,7 @@ def write_task(repo: str, backbone: str, adapter: Adapter, head: Head, lns, name
                 spec["up"] = up
             slots.append(spec)
         save(head_graph(head, H), os.path.join(tmp, "head.onnx"))
+        copy_adapterhub(adapter, head, os.path.join(tmp, ADAPTERHUB_DIR))
         return {
             "format_version": FORMAT_VERSION,
             "name": name,
@@ -256,6 +258,7 @@ def write_task(repo: str, backbone: str, adapter: Adapter, head: Head, lns, name
             "slots": slots,
             "drop": drop,
             "head": {"type": head.kind, "graph": "head.onnx", "labels": list(head.labels)},
+            "adapterhub": ADAPTERHUB_DIR,
         }
 
     return install_task_version(repo, name, version, force, build)

@@ -126,3 +126,48 @@ def test_tokenizer_reproduces_expected_ids(test_repo):
             encs = [tok.encode(a, b) for a, b in case["pairs"]]
         assert [e.ids for e in encs] == case["input_ids"]
         assert [e.type_ids for e in encs] == case["token_type_ids"]
+
+
+def test_tasks_carry_their_adapterhub_files_verbatim(test_repo):
+    """Every single-adapter task holds the AdapterHub files it was exported from (task.json
+    "adapterhub"), byte for byte; fusion tasks do not (they keep the per-task path)."""
+    from adapterdrop_tools.adapterhub import ADAPTERHUB_FILES
+    from adapterdrop_tools.testrepo import task_specs
+    sources = {task: adir for task, _, adir, _ in task_specs(os.path.join(test_repo, "sources"), False)}
+    expected = load_expected(test_repo)
+    for task in expected["tasks"]:
+        d = os.path.join(test_repo, "tasks", task, "1")
+        with open(os.path.join(d, "task.json")) as f:
+            m = json.load(f)
+        if "fusion" in expected["tasks"][task]:
+            assert "adapterhub" not in m and not os.path.exists(os.path.join(d, "adapterhub")), task
+            continue
+        assert m["adapterhub"] == "adapterhub", task
+        assert sorted(os.listdir(os.path.join(d, "adapterhub"))) == sorted(ADAPTERHUB_FILES), task
+        if task in sources:
+            for name in ADAPTERHUB_FILES:
+                with open(os.path.join(sources[task], name), "rb") as a, open(os.path.join(d, "adapterhub", name), "rb") as b:
+                    assert a.read() == b.read(), (task, name)
+
+
+def test_a_torch_pickle_is_copied_as_safetensors(test_repo, tmp_path, monkeypatch):
+    """An adapter read from pytorch_adapter.bin lands in the bundle as adapter.safetensors with the
+    same keys and values (torch itself is replaced by a reader of the same tensors: the venv has no torch)."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from adapterdrop_tools import adapterhub
+    src = os.path.join(test_repo, "sources", "tiny-random", "adapters", "rand-pfeiffer")
+    pickled = tmp_path / "src"
+    shutil.copytree(src, pickled)
+    original = load_file(str(pickled / "adapter.safetensors"))
+    os.rename(pickled / "adapter.safetensors", pickled / "pytorch_adapter.bin")
+    monkeypatch.setattr(adapterhub, "_read_bin", lambda path, st_name="": dict(original))
+    a = adapterhub.load_adapter(str(pickled), 3, 32)
+    assert a.weights_file.endswith("pytorch_adapter.bin")
+    adapterhub.copy_adapterhub(a, adapterhub.load_head(str(pickled), 32), str(tmp_path / "out"))
+    got = load_file(str(tmp_path / "out" / "adapter.safetensors"))
+    assert sorted(got) == sorted(original)
+    assert all(np.array_equal(got[k], original[k]) for k in original)

@@ -1,6 +1,212 @@
-//! AdapterHub adapters as data (issue 12). `types` is the contract between the parser (banks-load)
-//! and the adapter banks (banks-core); the parser fills it from an adapter directory.
+//! Reads an AdapterHub bottleneck adapter directory exactly as `save_adapter` / `save_head` write it
+//! (`adapter_config.json`, `adapter.safetensors`, `head_config.json`, `model_head.safetensors`),
+//! validates it against a backbone and returns its weights as data ([`AdapterWeights`]), the same
+//! numbers the Python exporter (`tools/adapterdrop_tools/adapterhub.py`) bakes into slot graphs.
 
+mod config;
+mod head;
+pub mod safetensors;
 pub mod types;
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array1, Array2};
+use serde_json::Value;
+
+pub use self::config::bottleneck_size;
+use self::safetensors::Tensor;
 pub use self::types::{Activation, AdapterWeights, BottleneckWeights, HeadWeights, RULE_FLAGS, Residual, SlotRule};
+use crate::error::LoadError;
+use crate::repository::manifest::Location;
+
+/// The four files of an adapter directory.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter.safetensors";
+pub const HEAD_CONFIG: &str = "head_config.json";
+pub const HEAD_WEIGHTS: &str = "model_head.safetensors";
+pub const FILES: [&str; 4] = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_CONFIG, HEAD_WEIGHTS];
+
+/// Largest file of an adapter directory read (a MiniLM Pfeiffer adapter is ~0.3 MB, a BERT-large
+/// Houlsby one ~25 MB).
+const MAX_FILE_BYTES: u64 = 512 << 20;
+
+/// Why an adapter directory cannot be served; always names the file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AdapterHubError {
+    /// Well-formed but asks for something the server does not implement.
+    #[error("{file}: unsupported adapter: {problem}")]
+    Unsupported { file: PathBuf, problem: String },
+    /// Missing, unreadable, malformed or not matching the backbone.
+    #[error("{file}: {problem}")]
+    Invalid { file: PathBuf, problem: String },
+}
+
+impl From<AdapterHubError> for LoadError {
+    fn from(e: AdapterHubError) -> Self {
+        match &e {
+            AdapterHubError::Unsupported { file, .. } | AdapterHubError::Invalid { file, .. } => {
+                let problem = e.to_string();
+                let prefix = format!("{}: ", file.display());
+                LoadError::new(file, problem.strip_prefix(&prefix).unwrap_or(&problem).to_string())
+            }
+        }
+    }
+}
+
+fn invalid(file: &Path, problem: impl Into<String>) -> AdapterHubError {
+    AdapterHubError::Invalid { file: file.to_path_buf(), problem: problem.into() }
+}
+
+fn unsupported(file: &Path, problem: impl Into<String>) -> AdapterHubError {
+    AdapterHubError::Unsupported { file: file.to_path_buf(), problem: problem.into() }
+}
+
+/// Reads, checks and returns adapter and head of `dir` for a backbone of `num_layers` x `hidden`.
+pub fn load(dir: &Path, num_layers: usize, hidden: usize) -> Result<AdapterWeights, AdapterHubError> {
+    if dir.join("adapter_fusion_config.json").is_file() {
+        return Err(unsupported(dir, "an AdapterFusion directory; fusion tasks are served from exported bundles"));
+    }
+    let config_path = dir.join(ADAPTER_CONFIG);
+    let meta = read_json(&config_path)?;
+    let (Some(cfg), Some(name)) = (meta.get("config"), meta.get("name").and_then(Value::as_str)) else {
+        return Err(invalid(&config_path, "lacks 'config' or 'name'"));
+    };
+    let cfg = config::parse(cfg).map_err(|p| unsupported(&config_path, p))?;
+    if let Some(h) = meta.get("hidden_size").filter(|h| !h.is_null())
+        && h.as_u64() != Some(hidden as u64)
+    {
+        return Err(invalid(&config_path, format!("adapter hidden_size {h} != backbone hidden size {hidden}")));
+    }
+    if let Some(&l) = cfg.leave_out.iter().find(|&&l| l >= num_layers) {
+        tracing::debug!(layer = l, num_layers, "leave_out names a layer the backbone does not have");
+    }
+    let weights_path = dir.join(ADAPTER_WEIGHTS);
+    let (mut found, prefix) = read_adapter_tensors(&weights_path, dir, name)?;
+    let mut slots = BTreeMap::new();
+    for layer in (0..num_layers).filter(|l| !cfg.leave_out.contains(l)) {
+        let width = bottleneck_size(hidden, &cfg.reduction_factor, layer).map_err(|p| unsupported(&config_path, p))?;
+        for &loc in &cfg.locations {
+            let mut take = |param: &'static str, shape: &[usize]| -> Result<Vec<f32>, AdapterHubError> {
+                let t = found.remove(&(layer, loc, param)).ok_or_else(|| {
+                    invalid(&weights_path, format!("key '{prefix}{}{}' not found", key_base(layer, loc, name), param_key(param)))
+                })?;
+                check_tensor(&weights_path, &format!("{prefix}{}{}", key_base(layer, loc, name), param_key(param)), t, shape)
+            };
+            let down_w = take("down_w", &[width, hidden])?;
+            let down_b = take("down_b", &[width])?;
+            let up_w = take("up_w", &[hidden, width])?;
+            let up_b = take("up_b", &[hidden])?;
+            let weights = BottleneckWeights {
+                down_w: Array2::from_shape_vec((width, hidden), down_w).map_err(|e| invalid(&weights_path, e.to_string()))?,
+                down_b: Array1::from(down_b),
+                up_w: Array2::from_shape_vec((hidden, width), up_w).map_err(|e| invalid(&weights_path, e.to_string()))?,
+                up_b: Array1::from(up_b),
+            };
+            slots.insert((layer, loc), weights);
+        }
+    }
+    if let Some((layer, loc, _)) = found.keys().next() {
+        return Err(invalid(
+            &weights_path,
+            format!(
+                "has weights for layer {layer} {}, which the config does not use (leave_out / mh_adapter / output_adapter / num_layers {num_layers})",
+                loc.as_str()
+            ),
+        ));
+    }
+    let head = head::load(dir, hidden)?;
+    Ok(AdapterWeights { name: name.to_string(), method: cfg.method.to_string(), rule: cfg.rule, slots, leave_out: cfg.leave_out, head })
+}
+
+fn key_base(layer: usize, loc: Location, name: &str) -> String {
+    let module = match loc {
+        Location::Attention => "attention.output",
+        Location::Ffn => "output",
+    };
+    format!("encoder.layer.{layer}.{module}.adapters.{name}.")
+}
+
+fn param_key(param: &str) -> &'static str {
+    match param {
+        "down_w" => "adapter_down.0.weight",
+        "down_b" => "adapter_down.0.bias",
+        "up_w" => "adapter_up.weight",
+        _ => "adapter_up.bias",
+    }
+}
+
+/// Adapter tensors by (layer, location, parameter), every key checked against the naming scheme
+/// `[bert.|roberta.]encoder.layer.<i>.(attention.output|output).adapters.<name>.<param>`; also
+/// returns the model prefix the keys use (for messages).
+type Found = BTreeMap<(usize, Location, &'static str), Tensor>;
+fn read_adapter_tensors(path: &Path, dir: &Path, name: &str) -> Result<(Found, &'static str), AdapterHubError> {
+    if !path.is_file() && dir.join("pytorch_adapter.bin").is_file() {
+        return Err(invalid(
+            &dir.join("pytorch_adapter.bin"),
+            "a PyTorch pickle; the server reads safetensors only: convert it (tools/export_task.py writes adapter.safetensors into every bundle)",
+        ));
+    }
+    let mut out = BTreeMap::new();
+    let mut prefix = "";
+    for (key, tensor) in read_safetensors(path)? {
+        let unexpected = || unsupported(path, format!("unexpected weight '{key}' (not a bottleneck adapter)"));
+        let rest = match ["bert.", "roberta."].into_iter().find(|p| key.starts_with(p)) {
+            Some(p) => {
+                prefix = p;
+                &key[p.len()..]
+            }
+            None => key.as_str(),
+        };
+        let rest = rest.strip_prefix("encoder.layer.").ok_or_else(unexpected)?;
+        let (layer, rest) = rest.split_once('.').ok_or_else(unexpected)?;
+        let layer: usize = layer.parse().ok().filter(|_| layer.bytes().all(|b| b.is_ascii_digit())).ok_or_else(unexpected)?;
+        let (loc, rest) = if let Some(r) = rest.strip_prefix("attention.output.adapters.") {
+            (Location::Attention, r)
+        } else if let Some(r) = rest.strip_prefix("output.adapters.") {
+            (Location::Ffn, r)
+        } else {
+            return Err(unexpected());
+        };
+        let (adapter, param) = rest.split_once('.').ok_or_else(unexpected)?;
+        if adapter != name {
+            return Err(invalid(path, format!("weight '{key}' belongs to adapter '{adapter}', the config names '{name}'")));
+        }
+        let param = match param {
+            "adapter_down.0.weight" => "down_w",
+            "adapter_down.0.bias" => "down_b",
+            "adapter_up.weight" => "up_w",
+            "adapter_up.bias" => "up_b",
+            _ => return Err(unsupported(path, format!("unexpected weight '{key}' (unsupported adapter parameter)"))),
+        };
+        out.insert((layer, loc, param), tensor);
+    }
+    Ok((out, prefix))
+}
+
+/// The tensor's values if it has exactly `shape` and only finite values.
+fn check_tensor(file: &Path, key: &str, t: Tensor, shape: &[usize]) -> Result<Vec<f32>, AdapterHubError> {
+    if t.shape != shape {
+        return Err(invalid(file, format!("{key}: shape {:?} != expected {shape:?}", t.shape)));
+    }
+    if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+        return Err(invalid(file, format!("{key}: element {i} is {} (weights must be finite)", t.data[i])));
+    }
+    Ok(t.data)
+}
+
+fn read_bytes(path: &Path) -> Result<Vec<u8>, AdapterHubError> {
+    let meta = std::fs::metadata(path).map_err(|e| invalid(path, format!("cannot read: {e}")))?;
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(invalid(path, format!("{} bytes exceeds the limit of {MAX_FILE_BYTES}", meta.len())));
+    }
+    std::fs::read(path).map_err(|e| invalid(path, format!("cannot read: {e}")))
+}
+
+fn read_json(path: &Path) -> Result<Value, AdapterHubError> {
+    serde_json::from_slice(&read_bytes(path)?).map_err(|e| invalid(path, format!("invalid JSON: {e}")))
+}
+
+fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>, AdapterHubError> {
+    safetensors::parse(&read_bytes(path)?).map_err(|p| invalid(path, format!("not a valid safetensors file: {p}")))
+}
