@@ -62,6 +62,7 @@ bench: setup models
 	cargo bench $(CARGO_FLAGS) --bench table2
 	cargo bench $(CARGO_FLAGS) --bench serving
 	cargo bench $(CARGO_FLAGS) --bench fusion
+	cargo bench $(CARGO_FLAGS) --bench banks
 	cargo build --release $(CARGO_FLAGS)
 	$(PY) tools/bench_memory.py --binary target/release/adapterdrop-serve
 	$(MAKE) bench-kserve
