@@ -1,8 +1,11 @@
 //! The model repository on disk (format v1, `models/README.md`) and what is loaded from it.
 
 pub mod backbone;
+pub mod bundle;
 pub mod fusion;
+pub mod graph_check;
 pub mod manifest;
+pub mod onnx_proto;
 pub mod registrar;
 pub mod registry;
 pub mod store;
@@ -12,6 +15,7 @@ mod trial;
 pub use backbone::Backbone;
 pub use fusion::{FusedAdapter, FusionSlot};
 pub use manifest::Location;
-pub use registrar::{Bundle, RegisterOptions, Registered, Registrar};
+pub use bundle::{Bundle, ValidationLimits};
+pub use registrar::{MAX_VERSION, RegisterOptions, Registered, Registrar};
 pub use registry::{Registry, TaskEntry, TaskState};
 pub use task::{ActiveLayers, Task};
