@@ -45,6 +45,7 @@ pub fn trial_run(task: &Task, timeout: Duration) -> Result<(), LoadError> {
         }
         let views: Vec<ArrayViewD<f32>> = ups.iter().map(|u| u.view()).collect();
         let up = ndarray::stack(Axis(2), &views).map_err(|e| LoadError::new(slot.graph.file(), format!("trial run: {e}")))?;
+        let up = up.as_standard_layout().into_owned();
         let inputs = [("h", h.view()), ("x", x.view()), ("up", up.view())];
         trial.run(&slot.graph, &inputs, &[("y", &bth), ("alpha", &[ROWS, TOKENS, slot.adapters.len()])])?;
     }
