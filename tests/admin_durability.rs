@@ -98,9 +98,10 @@ async fn kill_9_at_random_moments_of_registrations_never_leaves_half_a_task() {
     const ROUNDS: usize = 20;
     let repo = temp_repo(&["sent"]);
     let no_poll = ("ADAPTERDROP__REPOSITORY__POLL_INTERVAL_S", "0");
-    let seed: u64 = std::env::var("KILL9_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
+    let seed: u64 = std::env::var("KILL9_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
     eprintln!("KILL9_SEED={seed}");
     let mut rng = seed | 1;
     let mut next_delay = move || {
@@ -127,13 +128,15 @@ async fn kill_9_at_random_moments_of_registrations_never_leaves_half_a_task() {
         let mut a = admin(&admin_addr).await;
         let churned: Vec<_> = list(&mut a).await.into_iter().filter(|t| t.name == "churn").collect();
         let listed: std::collections::BTreeSet<u32> = churned.iter().map(|t| t.version).collect();
-        let mut seen = acked.lock().unwrap();
-        let missing: Vec<u32> = seen.present.iter().filter(|v| !listed.contains(v) && !seen.maybe_removed.contains(v)).copied().collect();
+        let missing: Vec<u32> = {
+            let mut seen = acked.lock().unwrap();
+            let missing = seen.present.iter().filter(|v| !listed.contains(v) && !seen.maybe_removed.contains(v)).copied().collect();
+            // Versions the client could not hear about either way are settled by what the disk says.
+            seen.present = listed.clone();
+            seen.maybe_removed.clear();
+            missing
+        };
         lost += missing.len();
-        // Versions the client could not hear about either way are settled by what the disk says.
-        seen.present = listed.clone();
-        seen.maybe_removed.clear();
-        drop(seen);
         let mut c = inference(&server.addr).await;
         for t in &churned {
             let ready = t.status == TaskStatus::Ready as i32;

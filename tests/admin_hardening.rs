@@ -33,7 +33,11 @@ fn with_file(task: &str, file: &str, bytes: &[u8]) -> tempfile::TempDir {
     dir
 }
 
-async fn refused(a: &mut adapterdrop_serve::proto::admin_client::AdminClient<tonic::transport::Channel>, name: &str, dir: &Path) -> tonic::Status {
+async fn refused(
+    a: &mut adapterdrop_serve::proto::admin_client::AdminClient<tonic::transport::Channel>,
+    name: &str,
+    dir: &Path,
+) -> tonic::Status {
     let started = Instant::now();
     let err = register(a, header(name, None, false, false), dir).await.expect_err(name);
     assert!(started.elapsed() < Duration::from_secs(20), "{name}: refused only after {:?}", started.elapsed());
@@ -160,7 +164,8 @@ async fn an_endless_trial_run_is_stopped_and_blocks_nothing() {
     let others_done = started.elapsed();
     assert!(list(&mut a).await.iter().any(|t| t.name == "spin" && t.status == TaskStatus::Loading as i32), "others finished first");
 
-    let err = tokio::time::timeout(Duration::from_secs(30), spin).await.expect("the endless trial run was never stopped").unwrap().unwrap_err();
+    let err =
+        tokio::time::timeout(Duration::from_secs(30), spin).await.expect("the endless trial run was never stopped").unwrap().unwrap_err();
     let stopped = started.elapsed();
     eprintln!("other changes done after {others_done:?}; endless trial stopped after {stopped:?}");
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());

@@ -102,7 +102,11 @@ pub async fn receive(stream: &mut Streaming<RegisterTaskRequest>, tasks_root: &P
 }
 
 /// The next part, unless the client stalls past `limits.idle` or the upload past `deadline`.
-async fn next_within(stream: &mut Streaming<RegisterTaskRequest>, limits: UploadLimits, deadline: Instant) -> Result<Option<Part>, ServeError> {
+async fn next_within(
+    stream: &mut Streaming<RegisterTaskRequest>,
+    limits: UploadLimits,
+    deadline: Instant,
+) -> Result<Option<Part>, ServeError> {
     let idle_end = Instant::now() + limits.idle;
     match tokio::time::timeout_at(idle_end.min(deadline).into(), next(stream)).await {
         Ok(part) => part,

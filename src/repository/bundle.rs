@@ -136,7 +136,9 @@ pub(super) fn prepare(
 fn rewrite_identity(path: &Path, name: &str, version: u32) -> Result<(), ServeError> {
     let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     if size > MAX_MANIFEST_BYTES {
-        return Err(ServeError::InvalidArgument(format!("task.json: {size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have")));
+        return Err(ServeError::InvalidArgument(format!(
+            "task.json: {size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have"
+        )));
     }
     let text = std::fs::read_to_string(path).map_err(|e| ServeError::InvalidArgument(format!("task.json: cannot read: {e}")))?;
     let mut value: serde_json::Value =

@@ -121,7 +121,10 @@ fn check_graph(graph: &GraphProto, policy: &OpPolicy, nodes: &mut usize) -> Resu
             return Err(format!("has more than {MAX_NODES} nodes"));
         }
         if !standard(&n.domain) {
-            return Err(format!("node `{}` uses operator `{}` of domain `{}`; only the standard domain is allowed", n.name, n.op_type, n.domain));
+            return Err(format!(
+                "node `{}` uses operator `{}` of domain `{}`; only the standard domain is allowed",
+                n.name, n.op_type, n.domain
+            ));
         }
         if !policy.allowed(&n.op_type) {
             return Err(format!(
@@ -207,15 +210,8 @@ struct Shapes<'a> {
 
 impl<'a> Shapes<'a> {
     fn new(graph: &GraphProto, policy: &'a OpPolicy, opset: i64) -> Result<Self, String> {
-        let mut s = Self {
-            policy,
-            opset,
-            shapes: HashMap::new(),
-            ints: HashMap::new(),
-            largest_input: 1,
-            largest_weight: 4096,
-            total_dynamic: 0,
-        };
+        let mut s =
+            Self { policy, opset, shapes: HashMap::new(), ints: HashMap::new(), largest_input: 1, largest_weight: 4096, total_dynamic: 0 };
         for t in &graph.initializer {
             s.constant(t);
         }

@@ -13,9 +13,9 @@ pub mod task;
 mod trial;
 
 pub use backbone::Backbone;
+pub use bundle::{Bundle, ValidationLimits};
 pub use fusion::{FusedAdapter, FusionSlot};
 pub use manifest::Location;
-pub use bundle::{Bundle, ValidationLimits};
 pub use registrar::{MAX_VERSION, RegisterOptions, Registered, Registrar};
 pub use registry::{Registry, TaskEntry, TaskState};
 pub use task::{ActiveLayers, Task};

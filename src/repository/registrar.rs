@@ -196,9 +196,7 @@ impl Registrar {
             return Err(ServeError::NotFound(format!("task `{name}` has no version {v}; versions: {all:?}")));
         }
         if let Some(v) = all.iter().find(|v| version.is_none_or(|w| w == **v) && self.registry.is_loading(name, **v)) {
-            return Err(ServeError::FailedPrecondition(format!(
-                "task `{name}@{v}` is being registered; retry when it is READY or FAILED"
-            )));
+            return Err(ServeError::FailedPrecondition(format!("task `{name}@{v}` is being registered; retry when it is READY or FAILED")));
         }
         let tasks_root = self.tasks_root();
         let pinned = self.registry.pinned_version(name).or_else(|| store::read_default(&task_dir));
@@ -363,7 +361,6 @@ impl Registrar {
     }
 }
 
-
 /// Publishes a validated staged version as `tasks/<name>/<version>/` (under the mutation lock,
 /// on a blocking thread); the stamp of the published directory.
 fn publish(tasks_root: &Path, name: &str, version: u32, staged: &Path) -> Result<Option<Stamp>, ServeError> {
@@ -378,7 +375,9 @@ fn publish(tasks_root: &Path, name: &str, version: u32, staged: &Path) -> Result
     store::crash_point("before-publish");
     let published = if target.is_dir() { store::publish_replace(staged, &target) } else { store::publish_new(staged, &target) };
     published.map_err(|e| {
-        ServeError::FailedPrecondition(format!("cannot publish `{name}@{version}` (another replica may have published it first; retry): {e}"))
+        ServeError::FailedPrecondition(format!(
+            "cannot publish `{name}@{version}` (another replica may have published it first; retry): {e}"
+        ))
     })?;
     store::crash_point("after-publish");
     // Published either way; a missing record is restored by the unregister that needs it.

@@ -12,7 +12,13 @@ fn bth(name: &str) -> ValueInfoProto {
     value(name, FLOAT, Some(&[None, None, Some(H)]))
 }
 
-fn graph(name: &str, node: Vec<NodeProto>, initializer: Vec<TensorProto>, input: Vec<ValueInfoProto>, output: Vec<ValueInfoProto>) -> Vec<u8> {
+fn graph(
+    name: &str,
+    node: Vec<NodeProto>,
+    initializer: Vec<TensorProto>,
+    input: Vec<ValueInfoProto>,
+    output: Vec<ValueInfoProto>,
+) -> Vec<u8> {
     encode(&model(GraphProto { node, name: name.into(), initializer, input, output, sparse_initializer: vec![] }))
 }
 
@@ -37,11 +43,10 @@ pub fn loop_head() -> Vec<u8> {
         output: vec![value("cond_out", BOOL, Some(&[])), value("v_out", FLOAT, None)],
         sparse_initializer: vec![],
     };
-    head_around(vec![node("Loop", &["trips", "", "first"], &["mid"], vec![graph_attr("body", body)])], vec![int64s(
-        "trips",
-        &[],
-        &[1_000_000_000_000],
-    )])
+    head_around(
+        vec![node("Loop", &["trips", "", "first"], &["mid"], vec![graph_attr("body", body)])],
+        vec![int64s("trips", &[], &[1_000_000_000_000])],
+    )
 }
 
 /// A head that tiles its input 100,000 times along the tokens (gigabytes at serving sizes).
