@@ -40,6 +40,7 @@ async fn refused(
 ) -> tonic::Status {
     let started = Instant::now();
     let err = register(a, header(name, None, false, false), dir).await.expect_err(name);
+    eprintln!("{name}: refused after {:?}: {}", started.elapsed(), err.message());
     assert!(started.elapsed() < Duration::from_secs(20), "{name}: refused only after {:?}", started.elapsed());
     err
 }
