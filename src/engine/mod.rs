@@ -13,7 +13,7 @@ use tracing::Span;
 pub use executor::{ExecStats, Lane, Sequence, execute};
 pub use fusion::FusionWeights;
 
-use crate::error::ServeError;
+use crate::error::{EngineError, ServeError};
 use crate::repository::{ActiveLayers, Backbone, Task};
 
 /// One task to run on all of a job's sequences.
@@ -98,7 +98,7 @@ fn run_batch(batch: Batch) {
     }
     let rows = seqs.len();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(&backbone, &seqs, &lanes)))
-        .unwrap_or_else(|_| Err(ServeError::Internal("the engine panicked while running this batch".into())));
+        .unwrap_or_else(|_| Err(EngineError::Panicked));
     let compute = started.elapsed();
     match result {
         Ok((logits, mut stats)) => {
@@ -119,8 +119,10 @@ fn run_batch(batch: Batch) {
         }
         Err(err) => {
             tracing::error!(error = %err, rows, "batch failed");
+            // Every request of the batch gets the same typed cause.
+            let err = Arc::new(err);
             for e in live {
-                let _ = e.reply.send(Err(ServeError::Runtime(err.to_string())));
+                let _ = e.reply.send(Err(EngineError::Batch(err.clone()).into()));
             }
         }
     }

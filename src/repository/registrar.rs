@@ -281,7 +281,7 @@ impl Registrar {
     pub async fn reconcile(&self) -> Result<usize, ServeError> {
         let _guard = self.registry.mutation.lock().await;
         let root = self.registry.root().to_path_buf();
-        let disk = blocking(move || scan_tasks(&root).map_err(|e| ServeError::Internal(e.to_string()))).await?;
+        let disk = blocking(move || scan_tasks(&root).map_err(|e| ServeError::Repository(e.into()))).await?;
         let memory = self.registry.snapshot();
         let mut changes = 0;
         for (name, snap) in &disk {
@@ -445,7 +445,7 @@ fn check_name(name: &str) -> Result<(), ServeError> {
 }
 
 fn io_error(e: std::io::Error) -> ServeError {
-    ServeError::Internal(format!("repository I/O failed: {e}"))
+    ServeError::Repository(e.into())
 }
 
 /// Runs ONNX Runtime session creation on one long-lived loader thread. Registrations are serial
