@@ -170,5 +170,5 @@ fn files_under(dir: &Path) -> std::io::Result<Vec<String>> {
 }
 
 fn io_error(e: std::io::Error) -> ServeError {
-    ServeError::Internal(format!("repository I/O failed: {e}"))
+    ServeError::Repository(e.into())
 }

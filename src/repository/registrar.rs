@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::bundle::{self, Bundle, ValidationLimits};
+use super::loader::Loader;
 use super::manifest::valid_name;
 use super::registry::{Registry, TaskEntry, TaskState, scan_tasks};
 use super::store::{self, Staging, Stamp};
@@ -40,19 +41,21 @@ pub struct Registered {
     pub validate: Duration,
 }
 
-/// Cheap to clone: every clone shares the registry and its mutation lock.
+/// Cheap to clone: every clone shares the registry, its mutation lock and the loader thread.
 #[derive(Clone)]
 pub struct Registrar {
     registry: Arc<Registry>,
     runtime: Runtime,
     limits: Arc<ValidationLimits>,
     validating: Arc<tokio::sync::Semaphore>,
+    /// Creates the sessions of polls and reloads; ends with the last clone.
+    loader: Loader,
 }
 
 impl Registrar {
     pub fn new(registry: Arc<Registry>, runtime: Runtime) -> Self {
         let validating = Arc::new(tokio::sync::Semaphore::new(PARALLEL_VALIDATIONS));
-        Self { registry, runtime, limits: Arc::default(), validating }
+        Self { registry, runtime, limits: Arc::default(), validating, loader: Loader::start() }
     }
 
     /// Bounds of upload validation (`admin.trial_timeout_ms`, `admin.extra_task_ops`).
@@ -279,7 +282,7 @@ impl Registrar {
     pub async fn reconcile(&self) -> Result<usize, ServeError> {
         let _guard = self.registry.mutation.lock().await;
         let root = self.registry.root().to_path_buf();
-        let disk = blocking(move || scan_tasks(&root).map_err(|e| ServeError::Internal(e.to_string()))).await?;
+        let disk = blocking(move || scan_tasks(&root).map_err(|e| ServeError::Repository(e.into()))).await?;
         let memory = self.registry.snapshot();
         let mut changes = 0;
         for (name, snap) in &disk {
@@ -290,7 +293,7 @@ impl Registrar {
                 }
                 let dir = self.tasks_root().join(name).join(version.to_string());
                 let (registry, runtime, name2, v) = (self.registry.clone(), self.runtime.clone(), name.clone(), *version);
-                let entry = on_loader(move || Ok(registry.load_version(&runtime, &name2, v, &dir))).await?;
+                let entry = self.loader.run(move || Ok(registry.load_version(&runtime, &name2, v, &dir))).await?;
                 tracing::info!(task = %name, version, state = ?entry.state, "picked up a task version from the repository");
                 self.registry.insert(entry, *stamp);
                 changes += 1;
@@ -335,7 +338,7 @@ impl Registrar {
             let dir = self.tasks_root().join(name).join(version.to_string());
             let stamp = Stamp::of(&dir);
             let (registry, runtime, name2, dir2) = (self.registry.clone(), self.runtime.clone(), name.to_string(), dir.clone());
-            let entry = on_loader(move || Ok(registry.load_version(&runtime, &name2, version, &dir2))).await?;
+            let entry = self.loader.run(move || Ok(registry.load_version(&runtime, &name2, version, &dir2))).await?;
             tracing::info!(task = name, version, state = ?entry.state, "failed task version loaded again");
             ready += usize::from(entry.state == TaskState::Ready);
             self.registry.insert(entry, stamp);
@@ -425,36 +428,7 @@ fn check_name(name: &str) -> Result<(), ServeError> {
 }
 
 fn io_error(e: std::io::Error) -> ServeError {
-    ServeError::Internal(format!("repository I/O failed: {e}"))
-}
-
-/// Runs ONNX Runtime session creation for polls and reloads on one long-lived loader thread
-/// (uploads are validated on blocking threads, in parallel). One thread keeps the allocations of every load in one malloc arena, so
-/// register/unregister cycles do not fragment memory across the blocking pool's threads (measured:
-/// resident memory stays flat; with the blocking pool it crept up by ~100 KiB per cycle).
-async fn on_loader<T: Send + 'static>(f: impl FnOnce() -> Result<T, ServeError> + Send + 'static) -> Result<T, ServeError> {
-    type Job = Box<dyn FnOnce() + Send>;
-    static LOADER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> = std::sync::OnceLock::new();
-    let sender = LOADER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("task-loader".into())
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    job();
-                }
-            })
-            .expect("spawn task loader thread");
-        std::sync::Mutex::new(tx)
-    });
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    let job: Job = Box::new(move || {
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-            .unwrap_or_else(|_| Err(ServeError::Internal("loading the task panicked".into())));
-        let _ = reply.send(result);
-    });
-    sender.lock().unwrap_or_else(|p| p.into_inner()).send(job).map_err(|_| ServeError::Internal("task loader thread is gone".into()))?;
-    answer.await.map_err(|_| ServeError::Internal("task loader dropped the job".into()))?
+    ServeError::Repository(e.into())
 }
 
 /// Runs a change on its own task: dropping the caller's future does not stop it half-way.
