@@ -155,14 +155,14 @@ impl Registrar {
             None => next_version(name, highest)?,
         };
         let exists = known.contains(&version);
-        if exists && !opts.replace {
-            return Err(ServeError::FailedPrecondition(format!(
-                "task `{name}@{version}` already exists; set `replace` to swap it, or omit the version to get the next free one"
-            )));
-        }
         if self.registry.is_loading(name, version) {
             return Err(ServeError::FailedPrecondition(format!(
                 "task `{name}@{version}` is being registered by another upload; retry when it is READY or FAILED"
+            )));
+        }
+        if exists && !opts.replace {
+            return Err(ServeError::FailedPrecondition(format!(
+                "task `{name}@{version}` already exists; set `replace` to swap it, or omit the version to get the next free one"
             )));
         }
         if !exists {
