@@ -4,6 +4,7 @@ pub mod backbone;
 pub mod bundle;
 pub mod fusion;
 pub mod graph_check;
+mod graph_shapes;
 mod loader;
 pub mod manifest;
 pub mod onnx_proto;
