@@ -198,6 +198,32 @@ async fn a_stalled_upload_is_cut_off_and_its_staging_removed() {
     assert!(staging_dirs(repo.path()).is_empty(), "staging directory left: {:?}", staging_dirs(repo.path()));
     drop(tx);
     register(&mut a, header("stall", None, false, false), &source("sent")).await.unwrap();
+
+    // A client that keeps trickling is cut off by the whole-upload limit.
+    let server = TestServer::start_on(repo.path(), &[no_poll(), ("ADAPTERDROP__ADMIN__UPLOAD_TIMEOUT_S", "1")]);
+    let mut a = admin(&server.admin_addr()).await;
+    let all = messages(header("trickle", None, false, false), &source("sent"), 256);
+    let trickle = async_stream(all, Duration::from_millis(100));
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(15), a.register_task(trickle)).await.expect("never cut off").unwrap_err();
+    eprintln!("trickling upload cut off after {:?}", started.elapsed());
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+    assert!(err.message().contains("admin.upload_timeout_s"), "{}", err.message());
+    assert!(staging_dirs(repo.path()).is_empty());
+}
+
+/// The messages, one every `every`.
+fn async_stream(msgs: Vec<RegisterTaskRequest>, every: Duration) -> tokio_stream::wrappers::ReceiverStream<RegisterTaskRequest> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        for m in msgs {
+            tokio::time::sleep(every).await;
+            if tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// Item 20: version numbers never wrap to 0; the last ones are refused with a clear message.
