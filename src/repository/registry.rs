@@ -62,8 +62,9 @@ pub struct Registry {
     tables: RwLock<Tables>,
     /// Bumped on every change of the task tables; the health reporter follows it.
     changes: watch::Sender<u64>,
-    /// Serialises every change of the repository and tables (uploads, removals, pins, polls), in
-    /// this process; replicas coordinate through atomic renames only (`store`).
+    /// Serialises every change of the repository and tables (removals, pins, polls, and an
+    /// upload's version choice and publishing, not its validation), in this process; replicas
+    /// coordinate through atomic renames only (`store`).
     pub(crate) mutation: tokio::sync::Mutex<()>,
 }
 
