@@ -11,15 +11,15 @@ use ort::value::TensorRef;
 use super::executor::{ExecStats, Lane, Sequence, pad};
 use super::plan::{LanePath, plan};
 use super::tensors::{Hidden, i64_input, run_head, run_hidden};
-use crate::error::ServeError;
+use crate::error::EngineError;
 use crate::repository::adapterhub::HeadWeights;
 use crate::repository::backbone::BANK_INPUTS;
 use crate::repository::{Backbone, Location};
 
 /// Runs `lanes` on the bank path; one `[rows, labels]` logits matrix per lane, as `execute` returns.
-pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result<(Vec<Array2<f32>>, ExecStats), ServeError> {
+pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result<(Vec<Array2<f32>>, ExecStats), EngineError> {
     let banked =
-        backbone.banked.as_ref().ok_or_else(|| ServeError::Internal(format!("backbone `{}` has no layer graphs", backbone.name())))?;
+        backbone.banked.as_ref().ok_or_else(|| EngineError::Contract(format!("backbone `{}` has no layer graphs", backbone.name())))?;
     let runs = crate::runtime::session_runs();
     let store = banked.banks.store();
     let layers = backbone.num_layers();
@@ -73,7 +73,7 @@ pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) ->
 
 /// Each task's head once over the first-token states of all its lanes' rows: on the host from
 /// the AdapterHub head weights, else through the task's head graph.
-fn heads(hidden: &Hidden, lanes: &[Lane], groups: &[super::plan::HeadGroup]) -> Result<Vec<Array2<f32>>, ServeError> {
+fn heads(hidden: &Hidden, lanes: &[Lane], groups: &[super::plan::HeadGroup]) -> Result<Vec<Array2<f32>>, EngineError> {
     let view = hidden.view()?;
     let first = view.slice(s![.., 0, ..]);
     let mut out: Vec<Option<Array2<f32>>> = vec![None; lanes.len()];

@@ -7,7 +7,7 @@ use ndarray::Array2;
 
 use super::banked::execute_banked;
 use super::executor::{ExecStats, Lane, Sequence, execute};
-use crate::error::ServeError;
+use crate::error::EngineError;
 use crate::repository::Backbone;
 
 /// Whether a lane takes the bank path.
@@ -16,7 +16,12 @@ pub fn on_banks(backbone: &Backbone, lane: &Lane, banks: bool) -> bool {
 }
 
 /// Runs every lane on its path; same result shape as [`execute`].
-pub fn run_lanes(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane], banks: bool) -> Result<(Vec<Array2<f32>>, ExecStats), ServeError> {
+pub fn run_lanes(
+    backbone: &Backbone,
+    seqs: &[Sequence],
+    lanes: &[Lane],
+    banks: bool,
+) -> Result<(Vec<Array2<f32>>, ExecStats), EngineError> {
     let (bank, other): (Vec<usize>, Vec<usize>) = (0..lanes.len()).partition(|&l| on_banks(backbone, &lanes[l], banks));
     if other.is_empty() {
         return execute_banked(backbone, seqs, lanes);

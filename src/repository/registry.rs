@@ -12,7 +12,7 @@ use super::backbone::Backbone;
 use super::manifest::{TaskManifest, read_json, valid_name};
 use super::store::{self, Stamp};
 use super::task::Task;
-use crate::error::{LoadError, ServeError};
+use crate::error::{LoadError, RepositoryError, ServeError};
 use crate::runtime::Runtime;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -62,8 +62,9 @@ pub struct Registry {
     tables: RwLock<Tables>,
     /// Bumped on every change of the task tables; the health reporter follows it.
     changes: watch::Sender<u64>,
-    /// Serialises every change of the repository and tables (uploads, removals, pins, polls), in
-    /// this process; replicas coordinate through atomic renames only (`store`).
+    /// Serialises every change of the repository and tables (removals, pins, polls, and an
+    /// upload's version choice and publishing, not its validation), in this process; replicas
+    /// coordinate through atomic renames only (`store`).
     pub(crate) mutation: tokio::sync::Mutex<()>,
 }
 
@@ -73,6 +74,7 @@ impl Registry {
     /// uploads (`tasks/.staging-*`) are removed first.
     pub fn open(runtime: &Runtime, root: &Path) -> Result<Self, LoadError> {
         store::clean_leftovers(&root.join("tasks"));
+        store::clear_stale_pins(&root.join("tasks"));
         let mut tables = Tables::default();
         for dir in subdirs(&root.join("backbones"))? {
             match Backbone::load(runtime, &dir) {
@@ -121,24 +123,24 @@ impl Registry {
         };
         let tables = self.read();
         let Some(versions) = tables.tasks.get(name) else {
-            let known: Vec<&String> = tables.tasks.keys().collect();
-            return Err(ServeError::NotFound(format!("task `{name}` not found; known tasks: {known:?}")));
+            let known = tables.tasks.keys().cloned().collect();
+            return Err(RepositoryError::UnknownTask { name: name.to_string(), known }.into());
         };
         let version = match version {
             Some(v) => v,
             None => default_version(versions, tables.pinned.get(name))
-                .ok_or_else(|| ServeError::FailedPrecondition(format!("task `{name}` has no ready version: {}", describe(versions))))?,
+                .ok_or_else(|| RepositoryError::NoReadyVersion { name: name.to_string(), states: describe(versions) })?,
         };
         let Some(entry) = versions.get(&version) else {
-            let known: Vec<&u32> = versions.keys().collect();
-            return Err(ServeError::NotFound(format!("task `{name}` has no version {version}; versions: {known:?}")));
+            let known = versions.keys().copied().collect();
+            return Err(RepositoryError::UnknownVersion { name: name.to_string(), version, known }.into());
         };
         match (&entry.state, &entry.task) {
             (TaskState::Ready, Some(task)) => Ok(task.clone()),
             (TaskState::Failed(reason), _) => {
-                Err(ServeError::FailedPrecondition(format!("task `{name}@{version}` failed to load: {reason}")))
+                Err(RepositoryError::LoadFailed { name: name.to_string(), version, reason: reason.clone() }.into())
             }
-            (state, _) => Err(ServeError::Unavailable(format!("task `{name}@{version}` is not ready ({state:?})"))),
+            (state, _) => Err(RepositoryError::NotReady { name: name.to_string(), version, state: format!("{state:?}") }.into()),
         }
     }
 
@@ -235,6 +237,18 @@ impl Registry {
         Some(removed)
     }
 
+    /// Whether `name@version` is an upload being validated (listed as LOADING).
+    pub fn is_loading(&self, name: &str, version: u32) -> bool {
+        self.read().tasks.get(name).and_then(|v| v.get(&version)).is_some_and(|e| e.state == TaskState::Loading)
+    }
+
+    /// Removes the LOADING placeholder of a refused upload (not a version loaded meanwhile).
+    pub(crate) fn remove_loading(&self, name: &str, version: u32) {
+        if self.is_loading(name, version) {
+            self.remove(name, version);
+        }
+    }
+
     pub(crate) fn set_pinned(&self, name: &str, version: Option<u32>) {
         {
             let mut tables = self.write();
@@ -328,7 +342,8 @@ pub fn scan_tasks(root: &Path) -> Result<BTreeMap<String, TaskSnapshot>, LoadErr
                 None => tracing::warn!(dir = %version_dir.display(), "ignoring task version directory that is not a number"),
             }
         }
-        snap.pinned = store::read_default(&task_dir);
+        // A pin naming a version that is not there is ignored (`clear_stale_pins` removes it).
+        snap.pinned = store::read_default(&task_dir).filter(|v| snap.versions.contains_key(v));
         if !snap.versions.is_empty() {
             out.insert(name, snap);
         }
