@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use adapterdrop_serve::config::RuntimeSettings;
 use adapterdrop_serve::engine::{ExecStats, Lane, Sequence, run_lanes};
-use adapterdrop_serve::repository::{Registry, Task};
+use adapterdrop_serve::repository::{Registry, Task, adapterhub};
 use adapterdrop_serve::runtime::Runtime;
 use support::{env, env_usize, median, sequences};
 
@@ -37,7 +37,8 @@ impl Bench {
     fn task(&self, i: usize) -> Res<Arc<Task>> {
         let base = self.reg.resolve(TASK, None)?;
         let mut t = Task::load(&self.rt, &self.repo.join("tasks").join(TASK).join("1"), base.backbone.clone())?;
-        let mut w = (**base.adapterhub.as_ref().ok_or("mini-pfeiffer has no AdapterHub weights: rebuild the test repository")?).clone();
+        let dir = self.repo.join("tasks").join(TASK).join("1").join("adapterhub");
+        let mut w = adapterhub::load(&dir, base.backbone.num_layers(), base.backbone.manifest.hidden_size)?;
         for s in w.slots.values_mut() {
             s.down_b.mapv_inplace(|v| v + i as f32 * 1e-3);
         }

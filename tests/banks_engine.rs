@@ -86,6 +86,7 @@ fn bank_task(f: &Fixture, w: AdapterWeights) -> Arc<Task> {
     let mut t = Task::load(f.rt, &dir, per_task.backbone.clone()).unwrap();
     t.attach_bank(Arc::new(w));
     assert!(t.bank.is_some(), "tiny-random has layer graphs");
+    assert!(t.adapterhub.as_ref().unwrap().slots.is_empty(), "bottleneck weights are held once, in the banks");
     Arc::new(t)
 }
 

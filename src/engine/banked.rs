@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
-use ndarray::{Array1, Array2, ArrayView2, Axis, s};
+use ndarray::{Array1, Array2, ArrayView2, ArrayView3, Axis, s};
 use ort::session::SessionInputValue;
 use ort::value::TensorRef;
 
 use super::executor::{ExecStats, Lane, Sequence, pad};
 use super::plan::{LanePath, plan};
-use super::tensors::{Hidden, i64_input, run_head, run_hidden};
+use super::tensors::{i64_input, run_head, run_hidden};
 use crate::error::EngineError;
 use crate::repository::adapterhub::HeadWeights;
 use crate::repository::backbone::BANK_INPUTS;
@@ -66,16 +66,24 @@ pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) ->
         hidden = run_hidden(&banked.layers[layer], inputs, "y")?;
     }
     drop(store);
-    let logits = heads(&hidden, lanes, &plan.heads)?;
+    // Heads read the first token in place where the states are host memory (CPU), else after one
+    // copy to the host.
+    let host;
+    let view = if hidden.view().is_ok() {
+        hidden.view()?
+    } else {
+        host = hidden.into_host()?;
+        host.view()
+    };
+    let logits = heads(view, lanes, &plan.heads)?;
     stats.graph_runs = (crate::runtime::session_runs() - runs) as usize;
     Ok((logits, stats))
 }
 
 /// Each task's head once over the first-token states of all its lanes' rows: on the host from
 /// the AdapterHub head weights, else through the task's head graph.
-fn heads(hidden: &Hidden, lanes: &[Lane], groups: &[super::plan::HeadGroup]) -> Result<Vec<Array2<f32>>, EngineError> {
-    let view = hidden.view()?;
-    let first = view.slice(s![.., 0, ..]);
+fn heads(hidden: ArrayView3<'_, f32>, lanes: &[Lane], groups: &[super::plan::HeadGroup]) -> Result<Vec<Array2<f32>>, EngineError> {
+    let first = hidden.slice(s![.., 0, ..]);
     let mut out: Vec<Option<Array2<f32>>> = vec![None; lanes.len()];
     for g in groups {
         let task = &lanes[g.lanes[0]].task;

@@ -26,7 +26,8 @@ pub struct Task {
     pub up: BTreeMap<(usize, Location), Arc<Graph>>,
     pub head: Graph,
     /// The AdapterHub weights the task was exported from (`task.json` key `adapterhub`), validated
-    /// against the backbone and the task's own slots and head: what the adapter banks load.
+    /// against the backbone and the task's own slots and head: what the adapter banks load (for a
+    /// bank task the bottleneck weights live in the banks and `slots` is empty here).
     pub adapterhub: Option<Arc<AdapterWeights>>,
     /// The task's rows in its backbone's adapter banks, when it has AdapterHub weights, the
     /// backbone has layer graphs and the task is not a fusion; such a task runs on the bank path
@@ -97,22 +98,20 @@ impl Task {
         Ok(task)
     }
 
-    /// Sets the task's AdapterHub weights and puts them into its backbone's banks (slots of layers
-    /// its drop policy always skips are left out). Without layer graphs, or for a fusion task, the
-    /// task stays on the per-task path.
+    /// Sets the task's AdapterHub weights and moves their bottleneck weights into its backbone's
+    /// banks (slots of layers its drop policy always skips are left out), so they are held once:
+    /// a bank task's `adapterhub` keeps its rule, head and `leave_out`, with `slots` empty. Without
+    /// layer graphs, or for a fusion task, the task stays on the per-task path and keeps them all.
     pub fn attach_bank(&mut self, weights: Arc<AdapterWeights>) {
+        let mut w = Arc::try_unwrap(weights).unwrap_or_else(|shared| (*shared).clone());
         self.bank = None;
         if let (Some(banked), true) = (&self.backbone.banked, self.fusion.is_empty()) {
             let needed = needed_layers(&self.manifest.drop, self.backbone.num_layers());
-            let slots = weights
-                .slots
-                .iter()
-                .filter(|((layer, _), _)| needed.get(*layer).copied().unwrap_or(false))
-                .map(|(k, w)| (*k, w.clone()))
-                .collect();
-            self.bank = Some(TaskBank { rows: banked.banks.register(BankWrite { rule: weights.rule, slots }) });
+            let slots =
+                std::mem::take(&mut w.slots).into_iter().filter(|((layer, _), _)| needed.get(*layer).copied().unwrap_or(false)).collect();
+            self.bank = Some(TaskBank { rows: banked.banks.register(BankWrite { rule: w.rule, slots }) });
         }
-        self.adapterhub = Some(weights);
+        self.adapterhub = Some(Arc::new(w));
     }
 
     pub fn name(&self) -> &str {
