@@ -98,6 +98,14 @@ impl Registry {
                 tables.pinned.insert(name.clone(), v);
             }
         }
+        // Write every start-up task into the adapter banks now, in one exact-size step per
+        // backbone, before any batch (the engine would otherwise do it in the first one).
+        for b in tables.backbones.values() {
+            if let Some(banked) = &b.banked {
+                let store = banked.banks.store();
+                tracing::info!(backbone = b.name(), bank_tasks = store.used(), bank_mib = store.bytes() >> 20, "adapter banks written");
+            }
+        }
         let (changes, _) = watch::channel(0);
         Ok(Self { root: root.to_path_buf(), tables: RwLock::new(tables), changes, mutation: tokio::sync::Mutex::new(()) })
     }
