@@ -140,14 +140,27 @@ impl Default for RuntimeSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct LimitSettings {
     pub max_sequences_per_request: usize,
-    /// Sum of the token counts of a request's sequences.
+    /// Tokens of a request's sequences; also the padded tokens the engine runs for it (rows x
+    /// longest sequence, where the rows count one copy of each sequence per distinct task path).
     pub max_tokens_per_request: usize,
     pub max_tasks_per_request: usize,
+    /// Bytes of one text (UTF-8), checked before it is tokenized: tokenizer time and memory grow
+    /// with the text, whatever `truncate` keeps of it.
+    pub max_text_bytes: usize,
+    /// HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS):
+    /// with `server.max_message_bytes` it bounds what one connection can make the server buffer.
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for LimitSettings {
     fn default() -> Self {
-        Self { max_sequences_per_request: 256, max_tokens_per_request: 65_536, max_tasks_per_request: 32 }
+        Self {
+            max_sequences_per_request: 256,
+            max_tokens_per_request: 65_536,
+            max_tasks_per_request: 32,
+            max_text_bytes: 65_536,
+            max_concurrent_streams: 64,
+        }
     }
 }
 

@@ -51,6 +51,7 @@ impl App {
             return Err(StartError::NoRepository { path: root.display().to_string() });
         }
         let registry = Arc::new(Registry::open(&runtime, root)?);
+        crate::metrics::get().label_tasks_of(&registry);
         Ok(Self { settings, registry, runtime })
     }
 
@@ -84,8 +85,8 @@ impl App {
             registrar: registrar.clone(),
         };
         let kserve = GrpcInferenceServiceServer::new(kserve_api)
-            .max_decoding_message_size(crate::api::kserve::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(crate::api::kserve::MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
         let native = InferenceServer::new(NativeApi { router, scheduler }).max_decoding_message_size(max).max_encoding_message_size(max);
         // Inference requires auth.inference_token when one is set; health and reflection never do.
         let inference_auth = crate::admin::BearerAuth::new(&self.settings.auth.inference_token, "inference", "auth.inference_token");
@@ -157,7 +158,9 @@ impl App {
             tracing::info!("draining in-flight requests");
             let _ = stopping_tx.send(());
         };
-        let mut builder = tonic::transport::Server::builder();
+        // HTTP/2 streams per connection bound the messages one connection can have buffered at
+        // once (each up to server.max_message_bytes); see README "Memory bounds".
+        let mut builder = tonic::transport::Server::builder().max_concurrent_streams(self.settings.limits.max_concurrent_streams);
         if self.settings.server.max_connection_age_s > 0 {
             builder = builder.max_connection_age(std::time::Duration::from_secs(self.settings.server.max_connection_age_s));
         }

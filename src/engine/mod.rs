@@ -28,6 +28,8 @@ pub struct Job {
     pub backbone: Arc<Backbone>,
     pub sequences: Vec<Sequence>,
     pub tasks: Vec<TaskRun>,
+    /// Distinct task paths ([`executor::paths`]): the engine runs each sequence this many times.
+    pub paths: usize,
     pub deadline: Option<Instant>,
     /// When routing started; request durations in the statistics count from here.
     pub received: Instant,

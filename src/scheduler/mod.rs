@@ -90,7 +90,8 @@ struct Footprint {
 impl Footprint {
     fn with(self, job: &Job) -> Self {
         let longest = job.sequences.iter().map(|s| s.ids.len()).max().unwrap_or(1);
-        Self { rows: self.rows + job.sequences.len(), longest: self.longest.max(longest) }
+        // Rows the engine runs: each sequence once per distinct task path of its job.
+        Self { rows: self.rows + job.sequences.len() * job.paths, longest: self.longest.max(longest) }
     }
     fn tokens(self) -> usize {
         self.rows * self.longest

@@ -5,6 +5,7 @@
 
 pub mod decode;
 pub mod encode;
+mod inputs;
 pub mod model;
 
 use std::pin::Pin;
@@ -26,10 +27,6 @@ use crate::kserve_proto::infer_parameter::ParameterChoice;
 use crate::kserve_proto::*;
 use crate::router::Router;
 use crate::scheduler::Scheduler;
-
-/// Largest message in either direction: what tritonclient and Triton allow (2 GiB - 1), so that
-/// any request a standard client sends is read. Work per request stays bounded by `[limits]`.
-pub const MAX_MESSAGE_BYTES: usize = i32::MAX as usize;
 
 /// Extensions announced in ServerMetadata.
 const EXTENSIONS: &[&str] = &["model_configuration", "model_repository", "statistics", "parameters"];
@@ -58,7 +55,7 @@ impl KServeApi {
         let work = async move {
             // Tensor decoding and tokenization are CPU work: keep them off the reactor threads.
             let (decoded, job, plan) = tokio::task::spawn_blocking(move || {
-                let mut d = decode::decode(req)?;
+                let mut d = decode::decode(req, &router.limits)?;
                 let deadline = match (deadline, d.timeout.map(|t| Instant::now() + t)) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -161,12 +158,18 @@ impl GrpcInferenceService for KServeApi {
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let deadline = deadline::from_metadata(request.metadata());
-        let work = Self::run(self.router.clone(), self.scheduler.clone(), request.into_inner(), deadline);
+        let started = Instant::now();
+        let req = request.into_inner();
+        let model_name = req.model_name.clone();
+        let work = Self::run(self.router.clone(), self.scheduler.clone(), req, deadline);
         let resp = match deadline {
             // As in the native API: answer DEADLINE_EXCEEDED before the transport cancels.
-            Some(d) => tokio::time::timeout_at(deadline::answer_by(d), work)
-                .await
-                .map_err(|_| ServeError::DeadlineExceeded("deadline exceeded before the result was ready".into()))??,
+            Some(d) => tokio::time::timeout_at(deadline::answer_by(d), work).await.map_err(|_| {
+                let e = ServeError::DeadlineExceeded("deadline exceeded before the result was ready".into());
+                // `run` was cut short before it could count this answer.
+                crate::metrics::get().record_request("kserve", &[model_name.as_str()], Err(&e), started.elapsed());
+                e
+            })??,
             None => work.await?,
         };
         Ok(Response::new(resp))
