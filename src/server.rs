@@ -72,6 +72,7 @@ impl App {
             health.set_service_status(&name, if ready { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
         }
         let scheduler = Scheduler::start(self.settings.batching.clone());
+        crate::engine::executor::shrink_above(self.settings.batching.max_batch_tokens);
         let router = Arc::new(Router { registry: self.registry.clone(), limits: self.settings.limits.clone() });
         let max = self.settings.server.max_message_bytes;
         // KServe v2 on the same port, same router and scheduler: requests of both APIs batch together.

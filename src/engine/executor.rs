@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ndarray::{Array2, Array3, Axis, concatenate, s};
 
@@ -109,9 +110,9 @@ pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result
         let h = run_hidden(&graphs.ffn, vec![("hidden", st.hidden.input()?)], "h")?;
         st.slot(backbone, layer, Location::Ffn, h, &mut stats)?;
     }
-    // A batch larger than a default batch budget gives the memory it took back when it ends
+    // A batch larger than the batch budget gives the memory it took back when it ends
     // (the head run shrinks the arena, then the heap is trimmed); smaller ones keep it for reuse.
-    let large = st.input_of.len().max(seqs.len()) * stats.padded_len > SHRINK_ABOVE_TOKENS;
+    let large = st.input_of.len().max(seqs.len()) * stats.padded_len > SHRINK_ABOVE_TOKENS.load(Ordering::Relaxed);
     if large {
         crate::runtime::shrink_arena_after_next_run();
     }
@@ -123,8 +124,14 @@ pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result
 }
 
 /// Padded tokens (physical rows x longest sequence) above which a batch returns its memory:
-/// `batching.max_batch_tokens`'s default, so batches the scheduler forms keep theirs for reuse.
-const SHRINK_ABOVE_TOKENS: usize = 16_384;
+/// `batching.max_batch_tokens` (set at start-up), so batches the scheduler forms within budget
+/// keep theirs for reuse and only a request larger than the budget costs the allocations again.
+static SHRINK_ABOVE_TOKENS: AtomicUsize = AtomicUsize::new(16_384);
+
+/// Sets the batch size above which memory is given back (see [`execute`]).
+pub fn shrink_above(padded_tokens: usize) {
+    SHRINK_ABOVE_TOKENS.store(padded_tokens, Ordering::Relaxed);
+}
 
 impl State<'_> {
     fn choice(&self, lane: usize, layer: usize, location: Location) -> Choice {
