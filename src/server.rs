@@ -85,9 +85,7 @@ impl App {
             draining: draining.clone(),
             registrar: registrar.clone(),
         };
-        let kserve = GrpcInferenceServiceServer::new(kserve_api)
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
+        let kserve = GrpcInferenceServiceServer::new(kserve_api).max_decoding_message_size(max).max_encoding_message_size(max);
         let native = InferenceServer::new(NativeApi { router, scheduler }).max_decoding_message_size(max).max_encoding_message_size(max);
         // Inference requires auth.inference_token when one is set; health and reflection never do.
         let inference_auth = crate::admin::BearerAuth::new(&self.settings.auth.inference_token, "inference", "auth.inference_token");

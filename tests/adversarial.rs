@@ -48,8 +48,10 @@ fn texts(t: &[&str]) -> Option<Inputs> {
 }
 
 fn tokens(seqs: Vec<(Vec<i64>, Vec<i64>, Vec<i64>)>) -> Option<Inputs> {
-    let sequences =
-        seqs.into_iter().map(|(input_ids, attention_mask, token_type_ids)| TokenIds { input_ids, attention_mask, token_type_ids }).collect();
+    let sequences = seqs
+        .into_iter()
+        .map(|(input_ids, attention_mask, token_type_ids)| TokenIds { input_ids, attention_mask, token_type_ids })
+        .collect();
     Some(Inputs::Tokens(TokenizedInputs { sequences }))
 }
 
@@ -108,10 +110,25 @@ fn cases() -> Vec<Case> {
             code: Code::NotFound,
             needle: "no version 9",
         },
-        Case { what: "version not a number", call: Call::Native(native(&["sent@x"], texts(&["hi"]))), code: Code::InvalidArgument, needle: "version" },
+        Case {
+            what: "version not a number",
+            call: Call::Native(native(&["sent@x"], texts(&["hi"]))),
+            code: Code::InvalidArgument,
+            needle: "version",
+        },
         Case { what: "no inputs", call: Call::Native(native(&["sent"], None)), code: Code::InvalidArgument, needle: "no inputs" },
-        Case { what: "empty text list", call: Call::Native(native(&["sent"], texts(&[]))), code: Code::InvalidArgument, needle: "no inputs" },
-        Case { what: "whitespace text", call: Call::Native(native(&["sent"], texts(&[" \t\n "]))), code: Code::InvalidArgument, needle: "is empty" },
+        Case {
+            what: "empty text list",
+            call: Call::Native(native(&["sent"], texts(&[]))),
+            code: Code::InvalidArgument,
+            needle: "no inputs",
+        },
+        Case {
+            what: "whitespace text",
+            call: Call::Native(native(&["sent"], texts(&[" \t\n "]))),
+            code: Code::InvalidArgument,
+            needle: "is empty",
+        },
         Case {
             what: "NUL and control characters only",
             call: Call::Native(native(&["sent"], texts(&["\0\0\u{1}\u{7f}"]))),
@@ -124,7 +141,12 @@ fn cases() -> Vec<Case> {
             code: Code::InvalidArgument,
             needle: "no content",
         },
-        Case { what: "a single [PAD] text", call: Call::Native(native(&["sent"], texts(&["[PAD]"]))), code: Code::InvalidArgument, needle: "no content" },
+        Case {
+            what: "a single [PAD] text",
+            call: Call::Native(native(&["sent"], texts(&["[PAD]"]))),
+            code: Code::InvalidArgument,
+            needle: "no content",
+        },
         Case {
             what: "pair with an empty half",
             call: Call::Native(native(
@@ -140,7 +162,12 @@ fn cases() -> Vec<Case> {
             code: Code::InvalidArgument,
             needle: "limits.max_text_bytes",
         },
-        Case { what: "a single [PAD] id", call: Call::Native(native(&["sent"], ids(vec![0]))), code: Code::InvalidArgument, needle: "no content" },
+        Case {
+            what: "a single [PAD] id",
+            call: Call::Native(native(&["sent"], ids(vec![0]))),
+            code: Code::InvalidArgument,
+            needle: "no content",
+        },
         Case {
             what: "mask all zero",
             call: Call::Native(native(&["sent"], tokens(vec![(vec![101, 7, 102], vec![0, 0, 0], vec![])]))),
@@ -156,9 +183,24 @@ fn cases() -> Vec<Case> {
             code: Code::InvalidArgument,
             needle: "that truncation keeps",
         },
-        Case { what: "id >= vocab", call: Call::Native(native(&["sent"], ids(vec![101, 30522, 102]))), code: Code::InvalidArgument, needle: "outside the vocabulary" },
-        Case { what: "negative id", call: Call::Native(native(&["sent"], ids(vec![101, -1, 102]))), code: Code::InvalidArgument, needle: "outside the vocabulary" },
-        Case { what: "empty ids", call: Call::Native(native(&["sent"], ids(vec![]))), code: Code::InvalidArgument, needle: "input_ids is empty" },
+        Case {
+            what: "id >= vocab",
+            call: Call::Native(native(&["sent"], ids(vec![101, 30522, 102]))),
+            code: Code::InvalidArgument,
+            needle: "outside the vocabulary",
+        },
+        Case {
+            what: "negative id",
+            call: Call::Native(native(&["sent"], ids(vec![101, -1, 102]))),
+            code: Code::InvalidArgument,
+            needle: "outside the vocabulary",
+        },
+        Case {
+            what: "empty ids",
+            call: Call::Native(native(&["sent"], ids(vec![]))),
+            code: Code::InvalidArgument,
+            needle: "input_ids is empty",
+        },
         Case {
             what: "mask length",
             call: Call::Native(native(&["sent"], tokens(vec![(vec![101, 7, 102], vec![1], vec![])]))),
@@ -199,7 +241,12 @@ fn cases() -> Vec<Case> {
             code: Code::InvalidArgument,
             needle: "robust range",
         },
-        Case { what: "text to an id-only backbone", call: Call::Native(native(&["rsent"], texts(&["hi"]))), code: Code::FailedPrecondition, needle: "no tokenizer" },
+        Case {
+            what: "text to an id-only backbone",
+            call: Call::Native(native(&["rsent"], texts(&["hi"]))),
+            code: Code::FailedPrecondition,
+            needle: "no tokenizer",
+        },
         Case {
             what: "two backbones",
             call: Call::Native(native(&["sent", "rand-pfeiffer"], texts(&["hi"]))),
@@ -268,7 +315,12 @@ fn cases() -> Vec<Case> {
             code: Code::InvalidArgument,
             needle: "only 1 remain",
         },
-        Case { what: "negative shape", call: Call::KServe(kserve("sent", vec![tensor("TEXT", "BYTES", &[-1])], vec![vec![]])), code: Code::InvalidArgument, needle: "non-negative" },
+        Case {
+            what: "negative shape",
+            call: Call::KServe(kserve("sent", vec![tensor("TEXT", "BYTES", &[-1])], vec![vec![]])),
+            code: Code::InvalidArgument,
+            needle: "non-negative",
+        },
         Case {
             what: "rank 5 shape",
             call: Call::KServe(kserve("sent", vec![tensor("TEXT", "BYTES", &[1, 1, 1, 1, 1])], vec![raw_elems(&[b"a"])])),
@@ -302,7 +354,12 @@ fn cases() -> Vec<Case> {
             needle: "not valid UTF-8",
         },
         Case { what: "unknown model", call: Call::KServe(kserve_text("nope", "hi")), code: Code::NotFound, needle: "not found" },
-        Case { what: "20 KB model name", call: Call::KServe(kserve_text(&long_name, "hi")), code: Code::NotFound, needle: "(20000 bytes)` not found" },
+        Case {
+            what: "20 KB model name",
+            call: Call::KServe(kserve_text(&long_name, "hi")),
+            code: Code::NotFound,
+            needle: "(20000 bytes)` not found",
+        },
         Case {
             what: "model version not a number",
             call: Call::KServe(ModelInferRequest { model_version: "x".repeat(20_000), ..kserve_text("sent", "hi") }),

@@ -48,10 +48,9 @@ pub fn parse_version(model: &str, version: &str) -> Result<Option<u32>, ServeErr
     if version.is_empty() {
         return Ok(None);
     }
-    version
-        .parse::<u32>()
-        .map(Some)
-        .map_err(|_| invalid(format!("model `{}`: version `{}` is not a number (leave it empty for the default version)", clip(model), clip(version))))
+    version.parse::<u32>().map(Some).map_err(|_| {
+        invalid(format!("model `{}`: version `{}` is not a number (leave it empty for the default version)", clip(model), clip(version)))
+    })
 }
 
 /// Every count the client declares (tasks, elements, shape sizes, text lengths) is checked

@@ -395,5 +395,4 @@ mod tests {
         assert!(err(vec![one], vec![raw_bytes(&[&big])]).contains("limits.max_text_bytes"));
         assert!(err(vec![text_input(vec![1], &[&big])], vec![]).contains("limits.max_text_bytes"));
     }
-
 }
