@@ -48,7 +48,7 @@ fn raw_text(text: &[u8]) -> Vec<u8> {
 /// and accepted ones at most streams x message size x prost's decoding overhead.
 #[tokio::test]
 async fn message_size_and_declared_counts_bound_memory() {
-    const LIMIT: u64 = MIB;
+    const LIMIT: u64 = 256 << 10;
     const STREAMS: u64 = 8;
     let server = TestServer::start(&[
         ("ADAPTERDROP__SERVER__MAX_MESSAGE_BYTES", &LIMIT.to_string()),
@@ -61,8 +61,8 @@ async fn message_size_and_declared_counts_bound_memory() {
     k.clone().model_infer(kserve(vec![tensor("TEXT", "BYTES", &[1])], vec![raw_text(b"warm up")])).await.expect("KServe");
     let (_, base) = memory(server.pid());
 
-    // 16 over-limit messages per API at once (4 MiB each; KServe used to accept 2 GiB).
-    let big = vec![b'a'; 4 * MIB as usize];
+    // 16 over-limit messages per API at once (1 MiB each; KServe used to accept 2 GiB).
+    let big = vec![b'a'; MIB as usize];
     let mut calls = Vec::new();
     for _ in 0..16 {
         let (mut n, mut k, text) = (n.clone(), k.clone(), String::from_utf8(big.clone()).unwrap());
@@ -83,7 +83,7 @@ async fn message_size_and_declared_counts_bound_memory() {
     for r in declared {
         assert_eq!(k.clone().model_infer(r).await.unwrap_err().code(), Code::InvalidArgument);
     }
-    let huge_text = "word ".repeat(180_000);
+    let huge_text = "word ".repeat(40_000);
     let status = n.clone().infer(native("sent", vec![huge_text], true)).await.unwrap_err();
     assert!(status.message().contains("limits.max_text_bytes"), "{status:?}");
     let (_, refused) = memory(server.pid());
@@ -91,10 +91,10 @@ async fn message_size_and_declared_counts_bound_memory() {
     assert!(refused - base < 48 * MIB, "refused requests raised the peak by {} MiB", (refused - base) / MIB);
 
     // Accepted sizes, worst shape: messages just under the limit made of empty bytes_contents
-    // entries (2 bytes on the wire, 24 in memory once decoded), 32 at once on one connection.
+    // entries (2 bytes on the wire, 24 in memory once decoded), 16 at once on one connection.
     let entries = (LIMIT as usize - 1024) / 2;
     let mut calls = Vec::new();
-    for _ in 0..32 {
+    for _ in 0..16 {
         let mut k = k.clone();
         let mut t = tensor("TEXT", "BYTES", &[1]);
         t.contents = Some(InferTensorContents { bytes_contents: vec![Vec::new(); entries], ..Default::default() });
@@ -104,9 +104,36 @@ async fn message_size_and_declared_counts_bound_memory() {
         assert_eq!(c.await.unwrap().unwrap_err().code(), Code::InvalidArgument);
     }
     let (_, accepted) = memory(server.pid());
-    let bound = STREAMS * LIMIT * 16;
-    println!("32 x {LIMIT}-byte messages over {STREAMS} streams: VmHWM +{} MiB (bound {} MiB)", (accepted - base) / MIB, bound / MIB);
+    let bound = STREAMS * LIMIT * 13;
+    println!(
+        "16 x {LIMIT}-byte KServe messages over {STREAMS} streams: VmHWM +{} MiB (bound {} MiB)",
+        (accepted - base) / MIB,
+        bound / MIB
+    );
     assert!(accepted - base < bound, "peak +{} MiB over the documented bound {} MiB", (accepted - base) / MIB, bound / MIB);
+    // The native API's worst shape: empty TokenIds (2 bytes on the wire, 72 once decoded).
+    let mut calls = Vec::new();
+    for _ in 0..16 {
+        let mut n = n.clone();
+        let sequences = vec![adapterdrop_serve::proto::TokenIds::default(); entries];
+        let r = InferRequest {
+            tasks: vec![TaskRef { name: "sent".into(), ..Default::default() }],
+            inputs: Some(Inputs::Tokens(adapterdrop_serve::proto::TokenizedInputs { sequences })),
+            ..Default::default()
+        };
+        calls.push(tokio::spawn(async move { n.infer(r).await.map(|_| ()) }));
+    }
+    for c in calls {
+        assert_eq!(c.await.unwrap().unwrap_err().code(), Code::InvalidArgument);
+    }
+    let (_, native_peak) = memory(server.pid());
+    let bound = STREAMS * LIMIT * 37;
+    println!(
+        "16 x {LIMIT}-byte native messages over {STREAMS} streams: VmHWM +{} MiB (bound {} MiB)",
+        (native_peak - base) / MIB,
+        bound / MIB
+    );
+    assert!(native_peak - base < bound, "peak +{} MiB over the documented bound {} MiB", (native_peak - base) / MIB, bound / MIB);
     // Still serving.
     n.clone().infer(native("sent", vec!["still here".into()], false)).await.expect("native after");
 }
