@@ -292,10 +292,10 @@ fn cases() -> Vec<Case> {
             needle: "at least one token",
         },
         Case {
-            what: "input_ids shape over the token limit",
+            what: "input_ids shape beyond any message",
             call: Call::KServe(kserve("sent", vec![tensor("input_ids", "INT64", &[256, 1 << 40])], vec![vec![]])),
             code: Code::InvalidArgument,
-            needle: "limits.max_tokens_per_request",
+            needle: "is too large",
         },
         Case {
             what: "1.5 MB of empty bytes_contents",

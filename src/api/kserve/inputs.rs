@@ -108,9 +108,8 @@ fn fmt_shape(shape: &[i64]) -> String {
 }
 
 /// BYTES inputs are [N] or [N, 1]; INT64 inputs are [N, L]. The sizes are client numbers: N is
-/// checked against `limits.max_sequences_per_request`, N x L against
-/// `limits.max_tokens_per_request`, and L must be at least 1, all before any allocation (an
-/// `[N, 0]` shape holds no element but would still build N empty sequences).
+/// checked against `limits.max_sequences_per_request` and L must be at least 1, before any
+/// allocation (an `[N, 0]` shape holds no element but would still build N empty sequences).
 fn check_shape(name: &str, want: &str, shape: &[i64], limits: &LimitSettings) -> Result<Vec<usize>, ServeError> {
     let text = want == "BYTES";
     let ok_rank = if text { shape.len() == 1 || (shape.len() == 2 && shape[1] == 1) } else { shape.len() == 2 };
@@ -131,15 +130,11 @@ fn check_shape(name: &str, want: &str, shape: &[i64], limits: &LimitSettings) ->
         if dims[0] > 0 && dims[1] == 0 {
             return Err(invalid(format!("input `{name}` has shape {}: every sequence needs at least one token", fmt_shape(shape))));
         }
-        match dims[0].checked_mul(dims[1]) {
-            Some(n) if n <= limits.max_tokens_per_request => {}
-            _ => {
-                return Err(invalid(format!(
-                    "input `{name}` has shape {}: more than {} tokens per request (limits.max_tokens_per_request); split the request",
-                    fmt_shape(shape),
-                    limits.max_tokens_per_request
-                )));
-            }
+        // Each element must then arrive as 8 bytes (raw) or one int64_contents entry (typed), which
+        // bounds what is allocated for it by what was received; the router counts tokens after
+        // `truncate` has cut them.
+        if dims[0].checked_mul(dims[1]).is_none_or(|n| n > i32::MAX as usize) {
+            return Err(invalid(format!("input `{name}`: shape {} is too large", fmt_shape(shape))));
         }
     }
     Ok(dims)
@@ -385,8 +380,8 @@ mod tests {
         let ids = |shape: Vec<i64>| InferInputTensor { name: INPUT_IDS.into(), datatype: "INT64".into(), shape, ..Default::default() };
         assert!(err(vec![ids(vec![i32::MAX as i64, 0])], vec![vec![]]).contains("sequences exceed the limit"));
         assert!(err(vec![ids(vec![16, 0])], vec![vec![]]).contains("every sequence needs at least one token"));
-        assert!(err(vec![ids(vec![256, 1 << 20])], vec![vec![]]).contains("more than 65536 tokens"));
-        assert!(err(vec![ids(vec![1, i64::MAX])], vec![vec![]]).contains("more than 65536 tokens"));
+        assert!(err(vec![ids(vec![256, 1 << 20])], vec![vec![]]).contains("but its raw contents have 0 bytes"));
+        assert!(err(vec![ids(vec![1, i64::MAX])], vec![vec![]]).contains("is too large"));
         // Raw BYTES encoding more elements than the shape declares stops at the first extra one.
         let mut one = text_input(vec![1], &[]);
         one.contents = None;
