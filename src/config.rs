@@ -221,6 +221,10 @@ pub struct LimitSettings {
     /// Bytes of one text (UTF-8), checked before it is tokenized: tokenizer time and memory grow
     /// with the text, whatever `truncate` keeps of it.
     pub max_text_bytes: usize,
+    /// Bytes of all texts of one request together, checked before any is tokenized: tokenizer
+    /// time grows with the text, and `max_sequences_per_request` texts of `max_text_bytes` each
+    /// would be 16 MiB by default (about a minute of tokenizer CPU in a debug build).
+    pub max_request_text_bytes: usize,
     /// HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS):
     /// with `server.max_message_bytes` it bounds what one connection can make the server buffer.
     pub max_concurrent_streams: u32,
@@ -233,6 +237,7 @@ impl Default for LimitSettings {
             max_tokens_per_request: 65_536,
             max_tasks_per_request: 32,
             max_text_bytes: 65_536,
+            max_request_text_bytes: 1 << 20,
             max_concurrent_streams: 64,
         }
     }

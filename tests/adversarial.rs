@@ -91,6 +91,7 @@ fn cases() -> Vec<Case> {
     let words = "good ".repeat(62);
     let fan_out_texts: Vec<&str> = vec![words.as_str(); 40];
     let big_text = "word ".repeat(14_000);
+    let mid_text = "word ".repeat(12_000);
     let mut c = vec![
         // --- native ---
         Case { what: "unknown task", call: Call::Native(native(&["nope"], texts(&["hi"]))), code: Code::NotFound, needle: "not found" },

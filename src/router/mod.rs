@@ -56,6 +56,18 @@ impl Router {
                 self.limits.max_sequences_per_request
             )));
         }
+        let text_bytes: usize = match &req.inputs {
+            Some(Inputs::Texts(t)) => t.texts.iter().map(String::len).sum(),
+            Some(Inputs::Pairs(p)) => p.pairs.iter().map(|p| p.text.len() + p.text_pair.len()).sum(),
+            _ => 0,
+        };
+        if text_bytes > self.limits.max_request_text_bytes {
+            return Err(ServeError::InvalidArgument(format!(
+                "the texts of this request have {text_bytes} bytes together; the limit is {} (limits.max_request_text_bytes): \
+                 split the request",
+                self.limits.max_request_text_bytes
+            )));
+        }
         let max_bytes = self.limits.max_text_bytes;
         let sequences = match req.inputs.expect("count > 0") {
             Inputs::Texts(t) => tokenize::encode_texts(&backbone, tokenize::text_inputs(&t.texts, max_bytes)?, req.truncate)?,
