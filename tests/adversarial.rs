@@ -164,6 +164,12 @@ fn cases() -> Vec<Case> {
             needle: "limits.max_text_bytes",
         },
         Case {
+            what: "texts over limits.max_request_text_bytes together",
+            call: Call::Native(native(&["sent"], texts(&[mid_text.as_str(); 20]))),
+            code: Code::InvalidArgument,
+            needle: "limits.max_request_text_bytes",
+        },
+        Case {
             what: "a single [PAD] id",
             call: Call::Native(native(&["sent"], ids(vec![0]))),
             code: Code::InvalidArgument,
@@ -458,11 +464,13 @@ async fn hostile_requests_get_their_status_and_change_nothing() {
     let cases = cases();
     assert!(cases.len() >= 40, "{} kinds", cases.len());
     for case in cases {
+        let started = std::time::Instant::now();
         let result = match case.call {
             Call::Native(r) => n.infer(r).await.map(|_| ()),
             Call::KServe(r) => k.model_infer(r).await.map(|_| ()),
         };
         let status = result.expect_err(case.what);
+        println!("{:>9.1?}  {:?}  {}", started.elapsed(), status.code(), case.what);
         assert_eq!(status.code(), case.code, "{}: {}", case.what, status.message());
         assert!(status.message().contains(case.needle), "{}: message `{}` lacks `{}`", case.what, status.message(), case.needle);
         assert!(status.message().len() <= 1100, "{}: {} bytes of message", case.what, status.message().len());
@@ -489,6 +497,7 @@ async fn hostile_requests_get_their_status_and_change_nothing() {
     let text = http_get(&server.metrics_addr, "/metrics");
     assert!(!text.contains("flood-"), "client-chosen names became labels");
     let series = text.lines().filter(|l| l.starts_with("adapterdrop_requests_total{")).count();
+    println!("adapterdrop_requests_total series after the table and the flood: {series}");
     assert!(series <= 24, "{series} request series:\n{text}");
     assert!(text.contains(r#"adapterdrop_requests_total{api="native",code="NotFound",task="unknown"}"#), "{text}");
     assert!(text.contains(r#"adapterdrop_requests_total{api="kserve",code="DeadlineExceeded",task="sent"}"#), "{text}");
