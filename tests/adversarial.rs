@@ -477,6 +477,10 @@ async fn hostile_requests_get_their_status_and_change_nothing() {
         assert_eq!(reference(&mut n, &mut k).await, before, "after `{}` the answers changed", case.what);
     }
 
+    // Extreme but valid numbers are served, not turned into overflows.
+    let far = with_param(kserve_text("sent", "a good film"), "timeout", ParameterChoice::Uint64Param(u64::MAX));
+    assert_eq!(k.model_infer(far).await.expect("timeout u64::MAX").into_inner().raw_output_contents, before.1);
+
     // A flood of client-chosen task names adds no metric series.
     for i in 0..5 {
         let names: Vec<String> = (0..200).map(|j| format!("flood-{i}-{j}")).collect();
