@@ -1,41 +1,30 @@
-//! The adversarial table: hostile and malformed requests of many kinds, native and KServe, each
-//! with the status it must get. After every one the server must still be up and answer a valid
-//! request of each API exactly as before. Ends with what the requests must not have done to the
-//! metrics (no series per client-chosen name) and a KServe deadline that must be counted.
-
-mod common;
+//! The table of hostile requests and the builders it uses.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::time::Duration;
 
-use adapterdrop_serve::kserve_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use adapterdrop_serve::kserve_proto::infer_parameter::ParameterChoice;
 use adapterdrop_serve::kserve_proto::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use adapterdrop_serve::kserve_proto::{InferParameter, InferTensorContents, ModelInferRequest};
-use adapterdrop_serve::proto::inference_client::InferenceClient;
 use adapterdrop_serve::proto::{InferRequest, TaskRef, TextPair, TextPairs, Texts, TokenIds, TokenizedInputs, infer_request::Inputs};
-use common::TestServer;
 use tonic::Code;
-use tonic::transport::Channel;
 
 /// Settings of the server under test: small enough that over-limit requests stay cheap to build.
-const MAX_MESSAGE: usize = 4 << 20;
-const MAX_TOKENS: usize = 4096;
+pub const MAX_MESSAGE: usize = 4 << 20;
+pub const MAX_TOKENS: usize = 4096;
 
-enum Call {
+pub enum Call {
     Native(InferRequest),
     KServe(ModelInferRequest),
 }
 
-struct Case {
-    what: &'static str,
-    call: Call,
-    code: Code,
-    needle: &'static str,
+pub struct Case {
+    pub what: &'static str,
+    pub call: Call,
+    pub code: Code,
+    pub needle: &'static str,
 }
 
-fn native(tasks: &[&str], inputs: Option<Inputs>) -> InferRequest {
+pub fn native(tasks: &[&str], inputs: Option<Inputs>) -> InferRequest {
     InferRequest {
         tasks: tasks.iter().map(|t| TaskRef { name: t.to_string(), ..Default::default() }).collect(),
         inputs,
@@ -43,11 +32,11 @@ fn native(tasks: &[&str], inputs: Option<Inputs>) -> InferRequest {
     }
 }
 
-fn texts(t: &[&str]) -> Option<Inputs> {
+pub fn texts(t: &[&str]) -> Option<Inputs> {
     Some(Inputs::Texts(Texts { texts: t.iter().map(|s| s.to_string()).collect() }))
 }
 
-fn tokens(seqs: Vec<(Vec<i64>, Vec<i64>, Vec<i64>)>) -> Option<Inputs> {
+pub fn tokens(seqs: Vec<(Vec<i64>, Vec<i64>, Vec<i64>)>) -> Option<Inputs> {
     let sequences = seqs
         .into_iter()
         .map(|(input_ids, attention_mask, token_type_ids)| TokenIds { input_ids, attention_mask, token_type_ids })
@@ -55,38 +44,38 @@ fn tokens(seqs: Vec<(Vec<i64>, Vec<i64>, Vec<i64>)>) -> Option<Inputs> {
     Some(Inputs::Tokens(TokenizedInputs { sequences }))
 }
 
-fn ids(v: Vec<i64>) -> Option<Inputs> {
+pub fn ids(v: Vec<i64>) -> Option<Inputs> {
     tokens(vec![(v, vec![], vec![])])
 }
 
-fn tensor(name: &str, datatype: &str, shape: &[i64]) -> InferInputTensor {
+pub fn tensor(name: &str, datatype: &str, shape: &[i64]) -> InferInputTensor {
     InferInputTensor { name: name.into(), datatype: datatype.into(), shape: shape.to_vec(), ..Default::default() }
 }
 
-fn typed_text(shape: &[i64], items: Vec<Vec<u8>>) -> InferInputTensor {
+pub fn typed_text(shape: &[i64], items: Vec<Vec<u8>>) -> InferInputTensor {
     let mut t = tensor("TEXT", "BYTES", shape);
     t.contents = Some(InferTensorContents { bytes_contents: items, ..Default::default() });
     t
 }
 
-fn raw_elems(items: &[&[u8]]) -> Vec<u8> {
+pub fn raw_elems(items: &[&[u8]]) -> Vec<u8> {
     items.iter().flat_map(|s| (s.len() as u32).to_le_bytes().into_iter().chain(s.iter().copied())).collect()
 }
 
-fn kserve(model: &str, inputs: Vec<InferInputTensor>, raw: Vec<Vec<u8>>) -> ModelInferRequest {
+pub fn kserve(model: &str, inputs: Vec<InferInputTensor>, raw: Vec<Vec<u8>>) -> ModelInferRequest {
     ModelInferRequest { model_name: model.into(), inputs, raw_input_contents: raw, ..Default::default() }
 }
 
-fn with_param(mut r: ModelInferRequest, key: &str, value: ParameterChoice) -> ModelInferRequest {
+pub fn with_param(mut r: ModelInferRequest, key: &str, value: ParameterChoice) -> ModelInferRequest {
     r.parameters.insert(key.into(), InferParameter { parameter_choice: Some(value) });
     r
 }
 
-fn kserve_text(model: &str, text: &str) -> ModelInferRequest {
+pub fn kserve_text(model: &str, text: &str) -> ModelInferRequest {
     kserve(model, vec![tensor("TEXT", "BYTES", &[1])], vec![raw_elems(&[text.as_bytes()])])
 }
 
-fn cases() -> Vec<Case> {
+pub fn cases() -> Vec<Case> {
     let long_name = "n".repeat(20_000);
     let words = "good ".repeat(62);
     let fan_out_texts: Vec<&str> = vec![words.as_str(); 40];
@@ -434,75 +423,4 @@ fn cases() -> Vec<Case> {
     ];
     c.shrink_to_fit();
     c
-}
-
-/// The reference answers, which every case must leave unchanged.
-async fn reference(n: &mut InferenceClient<Channel>, k: &mut GrpcInferenceServiceClient<Channel>) -> (Vec<f32>, Vec<Vec<u8>>) {
-    let r = n.infer(native(&["sent", "topic"], texts(&["a good film", "a dull one"]))).await.expect("native reference").into_inner();
-    let scores = r.results.iter().flat_map(|t| t.sequences.iter().flat_map(|s| s.scores.iter().copied())).collect();
-    let k = k.model_infer(kserve_text("sent", "a good film")).await.expect("KServe reference").into_inner();
-    (scores, k.raw_output_contents)
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics port");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    raw.split_once("\r\n\r\n").expect("HTTP response").1.to_string()
-}
-
-#[tokio::test]
-async fn hostile_requests_get_their_status_and_change_nothing() {
-    let server = TestServer::start(&[
-        ("ADAPTERDROP__SERVER__MAX_MESSAGE_BYTES", &MAX_MESSAGE.to_string()),
-        ("ADAPTERDROP__LIMITS__MAX_TOKENS_PER_REQUEST", &MAX_TOKENS.to_string()),
-    ]);
-    let mut n = server.client().await;
-    let mut k = GrpcInferenceServiceClient::new(server.channel().await);
-    let before = reference(&mut n, &mut k).await;
-    let cases = cases();
-    assert!(cases.len() >= 40, "{} kinds", cases.len());
-    for case in cases {
-        let started = std::time::Instant::now();
-        let result = match case.call {
-            Call::Native(r) => n.infer(r).await.map(|_| ()),
-            Call::KServe(r) => k.model_infer(r).await.map(|_| ()),
-        };
-        let status = result.expect_err(case.what);
-        println!("{:>9.1?}  {:?}  {}", started.elapsed(), status.code(), case.what);
-        assert_eq!(status.code(), case.code, "{}: {}", case.what, status.message());
-        assert!(status.message().contains(case.needle), "{}: message `{}` lacks `{}`", case.what, status.message(), case.needle);
-        assert!(status.message().len() <= 1100, "{}: {} bytes of message", case.what, status.message().len());
-        assert_eq!(reference(&mut n, &mut k).await, before, "after `{}` the answers changed", case.what);
-    }
-
-    // Extreme but valid numbers are served, not turned into overflows.
-    let far = with_param(kserve_text("sent", "a good film"), "timeout", ParameterChoice::Uint64Param(u64::MAX));
-    assert_eq!(k.model_infer(far).await.expect("timeout u64::MAX").into_inner().raw_output_contents, before.1);
-
-    // A flood of client-chosen task names adds no metric series.
-    for i in 0..5 {
-        let names: Vec<String> = (0..200).map(|j| format!("flood-{i}-{j}")).collect();
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        assert_eq!(n.infer(native(&refs, texts(&["hi"]))).await.unwrap_err().code(), Code::InvalidArgument);
-        assert_eq!(n.infer(native(&[&names[0]], texts(&["hi"]))).await.unwrap_err().code(), Code::NotFound);
-        assert_eq!(k.model_infer(kserve_text(&names[1], "hi")).await.unwrap_err().code(), Code::NotFound);
-    }
-    // A KServe request past its deadline is counted like any other answer.
-    let mut late = tonic::Request::new(kserve(
-        "sent",
-        vec![tensor("TEXT", "BYTES", &[64])],
-        vec![raw_elems(&vec!["a rather long sentence to tokenize and run".as_bytes(); 64])],
-    ));
-    late.set_timeout(Duration::from_millis(5));
-    let late = k.model_infer(late).await.unwrap_err();
-    assert!(matches!(late.code(), Code::DeadlineExceeded | Code::Cancelled), "{late:?}");
-    let text = http_get(&server.metrics_addr, "/metrics");
-    assert!(!text.contains("flood-"), "client-chosen names became labels");
-    let series = text.lines().filter(|l| l.starts_with("adapterdrop_requests_total{")).count();
-    println!("adapterdrop_requests_total series after the table and the flood: {series}");
-    assert!(series <= 24, "{series} request series:\n{text}");
-    assert!(text.contains(r#"adapterdrop_requests_total{api="native",code="NotFound",task="unknown"}"#), "{text}");
-    assert!(text.contains(r#"adapterdrop_requests_total{api="kserve",code="DeadlineExceeded",task="sent"}"#), "{text}");
 }
