@@ -75,6 +75,14 @@ impl From<ServeError> for Status {
     }
 }
 
+/// A request message that does not decode is the client's fault, not the server's (tonic-prost
+/// says INTERNAL): INVALID_ARGUMENT with the decoder's message.
+impl From<crate::codec::UndecodableMessage> for Status {
+    fn from(e: crate::codec::UndecodableMessage) -> Self {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
 /// Why a backbone or task could not be loaded; always names the file.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{file}: {problem}")]
