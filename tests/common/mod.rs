@@ -34,8 +34,10 @@ pub fn server_binary() -> PathBuf {
     std::env::var_os("ADAPTERDROP_SERVER_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_adapterdrop-serve")))
 }
 
-pub fn shared_fixtures() -> PathBuf {
-    root().join("../shared/fixtures/adapterhub-tiny")
+/// Checkpoints and adapters saved by the AdapterHub `adapters` library, with its own logits
+/// (tools/train/make_adapterhub_fixtures.py, `make adapterhub-fixtures`).
+pub fn adapterhub_fixtures() -> PathBuf {
+    root().join("tests/fixtures/adapterhub-tiny")
 }
 
 pub struct TestServer {
