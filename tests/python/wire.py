@@ -145,7 +145,7 @@ def undecodable(desc) -> dict[str, bytes]:
         f = desc.fields[0]
         # The first known field sent with a wire type its type does not have.
         length_like = f.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_BYTES)
-        if length_like or f.label == FieldDescriptor.LABEL_REPEATED:
+        if length_like or f.is_repeated:
             kinds["wrong wire type"] = tag(f.number, 5) + b"\x00\x00\x00\x00"  # fixed32 where none can be
         else:
             kinds["wrong wire type"] = length_delimited(f.number, b"abc")  # bytes for a scalar
