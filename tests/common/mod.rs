@@ -154,14 +154,16 @@ impl TestServer {
     /// `listening`).
     pub fn admin_addr(&self) -> String {
         let end = std::time::Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
         while std::time::Instant::now() < end {
-            if let Ok(line) = self.logs.recv_timeout(Duration::from_millis(100))
-                && let Some(addr) = line.split("admin service up admin=").nth(1).and_then(|r| r.split_whitespace().next())
-            {
-                return addr.to_string();
+            if let Ok(line) = self.logs.recv_timeout(Duration::from_millis(100)) {
+                if let Some(addr) = line.split("admin service up admin=").nth(1).and_then(|r| r.split_whitespace().next()) {
+                    return addr.to_string();
+                }
+                seen.push(line);
             }
         }
-        panic!("the server did not log `admin service up admin=`");
+        panic!("the server did not log `admin service up admin=`; output:\n{}", seen.join("\n"));
     }
 
     pub fn pid(&self) -> u32 {
