@@ -1,8 +1,8 @@
 //! The protobuf codec of every gRPC service this crate generates (`build.rs` selects it with
 //! `codec_path`). tonic-prost reports a message that does not decode as INTERNAL, which blames the
 //! server for a client's bytes; this codec encodes as tonic-prost does and reports an undecodable
-//! message as [`UndecodableMessage`], which `src/error.rs` maps to INVALID_ARGUMENT with the
-//! decoder's own words (which field, what is wrong).
+//! message as [`UndecodableMessage`] (a [`ServeError`] variant), which `src/error.rs` maps to
+//! INVALID_ARGUMENT with the decoder's own words (which field, what is wrong).
 //!
 //! The generated clients (tests, examples) share the codec, so a response that does not decode is
 //! INVALID_ARGUMENT on the client side too; this server never sends one.
@@ -13,6 +13,8 @@ use prost::Message;
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic_prost::ProstEncoder;
+
+use crate::error::ServeError;
 
 /// A received message that is not valid protobuf for its type: invalid UTF-8 in a string, a
 /// wrong wire type, a length past the end of the message, ...
@@ -67,7 +69,7 @@ impl<U: Message + Default> Decoder for ProtoDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        U::decode(buf).map(Some).map_err(|source| UndecodableMessage { message: short_type_name::<U>(), source }.into())
+        U::decode(buf).map(Some).map_err(|source| ServeError::from(UndecodableMessage { message: short_type_name::<U>(), source }).into())
     }
 
     fn buffer_settings(&self) -> BufferSettings {
@@ -96,12 +98,12 @@ mod tests {
             InferRequest { inputs: Some(Inputs::Texts(Texts { texts: vec!["ok".into()] })), ..Default::default() }.encode_to_vec();
         // The text's last byte becomes 0xff: invalid UTF-8 inside InferRequest.texts.texts.
         *good.last_mut().unwrap() = 0xff;
-        let status = Status::from(decode(&good).unwrap_err());
+        let status = Status::from(ServeError::from(decode(&good).unwrap_err()));
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().contains("undecodable InferRequest message"), "{}", status.message());
         assert!(status.message().contains("UTF-8"), "{}", status.message());
         // Truncated: a length-delimited field that claims more bytes than follow.
-        let status = Status::from(decode(&[0x0a, 0x7f, 0x01]).unwrap_err());
+        let status = Status::from(ServeError::from(decode(&[0x0a, 0x7f, 0x01]).unwrap_err()));
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
     }
 }

@@ -10,7 +10,7 @@ pub use graph::{Dim, Graph, IoSpec};
 use ort::environment::{Environment, GlobalThreadPoolOptions};
 pub use row_ops::RowOps;
 
-use crate::config::RuntimeSettings;
+use crate::config::{ExecutionProvider, OptimizationLevel, RuntimeSettings};
 
 /// ONNX Runtime minor version this server is built and tested against (`onnxruntime==1.31.1`).
 pub const REQUIRED_ORT_VERSION: &str = "1.31";
@@ -31,8 +31,6 @@ pub enum RuntimeError {
     WrongVersion { path: PathBuf, found: String },
     #[error("ONNX Runtime environment could not be created: {0}")]
     Environment(String),
-    #[error("runtime.execution_provider is `{0}`; expected `cpu` or `cuda`")]
-    UnknownProvider(String),
     #[error(
         "runtime.execution_provider = \"cuda\" but {path} has no CUDA execution provider; \
          point runtime.library_path at the onnxruntime-gpu==1.31.1 library (`make gpu-check` installs it)"
@@ -47,8 +45,15 @@ pub enum Device {
     Cuda { device_id: i32, memory_limit: usize },
 }
 
+/// Identity of a graph file's bytes (two hashes and the length).
+pub type ContentKey = (u64, u64, usize);
+
+/// Graphs loaded by content, held weakly: a graph lives while some task holds it.
+pub type GraphCache = std::sync::Mutex<std::collections::HashMap<ContentKey, std::sync::Weak<Graph>>>;
+
 /// The process-wide ONNX Runtime environment with its global thread pool: every session uses that
 /// pool, so hundreds of per-layer and per-adapter sessions do not each spawn their own threads.
+/// Clones share the environment and the cache of loaded graphs.
 #[derive(Clone)]
 pub struct Runtime {
     env: Environment,
@@ -57,6 +62,8 @@ pub struct Runtime {
     device: Device,
     /// Device-side row regrouping, for CUDA only.
     row_ops: Option<std::sync::Arc<RowOps>>,
+    /// Graphs with identical bytes are loaded once (`repository::fusion::load_shared`).
+    graphs: std::sync::Arc<GraphCache>,
 }
 
 impl Runtime {
@@ -69,10 +76,9 @@ impl Runtime {
         if !path.is_file() {
             return Err(RuntimeError::Missing(path));
         }
-        let device = match settings.execution_provider.as_str() {
-            "cpu" => Device::Cpu,
-            "cuda" => Device::Cuda { device_id: settings.cuda_device_id, memory_limit: settings.cuda_memory_limit_bytes },
-            other => return Err(RuntimeError::UnknownProvider(other.to_string())),
+        let device = match settings.execution_provider {
+            ExecutionProvider::Cpu => Device::Cpu,
+            ExecutionProvider::Cuda => Device::Cuda { device_id: settings.cuda_device_id, memory_limit: settings.cuda_memory_limit_bytes },
         };
         let version = library_version(&path)?;
         if !version.starts_with(&format!("{REQUIRED_ORT_VERSION}.")) {
@@ -98,11 +104,11 @@ impl Runtime {
             .build()
             .map_err(|e| RuntimeError::Environment(e.to_string()))?;
         use ort::session::builder::GraphOptimizationLevel as L;
-        let optimization = match settings.optimization_level.as_str() {
-            "disable" => L::Disable,
-            "basic" => L::Level1,
-            "extended" => L::Level2,
-            _ => L::All,
+        let optimization = match settings.optimization_level {
+            OptimizationLevel::Disable => L::Disable,
+            OptimizationLevel::Basic => L::Level1,
+            OptimizationLevel::Extended => L::Level2,
+            OptimizationLevel::All => L::All,
         };
         if device != Device::Cpu {
             use ort::ep::ExecutionProvider;
@@ -120,7 +126,7 @@ impl Runtime {
             Device::Cpu => None,
         };
         tracing::info!(library = %path.display(), %version, intra_threads = threads, allow_spinning = settings.allow_spinning, ?device, "ONNX Runtime loaded");
-        Ok(Self { env, version, optimization, device, row_ops })
+        Ok(Self { env, version, optimization, device, row_ops, graphs: Default::default() })
     }
 
     pub fn version(&self) -> &str {
@@ -137,6 +143,10 @@ impl Runtime {
 
     pub fn row_ops(&self) -> Option<&std::sync::Arc<RowOps>> {
         self.row_ops.as_ref()
+    }
+
+    pub(crate) fn graph_cache(&self) -> &GraphCache {
+        &self.graphs
     }
 
     pub(crate) fn optimization(&self) -> ort::session::builder::GraphOptimizationLevel {
