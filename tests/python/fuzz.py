@@ -75,13 +75,15 @@ class Report:
     by_kind: Counter = field(default_factory=Counter)
     failures: list = field(default_factory=list)
     known: Counter = field(default_factory=Counter)
+    stopped_early: bool = False
 
     def summary(self) -> str:
         statuses = ", ".join(f"{k}={v}" for k, v in sorted(self.by_status.items()))
         kinds = ", ".join(f"{k}={v}" for k, v in sorted(self.by_kind.items()))
         groups = Counter((f["method"], f["code"], re.sub(r"\d+", "N", f["details"][:100])) for f in self.failures)
         distinct = "".join(f"\n    {n}x {m} {c}: {d}" for (m, c, d), n in groups.most_common())
-        return (f"fuzz seed={self.seed} calls={self.calls} seconds={self.seconds:.1f} "
+        return (f"fuzz seed={self.seed} calls={self.calls}{' (time budget spent)' if self.stopped_early else ''} "
+                f"seconds={self.seconds:.1f} "
                 f"failures={len(self.failures)}\n  by status: {statuses}\n  by kind: {kinds}"
                 + (f"\n  known open defects hit: {dict(self.known)}" if self.known else "")
                 + (f"\n  distinct failures:{distinct}" if distinct else ""))
@@ -364,12 +366,15 @@ class Fuzzer:
             payloads = [fence(cls, p) for p in payloads]
         return Case(method, kind, payloads)
 
-    def run(self, channels: dict, calls: int, timeout_s: float, metadata, alive) -> Report:
-        """`calls` cases; `alive()` says whether the server process still runs (checked after any
-        status that could mean it died)."""
+    def run(self, channels: dict, calls: int, timeout_s: float, metadata, alive, budget_s: float = math.inf) -> Report:
+        """`calls` cases, or fewer when `budget_s` seconds are spent (`Report.stopped_early`); `alive()`
+        says whether the server process still runs (checked after any status that could mean it died)."""
         report = Report(self.seed)
         start = time.monotonic()
         for i in range(calls):
+            if time.monotonic() - start > budget_s:
+                report.stopped_early = True
+                break
             c = self.case()
             port = self.port_of[c.method.path]
             t0 = time.monotonic()

@@ -1,7 +1,7 @@
 """Standing fuzz suite (tests/python/fuzz.py): random, mutated and structurally hostile requests against
 every RPC of both ports, on a server of its own (private repository copy, admin token). Bounded for
-`make test` (FUZZ_CALLS, default 2500 calls, well under 2 minutes on 2 cores); `make fuzz` runs a long one
-with a fresh seed. FUZZ_SEED replays a run. Prints seed and counts by status and kind.
+`make test` (FUZZ_CALLS, default 2500 calls, about 25 s on 2 cores, stopped at FUZZ_BUDGET_S = 90 s in any
+case); `make fuzz` runs a long one with a fresh seed. FUZZ_SEED replays a run. Prints seed and counts by status and kind.
 
 Asserts: no status that blames the server (INTERNAL, UNKNOWN, DATA_LOSS), no crash (UNAVAILABLE, the
 process gone), no hang (per-call deadline), and the same answers to a fixed set of valid requests after
@@ -23,6 +23,8 @@ TOKEN = "fuzz-admin-token"
 CALLS = int(os.environ.get("FUZZ_CALLS", "2500"))
 SEED = int(os.environ.get("FUZZ_SEED", "20261130"))
 TIMEOUT_S = float(os.environ.get("FUZZ_CALL_TIMEOUT_S", "20"))
+# The run stops when this is spent (make test's bound: the whole suite within 2 minutes on 2 cores).
+BUDGET_S = float(os.environ.get("FUZZ_BUDGET_S", "90" if CALLS <= 2500 else "inf"))
 BACKBONES = ("bert-tiny", "roberta-tiny")
 
 
@@ -104,7 +106,8 @@ def test_fuzz_every_rpc_of_both_ports(fuzz_server):
         known = os.environ.get("FUZZ_KNOWN_OPEN")
         known_open = fuzz.KNOWN_OPEN if known is None else [k for k in known.split(",") if k]
         fz = fuzz.Fuzzer(SEED, _test_repo() / "tasks" / "sent" / "1", known_open)
-        report = fz.run(channels, CALLS, TIMEOUT_S, [("authorization", f"Bearer {TOKEN}")], lambda: srv.proc.poll() is None)
+        report = fz.run(channels, CALLS, TIMEOUT_S, [("authorization", f"Bearer {TOKEN}")],
+                        lambda: srv.proc.poll() is None, BUDGET_S)
         print("\n" + report.summary() + f"\n  registrations attempted: {fz.registrations}; known open (avoided or "
               f"tolerated): {sorted(fz.known_open)}")
         log_tail = "".join(srv.logs[-40:])
