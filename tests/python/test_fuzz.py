@@ -97,7 +97,7 @@ def assert_same(before, after):
             assert after[key] == before[key], key
 
 
-def test_fuzz_every_rpc_of_both_ports(fuzz_server):
+def test_fuzz_every_rpc_of_both_ports(fuzz_server, capsys):
     srv, admin, repo = fuzz_server
     options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
     with grpc.insecure_channel(srv.addr, options=options) as inference, grpc.insecure_channel(admin, options=options) as adm:
@@ -108,8 +108,9 @@ def test_fuzz_every_rpc_of_both_ports(fuzz_server):
         fz = fuzz.Fuzzer(SEED, _test_repo() / "tasks" / "sent" / "1", known_open)
         report = fz.run(channels, CALLS, TIMEOUT_S, [("authorization", f"Bearer {TOKEN}")],
                         lambda: srv.proc.poll() is None, BUDGET_S)
-        print("\n" + report.summary() + f"\n  registrations attempted: {fz.registrations}; known open (avoided or "
-              f"tolerated): {sorted(fz.known_open)}")
+        with capsys.disabled():  # seed and counts show in every run, not only in failures
+            print("\n" + report.summary() + f"\n  registrations attempted: {fz.registrations}; known open (avoided or "
+                  f"tolerated): {sorted(fz.known_open)}")
         log_tail = "".join(srv.logs[-40:])
         assert not report.failures, (f"{report.summary()}\nfirst failures (replay with FUZZ_SEED={SEED}):\n"
                                      + "\n".join(json.dumps(f) for f in report.failures[:10]) + f"\nserver log tail:\n{log_tail}")
