@@ -97,7 +97,18 @@ async fn a_request_whose_deadline_passes_in_the_queue_gets_deadline_exceeded() {
     let mut r = tonic::Request::new(request("late", "mini-pfeiffer", None, &["too late"]));
     r.metadata_mut().insert("grpc-timeout", "300m".parse().unwrap());
     let status = c.infer(r).await.expect_err("deadline");
-    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    // The server answers 20 ms before the deadline it computed on receipt; on a loaded machine
+    // tonic's own timer (started on sending) can win that race and cancel locally. Either way the
+    // server must have answered DEADLINE_EXCEEDED (counted in its metrics) instead of computing.
+    if status.code() != tonic::Code::DeadlineExceeded {
+        assert!(status.code() == tonic::Code::Cancelled && status.message().contains("Timeout expired"), "{status:?}");
+    }
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let exceeded = || common::metric_sum(&common::scrape(&server.metrics_addr), "adapterdrop_requests_total", "code=\"DeadlineExceeded\"");
+    while exceeded() < 1.0 {
+        assert!(std::time::Instant::now() < end, "the server did not answer DEADLINE_EXCEEDED");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     c.infer(request("next", "mini-pfeiffer", None, &["on time"])).await.expect("still serving");
 }
 

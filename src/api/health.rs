@@ -1,6 +1,8 @@
 //! Per-task `grpc.health.v1` status that follows the task lifecycle: a task name is SERVING exactly
 //! when a request without a version would be served (it has a ready default version); names that
-//! disappear are reported NOT_SERVING once, then forgotten (NOT_FOUND).
+//! disappear are reported NOT_SERVING once, then forgotten (NOT_FOUND). Everything goes NOT_SERVING
+//! when the engine stops or shutdown begins; at shutdown the statuses are then forgotten, which ends
+//! open Watch streams.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
