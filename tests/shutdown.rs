@@ -74,6 +74,7 @@ async fn idle_streams_are_ended_at_drain_instead_of_holding_the_grace_period() {
     assert_eq!(seen.last(), Some(&(ServingStatus::NotServing as i32)), "{seen:?}");
     let status = tokio::task::block_in_place(|| server.wait_exit(Duration::from_secs(10))).expect("exits well inside the 30 s grace");
     assert!(status.success(), "exit status {status:?}");
+    eprintln!("SIGTERM to exit with an idle InferStream and a health Watch open: {:?}", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(10), "drain took {:?}", started.elapsed());
     drop(tx);
 }
@@ -98,6 +99,7 @@ async fn a_backlog_longer_than_the_grace_period_exits_non_zero_and_says_how_much
     let status = tokio::task::block_in_place(|| server.wait_exit(Duration::from_secs(15))).expect("exits after the grace period");
     assert_eq!(status.code(), Some(3), "a cut-short drain must not exit 0: {status:?}");
     let unanswered = futures_count(calls).await;
+    eprintln!("grace 1 s: exit status {status:?}, {unanswered} of 40 calls unanswered");
     assert!(unanswered > 0, "the backlog finished inside the grace period; make it longer");
     let logs = server.drain_logs().join("\n");
     assert!(logs.contains("grace period over") && logs.contains("requests_abandoned="), "{logs}");

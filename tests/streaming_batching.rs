@@ -228,6 +228,7 @@ async fn a_stream_whose_client_never_reads_is_not_read_past_its_bound() {
     // read and answered every message the client sent (hundreds per second), buffering the answers.
     assert!((4.0..=64.0).contains(&served), "served {served} messages of a stream whose client reads nothing");
     let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("in 3 s the client queued {sent} messages, the server answered {served}");
     drop(answers);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let depth = common::metric_sum(&common::scrape(&server.metrics_addr), "adapterdrop_queue_depth", "");
@@ -269,6 +270,7 @@ async fn cancelling_a_stream_cancels_its_queued_work() {
     let before = common::metric_sum(&scrape(), "adapterdrop_batches_total", "");
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let after = common::metric_sum(&scrape(), "adapterdrop_batches_total", "");
+    eprintln!("batches: {before} before the cancel settled, {after} one second later");
     assert!(after - before <= 1.0, "the server ran {} more batches for a stream that was cancelled", after - before);
     assert!(before < 30.0, "the stream's work had finished before it was cancelled ({before} batches); make it heavier");
 }
