@@ -17,7 +17,9 @@ use tracing::Span;
 pub use executor::{ExecStats, Lane, Sequence, execute};
 pub use fusion::FusionWeights;
 
-use crate::error::ServeError;
+use crate::context::Context;
+use crate::error::{EngineError, ServeError};
+use crate::metrics::BatchRecord;
 use crate::repository::{ActiveLayers, Backbone, Task};
 
 /// One task to run on all of a job's sequences.
@@ -25,6 +27,11 @@ use crate::repository::{ActiveLayers, Backbone, Task};
 pub struct TaskRun {
     pub task: Arc<Task>,
     pub active: ActiveLayers,
+}
+
+/// The task versions of a job, as statistics keys ([`crate::stats::Stats`]).
+pub fn stat_keys(tasks: &[TaskRun]) -> Vec<(String, u32)> {
+    tasks.iter().map(|t| (t.task.name().to_string(), t.task.version())).collect()
 }
 
 /// A validated request: sequences for one backbone and the tasks to run on them.
@@ -144,7 +151,8 @@ pub fn panic_message(payload: &(dyn Any + Send)) -> String {
 
 /// Starts the engine thread; it stops when the sender side closes. A panic inside a batch fails
 /// that batch's requests only; anything that ends the thread otherwise is reported to `liveness`.
-pub fn spawn(mut rx: mpsc::Receiver<Batch>, pace: Arc<Pace>, liveness: Liveness) -> std::thread::JoinHandle<()> {
+/// Records into `ctx`: the server's metrics and statistics.
+pub fn spawn(mut rx: mpsc::Receiver<Batch>, ctx: Arc<Context>, pace: Arc<Pace>, liveness: Liveness) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
@@ -153,7 +161,7 @@ pub fn spawn(mut rx: mpsc::Receiver<Batch>, pace: Arc<Pace>, liveness: Liveness)
                 while let Some(batch) = rx.blocking_recv() {
                     #[cfg(feature = "fault-injection")]
                     fault::before_batch(&batch);
-                    run_batch(batch, &pace);
+                    run_batch(batch, &ctx, &pace);
                 }
             }));
             match run {
@@ -166,7 +174,7 @@ pub fn spawn(mut rx: mpsc::Receiver<Batch>, pace: Arc<Pace>, liveness: Liveness)
 }
 
 /// Runs one batch; a panic anywhere in it answers its requests with INTERNAL and nothing else.
-fn run_batch(batch: Batch, pace: &Pace) {
+fn run_batch(batch: Batch, ctx: &Context, pace: &Pace) {
     let started = Instant::now();
     let mut replies = Vec::with_capacity(batch.entries.len());
     let mut work = Vec::with_capacity(batch.entries.len());
@@ -183,7 +191,7 @@ fn run_batch(batch: Batch, pace: &Pace) {
     if work.is_empty() {
         return;
     }
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_live(work, started, pace))) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_live(work, started, ctx, pace))) {
         Ok(results) => {
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(result);
@@ -208,7 +216,7 @@ struct Work {
 }
 
 /// Executes the jobs as one batch; one result per job, in order.
-fn run_live(mut live: Vec<Work>, started: Instant, pace: &Pace) -> Vec<Result<JobOutput, ServeError>> {
+fn run_live(mut live: Vec<Work>, started: Instant, ctx: &Context, pace: &Pace) -> Vec<Result<JobOutput, ServeError>> {
     let units: u64 = live.iter().map(|w| units(&w.job)).sum();
     let backbone = live[0].job.backbone.clone();
     let mut seqs = Vec::new();
@@ -229,16 +237,24 @@ fn run_live(mut live: Vec<Work>, started: Instant, pace: &Pace) -> Vec<Result<Jo
     match result {
         Ok((logits, mut stats)) => {
             pace.record(units, compute);
-            let lane_rows = lanes.iter().map(|l| l.rows.len()).sum();
-            crate::metrics::get().record_batch(&stats, rows, lane_rows, compute);
+            let lane_rows: usize = lanes.iter().map(|l| l.rows.len()).sum();
+            let layer_rows: usize = stats.layer_rows.iter().sum();
+            ctx.metrics.record_batch(BatchRecord {
+                rows,
+                padded_tokens: rows * stats.padded_len,
+                layer_rows,
+                rows_saved: (lane_rows * stats.layer_rows.len()).saturating_sub(layer_rows),
+                adapter_rows: stats.adapter_rows,
+                compute,
+            });
             let mut fusion_by_lane = std::mem::take(&mut stats.fusion).into_iter().chain(std::iter::repeat_with(Vec::new));
             tracing::debug!(rows, lanes = lanes.len(), padded_len = stats.padded_len, layer_rows = ?stats.layer_rows, compute_us = compute.as_micros() as u64, "batch done");
-            record_executions(&lanes, compute);
+            record_executions(&ctx.stats, &lanes, compute);
             let mut logits = logits.into_iter();
             live.into_iter()
                 .map(|w| {
                     let per_task = (&mut logits).take(w.job.tasks.len()).map(|m| m.outer_iter().map(|r| r.to_vec()).collect()).collect();
-                    crate::metrics::get().queue_duration.observe((started - w.enqueued).as_secs_f64());
+                    ctx.metrics.queue_duration.observe((started - w.enqueued).as_secs_f64());
                     let fusion = (&mut fusion_by_lane).take(w.job.tasks.len()).collect();
                     Ok(JobOutput { logits: per_task, queue: started - w.enqueued, compute, batch_rows: rows, stats: stats.clone(), fusion })
                 })
@@ -246,18 +262,20 @@ fn run_live(mut live: Vec<Work>, started: Instant, pace: &Pace) -> Vec<Result<Jo
         }
         Err(err) => {
             tracing::error!(error = %err, rows, "batch failed");
-            live.iter().map(|_| Err(ServeError::Runtime(err.to_string()))).collect()
+            // Every request of the batch gets the same typed cause.
+            let err = Arc::new(err);
+            live.iter().map(|_| Err(EngineError::Batch(err.clone()).into())).collect()
         }
     }
 }
 
 /// One execution per task version in the batch, with that version's row count (ModelStatistics).
-fn record_executions(lanes: &[Lane], compute: Duration) {
+fn record_executions(stats: &crate::stats::Stats, lanes: &[Lane], compute: Duration) {
     let mut rows: std::collections::BTreeMap<(String, u32), usize> = std::collections::BTreeMap::new();
     for lane in lanes {
         *rows.entry((lane.task.name().to_string(), lane.task.version())).or_default() += lane.rows.len();
     }
     for (key, n) in rows {
-        crate::stats::global().executed(key, n, compute);
+        stats.executed(key, n, compute);
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod backbone;
 pub mod fusion;
+mod loader;
 pub mod manifest;
 pub mod registrar;
 pub mod registry;

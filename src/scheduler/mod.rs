@@ -13,6 +13,7 @@ use tracing::Instrument;
 use crate::config::BatchingSettings;
 pub use admission::{Admission, Load};
 
+use crate::context::Context;
 use crate::engine::{self, Batch, Entry, Job, JobOutput, Liveness};
 use crate::error::ServeError;
 
@@ -23,17 +24,18 @@ pub struct Scheduler {
     load: Arc<Load>,
     liveness: Liveness,
     settings: BatchingSettings,
+    ctx: Arc<Context>,
 }
 
 impl Scheduler {
-    /// Starts the queue actor (on the tokio runtime) and the engine thread.
-    pub fn start(settings: BatchingSettings) -> Self {
+    /// Starts the queue actor (on the tokio runtime) and the engine thread, both recording into `ctx`.
+    pub fn start(settings: BatchingSettings, ctx: Arc<Context>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         // One batch running and one ready: the actor keeps collecting while the engine works.
         let (engine_tx, engine_rx) = mpsc::channel(1);
         let load = Arc::new(Load::default());
         let liveness = Liveness::default();
-        engine::spawn(engine_rx, load.pace.clone(), liveness.clone());
+        engine::spawn(engine_rx, ctx.clone(), load.pace.clone(), liveness.clone());
         let permits = Arc::new(Semaphore::new(settings.max_queued));
         let actor = tokio::spawn(queue_actor(rx, engine_tx, settings.clone()).instrument(tracing::info_span!("queue")));
         let watcher = liveness.clone();
@@ -45,7 +47,12 @@ impl Scheduler {
                 Err(_) => {}
             }
         });
-        Self { tx, permits, load, liveness, settings }
+        Self { tx, permits, load, liveness, settings, ctx }
+    }
+
+    /// The metrics and statistics this scheduler (and its engine) record into.
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
     }
 
     /// Whether the engine still runs; the server turns health NOT_SERVING when it stops.
@@ -91,18 +98,18 @@ impl Scheduler {
                 d.saturating_duration_since(Instant::now()).as_millis()
             )));
         }
-        Ok(Admission::new(self.load.clone(), permit, crate::metrics::get().queue_depth.clone()))
+        Ok(Admission::new(self.load.clone(), permit, self.ctx.metrics.queue_depth.clone()))
     }
 
-    /// Queues an admitted job and waits for its result. Every outcome is counted in
-    /// [`crate::stats`] for the job's tasks.
+    /// Queues an admitted job and waits for its result. Every outcome is counted in the
+    /// context's [`crate::stats::Stats`] for the job's tasks.
     pub async fn submit(&self, admission: Admission, job: Job) -> Result<JobOutput, ServeError> {
-        let keys = crate::stats::keys(&job.tasks);
+        let keys = engine::stat_keys(&job.tasks);
         let (received, sequences) = (job.received, job.sequences.len());
         let input = received.elapsed();
         let submitted = Instant::now();
         let result = self.enqueue(admission, job).await;
-        let stats = crate::stats::global();
+        let stats = &self.ctx.stats;
         match &result {
             Ok(out) => {
                 // What is left after queue and compute: taking this job's rows out of the batch
