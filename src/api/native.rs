@@ -42,10 +42,12 @@ impl NativeApi {
         let work = async {
             // Admit (or refuse) before any work is spent on the request.
             let admission = scheduler.admit(deadline)?;
-            // Tokenization is CPU work: keep it off the reactor threads.
-            let job = tokio::task::spawn_blocking(move || router.prepare(req, deadline))
+            // Tokenization is CPU work: keep it off the reactor threads. The queue place travels
+            // with it, so a cancelled call frees its place only when the tokenizer is done.
+            let (admission, job) = tokio::task::spawn_blocking(move || (admission, router.prepare(req, deadline)))
                 .await
-                .map_err(|e| ServeError::Internal(format!("tokenizer task failed: {e}")))??;
+                .map_err(|e| ServeError::Internal(format!("tokenizer task failed: {e}")))?;
+            let job = job?;
             let tokenize_us = started.elapsed().as_micros() as u64;
             let num_tokens = job.sequences.iter().map(|s| s.ids.len() as u32).collect();
             let runs = job.tasks.clone();

@@ -57,8 +57,7 @@ impl KServeApi {
         let work = async move {
             // Admit (or refuse) before any work is spent on the request.
             let admission = scheduler.admit(deadline)?;
-            // Tensor decoding and tokenization are CPU work: keep them off the reactor threads.
-            let (decoded, job, plan) = tokio::task::spawn_blocking(move || {
+            let prepare = move || {
                 let mut d = decode::decode(req)?;
                 let deadline = match (deadline, d.timeout.map(|t| Instant::now() + t)) {
                     (Some(a), Some(b)) => Some(a.min(b)),
@@ -70,9 +69,13 @@ impl KServeApi {
                 let plan = encode::plan(&job.tasks, &d.prefixes, &d.outputs)
                     .inspect_err(|_| router.ctx.stats.request_failed(&crate::engine::stat_keys(&job.tasks), job.received.elapsed()))?;
                 Ok::<_, ServeError>((d, job, plan))
-            })
-            .await
-            .map_err(|e| ServeError::Internal(format!("request decoding task failed: {e}")))??;
+            };
+            // Tensor decoding and tokenization are CPU work: keep them off the reactor threads. The
+            // queue place travels with it, so a cancelled call frees its place only when that is done.
+            let (admission, prepared) = tokio::task::spawn_blocking(move || (admission, prepare()))
+                .await
+                .map_err(|e| ServeError::Internal(format!("request decoding task failed: {e}")))?;
+            let (decoded, job, plan) = prepared?;
             let runs = job.tasks.clone();
             let timeout = decoded.timeout;
             let out = match (timeout, job.deadline) {
