@@ -60,7 +60,17 @@ async fn a_panic_inside_a_batch_fails_only_that_batch_and_the_engine_carries_on(
 
 #[tokio::test]
 async fn when_the_engine_thread_dies_health_goes_not_serving_and_the_log_says_why() {
-    let server = TestServer::start(&[("ADAPTERDROP_FAULT_KILL_ENGINE", &MARKER.to_string())]);
+    engine_stops("ADAPTERDROP_FAULT_KILL_ENGINE", "the engine thread panicked").await;
+}
+
+#[tokio::test]
+async fn when_the_queue_actor_dies_health_goes_not_serving_and_the_log_says_why() {
+    engine_stops("ADAPTERDROP_FAULT_KILL_QUEUE", "the queue actor panicked").await;
+}
+
+/// Health, answers and log once the hook `fault` has stopped the engine with `reason`.
+async fn engine_stops(fault: &str, reason: &str) {
+    let server = TestServer::start(&[(fault, &MARKER.to_string())]);
     let mut c = server.client().await;
     let mut health = HealthClient::new(server.channel().await);
     assert_eq!(status(&mut health, "").await, ServingStatus::Serving as i32);
@@ -73,7 +83,7 @@ async fn when_the_engine_thread_dies_health_goes_not_serving_and_the_log_says_wh
     let started = std::time::Instant::now();
     let err = c.infer(texts(&["after the engine died"])).await.expect_err("no engine");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("engine thread panicked"), "{}", err.message());
+    assert!(err.message().contains(reason), "{}", err.message());
     assert!(started.elapsed() < std::time::Duration::from_secs(2), "refusal took {:?}", started.elapsed());
 
     // Health follows within moments.
@@ -88,5 +98,5 @@ async fn when_the_engine_thread_dies_health_goes_not_serving_and_the_log_says_wh
     let mut kserve = GrpcInferenceServiceClient::new(server.channel().await);
     assert!(!kserve.server_ready(ServerReadyRequest {}).await.unwrap().into_inner().ready);
     let logs = server.drain_logs().join("\n");
-    assert!(logs.contains("the engine thread panicked") && logs.contains("fault injection"), "{logs}");
+    assert!(logs.contains(reason) && logs.contains("fault injection"), "{logs}");
 }

@@ -5,8 +5,10 @@
 //!   being assembled (the engine must fail only that batch's requests).
 //! - `ADAPTERDROP_FAULT_KILL_ENGINE=<token id>`: the engine thread itself panics, outside any
 //!   batch, before running a batch holding that token id (health must go NOT_SERVING).
+//! - `ADAPTERDROP_FAULT_KILL_QUEUE=<token id>`: the queue actor panics when a request holding that
+//!   token id starts a batch (health must go NOT_SERVING as well).
 
-use super::{Batch, Sequence};
+use super::{Batch, Entry, Sequence};
 
 fn marker(var: &str) -> Option<i64> {
     std::env::var(var).ok()?.parse().ok()
@@ -21,6 +23,14 @@ pub fn in_batch(seqs: &[Sequence]) {
         && holds(seqs, id)
     {
         panic!("fault injection: ADAPTERDROP_FAULT_PANIC_BATCH={id}");
+    }
+}
+
+pub fn in_queue(first: &Entry) {
+    if let Some(id) = marker("ADAPTERDROP_FAULT_KILL_QUEUE")
+        && holds(&first.job.sequences, id)
+    {
+        panic!("fault injection: ADAPTERDROP_FAULT_KILL_QUEUE={id}");
     }
 }
 

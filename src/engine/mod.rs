@@ -2,7 +2,7 @@
 
 pub mod executor;
 #[cfg(feature = "fault-injection")]
-mod fault;
+pub mod fault;
 pub mod fusion;
 mod tensors;
 

@@ -194,6 +194,8 @@ async fn queue_actor(mut rx: mpsc::UnboundedReceiver<Entry>, engine: mpsc::Sende
                 None => return ActorEnd::Closed,
             },
         };
+        #[cfg(feature = "fault-injection")]
+        engine::fault::in_queue(&first);
         let backbone = first.job.backbone.clone();
         let same = |e: &Entry| Arc::ptr_eq(&e.job.backbone, &backbone);
         let mut size = Footprint::default().with(&first.job);
