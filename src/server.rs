@@ -102,7 +102,10 @@ impl App {
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (stop_streams, stopping) = tokio::sync::watch::channel(false);
         let streams = crate::api::stream::StreamPolicy::new(self.settings.server.max_stream_in_flight, stopping);
-        let registrar = Arc::new(Registrar::new(self.registry.clone(), self.runtime.clone()));
+        let registrar = Arc::new(
+            Registrar::new(self.registry.clone(), self.runtime.clone())
+                .with_limits(crate::repository::ValidationLimits::from_settings(&self.settings.admin)),
+        );
         let kserve_api = KServeApi {
             router: router.clone(),
             scheduler: scheduler.clone(),
