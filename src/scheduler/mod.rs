@@ -1,5 +1,7 @@
 //! Cross-request batching: a queue actor that forms token-budget batches per backbone and hands
-//! them to the engine thread, which it never lets idle while work waits.
+//! them to the engine thread, which it never lets idle while work waits. Requests are admitted
+//! ([`Scheduler::admit`]) before any work is spent on them, and the engine's and the actor's
+//! liveness is watched so that health can follow it.
 
 mod admission;
 
