@@ -112,10 +112,11 @@ fn shutting_down() -> Status {
     Status::unavailable("the server is shutting down: this stream reads no more messages (those already read were answered); reconnect")
 }
 
-/// A message the transport could not decode is the client's fault: INVALID_ARGUMENT, not the
-/// INTERNAL tonic reports, and never a silent OK.
+/// A message the transport could not decode is the client's fault: INVALID_ARGUMENT (the codec
+/// says so already; tonic's own framing errors say INTERNAL), with where the stream stopped, and
+/// never a silent OK.
 fn undecodable(status: Status, read: usize) -> Status {
-    if status.code() == Code::Internal {
+    if matches!(status.code(), Code::Internal | Code::InvalidArgument) {
         Status::invalid_argument(format!(
             "stream message {read} could not be decoded ({}); the stream ends here, the {read} messages before it were answered",
             status.message()
