@@ -131,11 +131,21 @@ pub struct ServerSettings {
     /// Connections older than this are closed gracefully (GOAWAY), so clients balancing over a
     /// headless Service re-resolve DNS and reach pods added by a scale-out. 0 = never.
     pub max_connection_age_s: u64,
+    /// Messages of one stream (InferStream, ModelStreamInfer) being worked on or waiting to be
+    /// sent back. At the bound the server stops reading the stream, so a client that never reads
+    /// its answers is held back by HTTP/2 flow control instead of growing the server.
+    pub max_stream_in_flight: usize,
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
-        Self { listen: "0.0.0.0:50051".into(), max_message_bytes: 64 << 20, shutdown_grace_s: 30, max_connection_age_s: 300 }
+        Self {
+            listen: "0.0.0.0:50051".into(),
+            max_message_bytes: 64 << 20,
+            shutdown_grace_s: 30,
+            max_connection_age_s: 300,
+            max_stream_in_flight: 32,
+        }
     }
 }
 
@@ -278,17 +288,26 @@ pub struct BatchingSettings {
     pub max_batch_delay_ms: u64,
     /// Requests waiting for the engine before new ones get RESOURCE_EXHAUSTED.
     pub max_queued: usize,
+    /// New requests get RESOURCE_EXHAUSTED when the work already queued would keep them waiting
+    /// longer than this (estimated from the engine's measured speed); 0 = no bound. A count
+    /// bound alone lets admitted requests wait many seconds under a flood.
+    pub max_queue_wait_ms: u64,
 }
 
 impl Default for BatchingSettings {
     fn default() -> Self {
-        Self { max_batch_tokens: 16_384, max_batch_delay_ms: 2, max_queued: 1024 }
+        Self { max_batch_tokens: 16_384, max_batch_delay_ms: 2, max_queued: 1024, max_queue_wait_ms: 5_000 }
     }
 }
 
 impl BatchingSettings {
     pub fn max_batch_delay(&self) -> Duration {
         Duration::from_millis(self.max_batch_delay_ms)
+    }
+
+    /// `max_queue_wait_ms` as a bound, `None` when unbounded.
+    pub fn max_queue_wait(&self) -> Option<Duration> {
+        (self.max_queue_wait_ms > 0).then(|| Duration::from_millis(self.max_queue_wait_ms))
     }
 }
 

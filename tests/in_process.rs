@@ -21,7 +21,7 @@ struct InProcess {
     addr: String,
     ctx: std::sync::Arc<Context>,
     stop: oneshot::Sender<()>,
-    done: tokio::task::JoinHandle<()>,
+    done: tokio::task::JoinHandle<adapterdrop_serve::server::Stopped>,
 }
 
 async fn start(runtime: Runtime) -> InProcess {
