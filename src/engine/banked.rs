@@ -8,7 +8,7 @@ use ndarray::{Array1, Array2, ArrayView2, ArrayView3, Axis, s};
 use ort::session::SessionInputValue;
 use ort::value::TensorRef;
 
-use super::executor::{ExecStats, Lane, Sequence, pad};
+use super::executor::{ExecStats, Lane, Sequence, large_batch, pad};
 use super::plan::{LanePath, plan};
 use super::tensors::{i64_input, run_head, run_hidden};
 use crate::error::EngineError;
@@ -42,7 +42,14 @@ pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) ->
     let mut hidden = run_hidden(&backbone.embeddings, vec![("input_ids", i64_input(&iv)?), ("token_type_ids", i64_input(&tv)?)], "hidden")?;
     let mut stats =
         ExecStats { padded_len: ids.ncols(), layer_rows: plan.rows_per_layer.clone(), bank_lanes: lanes.len(), ..Default::default() };
+    // A batch larger than the batch budget gives its memory back (as `execute` does): the last
+    // layer run shrinks the arena, then the heap is trimmed.
+    let most_rows = plan.rows_per_layer.iter().copied().chain([plan.final_rows]).max().unwrap_or(0);
+    let large = large_batch(most_rows * ids.ncols());
     for (layer, lp) in plan.layers.iter().enumerate() {
+        if large && layer + 1 == layers {
+            crate::runtime::shrink_arena_after_next_run();
+        }
         let identity = lp.input_rows.iter().enumerate().all(|(i, &r)| i == r) && lp.input_rows.len() == mask.nrows();
         let selected;
         let mv: ArrayView2<'_, i64> = if identity {
@@ -75,7 +82,11 @@ pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) ->
         host = hidden.into_host()?;
         host.view()
     };
-    let logits = heads(view, lanes, &plan.heads)?;
+    let logits = heads(view, lanes, &plan.heads);
+    if large {
+        crate::runtime::trim_heap();
+    }
+    let logits = logits?;
     stats.graph_runs = (crate::runtime::session_runs() - runs) as usize;
     Ok((logits, stats))
 }
