@@ -2,6 +2,7 @@
 
 pub mod executor;
 pub mod fusion;
+pub mod heads;
 mod tensors;
 
 use std::sync::Arc;
