@@ -21,8 +21,8 @@ run: setup models
 
 ## Build everything and run the whole suite (Rust unit + integration over gRPC, Python tools + clients).
 test: setup test-repo perf-analyzer
-	cargo build --tests $(CARGO_FLAGS)
-	cargo test $(CARGO_FLAGS) -- --test-threads=2
+	cargo build --tests --features fault-injection $(CARGO_FLAGS)
+	cargo test --features fault-injection $(CARGO_FLAGS) -- --test-threads=2
 	$(PY) -m pytest -q tools/tests tests/python
 
 ## rustfmt (rustfmt.toml) and clippy with warnings as errors, over every target.

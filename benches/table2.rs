@@ -299,7 +299,10 @@ fn main() -> Res<()> {
         intra_threads: env_usize("BENCH_THREADS", 0)?,
         allow_spinning: env_usize("BENCH_SPIN", RuntimeSettings::default().allow_spinning as usize)? != 0,
         // `cuda` under `make gpu-check`.
-        execution_provider: env("ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER").unwrap_or_else(|| "cpu".into()),
+        execution_provider: match env("ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER") {
+            Some(p) => p.parse().map_err(|e| format!("ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER: {e}"))?,
+            None => RuntimeSettings::default().execution_provider,
+        },
         ..Default::default()
     };
     let rt = Runtime::init(&settings)?;

@@ -5,6 +5,80 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// Settings with a fixed set of values are enums: an unknown value stops start-up with a message
+/// naming the key and the allowed values, never a silent fall-back. `FromStr` parses the same
+/// spellings (for tools that read one value from elsewhere).
+macro_rules! choice {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name { $($(#[$vdoc])* $variant),+ }
+
+        impl $name {
+            /// Every accepted spelling, in documentation order.
+            pub const ALLOWED: &[&str] = &[$($text),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($text => Ok(Self::$variant),)+
+                    other => Err(format!(
+                        "unknown value `{}` (allowed: {})",
+                        other.escape_debug(),
+                        Self::ALLOWED.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", ")
+                    )),
+                }
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+choice!(
+    /// ONNX Runtime graph optimization level (`runtime.optimization_level`).
+    OptimizationLevel {
+        Disable = "disable",
+        Basic = "basic",
+        Extended = "extended",
+        All = "all",
+    }
+);
+
+choice!(
+    /// Where graphs run (`runtime.execution_provider`).
+    ExecutionProvider {
+        Cpu = "cpu",
+        Cuda = "cuda",
+    }
+);
+
+choice!(
+    /// Log line format (`log.format`).
+    LogFormat {
+        /// Human-readable lines.
+        Text = "text",
+        /// One JSON object per line.
+        Json = "json",
+    }
+);
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
@@ -113,10 +187,10 @@ pub struct RuntimeSettings {
     /// pays a thread wake-up, and the segmented pipeline runs many short operators.
     pub allow_spinning: bool,
     /// ONNX Runtime graph optimization: `disable`, `basic`, `extended` or `all`.
-    pub optimization_level: String,
+    pub optimization_level: OptimizationLevel,
     /// `cpu`, or `cuda` (needs the onnxruntime-gpu library; failing to register it is a start-up
     /// error, never a silent fall-back to CPU).
-    pub execution_provider: String,
+    pub execution_provider: ExecutionProvider,
     pub cuda_device_id: i32,
     /// Byte limit of the CUDA memory arena; 0 = no limit.
     pub cuda_memory_limit_bytes: usize,
@@ -128,8 +202,8 @@ impl Default for RuntimeSettings {
             library_path: None,
             intra_threads: 0,
             allow_spinning: false,
-            optimization_level: "all".into(),
-            execution_provider: "cpu".into(),
+            optimization_level: OptimizationLevel::All,
+            execution_provider: ExecutionProvider::Cpu,
             cuda_device_id: 0,
             cuda_memory_limit_bytes: 0,
         }
@@ -178,14 +252,14 @@ impl BatchingSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct LogSettings {
     /// `text` (human-readable) or `json`.
-    pub format: String,
+    pub format: LogFormat,
     /// A tracing filter such as `info` or `adapterdrop_serve=debug,ort=warn`; `RUST_LOG` wins.
     pub level: String,
 }
 
 impl Default for LogSettings {
     fn default() -> Self {
-        Self { format: "text".into(), level: "info,ort=warn".into() }
+        Self { format: LogFormat::Text, level: "info,ort=warn".into() }
     }
 }
 
@@ -216,6 +290,30 @@ mod tests {
         assert_eq!(s.server.listen, "127.0.0.1:6000");
         assert_eq!(s.batching.max_queued, 7);
         assert_eq!(s.batching.max_batch_tokens, BatchingSettings::default().max_batch_tokens);
+    }
+
+    #[test]
+    fn enum_settings_parse_and_unknown_values_name_key_and_choices() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let load = |toml: &str| {
+            std::fs::write(&path, toml).unwrap();
+            Settings::load(Some(&path))
+        };
+        let s = load("[runtime]\noptimization_level = \"basic\"\nexecution_provider = \"cuda\"\n[log]\nformat = \"json\"\n").unwrap();
+        assert_eq!((s.runtime.optimization_level, s.runtime.execution_provider), (OptimizationLevel::Basic, ExecutionProvider::Cuda));
+        assert_eq!(s.log.format, LogFormat::Json);
+        for (toml, key, allowed) in [
+            ("[runtime]\noptimization_level = \"fast\"\n", "runtime.optimization_level", &["disable", "basic", "extended", "all"][..]),
+            ("[runtime]\nexecution_provider = \"tpu\"\n", "runtime.execution_provider", &["cpu", "cuda"][..]),
+            ("[log]\nformat = \"xml\"\n", "log.format", &["text", "json"][..]),
+        ] {
+            let msg = load(toml).unwrap_err().to_string();
+            assert!(msg.contains(key), "{msg}");
+            assert!(allowed.iter().all(|v| msg.contains(&format!("`{v}`"))), "{msg}");
+        }
+        assert_eq!("extended".parse::<OptimizationLevel>().unwrap(), OptimizationLevel::Extended);
+        assert!("EXTENDED".parse::<OptimizationLevel>().unwrap_err().contains("`extended`"));
     }
 
     #[test]

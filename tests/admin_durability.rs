@@ -143,6 +143,7 @@ async fn requests_in_flight_on_an_unregistered_version_complete() {
 
 /// Deterministic crashes at the steps of a commit (`ADAPTERDROP_CRASH_AT` aborts the process there):
 /// before the publishing rename the old state survives, after it the new one, never a mix.
+#[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_at_each_commit_step_leaves_the_old_or_the_new_version() {
     let repo = temp_repo(&["sent"]);

@@ -147,6 +147,7 @@ async fn versions_default_pins_and_replacement() {
 /// A version is LOADING while it is validated (held there by the `ADAPTERDROP_PAUSE_AT` test hook):
 /// listed as such, refused with UNAVAILABLE when named, not SERVING on health, and the name's
 /// default stays on the ready version; then it turns READY and serves.
+#[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_is_loading_while_validated_then_ready() {
     let repo = temp_repo(&[]);

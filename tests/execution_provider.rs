@@ -27,8 +27,29 @@ fn cuda_without_a_cuda_library_is_a_start_up_error() {
     assert!(out.contains("has no CUDA execution provider") && out.contains("onnxruntime-gpu==1.31.1"), "{out}");
 }
 
+/// Every enum setting refuses an unknown value at start-up (exit code 2), naming the key and the
+/// allowed values, instead of falling back silently.
 #[test]
-fn unknown_execution_provider_is_refused() {
+fn unknown_enum_settings_stop_start_up_naming_key_and_choices() {
     let (ok, out) = run("tpu");
-    assert!(!ok && out.contains("runtime.execution_provider is `tpu`; expected `cpu` or `cuda`"), "{out}");
+    assert!(!ok && out.contains("runtime.execution_provider") && out.contains("`cpu`, `cuda`"), "{out}");
+    let repo = test_repo();
+    for (var, value, key, allowed) in [
+        ("ADAPTERDROP__RUNTIME__OPTIMIZATION_LEVEL", "fast", "runtime.optimization_level", "`disable`, `basic`, `extended`, `all`"),
+        ("ADAPTERDROP__LOG__FORMAT", "xml", "log.format", "`text`, `json`"),
+    ] {
+        let mut cmd = std::process::Command::new(common::server_binary());
+        // An address that cannot be bound: a server that accepted the value exits 1, not 2.
+        cmd.env_clear()
+            .env("ORT_DYLIB_PATH", ort_library())
+            .env("ADAPTERDROP__REPOSITORY__PATH", &repo)
+            .env("ADAPTERDROP__SERVER__LISTEN", "256.0.0.1:0")
+            .env("ADAPTERDROP__METRICS__LISTEN", "")
+            .env("ADAPTERDROP__ADMIN__LISTEN", "")
+            .env(var, value);
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}={value} must stop start-up: {text}");
+        assert!(text.contains("invalid configuration") && text.contains(key) && text.contains(allowed) && text.contains(value), "{text}");
+    }
 }

@@ -139,10 +139,12 @@ pub fn retire(target: &Path, trash: &Path) -> std::io::Result<()> {
     sync_dir(target.parent().expect("target has a parent"))
 }
 
-/// Lifecycle testing hooks, both unset in production. When `ADAPTERDROP_CRASH_AT` names this
-/// point, the process aborts here (no destructors, no clean-up; like `kill -9` at exactly this
-/// step). When `ADAPTERDROP_PAUSE_AT` is `point:millis`, this step waits that long, so a test can
-/// observe the states in between (a version LOADING while it is validated).
+/// Lifecycle testing hooks, compiled only with the `fault-injection` feature (`make test` enables
+/// it). When `ADAPTERDROP_CRASH_AT` names this point, the process aborts here (no destructors, no
+/// clean-up; like `kill -9` at exactly this step). When `ADAPTERDROP_PAUSE_AT` is `point:millis`,
+/// this step waits that long, so a test can observe the states in between (a version LOADING
+/// while it is validated).
+#[cfg(feature = "fault-injection")]
 pub fn crash_point(point: &str) {
     if std::env::var_os("ADAPTERDROP_CRASH_AT").is_some_and(|v| v == point) {
         eprintln!("ADAPTERDROP_CRASH_AT={point}: aborting");
@@ -154,6 +156,11 @@ pub fn crash_point(point: &str) {
         std::thread::sleep(Duration::from_millis(ms));
     }
 }
+
+/// Production builds: the steps are plain code, no environment variable is read.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn crash_point(_point: &str) {}
 
 /// Reads `tasks/<name>/DEFAULT`; None when absent or unreadable (logged).
 pub fn read_default(task_dir: &Path) -> Option<u32> {
@@ -318,6 +325,52 @@ mod tests {
         assert_eq!(read_last_version(&task), Some(5));
         clear_last_version(&task).unwrap();
         assert_eq!(read_last_version(&task), None);
+    }
+
+    /// Runs [`crash_point`] in a child copy of this test binary with `ADAPTERDROP_PAUSE_AT` (1.5 s)
+    /// and `ADAPTERDROP_CRASH_AT` naming two points it passes; returns the child's exit status,
+    /// stderr and run time. A child keeps the variables out of this process's other tests.
+    fn run_fault_child() -> (std::process::ExitStatus, String, Duration) {
+        let test = format!("{}::fault_child", module_path!().split_once("::").unwrap().1);
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", &test, "--test-threads=1", "--nocapture"])
+            .env("ADAPTERDROP_FAULT_CHILD", "1")
+            .env("ADAPTERDROP_PAUSE_AT", "unit-pause:1500")
+            .env("ADAPTERDROP_CRASH_AT", "unit-crash")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("running 1 test"), "the child ran no test: {stdout}");
+        (out.status, String::from_utf8_lossy(&out.stderr).into_owned(), started.elapsed())
+    }
+
+    /// The child's body (a no-op unless started by [`run_fault_child`]).
+    #[test]
+    fn fault_child() {
+        if std::env::var_os("ADAPTERDROP_FAULT_CHILD").is_some() {
+            crash_point("unit-pause");
+            crash_point("unit-crash");
+            println!("fault child passed both points");
+        }
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    #[test]
+    fn production_build_ignores_the_fault_variables() {
+        let (status, stderr, took) = run_fault_child();
+        assert!(status.success(), "a build without `fault-injection` obeyed ADAPTERDROP_CRASH_AT: {status} {stderr}");
+        assert!(took < Duration::from_millis(1500), "a build without `fault-injection` obeyed ADAPTERDROP_PAUSE_AT: {took:?}");
+    }
+
+    #[cfg(feature = "fault-injection")]
+    #[test]
+    fn fault_injection_build_pauses_and_aborts_at_the_named_points() {
+        use std::os::unix::process::ExitStatusExt;
+        let (status, stderr, took) = run_fault_child();
+        assert_eq!(status.signal(), Some(libc::SIGABRT), "{status} {stderr}");
+        assert!(stderr.contains("ADAPTERDROP_CRASH_AT=unit-crash: aborting"), "{stderr}");
+        assert!(took >= Duration::from_millis(1500), "no pause: {took:?}");
     }
 
     #[test]

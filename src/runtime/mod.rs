@@ -10,7 +10,7 @@ pub use graph::{Dim, Graph, IoSpec};
 use ort::environment::{Environment, GlobalThreadPoolOptions};
 pub use row_ops::RowOps;
 
-use crate::config::RuntimeSettings;
+use crate::config::{ExecutionProvider, OptimizationLevel, RuntimeSettings};
 
 /// ONNX Runtime minor version this server is built and tested against (`onnxruntime==1.31.1`).
 pub const REQUIRED_ORT_VERSION: &str = "1.31";
@@ -31,8 +31,6 @@ pub enum RuntimeError {
     WrongVersion { path: PathBuf, found: String },
     #[error("ONNX Runtime environment could not be created: {0}")]
     Environment(String),
-    #[error("runtime.execution_provider is `{0}`; expected `cpu` or `cuda`")]
-    UnknownProvider(String),
     #[error(
         "runtime.execution_provider = \"cuda\" but {path} has no CUDA execution provider; \
          point runtime.library_path at the onnxruntime-gpu==1.31.1 library (`make gpu-check` installs it)"
@@ -69,10 +67,9 @@ impl Runtime {
         if !path.is_file() {
             return Err(RuntimeError::Missing(path));
         }
-        let device = match settings.execution_provider.as_str() {
-            "cpu" => Device::Cpu,
-            "cuda" => Device::Cuda { device_id: settings.cuda_device_id, memory_limit: settings.cuda_memory_limit_bytes },
-            other => return Err(RuntimeError::UnknownProvider(other.to_string())),
+        let device = match settings.execution_provider {
+            ExecutionProvider::Cpu => Device::Cpu,
+            ExecutionProvider::Cuda => Device::Cuda { device_id: settings.cuda_device_id, memory_limit: settings.cuda_memory_limit_bytes },
         };
         let version = library_version(&path)?;
         if !version.starts_with(&format!("{REQUIRED_ORT_VERSION}.")) {
@@ -98,11 +95,11 @@ impl Runtime {
             .build()
             .map_err(|e| RuntimeError::Environment(e.to_string()))?;
         use ort::session::builder::GraphOptimizationLevel as L;
-        let optimization = match settings.optimization_level.as_str() {
-            "disable" => L::Disable,
-            "basic" => L::Level1,
-            "extended" => L::Level2,
-            _ => L::All,
+        let optimization = match settings.optimization_level {
+            OptimizationLevel::Disable => L::Disable,
+            OptimizationLevel::Basic => L::Level1,
+            OptimizationLevel::Extended => L::Level2,
+            OptimizationLevel::All => L::All,
         };
         if device != Device::Cpu {
             use ort::ep::ExecutionProvider;
