@@ -39,6 +39,8 @@ fn host_heads_equal_head_onnx() {
         }
         let onnx: Array2<f32> = task
             .head
+            .as_ref()
+            .expect("exported tasks have head.onnx")
             .run(vec![("hidden", TensorRef::from_array_view(hidden.view()).unwrap().into())], |o| {
                 Ok(o["logits"].try_extract_array::<f32>()?.to_owned().into_dimensionality().unwrap())
             })
