@@ -23,12 +23,16 @@ run: setup models
 test: setup test-repo perf-analyzer
 	cargo build --tests --features fault-injection $(CARGO_FLAGS)
 	cargo test --features fault-injection $(CARGO_FLAGS) -- --test-threads=2
+	# Production builds (no fault-injection) must ignore ADAPTERDROP_CRASH_AT/PAUSE_AT: that unit test
+	# only exists without the feature, so build the library's tests once more without it.
+	cargo test --lib $(CARGO_FLAGS) production_build_ignores_the_fault_variables
 	$(PY) -m pytest -q tools/tests tests/python
 
 ## rustfmt (rustfmt.toml) and clippy with warnings as errors, over every target.
 lint:
 	cargo fmt --check
 	cargo clippy --all-targets $(CARGO_FLAGS) -- -D warnings
+	cargo clippy --all-targets --features fault-injection $(CARGO_FLAGS) -- -D warnings
 
 setup: $(VENV)/.stamp $(ORT_LIB)
 

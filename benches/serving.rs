@@ -356,7 +356,7 @@ fn main() -> Res<()> {
     let backbone = reg.backbone(BACKBONE).ok_or("backbone minilm not in the bench repository")?;
     let mut s0 = settings.clone();
     s0.batching.max_batch_delay_ms = 0;
-    let app_5c = App { settings: s0, registry: reg.clone(), runtime: app.runtime.clone() };
+    let app_5c = App { settings: s0, registry: reg.clone(), runtime: app.runtime.clone(), ctx: adapterdrop_serve::context::Context::new() };
     let app_5d = app; // default batching (max_batch_delay_ms = 2)
     let threads = if settings.runtime.intra_threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod api;
 pub mod config;
+pub mod context;
 pub mod engine;
 pub mod error;
 pub mod metrics;

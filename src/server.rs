@@ -10,6 +10,7 @@ use tonic_health::ServingStatus;
 use crate::api::kserve::KServeApi;
 use crate::api::native::NativeApi;
 use crate::config::Settings;
+use crate::context::Context;
 use crate::kserve_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::inference_server::InferenceServer;
 use crate::repository::{Registrar, Registry, TaskState};
@@ -35,23 +36,32 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
 }
 
-/// Everything loaded and ready to accept connections.
+/// Everything loaded and ready to accept connections. Owns all of one server's state (no
+/// process-wide globals), so a process can run several, e.g. tests on `127.0.0.1:0`.
 pub struct App {
     pub settings: Settings,
     pub registry: Arc<Registry>,
     pub runtime: Runtime,
+    /// This server's metrics and statistics, handed to every layer that records.
+    pub ctx: Arc<Context>,
 }
 
 impl App {
     /// Loads ONNX Runtime and the repository. Fails only on problems no request could survive.
     pub fn load(settings: Settings) -> Result<Self, StartError> {
         let runtime = Runtime::init(&settings.runtime)?;
+        Self::load_with(settings, runtime)
+    }
+
+    /// Loads the repository on an ONNX Runtime already initialised: ONNX Runtime allows one
+    /// environment per process, so further servers in the same process share it (and its graphs).
+    pub fn load_with(settings: Settings, runtime: Runtime) -> Result<Self, StartError> {
         let root = &settings.repository.path;
         if !root.is_dir() {
             return Err(StartError::NoRepository { path: root.display().to_string() });
         }
         let registry = Arc::new(Registry::open(&runtime, root)?);
-        Ok(Self { settings, registry, runtime })
+        Ok(Self { settings, registry, runtime, ctx: Context::new() })
     }
 
     /// Binds the configured address.
@@ -70,8 +80,8 @@ impl App {
             let ready = self.registry.default_version(&name).is_some();
             health.set_service_status(&name, if ready { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
         }
-        let scheduler = Scheduler::start(self.settings.batching.clone());
-        let router = Arc::new(Router { registry: self.registry.clone(), limits: self.settings.limits.clone() });
+        let scheduler = Scheduler::start(self.settings.batching.clone(), self.ctx.clone());
+        let router = Arc::new(Router { registry: self.registry.clone(), limits: self.settings.limits.clone(), ctx: self.ctx.clone() });
         let max = self.settings.server.max_message_bytes;
         // KServe v2 on the same port, same router and scheduler: requests of both APIs batch together.
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -198,6 +208,6 @@ impl App {
         let listener = TcpListener::bind(&addr).await.map_err(|source| StartError::Listen { addr: addr.clone(), source })?;
         let bound = listener.local_addr().map_err(|source| StartError::Listen { addr, source })?;
         tracing::info!(metrics_addr = %bound, "metrics endpoint on http://{bound}/metrics");
-        Ok(Some(tokio::spawn(crate::metrics::http::serve(listener, self.registry.clone()))))
+        Ok(Some(tokio::spawn(crate::metrics::http::serve(listener, self.registry.clone(), self.ctx.clone()))))
     }
 }

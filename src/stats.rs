@@ -3,13 +3,11 @@
 //! Recorded on the path every API shares, so native and KServe requests count alike: the router
 //! (requests refused after their tasks resolved), the scheduler (each request's outcome, input
 //! preparation, queue and compute time) and the engine (model executions and their batch sizes).
-//! One process-wide instance, like a metrics registry: the layers that record it need no plumbing.
+//! One instance per server, in its [`crate::context::Context`].
 
 use std::collections::BTreeMap;
-use std::sync::{LazyLock, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use crate::engine::TaskRun;
 
 /// A count and the total time those events took.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -54,18 +52,6 @@ pub struct TaskStats {
 #[derive(Default)]
 pub struct Stats {
     tasks: Mutex<BTreeMap<(String, u32), TaskStats>>,
-}
-
-static GLOBAL: LazyLock<Stats> = LazyLock::new(Stats::default);
-
-/// The process-wide counters.
-pub fn global() -> &'static Stats {
-    &GLOBAL
-}
-
-/// The task versions of a job, as counter keys.
-pub fn keys(tasks: &[TaskRun]) -> Vec<(String, u32)> {
-    tasks.iter().map(|t| (t.task.name().to_string(), t.task.version())).collect()
 }
 
 /// Timings of one successful request.

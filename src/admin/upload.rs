@@ -104,7 +104,7 @@ fn check_path(path: &str) -> Result<(), ServeError> {
 }
 
 fn io_error(e: std::io::Error) -> ServeError {
-    ServeError::Internal(format!("repository I/O failed: {e}"))
+    ServeError::Repository(e.into())
 }
 
 #[cfg(test)]

@@ -78,7 +78,7 @@ impl NativeApi {
         };
         let result = work.instrument(span.clone()).await;
         let names: Vec<&str> = task_names.iter().map(String::as_str).collect();
-        crate::metrics::get().record_request("native", &names, result.as_ref().map(|_| ()), started.elapsed());
+        scheduler.context().metrics.record_request("native", &names, result.as_ref().map(|_| ()), started.elapsed());
         if let Err(e) = &result {
             tracing::info!(parent: &span, error_type = e.error_type(), error = %e, "infer rejected");
         }
@@ -105,7 +105,7 @@ impl Inference for NativeApi {
                 Err(_) => {
                     let e = ServeError::DeadlineExceeded("deadline exceeded before the result was ready".into());
                     let names: Vec<&str> = tasks.iter().map(String::as_str).collect();
-                    crate::metrics::get().record_request("native", &names, Err(&e), started.elapsed());
+                    self.scheduler.context().metrics.record_request("native", &names, Err(&e), started.elapsed());
                     tracing::info!(request_id, error_type = e.error_type(), "infer timed out");
                     return Err(e.into());
                 }

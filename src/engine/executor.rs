@@ -16,7 +16,7 @@ use ndarray::{Array2, Array3, Axis, concatenate, s};
 use super::fusion::{self, FusionWeights, Group, Kind};
 use super::heads::head_logits;
 use super::tensors::{Hidden, f32_input, i64_input, run_head, run_hidden, run_slot};
-use crate::error::ServeError;
+use crate::error::EngineError;
 use crate::repository::{ActiveLayers, Backbone, FusionSlot, Location, Task};
 use crate::runtime::Graph;
 
@@ -69,7 +69,7 @@ struct State<'a> {
 }
 
 /// Returns one `[rows, labels]` logits matrix per lane, rows in the lane's order.
-pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result<(Vec<Array2<f32>>, ExecStats), ServeError> {
+pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result<(Vec<Array2<f32>>, ExecStats), EngineError> {
     let (ids, types, mask) = pad(seqs, backbone.manifest.pad_token_id);
     let (iv, tv) = (ids.view(), types.view());
     let hidden = run_hidden(&backbone.embeddings, vec![("input_ids", i64_input(&iv)?), ("token_type_ids", i64_input(&tv)?)], "hidden")?;
@@ -125,7 +125,7 @@ impl State<'_> {
     /// its rows. `self.hidden` is the slot's `x`; it becomes the slot output. While all rows take
     /// the same graph, states stay where the graphs left them (on the GPU for CUDA); splits are
     /// regrouped on the GPU when there is one, else on host copies. Fusion slots run on the host.
-    fn slot(&mut self, backbone: &Backbone, layer: usize, location: Location, h: Hidden, stats: &mut ExecStats) -> Result<(), ServeError> {
+    fn slot(&mut self, backbone: &Backbone, layer: usize, location: Location, h: Hidden, stats: &mut ExecStats) -> Result<(), EngineError> {
         let rows_before = self.input_of.len();
         let mut copies: Vec<usize> = Vec::new();
         let mut row_choice: Vec<Choice> = Vec::with_capacity(rows_before);
@@ -199,7 +199,7 @@ impl State<'_> {
                 };
                 match run_hidden(graph, vec![("h", (&hg).into()), ("x", (&xg).into())], "y")? {
                     Hidden::Ort(y) => parts.push(y),
-                    Hidden::Host(_) => return Err(ServeError::Internal("a CUDA slot graph returned host states".into())),
+                    Hidden::Host(_) => return Err(EngineError::Contract("a CUDA slot graph returned host states".into())),
                 }
                 perm.extend_from_slice(rows);
             }
@@ -289,7 +289,7 @@ impl State<'_> {
         src_of: &[usize],
         plain: &Graph,
         stats: &mut ExecStats,
-    ) -> Result<(), ServeError> {
+    ) -> Result<(), EngineError> {
         let perm: Vec<usize> = groups.iter().flat_map(|(_, rows)| rows.iter().copied()).collect();
         let (h, x) = if perm.iter().enumerate().all(|(i, &r)| r == i && src_of[r] == i) {
             (h, x)
@@ -318,13 +318,13 @@ impl State<'_> {
             parts.push(run_hidden(graph, vec![("h", f32_input(&hs)?), ("x", f32_input(&xs)?)], "y")?);
         }
         let views = parts.iter().map(Hidden::view).collect::<Result<Vec<_>, _>>()?;
-        let joined = concatenate(Axis(0), &views).map_err(|e| ServeError::Internal(format!("joining slot outputs: {e}")))?;
+        let joined = concatenate(Axis(0), &views).map_err(|e| EngineError::Contract(format!("joining slot outputs: {e}")))?;
         self.hidden = Hidden::Host(joined);
         Ok(())
     }
 
     /// Runs each task's head once over the first-token states of all its lanes' rows.
-    fn heads(mut self) -> Result<Vec<Array2<f32>>, ServeError> {
+    fn heads(mut self) -> Result<Vec<Array2<f32>>, EngineError> {
         let hidden = std::mem::replace(&mut self.hidden, Hidden::Host(Array3::zeros((0, 0, 0)))).into_host()?;
         let mut row_of: BTreeMap<(usize, usize), usize> = BTreeMap::new();
         for (r, lanes) in self.lanes_of.iter().enumerate() {

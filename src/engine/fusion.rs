@@ -11,7 +11,7 @@ use ndarray::{Array2, Array3, Array4, Axis, CowArray, Ix3, s};
 
 use super::executor::ExecStats;
 use super::tensors::f32_input;
-use crate::error::ServeError;
+use crate::error::EngineError;
 use crate::repository::{FusionSlot, Location};
 use crate::runtime::Graph;
 use ort::session::SessionInputValue;
@@ -74,7 +74,7 @@ pub fn run_groups(
     h: &Array3<f32>,
     x: &Array3<f32>,
     stats: &mut ExecStats,
-) -> Result<Vec<GroupOut>, ServeError> {
+) -> Result<Vec<GroupOut>, EngineError> {
     // Distinct adapter graphs -> distinct origin rows they are needed on.
     let mut need: BTreeMap<usize, (&Arc<Graph>, BTreeSet<usize>)> = BTreeMap::new();
     let mut asked = 0;
@@ -131,7 +131,7 @@ pub fn run_groups(
             Ok((o["y"].try_extract_array::<f32>()?.to_owned(), o["alpha"].try_extract_array::<f32>()?.to_owned()))
         })?;
         let rank3 = |a: ndarray::ArrayD<f32>, name: &str| {
-            a.into_dimensionality::<Ix3>().map_err(|e| ServeError::Internal(format!("{}: `{name}` is not rank 3: {e}", slot.graph.file())))
+            a.into_dimensionality::<Ix3>().map_err(|e| EngineError::Contract(format!("{}: `{name}` is not rank 3: {e}", slot.graph.file())))
         };
         out.push(GroupOut { y: rank3(y, "y")?, alpha: Some(rank3(alpha, "alpha")?) });
     }

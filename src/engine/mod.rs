@@ -14,7 +14,9 @@ use tracing::Span;
 pub use executor::{ExecStats, Lane, Sequence, execute};
 pub use fusion::FusionWeights;
 
-use crate::error::ServeError;
+use crate::context::Context;
+use crate::error::{EngineError, ServeError};
+use crate::metrics::BatchRecord;
 use crate::repository::{ActiveLayers, Backbone, Task};
 
 /// One task to run on all of a job's sequences.
@@ -22,6 +24,11 @@ use crate::repository::{ActiveLayers, Backbone, Task};
 pub struct TaskRun {
     pub task: Arc<Task>,
     pub active: ActiveLayers,
+}
+
+/// The task versions of a job, as statistics keys ([`crate::stats::Stats`]).
+pub fn stat_keys(tasks: &[TaskRun]) -> Vec<(String, u32)> {
+    tasks.iter().map(|t| (t.task.name().to_string(), t.task.version())).collect()
 }
 
 /// A validated request: sequences for one backbone and the tasks to run on them.
@@ -61,19 +68,20 @@ pub struct Batch {
 }
 
 /// Starts the engine thread; it stops when the sender side closes.
-pub fn spawn(mut rx: mpsc::Receiver<Batch>) -> std::thread::JoinHandle<()> {
+/// Records into `ctx`: the server's metrics and statistics.
+pub fn spawn(mut rx: mpsc::Receiver<Batch>, ctx: Arc<Context>) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
             while let Some(batch) = rx.blocking_recv() {
-                run_batch(batch);
+                run_batch(batch, &ctx);
             }
             tracing::debug!("engine stopped");
         })
         .expect("spawn engine thread")
 }
 
-fn run_batch(batch: Batch) {
+fn run_batch(batch: Batch, ctx: &Context) {
     let started = Instant::now();
     let mut live = Vec::with_capacity(batch.entries.len());
     for e in batch.entries {
@@ -99,19 +107,27 @@ fn run_batch(batch: Batch) {
     }
     let rows = seqs.len();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(&backbone, &seqs, &lanes)))
-        .unwrap_or_else(|_| Err(ServeError::Internal("the engine panicked while running this batch".into())));
+        .unwrap_or_else(|_| Err(EngineError::Panicked));
     let compute = started.elapsed();
     match result {
         Ok((logits, mut stats)) => {
-            let lane_rows = lanes.iter().map(|l| l.rows.len()).sum();
-            crate::metrics::get().record_batch(&stats, rows, lane_rows, compute);
+            let lane_rows: usize = lanes.iter().map(|l| l.rows.len()).sum();
+            let layer_rows: usize = stats.layer_rows.iter().sum();
+            ctx.metrics.record_batch(BatchRecord {
+                rows,
+                padded_tokens: rows * stats.padded_len,
+                layer_rows,
+                rows_saved: (lane_rows * stats.layer_rows.len()).saturating_sub(layer_rows),
+                adapter_rows: stats.adapter_rows,
+                compute,
+            });
             let mut fusion_by_lane = std::mem::take(&mut stats.fusion).into_iter().chain(std::iter::repeat_with(Vec::new));
             tracing::debug!(rows, lanes = lanes.len(), padded_len = stats.padded_len, layer_rows = ?stats.layer_rows, compute_us = compute.as_micros() as u64, "batch done");
-            record_executions(&lanes, compute);
+            record_executions(&ctx.stats, &lanes, compute);
             let mut logits = logits.into_iter();
             for e in live {
                 let per_task = (&mut logits).take(e.job.tasks.len()).map(|m| m.outer_iter().map(|r| r.to_vec()).collect()).collect();
-                crate::metrics::get().queue_duration.observe((started - e.enqueued).as_secs_f64());
+                ctx.metrics.queue_duration.observe((started - e.enqueued).as_secs_f64());
                 let fusion = (&mut fusion_by_lane).take(e.job.tasks.len()).collect();
                 let out =
                     JobOutput { logits: per_task, queue: started - e.enqueued, compute, batch_rows: rows, stats: stats.clone(), fusion };
@@ -120,20 +136,22 @@ fn run_batch(batch: Batch) {
         }
         Err(err) => {
             tracing::error!(error = %err, rows, "batch failed");
+            // Every request of the batch gets the same typed cause.
+            let err = Arc::new(err);
             for e in live {
-                let _ = e.reply.send(Err(ServeError::Runtime(err.to_string())));
+                let _ = e.reply.send(Err(EngineError::Batch(err.clone()).into()));
             }
         }
     }
 }
 
 /// One execution per task version in the batch, with that version's row count (ModelStatistics).
-fn record_executions(lanes: &[Lane], compute: Duration) {
+fn record_executions(stats: &crate::stats::Stats, lanes: &[Lane], compute: Duration) {
     let mut rows: std::collections::BTreeMap<(String, u32), usize> = std::collections::BTreeMap::new();
     for lane in lanes {
         *rows.entry((lane.task.name().to_string(), lane.task.version())).or_default() += lane.rows.len();
     }
     for (key, n) in rows {
-        crate::stats::global().executed(key, n, compute);
+        stats.executed(key, n, compute);
     }
 }

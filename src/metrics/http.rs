@@ -13,10 +13,11 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::context::Context;
 use crate::repository::Registry;
 
 /// Serves until the task is dropped (the server aborts it at shutdown).
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>, ctx: Arc<Context>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -25,9 +26,9 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
                 continue;
             }
         };
-        let registry = registry.clone();
+        let (registry, ctx) = (registry.clone(), ctx.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |req| answer(req, registry.clone()));
+            let service = service_fn(move |req| answer(req, registry.clone(), ctx.clone()));
             if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
                 tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
             }
@@ -35,7 +36,7 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
     }
 }
 
-async fn answer(req: Request<Incoming>, registry: Arc<Registry>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(req: Request<Incoming>, registry: Arc<Registry>, ctx: Arc<Context>) -> Result<Response<Full<Bytes>>, Infallible> {
     let reply = |status: StatusCode, content_type: &str, body: String| {
         Response::builder()
             .status(status)
@@ -46,7 +47,7 @@ async fn answer(req: Request<Incoming>, registry: Arc<Registry>) -> Result<Respo
     Ok(match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
             // Rendering walks the registry; keep it off the reactor threads.
-            let text = tokio::task::spawn_blocking(move || super::get().render(&registry)).await.unwrap_or_default();
+            let text = tokio::task::spawn_blocking(move || ctx.metrics.render(&registry)).await.unwrap_or_default();
             reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text)
         }
         (_, "/metrics") => reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n".into()),

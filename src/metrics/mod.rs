@@ -1,5 +1,6 @@
-//! Prometheus metrics. One process-wide registry: the API, scheduler and engine record into it
-//! from wherever the event happens, and `http.rs` serves it as text on its own port.
+//! Prometheus metrics. One registry per server (in its [`crate::context::Context`]): the API,
+//! scheduler and engine record into it from wherever the event happens, and `http.rs` serves it
+//! as text on its own port.
 //!
 //! Names follow the Prometheus conventions: `adapterdrop_` prefix, base units (seconds), `_total`
 //! for counters. Loaded-task gauges are rebuilt from the registry at scrape time, so they are
@@ -7,19 +8,33 @@
 
 pub mod http;
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::engine::ExecStats;
 use crate::repository::{self, TaskState};
 
 /// Latency buckets in seconds, 100 µs to 30 s.
 const LATENCY_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// One finished engine batch, as the metrics count it.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchRecord {
+    /// Input sequences in the batch.
+    pub rows: usize,
+    /// Rows x longest sequence.
+    pub padded_tokens: usize,
+    /// Hidden-state rows through backbone layers, summed over layers.
+    pub layer_rows: usize,
+    /// Layer rows every lane would have needed on its own, minus `layer_rows`.
+    pub rows_saved: usize,
+    /// Rows through adapter slot graphs, summed over slots.
+    pub adapter_rows: usize,
+    pub compute: Duration,
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -58,8 +73,15 @@ fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogr
     h
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
-    fn new() -> Self {
+    /// A fresh registry with every metric at zero.
+    pub fn new() -> Self {
         let r = Registry::new();
         let request_duration = HistogramVec::new(
             HistogramOpts::new("adapterdrop_request_duration_seconds", "Time from receiving an inference request to its answer.")
@@ -116,17 +138,15 @@ impl Metrics {
         }
     }
 
-    /// Records one finished engine batch. `lane_rows` is the rows every lane would have needed
-    /// on its own, per layer.
-    pub fn record_batch(&self, stats: &ExecStats, rows: usize, lane_rows: usize, compute: Duration) {
+    /// Records one finished engine batch.
+    pub fn record_batch(&self, b: BatchRecord) {
         self.batches.inc();
-        self.batch_rows.observe(rows as f64);
-        self.batch_tokens.observe((rows * stats.padded_len) as f64);
-        self.compute_duration.observe(compute.as_secs_f64());
-        let physical: usize = stats.layer_rows.iter().sum();
-        self.layer_rows.inc_by(physical as u64);
-        self.rows_saved.inc_by((lane_rows * stats.layer_rows.len()).saturating_sub(physical) as u64);
-        self.adapter_rows.inc_by(stats.adapter_rows as u64);
+        self.batch_rows.observe(b.rows as f64);
+        self.batch_tokens.observe(b.padded_tokens as f64);
+        self.compute_duration.observe(b.compute.as_secs_f64());
+        self.layer_rows.inc_by(b.layer_rows as u64);
+        self.rows_saved.inc_by(b.rows_saved as u64);
+        self.adapter_rows.inc_by(b.adapter_rows as u64);
     }
 
     /// Records one answered inference request for each task it named.
@@ -161,10 +181,4 @@ impl Metrics {
         TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
         String::from_utf8(buf).expect("prometheus text is UTF-8")
     }
-}
-
-/// The process-wide metrics.
-pub fn get() -> &'static Metrics {
-    static METRICS: OnceLock<Metrics> = OnceLock::new();
-    METRICS.get_or_init(Metrics::new)
 }

@@ -4,14 +4,13 @@
 //! adapter once for every fusion (and pruned variant) that uses it on the same rows, and so that a
 //! pruned task is just a shorter adapter list beside the very same fusion graph.
 //!
-//! Graph files with identical bytes are loaded once per process ([`load_shared`]): a pruned task
+//! Graph files with identical bytes are loaded once per runtime ([`load_shared`]): a pruned task
 //! written by `tools/prune_fusion.py` copies its source's files, so both tasks hold the same
 //! `Arc<Graph>` for every shared adapter, which is what the engine's sharing keys on.
 
-use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 
 use ort::value::TensorElementType as T;
 use serde::{Deserialize, Serialize};
@@ -19,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::manifest::{Location, SlotSpec, valid_name};
 use super::task::{ActiveLayers, Task};
 use crate::error::LoadError;
-use crate::runtime::{Dim, Graph, IoSpec, Runtime};
+use crate::runtime::{ContentKey, Dim, Graph, IoSpec, Runtime};
 
 /// What a `slots[]` entry of task.json holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,15 +136,12 @@ pub fn load_up(runtime: &Runtime, dir: &Path, spec: &SlotSpec, hidden: usize) ->
     load_shared(runtime, &dir.join(up), &hx, &[IoSpec::new("up", T::Float32, &bth)]).map(Some)
 }
 
-type Key = (u64, u64, usize);
-
-/// Loads `path` once per process for a given content: later loads of a file with the same bytes get
+/// Loads `path` once per runtime for a given content: later loads of a file with the same bytes get
 /// the already loaded graph (while any task still holds it).
 pub fn load_shared(runtime: &Runtime, path: &Path, inputs: &[IoSpec], outputs: &[IoSpec]) -> Result<Arc<Graph>, LoadError> {
-    static CACHE: OnceLock<Mutex<HashMap<Key, Weak<Graph>>>> = OnceLock::new();
     let bytes = std::fs::read(path).map_err(|e| LoadError::new(path, format!("cannot read: {e}")))?;
     let key = content_key(&bytes);
-    let cache = CACHE.get_or_init(Default::default);
+    let cache = runtime.graph_cache();
     if let Some(g) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key).and_then(Weak::upgrade) {
         // Same bytes, so same I/O; still check the contract (it may differ, e.g. another hidden size).
         g.check_contract(path, inputs, outputs)?;
@@ -159,7 +155,7 @@ pub fn load_shared(runtime: &Runtime, path: &Path, inputs: &[IoSpec], outputs: &
 }
 
 /// Two independent 64-bit SipHashes of the bytes plus their length.
-fn content_key(bytes: &[u8]) -> Key {
+fn content_key(bytes: &[u8]) -> ContentKey {
     let mut a = DefaultHasher::new();
     bytes.hash(&mut a);
     let mut b = DefaultHasher::new();

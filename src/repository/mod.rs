@@ -3,6 +3,7 @@
 pub mod adapterhub;
 pub mod backbone;
 pub mod fusion;
+mod loader;
 pub mod manifest;
 pub mod registrar;
 pub mod registry;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::loader::Loader;
 use super::manifest::{TaskManifest, read_json, valid_name};
 use super::registry::{Registry, TaskEntry, TaskState, scan_tasks};
 use super::store::{self, Staging, Stamp};
@@ -76,16 +77,18 @@ pub struct Registered {
     pub validate: Duration,
 }
 
-/// Cheap to clone: every clone shares the registry and its mutation lock.
+/// Cheap to clone: every clone shares the registry, its mutation lock and the loader thread.
 #[derive(Clone)]
 pub struct Registrar {
     registry: Arc<Registry>,
     runtime: Runtime,
+    /// Creates the sessions of run-time loads; ends with the last clone.
+    loader: Loader,
 }
 
 impl Registrar {
     pub fn new(registry: Arc<Registry>, runtime: Runtime) -> Self {
-        Self { registry, runtime }
+        Self { registry, runtime, loader: Loader::start() }
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -136,25 +139,28 @@ impl Registrar {
         }
         let (registry, runtime, owned_name) = (self.registry.clone(), self.runtime.clone(), name.to_string());
         let started = Instant::now();
-        let outcome = on_loader(move || {
-            let (task, staged) = prepare(&registry, &runtime, &owned_name, version, &bundle)?;
-            let target = registry.root().join("tasks").join(&owned_name).join(version.to_string());
-            store::crash_point("before-publish");
-            let published = if target.is_dir() { store::publish_replace(&staged, &target) } else { store::publish_new(&staged, &target) };
-            published.map_err(|e| {
-                ServeError::FailedPrecondition(format!(
-                    "cannot publish `{owned_name}@{version}` (another replica may have published it first; retry): {e}"
-                ))
-            })?;
-            store::crash_point("after-publish");
-            // Published either way; a missing record is restored by the unregister that needs it.
-            if let Err(e) = store::raise_last_version(target.parent().expect("task dir"), version) {
-                tracing::warn!(task = %owned_name, version, error = %e, "cannot record the highest assigned version");
-            }
-            drop(bundle); // removes the staging directory, with the replaced version if any
-            Ok((task, Stamp::of(&target)))
-        })
-        .await;
+        let outcome = self
+            .loader
+            .run(move || {
+                let (task, staged) = prepare(&registry, &runtime, &owned_name, version, &bundle)?;
+                let target = registry.root().join("tasks").join(&owned_name).join(version.to_string());
+                store::crash_point("before-publish");
+                let published =
+                    if target.is_dir() { store::publish_replace(&staged, &target) } else { store::publish_new(&staged, &target) };
+                published.map_err(|e| {
+                    ServeError::FailedPrecondition(format!(
+                        "cannot publish `{owned_name}@{version}` (another replica may have published it first; retry): {e}"
+                    ))
+                })?;
+                store::crash_point("after-publish");
+                // Published either way; a missing record is restored by the unregister that needs it.
+                if let Err(e) = store::raise_last_version(target.parent().expect("task dir"), version) {
+                    tracing::warn!(task = %owned_name, version, error = %e, "cannot record the highest assigned version");
+                }
+                drop(bundle); // removes the staging directory, with the replaced version if any
+                Ok((task, Stamp::of(&target)))
+            })
+            .await;
         let (task, stamp) = match outcome {
             Ok(ok) => ok,
             Err(e) => {
@@ -281,7 +287,7 @@ impl Registrar {
     pub async fn reconcile(&self) -> Result<usize, ServeError> {
         let _guard = self.registry.mutation.lock().await;
         let root = self.registry.root().to_path_buf();
-        let disk = blocking(move || scan_tasks(&root).map_err(|e| ServeError::Internal(e.to_string()))).await?;
+        let disk = blocking(move || scan_tasks(&root).map_err(|e| ServeError::Repository(e.into()))).await?;
         let memory = self.registry.snapshot();
         let mut changes = 0;
         for (name, snap) in &disk {
@@ -292,7 +298,7 @@ impl Registrar {
                 }
                 let dir = self.tasks_root().join(name).join(version.to_string());
                 let (registry, runtime, name2, v) = (self.registry.clone(), self.runtime.clone(), name.clone(), *version);
-                let entry = on_loader(move || Ok(registry.load_version(&runtime, &name2, v, &dir))).await?;
+                let entry = self.loader.run(move || Ok(registry.load_version(&runtime, &name2, v, &dir))).await?;
                 tracing::info!(task = %name, version, state = ?entry.state, "picked up a task version from the repository");
                 self.registry.insert(entry, *stamp);
                 changes += 1;
@@ -334,7 +340,7 @@ impl Registrar {
             let dir = self.tasks_root().join(name).join(version.to_string());
             let stamp = Stamp::of(&dir);
             let (registry, runtime, name2, dir2) = (self.registry.clone(), self.runtime.clone(), name.to_string(), dir.clone());
-            let entry = on_loader(move || Ok(registry.load_version(&runtime, &name2, version, &dir2))).await?;
+            let entry = self.loader.run(move || Ok(registry.load_version(&runtime, &name2, version, &dir2))).await?;
             tracing::info!(task = name, version, state = ?entry.state, "failed task version loaded again");
             ready += usize::from(entry.state == TaskState::Ready);
             self.registry.insert(entry, stamp);
@@ -442,36 +448,7 @@ fn check_name(name: &str) -> Result<(), ServeError> {
 }
 
 fn io_error(e: std::io::Error) -> ServeError {
-    ServeError::Internal(format!("repository I/O failed: {e}"))
-}
-
-/// Runs ONNX Runtime session creation on one long-lived loader thread. Registrations are serial
-/// anyway (mutation lock); one thread keeps the allocations of every load in one malloc arena, so
-/// register/unregister cycles do not fragment memory across the blocking pool's threads (measured:
-/// resident memory stays flat; with the blocking pool it crept up by ~100 KiB per cycle).
-async fn on_loader<T: Send + 'static>(f: impl FnOnce() -> Result<T, ServeError> + Send + 'static) -> Result<T, ServeError> {
-    type Job = Box<dyn FnOnce() + Send>;
-    static LOADER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> = std::sync::OnceLock::new();
-    let sender = LOADER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("task-loader".into())
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    job();
-                }
-            })
-            .expect("spawn task loader thread");
-        std::sync::Mutex::new(tx)
-    });
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    let job: Job = Box::new(move || {
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-            .unwrap_or_else(|_| Err(ServeError::Internal("loading the task panicked".into())));
-        let _ = reply.send(result);
-    });
-    sender.lock().unwrap_or_else(|p| p.into_inner()).send(job).map_err(|_| ServeError::Internal("task loader thread is gone".into()))?;
-    answer.await.map_err(|_| ServeError::Internal("task loader dropped the job".into()))?
+    ServeError::Repository(e.into())
 }
 
 /// Runs a change on its own task: dropping the caller's future does not stop it half-way.

@@ -12,7 +12,7 @@ use super::backbone::Backbone;
 use super::manifest::{TaskManifest, read_json, valid_name};
 use super::store::{self, Stamp};
 use super::task::Task;
-use crate::error::{LoadError, ServeError};
+use crate::error::{LoadError, RepositoryError, ServeError};
 use crate::runtime::Runtime;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -121,24 +121,24 @@ impl Registry {
         };
         let tables = self.read();
         let Some(versions) = tables.tasks.get(name) else {
-            let known: Vec<&String> = tables.tasks.keys().collect();
-            return Err(ServeError::NotFound(format!("task `{name}` not found; known tasks: {known:?}")));
+            let known = tables.tasks.keys().cloned().collect();
+            return Err(RepositoryError::UnknownTask { name: name.to_string(), known }.into());
         };
         let version = match version {
             Some(v) => v,
             None => default_version(versions, tables.pinned.get(name))
-                .ok_or_else(|| ServeError::FailedPrecondition(format!("task `{name}` has no ready version: {}", describe(versions))))?,
+                .ok_or_else(|| RepositoryError::NoReadyVersion { name: name.to_string(), states: describe(versions) })?,
         };
         let Some(entry) = versions.get(&version) else {
-            let known: Vec<&u32> = versions.keys().collect();
-            return Err(ServeError::NotFound(format!("task `{name}` has no version {version}; versions: {known:?}")));
+            let known = versions.keys().copied().collect();
+            return Err(RepositoryError::UnknownVersion { name: name.to_string(), version, known }.into());
         };
         match (&entry.state, &entry.task) {
             (TaskState::Ready, Some(task)) => Ok(task.clone()),
             (TaskState::Failed(reason), _) => {
-                Err(ServeError::FailedPrecondition(format!("task `{name}@{version}` failed to load: {reason}")))
+                Err(RepositoryError::LoadFailed { name: name.to_string(), version, reason: reason.clone() }.into())
             }
-            (state, _) => Err(ServeError::Unavailable(format!("task `{name}@{version}` is not ready ({state:?})"))),
+            (state, _) => Err(RepositoryError::NotReady { name: name.to_string(), version, state: format!("{state:?}") }.into()),
         }
     }
 

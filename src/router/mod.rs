@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::LimitSettings;
-use crate::engine::{Job, TaskRun};
+use crate::context::Context;
+use crate::engine::{Job, TaskRun, stat_keys};
 use crate::error::ServeError;
 use crate::proto::{InferRequest, TaskRef, infer_request::Inputs};
 use crate::repository::Registry;
@@ -15,6 +16,8 @@ use crate::repository::Registry;
 pub struct Router {
     pub registry: Arc<Registry>,
     pub limits: LimitSettings,
+    /// Where refusals after the tasks resolved are counted.
+    pub ctx: Arc<Context>,
 }
 
 impl Router {
@@ -23,9 +26,8 @@ impl Router {
         let received = Instant::now();
         let tasks = self.resolve_tasks(&req.tasks)?;
         // Refusals after the tasks resolved count as those tasks' failures (ModelStatistics).
-        let keys = crate::stats::keys(&tasks);
-        self.prepare_inputs(req, tasks, deadline, received)
-            .inspect_err(|_| crate::stats::global().request_failed(&keys, received.elapsed()))
+        let keys = stat_keys(&tasks);
+        self.prepare_inputs(req, tasks, deadline, received).inspect_err(|_| self.ctx.stats.request_failed(&keys, received.elapsed()))
     }
 
     fn prepare_inputs(

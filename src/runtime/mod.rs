@@ -45,8 +45,15 @@ pub enum Device {
     Cuda { device_id: i32, memory_limit: usize },
 }
 
+/// Identity of a graph file's bytes (two hashes and the length).
+pub type ContentKey = (u64, u64, usize);
+
+/// Graphs loaded by content, held weakly: a graph lives while some task holds it.
+pub type GraphCache = std::sync::Mutex<std::collections::HashMap<ContentKey, std::sync::Weak<Graph>>>;
+
 /// The process-wide ONNX Runtime environment with its global thread pool: every session uses that
 /// pool, so hundreds of per-layer and per-adapter sessions do not each spawn their own threads.
+/// Clones share the environment and the cache of loaded graphs.
 #[derive(Clone)]
 pub struct Runtime {
     env: Environment,
@@ -55,6 +62,8 @@ pub struct Runtime {
     device: Device,
     /// Device-side row regrouping, for CUDA only.
     row_ops: Option<std::sync::Arc<RowOps>>,
+    /// Graphs with identical bytes are loaded once (`repository::fusion::load_shared`).
+    graphs: std::sync::Arc<GraphCache>,
 }
 
 impl Runtime {
@@ -117,7 +126,7 @@ impl Runtime {
             Device::Cpu => None,
         };
         tracing::info!(library = %path.display(), %version, intra_threads = threads, allow_spinning = settings.allow_spinning, ?device, "ONNX Runtime loaded");
-        Ok(Self { env, version, optimization, device, row_ops })
+        Ok(Self { env, version, optimization, device, row_ops, graphs: Default::default() })
     }
 
     pub fn version(&self) -> &str {
@@ -134,6 +143,10 @@ impl Runtime {
 
     pub fn row_ops(&self) -> Option<&std::sync::Arc<RowOps>> {
         self.row_ops.as_ref()
+    }
+
+    pub(crate) fn graph_cache(&self) -> &GraphCache {
+        &self.graphs
     }
 
     pub(crate) fn optimization(&self) -> ort::session::builder::GraphOptimizationLevel {

@@ -9,6 +9,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::config::BatchingSettings;
+use crate::context::Context;
 use crate::engine::{self, Batch, Entry, Job, JobOutput};
 use crate::error::ServeError;
 
@@ -17,30 +18,36 @@ pub struct Scheduler {
     tx: mpsc::UnboundedSender<Entry>,
     permits: Arc<Semaphore>,
     max_queued: usize,
+    ctx: Arc<Context>,
 }
 
 impl Scheduler {
-    /// Starts the queue actor (on the tokio runtime) and the engine thread.
-    pub fn start(settings: BatchingSettings) -> Self {
+    /// Starts the queue actor (on the tokio runtime) and the engine thread, both recording into `ctx`.
+    pub fn start(settings: BatchingSettings, ctx: Arc<Context>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         // One batch running and one ready: the actor keeps collecting while the engine works.
         let (engine_tx, engine_rx) = mpsc::channel(1);
-        engine::spawn(engine_rx);
+        engine::spawn(engine_rx, ctx.clone());
         let permits = Arc::new(Semaphore::new(settings.max_queued));
         let max_queued = settings.max_queued;
         tokio::spawn(queue_actor(rx, engine_tx, settings).instrument(tracing::info_span!("queue")));
-        Self { tx, permits, max_queued }
+        Self { tx, permits, max_queued, ctx }
+    }
+
+    /// The metrics and statistics this scheduler (and its engine) record into.
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
     }
 
     /// Queues a job and waits for its result. RESOURCE_EXHAUSTED when `max_queued` jobs wait.
-    /// Every outcome is counted in [`crate::stats`] for the job's tasks.
+    /// Every outcome is counted in the context's [`crate::stats::Stats`] for the job's tasks.
     pub async fn submit(&self, job: Job) -> Result<JobOutput, ServeError> {
-        let keys = crate::stats::keys(&job.tasks);
+        let keys = engine::stat_keys(&job.tasks);
         let (received, sequences) = (job.received, job.sequences.len());
         let input = received.elapsed();
         let submitted = Instant::now();
         let result = self.enqueue(job).await;
-        let stats = crate::stats::global();
+        let stats = &self.ctx.stats;
         match &result {
             Ok(out) => {
                 // What is left after queue and compute: taking this job's rows out of the batch
@@ -62,7 +69,7 @@ impl Scheduler {
             ))
         })?;
         // Counts the request from queueing until its answer (or cancellation) in the depth gauge.
-        let depth = &crate::metrics::get().queue_depth;
+        let depth = &self.ctx.metrics.queue_depth;
         depth.inc();
         let _depth = DepthGuard(depth);
         let (reply, rx) = oneshot::channel();

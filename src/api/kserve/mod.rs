@@ -55,6 +55,7 @@ impl KServeApi {
         let (model, id) = (req.model_name.clone(), req.id.clone());
         let model_name = model.clone();
         let span = tracing::info_span!("model_infer", model = %model, id = %id);
+        let ctx = scheduler.context().clone();
         let work = async move {
             // Tensor decoding and tokenization are CPU work: keep them off the reactor threads.
             let (decoded, job, plan) = tokio::task::spawn_blocking(move || {
@@ -67,7 +68,7 @@ impl KServeApi {
                 let job = router.prepare(native, deadline)?;
                 // Unknown output names are refused before any compute is spent.
                 let plan = encode::plan(&job.tasks, &d.prefixes, &d.outputs)
-                    .inspect_err(|_| crate::stats::global().request_failed(&crate::stats::keys(&job.tasks), job.received.elapsed()))?;
+                    .inspect_err(|_| router.ctx.stats.request_failed(&crate::engine::stat_keys(&job.tasks), job.received.elapsed()))?;
                 Ok::<_, ServeError>((d, job, plan))
             })
             .await
@@ -100,7 +101,7 @@ impl KServeApi {
         };
         let started = Instant::now();
         let result: Result<ModelInferResponse, ServeError> = work.instrument(span.clone()).await;
-        crate::metrics::get().record_request("kserve", &[model_name.as_str()], result.as_ref().map(|_| ()), started.elapsed());
+        ctx.metrics.record_request("kserve", &[model_name.as_str()], result.as_ref().map(|_| ()), started.elapsed());
         if let Err(e) = &result {
             tracing::info!(parent: &span, error_type = e.error_type(), error = %e, "model_infer rejected");
         }
@@ -213,7 +214,8 @@ impl GrpcInferenceService for KServeApi {
         if !r.name.is_empty() {
             self.known(&r.name)?;
         }
-        let counters = crate::stats::global().snapshot(|n, v| (r.name.is_empty() || n == r.name) && version.is_none_or(|want| want == v));
+        let counters =
+            self.scheduler.context().stats.snapshot(|n, v| (r.name.is_empty() || n == r.name) && version.is_none_or(|want| want == v));
         // Every ready version is listed (zeros until first used), as Triton lists loaded models.
         let mut model_stats = Vec::new();
         for e in self.router.registry.entries() {
