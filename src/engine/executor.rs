@@ -345,7 +345,9 @@ impl State<'_> {
             let logits = match (&task.head, &task.adapterhub) {
                 (Some(graph), _) => run_head(graph, &first)?,
                 (None, Some(w)) => head_logits(&w.head, first.index_axis(Axis(1), 0)),
-                (None, None) => return Err(ServeError::Internal(format!("task `{}` has no head", task.name()))),
+                (None, None) => {
+                    return Err(EngineError::Contract(format!("task `{}` has neither a head graph nor head weights", task.name())));
+                }
             };
             let mut at = 0;
             for &l in lanes {
