@@ -166,6 +166,10 @@ def main() -> int:
           f"| {served[0]} / {failed_infer[0]} in {reg_s:.1f} s | {rss0:.0f} / {rss1:.0f} | {per_task / 2**20:.3f} "
           f"| {weight_bytes / 2**20:.3f} | {listen_s:.2f} / {ready} / {rss2:.0f} |")
     print(f"(restart measured {time.perf_counter() - t_restart:.1f} s including ListTasks)", file=sys.stderr)
+    if len(lat) >= 20:
+        tenth = len(lat) // 10
+        first, last = (statistics.median(x * 1000 for x in part) for part in (lat[:tenth], lat[-tenth:]))
+        print(f"RegisterTask median, first / last {tenth} registrations: {first:.1f} / {last:.1f} ms", file=sys.stderr)
     for f in failed[:5]:
         print("failed:", f, file=sys.stderr)
     return 1 if failed or failed_infer[0] else 0
