@@ -67,6 +67,9 @@ fuzz: setup test-repo
 	cargo build $(CARGO_FLAGS)
 	FUZZ_CALLS=$${FUZZ_CALLS:-50000} FUZZ_SEED=$${FUZZ_SEED:-$$(date +%s)} $(PY) -m pytest -q -s tests/python/test_fuzz.py
 
+## Many tasks per replica (issue 12): N generated weights-only MiniLM tasks (about 1 MiB each on disk, under build/bench-many).
+BENCH_MANY_TASKS ?= 10000
+
 ## AdapterDrop Table 2 (docs/benchmarks.md). Shrink with BENCH_QUICK=1, BENCH_BACKBONES=minilm, BENCH_K, BENCH_N, BENCH_RUNS.
 bench: setup models
 	$(PY) tools/make_bench_repo.py --out build/bench-repo
@@ -76,6 +79,7 @@ bench: setup models
 	cargo bench $(CARGO_FLAGS) --bench banks
 	cargo build --release $(CARGO_FLAGS)
 	$(PY) tools/bench_memory.py --binary target/release/adapterdrop-serve
+	$(PY) tools/bench_many_tasks.py --binary target/release/adapterdrop-serve --tasks $(BENCH_MANY_TASKS)
 	$(MAKE) bench-kserve
 
 ## Triton's perf_analyzer (tritonclient 2.41.0 wheel) in build/perf, outside the venv; apt-gets libb64-0d if missing.

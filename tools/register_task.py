@@ -5,6 +5,8 @@ Usage:
   register_task.py --addr HOST:50052 register --name TASK (--dir TASK_VERSION_DIR |
                    --adapter DIR --repo REPO --backbone NAME (--drop-first n | --drop-layers 0,2 | --robust d,min,max)
                    [--head DIR] [--checkpoint DIR]) [--version N] [--set-default] [--replace]
+  register_task.py --addr HOST:50052 register --name TASK --weights-only --adapter DIR [--head DIR] --backbone NAME
+                   (--drop-first n | --drop-layers 0,2 | --robust d,min,max) [--version N] [--set-default] [--replace]
   register_task.py --addr HOST:50052 unregister --name TASK (--version N | --all)
   register_task.py --addr HOST:50052 set-default --name TASK [--version N]   (no --version: remove the pin)
   register_task.py --addr HOST:50052 list
@@ -12,7 +14,9 @@ Usage:
 --dir uploads an exported task version directory (task.json + the graphs it names). --adapter converts
 an AdapterHub adapter directory client-side first (tools/export_task.py, into a temporary directory;
 the backbone must be in the local --repo: its manifest and LayerNorm weights are read from there), then
-uploads the result. The token is --token or $ADAPTERDROP_ADMIN_TOKEN (sent as `authorization: Bearer`).
+uploads the result. --weights-only uploads the AdapterHub files themselves (adapter_config.json,
+adapter.safetensors, head_config.json, model_head.safetensors; no local repository needed): the server
+validates them and loads them into its adapter banks (issue 12). The token is --token or $ADAPTERDROP_ADMIN_TOKEN (sent as `authorization: Bearer`).
 Errors print `error: <gRPC code>: <message>` and exit 2.
 """
 from __future__ import annotations
@@ -61,15 +65,44 @@ def bundle_files(task_dir: str) -> list:
     return sorted(p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
 
 
-def upload_messages(pb, task_dir: str, name: str, version=None, set_default=False, replace=False, chunk=CHUNK_BYTES):
+def upload_messages(pb, task_dir: str, name: str, version=None, set_default=False, replace=False, chunk=CHUNK_BYTES,
+                    adapterhub=None, files=None):
+    """The RegisterTask stream: a header, then every file of `task_dir` (or `files`: [(path, local file)])."""
     header = pb.BundleHeader(name=name, set_default=set_default, replace=replace)
     if version is not None:
         header.version = int(version)
+    if adapterhub is not None:
+        header.adapterhub.CopyFrom(adapterhub)
     yield pb.RegisterTaskRequest(header=header)
-    for rel in bundle_files(task_dir):
-        data = (Path(task_dir) / rel).read_bytes()
+    if files is None:
+        files = [(rel, Path(task_dir) / rel) for rel in bundle_files(task_dir)]
+    for rel, path in files:
+        data = Path(path).read_bytes()
         for i in range(0, max(len(data), 1), chunk):
             yield pb.RegisterTaskRequest(chunk=pb.BundleChunk(path=rel, data=data[i:i + chunk]))
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter.safetensors")
+HEAD_FILES = ("head_config.json", "model_head.safetensors")
+
+
+def weights_only(pb, core, a):
+    """(AdapterHubTask header part, files) of a weights-only registration of a.adapter (+ a.head)."""
+    drop = core.DropConfig()
+    if a.drop_first is not None:
+        drop.drop_first = a.drop_first
+    elif a.drop_layers is not None:
+        drop.layers.layers.extend(int(x) for x in a.drop_layers.split(",") if x.strip())
+    elif a.robust is not None:
+        default, lo, hi = (int(x) for x in a.robust.split(","))
+        drop.robust.CopyFrom(core.RobustRange(default=default, min=lo, max=hi))
+    else:
+        raise SystemExit("error: --weights-only needs one of --drop-first, --drop-layers, --robust")
+    files = [(f, Path(a.adapter) / f) for f in ADAPTER_FILES] + [(f, Path(a.head or a.adapter) / f) for f in HEAD_FILES]
+    missing = [str(p) for _, p in files if not p.is_file()]
+    if missing:
+        raise SystemExit(f"error: missing AdapterHub files (safetensors only): {', '.join(missing)}")
+    return pb.AdapterHubTask(backbone=a.backbone, drop=drop, description=a.description or ""), files
 
 
 def export_adapter(a, out_dir: str) -> str:
@@ -107,7 +140,9 @@ def main(argv=None) -> int:
     r.add_argument("--replace", action="store_true")
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--dir", help="exported task version directory")
-    src.add_argument("--adapter", help="AdapterHub adapter directory (converted here first)")
+    src.add_argument("--adapter", help="AdapterHub adapter directory (converted here first, unless --weights-only)")
+    r.add_argument("--weights-only", action="store_true",
+                   help="upload the AdapterHub files themselves; the server validates and serves them")
     r.add_argument("--repo", help="local repository holding --backbone (with --adapter)")
     r.add_argument("--backbone")
     r.add_argument("--head")
@@ -138,12 +173,19 @@ def main(argv=None) -> int:
         if a.cmd == "register":
             with tempfile.TemporaryDirectory(prefix="adapterdrop-export-") as tmp:
                 task_dir = a.dir
-                if a.adapter:
+                if a.weights_only:
+                    if not (a.adapter and a.backbone):
+                        p.error("--weights-only needs --adapter and --backbone")
+                    hub, files = weights_only(pb, core, a)
+                    resp = stub.RegisterTask(upload_messages(pb, "", a.name, version=a.version, set_default=a.set_default,
+                                                             replace=a.replace, adapterhub=hub, files=files), metadata=md)
+                elif a.adapter:
                     if not (a.repo and a.backbone):
                         p.error("--adapter needs --repo and --backbone")
                     task_dir = export_adapter(a, tmp)
-                resp = register(stub, pb, task_dir, a.name, a.token, version=a.version, set_default=a.set_default,
-                                replace=a.replace)
+                if not a.weights_only:
+                    resp = register(stub, pb, task_dir, a.name, a.token, version=a.version, set_default=a.set_default,
+                                    replace=a.replace)
             t = resp.task
             print(f"registered {t.name}@{t.version} ({resp.files_received} files, {resp.bytes_received} bytes, "
                   f"validated in {resp.validate_ms} ms){' default' if t.is_default_version else ''}")

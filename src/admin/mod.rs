@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod service;
 pub mod upload;
+pub mod weights_only;
 
 use std::sync::Arc;
 

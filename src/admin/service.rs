@@ -28,6 +28,10 @@ impl Admin for AdminApi {
             .await
             .inspect_err(|e| log_refused(&request_id, "register", e))?;
         let h = &received.header;
+        if let Some(meta) = &h.adapterhub {
+            tokio::task::block_in_place(|| super::weights_only::prepare(received.bundle.dir(), meta, self.registrar.registry()))
+                .inspect_err(|e| log_refused(&request_id, "register", e))?;
+        }
         let opts = RegisterOptions { version: h.version, set_default: h.set_default, replace: h.replace };
         let name = h.name.clone();
         tracing::info!(request_id, task = %name, version = ?opts.version, bytes = received.bytes, files = received.files, "task bundle received");

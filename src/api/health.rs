@@ -4,34 +4,36 @@
 //! when the engine stops or shutdown begins; at shutdown the statuses are then forgotten, which ends
 //! open Watch streams.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::repository::{Registry, TaskState};
+use crate::repository::Registry;
 
-/// Sets every task name's status from the registry now.
-pub async fn sync(registry: &Registry, health: &mut HealthReporter, known: &mut BTreeSet<String>) {
+/// Brings every task name's status in line with the registry, touching only names whose status
+/// changed since `known` (one registration among 10,000 tasks updates one name, not 10,000).
+pub async fn sync(registry: &Registry, health: &mut HealthReporter, known: &mut BTreeMap<String, bool>) {
     // Versions still draining after removal do not keep a name known.
-    let names: BTreeSet<String> = registry.entries().into_iter().filter(|e| e.state != TaskState::Draining).map(|e| e.name).collect();
-    for name in &names {
-        let ready = registry.default_version(name).is_some();
-        health.set_service_status(name, if ready { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+    let now = registry.serving_names();
+    for (name, ready) in &now {
+        if known.get(name) != Some(ready) {
+            health.set_service_status(name, if *ready { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+        }
     }
-    for gone in known.difference(&names) {
+    for gone in known.keys().filter(|n| !now.contains_key(*n)) {
         health.set_service_status(gone, ServingStatus::NotServing).await;
         health.clear_service_status(gone).await;
     }
-    *known = names;
+    *known = now;
 }
 
 /// Follows registry changes until aborted (at shutdown, before everything goes NOT_SERVING).
 pub fn follow(registry: Arc<Registry>, mut health: HealthReporter) -> tokio::task::JoinHandle<()> {
     let mut changes = registry.subscribe();
     tokio::spawn(async move {
-        let mut known = BTreeSet::new();
+        let mut known = BTreeMap::new();
         loop {
             changes.borrow_and_update();
             sync(&registry, &mut health, &mut known).await;

@@ -9,10 +9,10 @@ use ort::session::SessionInputValue;
 use ort::value::TensorRef;
 
 use super::executor::{ExecStats, Lane, Sequence, large_batch, pad};
+use super::heads::head_logits;
 use super::plan::{LanePath, plan};
 use super::tensors::{i64_input, run_head, run_hidden};
 use crate::error::EngineError;
-use crate::repository::adapterhub::HeadWeights;
 use crate::repository::backbone::BANK_INPUTS;
 use crate::repository::{Backbone, Location};
 
@@ -99,9 +99,12 @@ fn heads(hidden: ArrayView3<'_, f32>, lanes: &[Lane], groups: &[super::plan::Hea
     for g in groups {
         let task = &lanes[g.lanes[0]].task;
         let rows = first.select(Axis(0), &g.rows);
-        let logits = match (&task.bank, &task.adapterhub) {
-            (Some(_), Some(w)) => host_head(&w.head, &rows),
-            _ => run_head(&task.head, &rows.insert_axis(Axis(1)))?,
+        let logits = match (&task.adapterhub, &task.head) {
+            (Some(w), _) => head_logits(&w.head, rows.view()),
+            (None, Some(graph)) => run_head(graph, &rows.insert_axis(Axis(1)))?,
+            (None, None) => {
+                return Err(EngineError::Contract(format!("task `{}` has neither a head graph nor head weights", task.name())));
+            }
         };
         let mut at = 0;
         for &l in &g.lanes {
@@ -111,11 +114,4 @@ fn heads(hidden: ArrayView3<'_, f32>, lanes: &[Lane], groups: &[super::plan::Hea
         }
     }
     Ok(out.into_iter().map(|o| o.expect("every lane is in a head group")).collect())
-}
-
-/// `W2 tanh(W1 h0 + b1) + b2` on first-token rows `[n, H]`.
-pub fn host_head(head: &HeadWeights, first: &Array2<f32>) -> Array2<f32> {
-    let mut z = first.dot(&head.w1.t()) + &head.b1;
-    z.mapv_inplace(f32::tanh);
-    z.dot(&head.w2.t()) + &head.b2
 }

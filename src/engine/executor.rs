@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use ndarray::{Array2, Array3, Axis, concatenate, s};
 
 use super::fusion::{self, FusionWeights, Group, Kind};
+use super::heads::head_logits;
 use super::tensors::{Hidden, f32_input, i64_input, run_head, run_hidden, run_slot};
 use crate::error::EngineError;
 use crate::repository::{ActiveLayers, Backbone, FusionSlot, Location, Task};
@@ -384,14 +385,21 @@ impl State<'_> {
         }
         let mut by_head: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (l, lane) in self.lanes.iter().enumerate() {
-            by_head.entry(&lane.task.head as *const _ as usize).or_default().push(l);
+            by_head.entry(Arc::as_ptr(&lane.task) as usize).or_default().push(l);
         }
         let mut out: Vec<Option<Array2<f32>>> = vec![None; self.lanes.len()];
         for lanes in by_head.values() {
             let row_of = &row_of;
             let rows: Vec<usize> = lanes.iter().flat_map(|&l| self.lanes[l].rows.iter().map(move |&i| row_of[&(l, i)])).collect();
             let first = hidden.slice(s![.., 0..1, ..]).select(Axis(0), &rows);
-            let logits = run_head(&self.lanes[lanes[0]].task.head, &first)?;
+            let task = &self.lanes[lanes[0]].task;
+            let logits = match (&task.head, &task.adapterhub) {
+                (Some(graph), _) => run_head(graph, &first)?,
+                (None, Some(w)) => head_logits(&w.head, first.index_axis(Axis(1), 0)),
+                (None, None) => {
+                    return Err(EngineError::Contract(format!("task `{}` has neither a head graph nor head weights", task.name())));
+                }
+            };
             let mut at = 0;
             for &l in lanes {
                 let n = self.lanes[l].rows.len();

@@ -6,6 +6,7 @@ pub mod executor;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod fusion;
+pub mod heads;
 pub mod plan;
 pub mod planner;
 mod tensors;

@@ -10,9 +10,10 @@ use super::executor::{ExecStats, Lane, Sequence, execute};
 use crate::error::EngineError;
 use crate::repository::Backbone;
 
-/// Whether a lane takes the bank path.
+/// Whether a lane takes the bank path: its task has bank rows, and banks are on or the task has
+/// nothing else to run on (weights-only).
 pub fn on_banks(backbone: &Backbone, lane: &Lane, banks: bool) -> bool {
-    banks && backbone.banked.is_some() && lane.task.bank.is_some()
+    backbone.banked.is_some() && lane.task.bank.is_some() && (banks || lane.task.manifest.weights_only())
 }
 
 /// Runs every lane on its path; same result shape as [`execute`].

@@ -107,7 +107,7 @@ pub(super) fn prepare(
         .slots
         .iter()
         .flat_map(|s| std::iter::once(s.graph.clone()).chain(s.adapters.iter().map(|a| a.graph.clone())).chain(s.up.clone()))
-        .chain(std::iter::once(manifest.head.graph.clone()))
+        .chain(manifest.head.graph.clone())
         .collect();
     // task.json, its graphs and its AdapterHub files.
     let referenced: BTreeSet<String> = manifest.files().into_iter().chain(graphs.iter().cloned()).collect();

@@ -81,11 +81,16 @@ pub struct TaskManifest {
 }
 
 impl TaskManifest {
+    /// A task registered from AdapterHub files alone: no graphs, served from its weights.
+    pub fn weights_only(&self) -> bool {
+        self.head.graph.is_none()
+    }
+
     /// Every file of the task version directory the manifest names (relative paths).
     pub fn files(&self) -> std::collections::BTreeSet<String> {
         let mut out: std::collections::BTreeSet<String> = std::iter::once("task.json".to_string())
             .chain(self.slots.iter().map(|s| s.graph.clone()))
-            .chain(std::iter::once(self.head.graph.clone()))
+            .chain(self.head.graph.clone())
             .collect();
         if let Some(dir) = &self.adapterhub {
             out.extend(super::adapterhub::FILES.iter().map(|f| format!("{}/{f}", dir.trim_end_matches('/'))));
@@ -149,7 +154,10 @@ pub struct RobustRange {
 pub struct HeadSpec {
     #[serde(rename = "type")]
     pub kind: HeadKind,
-    pub graph: String,
+    /// Absent only in a weights-only task (registered from AdapterHub files, `adapterhub` set): its
+    /// head runs on the host from the AdapterHub weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph: Option<String>,
     #[serde(default)]
     pub labels: Vec<String>,
 }

@@ -140,7 +140,7 @@ impl Registrar {
     async fn reserve(&self, name: &str, opts: RegisterOptions) -> Result<(u32, bool), ServeError> {
         let _guard = self.registry.mutation.lock().await;
         let task_dir = self.tasks_root().join(name);
-        let mut known: BTreeSet<u32> = self.registry.snapshot().get(name).map(|s| s.versions.keys().copied().collect()).unwrap_or_default();
+        let mut known: BTreeSet<u32> = self.registry.version_numbers(name);
         // Another replica may have published versions this one has not polled yet, and a removed
         // version's number is never reused: the next one is above every version ever assigned.
         let (on_disk, last) = blocking({
@@ -183,7 +183,7 @@ impl Registrar {
         check_name(name)?;
         let _guard = self.registry.mutation.lock().await;
         let task_dir = self.tasks_root().join(name);
-        let loaded: BTreeSet<u32> = self.registry.snapshot().get(name).map(|s| s.versions.keys().copied().collect()).unwrap_or_default();
+        let loaded: BTreeSet<u32> = self.registry.version_numbers(name);
         let on_disk = blocking({
             let task_dir = task_dir.clone();
             move || Ok(versions_on_disk(&task_dir))

@@ -85,15 +85,16 @@ impl Registry {
                 Err(e) => tracing::error!(error = %e, "backbone refused"),
             }
         }
-        for (name, snapshot) in scan_tasks(root)? {
-            for version in snapshot.versions.keys() {
-                let dir = root.join("tasks").join(&name).join(version.to_string());
-                let entry = load_task(runtime, &tables.backbones, &name, *version, &dir);
-                if let Some(stamp) = Stamp::of(&dir) {
-                    tables.stamps.insert((name.clone(), *version), stamp);
-                }
-                tables.tasks.entry(name.clone()).or_default().insert(*version, entry);
+        let scanned = scan_tasks(root)?;
+        let jobs: Vec<(&String, u32)> = scanned.iter().flat_map(|(name, snap)| snap.versions.keys().map(move |v| (name, *v))).collect();
+        let entries = load_tasks_parallel(runtime, &tables.backbones, root, &jobs);
+        for ((name, version), (entry, stamp)) in jobs.into_iter().zip(entries) {
+            if let Some(stamp) = stamp {
+                tables.stamps.insert((name.clone(), version), stamp);
             }
+            tables.tasks.entry(name.clone()).or_default().insert(version, entry);
+        }
+        for (name, snapshot) in &scanned {
             if let Some(v) = snapshot.pinned {
                 tables.pinned.insert(name.clone(), v);
             }
@@ -158,6 +159,24 @@ impl Registry {
         let mut out: Vec<TaskEntry> = tables.tasks.values().flat_map(|v| v.values().cloned()).collect();
         out.extend(tables.draining.iter().filter(|d| d.task.strong_count() > 0).map(|d| d.entry.clone()));
         out
+    }
+
+    /// The version numbers loaded for `name` (any state but draining): one lookup, not a snapshot
+    /// of every task (registration must not cost O(tasks)).
+    pub fn version_numbers(&self, name: &str) -> std::collections::BTreeSet<u32> {
+        self.read().tasks.get(name).map(|v| v.keys().copied().collect()).unwrap_or_default()
+    }
+
+    /// Every task name with a loaded version (draining ones aside) and whether a request without a
+    /// version would be served; cheap (no entry clones), for the health service on every change.
+    pub fn serving_names(&self) -> BTreeMap<String, bool> {
+        let tables = self.read();
+        tables
+            .tasks
+            .iter()
+            .filter(|(_, v)| v.values().any(|e| e.state != TaskState::Draining))
+            .map(|(name, v)| (name.clone(), default_version(v, tables.pinned.get(name)).is_some()))
+            .collect()
     }
 
     /// The version a request without one gets: the pinned version if it is ready, else the
@@ -306,6 +325,51 @@ fn default_version(versions: &BTreeMap<u32, TaskEntry>, pinned: Option<&u32>) ->
 
 fn describe(versions: &BTreeMap<u32, TaskEntry>) -> String {
     versions.values().map(|e| format!("@{} {:?}", e.version, e.state)).collect::<Vec<_>>().join(", ")
+}
+
+/// A loaded (or refused) task version and the stamp of its directory.
+type Loaded = (TaskEntry, Option<Stamp>);
+
+/// Loads the task versions of a start-up scan on up to one thread per core (10,000 weights-only
+/// tasks are 10,000 file parses; exported tasks' sessions build independently), in `jobs` order.
+fn load_tasks_parallel(
+    runtime: &Runtime,
+    backbones: &BTreeMap<String, Arc<Backbone>>,
+    root: &Path,
+    jobs: &[(&String, u32)],
+) -> Vec<Loaded> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16).min(jobs.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut out: Vec<Option<Loaded>> = (0..jobs.len()).map(|_| None).collect();
+    let done: Vec<Vec<(usize, Loaded)>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((name, version)) = jobs.get(i) else { break };
+                        let dir = root.join("tasks").join(name.as_str()).join(version.to_string());
+                        mine.push((i, (load_task(runtime, backbones, name, *version, &dir), Stamp::of(&dir))));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap_or_default()).collect()
+    });
+    for (i, loaded) in done.into_iter().flatten() {
+        out[i] = Some(loaded);
+    }
+    out.into_iter()
+        .zip(jobs)
+        .map(|(loaded, (name, version))| {
+            loaded.unwrap_or_else(|| {
+                let reason = "loading panicked".to_string();
+                (TaskEntry { name: (*name).clone(), version: *version, state: TaskState::Failed(reason), manifest: None, task: None }, None)
+            })
+        })
+        .collect()
 }
 
 fn load_task(runtime: &Runtime, backbones: &BTreeMap<String, Arc<Backbone>>, name: &str, version: u32, dir: &Path) -> TaskEntry {

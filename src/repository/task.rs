@@ -24,7 +24,8 @@ pub struct Task {
     pub fusion: BTreeMap<(usize, Location), Arc<FusionSlot>>,
     /// Optional output graphs `(h, x) -> up` of adapter slots, for sharing with fusions.
     pub up: BTreeMap<(usize, Location), Arc<Graph>>,
-    pub head: Graph,
+    /// The head graph; None for a weights-only task (its head is `adapterhub`'s, run on the host).
+    pub head: Option<Graph>,
     /// The AdapterHub weights the task was exported from (`task.json` key `adapterhub`), validated
     /// against the backbone and the task's own slots and head: what the adapter banks load (for a
     /// bank task the bottleneck weights live in the banks and `slots` is empty here).
@@ -81,12 +82,15 @@ impl Task {
             HeadKind::Classification => manifest.head.labels.len() as i64,
             HeadKind::Regression => 1,
         };
-        let head = Graph::load(
-            runtime,
-            &dir.join(&manifest.head.graph),
-            &[IoSpec::new("hidden", T::Float32, &[Dim::Any, Dim::Any, Dim::Fixed(h)])],
-            &[IoSpec::new("logits", T::Float32, &[Dim::Any, Dim::Fixed(width)])],
-        )?;
+        let head = match &manifest.head.graph {
+            None => None,
+            Some(graph) => Some(Graph::load(
+                runtime,
+                &dir.join(graph),
+                &[IoSpec::new("hidden", T::Float32, &[Dim::Any, Dim::Any, Dim::Fixed(h)])],
+                &[IoSpec::new("logits", T::Float32, &[Dim::Any, Dim::Fixed(width)])],
+            )?),
+        };
         let adapterhub = match &manifest.adapterhub {
             None => None,
             Some(rel) => Some(Arc::new(load_adapterhub(&manifest, &manifest_path, &dir.join(rel), &backbone, &needed)?)),
@@ -124,6 +128,7 @@ impl Task {
 
     /// Resolves the request's drop override against the task's policy.
     pub fn active_layers(&self, drop_first: Option<u32>) -> Result<ActiveLayers, ServeError> {
+        self.runnable()?;
         let layers = self.backbone.num_layers();
         let dropped: Vec<bool> = match (&self.manifest.drop, drop_first) {
             (DropSpec::Robust(r), requested) => {
@@ -158,6 +163,22 @@ impl Task {
         Ok(ActiveLayers(dropped.into_iter().map(|d| !d).collect()))
     }
 
+    /// A weights-only task has no slot graphs: only the adapter banks can run it (whatever
+    /// `engine.banks` says), so without them (a backbone exported before layer graphs) requests
+    /// are refused rather than run without adapters.
+    pub fn runnable(&self) -> Result<(), ServeError> {
+        if self.manifest.weights_only() && self.bank.is_none() {
+            return Err(ServeError::FailedPrecondition(format!(
+                "task `{}` was registered from AdapterHub weights only, and its backbone `{}` has no layer graphs \
+                 (layers/<i>/layer.onnx) to run adapter banks: re-export the backbone with tools/export_backbone.py, \
+                 or register the exported bundle (tools/register_task.py register --adapter)",
+                self.name(),
+                self.backbone.name()
+            )));
+        }
+        Ok(())
+    }
+
     /// The adapter graph for a slot, if the task has one there and it is active.
     pub fn slot(&self, active: &ActiveLayers, layer: usize, location: Location) -> Option<&Arc<Graph>> {
         if active.0[layer] { self.slots.get(&(layer, location)) } else { None }
@@ -185,7 +206,14 @@ fn load_adapterhub(
     let in_use = |keys: Vec<(usize, Location)>| keys.into_iter().filter(|(l, _)| needed[*l]).collect::<std::collections::BTreeSet<_>>();
     let graphs = in_use(m.slots.iter().map(|s| (s.layer, s.location)).collect());
     let weights = in_use(w.slots.keys().copied().collect());
-    if graphs != weights {
+    if m.weights_only() {
+        if let Some(layer) = (0..needed.len()).find(|&l| needed[l] && !weights.iter().any(|(wl, _)| *wl == l)) {
+            return Err(LoadError::new(
+                dir.join(adapterhub::ADAPTER_CONFIG),
+                format!("layer {layer} is not dropped by {} but the adapter leaves it out (leave_out)", describe_drop(&m.drop)),
+            ));
+        }
+    } else if graphs != weights {
         let show = |s: &std::collections::BTreeSet<(usize, Location)>| {
             s.iter().map(|(l, loc)| format!("{l}:{}", loc.as_str())).collect::<Vec<_>>()
         };
@@ -275,9 +303,12 @@ fn validate_manifest(m: &TaskManifest, path: &Path, dir: &Path, backbone: &Backb
             return bad(format!("slot {} lists `adapters` but is not `\"kind\": \"fusion\"`", s.graph));
         }
     }
+    if m.weights_only() && (m.adapterhub.is_none() || !m.slots.is_empty()) {
+        return bad("a task without a head graph must be weights-only: `adapterhub` set and no `slots`".into());
+    }
     let needed = needed_layers(&m.drop, layers);
     for (layer, need) in needed.iter().enumerate() {
-        if *need && !m.slots.iter().any(|s| s.layer == layer) {
+        if *need && !m.weights_only() && !m.slots.iter().any(|s| s.layer == layer) {
             return bad(format!("layer {layer} is not dropped by {} but the task has no adapter slot there", describe_drop(&m.drop)));
         }
     }
@@ -289,8 +320,10 @@ fn validate_manifest(m: &TaskManifest, path: &Path, dir: &Path, backbone: &Backb
     if m.adapterhub.is_some() && m.slots.iter().any(|s| s.kind == SlotKind::Fusion) {
         return bad("`adapterhub` is for single-adapter tasks; a fusion task is served from its graphs only".into());
     }
-    if m.head.graph.contains("..") || Path::new(&m.head.graph).is_absolute() {
-        return bad(format!("head graph path `{}` must stay inside the task directory", m.head.graph));
+    if let Some(g) = &m.head.graph
+        && (g.contains("..") || Path::new(g).is_absolute())
+    {
+        return bad(format!("head graph path `{g}` must stay inside the task directory"));
     }
     if m.head.kind == HeadKind::Classification && m.head.labels.is_empty() {
         return bad("a classification head needs at least one label name".into());

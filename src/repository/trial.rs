@@ -25,7 +25,7 @@ const ROWS: usize = 2;
 const TOKENS: usize = 5;
 
 pub fn trial_run(task: &Task, timeout: Duration) -> Result<(), LoadError> {
-    let watchdog = Watchdog::start(timeout).map_err(|e| LoadError::new(task.head.file(), format!("trial run: {e}")))?;
+    let watchdog = Watchdog::start(timeout).map_err(|e| LoadError::new("task.json", format!("trial run: {e}")))?;
     let trial = Trial { watchdog: &watchdog, timeout };
     let hidden = task.backbone.manifest.hidden_size;
     let x = Array3::from_shape_fn((ROWS, TOKENS, hidden), |(i, j, k)| ((i * 131 + j * 17 + k) as f32 * 0.37).sin()).into_dyn();
@@ -53,8 +53,14 @@ pub fn trial_run(task: &Task, timeout: Duration) -> Result<(), LoadError> {
         HeadKind::Classification => task.manifest.head.labels.len(),
         HeadKind::Regression => 1,
     };
-    trial.run(&task.head, &[("hidden", x.view())], &[("logits", &[ROWS, width])])?;
-    Ok(())
+    match (&task.head, &task.adapterhub) {
+        (Some(head), _) => trial.run(head, &[("hidden", x.view())], &[("logits", &[ROWS, width])]).map(|_| ()),
+        (None, Some(w)) => {
+            let logits = crate::engine::heads::head_logits_on_rows(&w.head, x.view().into_dimensionality().expect("rank 3"), &[0, 1]);
+            check("adapterhub/model_head.safetensors", "host head logits", &logits.view().into_dyn(), &[ROWS, width])
+        }
+        (None, None) => Err(LoadError::new("task.json", "the task has neither a head graph nor AdapterHub weights")),
+    }
 }
 
 struct Trial<'a> {
@@ -89,18 +95,18 @@ impl Trial<'_> {
         };
         let values = graph.run_with_options(values, &self.watchdog.options, read).map_err(fail)?;
         for ((name, shape), value) in outputs.iter().zip(&values) {
-            check(graph, name, value, shape)?;
+            check(graph.file(), name, &value.view(), shape)?;
         }
         Ok(values)
     }
 }
 
-fn check(graph: &Graph, name: &str, value: &ArrayD<f32>, shape: &[usize]) -> Result<(), LoadError> {
+fn check(file: &str, name: &str, value: &ArrayViewD<'_, f32>, shape: &[usize]) -> Result<(), LoadError> {
     if value.shape() != shape {
-        return Err(LoadError::new(graph.file(), format!("trial run: output `{name}` has shape {:?}, expected {shape:?}", value.shape())));
+        return Err(LoadError::new(file, format!("trial run: output `{name}` has shape {:?}, expected {shape:?}", value.shape())));
     }
     if value.iter().any(|v| !v.is_finite()) {
-        return Err(LoadError::new(graph.file(), format!("trial run: output `{name}` has non-finite values (NaN or inf)")));
+        return Err(LoadError::new(file, format!("trial run: output `{name}` has non-finite values (NaN or inf)")));
     }
     Ok(())
 }

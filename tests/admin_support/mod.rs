@@ -43,7 +43,7 @@ pub fn source(task: &str) -> PathBuf {
 }
 
 pub fn header(name: &str, version: Option<u32>, set_default: bool, replace: bool) -> BundleHeader {
-    BundleHeader { name: name.into(), version, set_default, replace }
+    BundleHeader { name: name.into(), version, set_default, replace, adapterhub: None }
 }
 
 /// Header, then every file of `dir` in chunks of at most `chunk` bytes.

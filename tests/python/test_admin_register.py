@@ -127,3 +127,34 @@ def test_trial_run_refuses_a_head_that_only_fails_when_run(admin_server, clients
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "head.onnx" in err.value.details() and "trial run" in err.value.details() and "non-finite" in err.value.details()
     assert sorted(p.name for p in (admin_server["repo"] / "tasks").iterdir()) == before
+
+
+def test_cli_registers_adapterhub_weights_only(admin_server, clients, tmp_path):
+    """--weights-only uploads the AdapterHub files themselves; the server validates them, writes
+    task.json (labels from head_config.json) and keeps them; a broken file is refused by name."""
+    pb, core, admin, inference = clients
+    hub = _test_repo() / "tasks" / "sent" / "1" / "adapterhub"
+    out = cli(admin_server, "register", "--name", "py-weights", "--weights-only", "--adapter", str(hub),
+              "--backbone", "bert-tiny", "--robust", "1,0,2")
+    assert out.returncode == 0, out.stderr
+    assert "registered py-weights@1 (4 files" in out.stdout, out.stdout
+    md = [("authorization", f"Bearer {TOKEN}")]
+    info = admin.GetTask(core.GetTaskRequest(name="py-weights"), metadata=md)
+    sent = admin.GetTask(core.GetTaskRequest(name="sent"), metadata=md)
+    assert info.status == core.TASK_STATUS_READY and list(info.labels) == list(sent.labels)
+    assert info.drop.robust.default == 1 and info.drop.robust.max == 2
+    assert (admin_server["repo"] / "tasks" / "py-weights" / "1" / "adapterhub" / "adapter.safetensors").read_bytes() == \
+        (hub / "adapter.safetensors").read_bytes()
+    # Served by the adapter-bank engine only: until then a request is refused, not run without adapters.
+    with pytest.raises(grpc.RpcError) as e:
+        logits(core, inference, "py-weights")
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "weights only" in e.value.details()
+
+    bad = tmp_path / "bad"
+    shutil.copytree(hub, bad)
+    cfg = (bad / "adapter_config.json").read_text().replace('"relu"', '"leakyrelu"')
+    (bad / "adapter_config.json").write_text(cfg)
+    out = cli(admin_server, "register", "--name", "py-bad", "--weights-only", "--adapter", str(bad),
+              "--backbone", "bert-tiny", "--drop-first", "0")
+    assert out.returncode == 2 and "INVALID_ARGUMENT" in out.stderr and "adapter_config.json" in out.stderr, out.stderr
+    assert not (admin_server["repo"] / "tasks" / "py-bad").exists()

@@ -1,0 +1,104 @@
+//! Weights-only registration (issue 12, item 4): a bare AdapterHub adapter directory, as
+//! `save_adapter` writes it, plus serving metadata from the upload header, becomes a task version
+//! directory: the four files under `adapterhub/` and a `task.json` the server writes itself (labels
+//! from `head_config.json`, no graphs). The registrar then validates, trial-runs and persists it
+//! exactly like an exported bundle.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use crate::error::ServeError;
+use crate::proto::{AdapterHubTask, DropConfig, drop_config::Mode};
+use crate::repository::Registry;
+use crate::repository::adapterhub::{self, FILES};
+use crate::repository::manifest::{AdapterInfo, DropSpec, FORMAT_VERSION, HeadSpec, RobustRange, TaskManifest};
+
+/// Most layers an explicit drop list may name (checked before it is converted).
+const MAX_DROP_LAYERS: usize = 1024;
+
+/// The directory, inside the task version, that holds the AdapterHub files.
+const DIR: &str = "adapterhub";
+
+/// Rewrites the received files in `dir` into a weights-only task version directory.
+pub fn prepare(dir: &Path, meta: &AdapterHubTask, registry: &Registry) -> Result<(), ServeError> {
+    let invalid = ServeError::InvalidArgument;
+    let got: BTreeSet<String> = std::fs::read_dir(dir)
+        .map_err(io_error)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()
+        .map_err(io_error)?;
+    if let Some(extra) = got.iter().find(|f| !FILES.contains(&f.as_str())) {
+        return Err(invalid(format!(
+            "{extra}: not an AdapterHub adapter file; a weights-only upload holds exactly {FILES:?} (convert a pytorch_*.bin to safetensors)"
+        )));
+    }
+    if let Some(missing) = FILES.iter().find(|f| !got.contains(**f)) {
+        return Err(invalid(format!("{missing}: missing from the AdapterHub upload (send all of {FILES:?})")));
+    }
+    let backbone = registry.backbone(&meta.backbone).ok_or_else(|| {
+        let known: Vec<String> = registry.backbones().iter().map(|b| b.name().to_string()).collect();
+        ServeError::FailedPrecondition(format!(
+            "header.adapterhub.backbone: backbone `{}` is not loaded on this server; loaded backbones: {known:?}",
+            meta.backbone
+        ))
+    })?;
+    let drop = drop_spec(meta.drop.as_ref())?;
+    let weights = adapterhub::load(dir, backbone.num_layers(), backbone.manifest.hidden_size).map_err(|e| {
+        let message = e.to_string();
+        let prefix = format!("{}/", dir.display());
+        invalid(message.replace(&prefix, ""))
+    })?;
+    let nested = dir.join(DIR);
+    std::fs::create_dir(&nested).map_err(io_error)?;
+    for f in FILES {
+        std::fs::rename(dir.join(f), nested.join(f)).map_err(io_error)?;
+    }
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(nested.join(adapterhub::ADAPTER_CONFIG)).map_err(io_error)?)
+        .map_err(|e| invalid(format!("adapter_config.json: {e}")))?;
+    let manifest = TaskManifest {
+        format_version: FORMAT_VERSION,
+        name: "weights-only".into(), // the registrar writes the header's name and version
+        version: 1,
+        backbone: meta.backbone.clone(),
+        description: if meta.description.is_empty() {
+            format!("{}: {} adapter (weights-only registration)", weights.name, weights.method)
+        } else {
+            meta.description.clone()
+        },
+        adapter: AdapterInfo {
+            method: weights.method.clone(),
+            reduction_factor: config["config"].get("reduction_factor").cloned(),
+            non_linearity: Some(weights.rule.activation.as_str().into()),
+            source: Some(format!("AdapterHub adapter `{}` (weights-only registration)", weights.name)),
+        },
+        slots: Vec::new(),
+        drop,
+        head: HeadSpec { kind: weights.head.kind, graph: None, labels: weights.head.labels.clone() },
+        adapterhub: Some(DIR.into()),
+    };
+    let text = serde_json::to_string_pretty(&manifest).map_err(|e| ServeError::Internal(e.to_string()))?;
+    std::fs::write(dir.join("task.json"), text + "\n").map_err(io_error)
+}
+
+fn drop_spec(drop: Option<&DropConfig>) -> Result<DropSpec, ServeError> {
+    let mode = drop.and_then(|d| d.mode.as_ref()).ok_or_else(|| {
+        ServeError::InvalidArgument("header.adapterhub.drop is required: drop_first, layers or robust {default, min, max}".into())
+    })?;
+    if let Mode::Layers(l) = mode
+        && l.layers.len() > MAX_DROP_LAYERS
+    {
+        return Err(ServeError::InvalidArgument(format!(
+            "header.adapterhub.drop.layers lists {} layers; at most {MAX_DROP_LAYERS}",
+            l.layers.len()
+        )));
+    }
+    Ok(match mode {
+        Mode::DropFirst(n) => DropSpec::DropFirst(*n as usize),
+        Mode::Layers(l) => DropSpec::Layers(l.layers.iter().map(|&i| i as usize).collect()),
+        Mode::Robust(r) => DropSpec::Robust(RobustRange { default: r.default as usize, min: r.min as usize, max: r.max as usize }),
+    })
+}
+
+fn io_error(e: std::io::Error) -> ServeError {
+    ServeError::Internal(format!("repository I/O failed: {e}"))
+}

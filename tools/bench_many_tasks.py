@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Many tasks per replica (issue 12): weights-only registration of N distinct MiniLM Pfeiffer
+adapters while the server is under inference load, then the resident memory and a restart with all
+of them on disk.
+
+Usage: bench_many_tasks.py [--binary target/release/adapterdrop-serve] [--work build/bench-many]
+                           [--tasks 1000] [--load-clients 2]
+
+Every task is a distinct seeded random AdapterHub Pfeiffer adapter (rf 16, relu) + 2-label head in
+the exact `save_adapter` layout (generated under --work, never committed). The server starts on a
+repository with the real MiniLM backbone and one exported task `load`; --load-clients threads send
+Infer requests (8 texts) to `load` without pause while the N adapters are registered one after the
+other through Admin.RegisterTask with `header.adapterhub` (weights-only). Reported: RegisterTask
+latency p50/p99/max, failed registrations and failed inference requests, the server's VmRSS before
+and after with the per-task slope against the weight bytes of one task, and a restart with the N
+tasks on disk (time until the gRPC port listens, VmRSS then).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import register_task  # noqa: E402
+from adapterdrop_tools.adapterhub import load_adapter, load_head  # noqa: E402
+from adapterdrop_tools.checkpoint import load_checkpoint, minilm_path  # noqa: E402
+from adapterdrop_tools.fixtures import random_adapter  # noqa: E402
+from adapterdrop_tools.repository import parse_drop, write_backbone, write_task  # noqa: E402
+
+TEXTS = ["a gripping, beautifully shot film about two brothers", "the plot never comes together", "fine",
+         "an overlong, muddled thriller", "one of the best of the year", "it is what it is", "dull", "superb"]
+
+
+def build(work: str, n: int) -> tuple[str, str]:
+    """(template repository with the backbone and `load`, directory of n adapter dirs)."""
+    repo, src = os.path.abspath(os.path.join(work, "repo")), os.path.abspath(os.path.join(work, "src"))
+    ck = load_checkpoint(minilm_path())
+    if not os.path.isfile(os.path.join(repo, ".done")):
+        write_backbone(ck, repo, "minilm", None, "all-MiniLM-L6-v2", "Apache-2.0", force=True)
+        d = random_adapter(os.path.join(work, "load-src"), 7, "load", "pfeiffer", ck.num_layers, ck.hidden_size, 16, "relu",
+                           ["a", "b"])
+        write_task(repo, "minilm", load_adapter(d, ck.num_layers, ck.hidden_size), load_head(d, ck.hidden_size), ck,
+                   "load", 1, parse_drop(ck.num_layers, robust=(0, 0, 6)), "load target", force=True)
+        open(os.path.join(repo, ".done"), "w").close()
+    for i in range(n):
+        d = os.path.join(src, f"t{i}")
+        if not os.path.isfile(os.path.join(d, "model_head.safetensors")):
+            random_adapter(d, 100_000 + i, f"t{i}", "pfeiffer", ck.num_layers, ck.hidden_size, 16, "relu", ["neg", "pos"])
+    return repo, src
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
+
+
+def start(binary: str, repo: str):
+    env = {"PATH": os.environ.get("PATH", ""), "ORT_DYLIB_PATH": os.environ["ORT_DYLIB_PATH"], "NO_COLOR": "1",
+           "ADAPTERDROP__SERVER__LISTEN": "127.0.0.1:0", "ADAPTERDROP__ADMIN__LISTEN": "127.0.0.1:0",
+           "ADAPTERDROP__METRICS__LISTEN": "", "ADAPTERDROP__REPOSITORY__PATH": repo,
+           "ADAPTERDROP__REPOSITORY__POLL_INTERVAL_S": "0", "ADAPTERDROP__LOG__LEVEL": "warn,adapterdrop_serve=info"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([binary], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    found: dict = {}
+
+    def read():  # keeps draining the pipe so the server never blocks on logging
+        for line in proc.stdout:
+            if (m := re.search(r"listening addr=(\S+)", line)) and "addr" not in found:
+                found["addr"], found["t"] = m.group(1), time.perf_counter() - t0
+            if m := re.search(r"admin service up admin=(\S+)", line):
+                found["admin"] = m.group(1)
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.time() + 600
+    while not ("addr" in found and "admin" in found) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    if "addr" not in found:
+        proc.kill()
+        raise RuntimeError("server did not start")
+    return proc, found
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--binary", default="target/release/adapterdrop-serve")
+    p.add_argument("--work", default="build/bench-many")
+    p.add_argument("--tasks", type=int, default=1000)
+    p.add_argument("--load-clients", type=int, default=2)
+    a = p.parse_args()
+    import grpc
+
+    t = time.perf_counter()
+    template, src = build(a.work, a.tasks)
+    print(f"generated {a.tasks} adapters in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    repo = os.path.abspath(os.path.join(a.work, "serve"))
+    shutil.rmtree(repo, ignore_errors=True)
+    shutil.copytree(template, repo, symlinks=True)
+    pb, pb_grpc = register_task.stubs()
+    from adapterdrop.v1 import adapterdrop_pb2 as core
+    from adapterdrop.v1 import adapterdrop_pb2_grpc as core_grpc
+
+    proc, at = start(a.binary, repo)
+    admin = pb_grpc.AdminStub(grpc.insecure_channel(at["admin"]))
+    infer_stub = core_grpc.InferenceStub(grpc.insecure_channel(at["addr"]))
+    req = core.InferRequest(tasks=[core.TaskRef(name="load")], texts=core.Texts(texts=TEXTS))
+    infer_stub.Infer(req, timeout=60)
+    rss0 = rss_mib(proc.pid)
+    stop, served, failed_infer = threading.Event(), [0], [0]
+
+    def load():
+        while not stop.is_set():
+            try:
+                infer_stub.Infer(req, timeout=60)
+                served[0] += 1
+            except grpc.RpcError:
+                failed_infer[0] += 1
+    clients = [threading.Thread(target=load, daemon=True) for _ in range(a.load_clients)]
+    for c in clients:
+        c.start()
+    time.sleep(1.0)
+    drop = core.DropConfig(robust=core.RobustRange(default=0, min=0, max=6))
+    lat, failed = [], []
+    t_reg = time.perf_counter()
+    for i in range(a.tasks):
+        d = os.path.join(src, f"t{i}")
+        files = [(f, os.path.join(d, f)) for f in register_task.ADAPTER_FILES + register_task.HEAD_FILES]
+        hub = pb.AdapterHubTask(backbone="minilm", drop=drop)
+        t0 = time.perf_counter()
+        try:
+            admin.RegisterTask(register_task.upload_messages(pb, "", f"t{i}", adapterhub=hub, files=files), timeout=60)
+            lat.append(time.perf_counter() - t0)
+        except grpc.RpcError as e:
+            failed.append(f"t{i}: {e.code().name}: {e.details()}")
+    reg_s = time.perf_counter() - t_reg
+    stop.set()
+    for c in clients:
+        c.join()
+    rss1 = rss_mib(proc.pid)
+    proc.kill()
+    proc.wait()
+
+    one = os.path.join(src, "t0")
+    weight_bytes = sum(os.path.getsize(os.path.join(one, f)) for f in ("adapter.safetensors", "model_head.safetensors"))
+    per_task = (rss1 - rss0) * 2**20 / max(1, a.tasks)
+    t_restart = time.perf_counter()
+    proc, at = start(a.binary, repo)
+    listen_s = at["t"]
+    tasks = core_grpc.InferenceStub(grpc.insecure_channel(at["addr"])).ListTasks(core.ListTasksRequest(), timeout=60).tasks
+    ready = sum(1 for x in tasks if x.status == core.TASK_STATUS_READY)
+    rss2 = rss_mib(proc.pid)
+    proc.kill()
+    proc.wait()
+    ms = sorted(x * 1000 for x in lat)
+    q = (lambda f: ms[min(len(ms) - 1, int(f * len(ms)))]) if ms else (lambda f: float("nan"))
+    print(f"| tasks | RegisterTask p50 / p99 / max (ms) | failed registrations | Infer served / failed during registration "
+          f"| RSS before / after (MiB) | per task (MiB) | weights per task (MiB) | restart: listening (s) / ready / RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {a.tasks} | {q(0.5):.1f} / {q(0.99):.1f} / {ms[-1] if ms else float('nan'):.1f} | {len(failed)} "
+          f"| {served[0]} / {failed_infer[0]} in {reg_s:.1f} s | {rss0:.0f} / {rss1:.0f} | {per_task / 2**20:.3f} "
+          f"| {weight_bytes / 2**20:.3f} | {listen_s:.2f} / {ready} / {rss2:.0f} |")
+    print(f"(restart measured {time.perf_counter() - t_restart:.1f} s including ListTasks)", file=sys.stderr)
+    if len(lat) >= 20:
+        tenth = len(lat) // 10
+        first, last = (statistics.median(x * 1000 for x in part) for part in (lat[:tenth], lat[-tenth:]))
+        print(f"RegisterTask median, first / last {tenth} registrations: {first:.1f} / {last:.1f} ms", file=sys.stderr)
+    for f in failed[:5]:
+        print("failed:", f, file=sys.stderr)
+    return 1 if failed or failed_infer[0] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
