@@ -37,12 +37,13 @@ async fn bundles_load_their_adapterhub_weights_and_bad_ones_are_refused() {
     // The bottleneck weights went into the backbone's banks (held once, not also in the task).
     assert!(w.slots.is_empty());
     let rows = sent.bank.as_ref().expect("the backbone has layer graphs: a bank task").rows.id();
-    let store = sent.backbone.banked.as_ref().unwrap().banks.store();
-    for &(layer, location) in sent.slots.keys() {
-        assert!(store.index(rows, layer, location) > 0, "layer {layer} {location:?} has a bank row");
+    {
+        let store = sent.backbone.banked.as_ref().unwrap().banks.store();
+        for &(layer, location) in sent.slots.keys() {
+            assert!(store.index(rows, layer, location) > 0, "layer {layer} {location:?} has a bank row");
+        }
     }
     assert!(sent.slots.contains_key(&(0, Location::Ffn)));
-    drop(store);
 
     type Edit = Box<dyn Fn(&Path)>;
     let cases: Vec<(&str, Edit, &str)> = vec![
