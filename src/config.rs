@@ -160,11 +160,37 @@ pub struct AdminSettings {
     pub listen: String,
     /// Largest task bundle `RegisterTask` accepts (all files together), in bytes.
     pub max_bundle_bytes: u64,
+    /// An upload that sends nothing for this long is cut off and its staging directory removed.
+    pub upload_idle_timeout_s: u64,
+    /// An upload still receiving after this long is cut off likewise (a client trickling bytes).
+    pub upload_timeout_s: u64,
+    /// The trial run of an uploaded task (every graph once on a small input) is stopped after this long.
+    pub trial_timeout_ms: u64,
+    /// Operators trusted in uploaded task graphs beyond the ones the exporters emit, comma-separated
+    /// (e.g. `Gemm,Reshape`). Their nodes are not size-checked; the trial run's time limit still applies.
+    pub extra_task_ops: String,
 }
 
 impl Default for AdminSettings {
     fn default() -> Self {
-        Self { listen: "0.0.0.0:50052".into(), max_bundle_bytes: 256 << 20 }
+        Self {
+            listen: "0.0.0.0:50052".into(),
+            max_bundle_bytes: 256 << 20,
+            upload_idle_timeout_s: 30,
+            upload_timeout_s: 600,
+            trial_timeout_ms: 10_000,
+            extra_task_ops: String::new(),
+        }
+    }
+}
+
+impl AdminSettings {
+    pub fn upload_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.upload_idle_timeout_s.max(1))
+    }
+
+    pub fn upload_timeout(&self) -> Duration {
+        Duration::from_secs(self.upload_timeout_s.max(1))
     }
 }
 

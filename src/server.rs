@@ -85,7 +85,10 @@ impl App {
         let max = self.settings.server.max_message_bytes;
         // KServe v2 on the same port, same router and scheduler: requests of both APIs batch together.
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let registrar = Arc::new(Registrar::new(self.registry.clone(), self.runtime.clone()));
+        let registrar = Arc::new(
+            Registrar::new(self.registry.clone(), self.runtime.clone())
+                .with_limits(crate::repository::ValidationLimits::from_settings(&self.settings.admin)),
+        );
         let kserve_api = KServeApi {
             router: router.clone(),
             scheduler: scheduler.clone(),

@@ -33,7 +33,7 @@ pub fn routes(
     settings: &Settings,
 ) -> Result<Router<Stack<RequestIdLayer, Identity>>, StartError> {
     let max = settings.server.max_message_bytes;
-    let api = AdminServer::new(AdminApi { registrar, max_bundle_bytes: settings.admin.max_bundle_bytes })
+    let api = AdminServer::new(AdminApi { registrar, upload: upload::UploadLimits::from_settings(&settings.admin) })
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let auth = BearerAuth::new(&settings.auth.admin_token, "admin", "auth.admin_token");

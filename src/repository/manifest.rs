@@ -8,6 +8,8 @@ pub use super::fusion::{FusedAdapterSpec, SlotKind};
 use crate::error::LoadError;
 
 pub const FORMAT_VERSION: u32 = 1;
+/// Largest manifest (`task.json`, `backbone.json`) read: parsing holds several times its size.
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -152,6 +154,10 @@ impl HeadKind {
 
 /// Reads and parses a manifest, naming the file in every error.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
+    let size = std::fs::metadata(path).map_err(|e| LoadError::new(path, format!("cannot read: {e}")))?.len();
+    if size > MAX_MANIFEST_BYTES {
+        return Err(LoadError::new(path, format!("{size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have")));
+    }
     let text = std::fs::read_to_string(path).map_err(|e| LoadError::new(path, format!("cannot read: {e}")))?;
     serde_json::from_str(&text).map_err(|e| LoadError::new(path, format!("invalid manifest: {e}")))
 }

@@ -88,6 +88,19 @@ impl Graph {
         read(outputs)
     }
 
+    /// [`Graph::run`] under `options`, whose terminate flag another thread may set to stop it
+    /// (the registration trial run's time limit).
+    pub fn run_with_options<'v, R>(
+        &self,
+        inputs: Vec<(&'static str, SessionInputValue<'v>)>,
+        options: &ort::session::RunOptions,
+        read: impl FnOnce(SessionOutputs<'_>) -> ort::Result<R>,
+    ) -> ort::Result<R> {
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let outputs = session.run_with_options(inputs, options)?;
+        read(outputs)
+    }
+
     /// Where this graph's outputs live.
     pub fn device(&self) -> super::Device {
         self.device
