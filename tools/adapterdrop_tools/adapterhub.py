@@ -18,8 +18,12 @@ BN_DEFAULTS = {"original_ln_before": False, "original_ln_after": True, "residual
                "ln_before": False, "ln_after": False, "is_parallel": False, "scaling": 1.0,
                "use_gating": False, "leave_out": [], "phm_layer": False, "inv_adapter": None,
                "cross_adapter": False}
-KEY_RE = re.compile(r"^(?:(bert|roberta)\.)?encoder\.layer\.(\d+)\.(attention\.output|output)\.adapters\."
+# BERT/RoBERTa/XLM-R/ELECTRA: encoder.layer.{i}.(attention.output|output).adapters...;
+# DistilBERT: transformer.layer.{i}.(attention_adapters|output_adapters).adapters...
+KEY_RE = re.compile(r"^(?:(bert|roberta|distilbert|electra)\.)?(?:encoder|transformer)\.layer\.(\d+)\."
+                    r"(attention\.output|output|attention_adapters|output_adapters)\.adapters\."
                     r"([^.]+)\.(.+)$")
+ATTENTION_KEYS = ("attention.output", "attention_adapters")
 PARAM_NAMES = {"adapter_down.0.weight": "down_w", "adapter_down.0.bias": "down_b",
                "adapter_up.weight": "up_w", "adapter_up.bias": "up_b"}
 
@@ -160,7 +164,7 @@ def load_adapter(directory: str, num_layers: int, hidden_size: int | None = None
         if param not in PARAM_NAMES:
             raise UnsupportedAdapter(f"unexpected weight {key!r} in {wpath} (unsupported adapter parameter)")
         prefixes.add(prefix or "")
-        location = "attention" if loc == "attention.output" else "ffn"
+        location = "attention" if loc in ATTENTION_KEYS else "ffn"
         found[(int(layer), location, PARAM_NAMES[param])] = value
     prefix = sorted(prefixes)[0] + "." if prefixes and sorted(prefixes)[0] else ""
     leave_out = sorted(int(x) for x in (cfg.get("leave_out") or []))
