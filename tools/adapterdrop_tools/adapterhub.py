@@ -96,8 +96,15 @@ def _check_config(cfg) -> dict:
     arch = cfg.get("architecture")
     if "configs" in cfg or arch == "union":
         raise UnsupportedAdapter("architecture 'union' (ConfigUnion / MAM / UniPELT) is not supported")
+    if arch == "lora":  # the library stores (IA)^3 as a LoRA config with composition_mode "scale"
+        method = "(IA)^3 (ia3)" if cfg.get("composition_mode") == "scale" else "LoRA (lora)"
+        raise UnsupportedAdapter(f"adapter method {method} (architecture='lora') is not supported yet: only "
+                                 "bottleneck adapters (seq_bn / Pfeiffer, double_seq_bn / Houlsby) are exported")
     if arch not in (None, "bottleneck"):
         raise UnsupportedAdapter(f"architecture {arch!r} is not supported (bottleneck adapters only)")
+    if cfg.get("is_parallel"):
+        raise UnsupportedAdapter("parallel bottleneck adapters (par_bn, is_parallel=true) are not supported yet: "
+                                 "only sequential ones (seq_bn / Pfeiffer, double_seq_bn / Houlsby)")
     for key in ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity"):
         if key not in cfg:
             raise UnsupportedAdapter(f"config lacks required field {key!r}")

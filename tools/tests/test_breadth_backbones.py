@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 import export_backbone
-from adapterdrop_tools import InvalidCheckpoint
+from adapterdrop_tools import InvalidCheckpoint, UnsupportedAdapter
 from adapterdrop_tools.adapterhub import load_adapter, load_head
 from adapterdrop_tools.checkpoint import load_checkpoint
 from adapterdrop_tools.reference import Reference
@@ -107,3 +107,22 @@ def test_architectures_field_alone_names_the_model(tmp_path):
     ck2 = unknown_checkpoint(tmp_path / "x", model_type="", architectures=["MPNetModel"])
     with pytest.raises(InvalidCheckpoint, match=r"architectures \['MPNetModel'\] is not a supported architecture"):
         load_checkpoint(ck2)
+
+
+@pytest.mark.parametrize("task,message", [
+    ("lora", r"adapter method LoRA \(lora\) \(architecture='lora'\) is not supported yet"),
+    ("ia3", r"adapter method \(IA\)\^3 \(ia3\) \(architecture='lora'\) is not supported yet"),
+    ("par_bn", r"parallel bottleneck adapters \(par_bn, is_parallel=true\) are not supported yet"),
+    ("lang", r"inv_adapter='nice' \(invertible adapters\) is not supported"),
+])
+def test_unsupported_methods_saved_by_the_library_are_named(task, message):
+    """What the library saved for LoRA, (IA)^3, par_bn and a MAD-X language adapter is refused by method."""
+    with pytest.raises(UnsupportedAdapter, match=message):
+        load_adapter(os.path.join(BREADTH, "bert", "adapters", task), 3, 32)
+
+
+@pytest.mark.parametrize("task,kind", [("tagging", "tagging"), ("qa", "question_answering"),
+                                       ("choice", "multiple_choice"), ("multilabel", "multilabel_classification")])
+def test_unsupported_heads_saved_by_the_library_are_named(task, kind):
+    with pytest.raises(UnsupportedAdapter, match=f"head_type='{kind}' is not supported"):
+        load_head(os.path.join(BREADTH, "bert", "adapters", task), 32)

@@ -67,7 +67,7 @@ def make_tokenizer(kind: str, tmp: str):
             f.write("\n".join(wordpiece_vocab()) + "\n")
         cls = {"bert": BertTokenizerFast, "distilbert": DistilBertTokenizerFast, "electra": ElectraTokenizerFast}[kind]
         return cls(vocab_file=vocab, do_lower_case=True, model_max_length=MAX_POS)
-    from tokenizers import ByteLevelBPETokenizer, SentencePieceUnigramTokenizer, processors
+    from tokenizers import ByteLevelBPETokenizer, processors
     if kind == "roberta":
         bpe = ByteLevelBPETokenizer()
         bpe.train_from_iterator(CORPUS, vocab_size=400, min_frequency=1,
@@ -75,14 +75,21 @@ def make_tokenizer(kind: str, tmp: str):
         bpe.save_model(tmp)
         return RobertaTokenizerFast(vocab_file=os.path.join(tmp, "vocab.json"),
                                     merges_file=os.path.join(tmp, "merges.txt"), model_max_length=MAX_POS - 2)
-    # xlm-roberta: a SentencePiece unigram model with XLM-R's special tokens at ids 0..3
-    sp = SentencePieceUnigramTokenizer()
-    sp.train_from_iterator(CORPUS, vocab_size=200, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-                           unk_token="<unk>", show_progress=False)
-    sp._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
-        special_tokens=[("<s>", 0), ("</s>", 2)])
-    return XLMRobertaTokenizerFast(tokenizer_object=sp._tokenizer, bos_token="<s>", eos_token="</s>",
+    # xlm-roberta: a SentencePiece-style unigram model with XLM-R's special tokens at ids 0..3, written
+    # out piece by piece (the unigram trainer is not reproducible run to run). Whole words of TEXTS are
+    # pieces; everything else splits into single characters.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    words = sorted({w for t in TEXTS for w in t.split()})
+    chars = sorted({c for t in CORPUS for c in t if not c.isspace()})
+    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("<mask>", 0.0)]
+    vocab += [("\u2581" + w, -2.0 - 0.01 * i) for i, w in enumerate(words)]
+    vocab += [("\u2581", -6.0)] + [(c, -8.0 - 0.01 * i) for i, c in enumerate(chars)]
+    sp = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    sp.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    sp.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return XLMRobertaTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>",
                                    sep_token="</s>", cls_token="<s>", unk_token="<unk>", pad_token="<pad>",
                                    mask_token="<mask>", model_max_length=MAX_POS - 2)
 
@@ -197,7 +204,7 @@ def outputs_of(out, kind: str) -> dict:
 
 
 def build_backbone(kind: str, root: str, seed: int) -> dict:
-    bdir = os.path.join(root, kind)
+    bdir = os.path.normpath(os.path.join(root, kind))
     shutil.rmtree(bdir, ignore_errors=True)
     backbone_dir = os.path.join(bdir, "backbone")
     with tempfile.TemporaryDirectory() as tmp:
@@ -273,10 +280,12 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="*", choices=BACKBONES, help="build only these backbones")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    os.makedirs(a.out, exist_ok=True)
+    os.chdir(a.out)  # the library records the backbone path as model_name: keep it "<backbone>/backbone"
     for i, kind in enumerate(BACKBONES):
         if a.only and kind not in a.only:
             continue
-        build_backbone(kind, a.out, a.seed + 1000 * i)
+        build_backbone(kind, ".", a.seed + 1000 * i)
     return 0
 
 
