@@ -5,6 +5,7 @@
 //! `tests/fixtures/adapterhub-breadth/<backbone>/reference.json` (tools/train/make_breadth_fixtures.py);
 //! the repository is their export by `make breadth-repo` (tools/make_breadth_repo.py).
 
+mod admin_support;
 mod common;
 
 use std::path::PathBuf;
@@ -180,4 +181,35 @@ async fn unknown_architecture_is_refused_by_name() {
     let electra = c.get_task(GetTaskRequest { name: "electra-pfeiffer".into(), version: None }).await.unwrap().into_inner();
     assert_eq!(electra.status, TaskStatus::Failed as i32, "{}", electra.status_reason);
     assert!(electra.status_reason.contains("backbone `electra` is not loaded"), "{}", electra.status_reason);
+}
+
+/// Tasks on the new backbones register at run time through the admin API like any task, and the
+/// registered version serves the library's numbers at every drop depth.
+#[tokio::test]
+async fn new_backbone_tasks_register_at_run_time() {
+    use admin_support::{admin, header, register};
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path();
+    let src = breadth_repo();
+    let new = ["xlm-roberta", "distilbert", "electra"];
+    for b in new {
+        copy_dir(&src.join("backbones").join(b), &repo.join("backbones").join(b));
+    }
+    std::fs::create_dir_all(repo.join("tasks")).unwrap();
+    let server = TestServer::start_on(repo, &[]);
+    let mut a = admin(&server.admin_addr()).await;
+    for b in new {
+        let name = format!("{b}-registered");
+        let resp = register(&mut a, header(&name, None, true, false), &src.join("tasks").join(format!("{b}-houlsby")).join("1"))
+            .await
+            .unwrap_or_else(|s| panic!("register {name}: {s}"));
+        let info = resp.task.unwrap();
+        assert_eq!((info.status, info.backbone.as_str()), (TaskStatus::Ready as i32, b), "{}", info.status_reason);
+        let fx = reference(b);
+        let ids = unpadded(&fx["inputs"]["texts"]);
+        for n in 0..=fx["num_layers"].as_u64().unwrap() as u32 {
+            let got = infer(&server, &name, n, Inputs::Tokens(TokenizedInputs { sequences: ids.clone() })).await;
+            assert_close(&format!("{name} n={n}"), &got, &fx["tasks"]["houlsby"]["outputs"][n.to_string()]["logits"]);
+        }
+    }
 }
