@@ -59,7 +59,7 @@ test-repo: $(TEST_REPO)/.stamp
 ## The issue-14 library fixtures (tests/fixtures/adapterhub-breadth) exported for tests/breadth_exactness.rs.
 breadth-repo: build/breadth-repo/.stamp
 
-build/breadth-repo/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdrop_tools/*.py) $(wildcard tests/fixtures/adapterhub-breadth/*/*.json)
+build/breadth-repo/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdrop_tools/*.py) $(shell find tests/fixtures/adapterhub-breadth -type f)
 	$(PY) tools/make_breadth_repo.py --out build/breadth-repo
 	touch $@
 
