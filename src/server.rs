@@ -36,6 +36,25 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
 }
 
+/// gRPC reflection over every service this server defines plus health, as `grpc.reflection.v1`
+/// and as `grpc.reflection.v1alpha`, which many stock clients still speak (grpcio-reflection's
+/// descriptor pool, grpc_requests, older grpcurl). Served on the inference and the admin port.
+#[allow(clippy::type_complexity)]
+pub fn reflection_services() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+    ),
+    StartError,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
+}
+
 /// Everything loaded and ready to accept connections. Owns all of one server's state (no
 /// process-wide globals), so a process can run several, e.g. tests on `127.0.0.1:0`.
 pub struct App {
@@ -107,10 +126,7 @@ impl App {
         health.set_serving::<InferenceServer<NativeApi>>().await;
         health.set_serving::<GrpcInferenceServiceServer<KServeApi>>().await;
         health.set_service_status("", ServingStatus::Serving).await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
+        let (reflection, reflection_v1alpha) = reflection_services()?;
         let metrics_task = self.start_metrics().await?;
         let tls = crate::tls::server_config(&self.settings.tls, false)?;
         let admin_listener = match self.settings.admin.listen.as_str() {
@@ -181,6 +197,7 @@ impl App {
             .layer(crate::api::request_id::RequestIdLayer)
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(native)
             .add_service(kserve)
             .serve_with_incoming_shutdown(TcpIncoming::from(listener), signal);

@@ -40,13 +40,11 @@ pub fn routes(
     if !auth.required() {
         tracing::warn!("the admin service accepts requests without a token: set auth.admin_token (ADAPTERDROP__AUTH__ADMIN_TOKEN)");
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let (reflection, reflection_v1alpha) = crate::server::reflection_services()?;
     Ok(builder
         .layer(RequestIdLayer)
         .add_service(HealthServer::new(HealthService::from_health_reporter(health)))
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(InterceptedService::new(api, auth)))
 }

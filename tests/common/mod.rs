@@ -34,8 +34,10 @@ pub fn server_binary() -> PathBuf {
     std::env::var_os("ADAPTERDROP_SERVER_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_adapterdrop-serve")))
 }
 
-pub fn shared_fixtures() -> PathBuf {
-    root().join("../shared/fixtures/adapterhub-tiny")
+/// Checkpoints and adapters saved by the AdapterHub `adapters` library, with its own logits
+/// (tools/train/make_adapterhub_fixtures.py, `make adapterhub-fixtures`).
+pub fn adapterhub_fixtures() -> PathBuf {
+    root().join("tests/fixtures/adapterhub-tiny")
 }
 
 pub struct TestServer {
@@ -152,14 +154,16 @@ impl TestServer {
     /// `listening`).
     pub fn admin_addr(&self) -> String {
         let end = std::time::Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
         while std::time::Instant::now() < end {
-            if let Ok(line) = self.logs.recv_timeout(Duration::from_millis(100))
-                && let Some(addr) = line.split("admin service up admin=").nth(1).and_then(|r| r.split_whitespace().next())
-            {
-                return addr.to_string();
+            if let Ok(line) = self.logs.recv_timeout(Duration::from_millis(100)) {
+                if let Some(addr) = line.split("admin service up admin=").nth(1).and_then(|r| r.split_whitespace().next()) {
+                    return addr.to_string();
+                }
+                seen.push(line);
             }
         }
-        panic!("the server did not log `admin service up admin=`");
+        panic!("the server did not log `admin service up admin=`; output:\n{}", seen.join("\n"));
     }
 
     pub fn pid(&self) -> u32 {
