@@ -149,6 +149,10 @@ pub fn load_shared(runtime: &Runtime, path: &Path, inputs: &[IoSpec], outputs: &
     }
     let g = Arc::new(Graph::load(runtime, path, inputs, outputs)?);
     let mut map = cache.lock().unwrap_or_else(|p| p.into_inner());
+    // Start-up loads tasks on several threads: another may have loaded the same bytes meanwhile.
+    if let Some(first) = map.get(&key).and_then(Weak::upgrade) {
+        return Ok(first);
+    }
     map.retain(|_, w| w.strong_count() > 0);
     map.insert(key, Arc::downgrade(&g));
     Ok(g)
