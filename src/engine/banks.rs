@@ -2,19 +2,20 @@
 //! (layer, slot location) into the tensors `layer.onnx` takes as inputs, with the slot rule as a
 //! flag row (`models/README.md`, "Layer graphs"). Row 0 of every bank is "no adapter".
 //!
-//! The engine thread owns the stored tensors: registration sends `Write` and the last drop of a
-//! task's [`BankRows`] handle sends `Free` over a channel, and the engine applies them between
-//! batches, so a draining version keeps its rows until its last in-flight job is done and the hot
-//! path takes no lock anyone else holds. Rows come from a free list; the banks grow by at most
+//! The engine thread owns the stored tensors while it runs a batch: registration sends `Write` and
+//! the last drop of a task's [`BankRows`] handle sends `Free` over a channel; they are applied right
+//! away when no batch holds the store, else by the engine before its next batch. A draining
+//! version keeps its rows until its last in-flight job is done, and a batch never waits for a
+//! registration except for one that began applying just before it. Rows come from a free list; the banks grow by at most
 //! 1.25x (exactly to size when many writes arrive at once, as at start-up) and shrink, compacting
 //! rows, when fewer than half are used. A task keeps one row number in every bank of its backbone;
 //! widths are per bank (the widest bottleneck written there), so a Pfeiffer-only repository's
 //! attention banks stay one unit wide.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use ndarray::{Array3, Axis, s};
 
@@ -134,6 +135,8 @@ enum BankOp {
 pub struct BankRows {
     id: u64,
     tx: Mutex<Sender<BankOp>>,
+    store: Weak<Mutex<BankStore>>,
+    deferred: Arc<AtomicBool>,
 }
 
 impl BankRows {
@@ -147,6 +150,8 @@ impl Drop for BankRows {
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         // The engine may be gone at shutdown; nothing to free then.
         let _ = tx.send(BankOp::Free(self.id));
+        drop(tx);
+        apply_if_idle(&self.store, &self.deferred);
     }
 }
 
@@ -155,13 +160,33 @@ impl Drop for BankRows {
 pub struct BackboneBanks {
     tx: Mutex<Sender<BankOp>>,
     next_id: AtomicU64,
-    store: Mutex<BankStore>,
+    store: Arc<Mutex<BankStore>>,
+    /// While set (start-up), writes wait to be applied together, at exact size.
+    deferred: Arc<AtomicBool>,
+}
+
+/// Applies queued writes and frees now unless a batch holds the store (the engine applies them
+/// before its next batch then), so registration churn without traffic does not pile up.
+fn apply_if_idle(store: &Weak<Mutex<BankStore>>, deferred: &AtomicBool) {
+    if deferred.load(Ordering::Relaxed) {
+        return;
+    }
+    if let Some(store) = store.upgrade()
+        && let Ok(mut s) = store.try_lock()
+    {
+        s.apply_pending();
+    }
 }
 
 impl BackboneBanks {
     pub fn new(layers: usize, hidden: usize) -> Self {
         let (tx, rx) = channel();
-        Self { tx: Mutex::new(tx), next_id: AtomicU64::new(1), store: Mutex::new(BankStore::new(rx, layers, hidden)) }
+        Self {
+            tx: Mutex::new(tx),
+            next_id: AtomicU64::new(1),
+            store: Arc::new(Mutex::new(BankStore::new(rx, layers, hidden))),
+            deferred: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// Queues a task version's weights for the banks; the engine writes them before its next batch.
@@ -169,7 +194,15 @@ impl BackboneBanks {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let _ = tx.send(BankOp::Write { id, write: Box::new(write) });
-        Arc::new(BankRows { id, tx: Mutex::new(tx) })
+        let store = Arc::downgrade(&self.store);
+        apply_if_idle(&store, &self.deferred);
+        Arc::new(BankRows { id, tx: Mutex::new(tx), store, deferred: self.deferred.clone() })
+    }
+
+    /// While `on`, registrations queue their writes (start-up: all tasks written in one exact-size
+    /// step when it is switched off and the store is next taken).
+    pub fn defer(&self, on: bool) {
+        self.deferred.store(on, Ordering::Relaxed);
     }
 
     /// The store with every queued write and free applied (the engine calls this per batch).
@@ -439,10 +472,25 @@ mod tests {
     #[test]
     fn many_writes_at_once_grow_to_exact_size() {
         let b = BackboneBanks::new(1, H);
+        b.defer(true);
         let held: Vec<_> = (0..100).map(|i| b.register(task(1, i as f32, &[(0, Location::Ffn)]))).collect();
+        b.defer(false);
         let s = b.store();
         assert_eq!(s.capacity(), 101);
         assert_eq!(s.used(), held.len());
+    }
+
+    #[test]
+    fn without_batches_writes_and_frees_apply_at_once() {
+        // Registration churn with no traffic must not queue weights: nothing waits for a batch.
+        let b = BackboneBanks::new(1, H);
+        for i in 0..50 {
+            let rows = b.register(task(2, i as f32, &[(0, Location::Ffn)]));
+            assert_eq!(b.store.lock().unwrap().used(), 1, "written at registration");
+            drop(rows);
+            let raw = b.store.lock().unwrap();
+            assert_eq!((raw.used(), raw.rx.try_iter().count()), (0, 0), "freed at the last drop, nothing queued");
+        }
     }
 
     #[test]

@@ -91,6 +91,9 @@ impl Registry {
                 Err(e) => tracing::error!(error = %e, "backbone refused"),
             }
         }
+        for b in tables.backbones.values().filter_map(|b| b.banked.as_ref()) {
+            b.banks.defer(true);
+        }
         let scanned = scan_tasks(root)?;
         let jobs: Vec<(&String, u32)> = scanned.iter().flat_map(|(name, snap)| snap.versions.keys().map(move |v| (name, *v))).collect();
         let entries = load_tasks_parallel(runtime, &tables.backbones, root, &jobs);
@@ -109,6 +112,7 @@ impl Registry {
         // backbone, before any batch (the engine would otherwise do it in the first one).
         for b in tables.backbones.values() {
             if let Some(banked) = &b.banked {
+                banked.banks.defer(false);
                 let store = banked.banks.store();
                 tracing::info!(backbone = b.name(), bank_tasks = store.used(), bank_mib = store.bytes() >> 20, "adapter banks written");
             }
