@@ -12,7 +12,7 @@ CARGO_FLAGS ?=
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 export PYTHONPATH := $(abspath tools)
 
-.PHONY: run test setup models test-repo test-rust test-python bench gpu-check clean lint
+.PHONY: run test setup models test-repo breadth-repo test-rust test-python bench gpu-check clean lint
 
 ## Serve the bundled default model repository on 0.0.0.0:50051.
 run: setup models
@@ -20,7 +20,7 @@ run: setup models
 	./target/release/adapterdrop-serve $(if $(CONFIG),--config $(CONFIG))
 
 ## Build everything and run the whole suite (Rust unit + integration over gRPC, Python tools + clients).
-test: setup test-repo perf-analyzer
+test: setup test-repo breadth-repo perf-analyzer
 	cargo build --tests --features fault-injection $(CARGO_FLAGS)
 	cargo test --features fault-injection $(CARGO_FLAGS) -- --test-threads=2
 	# Production builds (no fault-injection) must ignore ADAPTERDROP_CRASH_AT/PAUSE_AT: that unit test
@@ -55,6 +55,13 @@ $(DEFAULT_REPO)/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdrop_t
 	touch $@
 
 test-repo: $(TEST_REPO)/.stamp
+
+## The issue-14 library fixtures (tests/fixtures/adapterhub-breadth) exported for tests/breadth_exactness.rs.
+breadth-repo: build/breadth-repo/.stamp
+
+build/breadth-repo/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdrop_tools/*.py) $(shell find tests/fixtures/adapterhub-breadth -type f)
+	$(PY) tools/make_breadth_repo.py --out build/breadth-repo
+	touch $@
 
 $(TEST_REPO)/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdrop_tools/*.py) $(shell find tests/fixtures/adapterhub-tiny -type f)
 	$(PY) tools/make_test_repo.py --out $(TEST_REPO) --with-minilm
@@ -134,6 +141,12 @@ adapterhub-fixtures: train-venv
 train: train-venv
 	nice -n 19 tools/train/train_all.sh
 	$(MAKE) golden
+
+## Regenerate tests/fixtures/adapterhub-breadth (issue 14): the adapters library's own outputs for small random
+## BERT/RoBERTa/XLM-R/DistilBERT/ELECTRA models with every head, method and Stack (~30 s on 2 cores).
+.PHONY: breadth-fixtures
+breadth-fixtures: train-venv
+	nice -n 19 $(TRAIN_VENV)/bin/python tools/train/make_breadth_fixtures.py --out tests/fixtures/adapterhub-breadth
 
 golden: train-venv
 	nice -n 19 $(TRAIN_VENV)/bin/python tools/train/golden.py --accuracy

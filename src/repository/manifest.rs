@@ -34,11 +34,31 @@ pub struct BackboneManifest {
     pub license: String,
 }
 
+/// The encoder family a backbone was exported from. The graphs already hold every difference
+/// (position ids, token types, ELECTRA's embedding projection); the server reads this to name the
+/// architecture, and refuses any other value when the manifest is parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
     Bert,
     Roberta,
+    #[serde(rename = "xlm-roberta")]
+    XlmRoberta,
+    /// No token-type embeddings: `token_type_ids` are accepted and ignored by its embeddings graph.
+    Distilbert,
+    Electra,
+}
+
+impl Architecture {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Bert => "bert",
+            Self::Roberta => "roberta",
+            Self::XlmRoberta => "xlm-roberta",
+            Self::Distilbert => "distilbert",
+            Self::Electra => "electra",
+        }
+    }
 }
 
 /// Where in a layer an adapter slot sits.
@@ -192,5 +212,22 @@ mod tests {
         for bad in ["", "../etc", "a/b", ".hidden", "a..b", "a b", &"x".repeat(65), "é"] {
             assert!(!valid_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn architectures_parse_and_unknown_ones_are_named() {
+        for (text, arch) in [
+            ("bert", Architecture::Bert),
+            ("roberta", Architecture::Roberta),
+            ("xlm-roberta", Architecture::XlmRoberta),
+            ("distilbert", Architecture::Distilbert),
+            ("electra", Architecture::Electra),
+        ] {
+            let parsed: Architecture = serde_json::from_str(&format!("\"{text}\"")).unwrap();
+            assert_eq!(parsed, arch);
+            assert_eq!(parsed.as_str(), text);
+        }
+        let e = serde_json::from_str::<Architecture>("\"gpt2\"").unwrap_err().to_string();
+        assert!(e.contains("unknown variant `gpt2`") && e.contains("`distilbert`"), "{e}");
     }
 }

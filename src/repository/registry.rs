@@ -79,7 +79,13 @@ impl Registry {
         for dir in subdirs(&root.join("backbones"))? {
             match Backbone::load(runtime, &dir) {
                 Ok(b) => {
-                    tracing::info!(backbone = b.name(), layers = b.num_layers(), hidden = b.manifest.hidden_size, "backbone loaded");
+                    tracing::info!(
+                        backbone = b.name(),
+                        architecture = b.manifest.architecture.as_str(),
+                        layers = b.num_layers(),
+                        hidden = b.manifest.hidden_size,
+                        "backbone loaded"
+                    );
                     tables.backbones.insert(b.name().to_string(), Arc::new(b));
                 }
                 Err(e) => tracing::error!(error = %e, "backbone refused"),
