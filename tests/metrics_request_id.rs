@@ -132,10 +132,8 @@ async fn log_lines_show_a_bounded_number_of_cut_client_names() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     let mut k = adapterdrop_serve::kserve_proto::grpc_inference_service_client::GrpcInferenceServiceClient::new(server.channel().await);
     let model = "m".repeat(100_000);
-    let status = k
-        .model_infer(adapterdrop_serve::kserve_proto::ModelInferRequest { model_name: model, ..Default::default() })
-        .await
-        .unwrap_err();
+    let status =
+        k.model_infer(adapterdrop_serve::kserve_proto::ModelInferRequest { model_name: model, ..Default::default() }).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     std::thread::sleep(std::time::Duration::from_millis(200));
     let logs = server.drain_logs();
