@@ -234,6 +234,25 @@ async fn an_undecodable_stream_message_ends_the_stream_with_invalid_argument_aft
     .await;
     assert_eq!(answers.len(), 1, "{answers:?}");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    // A message over the codec's element ceilings (5,000 empty token sequences) ends the stream the
+    // same way, refused before it is decoded, naming the field.
+    let good = request("good", "mini-pfeiffer", None, &["a fine message"]).encode_to_vec();
+    let sequences = vec![adapterdrop_serve::proto::TokenIds::default(); 5_000];
+    let over = adapterdrop_serve::proto::InferRequest {
+        tasks: vec![TaskRef { name: "mini-pfeiffer".into(), ..Default::default() }],
+        inputs: Some(Inputs::Tokens(adapterdrop_serve::proto::TokenizedInputs { sequences })),
+        ..Default::default()
+    };
+    let (answers, status) = raw_stream::<adapterdrop_serve::proto::InferStreamResponse>(
+        server.channel().await,
+        "/adapterdrop.v1.Inference/InferStream",
+        vec![good, over.encode_to_vec()],
+    )
+    .await;
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("`InferRequest.tokens.sequences`"), "{}", status.message());
     let mut c = server.client().await;
     c.infer(request("after", "mini-pfeiffer", None, &["still serving"])).await.expect("still serving");
 }
