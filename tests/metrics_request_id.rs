@@ -107,7 +107,7 @@ async fn the_admin_port_returns_and_logs_request_ids_too() {
     let mut req = Request::new(UnregisterTaskRequest { name: "no-such-task".into(), version: None, all_versions: true });
     req.metadata_mut().insert("x-request-id", "admin-op-7".parse().unwrap());
     let status = admin.unregister_task(req).await.unwrap_err();
-    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
     assert_eq!(status.metadata().get("x-request-id").unwrap(), "admin-op-7");
 
     let listed = admin.list_tasks(adapterdrop_serve::proto::ListTasksRequest {}).await.expect("list");
