@@ -131,17 +131,19 @@ async fn raw_unary(addr: &str, path: &str, timeout: &str, body_delay: Duration, 
 
 #[tokio::test]
 async fn a_request_whose_deadline_passes_in_the_queue_gets_deadline_exceeded_before_the_clients_own_timer() {
-    // A batching window far longer than the deadline holds the request in the queue.
-    let server = TestServer::start(&[("ADAPTERDROP__BATCHING__MAX_BATCH_DELAY_MS", "3500")]);
-    // The message arrives 80 ms after the headers: the server's clock for the deadline starts that
-    // much later than the client's. A 3 s deadline must still be answered before the client's own
-    // timer would fire (with the former 20 ms margin it came about 60 ms after it).
+    // A batching window longer than the deadline holds the request in the queue.
+    let server = TestServer::start(&[("ADAPTERDROP__BATCHING__MAX_BATCH_DELAY_MS", "5000")]);
+    // The message arrives 60 ms after the headers: the server's clock for the deadline starts that
+    // much later than the client's. A 4 s deadline must still be answered before the client's own
+    // timer would fire: the margin (400 ms) leaves 340 ms for a loaded machine; the former 20 ms
+    // margin answered 40 ms after it (tonic's own server timeout even came first, CANCELLED).
     let msg = prost::Message::encode_to_vec(&request("late", "mini-pfeiffer", None, &["too late"]));
-    let (code, message, took) = raw_unary(&server.addr, "/adapterdrop.v1.Inference/Infer", "3S", Duration::from_millis(80), msg).await;
-    println!("DEADLINE_EXCEEDED after {took:?} of a 3 s deadline (message sent 80 ms after the headers): {message}");
+    let delay = Duration::from_millis(60);
+    let (code, message, took) = raw_unary(&server.addr, "/adapterdrop.v1.Inference/Infer", "4S", delay, msg).await;
+    println!("answered after {took:?} of a 4 s deadline (message sent {delay:?} after the headers): {code} {message}");
     assert_eq!(code, (tonic::Code::DeadlineExceeded as i32).to_string(), "{message}");
-    assert!(took < Duration::from_secs(3), "answered {took:?} after the headers: after the client's own deadline of 3 s");
-    assert!(took > Duration::from_millis(2000), "answered after {took:?}: far before the deadline");
+    assert!(took < Duration::from_secs(4), "answered {took:?} after the headers: after the client's own deadline of 4 s");
+    assert!(took > Duration::from_secs(2), "answered after {took:?}: far before the deadline");
     let exceeded = common::metric_sum(&common::scrape(&server.metrics_addr), "adapterdrop_requests_total", "code=\"DeadlineExceeded\"");
     assert_eq!(exceeded, 1.0, "the server's DEADLINE_EXCEEDED answer is counted");
     server.client().await.list_tasks(adapterdrop_serve::proto::ListTasksRequest {}).await.expect("still serving");
