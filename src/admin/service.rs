@@ -14,7 +14,7 @@ use crate::proto::{
     GetTaskRequest, ListTasksRequest, ListTasksResponse, RegisterTaskRequest, RegisterTaskResponse, SetDefaultVersionRequest, TaskInfo,
     UnregisterTaskRequest, UnregisterTaskResponse,
 };
-use crate::repository::{RegisterOptions, Registrar};
+use crate::repository::{RegisterOptions, Registrar, TaskState};
 
 pub struct AdminApi {
     pub registrar: Arc<Registrar>,
@@ -25,10 +25,18 @@ pub struct AdminApi {
 }
 
 impl AdminApi {
-    /// Sets `name`'s health status from the registry now: SERVING exactly when a request without
-    /// a version would be served.
+    /// Sets `name`'s health status from the registry now, by the follower's rule: SERVING exactly
+    /// when a request without a version would be served; a name with no version left (draining
+    /// ones aside) goes NOT_SERVING for watchers and is then forgotten (NOT_FOUND).
     async fn report_health(&self, name: &str) {
-        let ready = self.registrar.registry().default_version(name).is_some();
+        let registry = self.registrar.registry();
+        let known = registry.entries().iter().any(|e| e.name == name && e.state != TaskState::Draining);
+        if !known {
+            self.health.set_service_status(name, ServingStatus::NotServing).await;
+            self.health.clone().clear_service_status(name).await;
+            return;
+        }
+        let ready = registry.default_version(name).is_some();
         self.health.set_service_status(name, if ready { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
     }
 }
