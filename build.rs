@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     // Reflection serves this encoded descriptor set.
     std::fs::write(out.join("descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Undecodable requests are INVALID_ARGUMENT, not tonic-prost's INTERNAL (src/codec.rs).
+    tonic_prost_build::configure().codec_path("crate::codec::ProtoCodec").compile_fds(fds)?;
     Ok(())
 }

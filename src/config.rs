@@ -131,11 +131,21 @@ pub struct ServerSettings {
     /// Connections older than this are closed gracefully (GOAWAY), so clients balancing over a
     /// headless Service re-resolve DNS and reach pods added by a scale-out. 0 = never.
     pub max_connection_age_s: u64,
+    /// Messages of one stream (InferStream, ModelStreamInfer) being worked on or waiting to be
+    /// sent back. At the bound the server stops reading the stream, so a client that never reads
+    /// its answers is held back by HTTP/2 flow control instead of growing the server.
+    pub max_stream_in_flight: usize,
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
-        Self { listen: "0.0.0.0:50051".into(), max_message_bytes: 64 << 20, shutdown_grace_s: 30, max_connection_age_s: 300 }
+        Self {
+            listen: "0.0.0.0:50051".into(),
+            max_message_bytes: 64 << 20,
+            shutdown_grace_s: 30,
+            max_connection_age_s: 300,
+            max_stream_in_flight: 32,
+        }
     }
 }
 
@@ -160,11 +170,37 @@ pub struct AdminSettings {
     pub listen: String,
     /// Largest task bundle `RegisterTask` accepts (all files together), in bytes.
     pub max_bundle_bytes: u64,
+    /// An upload that sends nothing for this long is cut off and its staging directory removed.
+    pub upload_idle_timeout_s: u64,
+    /// An upload still receiving after this long is cut off likewise (a client trickling bytes).
+    pub upload_timeout_s: u64,
+    /// The trial run of an uploaded task (every graph once on a small input) is stopped after this long.
+    pub trial_timeout_ms: u64,
+    /// Operators trusted in uploaded task graphs beyond the ones the exporters emit, comma-separated
+    /// (e.g. `Gemm,Reshape`). Their nodes are not size-checked; the trial run's time limit still applies.
+    pub extra_task_ops: String,
 }
 
 impl Default for AdminSettings {
     fn default() -> Self {
-        Self { listen: "0.0.0.0:50052".into(), max_bundle_bytes: 256 << 20 }
+        Self {
+            listen: "0.0.0.0:50052".into(),
+            max_bundle_bytes: 256 << 20,
+            upload_idle_timeout_s: 30,
+            upload_timeout_s: 600,
+            trial_timeout_ms: 10_000,
+            extra_task_ops: String::new(),
+        }
+    }
+}
+
+impl AdminSettings {
+    pub fn upload_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.upload_idle_timeout_s.max(1))
+    }
+
+    pub fn upload_timeout(&self) -> Duration {
+        Duration::from_secs(self.upload_timeout_s.max(1))
     }
 }
 
@@ -214,14 +250,32 @@ impl Default for RuntimeSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct LimitSettings {
     pub max_sequences_per_request: usize,
-    /// Sum of the token counts of a request's sequences.
+    /// Tokens of a request's sequences; also the padded tokens the engine runs for it (rows x
+    /// longest sequence, where the rows count one copy of each sequence per distinct task path).
     pub max_tokens_per_request: usize,
     pub max_tasks_per_request: usize,
+    /// Bytes of one text (UTF-8), checked before it is tokenized: tokenizer time and memory grow
+    /// with the text, whatever `truncate` keeps of it.
+    pub max_text_bytes: usize,
+    /// Bytes of all texts of one request together, checked before any is tokenized: tokenizer
+    /// time grows with the text, and `max_sequences_per_request` texts of `max_text_bytes` each
+    /// would be 16 MiB by default (about a minute of tokenizer CPU in a debug build).
+    pub max_request_text_bytes: usize,
+    /// HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS):
+    /// with `server.max_message_bytes` it bounds what one connection can make the server buffer.
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for LimitSettings {
     fn default() -> Self {
-        Self { max_sequences_per_request: 256, max_tokens_per_request: 65_536, max_tasks_per_request: 32 }
+        Self {
+            max_sequences_per_request: 256,
+            max_tokens_per_request: 65_536,
+            max_tasks_per_request: 32,
+            max_text_bytes: 65_536,
+            max_request_text_bytes: 1 << 20,
+            max_concurrent_streams: 64,
+        }
     }
 }
 
@@ -234,17 +288,26 @@ pub struct BatchingSettings {
     pub max_batch_delay_ms: u64,
     /// Requests waiting for the engine before new ones get RESOURCE_EXHAUSTED.
     pub max_queued: usize,
+    /// New requests get RESOURCE_EXHAUSTED when the work already queued would keep them waiting
+    /// longer than this (estimated from the engine's measured speed); 0 = no bound. A count
+    /// bound alone lets admitted requests wait many seconds under a flood.
+    pub max_queue_wait_ms: u64,
 }
 
 impl Default for BatchingSettings {
     fn default() -> Self {
-        Self { max_batch_tokens: 16_384, max_batch_delay_ms: 2, max_queued: 1024 }
+        Self { max_batch_tokens: 16_384, max_batch_delay_ms: 2, max_queued: 1024, max_queue_wait_ms: 5_000 }
     }
 }
 
 impl BatchingSettings {
     pub fn max_batch_delay(&self) -> Duration {
         Duration::from_millis(self.max_batch_delay_ms)
+    }
+
+    /// `max_queue_wait_ms` as a bound, `None` when unbounded.
+    pub fn max_queue_wait(&self) -> Option<Duration> {
+        (self.max_queue_wait_ms > 0).then(|| Duration::from_millis(self.max_queue_wait_ms))
     }
 }
 

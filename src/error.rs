@@ -37,6 +37,9 @@ pub enum ServeError {
     Repository(#[from] RepositoryError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// A request message that is not valid protobuf: the client's fault (tonic-prost says INTERNAL).
+    #[error(transparent)]
+    Undecodable(#[from] crate::codec::UndecodableMessage),
     /// A broken invariant of the server itself (a task that died, a channel that closed).
     #[error("internal error: {0}")]
     Internal(String),
@@ -106,7 +109,7 @@ impl ServeError {
     pub fn code(&self) -> Code {
         match self {
             Self::NotFound(_) => Code::NotFound,
-            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::InvalidArgument(_) | Self::Undecodable(_) => Code::InvalidArgument,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
@@ -148,8 +151,36 @@ impl From<ort::Error> for ServeError {
 
 impl From<ServeError> for Status {
     fn from(e: ServeError) -> Self {
-        Status::new(e.code(), e.to_string())
+        // A status message travels as a header (grpc-message, percent-encoded); clients refuse
+        // headers beyond their metadata limit (8-16 KiB), which would hide the real error.
+        let message = e.to_string();
+        let message = if message.len() > MAX_STATUS_MESSAGE { format!("{}…", cut(&message, MAX_STATUS_MESSAGE)) } else { message };
+        Status::new(e.code(), message)
     }
+}
+
+/// Longest status message sent, in bytes (at most 3x that once percent-encoded).
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
+/// Longest client string echoed in a message, in bytes.
+pub const MAX_ECHO: usize = 64;
+
+/// A client string as error messages echo it: cut to [`MAX_ECHO`] bytes (at a character
+/// boundary) with its full length noted, so a 20 KB task name cannot blow up an error.
+pub fn clip(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= MAX_ECHO {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(format!("{}… ({} bytes)", cut(s, MAX_ECHO), s.len()))
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends at a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Why a backbone or task could not be loaded; always names the file.
@@ -169,6 +200,17 @@ impl LoadError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn echoed_strings_and_status_messages_are_cut() {
+        assert_eq!(clip("sent"), "sent");
+        let long = "é".repeat(10_000);
+        let c = clip(&long);
+        assert!(c.len() < MAX_ECHO + 20 && c.ends_with("(20000 bytes)"), "{c}");
+        let status: Status = ServeError::NotFound(format!("task `{}` not found", "x".repeat(20_000))).into();
+        assert!(status.message().len() <= MAX_STATUS_MESSAGE + 3);
+        assert_eq!(status.code(), Code::NotFound);
+    }
 
     fn chain(e: &ServeError) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
         std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |c| c.source())

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod codec;
 pub mod config;
 pub mod context;
 pub mod engine;

@@ -34,7 +34,12 @@ fn main() -> ExitCode {
         })
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(stopped) if stopped.drained => ExitCode::SUCCESS,
+        // Requests were cut off: say so to the orchestrator, not only in the log.
+        Ok(stopped) => {
+            eprintln!("adapterdrop-serve: the shutdown grace period ran out with {} requests unanswered", stopped.abandoned);
+            ExitCode::from(3)
+        }
         Err(e) => {
             tracing::error!(error = %e, "start-up failed");
             eprintln!("adapterdrop-serve: {e}");

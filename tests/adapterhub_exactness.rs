@@ -1,16 +1,17 @@
-//! Served logits equal the AdapterHub `adapters` library's own logits (saved with the fixtures in
-//! `../shared/fixtures/adapterhub-tiny`) at every drop depth, max abs <= 1e-4.
+//! Served logits equal the AdapterHub `adapters` library's own logits at every drop depth, max abs
+//! <= 1e-4 (saved with the fixtures in `tests/fixtures/adapterhub-tiny` by
+//! tools/train/make_adapterhub_fixtures.py).
 
 mod common;
 
 use adapterdrop_serve::proto::{InferRequest, TaskRef, TextPair, TextPairs, Texts, TokenIds, TokenizedInputs, infer_request::Inputs};
-use common::{TestServer, max_abs_diff, shared_fixtures};
+use common::{TestServer, adapterhub_fixtures, max_abs_diff};
 use serde_json::Value;
 
 const TOL: f64 = 1e-4;
 
 fn fixture(model: &str) -> Value {
-    let path = shared_fixtures().join(model).join("reference_logits.json");
+    let path = adapterhub_fixtures().join(model).join("reference_logits.json");
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
 }
 

@@ -62,49 +62,107 @@ async fn wait_until(mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// What the churn client was told: versions acknowledged as registered (and not acknowledged
+/// as removed since), and versions whose removal was asked for but not answered.
+#[derive(Default)]
+struct Acked {
+    present: std::collections::BTreeSet<u32>,
+    maybe_removed: std::collections::BTreeSet<u32>,
+}
+
+/// Registrations, pins and removals in a loop until the server dies.
+async fn churn(addr: String, acked: std::sync::Arc<std::sync::Mutex<Acked>>, round: usize) {
+    let mut a = admin(&addr).await;
+    for i in round.. {
+        let bundle = source(if i % 3 == 0 { "topic" } else { "sent" });
+        let Ok(r) = register(&mut a, header("churn", None, i % 2 == 0, false), &bundle).await else { break };
+        let v = r.task.unwrap().version;
+        acked.lock().unwrap().present.insert(v);
+        if i % 4 == 3 {
+            acked.lock().unwrap().maybe_removed.insert(v);
+            if unregister(&mut a, "churn", Some(v)).await.is_err() {
+                break;
+            }
+            let mut acked = acked.lock().unwrap();
+            acked.present.remove(&v);
+            acked.maybe_removed.remove(&v);
+        }
+    }
+}
+
+/// kill -9 at 20 random moments of registrations, pins and removals (the seed is printed; set
+/// KILL9_SEED to replay): after each restart no acknowledged version is lost, every version on
+/// disk loads READY and serves (never half of one), and the leftovers are gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_of_registrations_never_leaves_half_a_task() {
+    const ROUNDS: usize = 20;
     let repo = temp_repo(&["sent"]);
-    // Different moments: during uploads, validation, publishing, pin writes, removals.
-    for (round, delay_ms) in [37u64, 170, 420].into_iter().enumerate() {
-        let mut server = TestServer::start_on(repo.path(), &[("ADAPTERDROP__REPOSITORY__POLL_INTERVAL_S", "0")]);
-        let addr = server.admin_addr();
-        let churn = tokio::spawn(async move {
-            let mut a = admin(&addr).await;
-            for i in 0.. {
-                let set_default = i % 2 == 0;
-                let Ok(r) =
-                    register(&mut a, header("churn", None, set_default, false), &source(if i % 3 == 0 { "topic" } else { "sent" })).await
-                else {
-                    break;
-                };
-                if i % 4 == 3 && unregister(&mut a, "churn", Some(r.task.unwrap().version)).await.is_err() {
-                    break;
-                }
-            }
-        });
-        tokio::time::sleep(Duration::from_millis(delay_ms + 200 * round as u64)).await;
+    let no_poll = ("ADAPTERDROP__REPOSITORY__POLL_INTERVAL_S", "0");
+    let seed: u64 = std::env::var("KILL9_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+    eprintln!("KILL9_SEED={seed}");
+    let mut rng = seed | 1;
+    let mut next_delay = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % 600
+    };
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Acked::default()));
+    let (started, mut lost, mut half, mut survived) = (std::time::Instant::now(), 0, 0, 0);
+    let mut server = TestServer::start_on(repo.path(), &[no_poll]);
+    let mut admin_addr = server.admin_addr();
+    for round in 0..ROUNDS {
+        let delay_ms = next_delay();
+        let work = tokio::spawn(churn(admin_addr.clone(), acked.clone(), round));
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         server.kill9();
-        let _ = churn.await;
+        let _ = work.await;
 
-        let server = TestServer::start_on(repo.path(), &[("ADAPTERDROP__REPOSITORY__POLL_INTERVAL_S", "0")]);
+        // The restarted server checks this round and churns in the next.
+        server = TestServer::start_on(repo.path(), &[no_poll]);
+        admin_addr = server.admin_addr();
         assert!(staging_dirs(repo.path()).is_empty(), "round {round}: leftovers not cleaned");
-        let mut a = admin(&server.admin_addr()).await;
-        let tasks = list(&mut a).await;
-        let churned: Vec<_> = tasks.iter().filter(|t| t.name == "churn").collect();
+        let mut a = admin(&admin_addr).await;
+        let churned: Vec<_> = list(&mut a).await.into_iter().filter(|t| t.name == "churn").collect();
+        let listed: std::collections::BTreeSet<u32> = churned.iter().map(|t| t.version).collect();
+        let missing: Vec<u32> = {
+            let mut seen = acked.lock().unwrap();
+            let missing = seen.present.iter().filter(|v| !listed.contains(v) && !seen.maybe_removed.contains(v)).copied().collect();
+            // Versions the client could not hear about either way are settled by what the disk says.
+            seen.present = listed.clone();
+            seen.maybe_removed.clear();
+            missing
+        };
+        lost += missing.len();
+        let mut c = inference(&server.addr).await;
         for t in &churned {
-            assert_eq!(t.status, TaskStatus::Ready as i32, "round {round}: churn@{} is {:?}: {}", t.version, t.status, t.status_reason);
+            let ready = t.status == TaskStatus::Ready as i32;
+            let serves = infer(&mut c, "churn", Some(t.version)).await.is_ok();
+            half += usize::from(!ready || !serves);
         }
-        // Every version directory on disk is a complete, loadable task.
         let on_disk =
             std::fs::read_dir(repo.path().join("tasks/churn")).map(|r| r.flatten().filter(|e| e.path().is_dir()).count()).unwrap_or(0);
-        assert_eq!(on_disk, churned.len(), "round {round}");
+        assert_eq!(on_disk, churned.len(), "round {round}: directories on disk vs versions listed");
         if !churned.is_empty() {
-            let mut c = inference(&server.addr).await;
             infer(&mut c, "churn", None).await.unwrap_or_else(|e| panic!("round {round}: {e}"));
         }
-        eprintln!("round {round}: killed after {delay_ms} ms; {} churn versions survived, all ready", churned.len());
+        assert!(missing.is_empty(), "round {round}: acknowledged versions lost: {missing:?}");
+        survived = churned.len();
+        // Keep the repository small, so every restart loads about as much.
+        for v in listed.iter().rev().skip(4) {
+            unregister(&mut a, "churn", Some(*v)).await.unwrap();
+            acked.lock().unwrap().present.remove(v);
+        }
+        eprintln!("round {round}: killed after {delay_ms} ms; {} churn versions on disk, all ready and serving", churned.len());
     }
+    assert_eq!(half, 0, "versions that were listed but not ready or not serving");
+    eprintln!(
+        "kill -9 runs: {ROUNDS}, acknowledged versions lost: {lost}, half versions served: {half}, versions at the end: {survived}, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,4 +292,47 @@ async fn crash_at_each_commit_step_leaves_the_old_or_the_new_version() {
     unregister(&mut a, "crash", Some(3)).await.unwrap();
     assert_eq!(last(), "3");
     assert_eq!(register(&mut a, header("crash", None, false, false), &source("sent")).await.unwrap().task.unwrap().version, 4);
+}
+
+/// Item 21: a crash right after a pinned version is retired never leaves a pin naming a missing
+/// version (the pin goes first), and a stale pin an older release left is cleared at start-up, so
+/// a later upload of that number does not silently become the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_retiring_the_pinned_version_leaves_no_stale_pin() {
+    let repo = temp_repo(&[]);
+    let no_poll = ("ADAPTERDROP__REPOSITORY__POLL_INTERVAL_S", "0");
+    let default_file = repo.path().join("tasks/pin/DEFAULT");
+    let s = TestServer::start_on(repo.path(), &[no_poll]);
+    let mut a = admin(&s.admin_addr()).await;
+    for v in 1..=3 {
+        register(&mut a, header("pin", Some(v), v == 1, false), &source("sent")).await.unwrap();
+    }
+    assert_eq!(std::fs::read_to_string(&default_file).unwrap().trim(), "1");
+    drop(s);
+
+    let mut s = TestServer::start_on(repo.path(), &[no_poll, ("ADAPTERDROP_CRASH_AT", "after-retire")]);
+    let mut a = admin(&s.admin_addr()).await;
+    assert!(unregister(&mut a, "pin", Some(1)).await.is_err());
+    assert!(s.wait_exit(Duration::from_secs(10)).is_some(), "aborted");
+    assert!(!default_file.exists(), "the pin of the retired version survived the crash");
+    let check = |what: &'static str| {
+        let repo = repo.path().to_path_buf();
+        async move {
+            let s = TestServer::start_on(&repo, &[no_poll]);
+            let mut a = admin(&s.admin_addr()).await;
+            let listed: Vec<_> = list(&mut a).await.into_iter().filter(|t| t.name == "pin").collect();
+            assert!(listed.iter().all(|t| !t.default_pinned), "{what}: listed as pinned: {listed:?}");
+            assert_eq!(listed.iter().map(|t| t.version).collect::<Vec<_>>(), vec![2, 3], "{what}");
+            // Version 1 uploaded again is not the default: the highest ready version is.
+            register(&mut a, header("pin", Some(1), false, false), &source("sent")).await.unwrap();
+            let mut c = inference(&s.addr).await;
+            assert_eq!(infer(&mut c, "pin", None).await.unwrap().results[0].version, 3, "{what}");
+            assert!(!repo.join("tasks/pin/DEFAULT").exists(), "{what}");
+            unregister(&mut a, "pin", Some(1)).await.unwrap();
+        }
+    };
+    check("after the crash").await;
+    // A pin naming a missing version, as an older release could leave it: cleared at start-up.
+    std::fs::write(&default_file, "1\n").unwrap();
+    check("stale pin on disk").await;
 }

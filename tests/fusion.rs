@@ -7,7 +7,7 @@ mod common;
 use adapterdrop_serve::proto::{
     InferRequest, InferResponse, ListTasksRequest, TaskRef, TaskStatus, Texts, TokenIds, TokenizedInputs, infer_request::Inputs,
 };
-use common::{TestServer, copy_dir, max_abs_diff, shared_fixtures, test_repo};
+use common::{TestServer, adapterhub_fixtures, copy_dir, max_abs_diff, test_repo};
 use serde_json::Value;
 
 const TOL: f64 = 1e-4;
@@ -51,7 +51,7 @@ fn logits(resp: &InferResponse, task: usize) -> Vec<Vec<f32>> {
 
 #[tokio::test]
 async fn fusion_and_pruned_fusion_equal_the_library_at_every_drop_depth() {
-    let fx = json(shared_fixtures().join("bert-tiny/reference_logits.json"));
+    let fx = json(adapterhub_fixtures().join("bert-tiny/reference_logits.json"));
     let server = TestServer::start(&[]);
     let mut client = server.client().await;
     let texts = Inputs::Texts(Texts { texts: fx["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().into()).collect() });

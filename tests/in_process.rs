@@ -21,7 +21,7 @@ struct InProcess {
     addr: String,
     ctx: std::sync::Arc<Context>,
     stop: oneshot::Sender<()>,
-    done: tokio::task::JoinHandle<()>,
+    done: tokio::task::JoinHandle<adapterdrop_serve::server::Stopped>,
 }
 
 async fn start(runtime: Runtime) -> InProcess {
@@ -80,7 +80,8 @@ async fn two_servers_in_one_process_keep_separate_metrics_and_statistics() {
 
     // Prometheus counters, per server.
     let ok = |ctx: &Context| ctx.metrics.requests.with_label_values(&["native", "sent", "OK"]).get();
-    let not_found = |ctx: &Context| ctx.metrics.requests.with_label_values(&["native", "no-such-task", "NotFound"]).get();
+    let not_found =
+        |ctx: &Context| ctx.metrics.requests.with_label_values(&["native", adapterdrop_serve::metrics::UNKNOWN_TASK, "NotFound"]).get();
     assert_eq!((ok(&a.ctx), not_found(&a.ctx)), (3, 0), "server A counts only its own requests");
     assert_eq!((ok(&b.ctx), not_found(&b.ctx)), (1, 1), "server B counts only its own requests");
     assert_eq!(a.ctx.metrics.batch_rows.get_sample_sum(), 6.0, "2 rows per request on A");

@@ -70,6 +70,8 @@ def start_server(binary: Path, repo: Path, threads: int) -> tuple[subprocess.Pop
     env = dict(os.environ)
     env.update({
         "ADAPTERDROP__SERVER__LISTEN": "127.0.0.1:0",
+        "ADAPTERDROP__METRICS__LISTEN": "127.0.0.1:0",
+        "ADAPTERDROP__ADMIN__LISTEN": "",
         "ADAPTERDROP__REPOSITORY__PATH": str(repo),
         "ADAPTERDROP__RUNTIME__INTRA_THREADS": str(threads),
         "ADAPTERDROP__LOG__LEVEL": "warn,adapterdrop_serve::server=info",

@@ -64,7 +64,8 @@ def rss_kib(pid: int) -> int:
 
 def start(binary: str, repo: str):
     env = {"PATH": os.environ.get("PATH", ""), "ORT_DYLIB_PATH": os.environ["ORT_DYLIB_PATH"], "NO_COLOR": "1",
-           "ADAPTERDROP__SERVER__LISTEN": "127.0.0.1:0", "ADAPTERDROP__METRICS__LISTEN": "", "ADAPTERDROP__REPOSITORY__PATH": repo}
+           "ADAPTERDROP__SERVER__LISTEN": "127.0.0.1:0", "ADAPTERDROP__METRICS__LISTEN": "", "ADAPTERDROP__ADMIN__LISTEN": "",
+           "ADAPTERDROP__REPOSITORY__PATH": repo}
     proc = subprocess.Popen([binary], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     found = []
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Export a Hugging Face BERT/RoBERTa checkpoint into a model repository (models/README.md).
+"""Export a Hugging Face BERT, RoBERTa, XLM-RoBERTa, DistilBERT or ELECTRA checkpoint into a model repository
+(models/README.md); any other architecture is refused by name.
 
 Usage:
   export_backbone.py --checkpoint DIR --out REPO --name NAME [--tokenizer PATH] [--source S] [--license L] [--force]

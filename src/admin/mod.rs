@@ -34,20 +34,18 @@ pub fn routes(
     settings: &Settings,
 ) -> Result<Router<Stack<RequestIdLayer, Identity>>, StartError> {
     let max = settings.server.max_message_bytes;
-    let api = AdminServer::new(AdminApi { registrar, max_bundle_bytes: settings.admin.max_bundle_bytes })
+    let api = AdminServer::new(AdminApi { registrar, upload: upload::UploadLimits::from_settings(&settings.admin) })
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let auth = BearerAuth::new(&settings.auth.admin_token, "admin", "auth.admin_token");
     if !auth.required() {
         tracing::warn!("the admin service accepts requests without a token: set auth.admin_token (ADAPTERDROP__AUTH__ADMIN_TOKEN)");
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let (reflection, reflection_v1alpha) = crate::server::reflection_services()?;
     Ok(builder
         .layer(RequestIdLayer)
         .add_service(HealthServer::new(HealthService::from_health_reporter(health)))
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(InterceptedService::new(api, auth)))
 }

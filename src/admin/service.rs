@@ -16,7 +16,7 @@ use crate::repository::{RegisterOptions, Registrar};
 
 pub struct AdminApi {
     pub registrar: Arc<Registrar>,
-    pub max_bundle_bytes: u64,
+    pub upload: upload::UploadLimits,
 }
 
 #[tonic::async_trait]
@@ -24,7 +24,7 @@ impl Admin for AdminApi {
     async fn register_task(&self, request: Request<Streaming<RegisterTaskRequest>>) -> Result<Response<RegisterTaskResponse>, Status> {
         let request_id = request_id::of(request.metadata());
         let mut stream = request.into_inner();
-        let received = upload::receive(&mut stream, &self.registrar.tasks_root(), self.max_bundle_bytes)
+        let received = upload::receive(&mut stream, &self.registrar.tasks_root(), self.upload)
             .await
             .inspect_err(|e| log_refused(&request_id, "register", e))?;
         let h = &received.header;

@@ -1,6 +1,8 @@
 //! Per-task `grpc.health.v1` status that follows the task lifecycle: a task name is SERVING exactly
 //! when a request without a version would be served (it has a ready default version); names that
-//! disappear are reported NOT_SERVING once, then forgotten (NOT_FOUND).
+//! disappear are reported NOT_SERVING once, then forgotten (NOT_FOUND). Everything goes NOT_SERVING
+//! when the engine stops or shutdown begins; at shutdown the statuses are then forgotten, which ends
+//! open Watch streams.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -39,5 +41,57 @@ pub fn follow(registry: Arc<Registry>, mut health: HealthReporter) -> tokio::tas
                 break;
             }
         }
+    })
+}
+
+/// The services that answer inference, whose status follows the engine.
+fn inference_services() -> [&'static str; 3] {
+    use tonic::server::NamedService;
+    type Native = crate::proto::inference_server::InferenceServer<super::native::NativeApi>;
+    type KServe = crate::kserve_proto::grpc_inference_service_server::GrpcInferenceServiceServer<super::kserve::KServeApi>;
+    ["", <Native as NamedService>::NAME, <KServe as NamedService>::NAME]
+}
+
+/// Reports NOT_SERVING for the server (`""`), both inference services and every task name.
+pub async fn not_serving(health: &HealthReporter, registry: &Registry) {
+    for name in inference_services() {
+        health.set_service_status(name, ServingStatus::NotServing).await;
+    }
+    for entry in registry.entries() {
+        health.set_service_status(&entry.name, ServingStatus::NotServing).await;
+    }
+}
+
+/// Forgets every status, which ends open Watch streams (each sees the last status first), so
+/// they do not hold a draining server for its whole grace period.
+pub async fn end_watches(health: &mut HealthReporter, registry: &Registry) {
+    for name in inference_services() {
+        health.clear_service_status(name).await;
+    }
+    for entry in registry.entries() {
+        health.clear_service_status(&entry.name).await;
+    }
+}
+
+/// Health follows the engine, as text-embeddings-inference's backend health does: when the
+/// engine thread or the queue actor stops, the server and every service go NOT_SERVING for good
+/// (the orchestrator restarts the process; the reason is in the log) and KServe ServerReady
+/// answers false.
+pub fn follow_engine(
+    mut failed: tokio::sync::watch::Receiver<Option<String>>,
+    health: HealthReporter,
+    registry: Arc<Registry>,
+    task_follower: tokio::task::AbortHandle,
+    not_ready: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let reason = match failed.wait_for(Option::is_some).await {
+            Ok(r) => r.clone().unwrap_or_default(),
+            Err(_) => return,
+        };
+        task_follower.abort();
+        not_ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        not_serving(&health, &registry).await;
+        tracing::error!(reason, "health is NOT_SERVING: the inference engine stopped; restart the server");
     })
 }

@@ -7,4 +7,5 @@ pub mod health;
 pub mod kserve;
 pub mod native;
 pub mod request_id;
+pub mod stream;
 pub mod tasks;

@@ -3,14 +3,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use std::pin::Pin;
-
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use super::stream::{self, Answers, StreamPolicy};
 use super::{convert, deadline, request_id};
 use crate::error::ServeError;
 use crate::proto::infer_stream_response as stream_response;
@@ -25,6 +21,7 @@ use crate::scheduler::Scheduler;
 pub struct NativeApi {
     pub router: Arc<Router>,
     pub scheduler: Scheduler,
+    pub streams: StreamPolicy,
 }
 
 impl NativeApi {
@@ -43,14 +40,18 @@ impl NativeApi {
         let span =
             tracing::info_span!("infer", request_id, id = %id, tasks = ?req.tasks.iter().map(|t| t.name.as_str()).collect::<Vec<_>>());
         let work = async {
-            // Tokenization is CPU work: keep it off the reactor threads.
-            let job = tokio::task::spawn_blocking(move || router.prepare(req, deadline))
+            // Admit (or refuse) before any work is spent on the request.
+            let admission = scheduler.admit(deadline)?;
+            // Tokenization is CPU work: keep it off the reactor threads. The queue place travels
+            // with it, so a cancelled call frees its place only when the tokenizer is done.
+            let (admission, job) = tokio::task::spawn_blocking(move || (admission, router.prepare(req, deadline)))
                 .await
-                .map_err(|e| ServeError::Internal(format!("tokenizer task failed: {e}")))??;
+                .map_err(|e| ServeError::Internal(format!("tokenizer task failed: {e}")))?;
+            let job = job?;
             let tokenize_us = started.elapsed().as_micros() as u64;
             let num_tokens = job.sequences.iter().map(|s| s.ids.len() as u32).collect();
             let runs = job.tasks.clone();
-            let out = scheduler.submit(job).await?;
+            let out = scheduler.submit(admission, job).await?;
             let mut fusion = out.fusion.into_iter();
             let results = runs
                 .iter()
@@ -86,7 +87,7 @@ impl NativeApi {
     }
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<InferStreamResponse, Status>> + Send>>;
+type ResponseStream = Answers<InferStreamResponse>;
 
 #[tonic::async_trait]
 impl Inference for NativeApi {
@@ -120,24 +121,19 @@ impl Inference for NativeApi {
     async fn infer_stream(&self, request: Request<Streaming<InferRequest>>) -> Result<Response<ResponseStream>, Status> {
         let deadline = deadline::from_metadata(request.metadata());
         let request_id = request_id::of(request.metadata());
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(128);
         let (router, scheduler) = (self.router.clone(), self.scheduler.clone());
-        tokio::spawn(async move {
-            // Each message runs concurrently so that one stream's requests batch together.
-            while let Some(Ok(req)) = inbound.next().await {
-                let (tx, router, scheduler, request_id) = (tx.clone(), router.clone(), scheduler.clone(), request_id.clone());
-                tokio::spawn(async move {
-                    let id = req.id.clone();
-                    let result = match Self::run(router, scheduler, req, deadline, &request_id).await {
-                        Ok(resp) => stream_response::Result::Response(resp),
-                        Err(e) => stream_response::Result::Error(Error { code: e.code() as i32, message: e.to_string() }),
-                    };
-                    let _ = tx.send(Ok(InferStreamResponse { id, result: Some(result) })).await;
-                });
+        let answers = stream::serve(request.into_inner(), &self.streams, move |req: InferRequest| {
+            let (router, scheduler, request_id) = (router.clone(), scheduler.clone(), request_id.clone());
+            async move {
+                let id = req.id.clone();
+                let result = match Self::run(router, scheduler, req, deadline, &request_id).await {
+                    Ok(resp) => stream_response::Result::Response(resp),
+                    Err(e) => stream_response::Result::Error(Error { code: e.code() as i32, message: e.to_string() }),
+                };
+                InferStreamResponse { id, result: Some(result) }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(answers))
     }
 
     async fn list_tasks(&self, _request: Request<ListTasksRequest>) -> Result<Response<ListTasksResponse>, Status> {

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ndarray::{Array2, Array3, Axis, concatenate, s};
 
@@ -68,6 +69,25 @@ struct State<'a> {
     lanes_of: Vec<Vec<usize>>,
 }
 
+/// Distinct paths a set of task runs takes through a backbone of `layers` layers: the physical
+/// rows each input ends with after every split (see the module doc), so request limits and
+/// batch budgets can count the rows the engine really runs. Two runs share a path when they
+/// choose the same graph (plain, adapter or fusion) at every slot.
+pub fn paths<'a>(layers: usize, runs: impl IntoIterator<Item = (&'a Task, &'a ActiveLayers)>) -> usize {
+    let mut distinct: BTreeSet<Vec<usize>> = BTreeSet::new();
+    for (task, active) in runs {
+        let path = (0..layers)
+            .flat_map(|layer| [Location::Attention, Location::Ffn].map(|loc| (layer, loc)))
+            .map(|(layer, loc)| match task.fusion_slot(active, layer, loc) {
+                Some(f) => Arc::as_ptr(f) as usize,
+                None => task.slot(active, layer, loc).map_or(PLAIN.0, |g| Arc::as_ptr(g) as usize),
+            })
+            .collect();
+        distinct.insert(path);
+    }
+    distinct.len().max(1)
+}
+
 /// Returns one `[rows, labels]` logits matrix per lane, rows in the lane's order.
 pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result<(Vec<Array2<f32>>, ExecStats), EngineError> {
     let (ids, types, mask) = pad(seqs, backbone.manifest.pad_token_id);
@@ -91,7 +111,27 @@ pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result
         let h = run_hidden(&graphs.ffn, vec![("hidden", st.hidden.input()?)], "h")?;
         st.slot(backbone, layer, Location::Ffn, h, &mut stats)?;
     }
-    st.heads().map(|logits| (logits, stats))
+    // A batch larger than the batch budget gives the memory it took back when it ends
+    // (the head run shrinks the arena, then the heap is trimmed); smaller ones keep it for reuse.
+    let large = st.input_of.len().max(seqs.len()) * stats.padded_len > SHRINK_ABOVE_TOKENS.load(Ordering::Relaxed);
+    if large {
+        crate::runtime::shrink_arena_after_next_run();
+    }
+    let logits = st.heads();
+    if large {
+        crate::runtime::trim_heap();
+    }
+    logits.map(|logits| (logits, stats))
+}
+
+/// Padded tokens (physical rows x longest sequence) above which a batch returns its memory:
+/// `batching.max_batch_tokens` (set at start-up), so batches the scheduler forms within budget
+/// keep theirs for reuse and only a request larger than the budget costs the allocations again.
+static SHRINK_ABOVE_TOKENS: AtomicUsize = AtomicUsize::new(16_384);
+
+/// Sets the batch size above which memory is given back (see [`execute`]).
+pub fn shrink_above(padded_tokens: usize) {
+    SHRINK_ABOVE_TOKENS.store(padded_tokens, Ordering::Relaxed);
 }
 
 impl State<'_> {

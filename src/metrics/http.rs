@@ -19,7 +19,7 @@ use crate::repository::Registry;
 /// Serves until the task is dropped (the server aborts it at shutdown).
 pub async fn serve(listener: TcpListener, registry: Arc<Registry>, ctx: Arc<Context>) {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let (stream, peer) = match accept(&listener).await {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::warn!(error = %e, "metrics port: accept failed");
@@ -34,6 +34,13 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, ctx: Arc<Cont
             }
         });
     }
+}
+
+/// Accepts one connection, with TCP_NODELAY so that small answers are not held back by Nagle.
+async fn accept(listener: &TcpListener) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    let (stream, peer) = listener.accept().await?;
+    stream.set_nodelay(true)?;
+    Ok((stream, peer))
 }
 
 async fn answer(req: Request<Incoming>, registry: Arc<Registry>, ctx: Arc<Context>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -53,4 +60,15 @@ async fn answer(req: Request<Incoming>, registry: Arc<Registry>, ctx: Arc<Contex
         (_, "/metrics") => reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n".into()),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "metrics are at /metrics\n".into()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, _) = super::accept(&listener).await.unwrap();
+        assert!(stream.nodelay().unwrap());
+    }
 }

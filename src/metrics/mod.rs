@@ -8,6 +8,8 @@
 
 pub mod http;
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use prometheus::{
@@ -19,6 +21,12 @@ use crate::repository::{self, TaskState};
 /// Latency buckets in seconds, 100 µs to 30 s.
 const LATENCY_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// The `task` label of requests that named a task this server does not serve.
+pub const UNKNOWN_TASK: &str = "unknown";
+
+/// Task names of one request looked up for labels; `limits.max_tasks_per_request` is far lower.
+const MAX_LABELLED_TASKS: usize = 256;
 
 /// One finished engine batch, as the metrics count it.
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +59,8 @@ pub struct Metrics {
     pub rows_saved: IntCounter,
     pub adapter_rows: IntCounter,
     pub tasks_loaded: IntGaugeVec,
+    /// The tasks request metrics may be labelled with (see [`Metrics::record_request`]).
+    tasks: RwLock<Weak<repository::Registry>>,
     /// Serialises scrapes: each rebuilds the loaded-task gauges, and two at once would interleave.
     render_lock: std::sync::Mutex<()>,
 }
@@ -133,6 +143,7 @@ impl Metrics {
             ),
             adapter_rows: counter(&r, "adapterdrop_adapter_rows_total", "Rows run through adapter slot graphs (summed over slots)."),
             tasks_loaded,
+            tasks: RwLock::new(Weak::new()),
             render_lock: std::sync::Mutex::new(()),
             registry: r,
         }
@@ -149,7 +160,14 @@ impl Metrics {
         self.adapter_rows.inc_by(b.adapter_rows as u64);
     }
 
-    /// Records one answered inference request for each task it named.
+    /// Request metrics label tasks that `registry` serves; set once the registry is open.
+    pub fn label_tasks_of(&self, registry: &Arc<repository::Registry>) {
+        *self.tasks.write().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(registry);
+    }
+
+    /// Records one answered inference request, once for each distinct task it named. Task names
+    /// come from the client: only tasks the registry serves become label values, every other
+    /// name counts as [`UNKNOWN_TASK`], so no request can add series.
     pub fn record_request(&self, api: &str, tasks: &[&str], result: Result<(), &crate::error::ServeError>, total: Duration) {
         let code = match result {
             Ok(()) => "OK".to_string(),
@@ -158,7 +176,18 @@ impl Metrics {
                 format!("{:?}", e.code())
             }
         };
-        for task in tasks {
+        let registry = self.tasks.read().unwrap_or_else(|p| p.into_inner()).upgrade();
+        let mut labels: BTreeSet<&str> = BTreeSet::new();
+        // Requests naming more tasks than any limit allows were refused; their surplus is unknown.
+        for task in tasks.iter().take(MAX_LABELLED_TASKS) {
+            let name = task.split_once('@').map_or(*task, |(n, _)| n);
+            let served = registry.as_ref().is_some_and(|r| r.default_version(name).is_some());
+            labels.insert(if served { name } else { UNKNOWN_TASK });
+        }
+        if tasks.len() > MAX_LABELLED_TASKS {
+            labels.insert(UNKNOWN_TASK);
+        }
+        for task in labels {
             self.requests.with_label_values(&[api, task, &code]).inc();
         }
         self.request_duration.with_label_values(&[api]).observe(total.as_secs_f64());

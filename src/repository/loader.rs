@@ -1,6 +1,8 @@
-//! The thread that creates ONNX Runtime sessions for run-time task loads, one per [`Registrar`].
+//! The thread that creates ONNX Runtime sessions for run-time task loads (polls, reloads of
+//! failed versions), one per [`Registrar`]. Uploads are validated on blocking threads instead,
+//! so that one slow upload holds up no other change.
 //!
-//! Registrations are serial anyway (mutation lock); one long-lived thread keeps the allocations
+//! Loads from the repository are serial anyway (mutation lock); one long-lived thread keeps the allocations
 //! of every load in one malloc arena, so register/unregister cycles do not fragment memory across
 //! the blocking pool's threads (measured: resident memory stays flat; with the blocking pool it
 //! crept up by ~100 KiB per cycle). The thread ends when the last clone of its owner is dropped.

@@ -8,6 +8,8 @@ pub use super::fusion::{FusedAdapterSpec, SlotKind};
 use crate::error::LoadError;
 
 pub const FORMAT_VERSION: u32 = 1;
+/// Largest manifest (`task.json`, `backbone.json`) read: parsing holds several times its size.
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,11 +34,31 @@ pub struct BackboneManifest {
     pub license: String,
 }
 
+/// The encoder family a backbone was exported from. The graphs already hold every difference
+/// (position ids, token types, ELECTRA's embedding projection); the server reads this to name the
+/// architecture, and refuses any other value when the manifest is parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
     Bert,
     Roberta,
+    #[serde(rename = "xlm-roberta")]
+    XlmRoberta,
+    /// No token-type embeddings: `token_type_ids` are accepted and ignored by its embeddings graph.
+    Distilbert,
+    Electra,
+}
+
+impl Architecture {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Bert => "bert",
+            Self::Roberta => "roberta",
+            Self::XlmRoberta => "xlm-roberta",
+            Self::Distilbert => "distilbert",
+            Self::Electra => "electra",
+        }
+    }
 }
 
 /// Where in a layer an adapter slot sits.
@@ -87,7 +109,11 @@ impl TaskManifest {
     /// Every file of the task version directory the manifest names (relative paths).
     pub fn files(&self) -> std::collections::BTreeSet<String> {
         let mut out: std::collections::BTreeSet<String> = std::iter::once("task.json".to_string())
-            .chain(self.slots.iter().map(|s| s.graph.clone()))
+            .chain(
+                self.slots
+                    .iter()
+                    .flat_map(|s| std::iter::once(s.graph.clone()).chain(s.adapters.iter().map(|a| a.graph.clone())).chain(s.up.clone())),
+            )
             .chain(self.head.graph.clone())
             .collect();
         if let Some(dir) = &self.adapterhub {
@@ -178,6 +204,10 @@ impl HeadKind {
 
 /// Reads and parses a manifest, naming the file in every error.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
+    let size = std::fs::metadata(path).map_err(|e| LoadError::new(path, format!("cannot read: {e}")))?.len();
+    if size > MAX_MANIFEST_BYTES {
+        return Err(LoadError::new(path, format!("{size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have")));
+    }
     let text = std::fs::read_to_string(path).map_err(|e| LoadError::new(path, format!("cannot read: {e}")))?;
     serde_json::from_str(&text).map_err(|e| LoadError::new(path, format!("invalid manifest: {e}")))
 }
@@ -212,5 +242,22 @@ mod tests {
         for bad in ["", "../etc", "a/b", ".hidden", "a..b", "a b", &"x".repeat(65), "é"] {
             assert!(!valid_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn architectures_parse_and_unknown_ones_are_named() {
+        for (text, arch) in [
+            ("bert", Architecture::Bert),
+            ("roberta", Architecture::Roberta),
+            ("xlm-roberta", Architecture::XlmRoberta),
+            ("distilbert", Architecture::Distilbert),
+            ("electra", Architecture::Electra),
+        ] {
+            let parsed: Architecture = serde_json::from_str(&format!("\"{text}\"")).unwrap();
+            assert_eq!(parsed, arch);
+            assert_eq!(parsed.as_str(), text);
+        }
+        let e = serde_json::from_str::<Architecture>("\"gpt2\"").unwrap_err().to_string();
+        assert!(e.contains("unknown variant `gpt2`") && e.contains("`distilbert`"), "{e}");
     }
 }

@@ -2,9 +2,13 @@
 
 pub mod adapterhub;
 pub mod backbone;
+pub mod bundle;
 pub mod fusion;
+pub mod graph_check;
+mod graph_shapes;
 mod loader;
 pub mod manifest;
+pub mod onnx_proto;
 pub mod registrar;
 pub mod registry;
 pub mod store;
@@ -12,8 +16,9 @@ pub mod task;
 mod trial;
 
 pub use backbone::Backbone;
+pub use bundle::{Bundle, ValidationLimits};
 pub use fusion::{FusedAdapter, FusionSlot};
 pub use manifest::Location;
-pub use registrar::{Bundle, RegisterOptions, Registered, Registrar};
+pub use registrar::{MAX_VERSION, RegisterOptions, Registered, Registrar};
 pub use registry::{Registry, TaskEntry, TaskState};
 pub use task::{ActiveLayers, Task};

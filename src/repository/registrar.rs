@@ -2,65 +2,29 @@
 //! default version, and reconcile with changes other replicas made to the shared directory.
 //!
 //! Callable from Rust (the admin gRPC service and any other front end) through [`Registrar`].
-//! Every change holds the registry's mutation lock; ONNX Runtime work and file I/O run on
-//! blocking threads, never on the reactor.
+//! Every change of the repository and tables holds the registry's mutation lock, but only
+//! briefly: an upload's validation (graph checks, load, trial run) runs without it, so one slow
+//! upload never holds up other registrations, removals, pins or polls. ONNX Runtime work and
+//! file I/O run on blocking threads, never on the reactor.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::bundle::{self, Bundle, ValidationLimits};
 use super::loader::Loader;
-use super::manifest::{TaskManifest, read_json, valid_name};
+use super::manifest::valid_name;
 use super::registry::{Registry, TaskEntry, TaskState, scan_tasks};
 use super::store::{self, Staging, Stamp};
-use super::task::Task;
-use super::trial::trial_run;
 use crate::error::ServeError;
 use crate::runtime::Runtime;
 
-/// A task bundle (one task version directory: task.json, slot graphs, head) being assembled in a
-/// private staging directory under `tasks/`. Dropping it deletes it.
-#[derive(Debug)]
-pub struct Bundle {
-    staging: Staging,
-    dir: PathBuf,
-}
-
-impl Bundle {
-    /// An empty bundle directory, to be filled by the caller (the upload handler).
-    pub fn create(tasks_root: &Path) -> std::io::Result<Self> {
-        let staging = Staging::create(tasks_root)?;
-        let dir = staging.path().join("upload");
-        std::fs::create_dir(&dir)?;
-        Ok(Self { staging, dir })
-    }
-
-    /// A bundle copied from an existing task version directory (for Rust callers).
-    pub fn copy_of(tasks_root: &Path, src: &Path) -> std::io::Result<Self> {
-        let bundle = Self::create(tasks_root)?;
-        copy_tree(src, &bundle.dir)?;
-        Ok(bundle)
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-}
-
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        let target = to.join(e.file_name());
-        if e.file_type()?.is_dir() {
-            copy_tree(&e.path(), &target)?;
-        } else {
-            std::fs::copy(e.path(), &target)?;
-        }
-    }
-    Ok(())
-}
+/// Highest version number a client may give (`i32::MAX`, so every client's integer type holds
+/// it); numbers handed out automatically stop there too, with an error that says what to do.
+pub const MAX_VERSION: u32 = i32::MAX as u32;
+/// Uploads validated at the same time; more wait for a turn (validation holds no lock).
+const PARALLEL_VALIDATIONS: usize = 2;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RegisterOptions {
@@ -82,13 +46,22 @@ pub struct Registered {
 pub struct Registrar {
     registry: Arc<Registry>,
     runtime: Runtime,
-    /// Creates the sessions of run-time loads; ends with the last clone.
+    limits: Arc<ValidationLimits>,
+    validating: Arc<tokio::sync::Semaphore>,
+    /// Creates the sessions of polls and reloads; ends with the last clone.
     loader: Loader,
 }
 
 impl Registrar {
     pub fn new(registry: Arc<Registry>, runtime: Runtime) -> Self {
-        Self { registry, runtime, loader: Loader::start() }
+        let validating = Arc::new(tokio::sync::Semaphore::new(PARALLEL_VALIDATIONS));
+        Self { registry, runtime, limits: Arc::default(), validating, loader: Loader::start() }
+    }
+
+    /// Bounds of upload validation (`admin.trial_timeout_ms`, `admin.extra_task_ops`).
+    pub fn with_limits(mut self, limits: ValidationLimits) -> Self {
+        self.limits = Arc::new(limits);
+        self
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -110,9 +83,61 @@ impl Registrar {
 
     async fn register_now(&self, name: &str, bundle: Bundle, opts: RegisterOptions) -> Result<Registered, ServeError> {
         check_name(name)?;
-        if opts.version == Some(0) {
-            return Err(ServeError::InvalidArgument("version must be a positive integer (omit it for the next free one)".into()));
+        if let Some(v) = opts.version {
+            check_version(v)?;
         }
+        let (version, exists) = self.reserve(name, opts).await?;
+        // Validation runs without the mutation lock, on a thread of its own: a slow or hostile
+        // upload (bounded by the trial run's time limit) never holds up other changes.
+        let started = Instant::now();
+        let outcome = async {
+            let _permit = self.validating.acquire().await.map_err(|_| ServeError::Unavailable("the server is shutting down".into()))?;
+            let (registry, runtime, limits, owned) = (self.registry.clone(), self.runtime.clone(), self.limits.clone(), name.to_string());
+            blocking(move || bundle::prepare(&registry, &runtime, &limits, &owned, version, &bundle).map(|(t, s)| (t, s, bundle))).await
+        }
+        .await;
+        let outcome = match outcome {
+            Ok((task, staged, bundle)) => {
+                let _guard = self.registry.mutation.lock().await;
+                let (tasks_root, owned) = (self.tasks_root(), name.to_string());
+                blocking(move || {
+                    let stamp = publish(&tasks_root, &owned, version, &staged)?;
+                    drop(bundle); // removes the staging directory, with the replaced version if any
+                    Ok(stamp)
+                })
+                .await
+                .map(|stamp| {
+                    let manifest = Some(task.manifest.clone());
+                    let entry = TaskEntry { name: name.into(), version, state: TaskState::Ready, manifest, task: Some(task) };
+                    self.registry.insert(entry.clone(), stamp);
+                    entry
+                })
+            }
+            Err(e) => Err(e),
+        };
+        let entry = match outcome {
+            Ok(entry) => entry,
+            Err(e) => {
+                if !exists {
+                    self.registry.remove_loading(name, version);
+                }
+                tracing::info!(task = name, version, error = %e, "registration refused");
+                return Err(e);
+            }
+        };
+        let validate = started.elapsed();
+        tracing::info!(task = name, version, replaced = exists, validate_ms = validate.as_millis() as u64, "task registered");
+        if opts.set_default {
+            let _guard = self.registry.mutation.lock().await;
+            self.pin(name, Some(version)).await?;
+        }
+        Ok(Registered { entry, validate })
+    }
+
+    /// Picks the version (under the mutation lock) and shows it as LOADING while it is validated,
+    /// which also reserves its number against concurrent uploads. Returns it and whether it
+    /// replaces an existing version.
+    async fn reserve(&self, name: &str, opts: RegisterOptions) -> Result<(u32, bool), ServeError> {
         let _guard = self.registry.mutation.lock().await;
         let task_dir = self.tasks_root().join(name);
         let mut known: BTreeSet<u32> = self.registry.version_numbers(name);
@@ -125,61 +150,26 @@ impl Registrar {
         .await?;
         known.extend(on_disk);
         let highest = known.last().copied().max(last).unwrap_or(0);
-        let version = opts.version.unwrap_or(highest + 1);
+        let version = match opts.version {
+            Some(v) => v,
+            None => next_version(name, highest)?,
+        };
         let exists = known.contains(&version);
+        if self.registry.is_loading(name, version) {
+            return Err(ServeError::FailedPrecondition(format!(
+                "task `{name}@{version}` is being registered by another upload; retry when it is READY or FAILED"
+            )));
+        }
         if exists && !opts.replace {
             return Err(ServeError::FailedPrecondition(format!(
                 "task `{name}@{version}` already exists; set `replace` to swap it, or omit the version to get the next free one"
             )));
         }
         if !exists {
-            // Visible as LOADING while it is validated.
             let placeholder = TaskEntry { name: name.into(), version, state: TaskState::Loading, manifest: None, task: None };
             self.registry.insert(placeholder, None);
         }
-        let (registry, runtime, owned_name) = (self.registry.clone(), self.runtime.clone(), name.to_string());
-        let started = Instant::now();
-        let outcome = self
-            .loader
-            .run(move || {
-                let (task, staged) = prepare(&registry, &runtime, &owned_name, version, &bundle)?;
-                let target = registry.root().join("tasks").join(&owned_name).join(version.to_string());
-                store::crash_point("before-publish");
-                let published =
-                    if target.is_dir() { store::publish_replace(&staged, &target) } else { store::publish_new(&staged, &target) };
-                published.map_err(|e| {
-                    ServeError::FailedPrecondition(format!(
-                        "cannot publish `{owned_name}@{version}` (another replica may have published it first; retry): {e}"
-                    ))
-                })?;
-                store::crash_point("after-publish");
-                // Published either way; a missing record is restored by the unregister that needs it.
-                if let Err(e) = store::raise_last_version(target.parent().expect("task dir"), version) {
-                    tracing::warn!(task = %owned_name, version, error = %e, "cannot record the highest assigned version");
-                }
-                drop(bundle); // removes the staging directory, with the replaced version if any
-                Ok((task, Stamp::of(&target)))
-            })
-            .await;
-        let (task, stamp) = match outcome {
-            Ok(ok) => ok,
-            Err(e) => {
-                if !exists {
-                    self.registry.remove(name, version);
-                }
-                tracing::info!(task = name, version, error = %e, "registration refused");
-                return Err(e);
-            }
-        };
-        let validate = started.elapsed();
-        let entry =
-            TaskEntry { name: name.into(), version, state: TaskState::Ready, manifest: Some(task.manifest.clone()), task: Some(task) };
-        self.registry.insert(entry.clone(), stamp);
-        tracing::info!(task = name, version, replaced = exists, validate_ms = validate.as_millis() as u64, "task registered");
-        if opts.set_default {
-            self.pin(name, Some(version)).await?;
-        }
-        Ok(Registered { entry, validate })
+        Ok((version, exists))
     }
 
     /// Removes one version (or all of them) from disk and from service. Requests that already
@@ -208,6 +198,9 @@ impl Registrar {
         {
             return Err(ServeError::NotFound(format!("task `{name}` has no version {v}; versions: {all:?}")));
         }
+        if let Some(v) = all.iter().find(|v| version.is_none_or(|w| w == **v) && self.registry.is_loading(name, **v)) {
+            return Err(ServeError::FailedPrecondition(format!("task `{name}@{v}` is being registered; retry when it is READY or FAILED")));
+        }
         let tasks_root = self.tasks_root();
         let pinned = self.registry.pinned_version(name).or_else(|| store::read_default(&task_dir));
         blocking(move || {
@@ -220,12 +213,14 @@ impl Registrar {
                     // Before a version goes, the record must cover it, so its number is not reused.
                     let highest = all.last().copied().unwrap_or(v);
                     store::raise_last_version(&task_dir, highest).map_err(io_error)?;
+                    // The pin goes first: a crash in between leaves the version unpinned, never a
+                    // pin naming a version that is gone (which a later upload of it would inherit).
+                    if pinned == Some(v) || store::read_default(&task_dir) == Some(v) {
+                        store::write_default(&task_dir, None).map_err(io_error)?;
+                    }
                     if on_disk.contains(&v) {
                         store::retire(&task_dir.join(v.to_string()), &trash.path().join("version")).map_err(io_error)?;
                         store::crash_point("after-retire");
-                    }
-                    if pinned == Some(v) {
-                        store::write_default(&task_dir, None).map_err(io_error)?;
                     }
                     if versions_on_disk(&task_dir).is_empty() {
                         let _ = store::write_default(&task_dir, None);
@@ -308,6 +303,9 @@ impl Registrar {
         for (name, snap) in &memory {
             let on_disk = disk.get(name).unwrap_or(&empty);
             for version in snap.versions.keys().filter(|v| !on_disk.versions.contains_key(v)) {
+                if self.registry.is_loading(name, *version) {
+                    continue; // an upload of this process, being validated
+                }
                 tracing::info!(task = %name, version, "task version removed from the repository; unloading");
                 self.registry.remove(name, *version);
                 changes += 1;
@@ -366,69 +364,51 @@ impl Registrar {
     }
 }
 
-/// Everything before publishing, on a blocking thread: layout, manifest, files, load, trial run,
-/// fsync. Returns the loaded task and the staged version directory.
-fn prepare(registry: &Registry, runtime: &Runtime, name: &str, version: u32, bundle: &Bundle) -> Result<(Arc<Task>, PathBuf), ServeError> {
-    let invalid = |m: String| ServeError::InvalidArgument(m);
-    // Task::load checks that a task lives in <name>/<version>/: stage it that way.
-    let staged = bundle.staging.path().join(name).join(version.to_string());
-    std::fs::create_dir_all(staged.parent().expect("has parent")).map_err(io_error)?;
-    std::fs::rename(&bundle.dir, &staged).map_err(io_error)?;
-    let manifest_path = staged.join("task.json");
-    if !manifest_path.is_file() {
-        return Err(invalid("task.json: missing from the bundle (it must be at the top level)".into()));
+/// Publishes a validated staged version as `tasks/<name>/<version>/` (under the mutation lock,
+/// on a blocking thread); the stamp of the published directory.
+fn publish(tasks_root: &Path, name: &str, version: u32, staged: &Path) -> Result<Option<Stamp>, ServeError> {
+    let task_dir = tasks_root.join(name);
+    let target = task_dir.join(version.to_string());
+    // A pin naming a version that does not exist is stale (a crash of an older release left it):
+    // cleared before publishing, so the new version does not inherit it.
+    if !target.is_dir() && store::read_default(&task_dir) == Some(version) {
+        tracing::warn!(task = name, version, "removing a stale DEFAULT pin that named a missing version");
+        store::write_default(&task_dir, None).map_err(io_error)?;
     }
-    rewrite_identity(&manifest_path, name, version)?;
-    let relative = |m: String| m.replace(&format!("{}/", staged.display()), "");
-    let manifest: TaskManifest = read_json(&manifest_path).map_err(|e| invalid(relative(e.to_string())))?;
-    let referenced = manifest.files();
-    for file in files_under(&staged).map_err(io_error)? {
-        if !referenced.contains(&file) {
-            return Err(invalid(format!("{file}: not referenced by task.json (a bundle holds task.json and the graphs it names)")));
-        }
-    }
-    let backbone = registry.backbone(&manifest.backbone).ok_or_else(|| {
-        let known: Vec<String> = registry.backbones().iter().map(|b| b.name().to_string()).collect();
+    store::crash_point("before-publish");
+    let published = if target.is_dir() { store::publish_replace(staged, &target) } else { store::publish_new(staged, &target) };
+    published.map_err(|e| {
         ServeError::FailedPrecondition(format!(
-            "task.json: backbone `{}` is not loaded on this server; loaded backbones: {known:?}",
-            manifest.backbone
+            "cannot publish `{name}@{version}` (another replica may have published it first; retry): {e}"
         ))
     })?;
-    let task = Task::load(runtime, &staged, backbone).map_err(|e| invalid(relative(e.to_string())))?;
-    trial_run(&task).map_err(|e| invalid(relative(e.to_string())))?;
-    store::sync_tree(&staged).map_err(io_error)?;
-    Ok((Arc::new(task), staged))
-}
-
-/// The header's name and version win over what task.json says.
-fn rewrite_identity(path: &Path, name: &str, version: u32) -> Result<(), ServeError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ServeError::InvalidArgument(format!("task.json: cannot read: {e}")))?;
-    let mut value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| ServeError::InvalidArgument(format!("task.json: invalid JSON: {e}")))?;
-    let obj = value.as_object_mut().ok_or_else(|| ServeError::InvalidArgument("task.json: must be a JSON object".into()))?;
-    obj.insert("name".into(), name.into());
-    obj.insert("version".into(), version.into());
-    let out = serde_json::to_string_pretty(&value).map_err(|e| ServeError::Internal(e.to_string()))?;
-    std::fs::write(path, out + "\n").map_err(io_error)
-}
-
-/// Relative '/'-separated paths of the regular files under `dir`.
-fn files_under(dir: &Path) -> std::io::Result<Vec<String>> {
-    let mut out = Vec::new();
-    let mut stack = vec![(dir.to_path_buf(), String::new())];
-    while let Some((d, prefix)) = stack.pop() {
-        for e in std::fs::read_dir(&d)? {
-            let e = e?;
-            let rel = format!("{prefix}{}", e.file_name().to_string_lossy());
-            if e.file_type()?.is_dir() {
-                stack.push((e.path(), format!("{rel}/")));
-            } else {
-                out.push(rel);
-            }
-        }
+    store::crash_point("after-publish");
+    // Published either way; a missing record is restored by the unregister that needs it.
+    if let Err(e) = store::raise_last_version(&task_dir, version) {
+        tracing::warn!(task = name, version, error = %e, "cannot record the highest assigned version");
     }
-    out.sort();
-    Ok(out)
+    Ok(Stamp::of(&target))
+}
+
+/// A version a client gives: 1..=MAX_VERSION.
+fn check_version(version: u32) -> Result<(), ServeError> {
+    match version {
+        0 => Err(ServeError::InvalidArgument("version must be a positive integer (omit it for the next free one)".into())),
+        v if v > MAX_VERSION => Err(ServeError::InvalidArgument(format!(
+            "version {v} is too large: versions go up to {MAX_VERSION} (omit it for the next free one)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The number after `highest`, or an error once numbers are used up (never wraps to 0).
+fn next_version(name: &str, highest: u32) -> Result<u32, ServeError> {
+    highest.checked_add(1).filter(|v| *v <= MAX_VERSION).ok_or_else(|| {
+        ServeError::FailedPrecondition(format!(
+            "task `{name}` has used version numbers up to {highest}, and automatic numbering stops at {MAX_VERSION}: \
+             give a free version explicitly, or unregister every version of the task to start again at 1"
+        ))
+    })
 }
 
 fn versions_on_disk(task_dir: &Path) -> BTreeSet<u32> {

@@ -62,8 +62,9 @@ pub struct Registry {
     tables: RwLock<Tables>,
     /// Bumped on every change of the task tables; the health reporter follows it.
     changes: watch::Sender<u64>,
-    /// Serialises every change of the repository and tables (uploads, removals, pins, polls), in
-    /// this process; replicas coordinate through atomic renames only (`store`).
+    /// Serialises every change of the repository and tables (removals, pins, polls, and an
+    /// upload's version choice and publishing, not its validation), in this process; replicas
+    /// coordinate through atomic renames only (`store`).
     pub(crate) mutation: tokio::sync::Mutex<()>,
 }
 
@@ -73,11 +74,18 @@ impl Registry {
     /// uploads (`tasks/.staging-*`) are removed first.
     pub fn open(runtime: &Runtime, root: &Path) -> Result<Self, LoadError> {
         store::clean_leftovers(&root.join("tasks"));
+        store::clear_stale_pins(&root.join("tasks"));
         let mut tables = Tables::default();
         for dir in subdirs(&root.join("backbones"))? {
             match Backbone::load(runtime, &dir) {
                 Ok(b) => {
-                    tracing::info!(backbone = b.name(), layers = b.num_layers(), hidden = b.manifest.hidden_size, "backbone loaded");
+                    tracing::info!(
+                        backbone = b.name(),
+                        architecture = b.manifest.architecture.as_str(),
+                        layers = b.num_layers(),
+                        hidden = b.manifest.hidden_size,
+                        "backbone loaded"
+                    );
                     tables.backbones.insert(b.name().to_string(), Arc::new(b));
                 }
                 Err(e) => tracing::error!(error = %e, "backbone refused"),
@@ -254,6 +262,18 @@ impl Registry {
         Some(removed)
     }
 
+    /// Whether `name@version` is an upload being validated (listed as LOADING).
+    pub fn is_loading(&self, name: &str, version: u32) -> bool {
+        self.read().tasks.get(name).and_then(|v| v.get(&version)).is_some_and(|e| e.state == TaskState::Loading)
+    }
+
+    /// Removes the LOADING placeholder of a refused upload (not a version loaded meanwhile).
+    pub(crate) fn remove_loading(&self, name: &str, version: u32) {
+        if self.is_loading(name, version) {
+            self.remove(name, version);
+        }
+    }
+
     pub(crate) fn set_pinned(&self, name: &str, version: Option<u32>) {
         {
             let mut tables = self.write();
@@ -392,7 +412,8 @@ pub fn scan_tasks(root: &Path) -> Result<BTreeMap<String, TaskSnapshot>, LoadErr
                 None => tracing::warn!(dir = %version_dir.display(), "ignoring task version directory that is not a number"),
             }
         }
-        snap.pinned = store::read_default(&task_dir);
+        // A pin naming a version that is not there is ignored (`clear_stale_pins` removes it).
+        snap.pinned = store::read_default(&task_dir).filter(|v| snap.versions.contains_key(v));
         if !snap.versions.is_empty() {
             out.insert(name, snap);
         }

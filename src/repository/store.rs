@@ -271,6 +271,32 @@ pub fn clean_leftovers(tasks_root: &Path) -> usize {
     removed
 }
 
+/// Removes `DEFAULT` pins that name a version directory that does not exist (an unregister of
+/// an older release crashed between removing the version and its pin). Left in place, the pin
+/// would silently make a later upload of that number the default. Returns how many were removed.
+pub fn clear_stale_pins(tasks_root: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(tasks_root) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let task_dir = entry.path();
+        if entry.file_name().to_string_lossy().starts_with('.') || !task_dir.is_dir() {
+            continue;
+        }
+        let Some(v) = read_default(&task_dir) else { continue };
+        if task_dir.join(v.to_string()).is_dir() {
+            continue;
+        }
+        match write_default(&task_dir, None) {
+            Ok(()) => {
+                removed += 1;
+                tracing::warn!(task_dir = %task_dir.display(), version = v, "removed a DEFAULT pin naming a version that does not exist");
+            }
+            Err(e) => tracing::warn!(task_dir = %task_dir.display(), error = %e, "cannot remove a stale DEFAULT pin"),
+        }
+    }
+    removed
+}
+
 fn in_use(staging: &Path) -> bool {
     let Ok(f) = File::open(staging.join(LOCK_FILE)) else { return false };
     f.try_lock().is_err()
@@ -390,6 +416,21 @@ mod tests {
         assert_eq!(status.signal(), Some(libc::SIGABRT), "{status} {stderr}");
         assert!(stderr.contains("ADAPTERDROP_CRASH_AT=unit-crash: aborting"), "{stderr}");
         assert!(took >= Duration::from_millis(1500), "no pause: {took:?}");
+    }
+
+    #[test]
+    fn stale_pins_are_cleared_and_live_ones_kept() {
+        let root = tempfile::tempdir().unwrap();
+        for (task, versions, pin) in [("stale", &[2u32, 3][..], 1u32), ("live", &[1, 2][..], 1)] {
+            let dir = root.path().join(task);
+            for v in versions {
+                fs::create_dir_all(dir.join(v.to_string())).unwrap();
+            }
+            write_default(&dir, Some(pin)).unwrap();
+        }
+        assert_eq!(clear_stale_pins(root.path()), 1);
+        assert_eq!(read_default(&root.path().join("stale")), None);
+        assert_eq!(read_default(&root.path().join("live")), Some(1));
     }
 
     #[test]

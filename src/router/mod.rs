@@ -8,10 +8,13 @@ use std::time::Instant;
 
 use crate::config::LimitSettings;
 use crate::context::Context;
-use crate::engine::{Job, TaskRun, stat_keys};
-use crate::error::ServeError;
+use crate::engine::{Job, TaskRun, executor, stat_keys};
+use crate::error::{ServeError, clip};
 use crate::proto::{InferRequest, TaskRef, infer_request::Inputs};
 use crate::repository::Registry;
+
+/// Longest task reference that can name a task: a 64-character name and `@4294967295`.
+const MAX_TASK_REF: usize = 64 + 11;
 
 pub struct Router {
     pub registry: Arc<Registry>,
@@ -53,19 +56,45 @@ impl Router {
                 self.limits.max_sequences_per_request
             )));
         }
+        let text_bytes: usize = match &req.inputs {
+            Some(Inputs::Texts(t)) => t.texts.iter().map(String::len).sum(),
+            Some(Inputs::Pairs(p)) => p.pairs.iter().map(|p| p.text.len() + p.text_pair.len()).sum(),
+            _ => 0,
+        };
+        if text_bytes > self.limits.max_request_text_bytes {
+            return Err(ServeError::InvalidArgument(format!(
+                "the texts of this request have {text_bytes} bytes together; the limit is {} (limits.max_request_text_bytes): \
+                 split the request",
+                self.limits.max_request_text_bytes
+            )));
+        }
+        let max_bytes = self.limits.max_text_bytes;
         let sequences = match req.inputs.expect("count > 0") {
-            Inputs::Texts(t) => tokenize::encode_texts(&backbone, tokenize::text_inputs(&t.texts)?, req.truncate)?,
-            Inputs::Pairs(p) => tokenize::encode_texts(&backbone, tokenize::pair_inputs(&p.pairs)?, req.truncate)?,
+            Inputs::Texts(t) => tokenize::encode_texts(&backbone, tokenize::text_inputs(&t.texts, max_bytes)?, req.truncate)?,
+            Inputs::Pairs(p) => tokenize::encode_texts(&backbone, tokenize::pair_inputs(&p.pairs, max_bytes)?, req.truncate)?,
             Inputs::Tokens(t) => tokenize::check_ids(&backbone, t.sequences, req.truncate)?,
         };
         let tokens: usize = sequences.iter().map(|s| s.ids.len()).sum();
-        if tokens > self.limits.max_tokens_per_request {
+        let max = self.limits.max_tokens_per_request;
+        if tokens > max {
             return Err(ServeError::InvalidArgument(format!(
-                "{tokens} tokens exceed the limit of {} per request (limits.max_tokens_per_request); split the request",
-                self.limits.max_tokens_per_request
+                "{tokens} tokens exceed the limit of {max} per request (limits.max_tokens_per_request); split the request"
             )));
         }
-        Ok(Job { backbone, sequences, tasks, deadline, received })
+        // What the engine really runs: each sequence once per distinct task path (rows split
+        // where tasks' adapters differ), padded to the longest sequence.
+        let paths = executor::paths(backbone.layers.len(), tasks.iter().map(|t| (&*t.task, &t.active)));
+        let longest = sequences.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+        let rows = count.saturating_mul(paths);
+        let engine_tokens = rows.saturating_mul(longest);
+        if engine_tokens > max {
+            return Err(ServeError::InvalidArgument(format!(
+                "the engine would run {count} sequences x {paths} distinct task paths = {rows} rows of {longest} padded tokens = \
+                 {engine_tokens} tokens, over the limit of {max} per request (limits.max_tokens_per_request counts the rows a \
+                 fan-out creates); send fewer tasks or sequences per request"
+            )));
+        }
+        Ok(Job { backbone, sequences, tasks, paths, deadline, received })
     }
 
     fn resolve_tasks(&self, refs: &[TaskRef]) -> Result<Vec<TaskRun>, ServeError> {
@@ -81,6 +110,12 @@ impl Router {
         }
         let mut runs = Vec::with_capacity(refs.len());
         for r in refs {
+            if r.name.len() > MAX_TASK_REF {
+                return Err(ServeError::NotFound(format!(
+                    "task `{}` not found: task names are at most 64 characters (plus an optional `@version`)",
+                    clip(&r.name)
+                )));
+            }
             let task = self.registry.resolve(&r.name, r.version)?;
             let active = task.active_layers(r.drop_first)?;
             if let Some(first) = runs.first() {

@@ -17,10 +17,19 @@ pub fn encode_texts(backbone: &Backbone, inputs: Vec<EncodeInput<'_>>, truncate:
     })?;
     let encodings = tokenizer.encode_batch(inputs, true).map_err(|e| ServeError::InvalidArgument(format!("tokenization failed: {e}")))?;
     let max = backbone.manifest.max_positions;
-    encodings.into_iter().enumerate().map(|(i, e)| fit(i, e, max, truncate)).collect()
+    let pad = backbone.manifest.pad_token_id;
+    encodings.into_iter().enumerate().map(|(i, e)| fit(i, e, max, pad, truncate)).collect()
 }
 
-fn fit(index: usize, e: Encoding, max: usize, truncate: bool) -> Result<Sequence, ServeError> {
+fn fit(index: usize, e: Encoding, max: usize, pad: i64, truncate: bool) -> Result<Sequence, ServeError> {
+    // Text the normalizer reduced to nothing (zero-width or other invisible characters) or that
+    // holds only special tokens ("[PAD]", "[SEP]") has no content to classify.
+    let content = e.get_ids().iter().zip(e.get_special_tokens_mask()).any(|(&id, &special)| special == 0 && i64::from(id) != pad);
+    if !content {
+        return Err(ServeError::InvalidArgument(format!(
+            "input {index} has no content: after normalization it holds only special tokens or nothing"
+        )));
+    }
     let len = e.get_ids().len();
     if len > max {
         if !truncate {
@@ -43,30 +52,47 @@ fn fit(index: usize, e: Encoding, max: usize, truncate: bool) -> Result<Sequence
     })
 }
 
-pub fn text_inputs(texts: &[String]) -> Result<Vec<EncodeInput<'_>>, ServeError> {
+/// No visible content: only whitespace and control characters (NUL included).
+fn blank(text: &str) -> bool {
+    text.chars().all(|c| c.is_whitespace() || c.is_control())
+}
+
+/// Cheap checks on one text before it costs tokenizer time: size, then content.
+fn check_text(what: &str, text: &str, max_bytes: usize) -> Result<(), ServeError> {
+    if text.len() > max_bytes {
+        return Err(ServeError::InvalidArgument(format!(
+            "{what} has {} bytes; texts are limited to {max_bytes} bytes (limits.max_text_bytes): shorten it",
+            text.len()
+        )));
+    }
+    if blank(text) {
+        return Err(ServeError::InvalidArgument(format!("{what} is empty (only whitespace or control characters)")));
+    }
+    Ok(())
+}
+
+pub fn text_inputs(texts: &[String], max_bytes: usize) -> Result<Vec<EncodeInput<'_>>, ServeError> {
     texts
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            if t.trim().is_empty() {
-                Err(ServeError::InvalidArgument(format!("text {i} is empty")))
-            } else {
-                Ok(EncodeInput::Single(t.as_str().into()))
-            }
+            check_text(&format!("text {i}"), t, max_bytes)?;
+            Ok(EncodeInput::Single(t.as_str().into()))
         })
         .collect()
 }
 
-pub fn pair_inputs(pairs: &[TextPair]) -> Result<Vec<EncodeInput<'_>>, ServeError> {
+pub fn pair_inputs(pairs: &[TextPair], max_bytes: usize) -> Result<Vec<EncodeInput<'_>>, ServeError> {
     pairs
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            if p.text.trim().is_empty() || p.text_pair.trim().is_empty() {
-                Err(ServeError::InvalidArgument(format!("pair {i} has an empty text")))
-            } else {
-                Ok(EncodeInput::Dual(p.text.as_str().into(), p.text_pair.as_str().into()))
+            if blank(&p.text) || blank(&p.text_pair) {
+                return Err(ServeError::InvalidArgument(format!("pair {i} has an empty text")));
             }
+            check_text(&format!("pair {i} text"), &p.text, max_bytes)?;
+            check_text(&format!("pair {i} text_pair"), &p.text_pair, max_bytes)?;
+            Ok(EncodeInput::Dual(p.text.as_str().into(), p.text_pair.as_str().into()))
         })
         .collect()
 }
@@ -92,9 +118,6 @@ pub fn check_ids(backbone: &Backbone, inputs: Vec<TokenIds>, truncate: bool) -> 
         if mask.iter().any(|v| *v != 0 && *v != 1) {
             return bad("attention_mask values must be 0 or 1".into());
         }
-        if mask.iter().all(|v| *v == 0) {
-            return bad("attention_mask masks every token".into());
-        }
         let types = if t.token_type_ids.is_empty() { vec![0; n] } else { t.token_type_ids };
         if types.len() != n {
             return bad(format!("token_type_ids has {} entries but input_ids has {n}", types.len()));
@@ -110,6 +133,13 @@ pub fn check_ids(backbone: &Backbone, inputs: Vec<TokenIds>, truncate: bool) -> 
             seq.ids.truncate(m.max_positions);
             seq.mask.truncate(m.max_positions);
             seq.types.truncate(m.max_positions);
+        }
+        // After truncation: what the engine will see must still attend to some real token.
+        if seq.mask.iter().all(|v| *v == 0) {
+            return bad(format!("attention_mask masks every token{}", if n > m.max_positions { " that truncation keeps" } else { "" }));
+        }
+        if !seq.ids.iter().zip(&seq.mask).any(|(id, on)| *on == 1 && *id != m.pad_token_id) {
+            return bad(format!("no content: every attended token is the padding id {}", m.pad_token_id));
         }
         out.push(seq);
     }

@@ -4,13 +4,24 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
-use ort::session::{Session, SessionInputValue, SessionOutputs};
+use ort::session::{RunOptions, Session, SessionInputValue, SessionOutputs};
 use ort::value::DynValue;
 use ort::value::TensorElementType;
 use ort::value::ValueType;
 
 use super::Runtime;
 use crate::error::LoadError;
+
+thread_local! {
+    static SHRINK_NEXT_RUN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// After a large batch: the next graph run on this thread returns the free regions of the CPU
+/// arena to the system when it ends (ORT's `memory.enable_memory_arena_shrinkage`). The shared
+/// arena otherwise keeps the high-water mark of the largest batch ever run, for good.
+pub fn shrink_arena_after_next_run() {
+    SHRINK_NEXT_RUN.with(|c| c.set(true));
+}
 
 /// One dimension of a contract: any size, or exactly this size.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -84,7 +95,27 @@ impl Graph {
         read: impl FnOnce(SessionOutputs<'_>) -> ort::Result<R>,
     ) -> ort::Result<R> {
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        // CPU only: the CUDA arena is bounded by runtime.cuda_memory_limit_bytes instead.
+        if self.device == super::Device::Cpu && SHRINK_NEXT_RUN.with(|c| c.replace(false)) {
+            let mut options = RunOptions::new()?;
+            options.set("memory.enable_memory_arena_shrinkage", "cpu:0")?;
+            let outputs = session.run_with_options(inputs, &options)?;
+            return read(outputs);
+        }
         let outputs = session.run(inputs)?;
+        read(outputs)
+    }
+
+    /// [`Graph::run`] under `options`, whose terminate flag another thread may set to stop it
+    /// (the registration trial run's time limit).
+    pub fn run_with_options<'v, R>(
+        &self,
+        inputs: Vec<(&'static str, SessionInputValue<'v>)>,
+        options: &ort::session::RunOptions,
+        read: impl FnOnce(SessionOutputs<'_>) -> ort::Result<R>,
+    ) -> ort::Result<R> {
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let outputs = session.run_with_options(inputs, options)?;
         read(outputs)
     }
 

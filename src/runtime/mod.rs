@@ -6,7 +6,7 @@ mod row_ops;
 
 use std::path::{Path, PathBuf};
 
-pub use graph::{Dim, Graph, IoSpec};
+pub use graph::{Dim, Graph, IoSpec, shrink_arena_after_next_run};
 use ort::environment::{Environment, GlobalThreadPoolOptions};
 pub use row_ops::RowOps;
 
@@ -151,6 +151,17 @@ impl Runtime {
 
     pub(crate) fn optimization(&self) -> ort::session::builder::GraphOptimizationLevel {
         self.optimization
+    }
+}
+
+/// Returns the free memory at the top of the process heap and of glibc's arenas to the system.
+/// Host copies of hidden states come from malloc, which keeps freed blocks below its mmap
+/// threshold (up to 32 MiB once raised) for reuse: after a large batch that is memory for good.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and releases glibc's own free lists; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

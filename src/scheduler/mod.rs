@@ -1,5 +1,9 @@
 //! Cross-request batching: a queue actor that forms token-budget batches per backbone and hands
-//! them to the engine thread, which it never lets idle while work waits.
+//! them to the engine thread, which it never lets idle while work waits. Requests are admitted
+//! ([`Scheduler::admit`]) before any work is spent on them, and the engine's and the actor's
+//! liveness is watched so that health can follow it.
+
+mod admission;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -9,15 +13,19 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::config::BatchingSettings;
+pub use admission::{Admission, Load};
+
 use crate::context::Context;
-use crate::engine::{self, Batch, Entry, Job, JobOutput};
+use crate::engine::{self, Batch, Entry, Job, JobOutput, Liveness};
 use crate::error::ServeError;
 
 #[derive(Clone)]
 pub struct Scheduler {
     tx: mpsc::UnboundedSender<Entry>,
     permits: Arc<Semaphore>,
-    max_queued: usize,
+    load: Arc<Load>,
+    liveness: Liveness,
+    settings: BatchingSettings,
     ctx: Arc<Context>,
 }
 
@@ -27,11 +35,21 @@ impl Scheduler {
         let (tx, rx) = mpsc::unbounded_channel();
         // One batch running and one ready: the actor keeps collecting while the engine works.
         let (engine_tx, engine_rx) = mpsc::channel(1);
-        engine::spawn(engine_rx, ctx.clone());
+        let load = Arc::new(Load::default());
+        let liveness = Liveness::default();
+        engine::spawn(engine_rx, ctx.clone(), load.pace.clone(), liveness.clone());
         let permits = Arc::new(Semaphore::new(settings.max_queued));
-        let max_queued = settings.max_queued;
-        tokio::spawn(queue_actor(rx, engine_tx, settings).instrument(tracing::info_span!("queue")));
-        Self { tx, permits, max_queued, ctx }
+        let actor = tokio::spawn(queue_actor(rx, engine_tx, settings.clone()).instrument(tracing::info_span!("queue")));
+        let watcher = liveness.clone();
+        tokio::spawn(async move {
+            match actor.await {
+                Ok(ActorEnd::Closed) => {}
+                Ok(ActorEnd::EngineGone) => watcher.fail("the engine thread stopped".into()),
+                Err(e) if e.is_panic() => watcher.fail(format!("the queue actor panicked: {}", engine::panic_message(&*e.into_panic()))),
+                Err(_) => {}
+            }
+        });
+        Self { tx, permits, load, liveness, settings, ctx }
     }
 
     /// The metrics and statistics this scheduler (and its engine) record into.
@@ -39,14 +57,60 @@ impl Scheduler {
         &self.ctx
     }
 
-    /// Queues a job and waits for its result. RESOURCE_EXHAUSTED when `max_queued` jobs wait.
-    /// Every outcome is counted in the context's [`crate::stats::Stats`] for the job's tasks.
-    pub async fn submit(&self, job: Job) -> Result<JobOutput, ServeError> {
+    /// Whether the engine still runs; the server turns health NOT_SERVING when it stops.
+    pub fn liveness(&self) -> &Liveness {
+        &self.liveness
+    }
+
+    /// Requests admitted and not yet answered (queued, being prepared or running).
+    pub fn in_flight(&self) -> usize {
+        self.settings.max_queued.saturating_sub(self.permits.available_permits())
+    }
+
+    /// Takes a place in the queue before any work is spent on a request. RESOURCE_EXHAUSTED when
+    /// `max_queued` requests are admitted, or when the work already queued would keep this one
+    /// waiting longer than `max_queue_wait_ms` or past its own `deadline`.
+    pub fn admit(&self, deadline: Option<Instant>) -> Result<Admission, ServeError> {
+        if let Some(reason) = self.liveness.failure() {
+            return Err(Self::stopped(&reason));
+        }
+        let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
+            ServeError::ResourceExhausted(format!(
+                "server queue is full ({} requests waiting, batching.max_queued); retry with backoff",
+                self.settings.max_queued
+            ))
+        })?;
+        let wait = self.load.estimated_wait();
+        if let Some(max) = self.settings.max_queue_wait()
+            && wait > max
+        {
+            return Err(ServeError::ResourceExhausted(format!(
+                "the queue holds about {} ms of work, more than batching.max_queue_wait_ms ({} ms); retry with backoff",
+                wait.as_millis(),
+                max.as_millis()
+            )));
+        }
+        if let Some(d) = deadline
+            && !wait.is_zero()
+            && Instant::now() + wait > d
+        {
+            return Err(ServeError::ResourceExhausted(format!(
+                "the queue holds about {} ms of work, more than the request's deadline leaves ({} ms); retry later or allow more time",
+                wait.as_millis(),
+                d.saturating_duration_since(Instant::now()).as_millis()
+            )));
+        }
+        Ok(Admission::new(self.load.clone(), permit, self.ctx.metrics.queue_depth.clone()))
+    }
+
+    /// Queues an admitted job and waits for its result. Every outcome is counted in the
+    /// context's [`crate::stats::Stats`] for the job's tasks.
+    pub async fn submit(&self, admission: Admission, job: Job) -> Result<JobOutput, ServeError> {
         let keys = engine::stat_keys(&job.tasks);
         let (received, sequences) = (job.received, job.sequences.len());
         let input = received.elapsed();
         let submitted = Instant::now();
-        let result = self.enqueue(job).await;
+        let result = self.enqueue(admission, job).await;
         let stats = &self.ctx.stats;
         match &result {
             Ok(out) => {
@@ -61,30 +125,46 @@ impl Scheduler {
         result
     }
 
-    async fn enqueue(&self, job: Job) -> Result<JobOutput, ServeError> {
-        let _permit = self.permits.clone().try_acquire_owned().map_err(|_| {
-            ServeError::ResourceExhausted(format!(
-                "server queue is full ({} requests waiting, batching.max_queued); retry with backoff",
-                self.max_queued
-            ))
-        })?;
-        // Counts the request from queueing until its answer (or cancellation) in the depth gauge.
-        let depth = &self.ctx.metrics.queue_depth;
-        depth.inc();
-        let _depth = DepthGuard(depth);
+    async fn enqueue(&self, mut admission: Admission, job: Job) -> Result<JobOutput, ServeError> {
+        admission.queued(engine::units(&job));
         let (reply, rx) = oneshot::channel();
         let entry = Entry { job, reply, enqueued: Instant::now(), span: tracing::Span::current() };
-        self.tx.send(entry).map_err(|_| ServeError::Unavailable("the server is shutting down".into()))?;
-        rx.await.map_err(|_| ServeError::Internal("the engine dropped the request".into()))?
+        if self.tx.send(entry).is_err() {
+            return Err(self.gone().await);
+        }
+        match rx.await {
+            Ok(result) => result,
+            Err(_) => Err(self.gone().await),
+        }
+    }
+
+    /// Why the queue or the engine dropped a request: the engine stopped (its reason is set
+    /// within moments of it stopping), or the server is shutting down.
+    async fn gone(&self) -> ServeError {
+        let mut failed = self.liveness.subscribe();
+        let reason = tokio::time::timeout(std::time::Duration::from_millis(200), failed.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|r| r.ok().and_then(|r| r.clone()));
+        match reason {
+            Some(reason) => Self::stopped(&reason),
+            None => ServeError::Unavailable("the server is shutting down".into()),
+        }
+    }
+
+    fn stopped(reason: &str) -> ServeError {
+        ServeError::Unavailable(format!(
+            "the inference engine has stopped ({reason}); this server cannot answer until it is restarted, try another replica"
+        ))
     }
 }
 
-struct DepthGuard<'a>(&'a prometheus::IntGauge);
-
-impl Drop for DepthGuard<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
+/// Why the queue actor ended.
+enum ActorEnd {
+    /// Every sender is gone: the server is stopping.
+    Closed,
+    /// The engine thread is gone: nothing can run any more.
+    EngineGone,
 }
 
 /// Padded-token size of a set of jobs that would run together.
@@ -97,25 +177,28 @@ struct Footprint {
 impl Footprint {
     fn with(self, job: &Job) -> Self {
         let longest = job.sequences.iter().map(|s| s.ids.len()).max().unwrap_or(1);
-        Self { rows: self.rows + job.sequences.len(), longest: self.longest.max(longest) }
+        // Rows the engine runs: each sequence once per distinct task path of its job.
+        Self { rows: self.rows + job.sequences.len() * job.paths, longest: self.longest.max(longest) }
     }
     fn tokens(self) -> usize {
         self.rows * self.longest
     }
 }
 
-async fn queue_actor(mut rx: mpsc::UnboundedReceiver<Entry>, engine: mpsc::Sender<Batch>, settings: BatchingSettings) {
+async fn queue_actor(mut rx: mpsc::UnboundedReceiver<Entry>, engine: mpsc::Sender<Batch>, settings: BatchingSettings) -> ActorEnd {
     let mut backlog: VecDeque<Entry> = VecDeque::new();
     loop {
         // Only form a batch once the engine can take it, so late arrivals still join.
-        let Ok(slot) = engine.reserve().await else { break };
+        let Ok(slot) = engine.reserve().await else { return ActorEnd::EngineGone };
         let first = match backlog.pop_front() {
             Some(e) => e,
             None => match rx.recv().await {
                 Some(e) => e,
-                None => break,
+                None => return ActorEnd::Closed,
             },
         };
+        #[cfg(feature = "fault-injection")]
+        engine::fault::in_queue(&first);
         let backbone = first.job.backbone.clone();
         let same = |e: &Entry| Arc::ptr_eq(&e.job.backbone, &backbone);
         let mut size = Footprint::default().with(&first.job);

@@ -1,6 +1,8 @@
 //! Helpers of the admin integration tests: private repositories, bundles, admin and inference calls.
 #![allow(dead_code)]
 
+pub mod graphs;
+
 use std::path::{Path, PathBuf};
 
 use adapterdrop_serve::proto::admin_client::AdminClient;

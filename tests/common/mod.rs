@@ -34,8 +34,10 @@ pub fn server_binary() -> PathBuf {
     std::env::var_os("ADAPTERDROP_SERVER_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_adapterdrop-serve")))
 }
 
-pub fn shared_fixtures() -> PathBuf {
-    root().join("../shared/fixtures/adapterhub-tiny")
+/// Checkpoints and adapters saved by the AdapterHub `adapters` library, with its own logits
+/// (tools/train/make_adapterhub_fixtures.py, `make adapterhub-fixtures`).
+pub fn adapterhub_fixtures() -> PathBuf {
+    root().join("tests/fixtures/adapterhub-tiny")
 }
 
 pub struct TestServer {
@@ -152,14 +154,16 @@ impl TestServer {
     /// `listening`).
     pub fn admin_addr(&self) -> String {
         let end = std::time::Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
         while std::time::Instant::now() < end {
-            if let Ok(line) = self.logs.recv_timeout(Duration::from_millis(100))
-                && let Some(addr) = line.split("admin service up admin=").nth(1).and_then(|r| r.split_whitespace().next())
-            {
-                return addr.to_string();
+            if let Ok(line) = self.logs.recv_timeout(Duration::from_millis(100)) {
+                if let Some(addr) = line.split("admin service up admin=").nth(1).and_then(|r| r.split_whitespace().next()) {
+                    return addr.to_string();
+                }
+                seen.push(line);
             }
         }
-        panic!("the server did not log `admin service up admin=`");
+        panic!("the server did not log `admin service up admin=`; output:\n{}", seen.join("\n"));
     }
 
     pub fn pid(&self) -> u32 {
@@ -209,4 +213,45 @@ pub fn copy_dir(from: &Path, to: &Path) {
 pub fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch: {a:?} vs {b:?}");
     a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max)
+}
+
+/// A plain HTTP/1.1 GET of the metrics port's `/metrics`; the body.
+pub fn scrape(metrics_addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(metrics_addr).expect("connect to metrics port");
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {metrics_addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    raw.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+}
+
+/// Sum of every sample of metric `name` whose labels contain `label` (e.g. `api="native"`).
+pub fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// CPU seconds (user + system) the process has used, from /proc.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    // Fields after the command name (which may hold spaces) start at state; utime, stime are 14, 15.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// Resident memory of the process in bytes, from /proc.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let kb: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).expect("VmRSS");
+    kb * 1024
 }

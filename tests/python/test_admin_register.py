@@ -2,12 +2,9 @@
 directory, convert and upload an AdapterHub adapter, refuse a bundle whose head fails the trial
 run, pin, list and remove. The server runs on a private copy of the test repository."""
 import os
-import queue
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -19,9 +16,11 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 import register_task  # noqa: E402
+from adapterdrop_tools.fixtures import adapterhub_tiny  # noqa: E402
+from adapterdrop_tools.served import Server  # noqa: E402
 
 TOKEN = "py-admin-token"
-FIXTURE_ADAPTERS = ROOT.parent / "shared" / "fixtures" / "adapterhub-tiny" / "bert-tiny" / "adapters"
+FIXTURE_ADAPTERS = Path(adapterhub_tiny()) / "bert-tiny" / "adapters"
 
 
 def _test_repo() -> Path:
@@ -34,29 +33,14 @@ def admin_server(tmp_path_factory):
     shutil.copytree(_test_repo() / "backbones" / "bert-tiny", repo / "backbones" / "bert-tiny")
     shutil.copytree(_test_repo() / "tasks" / "sent", repo / "tasks" / "sent")
     exe = next(p for p in (ROOT / "target" / "debug" / "adapterdrop-serve", ROOT / "target" / "release" / "adapterdrop-serve") if p.is_file())
-    env = dict(os.environ, ADAPTERDROP__SERVER__LISTEN="127.0.0.1:0", ADAPTERDROP__ADMIN__LISTEN="127.0.0.1:0",
-               ADAPTERDROP__REPOSITORY__PATH=str(repo), ADAPTERDROP__AUTH__ADMIN_TOKEN=TOKEN, NO_COLOR="1",
-               ORT_DYLIB_PATH=os.environ.get("ORT_DYLIB_PATH", str(ROOT / "build" / "lib" / "libonnxruntime.so")))
-    proc = subprocess.Popen([str(exe)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: "queue.Queue[str]" = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    addr = admin = None
-    deadline = time.monotonic() + 120
-    while (addr is None or admin is None) and time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=1)
-        except queue.Empty:
-            continue
-        if "listening addr=" in line:
-            addr = line.split("listening addr=", 1)[1].split()[0]
-        if "admin service up admin=" in line:
-            admin = line.split("admin service up admin=", 1)[1].split()[0]
-    if addr is None or admin is None:
-        proc.kill()
-        pytest.fail("server did not start", pytrace=False)
-    yield {"addr": addr, "admin": admin, "repo": repo}
-    proc.terminate()
-    proc.wait(timeout=20)
+    # served.Server: every port (inference, admin, metrics) ephemeral; a failed start shows the log.
+    try:
+        srv = Server(exe, repo, timeout_s=120, extra_env={"ADAPTERDROP__AUTH__ADMIN_TOKEN": TOKEN})
+        admin = srv.admin_addr()
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    yield {"addr": srv.addr, "admin": admin, "repo": repo, "server": srv}
+    srv.stop(20)
 
 
 @pytest.fixture(scope="module")

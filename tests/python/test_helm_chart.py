@@ -430,5 +430,9 @@ def test_notes_tell_the_client_target_and_warn_about_risky_settings():
     assert f"dns:///{FULLNAME}-headless.{NAMESPACE}.svc.cluster.local:50051" in default
     assert "WARNING" not in default
     risky = notes({"admin": {"enabled": True}})
-    assert "each pod has its own copy" in risky and "without a token" in risky
+    assert "each pod has its own copy" in risky and "without a token" not in risky
+    assert f"get secret {FULLNAME}-admin-token" in risky
+    open_admin = notes({"admin": {"enabled": True}, "auth": {"generateAdminToken": False}})
+    assert "without a token" in open_admin and "get secret" not in open_admin
     assert "WARNING" not in notes(copy.deepcopy(ALL_FEATURES))
+

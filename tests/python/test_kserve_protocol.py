@@ -161,7 +161,8 @@ def test_server_keeps_serving_after_malformed_requests(kserve):
 def test_messages_over_tonics_default_limit_are_read(kserve):
     # 6 MiB of token ids: over tonic's 4 MiB default and what tritonclient may send. It must reach
     # our own validation (a length error), not die on a transport message-size limit.
-    big = np.zeros((1, 6 * 2**20 // 8), dtype=np.int64)
+    # (Ordinary token ids: all-padding input has no content and is refused.)
+    big = np.full((1, 6 * 2**20 // 8), 1037, dtype=np.int64)
     with pytest.raises(grpc.RpcError) as err:
         kserve.ModelInfer(_request(_ids("input_ids", big)), timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()

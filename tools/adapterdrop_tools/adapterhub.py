@@ -19,8 +19,12 @@ BN_DEFAULTS = {"original_ln_before": False, "original_ln_after": True, "residual
                "ln_before": False, "ln_after": False, "is_parallel": False, "scaling": 1.0,
                "use_gating": False, "leave_out": [], "phm_layer": False, "inv_adapter": None,
                "cross_adapter": False}
-KEY_RE = re.compile(r"^(?:(bert|roberta)\.)?encoder\.layer\.(\d+)\.(attention\.output|output)\.adapters\."
+# BERT/RoBERTa/XLM-R/ELECTRA: encoder.layer.{i}.(attention.output|output).adapters...;
+# DistilBERT: transformer.layer.{i}.(attention_adapters|output_adapters).adapters...
+KEY_RE = re.compile(r"^(?:(bert|roberta|distilbert|electra)\.)?(?:encoder|transformer)\.layer\.(\d+)\."
+                    r"(attention\.output|output|attention_adapters|output_adapters)\.adapters\."
                     r"([^.]+)\.(.+)$")
+ATTENTION_KEYS = ("attention.output", "attention_adapters")
 PARAM_NAMES = {"adapter_down.0.weight": "down_w", "adapter_down.0.bias": "down_b",
                "adapter_up.weight": "up_w", "adapter_up.bias": "up_b"}
 
@@ -124,8 +128,15 @@ def _check_config(cfg) -> dict:
     arch = cfg.get("architecture")
     if "configs" in cfg or arch == "union":
         raise UnsupportedAdapter("architecture 'union' (ConfigUnion / MAM / UniPELT) is not supported")
+    if arch == "lora":  # the library stores (IA)^3 as a LoRA config with composition_mode "scale"
+        method = "(IA)^3 (ia3)" if cfg.get("composition_mode") == "scale" else "LoRA (lora)"
+        raise UnsupportedAdapter(f"adapter method {method} (architecture='lora') is not supported yet: only "
+                                 "bottleneck adapters (seq_bn / Pfeiffer, double_seq_bn / Houlsby) are exported")
     if arch not in (None, "bottleneck"):
         raise UnsupportedAdapter(f"architecture {arch!r} is not supported (bottleneck adapters only)")
+    if cfg.get("is_parallel"):
+        raise UnsupportedAdapter("parallel bottleneck adapters (par_bn, is_parallel=true) are not supported yet: "
+                                 "only sequential ones (seq_bn / Pfeiffer, double_seq_bn / Houlsby)")
     for key in ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity"):
         if key not in cfg:
             raise UnsupportedAdapter(f"config lacks required field {key!r}")
@@ -192,7 +203,7 @@ def load_adapter(directory: str, num_layers: int, hidden_size: int | None = None
         if param not in PARAM_NAMES:
             raise UnsupportedAdapter(f"unexpected weight {key!r} in {wpath} (unsupported adapter parameter)")
         prefixes.add(prefix or "")
-        location = "attention" if loc == "attention.output" else "ffn"
+        location = "attention" if loc in ATTENTION_KEYS else "ffn"
         found[(int(layer), location, PARAM_NAMES[param])] = value
     prefix = sorted(prefixes)[0] + "." if prefixes and sorted(prefixes)[0] else ""
     leave_out = sorted(int(x) for x in (cfg.get("leave_out") or []))

@@ -1,8 +1,15 @@
-"""Read a Hugging Face BERT/RoBERTa checkpoint directory (config.json + model.safetensors)."""
+"""Read a Hugging Face encoder checkpoint directory (config.json + model.safetensors).
+
+Supported architectures: BERT, RoBERTa, XLM-RoBERTa, DistilBERT and ELECTRA (the discriminator /
+`ElectraModel`). DistilBERT's and ELECTRA's weights are renamed into BERT's key names here, so the
+graph builders and the numpy reference see one layout: DistilBERT has no token-type embeddings
+(`has_token_types` is false) and ELECTRA may project its embeddings (`embeddings_project.*`) when
+`embedding_size` differs from `hidden_size`."""
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,7 +17,19 @@ from safetensors.numpy import load_file
 
 from . import InvalidCheckpoint, MissingWeight
 
-KNOWN_PREFIXES = ("bert.", "roberta.")
+KNOWN_PREFIXES = ("bert.", "roberta.", "distilbert.", "electra.")
+ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra")
+ROBERTA_LIKE = ("roberta", "xlm-roberta")
+# DistilBERT (transformer.layer.{i}.<key>) -> BERT (encoder.layer.{i}.<key>)
+DISTILBERT_LAYER_KEYS = {
+    "attention.q_lin": "attention.self.query", "attention.k_lin": "attention.self.key",
+    "attention.v_lin": "attention.self.value", "attention.out_lin": "attention.output.dense",
+    "sa_layer_norm": "attention.output.LayerNorm", "ffn.lin1": "intermediate.dense",
+    "ffn.lin2": "output.dense", "output_layer_norm": "output.LayerNorm",
+}
+# DistilBERT config names -> BERT config names
+DISTILBERT_CONFIG = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                     "hidden_dim": "intermediate_size", "activation": "hidden_act"}
 
 
 @dataclass
@@ -20,7 +39,24 @@ class Checkpoint:
     path: str
     config: dict
     weights: dict = field(repr=False)
-    architecture: str  # "bert" or "roberta"
+    architecture: str  # one of ARCHITECTURES
+
+    @property
+    def roberta_like(self) -> bool:
+        """RoBERTa position ids (pad_id + cumsum of non-pad tokens)."""
+        return self.architecture in ROBERTA_LIKE
+
+    @property
+    def has_token_types(self) -> bool:
+        """DistilBERT has no token-type embeddings: its token_type_ids are ignored."""
+        return "embeddings.token_type_embeddings.weight" in self.weights
+
+    @property
+    def type_vocab_size(self) -> int:
+        """Token types the server accepts. DistilBERT ignores them; its tokenizer still writes 0/1 for pairs."""
+        if not self.has_token_types:
+            return 2
+        return int(self.get("embeddings.token_type_embeddings.weight").shape[0])
 
     @property
     def num_layers(self) -> int:
@@ -41,7 +77,7 @@ class Checkpoint:
     @property
     def pad_token_id(self) -> int:
         pad = self.config.get("pad_token_id")
-        return int(pad if pad is not None else (1 if self.architecture == "roberta" else 0))
+        return int(pad if pad is not None else (1 if self.roberta_like else 0))
 
     @property
     def eps(self) -> float:
@@ -50,7 +86,7 @@ class Checkpoint:
     @property
     def max_positions(self) -> int:
         mpe = int(self.config["max_position_embeddings"])
-        if self.architecture == "roberta":
+        if self.roberta_like:
             return mpe - self.pad_token_id - 1
         return mpe
 
@@ -70,13 +106,46 @@ class Checkpoint:
 
 
 def _architecture(config: dict) -> str:
-    mt = str(config.get("model_type", "")).lower()
-    archs = " ".join(config.get("architectures") or []).lower()
-    if mt in ("roberta", "xlm-roberta") or "roberta" in archs:
-        return "roberta"
-    if mt in ("bert", "") or "bert" in archs:
-        return "bert"
-    raise InvalidCheckpoint(f"model_type {mt!r} is not a BERT/RoBERTa encoder")
+    """The architecture from `model_type` (else `architectures`); anything else is refused by name."""
+    mt = str(config.get("model_type", "")).lower().replace("_", "-")
+    archs = [str(a) for a in (config.get("architectures") or [])]
+    if mt in ARCHITECTURES:
+        return mt
+    if mt == "":
+        joined = " ".join(archs).lower()
+        for arch, marker in (("xlm-roberta", "xlmroberta"), ("distilbert", "distilbert"), ("electra", "electra"),
+                             ("roberta", "roberta"), ("bert", "bert")):
+            if marker in joined:
+                return arch
+        if not archs:
+            return "bert"  # old BERT configs carry neither field
+    what = f"model_type {mt!r}" if mt else f"architectures {archs!r}"
+    raise InvalidCheckpoint(f"{what} is not a supported architecture; supported: {', '.join(ARCHITECTURES)}")
+
+
+def _normalize_config(config: dict, arch: str) -> dict:
+    """BERT key names for the fields the exporter reads (DistilBERT names them differently)."""
+    if arch != "distilbert":
+        return dict(config)
+    out = dict(config)
+    for src, dst in DISTILBERT_CONFIG.items():
+        if src in config:
+            out[dst] = config[src]
+    out.setdefault("layer_norm_eps", 1e-12)  # DistilBERT hard-codes nn.LayerNorm(dim, eps=1e-12)
+    return out
+
+
+def _rename_distilbert(weights: dict) -> dict:
+    out = {}
+    for k, v in weights.items():
+        m = re.match(r"^transformer\.layer\.(\d+)\.(.+)\.(weight|bias)$", k)
+        if m:
+            layer, key, leaf = m.groups()
+            if key not in DISTILBERT_LAYER_KEYS:
+                raise InvalidCheckpoint(f"unexpected DistilBERT weight {k!r}")
+            k = f"encoder.layer.{layer}.{DISTILBERT_LAYER_KEYS[key]}.{leaf}"
+        out[k] = v
+    return out
 
 
 def strip_prefix(weights: dict) -> dict:
@@ -87,7 +156,7 @@ def strip_prefix(weights: dict) -> dict:
             if k.startswith(p):
                 k = k[len(p):]
                 break
-        if k.startswith(("embeddings.", "encoder.", "pooler.")):
+        if k.startswith(("embeddings.", "encoder.", "pooler.", "embeddings_project.", "transformer.")):
             out[k] = v
     return out
 
@@ -100,7 +169,9 @@ def load_checkpoint(path: str) -> Checkpoint:
     if not os.path.isfile(st_path):
         raise InvalidCheckpoint(f"{st_path} not found (only safetensors checkpoints are supported)")
     with open(cfg_path, encoding="utf-8") as f:
-        config = json.load(f)
+        raw = json.load(f)
+    arch = _architecture(raw)
+    config = _normalize_config(raw, arch)
     act = config.get("hidden_act", "gelu")
     if act != "gelu":
         raise InvalidCheckpoint(f"hidden_act {act!r} is not supported (exact gelu only)")
@@ -111,8 +182,11 @@ def load_checkpoint(path: str) -> Checkpoint:
                 "intermediate_size", "max_position_embeddings", "vocab_size"):
         if key not in config:
             raise InvalidCheckpoint(f"{cfg_path} lacks {key!r}")
+    # DistilBERT's sinusoidal_pos_embds are stored in position_embeddings.weight like learned ones.
     weights = {k: np.asarray(v, dtype=np.float32) for k, v in strip_prefix(load_file(st_path)).items()}
-    return Checkpoint(path=path, config=config, weights=weights, architecture=_architecture(config))
+    if arch == "distilbert":
+        weights = _rename_distilbert(weights)
+    return Checkpoint(path=path, config=config, weights=weights, architecture=arch)
 
 
 def minilm_path() -> str:

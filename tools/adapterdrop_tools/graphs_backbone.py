@@ -14,9 +14,8 @@ def embeddings_graph(ck: Checkpoint):
     tt = g.input("token_type_ids", I64, ["batch", "seq"])
     g.output("hidden", F, hidden_dims(H))
     word = g.op("Gather", [g.const(ck.get("embeddings.word_embeddings.weight"), "word_embeddings"), ids], axis=0)
-    types = g.op("Gather", [g.const(ck.get("embeddings.token_type_embeddings.weight"), "token_type_embeddings"), tt], axis=0)
     pos_table = g.const(ck.get("embeddings.position_embeddings.weight"), "position_embeddings")
-    if ck.architecture == "roberta":
+    if ck.roberta_like:
         # pad_id + cumsum(ids != pad) on real tokens, pad_id on pads
         pad = g.const(ck.pad_token_id, "pad_id", np.int64)
         not_pad = g.op("Cast", [g.op("Not", [g.op("Equal", [ids, pad])])], to=I64)
@@ -27,9 +26,18 @@ def embeddings_graph(ck: Checkpoint):
         seq_len = g.op("Shape", [ids], start=1, end=2)  # [T] as a 1-D tensor
         zero, axis0 = g.const([0], "slice_start", np.int64), g.const([0], "slice_axis", np.int64)
         pos = g.op("Slice", [pos_table, zero, seq_len, axis0])  # rows 0..T-1: [T,H], broadcasts over B
-    s = g.op("Add", [g.op("Add", [word, types]), pos])
-    g.layer_norm(s, ck.get("embeddings.LayerNorm.weight"), ck.get("embeddings.LayerNorm.bias"),
-                 ck.eps, "embeddings.LayerNorm", out="hidden")
+    if ck.has_token_types:
+        types = g.op("Gather", [g.const(ck.get("embeddings.token_type_embeddings.weight"), "token_type_embeddings"), tt],
+                     axis=0)
+        s = g.op("Add", [g.op("Add", [word, types]), pos])
+    else:  # DistilBERT: no token-type embeddings; `token_type_ids` stays an (unused) input of the contract
+        s = g.op("Add", [word, pos])
+    project = "embeddings_project.weight" in ck.weights  # ELECTRA with embedding_size != hidden_size
+    ln = g.layer_norm(s, ck.get("embeddings.LayerNorm.weight"), ck.get("embeddings.LayerNorm.bias"),
+                      ck.eps, "embeddings.LayerNorm", out=None if project else "hidden")
+    if project:
+        g.linear(ln, ck.get("embeddings_project.weight"), ck.get("embeddings_project.bias"), "embeddings_project",
+                 out="hidden")
     return g.model()
 
 

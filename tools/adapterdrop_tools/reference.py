@@ -1,4 +1,4 @@
-"""Independent numpy (float64) reference of a BERT/RoBERTa encoder with AdapterHub bottleneck
+"""Independent numpy (float64) reference of a BERT/RoBERTa/XLM-R/DistilBERT/ELECTRA encoder with AdapterHub bottleneck
 adapters, AdapterDrop and the classification head, written from adapter-math.md. No ONNX here."""
 from __future__ import annotations
 
@@ -56,16 +56,19 @@ class Reference:
     def embeddings(self, ids: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, np.int64)
         tt = np.asarray(token_type_ids, np.int64)
-        if self.ck.architecture == "roberta":
+        if self.ck.roberta_like:
             pad = self.ck.pad_token_id
             not_pad = (ids != pad).astype(np.int64)
             pos = np.cumsum(not_pad, axis=1) * not_pad + pad
         else:
             pos = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
-        e = (self.w["embeddings.word_embeddings.weight"][ids]
-             + self.w["embeddings.token_type_embeddings.weight"][tt]
-             + self.w["embeddings.position_embeddings.weight"][pos])
-        return layer_norm(e, self.w["embeddings.LayerNorm.weight"], self.w["embeddings.LayerNorm.bias"], self.eps)
+        e = self.w["embeddings.word_embeddings.weight"][ids] + self.w["embeddings.position_embeddings.weight"][pos]
+        if self.ck.has_token_types:  # DistilBERT has none
+            e = e + self.w["embeddings.token_type_embeddings.weight"][tt]
+        e = layer_norm(e, self.w["embeddings.LayerNorm.weight"], self.w["embeddings.LayerNorm.bias"], self.eps)
+        if "embeddings_project.weight" in self.w:  # ELECTRA: embedding_size -> hidden_size
+            e = linear(e, self.w["embeddings_project.weight"], self.w["embeddings_project.bias"])
+        return e
 
     def attention(self, i: int, x: np.ndarray, mask: np.ndarray) -> np.ndarray:
         B, T, H = x.shape

@@ -108,7 +108,7 @@ def backbone_manifest(ck: Checkpoint, name: str, tokenizer: bool, source: str | 
         "num_heads": ck.num_heads,
         "intermediate_size": ck.intermediate_size,
         "vocab_size": int(ck.config["vocab_size"]),
-        "type_vocab_size": int(ck.config.get("type_vocab_size", 2)),
+        "type_vocab_size": ck.type_vocab_size,
         "max_positions": ck.max_positions,
         "pad_token_id": ck.pad_token_id,
         "layer_norm_eps": ck.eps,

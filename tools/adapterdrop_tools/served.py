@@ -45,7 +45,8 @@ class Server:
         self.proc = subprocess.Popen([str(binary), *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, encoding="utf-8", errors="replace")
         self.logs: list = []
-        lines: queue.Queue = queue.Queue()
+        self._lines = lines = queue.Queue()
+        self._admin_addr = None
 
         def pump():
             for line in self.proc.stdout:
@@ -63,13 +64,34 @@ class Server:
                 break
             if line is None:
                 break
-            if "metrics_addr=" in line:
-                self.metrics_addr = line.split("metrics_addr=", 1)[1].split()[0]
-            elif "listening" in line and "addr=" in line:
-                self.addr = line.split("addr=", 1)[1].split()[0]
+            self._note(line)
         if self.addr is None:
             self.stop()
             raise RuntimeError(f"{binary} did not report `listening` within {timeout_s}s; log:\n{''.join(self.logs)}")
+
+    def _note(self, line: str) -> None:
+        if "metrics_addr=" in line:
+            self.metrics_addr = line.split("metrics_addr=", 1)[1].split()[0]
+        elif "admin service up admin=" in line:
+            self._admin_addr = line.split("admin service up admin=", 1)[1].split()[0]
+        elif "listening" in line and "addr=" in line and self.addr is None:
+            self.addr = line.split("addr=", 1)[1].split()[0]
+
+    def admin_addr(self, timeout_s: float = 30) -> str:
+        """`host:port` of the admin port (logged right after `listening`); raises with the log if it
+        never comes (admin.listen set to "" disables the port)."""
+        deadline = time.monotonic() + timeout_s
+        while self._admin_addr is None and time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self._note(line)
+        if self._admin_addr is None:
+            raise RuntimeError(f"the server did not report `admin service up` within {timeout_s}s; log:\n{''.join(self.logs)}")
+        return self._admin_addr
 
     def stop(self, timeout_s: float = 15) -> int:
         """SIGTERM (graceful drain), SIGKILL after `timeout_s`; returns the exit code."""

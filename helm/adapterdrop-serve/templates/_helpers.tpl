@@ -139,3 +139,20 @@ Returned as YAML (fromYaml turns it back into a dict).
 {{- int .Values.terminationGracePeriodSeconds }}
 {{- end }}
 {{- end }}
+
+{{/* Non-empty when the chart creates the admin-token Secret itself (admin port on, no auth.existingSecret). */}}
+{{- define "adapterdrop-serve.generatesAdminToken" -}}
+{{- if and .Values.admin.enabled (not .Values.auth.existingSecret) .Values.auth.generateAdminToken }}true{{ end }}
+{{- end }}
+
+{{- define "adapterdrop-serve.adminTokenSecretName" -}}
+{{- if include "adapterdrop-serve.generatesAdminToken" . }}
+{{- printf "%s-admin-token" (include "adapterdrop-serve.fullname" .) }}
+{{- else }}
+{{- .Values.auth.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "adapterdrop-serve.adminTokenSecretKey" -}}
+{{- default "admin-token" .Values.auth.adminTokenKey }}
+{{- end }}

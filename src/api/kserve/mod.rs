@@ -5,20 +5,18 @@
 
 pub mod decode;
 pub mod encode;
+mod inputs;
 pub mod model;
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::deadline;
+use super::stream::{self, Answers, StreamPolicy};
 use crate::config::BatchingSettings;
 use crate::error::ServeError;
 use crate::kserve_proto::grpc_inference_service_server::GrpcInferenceService;
@@ -26,10 +24,6 @@ use crate::kserve_proto::infer_parameter::ParameterChoice;
 use crate::kserve_proto::*;
 use crate::router::Router;
 use crate::scheduler::Scheduler;
-
-/// Largest message in either direction: what tritonclient and Triton allow (2 GiB - 1), so that
-/// any request a standard client sends is read. Work per request stays bounded by `[limits]`.
-pub const MAX_MESSAGE_BYTES: usize = i32::MAX as usize;
 
 /// Extensions announced in ServerMetadata.
 const EXTENSIONS: &[&str] = &["model_configuration", "model_repository", "statistics", "parameters"];
@@ -42,6 +36,7 @@ pub struct KServeApi {
     pub draining: Arc<AtomicBool>,
     /// RepositoryModelLoad rescans the repository through it.
     pub registrar: Arc<crate::repository::Registrar>,
+    pub streams: StreamPolicy,
 }
 
 impl KServeApi {
@@ -57,9 +52,10 @@ impl KServeApi {
         let span = tracing::info_span!("model_infer", model = %model, id = %id);
         let ctx = scheduler.context().clone();
         let work = async move {
-            // Tensor decoding and tokenization are CPU work: keep them off the reactor threads.
-            let (decoded, job, plan) = tokio::task::spawn_blocking(move || {
-                let mut d = decode::decode(req)?;
+            // Admit (or refuse) before any work is spent on the request.
+            let admission = scheduler.admit(deadline)?;
+            let prepare = move || {
+                let mut d = decode::decode(req, &router.limits)?;
                 let deadline = match (deadline, d.timeout.map(|t| Instant::now() + t)) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -70,16 +66,22 @@ impl KServeApi {
                 let plan = encode::plan(&job.tasks, &d.prefixes, &d.outputs)
                     .inspect_err(|_| router.ctx.stats.request_failed(&crate::engine::stat_keys(&job.tasks), job.received.elapsed()))?;
                 Ok::<_, ServeError>((d, job, plan))
-            })
-            .await
-            .map_err(|e| ServeError::Internal(format!("request decoding task failed: {e}")))??;
+            };
+            // Tensor decoding and tokenization are CPU work: keep them off the reactor threads. The
+            // queue place travels with it, so a cancelled call frees its place only when that is done.
+            let (admission, prepared) = tokio::task::spawn_blocking(move || (admission, prepare()))
+                .await
+                .map_err(|e| ServeError::Internal(format!("request decoding task failed: {e}")))?;
+            let (decoded, job, plan) = prepared?;
             let runs = job.tasks.clone();
             let timeout = decoded.timeout;
             let out = match (timeout, job.deadline) {
-                (Some(_), Some(d)) => tokio::time::timeout_at(deadline::answer_by(d), scheduler.submit(job)).await.map_err(|_| {
-                    ServeError::DeadlineExceeded("the request's `timeout` parameter passed before the result was ready".into())
-                })??,
-                _ => scheduler.submit(job).await?,
+                (Some(_), Some(d)) => {
+                    tokio::time::timeout_at(deadline::answer_by(d), scheduler.submit(admission, job)).await.map_err(|_| {
+                        ServeError::DeadlineExceeded("the request's `timeout` parameter passed before the result was ready".into())
+                    })??
+                }
+                _ => scheduler.submit(admission, job).await?,
             };
             let (outputs, raw_output_contents) = encode::encode(&runs, &plan, out.logits);
             let mut parameters = std::collections::HashMap::new();
@@ -127,7 +129,7 @@ impl KServeApi {
     }
 }
 
-type StreamResponse = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
+type StreamResponse = Answers<ModelStreamInferResponse>;
 
 #[tonic::async_trait]
 impl GrpcInferenceService for KServeApi {
@@ -162,12 +164,18 @@ impl GrpcInferenceService for KServeApi {
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let deadline = deadline::from_metadata(request.metadata());
-        let work = Self::run(self.router.clone(), self.scheduler.clone(), request.into_inner(), deadline);
+        let started = Instant::now();
+        let req = request.into_inner();
+        let model_name = req.model_name.clone();
+        let work = Self::run(self.router.clone(), self.scheduler.clone(), req, deadline);
         let resp = match deadline {
             // As in the native API: answer DEADLINE_EXCEEDED before the transport cancels.
-            Some(d) => tokio::time::timeout_at(deadline::answer_by(d), work)
-                .await
-                .map_err(|_| ServeError::DeadlineExceeded("deadline exceeded before the result was ready".into()))??,
+            Some(d) => tokio::time::timeout_at(deadline::answer_by(d), work).await.map_err(|_| {
+                let e = ServeError::DeadlineExceeded("deadline exceeded before the result was ready".into());
+                // `run` was cut short before it could count this answer.
+                self.scheduler.context().metrics.record_request("kserve", &[model_name.as_str()], Err(&e), started.elapsed());
+                e
+            })??,
             None => work.await?,
         };
         Ok(Response::new(resp))
@@ -177,28 +185,22 @@ impl GrpcInferenceService for KServeApi {
 
     async fn model_stream_infer(&self, request: Request<Streaming<ModelInferRequest>>) -> Result<Response<StreamResponse>, Status> {
         let deadline = deadline::from_metadata(request.metadata());
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(128);
         let (router, scheduler) = (self.router.clone(), self.scheduler.clone());
-        tokio::spawn(async move {
-            // Each message runs concurrently so that one stream's requests batch together. A bad
-            // request gets an answer with error_message (and its id); the stream stays open.
-            while let Some(Ok(req)) = inbound.next().await {
-                let (tx, router, scheduler) = (tx.clone(), router.clone(), scheduler.clone());
-                tokio::spawn(async move {
-                    let (model_name, model_version, id) = (req.model_name.clone(), req.model_version.clone(), req.id.clone());
-                    let msg = match Self::run(router, scheduler, req, deadline).await {
-                        Ok(resp) => ModelStreamInferResponse { error_message: String::new(), infer_response: Some(resp) },
-                        Err(e) => ModelStreamInferResponse {
-                            error_message: format!("{:?}: {e}", e.code()),
-                            infer_response: Some(ModelInferResponse { model_name, model_version, id, ..Default::default() }),
-                        },
-                    };
-                    let _ = tx.send(Ok(msg)).await;
-                });
+        // A bad request gets an answer with error_message (and its id); the stream stays open.
+        let answers = stream::serve(request.into_inner(), &self.streams, move |req: ModelInferRequest| {
+            let (router, scheduler) = (router.clone(), scheduler.clone());
+            async move {
+                let (model_name, model_version, id) = (req.model_name.clone(), req.model_version.clone(), req.id.clone());
+                match Self::run(router, scheduler, req, deadline).await {
+                    Ok(resp) => ModelStreamInferResponse { error_message: String::new(), infer_response: Some(resp) },
+                    Err(e) => ModelStreamInferResponse {
+                        error_message: format!("{:?}: {e}", e.code()),
+                        infer_response: Some(ModelInferResponse { model_name, model_version, id, ..Default::default() }),
+                    },
+                }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(answers))
     }
 
     async fn model_config(&self, request: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
