@@ -2,7 +2,9 @@
 //!
 //! Data flow: [`api`] (gRPC) -> [`router`] (validation, tokenization) -> [`scheduler`] (batching)
 //! -> [`engine`] (execution plan over shared rows) -> [`runtime`] (ONNX Runtime), with
-//! [`repository`] holding what is loaded.
+//! [`repository`] holding what is loaded. [`server::App`] owns one server's state and hands its
+//! [`context::Context`] (metrics, statistics) down; errors are typed per layer and mapped to a
+//! gRPC status in [`error`].
 
 pub mod admin;
 pub mod api;

@@ -297,6 +297,7 @@ async fn crash_at_each_commit_step_leaves_the_old_or_the_new_version() {
 /// Item 21: a crash right after a pinned version is retired never leaves a pin naming a missing
 /// version (the pin goes first), and a stale pin an older release left is cleared at start-up, so
 /// a later upload of that number does not silently become the default.
+#[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_after_retiring_the_pinned_version_leaves_no_stale_pin() {
     let repo = temp_repo(&[]);
