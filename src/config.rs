@@ -124,7 +124,8 @@ pub struct TlsSettings {
 pub struct ServerSettings {
     /// Address of the gRPC port (native API, health, reflection). Port 0 picks a free port.
     pub listen: String,
-    /// Largest gRPC message accepted or sent, in bytes.
+    /// Largest gRPC message a client may send, in bytes (every API). The default fits the
+    /// largest request the default `limits` allow with margin (README "Memory bounds").
     pub max_message_bytes: usize,
     /// After SIGTERM: how long in-flight and queued requests may take before the process exits.
     pub shutdown_grace_s: u64,
@@ -137,11 +138,23 @@ pub struct ServerSettings {
     pub max_stream_in_flight: usize,
 }
 
+/// Answers are built by the server from requests within the limits, so they are not what
+/// `max_message_bytes` guards against; they keep the former 64 MiB bound (or the request bound,
+/// when that is larger), since a fan-out over many labels can exceed the request bound.
+pub const MIN_RESPONSE_BYTES: usize = 64 << 20;
+
+impl ServerSettings {
+    /// Largest gRPC message the server sends.
+    pub fn max_response_bytes(&self) -> usize {
+        self.max_message_bytes.max(MIN_RESPONSE_BYTES)
+    }
+}
+
 impl Default for ServerSettings {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:50051".into(),
-            max_message_bytes: 64 << 20,
+            max_message_bytes: 2 << 20,
             shutdown_grace_s: 30,
             max_connection_age_s: 300,
             max_stream_in_flight: 32,
@@ -333,10 +346,33 @@ impl Settings {
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
         }
-        builder
+        let settings: Self = builder
             .add_source(config::Environment::with_prefix("ADAPTERDROP").prefix_separator("__").separator("__").try_parsing(true))
             .build()?
-            .try_deserialize()
+            .try_deserialize()?;
+        settings.validate().map_err(config::ConfigError::Message)?;
+        Ok(settings)
+    }
+
+    /// Values each key's type allows but the server cannot honour: a `limits.*` count above the
+    /// codec's hard ceiling ([`crate::codec::ceilings`]) would be refused before decoding anyway,
+    /// so start-up stops and names the key instead of letting requests fail confusingly.
+    pub fn validate(&self) -> Result<(), String> {
+        use crate::codec::ceilings::{MAX_SEQUENCES, MAX_TASKS, MAX_TOKENS};
+        let l = &self.limits;
+        for (key, value, ceiling) in [
+            ("limits.max_sequences_per_request", l.max_sequences_per_request, MAX_SEQUENCES),
+            ("limits.max_tokens_per_request", l.max_tokens_per_request, MAX_TOKENS),
+            ("limits.max_tasks_per_request", l.max_tasks_per_request, MAX_TASKS),
+        ] {
+            if value > ceiling {
+                return Err(format!(
+                    "{key} = {value} is above its ceiling of {ceiling} (the protobuf decoder refuses larger requests before \
+                     any setting is consulted; see README \"Memory bounds\")"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -377,6 +413,27 @@ mod tests {
         }
         assert_eq!("extended".parse::<OptimizationLevel>().unwrap(), OptimizationLevel::Extended);
         assert!("EXTENDED".parse::<OptimizationLevel>().unwrap_err().contains("`extended`"));
+    }
+
+    #[test]
+    fn limits_above_the_codec_ceilings_stop_start_up_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let load = |toml: &str| {
+            std::fs::write(&path, toml).unwrap();
+            Settings::load(Some(&path))
+        };
+        let at = load("[limits]\nmax_sequences_per_request = 4096\nmax_tokens_per_request = 1048576\nmax_tasks_per_request = 1024\n");
+        assert!(at.is_ok(), "{at:?}");
+        for (toml, key, ceiling) in [
+            ("[limits]\nmax_sequences_per_request = 4097\n", "limits.max_sequences_per_request", "4096"),
+            ("[limits]\nmax_tokens_per_request = 1048577\n", "limits.max_tokens_per_request", "1048576"),
+            ("[limits]\nmax_tasks_per_request = 100000\n", "limits.max_tasks_per_request", "1024"),
+        ] {
+            let msg = load(toml).unwrap_err().to_string();
+            assert!(msg.contains(key) && msg.contains(ceiling), "{msg}");
+        }
+        assert!(Settings::default().validate().is_ok());
     }
 
     #[test]

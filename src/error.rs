@@ -40,6 +40,10 @@ pub enum ServeError {
     /// A request message that is not valid protobuf: the client's fault (tonic-prost says INTERNAL).
     #[error(transparent)]
     Undecodable(#[from] crate::codec::UndecodableMessage),
+    /// A request message with more repeated elements than the codec's hard ceiling, refused from
+    /// its wire bytes before decoding (decoding would cost many times its size).
+    #[error(transparent)]
+    TooManyElements(#[from] crate::codec::TooManyElements),
     /// A broken invariant of the server itself (a task that died, a channel that closed).
     #[error("internal error: {0}")]
     Internal(String),
@@ -109,7 +113,7 @@ impl ServeError {
     pub fn code(&self) -> Code {
         match self {
             Self::NotFound(_) => Code::NotFound,
-            Self::InvalidArgument(_) | Self::Undecodable(_) => Code::InvalidArgument,
+            Self::InvalidArgument(_) | Self::Undecodable(_) | Self::TooManyElements(_) => Code::InvalidArgument,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,

@@ -119,7 +119,7 @@ impl App {
         let scheduler = Scheduler::start(self.settings.batching.clone(), self.ctx.clone());
         crate::engine::executor::shrink_above(self.settings.batching.max_batch_tokens);
         let router = Arc::new(Router { registry: self.registry.clone(), limits: self.settings.limits.clone(), ctx: self.ctx.clone() });
-        let max = self.settings.server.max_message_bytes;
+        let (max, max_out) = (self.settings.server.max_message_bytes, self.settings.server.max_response_bytes());
         // KServe v2 on the same port, same router and scheduler: requests of both APIs batch together.
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (stop_streams, stopping) = tokio::sync::watch::channel(false);
@@ -136,10 +136,10 @@ impl App {
             registrar: registrar.clone(),
             streams: streams.clone(),
         };
-        let kserve = GrpcInferenceServiceServer::new(kserve_api).max_decoding_message_size(max).max_encoding_message_size(max);
+        let kserve = GrpcInferenceServiceServer::new(kserve_api).max_decoding_message_size(max).max_encoding_message_size(max_out);
         let native = InferenceServer::new(NativeApi { router, scheduler: scheduler.clone(), streams })
             .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
+            .max_encoding_message_size(max_out);
         // Inference requires auth.inference_token when one is set; health and reflection never do.
         let inference_auth = crate::admin::BearerAuth::new(&self.settings.auth.inference_token, "inference", "auth.inference_token");
         let native = tonic::service::interceptor::InterceptedService::new(native, inference_auth.clone());

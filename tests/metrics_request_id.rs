@@ -117,3 +117,37 @@ async fn the_admin_port_returns_and_logs_request_ids_too() {
     let logs = server.drain_logs().join("\n");
     assert!(logs.contains("admin-op-7"), "the refused admin call's log line names its id:\n{logs}");
 }
+
+/// Client strings in log lines are cut as error messages cut them: a request naming 1,000 tasks of
+/// 200 bytes (200 KB) and a KServe model name of 100 KB each log one short line, with the count.
+#[tokio::test]
+async fn log_lines_show_a_bounded_number_of_cut_client_names() {
+    let server = TestServer::start(&[]);
+    let mut c = server.client().await;
+    let names: Vec<String> = (0..1000).map(|i| format!("{i:04}{}", "n".repeat(196))).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut req = request(&refs, &["x"]);
+    req.id = "i".repeat(50_000);
+    let status = c.infer(req).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let mut k = adapterdrop_serve::kserve_proto::grpc_inference_service_client::GrpcInferenceServiceClient::new(server.channel().await);
+    let model = "m".repeat(100_000);
+    let status =
+        k.model_infer(adapterdrop_serve::kserve_proto::ModelInferRequest { model_name: model, ..Default::default() }).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let logs = server.drain_logs();
+    let line = |what: &str| logs.iter().find(|l| l.contains(what)).unwrap_or_else(|| panic!("no `{what}` line:\n{}", logs.join("\n")));
+    let native = line("infer rejected");
+    println!("native line: {} bytes; KServe line: {} bytes", native.len(), line("model_infer rejected").len());
+    assert!(native.len() < 4096, "a {}-byte log line: {}…", native.len(), &native[..300]);
+    assert!(native.contains("task_count=1000") && native.contains("(+992 more)"), "{native}");
+    assert!(native.contains("0000nnn") && !native.contains("0008nnn"), "the first 8 names, cut: {native}");
+    let kserve = line("model_infer rejected");
+    assert!(kserve.len() < 4096, "a {}-byte log line: {}…", kserve.len(), &kserve[..300]);
+    assert!(kserve.contains("(100000 bytes)"), "{kserve}");
+    // The queue depth gauge says what it counts.
+    let (_, metrics) = http_get(&server.metrics_addr, "/metrics");
+    let help = metrics.lines().find(|l| l.starts_with("# HELP adapterdrop_queue_depth")).expect("queue_depth help");
+    assert!(help.contains("admitted") && help.contains("tokenized"), "{help}");
+}

@@ -4,6 +4,8 @@
 mod common;
 
 use adapterdrop_serve::proto::{InferRequest, TaskRef, Texts, infer_request::Inputs, infer_stream_response::Result as StreamResult};
+use std::time::{Duration, Instant};
+
 use common::TestServer;
 use tokio_stream::StreamExt;
 
@@ -88,28 +90,63 @@ async fn a_full_queue_answers_resource_exhausted_and_recovers() {
     c.infer(request("after", "mini-pfeiffer", None, &["still serving"])).await.expect("recovered");
 }
 
+/// A unary call over a bare HTTP/2 stream, as any gRPC client sends it but without a local timer:
+/// headers (with `grpc-timeout`) first, the message `body_delay` later (a slow link or a large
+/// message). Returns the grpc-status, its message, and when it arrived, counted from the headers
+/// (where a client's own deadline timer starts).
+async fn raw_unary(addr: &str, path: &str, timeout: &str, body_delay: Duration, msg: Vec<u8>) -> (String, String, Duration) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let req = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .body(())
+        .unwrap();
+    let started = Instant::now();
+    let (response, mut send) = client.send_request(req, false).expect("send headers");
+    tokio::time::sleep(body_delay).await;
+    let mut frame = vec![0u8];
+    frame.extend((msg.len() as u32).to_be_bytes());
+    frame.extend(msg);
+    send.send_data(frame.into(), true).expect("send message");
+    let (parts, mut body) = response.await.expect("response").into_parts();
+    let status = |h: &http::HeaderMap| {
+        let get = |k: &str| h.get(k).map(|v| v.to_str().unwrap_or("?").to_string());
+        get("grpc-status").map(|s| (s, get("grpc-message").unwrap_or_default()))
+    };
+    if let Some((code, message)) = status(&parts.headers) {
+        return (code, message, started.elapsed());
+    }
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("body");
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let trailers = body.trailers().await.expect("trailers").expect("a trailer with grpc-status");
+    let (code, message) = status(&trailers).expect("grpc-status");
+    (code, message, started.elapsed())
+}
+
 #[tokio::test]
-async fn a_request_whose_deadline_passes_in_the_queue_gets_deadline_exceeded() {
-    // A long batching window holds the request in the queue past its 300 ms deadline.
-    let server = TestServer::start(&[("ADAPTERDROP__BATCHING__MAX_BATCH_DELAY_MS", "1500")]);
-    let mut c = server.client().await;
-    // The raw header, as any gRPC client sends it (tonic's own client would also cancel locally).
-    let mut r = tonic::Request::new(request("late", "mini-pfeiffer", None, &["too late"]));
-    r.metadata_mut().insert("grpc-timeout", "300m".parse().unwrap());
-    let status = c.infer(r).await.expect_err("deadline");
-    // The server answers 20 ms before the deadline it computed on receipt; on a loaded machine
-    // tonic's own timer (started on sending) can win that race and cancel locally. Either way the
-    // server must have answered DEADLINE_EXCEEDED (counted in its metrics) instead of computing.
-    if status.code() != tonic::Code::DeadlineExceeded {
-        assert!(status.code() == tonic::Code::Cancelled && status.message().contains("Timeout expired"), "{status:?}");
-    }
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    let exceeded = || common::metric_sum(&common::scrape(&server.metrics_addr), "adapterdrop_requests_total", "code=\"DeadlineExceeded\"");
-    while exceeded() < 1.0 {
-        assert!(std::time::Instant::now() < end, "the server did not answer DEADLINE_EXCEEDED");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    c.infer(request("next", "mini-pfeiffer", None, &["on time"])).await.expect("still serving");
+async fn a_request_whose_deadline_passes_in_the_queue_gets_deadline_exceeded_before_the_clients_own_timer() {
+    // A batching window longer than the deadline holds the request in the queue.
+    let server = TestServer::start(&[("ADAPTERDROP__BATCHING__MAX_BATCH_DELAY_MS", "5000")]);
+    // The message arrives 60 ms after the headers: the server's clock for the deadline starts that
+    // much later than the client's. A 4 s deadline must still be answered before the client's own
+    // timer would fire: the margin (400 ms) leaves 340 ms for a loaded machine; the former 20 ms
+    // margin answered 40 ms after it (tonic's own server timeout even came first, CANCELLED).
+    let msg = prost::Message::encode_to_vec(&request("late", "mini-pfeiffer", None, &["too late"]));
+    let delay = Duration::from_millis(60);
+    let (code, message, took) = raw_unary(&server.addr, "/adapterdrop.v1.Inference/Infer", "4S", delay, msg).await;
+    println!("answered after {took:?} of a 4 s deadline (message sent {delay:?} after the headers): {code} {message}");
+    assert_eq!(code, (tonic::Code::DeadlineExceeded as i32).to_string(), "{message}");
+    assert!(took < Duration::from_secs(4), "answered {took:?} after the headers: after the client's own deadline of 4 s");
+    assert!(took > Duration::from_secs(2), "answered after {took:?}: far before the deadline");
+    let exceeded = common::metric_sum(&common::scrape(&server.metrics_addr), "adapterdrop_requests_total", "code=\"DeadlineExceeded\"");
+    assert_eq!(exceeded, 1.0, "the server's DEADLINE_EXCEEDED answer is counted");
+    server.client().await.list_tasks(adapterdrop_serve::proto::ListTasksRequest {}).await.expect("still serving");
 }
 
 /// Sends pre-encoded messages (valid or not) and decodes the answers as `M`.
@@ -199,6 +236,25 @@ async fn an_undecodable_stream_message_ends_the_stream_with_invalid_argument_aft
     .await;
     assert_eq!(answers.len(), 1, "{answers:?}");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    // A message over the codec's element ceilings (5,000 empty token sequences) ends the stream the
+    // same way, refused before it is decoded, naming the field.
+    let good = request("good", "mini-pfeiffer", None, &["a fine message"]).encode_to_vec();
+    let sequences = vec![adapterdrop_serve::proto::TokenIds::default(); 5_000];
+    let over = adapterdrop_serve::proto::InferRequest {
+        tasks: vec![TaskRef { name: "mini-pfeiffer".into(), ..Default::default() }],
+        inputs: Some(Inputs::Tokens(adapterdrop_serve::proto::TokenizedInputs { sequences })),
+        ..Default::default()
+    };
+    let (answers, status) = raw_stream::<adapterdrop_serve::proto::InferStreamResponse>(
+        server.channel().await,
+        "/adapterdrop.v1.Inference/InferStream",
+        vec![good, over.encode_to_vec()],
+    )
+    .await;
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("`InferRequest.tokens.sequences`"), "{}", status.message());
     let mut c = server.client().await;
     c.infer(request("after", "mini-pfeiffer", None, &["still serving"])).await.expect("still serving");
 }

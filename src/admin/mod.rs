@@ -34,9 +34,10 @@ pub fn routes(
     settings: &Settings,
 ) -> Result<Router<Stack<RequestIdLayer, Identity>>, StartError> {
     let max = settings.server.max_message_bytes;
-    let api = AdminServer::new(AdminApi { registrar, upload: upload::UploadLimits::from_settings(&settings.admin) })
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let api =
+        AdminServer::new(AdminApi { registrar, upload: upload::UploadLimits::from_settings(&settings.admin), health: health.clone() })
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(settings.server.max_response_bytes());
     let auth = BearerAuth::new(&settings.auth.admin_token, "admin", "auth.admin_token");
     if !auth.required() {
         tracing::warn!("the admin service accepts requests without a token: set auth.admin_token (ADAPTERDROP__AUTH__ADMIN_TOKEN)");

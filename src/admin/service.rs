@@ -3,6 +3,8 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status, Streaming};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use super::upload;
 use crate::api::{request_id, tasks};
@@ -17,6 +19,18 @@ use crate::repository::{RegisterOptions, Registrar};
 pub struct AdminApi {
     pub registrar: Arc<Registrar>,
     pub upload: upload::UploadLimits,
+    /// The server's health reporter: a change is visible on health before its RPC answers
+    /// (the registry follower in `api::health` would report it a moment later).
+    pub health: HealthReporter,
+}
+
+impl AdminApi {
+    /// Sets `name`'s health status from the registry now: SERVING exactly when a request without
+    /// a version would be served.
+    async fn report_health(&self, name: &str) {
+        let ready = self.registrar.registry().default_version(name).is_some();
+        self.health.set_service_status(name, if ready { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+    }
 }
 
 #[tonic::async_trait]
@@ -36,6 +50,7 @@ impl Admin for AdminApi {
         let name = h.name.clone();
         tracing::info!(request_id, task = %name, version = ?opts.version, bytes = received.bytes, files = received.files, "task bundle received");
         let done = self.registrar.register(&name, received.bundle, opts).await.inspect_err(|e| log_refused(&request_id, "register", e))?;
+        self.report_health(&name).await;
         let registry = self.registrar.registry();
         Ok(Response::new(RegisterTaskResponse {
             task: Some(tasks::get(registry, &name, Some(done.entry.version))?),
@@ -53,6 +68,7 @@ impl Admin for AdminApi {
         }
         let removed = self.registrar.unregister(&req.name, req.version).await.inspect_err(|e| log_refused(&request_id, "unregister", e))?;
         tracing::info!(request_id, task = %req.name, removed = removed.len(), "task versions unregistered");
+        self.report_health(&req.name).await;
         let removed = removed.iter().map(|e| crate::api::convert::task_info(e, false)).collect();
         Ok(Response::new(UnregisterTaskResponse { removed }))
     }
@@ -62,6 +78,7 @@ impl Admin for AdminApi {
         let req = request.into_inner();
         self.registrar.set_default(&req.name, req.version).await.inspect_err(|e| log_refused(&request_id, "set_default_version", e))?;
         tracing::info!(request_id, task = %req.name, version = ?req.version, "default version set");
+        self.report_health(&req.name).await;
         Ok(Response::new(tasks::get(self.registrar.registry(), &req.name, None)?))
     }
 

@@ -8,7 +8,7 @@ use tracing::Instrument;
 
 use super::stream::{self, Answers, StreamPolicy};
 use super::{convert, deadline, request_id};
-use crate::error::ServeError;
+use crate::error::{ServeError, clip};
 use crate::proto::infer_stream_response as stream_response;
 use crate::proto::inference_server::Inference;
 use crate::proto::{
@@ -35,10 +35,15 @@ impl NativeApi {
     ) -> Result<InferResponse, ServeError> {
         let started = Instant::now();
         let id = req.id.clone();
-        let task_names: Vec<String> = req.tasks.iter().map(|t| t.name.clone()).collect();
+        let task_names = metric_names(&req.tasks);
         let want_fusion = req.return_fusion_weights;
-        let span =
-            tracing::info_span!("infer", request_id, id = %id, tasks = ?req.tasks.iter().map(|t| t.name.as_str()).collect::<Vec<_>>());
+        let span = tracing::info_span!(
+            "infer",
+            request_id,
+            id = %clip(&id),
+            task_count = req.tasks.len(),
+            tasks = %logged_names(&req.tasks)
+        );
         let work = async {
             // Admit (or refuse) before any work is spent on the request.
             let admission = scheduler.admit(deadline)?;
@@ -87,6 +92,25 @@ impl NativeApi {
     }
 }
 
+/// Task names a log line shows; the rest are counted (`task_count`), so a request naming
+/// thousands of tasks cannot write them all into one line.
+const LOGGED_TASKS: usize = 8;
+
+/// The first [`LOGGED_TASKS`] task names, each cut like error messages cut client strings.
+fn logged_names(tasks: &[crate::proto::TaskRef]) -> String {
+    let mut shown: Vec<String> = tasks.iter().take(LOGGED_TASKS).map(|t| format!("{:?}", clip(&t.name))).collect();
+    if tasks.len() > LOGGED_TASKS {
+        shown.push(format!("… (+{} more)", tasks.len() - LOGGED_TASKS));
+    }
+    format!("[{}]", shown.join(", "))
+}
+
+/// The names `Metrics::record_request` reads: it labels at most `MAX_LABELLED_TASKS` and counts
+/// any surplus as `unknown`, so one past that is all it needs (not every name a client sent).
+fn metric_names(tasks: &[crate::proto::TaskRef]) -> Vec<String> {
+    tasks.iter().take(crate::metrics::MAX_LABELLED_TASKS + 1).map(|t| t.name.clone()).collect()
+}
+
 type ResponseStream = Answers<InferStreamResponse>;
 
 #[tonic::async_trait]
@@ -95,7 +119,7 @@ impl Inference for NativeApi {
         let deadline = deadline::from_metadata(request.metadata());
         let request_id = request_id::of(request.metadata());
         let req = request.into_inner();
-        let tasks: Vec<String> = req.tasks.iter().map(|t| t.name.clone()).collect();
+        let tasks = metric_names(&req.tasks);
         let started = Instant::now();
         let work = Self::run(self.router.clone(), self.scheduler.clone(), req, deadline, &request_id);
         let resp = match deadline {

@@ -26,7 +26,7 @@ const LATENCY_BUCKETS: &[f64] =
 pub const UNKNOWN_TASK: &str = "unknown";
 
 /// Task names of one request looked up for labels; `limits.max_tasks_per_request` is far lower.
-const MAX_LABELLED_TASKS: usize = 256;
+pub const MAX_LABELLED_TASKS: usize = 256;
 
 /// One finished engine batch, as the metrics count it.
 #[derive(Debug, Clone, Copy)]
@@ -100,8 +100,12 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(request_duration.clone())).expect("unique metric");
-        let queue_depth =
-            IntGauge::new("adapterdrop_queue_depth", "Inference requests waiting for or in the engine.").expect("valid metric");
+        let queue_depth = IntGauge::new(
+            "adapterdrop_queue_depth",
+            "Inference requests admitted and not yet answered: being decoded or tokenized, queued, or in the engine \
+                 (counted from admission, which batching.max_queued bounds).",
+        )
+        .expect("valid metric");
         r.register(Box::new(queue_depth.clone())).expect("unique metric");
         let tasks_loaded = IntGaugeVec::new(
             Opts::new("adapterdrop_tasks_loaded", "1 for every task version the server knows, labelled with its lifecycle state."),

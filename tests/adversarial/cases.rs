@@ -210,10 +210,22 @@ pub fn cases() -> Vec<Case> {
             needle: "token type 5",
         },
         Case {
-            what: "many empty token sequences",
+            what: "many empty token sequences (refused from the wire bytes, before decoding)",
             call: Call::Native(native(&["sent"], tokens(vec![(vec![], vec![], vec![]); 100_000]))),
             code: Code::InvalidArgument,
-            needle: "100000 sequences exceed the limit of 256",
+            needle: "more than 4096 elements in `InferRequest.tokens.sequences`",
+        },
+        Case {
+            what: "empty token sequences over the configured limit",
+            call: Call::Native(native(&["sent"], tokens(vec![(vec![], vec![], vec![]); 300]))),
+            code: Code::InvalidArgument,
+            needle: "300 sequences exceed the limit of 256",
+        },
+        Case {
+            what: "task references over the codec ceiling",
+            call: Call::Native(native(&["sent"; 1025], texts(&["hi"]))),
+            code: Code::InvalidArgument,
+            needle: "more than 1024 elements in `InferRequest.tasks`",
         },
         Case {
             what: "too many tasks",
@@ -294,10 +306,22 @@ pub fn cases() -> Vec<Case> {
             needle: "is too large",
         },
         Case {
-            what: "1.5 MB of empty bytes_contents",
+            what: "1.5 MB of empty bytes_contents (refused from the wire bytes, before decoding)",
             call: Call::KServe(kserve("sent", vec![typed_text(&[1], vec![vec![]; 750_000])], vec![])),
             code: Code::InvalidArgument,
-            needle: "holds 1 elements but contents.bytes_contents has 750000",
+            needle: "more than 8192 elements in `ModelInferRequest.inputs.contents.bytes_contents`",
+        },
+        Case {
+            what: "more bytes_contents than the shape",
+            call: Call::KServe(kserve("sent", vec![typed_text(&[1], vec![vec![]; 300])], vec![])),
+            code: Code::InvalidArgument,
+            needle: "holds 1 elements but contents.bytes_contents has 300",
+        },
+        Case {
+            what: "65 empty KServe inputs",
+            call: Call::KServe(kserve("sent", vec![Default::default(); 65], vec![])),
+            code: Code::InvalidArgument,
+            needle: "more than 64 elements in `ModelInferRequest.inputs`",
         },
         Case {
             what: "raw BYTES encoding more elements than the shape",

@@ -158,15 +158,31 @@ def test_server_keeps_serving_after_malformed_requests(kserve):
     assert kserve.ModelInfer(_request(_text()), timeout=30).outputs[0].name == "logits"
 
 
-def test_messages_over_tonics_default_limit_are_read(kserve):
-    # 6 MiB of token ids: over tonic's 4 MiB default and what tritonclient may send. It must reach
-    # our own validation (a length error), not die on a transport message-size limit.
+def test_messages_over_tonics_default_limit_are_read_up_to_the_configured_limit():
+    # 6 MiB of token ids: over tonic's 4 MiB default and what tritonclient may send. With
+    # `server.max_message_bytes` raised to 8 MiB it must reach our own validation (a length error),
+    # not die on a transport message-size limit; with the default (2 MiB) it is OUT_OF_RANGE.
     # (Ordinary token ids: all-padding input has no content and is refused.)
+    from adapterdrop_tools.served import Server
+
+    from .conftest import _ort_library, _server_binary, _test_repo
+
     big = np.full((1, 6 * 2**20 // 8), 1037, dtype=np.int64)
-    with pytest.raises(grpc.RpcError) as err:
-        kserve.ModelInfer(_request(_ids("input_ids", big)), timeout=60)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
-    assert "tokens but the backbone accepts at most" in err.value.details()
-    # ... and with truncate, the same message is answered.
-    req = _request(_ids("input_ids", big), parameters={"truncate": service_pb2.InferParameter(bool_param=True)})
-    assert kserve.ModelInfer(req, timeout=60).outputs[0].shape == [1, 2]
+    opts = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
+    for limit in (8 << 20, None):
+        env = {"ORT_DYLIB_PATH": str(_ort_library())}
+        if limit:
+            env["ADAPTERDROP__SERVER__MAX_MESSAGE_BYTES"] = str(limit)
+        with Server(_server_binary(), _test_repo(), timeout_s=120, extra_env=env) as srv, \
+                grpc.insecure_channel(srv.addr, options=opts) as ch:
+            kserve = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as err:
+                kserve.ModelInfer(_request(_ids("input_ids", big)), timeout=60)
+            if limit is None:
+                assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE, err.value.details()
+                continue
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert "tokens but the backbone accepts at most" in err.value.details()
+            # ... and with truncate, the same message is answered.
+            req = _request(_ids("input_ids", big), parameters={"truncate": service_pb2.InferParameter(bool_param=True)})
+            assert kserve.ModelInfer(req, timeout=60).outputs[0].shape == [1, 2]

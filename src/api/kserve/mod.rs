@@ -18,7 +18,7 @@ use tracing::Instrument;
 use super::deadline;
 use super::stream::{self, Answers, StreamPolicy};
 use crate::config::BatchingSettings;
-use crate::error::ServeError;
+use crate::error::{ServeError, clip};
 use crate::kserve_proto::grpc_inference_service_server::GrpcInferenceService;
 use crate::kserve_proto::infer_parameter::ParameterChoice;
 use crate::kserve_proto::*;
@@ -49,7 +49,8 @@ impl KServeApi {
     ) -> Result<ModelInferResponse, ServeError> {
         let (model, id) = (req.model_name.clone(), req.id.clone());
         let model_name = model.clone();
-        let span = tracing::info_span!("model_infer", model = %model, id = %id);
+        // Client strings in a log line are cut as error messages cut them (a model name may be megabytes).
+        let span = tracing::info_span!("model_infer", model = %clip(&model), id = %clip(&id));
         let ctx = scheduler.context().clone();
         let work = async move {
             // Admit (or refuse) before any work is spent on the request.
@@ -266,14 +267,14 @@ impl GrpcInferenceService for KServeApi {
         }
         let registry = &self.router.registry;
         if registry.default_version(&r.model_name).is_some() {
-            tracing::info!(model = %r.model_name, "RepositoryModelLoad: already loaded and ready; nothing to do");
+            tracing::info!(model = %clip(&r.model_name), "RepositoryModelLoad: already loaded and ready; nothing to do");
             return Ok(Response::new(RepositoryModelLoadResponse {}));
         }
         // Load = (re)read the repository from disk, as Triton does: picks up a task directory copied
         // in by an operator or another replica, and retries versions that failed to load.
         let changed = self.registrar.reconcile().await?;
         let retried = self.registrar.retry_failed(&r.model_name).await?;
-        tracing::info!(model = %r.model_name, changed, retried, "RepositoryModelLoad: repository rescanned");
+        tracing::info!(model = %clip(&r.model_name), changed, retried, "RepositoryModelLoad: repository rescanned");
         if registry.default_version(&r.model_name).is_some() {
             return Ok(Response::new(RepositoryModelLoadResponse {}));
         }
