@@ -67,6 +67,9 @@ $(TEST_REPO)/.stamp: $(VENV)/.stamp $(wildcard tools/*.py tools/adapterdrop_tool
 	$(PY) tools/make_test_repo.py --out $(TEST_REPO) --with-minilm
 	touch $@
 
+## Many tasks per replica (issue 12): N generated weights-only MiniLM tasks (about 1 MiB each on disk, under build/bench-many).
+BENCH_MANY_TASKS ?= 10000
+
 ## Long protocol fuzz run (tests/python/fuzz.py; `make test` runs 2500 calls with a fixed seed): every RPC of
 ## both ports. FUZZ_CALLS (default 50000), FUZZ_SEED (default: a fresh one, printed), FUZZ_KNOWN_OPEN.
 .PHONY: fuzz
@@ -74,11 +77,8 @@ fuzz: setup test-repo
 	cargo build $(CARGO_FLAGS)
 	FUZZ_CALLS=$${FUZZ_CALLS:-50000} FUZZ_SEED=$${FUZZ_SEED:-$$(date +%s)} $(PY) -m pytest -q -s tests/python/test_fuzz.py
 
-## Many tasks per replica (issue 12): N generated weights-only MiniLM tasks (about 1 MiB each on disk, under build/bench-many).
-BENCH_MANY_TASKS ?= 10000
-
 ## AdapterDrop Table 2 (docs/benchmarks.md). Shrink with BENCH_QUICK=1, BENCH_BACKBONES=minilm, BENCH_K, BENCH_N, BENCH_RUNS.
-bench: setup models
+bench: setup models test-repo
 	$(PY) tools/make_bench_repo.py --out build/bench-repo
 	cargo bench $(CARGO_FLAGS) --bench table2
 	cargo bench $(CARGO_FLAGS) --bench serving

@@ -118,17 +118,21 @@ fn adapter_dirs() -> Vec<(PathBuf, usize, usize)> {
             out.push((e.unwrap().path(), bb["num_layers"].as_u64().unwrap() as usize, bb["hidden_size"].as_u64().unwrap() as usize));
         }
     }
-    // Bundles of the test repository carry their AdapterHub files (bert-tiny and roberta-tiny included).
-    for task in std::fs::read_dir(repo.join("tasks")).unwrap() {
-        let dir = task.unwrap().path().join("1");
-        let Ok(m) = std::fs::read(dir.join("task.json")) else { continue };
-        let m: serde_json::Value = serde_json::from_slice(&m).unwrap();
-        let Some(rel) = m.get("adapterhub").and_then(|a| a.as_str()) else { continue };
-        let bb: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(repo.join("backbones").join(m["backbone"].as_str().unwrap()).join("backbone.json")).unwrap(),
-        )
-        .unwrap();
-        out.push((dir.join(rel), bb["num_layers"].as_u64().unwrap() as usize, bb["hidden_size"].as_u64().unwrap() as usize));
+    // Bundles of the test and breadth repositories carry their AdapterHub files (bert-tiny,
+    // roberta-tiny, and XLM-R, DistilBERT, ELECTRA key layouts).
+    let breadth = common::root().join("build/breadth-repo");
+    for repo in std::iter::once(repo).chain(breadth.join("tasks").is_dir().then_some(breadth)) {
+        for task in std::fs::read_dir(repo.join("tasks")).unwrap() {
+            let dir = task.unwrap().path().join("1");
+            let Ok(m) = std::fs::read(dir.join("task.json")) else { continue };
+            let m: serde_json::Value = serde_json::from_slice(&m).unwrap();
+            let Some(rel) = m.get("adapterhub").and_then(|a| a.as_str()) else { continue };
+            let bb: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(repo.join("backbones").join(m["backbone"].as_str().unwrap()).join("backbone.json")).unwrap(),
+            )
+            .unwrap();
+            out.push((dir.join(rel), bb["num_layers"].as_u64().unwrap() as usize, bb["hidden_size"].as_u64().unwrap() as usize));
+        }
     }
     out
 }

@@ -19,7 +19,7 @@ pub fn list(registry: &Registry) -> Vec<TaskInfo> {
 /// One version; without a version, the default (or the highest known if none is ready).
 pub fn get(registry: &Registry, name: &str, version: Option<u32>) -> Result<TaskInfo, ServeError> {
     let default = registry.default_version(name);
-    let entries: Vec<_> = registry.entries().into_iter().filter(|e| e.name == name).collect();
+    let entries = registry.entries_named(name);
     if entries.is_empty() {
         return Err(ServeError::NotFound(format!("task `{name}` not found")));
     }

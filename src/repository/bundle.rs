@@ -109,8 +109,7 @@ pub(super) fn prepare(
         .flat_map(|s| std::iter::once(s.graph.clone()).chain(s.adapters.iter().map(|a| a.graph.clone())).chain(s.up.clone()))
         .chain(manifest.head.graph.clone())
         .collect();
-    // task.json, its graphs and its AdapterHub files.
-    let referenced: BTreeSet<String> = manifest.files().into_iter().chain(graphs.iter().cloned()).collect();
+    let referenced = manifest.files();
     for file in files_under(&staged).map_err(io_error)? {
         if !referenced.contains(&file) {
             return Err(invalid(format!("{file}: not referenced by task.json (a bundle holds task.json and the graphs it names)")));

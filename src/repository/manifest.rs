@@ -109,7 +109,11 @@ impl TaskManifest {
     /// Every file of the task version directory the manifest names (relative paths).
     pub fn files(&self) -> std::collections::BTreeSet<String> {
         let mut out: std::collections::BTreeSet<String> = std::iter::once("task.json".to_string())
-            .chain(self.slots.iter().map(|s| s.graph.clone()))
+            .chain(
+                self.slots
+                    .iter()
+                    .flat_map(|s| std::iter::once(s.graph.clone()).chain(s.adapters.iter().map(|a| a.graph.clone())).chain(s.up.clone())),
+            )
             .chain(self.head.graph.clone())
             .collect();
         if let Some(dir) = &self.adapterhub {

@@ -171,6 +171,15 @@ impl Registry {
         out
     }
 
+    /// [`Self::entries`] of one task name, without cloning every other task's entry (GetTask and
+    /// every RegisterTask answer ask for one name among possibly 10,000).
+    pub fn entries_named(&self, name: &str) -> Vec<TaskEntry> {
+        let tables = self.read();
+        let mut out: Vec<TaskEntry> = tables.tasks.get(name).map(|v| v.values().cloned().collect()).unwrap_or_default();
+        out.extend(tables.draining.iter().filter(|d| d.entry.name == name && d.task.strong_count() > 0).map(|d| d.entry.clone()));
+        out
+    }
+
     /// The version numbers loaded for `name` (any state but draining): one lookup, not a snapshot
     /// of every task (registration must not cost O(tasks)).
     pub fn version_numbers(&self, name: &str) -> std::collections::BTreeSet<u32> {

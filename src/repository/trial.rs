@@ -22,10 +22,13 @@ use crate::error::LoadError;
 use crate::runtime::Graph;
 
 const ROWS: usize = 2;
+/// Where a weights-only task's head comes from, for messages.
+const HOST_HEAD_FILE: &str = "adapterhub/model_head.safetensors";
 const TOKENS: usize = 5;
 
 pub fn trial_run(task: &Task, timeout: Duration) -> Result<(), LoadError> {
-    let watchdog = Watchdog::start(timeout).map_err(|e| LoadError::new("task.json", format!("trial run: {e}")))?;
+    let head_file = task.head.as_ref().map_or(HOST_HEAD_FILE, |g| g.file());
+    let watchdog = Watchdog::start(timeout).map_err(|e| LoadError::new(head_file, format!("trial run: {e}")))?;
     let trial = Trial { watchdog: &watchdog, timeout };
     let hidden = task.backbone.manifest.hidden_size;
     let x = Array3::from_shape_fn((ROWS, TOKENS, hidden), |(i, j, k)| ((i * 131 + j * 17 + k) as f32 * 0.37).sin()).into_dyn();
@@ -54,10 +57,12 @@ pub fn trial_run(task: &Task, timeout: Duration) -> Result<(), LoadError> {
         HeadKind::Regression => 1,
     };
     match (&task.head, &task.adapterhub) {
-        (Some(head), _) => trial.run(head, &[("hidden", x.view())], &[("logits", &[ROWS, width])]).map(|_| ()),
+        (Some(head), _) => trial.run(head, &[("hidden", x.view())], &[("logits", &[ROWS, width])]).map(drop),
+        // A weights-only task's head runs on the host, from its AdapterHub weights.
         (None, Some(w)) => {
-            let logits = crate::engine::heads::head_logits_on_rows(&w.head, x.view().into_dimensionality().expect("rank 3"), &[0, 1]);
-            check("adapterhub/model_head.safetensors", "host head logits", &logits.view().into_dyn(), &[ROWS, width])
+            let x3 = x.view().into_dimensionality::<ndarray::Ix3>().map_err(|e| LoadError::new(HOST_HEAD_FILE, e.to_string()))?;
+            let logits = crate::engine::heads::head_logits_on_rows(&w.head, x3, &[0, 1]);
+            check(HOST_HEAD_FILE, "host head logits", &logits.view().into_dyn(), &[ROWS, width])
         }
         (None, None) => Err(LoadError::new("task.json", "the task has neither a head graph nor AdapterHub weights")),
     }

@@ -137,8 +137,7 @@ fn param_key(param: &str) -> &'static str {
 }
 
 /// Adapter tensors by (layer, location, parameter), every key checked against the naming scheme
-/// `[bert.|roberta.|distilbert.|electra.](encoder|transformer).layer.<i>.(attention.output|output|
-/// attention_adapters|output_adapters).adapters.<name>.<param>` (the Python exporter's `KEY_RE`); also
+/// `[<model>.](encoder|transformer).layer.<i>.<module>.adapters.<name>.<param>`; also
 /// returns the model prefix the keys use (for messages).
 type Found = BTreeMap<(usize, Location, &'static str), Tensor>;
 fn read_adapter_tensors(path: &Path, dir: &Path, name: &str) -> Result<(Found, &'static str), AdapterHubError> {
@@ -159,19 +158,18 @@ fn read_adapter_tensors(path: &Path, dir: &Path, name: &str) -> Result<(Found, &
             }
             None => key.as_str(),
         };
-        // DistilBERT names its layers transformer.layer.<i> (tools/adapterdrop_tools/adapterhub.py KEY_RE).
+        // BERT, RoBERTa, XLM-R, ELECTRA: encoder.layer.<i>.(attention.output|output);
+        // DistilBERT: transformer.layer.<i>.(attention_adapters|output_adapters).
         let rest = rest.strip_prefix("encoder.layer.").or_else(|| rest.strip_prefix("transformer.layer.")).ok_or_else(unexpected)?;
         let (layer, rest) = rest.split_once('.').ok_or_else(unexpected)?;
         let layer: usize = layer.parse().ok().filter(|_| layer.bytes().all(|b| b.is_ascii_digit())).ok_or_else(unexpected)?;
-        let (loc, rest) = if let Some(r) =
-            rest.strip_prefix("attention.output.adapters.").or_else(|| rest.strip_prefix("attention_adapters.adapters."))
-        {
-            (Location::Attention, r)
-        } else if let Some(r) = rest.strip_prefix("output.adapters.").or_else(|| rest.strip_prefix("output_adapters.adapters.")) {
-            (Location::Ffn, r)
-        } else {
-            return Err(unexpected());
-        };
+        const MODULES: [(&str, Location); 4] = [
+            ("attention.output.adapters.", Location::Attention),
+            ("attention_adapters.adapters.", Location::Attention),
+            ("output.adapters.", Location::Ffn),
+            ("output_adapters.adapters.", Location::Ffn),
+        ];
+        let (loc, rest) = MODULES.iter().find_map(|(m, loc)| rest.strip_prefix(m).map(|r| (*loc, r))).ok_or_else(unexpected)?;
         let (adapter, param) = rest.split_once('.').ok_or_else(unexpected)?;
         if adapter != name {
             return Err(invalid(path, format!("weight '{key}' belongs to adapter '{adapter}', the config names '{name}'")));
