@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::bundle::{self, Bundle, ValidationLimits};
-use super::loader::Loader;
+use super::loader::{Loader, LoaderPool};
 use super::manifest::valid_name;
 use super::registry::{Registry, TaskEntry, TaskState, scan_tasks};
 use super::store::{self, Staging, Stamp};
@@ -47,15 +47,16 @@ pub struct Registrar {
     registry: Arc<Registry>,
     runtime: Runtime,
     limits: Arc<ValidationLimits>,
-    validating: Arc<tokio::sync::Semaphore>,
+    /// Validates uploads, [`PARALLEL_VALIDATIONS`] at a time.
+    validators: Arc<LoaderPool>,
     /// Creates the sessions of polls and reloads; ends with the last clone.
     loader: Loader,
 }
 
 impl Registrar {
     pub fn new(registry: Arc<Registry>, runtime: Runtime) -> Self {
-        let validating = Arc::new(tokio::sync::Semaphore::new(PARALLEL_VALIDATIONS));
-        Self { registry, runtime, limits: Arc::default(), validating, loader: Loader::start() }
+        let validators = Arc::new(LoaderPool::start(PARALLEL_VALIDATIONS));
+        Self { registry, runtime, limits: Arc::default(), validators, loader: Loader::start() }
     }
 
     /// Bounds of upload validation (`admin.trial_timeout_ms`, `admin.extra_task_ops`).
@@ -90,12 +91,12 @@ impl Registrar {
         // Validation runs without the mutation lock, on a thread of its own: a slow or hostile
         // upload (bounded by the trial run's time limit) never holds up other changes.
         let started = Instant::now();
-        let outcome = async {
-            let _permit = self.validating.acquire().await.map_err(|_| ServeError::Unavailable("the server is shutting down".into()))?;
+        let outcome = {
             let (registry, runtime, limits, owned) = (self.registry.clone(), self.runtime.clone(), self.limits.clone(), name.to_string());
-            blocking(move || bundle::prepare(&registry, &runtime, &limits, &owned, version, &bundle).map(|(t, s)| (t, s, bundle))).await
-        }
-        .await;
+            self.validators
+                .run(move || bundle::prepare(&registry, &runtime, &limits, &owned, version, &bundle).map(|(t, s)| (t, s, bundle)))
+                .await
+        };
         let outcome = match outcome {
             Ok((task, staged, bundle)) => {
                 let _guard = self.registry.mutation.lock().await;
