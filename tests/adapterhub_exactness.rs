@@ -4,8 +4,8 @@
 
 mod common;
 
-use adapterdrop_serve::proto::{InferRequest, TaskRef, TextPair, TextPairs, Texts, TokenIds, TokenizedInputs, infer_request::Inputs};
-use common::{TestServer, adapterhub_fixtures, max_abs_diff};
+use adapterdrop_serve::proto::{TextPair, TextPairs, Texts, TokenIds, TokenizedInputs, infer_request::Inputs};
+use common::{TestServer, adapterhub_fixtures, infer_logits, max_abs_diff};
 use serde_json::Value;
 
 const TOL: f64 = 1e-4;
@@ -33,21 +33,6 @@ fn expected(v: &Value) -> Vec<Vec<f64>> {
     v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()).collect()
 }
 
-async fn infer(server: &TestServer, task: &str, n: u32, inputs: Inputs) -> Vec<Vec<f32>> {
-    let mut client = server.client().await;
-    let req = InferRequest {
-        tasks: vec![TaskRef { name: task.into(), version: None, drop_first: Some(n) }],
-        inputs: Some(inputs),
-        truncate: false,
-        return_fusion_weights: false,
-        id: String::new(),
-    };
-    let resp = client.infer(req).await.unwrap_or_else(|s| panic!("{task} n={n}: {s}")).into_inner();
-    assert_eq!(resp.results.len(), 1);
-    assert_eq!(resp.results[0].dropped_layers, (0..n).collect::<Vec<_>>());
-    resp.results[0].sequences.iter().map(|s| s.logits.clone()).collect()
-}
-
 fn assert_close(what: &str, got: &[Vec<f32>], want: &[Vec<f64>]) {
     assert_eq!(got.len(), want.len(), "{what}: row count");
     for (r, (g, w)) in got.iter().zip(want).enumerate() {
@@ -72,15 +57,15 @@ async fn bert_tiny_matches_library_for_every_drop_depth() {
     for task in ["sent", "topic", "score"] {
         for n in 0..=2u32 {
             let want = expected(&fx["logits"][task][n.to_string()]);
-            let got = infer(&server, task, n, Inputs::Tokens(TokenizedInputs { sequences: ids.clone() })).await;
+            let got = infer_logits(&server, task, n, Inputs::Tokens(TokenizedInputs { sequences: ids.clone() })).await;
             assert_close(&format!("{task} ids n={n}"), &got, &want);
             // Server-side tokenization must give the library's ids, hence the same logits.
-            let got = infer(&server, task, n, Inputs::Texts(Texts { texts: texts.clone() })).await;
+            let got = infer_logits(&server, task, n, Inputs::Texts(Texts { texts: texts.clone() })).await;
             assert_close(&format!("{task} texts n={n}"), &got, &want);
             let want = expected(&fx["pair_logits"][task][n.to_string()]);
-            let got = infer(&server, task, n, Inputs::Tokens(TokenizedInputs { sequences: pair_ids.clone() })).await;
+            let got = infer_logits(&server, task, n, Inputs::Tokens(TokenizedInputs { sequences: pair_ids.clone() })).await;
             assert_close(&format!("{task} pair ids n={n}"), &got, &want);
-            let got = infer(&server, task, n, Inputs::Pairs(TextPairs { pairs: pairs.clone() })).await;
+            let got = infer_logits(&server, task, n, Inputs::Pairs(TextPairs { pairs: pairs.clone() })).await;
             assert_close(&format!("{task} pairs n={n}"), &got, &want);
         }
     }
@@ -93,7 +78,7 @@ async fn roberta_tiny_matches_library_for_every_drop_depth() {
     let ids = unpadded(&fx["input_ids"], &fx["attention_mask"], None);
     for n in 0..=2u32 {
         let want = expected(&fx["logits"]["sent"][n.to_string()]);
-        let got = infer(&server, "rsent", n, Inputs::Tokens(TokenizedInputs { sequences: ids.clone() })).await;
+        let got = infer_logits(&server, "rsent", n, Inputs::Tokens(TokenizedInputs { sequences: ids.clone() })).await;
         assert_close(&format!("roberta sent n={n}"), &got, &want);
     }
 }

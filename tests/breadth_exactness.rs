@@ -10,10 +10,8 @@ mod common;
 
 use std::path::PathBuf;
 
-use adapterdrop_serve::proto::{
-    GetTaskRequest, InferRequest, TaskRef, TaskStatus, TextPair, TextPairs, Texts, TokenIds, TokenizedInputs, infer_request::Inputs,
-};
-use common::{TestServer, copy_dir, max_abs_diff, ort_library, root, server_binary};
+use adapterdrop_serve::proto::{GetTaskRequest, TaskStatus, TextPair, TextPairs, Texts, TokenIds, TokenizedInputs, infer_request::Inputs};
+use common::{TestServer, copy_dir, infer_logits, max_abs_diff, ort_library, root, server_binary};
 use serde_json::Value;
 
 const TOL: f64 = 1e-4;
@@ -54,20 +52,6 @@ fn strings(v: &Value) -> Vec<String> {
     v.as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect()
 }
 
-async fn infer(server: &TestServer, task: &str, n: u32, inputs: Inputs) -> Vec<Vec<f32>> {
-    let mut client = server.client().await;
-    let req = InferRequest {
-        tasks: vec![TaskRef { name: task.into(), version: None, drop_first: Some(n) }],
-        inputs: Some(inputs),
-        truncate: false,
-        return_fusion_weights: false,
-        id: String::new(),
-    };
-    let resp = client.infer(req).await.unwrap_or_else(|s| panic!("{task} n={n}: {s}")).into_inner();
-    assert_eq!(resp.results[0].dropped_layers, (0..n).collect::<Vec<_>>(), "{task} n={n}");
-    resp.results[0].sequences.iter().map(|s| s.logits.clone()).collect()
-}
-
 fn assert_close(what: &str, got: &[Vec<f32>], want: &Value) -> f64 {
     let want = want.as_array().unwrap();
     assert_eq!(got.len(), want.len(), "{what}: row count");
@@ -102,7 +86,7 @@ async fn new_backbones_match_the_library_at_every_drop_depth() {
             let ids = unpadded(&fx["inputs"][which]);
             for n in 0..=layers {
                 let want = &spec["outputs"][n.to_string()]["logits"];
-                let got = infer(&server, &task, n, Inputs::Tokens(TokenizedInputs { sequences: ids.clone() })).await;
+                let got = infer_logits(&server, &task, n, Inputs::Tokens(TokenizedInputs { sequences: ids.clone() })).await;
                 worst = worst.max(assert_close(&format!("{task} ids n={n}"), &got, want));
                 // Server-side tokenization (the exported tokenizer.json) must give the library's ids.
                 let raw = if which == "pairs" {
@@ -110,7 +94,7 @@ async fn new_backbones_match_the_library_at_every_drop_depth() {
                 } else {
                     Inputs::Texts(Texts { texts: texts.clone() })
                 };
-                let got = infer(&server, &task, n, raw).await;
+                let got = infer_logits(&server, &task, n, raw).await;
                 worst = worst.max(assert_close(&format!("{task} {which} n={n}"), &got, want));
             }
         }
@@ -208,7 +192,7 @@ async fn new_backbone_tasks_register_at_run_time() {
         let fx = reference(b);
         let ids = unpadded(&fx["inputs"]["texts"]);
         for n in 0..=fx["num_layers"].as_u64().unwrap() as u32 {
-            let got = infer(&server, &name, n, Inputs::Tokens(TokenizedInputs { sequences: ids.clone() })).await;
+            let got = infer_logits(&server, &name, n, Inputs::Tokens(TokenizedInputs { sequences: ids.clone() })).await;
             assert_close(&format!("{name} n={n}"), &got, &fx["tasks"]["houlsby"]["outputs"][n.to_string()]["logits"]);
         }
     }

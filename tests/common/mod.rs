@@ -255,3 +255,26 @@ pub fn rss_bytes(pid: u32) -> u64 {
         status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).expect("VmRSS");
     kb * 1024
 }
+
+/// One task at drop depth `n` on `inputs`: the logits per sequence, after checking that exactly
+/// the first `n` layers were dropped (the exactness suites compare these with the library's).
+pub async fn infer_logits(
+    server: &TestServer,
+    task: &str,
+    n: u32,
+    inputs: adapterdrop_serve::proto::infer_request::Inputs,
+) -> Vec<Vec<f32>> {
+    use adapterdrop_serve::proto::{InferRequest, TaskRef};
+    let mut client = server.client().await;
+    let req = InferRequest {
+        tasks: vec![TaskRef { name: task.into(), version: None, drop_first: Some(n) }],
+        inputs: Some(inputs),
+        truncate: false,
+        return_fusion_weights: false,
+        id: String::new(),
+    };
+    let resp = client.infer(req).await.unwrap_or_else(|s| panic!("{task} n={n}: {s}")).into_inner();
+    assert_eq!(resp.results.len(), 1, "{task} n={n}");
+    assert_eq!(resp.results[0].dropped_layers, (0..n).collect::<Vec<_>>(), "{task} n={n}");
+    resp.results[0].sequences.iter().map(|s| s.logits.clone()).collect()
+}
