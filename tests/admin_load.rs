@@ -155,7 +155,12 @@ async fn soak_of_register_unregister_cycles_does_not_grow_memory_or_files() {
         rss1 as i64 - rss0 as i64
     );
     assert!(fds1 <= fds0 + 2, "open files grew: {fds0} -> {fds1}");
-    assert!(rss1 <= rss0 + 3 * 1024, "memory grew: {rss0} -> {rss1} KiB");
+    // A leak grows at a steady pace; allocator and arena warm-up flattens out. So the second half
+    // of the measured cycles must be nearly flat (a 100 KiB-per-cycle creep, as tokio's blocking
+    // pool once caused, adds 3 MiB there), and the whole run within a looser bound.
+    let (_, rss_mid, _) = samples[samples.len() / 2];
+    assert!(rss1 <= rss_mid + 1536, "memory still growing in the second half: {rss_mid} -> {rss1} KiB");
+    assert!(rss1 <= rss0 + 6 * 1024, "memory grew: {rss0} -> {rss1} KiB");
     assert!(staging_dirs(repo.path()).is_empty());
     assert!(!repo.path().join("tasks/soak").exists());
 }
