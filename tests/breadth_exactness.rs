@@ -11,7 +11,7 @@ mod common;
 use std::path::PathBuf;
 
 use adapterdrop_serve::proto::{GetTaskRequest, TaskStatus, TextPair, TextPairs, Texts, TokenIds, TokenizedInputs, infer_request::Inputs};
-use common::{TestServer, copy_dir, infer_logits, max_abs_diff, ort_library, root, server_binary};
+use common::{TestServer, copy_dir, infer_logits, max_abs_diff, root};
 use serde_json::Value;
 
 const TOL: f64 = 1e-4;
@@ -105,21 +105,7 @@ async fn new_backbones_match_the_library_at_every_drop_depth() {
 /// Runs the server on `repo` until it listens; returns everything it logged until then.
 fn start_up_logs(repo: &std::path::Path) -> String {
     use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(server_binary())
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("ORT_DYLIB_PATH", ort_library())
-        .env("ADAPTERDROP__SERVER__LISTEN", "127.0.0.1:0")
-        .env("ADAPTERDROP__METRICS__LISTEN", "127.0.0.1:0")
-        .env("ADAPTERDROP__ADMIN__LISTEN", "127.0.0.1:0")
-        .env("ADAPTERDROP__REPOSITORY__PATH", repo)
-        .env("ADAPTERDROP__LOG__FORMAT", "text")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn server");
+    let mut child = common::server_command(repo).spawn().expect("spawn server");
     let (tx, rx) = std::sync::mpsc::channel();
     for stream in [Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().unwrap())] {
         let tx = tx.clone();

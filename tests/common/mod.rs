@@ -48,6 +48,24 @@ pub struct TestServer {
     pub logs: mpsc::Receiver<String>,
 }
 
+/// The server binary on `repo`, every port ephemeral on 127.0.0.1, plain-text logs on piped
+/// stdout and stderr, and an environment with nothing but what a test sets.
+pub fn server_command(repo: &Path) -> Command {
+    let mut cmd = Command::new(server_binary());
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("ORT_DYLIB_PATH", ort_library())
+        .env("ADAPTERDROP__SERVER__LISTEN", "127.0.0.1:0")
+        .env("ADAPTERDROP__METRICS__LISTEN", "127.0.0.1:0")
+        .env("ADAPTERDROP__ADMIN__LISTEN", "127.0.0.1:0")
+        .env("ADAPTERDROP__REPOSITORY__PATH", repo)
+        .env("ADAPTERDROP__LOG__FORMAT", "text")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
 impl TestServer {
     /// Starts the server on the test repository with extra `ADAPTERDROP__*` settings.
     pub fn start(env: &[(&str, &str)]) -> Self {
@@ -55,19 +73,8 @@ impl TestServer {
     }
 
     pub fn start_on(repo: &Path, env: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(server_binary());
-        cmd.env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("ORT_DYLIB_PATH", ort_library())
-            .env("ADAPTERDROP__SERVER__LISTEN", "127.0.0.1:0")
-            .env("ADAPTERDROP__METRICS__LISTEN", "127.0.0.1:0")
-            .env("ADAPTERDROP__ADMIN__LISTEN", "127.0.0.1:0")
-            .env("ADAPTERDROP__REPOSITORY__PATH", repo)
-            .env("ADAPTERDROP__RUNTIME__INTRA_THREADS", "2")
-            .env("ADAPTERDROP__LOG__FORMAT", "text")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let mut cmd = server_command(repo);
+        cmd.env("ADAPTERDROP__RUNTIME__INTRA_THREADS", "2");
         // `make gpu-check` runs the same tests on the CUDA execution provider.
         for (k, v) in std::env::vars_os() {
             let key = k.to_string_lossy();
