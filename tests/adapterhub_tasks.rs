@@ -7,28 +7,15 @@ mod common;
 
 use std::path::Path;
 
-use adapterdrop_serve::config::Settings;
 use adapterdrop_serve::repository::adapterhub::safetensors;
-use adapterdrop_serve::repository::{Bundle, Location, RegisterOptions, Registrar};
-use adapterdrop_serve::server::App;
+use adapterdrop_serve::repository::{Bundle, Location, RegisterOptions};
 use admin_support::*;
 use tonic::Code;
-
-fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-    edit(&mut v);
-    std::fs::write(path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bundles_load_their_adapterhub_weights_and_bad_ones_are_refused() {
     let repo = temp_repo(&["sent", "topic"]);
-    let mut settings = Settings::default();
-    settings.repository.path = repo.path().to_path_buf();
-    settings.runtime.library_path = Some(common::ort_library());
-    settings.runtime.intra_threads = 1;
-    let app = tokio::task::block_in_place(|| App::load(settings)).unwrap();
-    let registrar = Registrar::new(app.registry.clone(), app.runtime.clone());
+    let (app, registrar) = in_process_app(repo.path());
 
     // Loaded at start-up: the weights are there, for the task's slots, with its labels.
     let sent = app.registry.resolve("sent", None).unwrap();

@@ -122,13 +122,6 @@ async fn hostile_graphs_and_manifests_are_refused_before_they_run() {
     infer(&mut inference(&server.addr).await, "sent", None).await.unwrap();
 }
 
-fn edit_manifest(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let path = dir.join("task.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    f(&mut v);
-    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
-}
-
 /// Item 22: a graph that runs forever (an operator an operator trusted through
 /// `admin.extra_task_ops`) is stopped by the trial's time limit, and while it runs every other
 /// change goes ahead.

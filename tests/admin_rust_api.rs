@@ -4,20 +4,13 @@
 mod admin_support;
 mod common;
 
-use adapterdrop_serve::config::Settings;
-use adapterdrop_serve::repository::{Bundle, RegisterOptions, Registrar};
-use adapterdrop_serve::server::App;
+use adapterdrop_serve::repository::{Bundle, RegisterOptions};
 use admin_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registrar_registers_reconciles_and_unregisters_in_process() {
     let repo = temp_repo(&[]);
-    let mut settings = Settings::default();
-    settings.repository.path = repo.path().to_path_buf();
-    settings.runtime.library_path = Some(common::ort_library());
-    settings.runtime.intra_threads = 1;
-    let app = tokio::task::block_in_place(|| App::load(settings)).unwrap();
-    let registrar = Registrar::new(app.registry.clone(), app.runtime.clone());
+    let (app, registrar) = in_process_app(repo.path());
     let mut changes = app.registry.subscribe();
 
     let bundle = Bundle::copy_of(&registrar.tasks_root(), &source("sent")).unwrap();

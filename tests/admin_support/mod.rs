@@ -151,3 +151,26 @@ fn walk_all(dir: &Path) -> Vec<String> {
     }
     out
 }
+
+/// Rewrites the JSON file at `path` (a bundle's `task.json`, an adapter's config) through `edit`.
+pub fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+/// [`edit_json`] on the `task.json` of the bundle in `dir`.
+pub fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    edit_json(&dir.join("task.json"), edit);
+}
+
+/// A server's state loaded in this process on `repo` (no ports), and a registrar over it.
+pub fn in_process_app(repo: &Path) -> (adapterdrop_serve::server::App, adapterdrop_serve::repository::Registrar) {
+    let mut settings = adapterdrop_serve::config::Settings::default();
+    settings.repository.path = repo.to_path_buf();
+    settings.runtime.library_path = Some(crate::common::ort_library());
+    settings.runtime.intra_threads = 1;
+    let app = tokio::task::block_in_place(|| adapterdrop_serve::server::App::load(settings)).unwrap();
+    let registrar = adapterdrop_serve::repository::Registrar::new(app.registry.clone(), app.runtime.clone());
+    (app, registrar)
+}
