@@ -36,7 +36,6 @@ import onnx  # noqa: E402
 from onnx import compose, helper  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from adapterdrop_tools import ExportError  # noqa: E402
 from adapterdrop_tools.adapterhub import load_adapter, load_head  # noqa: E402
 from adapterdrop_tools.checkpoint import load_checkpoint, minilm_path  # noqa: E402
 from adapterdrop_tools.fixtures import random_adapter, random_fusion  # noqa: E402
@@ -45,7 +44,7 @@ from adapterdrop_tools.fusion_task import prune_task, write_fusion_task  # noqa:
 from adapterdrop_tools.graphs_backbone import attention_graph, embeddings_graph, ffn_graph, plain_slot_graph  # noqa: E402
 from adapterdrop_tools.graphs_task import head_graph  # noqa: E402
 from adapterdrop_tools.onnx_builder import F, I64, IR_VERSION, OPSET, save  # noqa: E402
-from adapterdrop_tools.repository import build_dir_atomically, parse_drop, write_backbone, write_json, write_task  # noqa: E402
+from adapterdrop_tools.repository import build_dir_atomically, parse_drop, write_backbone, write_json, write_task, run_build  # noqa: E402
 from adapterdrop_tools.testrepo import MINILM_SOURCE  # noqa: E402
 
 STAMP_VERSION = 2
@@ -221,14 +220,7 @@ def main(argv=None) -> int:
         p.error("--tasks must be in 1..99")
     if a.fusion and not 2 <= a.fusion <= a.tasks:
         p.error("--fusion must be 0 or in 2..--tasks")
-    t0 = time.time()
-    try:
-        out = build(a.out, a.seed, a.tasks, a.only or list(TASKS), not a.no_fused, a.force, a.fusion)
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{out} ({time.time() - t0:.1f}s)")
-    return 0
+    return run_build(lambda: build(a.out, a.seed, a.tasks, a.only or list(TASKS), not a.no_fused, a.force, a.fusion))
 
 
 if __name__ == "__main__":

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from adapterdrop_tools import ExportError  # noqa: E402
 from adapterdrop_tools.adapterhub import load_adapter, load_head  # noqa: E402
 from adapterdrop_tools.checkpoint import load_checkpoint  # noqa: E402
-from adapterdrop_tools.repository import build_dir_atomically, parse_drop, write_backbone, write_task  # noqa: E402
+from adapterdrop_tools.repository import build_dir_atomically, parse_drop, write_backbone, write_task, run_build  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "adapterhub-breadth")
@@ -49,14 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--fixtures", default=FIXTURES)
     a = p.parse_args(argv)
-    t0 = time.time()
-    try:
-        out = build_dir_atomically(a.out, lambda tmp: fill(tmp, a.fixtures))
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{out} ({time.time() - t0:.1f}s)")
-    return 0
+    return run_build(lambda: build_dir_atomically(a.out, lambda tmp: fill(tmp, a.fixtures)))
 
 
 if __name__ == "__main__":

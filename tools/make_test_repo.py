@@ -34,11 +34,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from adapterdrop_tools import ExportError  # noqa: E402
+from adapterdrop_tools.repository import run_build  # noqa: E402
 from adapterdrop_tools.testrepo import build  # noqa: E402
 
 
@@ -47,14 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--with-minilm", action="store_true")
     a = p.parse_args(argv)
-    t0 = time.time()
-    try:
-        out = build(a.out, a.with_minilm)
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{out} ({time.time() - t0:.1f}s)")
-    return 0
+    return run_build(lambda: build(a.out, a.with_minilm))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ import json
 import os
 import re
 import shutil
+import sys
+import time
 
 from . import ExportError, InvalidCheckpoint
 from .adapterhub import Adapter, Head, copy_adapterhub
@@ -262,3 +264,16 @@ def write_task(repo: str, backbone: str, adapter: Adapter, head: Head, lns, name
         }
 
     return install_task_version(repo, name, version, force, build)
+
+
+def run_build(build) -> int:
+    """The command-line end of a repository builder: runs `build()` (returns the directory it
+    wrote), prints it with the time taken, or the export error on stderr with exit code 2."""
+    t0 = time.time()
+    try:
+        out = build()
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{out} ({time.time() - t0:.1f}s)")
+    return 0
