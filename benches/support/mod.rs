@@ -1,7 +1,14 @@
 //! Helpers shared by the benchmarks: environment knobs, medians, seeded synthetic inputs.
 #![allow(dead_code)]
 
-use adapterdrop_serve::engine::Sequence;
+use std::path::{Path, PathBuf};
+
+use adapterdrop_serve::config::RuntimeSettings;
+use adapterdrop_serve::engine::heads::to_matrix;
+use adapterdrop_serve::engine::{ExecStats, Sequence};
+use adapterdrop_serve::runtime::{Dim, Graph, IoSpec, Runtime};
+use ndarray::{Array2, Ix2};
+use ort::value::{TensorElementType as T, TensorRef};
 
 /// A set, non-blank environment variable.
 pub fn env(name: &str) -> Option<String> {
@@ -35,4 +42,49 @@ pub fn sequences(b: usize, t: usize, seed: u64) -> Vec<Sequence> {
             Sequence { ids, mask: vec![1; t], types: vec![0; t] }
         })
         .collect()
+}
+
+/// The runtime settings of a benchmark: `ORT_DYLIB_PATH` (default `build/lib/libonnxruntime.so`),
+/// BENCH_THREADS (intra-op threads, 0 = cores), BENCH_SPIN, and
+/// `ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER` (`cuda` under `make gpu-check`).
+pub fn runtime_settings() -> Result<RuntimeSettings, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(RuntimeSettings {
+        library_path: env("ORT_DYLIB_PATH").map(PathBuf::from).or_else(|| Some(PathBuf::from("build/lib/libonnxruntime.so"))),
+        intra_threads: env_usize("BENCH_THREADS", 0)?,
+        allow_spinning: env_usize("BENCH_SPIN", RuntimeSettings::default().allow_spinning as usize)? != 0,
+        execution_provider: match env("ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER") {
+            Some(p) => p.parse().map_err(|e| format!("ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER: {e}"))?,
+            None => RuntimeSettings::default().execution_provider,
+        },
+        ..Default::default()
+    })
+}
+
+/// The fused one-graph plain model `tools/make_bench_repo.py` writes to `<repo>/fused/<backbone>/`
+/// (embeddings + every plain layer + one task's head): the compute floor.
+pub fn load_fused(rt: &Runtime, repo: &Path, backbone: &str, labels: usize) -> Result<Graph, Box<dyn std::error::Error + Send + Sync>> {
+    let bt = [Dim::Any, Dim::Any];
+    let inputs: Vec<IoSpec> =
+        ["input_ids", "token_type_ids", "attention_mask"].into_iter().map(|n| IoSpec::new(n, T::Int64, &bt)).collect();
+    let outputs = [IoSpec::new("logits", T::Float32, &[Dim::Any, Dim::Fixed(labels as i64)])];
+    Ok(Graph::load(rt, &repo.join("fused").join(backbone).join("model.onnx"), &inputs, &outputs)?)
+}
+
+/// One run of the fused graph over equal-length `seqs`; its logits.
+pub fn run_fused(graph: &Graph, seqs: &[Sequence]) -> Result<Array2<f32>, Box<dyn std::error::Error + Send + Sync>> {
+    let (b, t) = (seqs.len(), seqs[0].ids.len());
+    let flat = |f: fn(&Sequence) -> &Vec<i64>| Array2::from_shape_vec((b, t), seqs.iter().flat_map(|s| f(s).clone()).collect());
+    let (ids, types, mask) = (flat(|s| &s.ids)?, flat(|s| &s.types)?, flat(|s| &s.mask)?);
+    let inputs = vec![
+        ("input_ids", TensorRef::from_array_view(ids.view())?.into()),
+        ("token_type_ids", TensorRef::from_array_view(types.view())?.into()),
+        ("attention_mask", TensorRef::from_array_view(mask.view())?.into()),
+    ];
+    let out = graph.run(inputs, |o| Ok(o["logits"].try_extract_array::<f32>()?.to_owned()))?;
+    Ok(out.into_dimensionality::<Ix2>()?)
+}
+
+/// Lane outputs as `[rows, labels]` matrices (every task here has a sequence head).
+pub fn matrices((out, stats): (Vec<Vec<Vec<f32>>>, ExecStats)) -> (Vec<Array2<f32>>, ExecStats) {
+    (out.iter().map(|o| to_matrix(o)).collect(), stats)
 }

@@ -269,6 +269,7 @@ impl BankStore {
         if ops.is_empty() {
             return;
         }
+        let capacity = self.capacity();
         // Frees first (their rows are reused by the writes), then grow once for all writes.
         let mut writes = Vec::new();
         for op in ops {
@@ -289,6 +290,13 @@ impl BankStore {
             self.write(id, &w);
         }
         self.maybe_shrink();
+        if self.capacity() != capacity {
+            // The old bank tensors (and, at start-up, every queued write's weights) were just
+            // freed: below glibc's mmap threshold (raised up to 32 MiB by earlier frees) they stay
+            // resident in the heap, never reused by the next, larger bank (docs/benchmarks.md,
+            // "10,000 tasks per replica").
+            crate::runtime::trim_heap();
+        }
     }
 
     fn write(&mut self, id: u64, w: &BankWrite) {
