@@ -21,7 +21,7 @@ fn robust(default: u32, min: u32, max: u32) -> Option<DropConfig> {
 }
 
 fn weights_header(name: &str, backbone: &str, drop: Option<DropConfig>) -> BundleHeader {
-    let meta = AdapterHubTask { backbone: backbone.into(), drop, description: String::new() };
+    let meta = AdapterHubTask { backbone: backbone.into(), drop, description: String::new(), threshold: None };
     BundleHeader { adapterhub: Some(meta), ..header(name, None, false, false) }
 }
 
@@ -66,7 +66,10 @@ async fn adapterhub_directory_registers_persists_and_bad_ones_are_refused() {
     // adapter, at the same drop depth, in one batch (one lane each).
     let mut c = inference(&server.addr).await;
     let req = InferRequest {
-        tasks: ["w", "sent"].iter().map(|t| TaskRef { name: t.to_string(), version: None, drop_first: Some(1) }).collect(),
+        tasks: ["w", "sent"]
+            .iter()
+            .map(|t| TaskRef { name: t.to_string(), version: None, drop_first: Some(1), ..Default::default() })
+            .collect(),
         inputs: Some(Inputs::Texts(Texts { texts: vec!["a fine film".into(), "a dull one".into()] })),
         ..Default::default()
     };

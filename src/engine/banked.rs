@@ -81,8 +81,7 @@ pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) ->
         host = hidden.into_host()?;
         host.view()
     };
-    let lens: Vec<usize> = plan.final_inputs.iter().map(|&i| seqs[i].ids.len()).collect();
-    let logits = heads(view, &lens, lanes, &plan.heads);
+    let logits = heads(view, seqs, &plan.final_inputs, lanes, &plan.heads);
     if large {
         crate::runtime::trim_heap();
     }
@@ -91,12 +90,21 @@ pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) ->
     Ok((logits, stats))
 }
 
-/// Each task's head once over all its lanes' rows (each row's real tokens of `hidden`, `[R, T, H]`).
-fn heads(hidden: ArrayView3<'_, f32>, lens: &[usize], lanes: &[Lane], groups: &[HeadGroup]) -> Result<Vec<LaneOutput>, EngineError> {
+/// Each task's head once over all its lanes' rows (each row's real tokens of `hidden`, `[R, T, H]`;
+/// `inputs[r]`: the sequence physical row `r` holds).
+fn heads(
+    hidden: ArrayView3<'_, f32>,
+    seqs: &[Sequence],
+    inputs: &[usize],
+    lanes: &[Lane],
+    groups: &[HeadGroup],
+) -> Result<Vec<LaneOutput>, EngineError> {
     let mut out: Vec<Option<LaneOutput>> = vec![None; lanes.len()];
     for g in groups {
-        let rows: Vec<ArrayView2<'_, f32>> = g.rows.iter().map(|&r| hidden.slice(s![r, ..lens[r].max(1), ..])).collect();
-        let mut results = run_task_head(&lanes[g.lanes[0]].task, &rows, HeadSource::HostFirst)?.into_iter();
+        let seq = |r: usize| &seqs[inputs[r]];
+        let rows: Vec<ArrayView2<'_, f32>> = g.rows.iter().map(|&r| hidden.slice(s![r, ..seq(r).ids.len().max(1), ..])).collect();
+        let masks: Vec<&[i64]> = g.rows.iter().map(|&r| seq(r).mask.as_slice()).collect();
+        let mut results = run_task_head(&lanes[g.lanes[0]].task, &rows, &masks, HeadSource::HostFirst)?.into_iter();
         for &l in &g.lanes {
             out[l] = Some((&mut results).take(lanes[l].rows.len()).collect());
         }

@@ -14,6 +14,7 @@ use super::tensors::run_head;
 use crate::error::EngineError;
 use crate::repository::Task;
 use crate::repository::adapterhub::HeadWeights;
+use crate::repository::manifest::HeadKind;
 
 /// One lane's output: per row (in the lane's row order) a flat row-major `[positions, width]` vector.
 pub type LaneOutput = Vec<Vec<f32>>;
@@ -33,10 +34,19 @@ pub enum HeadSource {
     GraphFirst,
 }
 
-/// Runs `task`'s head over `rows` (each a row's real-token states `[len, H]`); one vector per row.
-pub fn run_task_head(task: &Task, rows: &[ArrayView2<'_, f32>], source: HeadSource) -> Result<Vec<Vec<f32>>, EngineError> {
+/// Runs `task`'s head over `rows` (each a row's real-token states `[len, H]`, with its attention
+/// mask in `masks`); one vector per row.
+pub fn run_task_head(
+    task: &Task,
+    rows: &[ArrayView2<'_, f32>],
+    masks: &[&[i64]],
+    source: HeadSource,
+) -> Result<Vec<Vec<f32>>, EngineError> {
     if rows.is_empty() {
         return Ok(Vec::new());
+    }
+    if task.manifest.head.kind == HeadKind::Embedding {
+        return Ok(super::pooling::pool(task.backbone.manifest.embedding, rows, masks));
     }
     let first: Vec<_> = rows.iter().map(|r| r.row(0)).collect();
     let first = stack(Axis(0), &first).map_err(|e| EngineError::Contract(format!("stacking first tokens: {e}")))?;
@@ -74,7 +84,6 @@ mod tests {
     use ndarray::{Array1, array};
 
     use super::*;
-    use crate::repository::manifest::HeadKind;
 
     #[test]
     fn computes_the_two_layer_head() {

@@ -9,6 +9,7 @@ pub mod fusion;
 pub mod heads;
 pub mod plan;
 pub mod planner;
+pub mod pooling;
 mod tensors;
 
 use std::any::Any;

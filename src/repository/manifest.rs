@@ -32,6 +32,10 @@ pub struct BackboneManifest {
     pub source: String,
     #[serde(default)]
     pub license: String,
+    /// How the built-in `<backbone>/embedding` task pools (sentence-transformers' `1_Pooling` and
+    /// `Normalize` modules, carried over by the exporter); absent: mean pooling, not normalised.
+    #[serde(default)]
+    pub embedding: super::embedding::EmbeddingSpec,
 }
 
 /// The encoder family a backbone was exported from. The graphs already hold every difference
@@ -184,13 +188,24 @@ pub struct HeadSpec {
     pub graph: Option<String>,
     #[serde(default)]
     pub labels: Vec<String>,
+    /// Multi-label heads only: the score above which a label is predicted (default 0.5); a
+    /// request may override it (`TaskRef.threshold`, KServe parameter `threshold`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum HeadKind {
     Classification,
     Regression,
+    /// Sigmoid per label; the labels scoring above the threshold are predicted.
+    #[serde(rename = "multilabel")]
+    MultiLabel,
+    /// One logit per (context, choice) pair; a softmax over each input's choices.
+    MultipleChoice,
+    /// The built-in sentence embedding of a backbone (no head weights: pooling only).
+    Embedding,
 }
 
 impl HeadKind {
@@ -198,9 +213,35 @@ impl HeadKind {
         match self {
             Self::Classification => "classification",
             Self::Regression => "regression",
+            Self::MultiLabel => "multilabel",
+            Self::MultipleChoice => "multiple_choice",
+            Self::Embedding => "embedding",
         }
     }
 }
+
+impl HeadSpec {
+    /// Outputs per position: one per label, 1 for regression and multiple choice (one logit per
+    /// choice pair); 0 for the embedding head, whose width is the backbone's hidden size.
+    pub fn width(&self) -> usize {
+        match self.kind {
+            HeadKind::Classification | HeadKind::MultiLabel => self.labels.len(),
+            HeadKind::Regression | HeadKind::MultipleChoice => 1,
+            HeadKind::Embedding => 0,
+        }
+    }
+
+    /// The label names responses carry (none for regression, multiple choice and embeddings).
+    pub fn label_names(&self) -> &[String] {
+        match self.kind {
+            HeadKind::Classification | HeadKind::MultiLabel => &self.labels,
+            HeadKind::Regression | HeadKind::MultipleChoice | HeadKind::Embedding => &[],
+        }
+    }
+}
+
+/// The threshold a multi-label head uses when neither its task nor the request sets one.
+pub const DEFAULT_THRESHOLD: f32 = 0.5;
 
 /// Reads and parses a manifest, naming the file in every error.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, LoadError> {

@@ -1,6 +1,7 @@
 //! Routing: resolves task references, enforces request limits, tokenizes, and builds the job the
 //! scheduler batches.
 
+pub mod choices;
 pub mod tokenize;
 
 use std::sync::Arc;
@@ -11,7 +12,8 @@ use crate::context::Context;
 use crate::engine::{Job, TaskRun, executor, stat_keys};
 use crate::error::{ServeError, clip};
 use crate::proto::{InferRequest, TaskRef, infer_request::Inputs};
-use crate::repository::Registry;
+use crate::repository::manifest::HeadKind;
+use crate::repository::{Registry, Task};
 
 /// Longest task reference that can name a task: a 64-character name and `@4294967295`.
 const MAX_TASK_REF: usize = 64 + 11;
@@ -45,8 +47,16 @@ impl Router {
             Some(Inputs::Texts(t)) => t.texts.len(),
             Some(Inputs::Pairs(p)) => p.pairs.len(),
             Some(Inputs::Tokens(t)) => t.sequences.len(),
+            Some(Inputs::Choices(c)) => choices::count(&c.items)?,
             None => 0,
         };
+        let choice_inputs = matches!(req.inputs, Some(Inputs::Choices(_)));
+        if let Some(run) = tasks.iter().find(|t| !choice_inputs && t.task.manifest.head.kind == HeadKind::MultipleChoice) {
+            return Err(ServeError::InvalidArgument(format!(
+                "task `{}` is a multiple-choice task: send inputs.choices (KServe: `TEXT` with `CHOICES`), a context and at least 2 choices per item",
+                run.task.name()
+            )));
+        }
         if count == 0 {
             return Err(ServeError::InvalidArgument("no inputs: send at least one text, pair or token sequence".into()));
         }
@@ -59,6 +69,7 @@ impl Router {
         let text_bytes: usize = match &req.inputs {
             Some(Inputs::Texts(t)) => t.texts.iter().map(String::len).sum(),
             Some(Inputs::Pairs(p)) => p.pairs.iter().map(|p| p.text.len() + p.text_pair.len()).sum(),
+            Some(Inputs::Choices(c)) => choices::text_bytes(&c.items),
             _ => 0,
         };
         if text_bytes > self.limits.max_request_text_bytes {
@@ -73,6 +84,10 @@ impl Router {
             Inputs::Texts(t) => tokenize::encode_texts(&backbone, tokenize::text_inputs(&t.texts, max_bytes)?, req.truncate)?,
             Inputs::Pairs(p) => tokenize::encode_texts(&backbone, tokenize::pair_inputs(&p.pairs, max_bytes)?, req.truncate)?,
             Inputs::Tokens(t) => tokenize::check_ids(&backbone, t.sequences, req.truncate)?,
+            Inputs::Choices(c) => {
+                let pairs = choices::pairs(&c.items);
+                tokenize::encode_texts(&backbone, choices::encode_inputs(&pairs, &c.items, max_bytes)?, req.truncate)?
+            }
         };
         let tokens: usize = sequences.iter().map(|s| s.ids.len()).sum();
         let max = self.limits.max_tokens_per_request;
@@ -118,6 +133,7 @@ impl Router {
             }
             let task = self.registry.resolve(&r.name, r.version)?;
             let active = task.active_layers(r.drop_first)?;
+            check_threshold(&task, r.threshold)?;
             if let Some(first) = runs.first() {
                 let first: &TaskRun = first;
                 if !Arc::ptr_eq(&first.task.backbone, &task.backbone) {
@@ -134,4 +150,20 @@ impl Router {
         }
         Ok(runs)
     }
+}
+
+/// A request's multi-label threshold: only for a multi-label task, finite and within 0..=1.
+fn check_threshold(task: &Task, threshold: Option<f32>) -> Result<(), ServeError> {
+    let Some(t) = threshold else { return Ok(()) };
+    if task.manifest.head.kind != HeadKind::MultiLabel {
+        return Err(ServeError::InvalidArgument(format!(
+            "tasks[].threshold is for multi-label tasks; task `{}` has a {} head: omit it",
+            task.name(),
+            task.manifest.head.kind.as_str()
+        )));
+    }
+    if !t.is_finite() || !(0.0..=1.0).contains(&t) {
+        return Err(ServeError::InvalidArgument(format!("tasks[].threshold = {t} for task `{}`: it must be within 0..=1", task.name())));
+    }
+    Ok(())
 }

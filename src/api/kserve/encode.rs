@@ -1,7 +1,7 @@
 //! Engine results -> KServe output tensors, always in `raw_output_contents` (what tritonclient
 //! reads). Scores and labels come from the same conversion the native API uses.
 
-use crate::api::convert;
+use crate::api::results::{Shaping, task_sequences};
 use crate::engine::TaskRun;
 use crate::error::ServeError;
 use crate::kserve_proto::model_infer_response::InferOutputTensor;
@@ -11,12 +11,21 @@ use crate::repository::manifest::HeadKind;
 pub const LOGITS: &str = "logits";
 pub const PROBABILITIES: &str = "probabilities";
 pub const LABEL: &str = "label";
+pub const PREDICTED: &str = "predicted";
+pub const CHOICE: &str = "choice";
+pub const EMBEDDING: &str = "embedding";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Logits,
     Probabilities,
     Label,
+    /// Multi-label: BOOL `[batch, labels]`, whether each label scored above the threshold.
+    Predicted,
+    /// Multiple choice: INT64 `[batch, 1]`, the best choice's index.
+    Choice,
+    /// The built-in embedding task: FP32 `[batch, hidden]`.
+    Embedding,
 }
 
 /// One output tensor to send: its name, the task it belongs to (index into the job's tasks).
@@ -32,6 +41,11 @@ pub fn kinds(head: HeadKind) -> &'static [(Kind, &'static str)] {
     match head {
         HeadKind::Classification => &[(Kind::Logits, LOGITS), (Kind::Probabilities, PROBABILITIES), (Kind::Label, LABEL)],
         HeadKind::Regression => &[(Kind::Logits, LOGITS)],
+        HeadKind::MultiLabel => &[(Kind::Logits, LOGITS), (Kind::Probabilities, PROBABILITIES), (Kind::Predicted, PREDICTED)],
+        HeadKind::MultipleChoice => {
+            &[(Kind::Logits, LOGITS), (Kind::Probabilities, PROBABILITIES), (Kind::Choice, CHOICE), (Kind::Label, LABEL)]
+        }
+        HeadKind::Embedding => &[(Kind::Embedding, EMBEDDING)],
     }
 }
 
@@ -60,23 +74,26 @@ pub fn plan(tasks: &[TaskRun], prefixes: &[String], requested: &[String]) -> Res
 }
 
 /// Builds the output tensors and their raw contents from `logits[task][sequence]`.
-pub fn encode(tasks: &[TaskRun], plan: &[Planned], logits: Vec<Vec<Vec<f32>>>) -> (Vec<InferOutputTensor>, Vec<Vec<u8>>) {
-    let results: Vec<Vec<SequenceResult>> = tasks
-        .iter()
-        .zip(logits)
-        .map(|(run, rows)| {
-            let head = &run.task.manifest.head;
-            rows.into_iter().map(|l| convert::sequence_result(l, head.kind, &head.labels)).collect()
-        })
-        .collect();
+pub fn encode(
+    tasks: &[TaskRun],
+    plan: &[Planned],
+    logits: Vec<Vec<Vec<f32>>>,
+    shaping: &Shaping,
+) -> (Vec<InferOutputTensor>, Vec<Vec<u8>>) {
+    let results: Vec<Vec<SequenceResult>> =
+        tasks.iter().zip(logits).enumerate().map(|(i, (run, rows))| task_sequences(run, i, rows, shaping)).collect();
     let mut outputs = Vec::with_capacity(plan.len());
     let mut raw = Vec::with_capacity(plan.len());
     for p in plan {
         let rows = &results[p.task];
         let n = rows.len() as i64;
         let (datatype, shape, bytes) = match p.kind {
-            Kind::Logits | Kind::Probabilities => {
-                let pick = |r: &SequenceResult| if p.kind == Kind::Logits { r.logits.clone() } else { r.scores.clone() };
+            Kind::Logits | Kind::Probabilities | Kind::Embedding => {
+                let pick = |r: &SequenceResult| match p.kind {
+                    Kind::Logits => r.logits.clone(),
+                    Kind::Probabilities => r.scores.clone(),
+                    _ => r.embedding.clone(),
+                };
                 let width = rows.first().map(|r| pick(r).len()).unwrap_or(0) as i64;
                 let bytes: Vec<u8> = rows.iter().flat_map(pick).flat_map(f32::to_le_bytes).collect();
                 ("FP32", vec![n, width], bytes)
@@ -85,6 +102,12 @@ pub fn encode(tasks: &[TaskRun], plan: &[Planned], logits: Vec<Vec<Vec<f32>>>) -
                 let bytes = rows.iter().flat_map(|r| (r.label.len() as u32).to_le_bytes().into_iter().chain(r.label.bytes())).collect();
                 ("BYTES", vec![n, 1], bytes)
             }
+            Kind::Predicted => {
+                let width = rows.first().map_or(0, |r| r.scores.len());
+                let bytes = rows.iter().flat_map(|r| (0..width).map(|i| u8::from(r.label_indices.contains(&(i as i32))))).collect();
+                ("BOOL", vec![n, width as i64], bytes)
+            }
+            Kind::Choice => ("INT64", vec![n, 1], rows.iter().flat_map(|r| i64::from(r.label_index).to_le_bytes()).collect()),
         };
         outputs.push(InferOutputTensor { name: p.name.clone(), datatype: datatype.into(), shape, ..Default::default() });
         raw.push(bytes);

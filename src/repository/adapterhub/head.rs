@@ -18,12 +18,23 @@ pub fn load(dir: &Path, hidden: usize) -> Result<HeadWeights, AdapterHubError> {
     let name = meta.get("name").and_then(Value::as_str).ok_or_else(|| invalid(&path, "lacks 'name'"))?;
     let empty = serde_json::Map::new();
     let cfg = meta.get("config").and_then(Value::as_object).unwrap_or(&empty);
-    if cfg.get("head_type").and_then(Value::as_str) != Some("classification") {
-        return Err(unsupported(
-            &path,
-            format!("head_type={} is not supported (classification only)", cfg.get("head_type").cloned().unwrap_or_default()),
-        ));
-    }
+    // Multi-label and multiple-choice heads are the same two layers as classification; they
+    // differ in what is made of the logits (sigmoid per label; softmax over an input's choices).
+    let head_type = cfg.get("head_type").and_then(Value::as_str);
+    let family = match head_type {
+        Some("classification") => HeadKind::Classification,
+        Some("multilabel_classification") => HeadKind::MultiLabel,
+        Some("multiple_choice") => HeadKind::MultipleChoice,
+        _ => {
+            return Err(unsupported(
+                &path,
+                format!(
+                    "head_type={} is not supported (classification, multilabel_classification, multiple_choice)",
+                    cfg.get("head_type").cloned().unwrap_or_default()
+                ),
+            ));
+        }
+    };
     let checks = [
         ("layers", Value::from(2)),
         ("activation_function", Value::from("tanh")),
@@ -39,13 +50,15 @@ pub fn load(dir: &Path, hidden: usize) -> Result<HeadWeights, AdapterHubError> {
         }
     }
     let num_labels = match cfg.get("num_labels") {
+        // A multiple-choice head scores one (context, choice) pair per row: one logit.
+        _ if family == HeadKind::MultipleChoice => 1,
         None => 2,
         Some(v) => v
             .as_u64()
             .filter(|&n| n >= 1 && n as usize <= MAX_LABELS)
             .ok_or_else(|| invalid(&path, format!("num_labels={v} must be 1..={MAX_LABELS}")))? as usize,
     };
-    let labels = labels(&path, cfg.get("label2id"), num_labels)?;
+    let labels = if family == HeadKind::MultipleChoice { Vec::new() } else { labels(&path, cfg.get("label2id"), num_labels)? };
     let wpath = dir.join(HEAD_WEIGHTS);
     if !wpath.is_file() && dir.join("pytorch_model_head.bin").is_file() {
         return Err(invalid(
@@ -65,8 +78,11 @@ pub fn load(dir: &Path, hidden: usize) -> Result<HeadWeights, AdapterHubError> {
     let b2 = get("4.bias", &[num_labels])?;
     let shape_err = |e: ndarray::ShapeError| invalid(&wpath, e.to_string());
     Ok(HeadWeights {
-        kind: if num_labels == 1 { HeadKind::Regression } else { HeadKind::Classification },
-        labels: if num_labels == 1 { Vec::new() } else { labels },
+        kind: match family {
+            HeadKind::Classification if num_labels == 1 => HeadKind::Regression,
+            kind => kind,
+        },
+        labels: if num_labels == 1 && family == HeadKind::Classification { Vec::new() } else { labels },
         w1: Array2::from_shape_vec((hidden, hidden), w1).map_err(shape_err)?,
         b1: Array1::from(b1),
         w2: Array2::from_shape_vec((num_labels, hidden), w2).map_err(shape_err)?,
