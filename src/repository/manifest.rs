@@ -186,11 +186,16 @@ pub struct HeadSpec {
     pub labels: Vec<String>,
 }
 
+/// What a head computes. Sequence heads read the first token; token heads (`per_token`) every one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum HeadKind {
     Classification,
     Regression,
+    /// Token classification: one label per token (`add_tagging_head`).
+    Tagging,
+    /// Extractive QA: start and end logits per token (`add_qa_head`).
+    QuestionAnswering,
 }
 
 impl HeadKind {
@@ -198,6 +203,32 @@ impl HeadKind {
         match self {
             Self::Classification => "classification",
             Self::Regression => "regression",
+            Self::Tagging => "tagging",
+            Self::QuestionAnswering => "question_answering",
+        }
+    }
+
+    /// The head runs on every token, not only the first.
+    pub fn per_token(self) -> bool {
+        matches!(self, Self::Tagging | Self::QuestionAnswering)
+    }
+}
+
+impl HeadSpec {
+    /// Outputs per position: one per label, 1 for regression, 2 (start, end) for QA.
+    pub fn width(&self) -> usize {
+        match self.kind {
+            HeadKind::Classification | HeadKind::Tagging => self.labels.len(),
+            HeadKind::Regression => 1,
+            HeadKind::QuestionAnswering => 2,
+        }
+    }
+
+    /// The label names responses carry (none for regression and QA).
+    pub fn label_names(&self) -> &[String] {
+        match self.kind {
+            HeadKind::Classification | HeadKind::Tagging => &self.labels,
+            HeadKind::Regression | HeadKind::QuestionAnswering => &[],
         }
     }
 }

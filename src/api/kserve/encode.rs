@@ -32,6 +32,8 @@ pub fn kinds(head: HeadKind) -> &'static [(Kind, &'static str)] {
     match head {
         HeadKind::Classification => &[(Kind::Logits, LOGITS), (Kind::Probabilities, PROBABILITIES), (Kind::Label, LABEL)],
         HeadKind::Regression => &[(Kind::Logits, LOGITS)],
+        // Refused at task load until their results are built (task.rs).
+        HeadKind::Tagging | HeadKind::QuestionAnswering => &[(Kind::Logits, LOGITS)],
     }
 }
 

@@ -11,7 +11,6 @@ use crate::kserve_proto::{
     DataType, InferBatchStatistics, InferStatistics, ModelConfig, ModelDynamicBatching, ModelInput, ModelMetadataResponse, ModelOutput,
     ModelParameter, ModelQueuePolicy, ModelStatistics, ModelVersionPolicy, StatisticDuration, model_config, model_version_policy,
 };
-use crate::repository::manifest::HeadKind;
 use crate::repository::{Task, TaskEntry, TaskState, task::describe_drop};
 use crate::stats::{DurationStat, TaskStats};
 
@@ -31,10 +30,7 @@ fn inputs(task: &Task) -> Vec<(&'static str, &'static str, DataType, Vec<i64>)> 
 }
 
 fn outputs(task: &Task) -> Vec<(&'static str, &'static str, DataType, Vec<i64>)> {
-    let width = match task.manifest.head.kind {
-        HeadKind::Classification => task.manifest.head.labels.len() as i64,
-        HeadKind::Regression => 1,
-    };
+    let width = task.manifest.head.width() as i64;
     encode::kinds(task.manifest.head.kind)
         .iter()
         .map(|(kind, name)| match kind {
