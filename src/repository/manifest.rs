@@ -194,11 +194,16 @@ pub struct HeadSpec {
     pub threshold: Option<f32>,
 }
 
+/// What a head computes. Sequence heads read the first token; token heads (`per_token`) every one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HeadKind {
     Classification,
     Regression,
+    /// Token classification: one label per token (`add_tagging_head`).
+    Tagging,
+    /// Extractive QA: start and end logits per token (`add_qa_head`).
+    QuestionAnswering,
     /// Sigmoid per label; the labels scoring above the threshold are predicted.
     #[serde(rename = "multilabel")]
     MultiLabel,
@@ -213,29 +218,38 @@ impl HeadKind {
         match self {
             Self::Classification => "classification",
             Self::Regression => "regression",
+            Self::Tagging => "tagging",
+            Self::QuestionAnswering => "question_answering",
             Self::MultiLabel => "multilabel",
             Self::MultipleChoice => "multiple_choice",
             Self::Embedding => "embedding",
         }
     }
+
+    /// The head runs on every token, not only the first.
+    pub fn per_token(self) -> bool {
+        matches!(self, Self::Tagging | Self::QuestionAnswering)
+    }
 }
 
 impl HeadSpec {
     /// Outputs per position: one per label, 1 for regression and multiple choice (one logit per
-    /// choice pair); 0 for the embedding head, whose width is the backbone's hidden size.
+    /// choice pair), 2 (start, end) for QA; 0 for the embedding head, whose width is the
+    /// backbone's hidden size.
     pub fn width(&self) -> usize {
         match self.kind {
-            HeadKind::Classification | HeadKind::MultiLabel => self.labels.len(),
+            HeadKind::Classification | HeadKind::Tagging | HeadKind::MultiLabel => self.labels.len(),
             HeadKind::Regression | HeadKind::MultipleChoice => 1,
+            HeadKind::QuestionAnswering => 2,
             HeadKind::Embedding => 0,
         }
     }
 
-    /// The label names responses carry (none for regression, multiple choice and embeddings).
+    /// The label names responses carry (none for regression, QA, multiple choice and embeddings).
     pub fn label_names(&self) -> &[String] {
         match self.kind {
-            HeadKind::Classification | HeadKind::MultiLabel => &self.labels,
-            HeadKind::Regression | HeadKind::MultipleChoice | HeadKind::Embedding => &[],
+            HeadKind::Classification | HeadKind::Tagging | HeadKind::MultiLabel => &self.labels,
+            HeadKind::Regression | HeadKind::QuestionAnswering | HeadKind::MultipleChoice | HeadKind::Embedding => &[],
         }
     }
 }

@@ -319,7 +319,7 @@ fn validate_manifest(m: &TaskManifest, path: &Path, dir: &Path, backbone: &Backb
     {
         return bad(format!("head graph path `{g}` must stay inside the task directory"));
     }
-    if matches!(m.head.kind, HeadKind::Classification | HeadKind::MultiLabel) && m.head.labels.is_empty() {
+    if matches!(m.head.kind, HeadKind::Classification | HeadKind::Tagging | HeadKind::MultiLabel) && m.head.labels.is_empty() {
         return bad(format!("a {} head needs at least one label name", m.head.kind.as_str()));
     }
     if m.head.kind == HeadKind::Embedding {
@@ -329,6 +329,15 @@ fn validate_manifest(m: &TaskManifest, path: &Path, dir: &Path, backbone: &Backb
         && (m.head.kind != HeadKind::MultiLabel || !(0.0..=1.0).contains(&t))
     {
         return bad(format!("head threshold {t}: only a multilabel head has one, within 0..=1"));
+    }
+    if m.head.kind.per_token() {
+        return bad(format!("{} heads are parsed but not served yet", m.head.kind.as_str()));
+    }
+    if m.head.kind.per_token() && (m.head.graph.is_some() || m.adapterhub.is_none()) {
+        return bad(format!(
+            "a {} head runs from AdapterHub weights on the host: give `adapterhub` and no head graph",
+            m.head.kind.as_str()
+        ));
     }
     if m.head.kind == HeadKind::Regression && m.head.labels.len() > 1 {
         return bad("a regression head has one output; give at most one label".into());

@@ -46,6 +46,8 @@ pub fn kinds(head: HeadKind) -> &'static [(Kind, &'static str)] {
             &[(Kind::Logits, LOGITS), (Kind::Probabilities, PROBABILITIES), (Kind::Choice, CHOICE), (Kind::Label, LABEL)]
         }
         HeadKind::Embedding => &[(Kind::Embedding, EMBEDDING)],
+        // Refused at task load until their results are built (task.rs).
+        HeadKind::Tagging | HeadKind::QuestionAnswering => &[(Kind::Logits, LOGITS)],
     }
 }
 
