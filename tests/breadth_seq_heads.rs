@@ -270,3 +270,19 @@ async fn minilm_embedding_is_the_published_sentence_transformers_one() {
     let norm = e.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     assert!((norm - 1.0).abs() < 1e-5, "normalised: {norm}");
 }
+
+/// The embedding task shares the trunk: beside a task that drops every layer and one that drops
+/// two of three, one request of 4 texts runs each layer once on 4 rows (12 layer rows, where three
+/// separate requests would run 36), and the engine counts the 24 rows it saved.
+#[tokio::test]
+async fn embedding_shares_the_trunk_with_adapter_tasks() {
+    let server = TestServer::start_on(&breadth_repo(), &[]);
+    let fx = reference("bert");
+    let count = |name: &str| common::metric_sum(&common::scrape(&server.metrics_addr), name, "");
+    let (rows, saved) = (count("adapterdrop_layer_rows_total"), count("adapterdrop_trunk_rows_saved_total"));
+    let tasks = vec![task("bert/embedding", None, None), task("bert-pfeiffer", Some(3), None), task("bert-multilabel", Some(2), None)];
+    let r = infer(&server, request(tasks, texts(&fx))).await.unwrap();
+    assert_close("bert/embedding", &column(&r, 0, |s| &s.embedding), &fx["embedding"]["mean"]);
+    assert_eq!(count("adapterdrop_layer_rows_total") - rows, 12.0);
+    assert_eq!(count("adapterdrop_trunk_rows_saved_total") - saved, 24.0);
+}
