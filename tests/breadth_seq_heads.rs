@@ -286,3 +286,18 @@ async fn embedding_shares_the_trunk_with_adapter_tasks() {
     assert_eq!(count("adapterdrop_layer_rows_total") - rows, 12.0);
     assert_eq!(count("adapterdrop_trunk_rows_saved_total") - saved, 24.0);
 }
+
+/// With `engine.banks = false` the same tasks run on the per-task segment path (exported head graphs,
+/// the embedding over the plain slot graphs) and serve the same numbers.
+#[tokio::test]
+async fn the_segment_path_serves_the_same_numbers() {
+    let server = TestServer::start_on(&breadth_repo(), &[("ADAPTERDROP__ENGINE__BANKS", "false")]);
+    let fx = reference("electra");
+    let tasks = vec![task("electra/embedding", None, None), task("electra-multilabel", Some(1), None)];
+    let r = infer(&server, request(tasks, texts(&fx))).await.unwrap();
+    assert_close("electra/embedding", &column(&r, 0, |s| &s.embedding), &fx["embedding"]["mean"]);
+    assert_close("electra-multilabel n=1", &column(&r, 1, |s| &s.logits), &fx["tasks"]["multilabel"]["outputs"]["1"]["logits"]);
+    let items = Inputs::Choices(Choices { items: choice_items(&fx) });
+    let r = infer(&server, request(vec![task("electra-choice", Some(2), None)], items)).await.unwrap();
+    assert_close("electra-choice n=2", &column(&r, 0, |s| &s.logits), &fx["tasks"]["choice"]["outputs"]["2"]["logits"]);
+}
