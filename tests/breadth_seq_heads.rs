@@ -215,6 +215,10 @@ async fn embedding_is_listed_and_pools_as_the_manifest_says() {
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let e = infer(&server, request(vec![task("bert/embedding", Some(1), None)], texts(&fx))).await.unwrap_err();
     assert!(e.code() == Code::InvalidArgument && e.message().contains("omit drop_first"), "{e:?}");
+    // The admin service cannot remove it: it has no files.
+    let mut a = admin_support::admin(&server.admin_addr()).await;
+    let e = admin_support::unregister(&mut a, "bert/embedding", None).await.unwrap_err();
+    assert!(e.code() == Code::FailedPrecondition && e.message().contains("built-in embedding task"), "{e:?}");
 }
 
 /// Multi-label and multiple-choice adapters register weights-only (the four AdapterHub files, the
