@@ -271,6 +271,7 @@ async fn minilm_embedding_is_the_published_sentence_transformers_one() {
     assert_eq!(e.len(), 384);
     let d = common::max_abs_diff(&e[..4], &PUBLISHED);
     assert!(d <= 1e-5, "{:?} vs {PUBLISHED:?}: {d:e}", &e[..4]);
+    eprintln!("minilm/embedding vs the published values: max abs diff {d:e}");
     let norm = e.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     assert!((norm - 1.0).abs() < 1e-5, "normalised: {norm}");
 }
