@@ -79,6 +79,7 @@ impl Req {
             truncate: false,
             return_fusion_weights: false,
             id: String::new(),
+            ..Default::default()
         }
     }
 }

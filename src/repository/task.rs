@@ -322,9 +322,6 @@ fn validate_manifest(m: &TaskManifest, path: &Path, dir: &Path, backbone: &Backb
     if matches!(m.head.kind, HeadKind::Classification | HeadKind::Tagging) && m.head.labels.is_empty() {
         return bad(format!("a {} head needs at least one label name", m.head.kind.as_str()));
     }
-    if m.head.kind.per_token() {
-        return bad(format!("{} heads are parsed but not served yet", m.head.kind.as_str()));
-    }
     if m.head.kind.per_token() && (m.head.graph.is_some() || m.adapterhub.is_none()) {
         return bad(format!(
             "a {} head runs from AdapterHub weights on the host: give `adapterhub` and no head graph",
