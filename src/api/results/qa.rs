@@ -1,17 +1,19 @@
 //! Extractive QA results: the best answer spans in the context over all its windows. A span runs
 //! from a start token to an end token of the context (not the question, not a special token),
-//! end >= start, at most `max_len` tokens; it ranks by start logit + end logit. Windows overlap,
-//! so the same characters can be found twice: each span of characters is reported once, with its
-//! best score.
+//! end >= start, at most `max_len` tokens; it ranks by start logit + end logit (equal scores in
+//! window and position order). Windows overlap, so the same characters can be found twice: each
+//! span of characters is reported once, with its best score.
 
 use super::slice;
 use crate::error::ServeError;
 use crate::proto::{Answer, SequenceResult};
 use crate::router::token_info::TokenInfo;
 
-/// `windows`: each window's head output (row-major `[tokens, 2]`: start, end) and its tokens.
+/// `windows`: each window's head output (row-major `[tokens, 2]`: start, end) and its tokens. Keeps
+/// only the `n_best` best spans while scanning (a request may hold many windows of 512 tokens:
+/// millions of candidate spans, none of them stored).
 pub fn result(windows: &[(&[f32], &TokenInfo)], context: &str, max_len: usize, n_best: usize) -> Result<SequenceResult, ServeError> {
-    let mut found: Vec<Answer> = Vec::new();
+    let mut best: Vec<Answer> = Vec::with_capacity(n_best + 1);
     for (w, (logits, info)) in windows.iter().enumerate() {
         if logits.len() != 2 * info.len() {
             return Err(ServeError::Internal(format!("QA head returned {} values for {} tokens x 2", logits.len(), info.len())));
@@ -19,36 +21,32 @@ pub fn result(windows: &[(&[f32], &TokenInfo)], context: &str, max_len: usize, n
         let context_tokens: Vec<usize> = (0..info.len()).filter(|&t| info.segments[t] == Some(1)).collect();
         for (i, &s) in context_tokens.iter().enumerate() {
             for &e in context_tokens[i..].iter().take_while(|&&e| e - s < max_len) {
-                found.push(Answer {
-                    score: logits[2 * s] + logits[2 * e + 1],
-                    start: info.offsets[s].0,
-                    end: info.offsets[e].1,
-                    window: w as u32,
-                    start_token: s as u32,
-                    end_token: e as u32,
-                    text: String::new(),
-                });
+                let score = logits[2 * s] + logits[2 * e + 1];
+                if best.len() == n_best && best.last().is_some_and(|worst| score <= worst.score) {
+                    continue;
+                }
+                let (start, end) = (info.offsets[s].0, info.offsets[e].1);
+                // Overlapping windows find the same characters again: keep each span once, at its best.
+                if let Some(k) = best.iter().position(|a| (a.start, a.end) == (start, end)) {
+                    if best[k].score >= score {
+                        continue;
+                    }
+                    best.remove(k);
+                }
+                // After every span scoring at least as much: ties stay in window and position order.
+                let at = best.partition_point(|a| a.score >= score);
+                let a = Answer { score, start, end, window: w as u32, start_token: s as u32, end_token: e as u32, text: String::new() };
+                best.insert(at, a);
+                best.truncate(n_best);
             }
         }
     }
-    // Best first; equal scores in window and position order, so the answer is deterministic.
-    found.sort_by(|a, b| {
-        b.score.total_cmp(&a.score).then((a.window, a.start_token, a.end_token).cmp(&(b.window, b.start_token, b.end_token)))
-    });
     let chars: Vec<char> = context.chars().collect();
-    let mut answers: Vec<Answer> = Vec::with_capacity(n_best);
-    for mut a in found {
-        if answers.len() == n_best {
-            break;
-        }
-        if answers.iter().any(|b| (b.start, b.end) == (a.start, a.end)) {
-            continue;
-        }
+    for a in &mut best {
         a.text = slice(&chars, a.start, a.end);
-        answers.push(a);
     }
     let logits = windows.iter().flat_map(|(l, _)| l.iter().copied()).collect();
-    Ok(SequenceResult { logits, label_index: -1, answers, ..Default::default() })
+    Ok(SequenceResult { logits, label_index: -1, answers: best, ..Default::default() })
 }
 
 #[cfg(test)]
