@@ -84,6 +84,7 @@ impl Req {
             truncate: false,
             return_fusion_weights: false,
             id: String::new(),
+            ..Default::default()
         }
     }
 }

@@ -23,6 +23,7 @@ fn request(tasks: &[(&str, Option<u32>)], inputs: Inputs, weights: bool) -> Infe
         truncate: false,
         id: String::new(),
         return_fusion_weights: weights,
+        ..Default::default()
     }
 }
 

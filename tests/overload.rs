@@ -17,6 +17,7 @@ fn request(task: &str, texts: Vec<String>, truncate: bool) -> InferRequest {
         truncate,
         return_fusion_weights: false,
         id: String::new(),
+        ..Default::default()
     }
 }
 

@@ -36,6 +36,7 @@ fn request(tasks: &[(&str, Option<u32>)], inputs: Inputs) -> InferRequest {
         truncate: false,
         return_fusion_weights: false,
         id: String::new(),
+        ..Default::default()
     }
 }
 

@@ -20,6 +20,7 @@ fn request(id: &str, texts: Vec<String>) -> InferRequest {
         truncate: false,
         return_fusion_weights: false,
         id: id.into(),
+        ..Default::default()
     }
 }
 

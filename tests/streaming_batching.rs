@@ -16,6 +16,7 @@ fn request(id: &str, task: &str, n: Option<u32>, texts: &[&str]) -> InferRequest
         truncate: false,
         return_fusion_weights: false,
         id: id.into(),
+        ..Default::default()
     }
 }
 

@@ -73,7 +73,13 @@ pub fn prepare(dir: &Path, meta: &AdapterHubTask, registry: &Registry) -> Result
         },
         slots: Vec::new(),
         drop,
-        head: HeadSpec { kind: weights.head.kind, graph: None, labels: weights.head.labels.clone(), threshold: threshold(meta, &weights)? },
+        head: HeadSpec {
+            kind: weights.head.kind,
+            graph: None,
+            labels: weights.head.labels.clone(),
+            threshold: threshold(meta, &weights)?,
+            max_answer_length: None,
+        },
         adapterhub: Some(DIR.into()),
     };
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| ServeError::Internal(e.to_string()))?;

@@ -57,6 +57,7 @@ impl NativeApi {
             let tokenize_us = started.elapsed().as_micros() as u64;
             let num_tokens = job.sequences.iter().map(|s| s.ids.len() as u32).collect();
             let runs = job.tasks.clone();
+            let text = job.text.clone();
             let out = scheduler.submit(admission, job).await?;
             let mut fusion = out.fusion.into_iter();
             let results = runs
@@ -65,15 +66,15 @@ impl NativeApi {
                 .enumerate()
                 .map(|(i, (run, rows))| {
                     let weights = fusion.next().unwrap_or_default();
-                    TaskResult {
+                    Ok(TaskResult {
                         task: run.task.name().to_string(),
                         version: run.task.version(),
                         dropped_layers: run.active.dropped(),
-                        sequences: super::results::task_sequences(run, i, rows, &shaping),
+                        sequences: super::results::task_sequences(run, i, rows, text.as_deref(), &shaping)?,
                         fusion_weights: if want_fusion { super::fusion::fusion_weights(&weights) } else { Vec::new() },
-                    }
+                    })
                 })
-                .collect();
+                .collect::<Result<Vec<_>, ServeError>>()?;
             let timings = Timings {
                 tokenize_us,
                 queue_us: out.queue.as_micros() as u64,

@@ -1,114 +1,74 @@
-//! Head outputs -> per-sequence results, for every head kind, shared by the native and the KServe
-//! API: classification and regression (`convert::sequence_result`), multi-label (sigmoid per label,
-//! the labels above the threshold), multiple choice (one result per item: a softmax over its
-//! choices' logits), embeddings (the pooled vector).
+//! Engine rows -> `SequenceResult`s, by head kind: sequence heads (logits, softmax, label;
+//! multi-label and multiple choice in `sequence`), embeddings, tagging (per token, per word,
+//! entities) and extractive QA (answer spans over windows). The native API and the KServe endpoint
+//! both build their answers from these.
 
-use super::convert::{sequence_result, softmax};
+pub mod qa;
+pub mod sequence;
+pub mod tagging;
+
+use super::convert;
 use crate::engine::TaskRun;
+use crate::error::ServeError;
 use crate::proto::SequenceResult;
-use crate::repository::manifest::{DEFAULT_THRESHOLD, HeadKind, HeadSpec};
+use crate::repository::manifest::{DEFAULT_THRESHOLD, HeadKind};
+use crate::router::token_info::RequestText;
+pub use sequence::Shaping;
 
-/// What a request adds to its head outputs: thresholds per task, and the choice texts per item
-/// when its inputs are multiple-choice items.
-#[derive(Debug, Default, Clone)]
-pub struct Shaping {
-    /// The request's threshold for each task (index as the job's tasks); None: the task's own.
-    pub thresholds: Vec<Option<f32>>,
-    /// Each multiple-choice item's choices (the item's results name the best one).
-    pub choices: Option<Vec<Vec<String>>>,
-}
+/// Answers a QA task gives when neither the request nor the task names a maximum (SQuAD recipes).
+pub const DEFAULT_MAX_ANSWER_TOKENS: usize = 30;
 
-impl Shaping {
-    pub fn from_request(req: &crate::proto::InferRequest) -> Self {
-        let choices = match &req.inputs {
-            Some(crate::proto::infer_request::Inputs::Choices(c)) => Some(c.items.iter().map(|i| i.choices.clone()).collect()),
-            _ => None,
-        };
-        Self { thresholds: req.tasks.iter().map(|t| t.threshold).collect(), choices }
-    }
-}
-
-/// The results of task `index` of the job from its head outputs (one per sequence).
-pub fn task_sequences(run: &TaskRun, index: usize, rows: Vec<Vec<f32>>, shaping: &Shaping) -> Vec<SequenceResult> {
+/// One result per input of the request: `rows` are the engine rows of task `index` of the job (one
+/// per sequence).
+pub fn task_sequences(
+    run: &TaskRun,
+    index: usize,
+    rows: Vec<Vec<f32>>,
+    text: Option<&RequestText>,
+    shaping: &Shaping,
+) -> Result<Vec<SequenceResult>, ServeError> {
     let head = &run.task.manifest.head;
+    let missing = || ServeError::Internal(format!("task `{}`: a {} head got no token origins", run.task.name(), head.kind.as_str()));
     match head.kind {
+        HeadKind::Tagging => {
+            let text = text.ok_or_else(missing)?;
+            rows.into_iter()
+                .enumerate()
+                .map(|(i, logits)| tagging::result(logits, &head.labels, &text.tokens[i], &text.inputs[text.input_of[i]].0))
+                .collect()
+        }
+        HeadKind::QuestionAnswering => {
+            let text = text.ok_or_else(missing)?;
+            let max_len =
+                text.answers.max_answer_length.or(head.max_answer_length.map(|m| m as usize)).unwrap_or(DEFAULT_MAX_ANSWER_TOKENS);
+            (0..text.inputs.len())
+                .map(|i| {
+                    let windows: Vec<_> = text.sequences_of(i).map(|s| (rows[s].as_slice(), &text.tokens[s])).collect();
+                    let context = text.inputs[i].1.as_deref().ok_or_else(missing)?;
+                    qa::result(&windows, context, max_len, text.answers.n_best)
+                })
+                .collect()
+        }
+        HeadKind::Classification | HeadKind::Regression => {
+            Ok(rows.into_iter().map(|l| convert::sequence_result(l, head.kind, &head.labels)).collect())
+        }
         HeadKind::Embedding => {
-            rows.into_iter().map(|embedding| SequenceResult { embedding, label_index: -1, ..Default::default() }).collect()
+            Ok(rows.into_iter().map(|embedding| SequenceResult { embedding, label_index: -1, ..Default::default() }).collect())
         }
         HeadKind::MultiLabel => {
             let t = shaping.thresholds.get(index).copied().flatten().or(head.threshold).unwrap_or(DEFAULT_THRESHOLD);
-            rows.into_iter().map(|l| multilabel(l, head, t)).collect()
+            Ok(rows.into_iter().map(|l| sequence::multilabel(l, head, t)).collect())
         }
-        HeadKind::MultipleChoice => match &shaping.choices {
-            Some(items) => choices(rows, items),
+        HeadKind::MultipleChoice => Ok(match &shaping.choices {
+            Some(items) => sequence::choices(rows, items),
             // The router refuses a multiple-choice task without choice inputs.
             None => rows.into_iter().map(|logits| SequenceResult { logits, label_index: -1, ..Default::default() }).collect(),
-        },
-        kind => rows.into_iter().map(|l| sequence_result(l, kind, &head.labels)).collect(),
+        }),
     }
 }
 
-/// Sigmoid per label; the labels scoring above `threshold`, in label order.
-fn multilabel(logits: Vec<f32>, head: &HeadSpec, threshold: f32) -> SequenceResult {
-    let scores: Vec<f32> = logits.iter().map(|&x| (1.0 / (1.0 + (-f64::from(x)).exp())) as f32).collect();
-    let above: Vec<usize> = scores.iter().enumerate().filter(|(_, s)| **s > threshold).map(|(i, _)| i).collect();
-    SequenceResult {
-        labels: above.iter().map(|&i| head.labels.get(i).cloned().unwrap_or_default()).collect(),
-        label_indices: above.iter().map(|&i| i as i32).collect(),
-        threshold,
-        label_index: -1,
-        logits,
-        scores,
-        ..Default::default()
-    }
-}
-
-/// One result per item from its choices' one-logit rows: logits, softmax scores, the best choice.
-fn choices(rows: Vec<Vec<f32>>, items: &[Vec<String>]) -> Vec<SequenceResult> {
-    let mut rows = rows.into_iter();
-    items
-        .iter()
-        .map(|texts| {
-            let logits: Vec<f32> = (&mut rows).take(texts.len()).map(|r| r.first().copied().unwrap_or(f32::NAN)).collect();
-            let scores = softmax(&logits);
-            let best = scores.iter().enumerate().fold(0, |b, (i, s)| if *s > scores[b] { i } else { b });
-            SequenceResult {
-                label: texts.get(best).cloned().unwrap_or_default(),
-                label_index: best as i32,
-                logits,
-                scores,
-                ..Default::default()
-            }
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn head(kind: HeadKind, labels: &[&str]) -> HeadSpec {
-        HeadSpec { kind, graph: None, labels: labels.iter().map(|s| s.to_string()).collect(), threshold: None }
-    }
-
-    #[test]
-    fn multilabel_keeps_the_labels_strictly_above_the_threshold() {
-        let h = head(HeadKind::MultiLabel, &["a", "b", "c"]);
-        let r = multilabel(vec![0.0, 2.0, -3.0], &h, 0.5);
-        assert_eq!(r.scores[0], 0.5);
-        assert!((r.scores[1] - 0.880_797_1).abs() < 1e-6);
-        assert_eq!((r.labels, r.label_indices, r.label_index), (vec!["b".to_string()], vec![1], -1));
-        let r = multilabel(vec![0.0, 2.0, -3.0], &h, 0.0);
-        assert_eq!(r.label_indices, vec![0, 1, 2]);
-    }
-
-    #[test]
-    fn choices_are_grouped_per_item_and_softmaxed() {
-        let items = vec![vec!["x".to_string(), "y".to_string()], vec!["p".to_string(), "q".to_string(), "r".to_string()]];
-        let out = choices(vec![vec![0.0], vec![1.0], vec![3.0], vec![0.0], vec![0.0]], &items);
-        assert_eq!(out.len(), 2);
-        assert_eq!((out[0].label.as_str(), out[0].label_index, out[0].logits.clone()), ("y", 1, vec![0.0, 1.0]));
-        assert_eq!((out[1].label.as_str(), out[1].label_index), ("p", 0));
-        assert!((out[1].scores.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-    }
+/// `text`'s characters `[start, end)` (code points), clamped to the text.
+fn slice(chars: &[char], start: u32, end: u32) -> String {
+    let end = (end as usize).min(chars.len());
+    chars[(start as usize).min(end)..end].iter().collect()
 }

@@ -52,6 +52,8 @@ pub struct Job {
     pub deadline: Option<Instant>,
     /// When routing started; request durations in the statistics count from here.
     pub received: Instant,
+    /// Texts and token origins (text inputs only): what token heads answer in.
+    pub text: Option<Arc<crate::router::token_info::RequestText>>,
 }
 
 /// The engine's answer to one job.

@@ -65,7 +65,7 @@ pub fn task(backbone: Arc<Backbone>) -> Task {
         adapter: AdapterInfo { method: "none".into(), ..Default::default() },
         slots: Vec::new(),
         drop: DropSpec::DropFirst(backbone.num_layers()),
-        head: HeadSpec { kind: HeadKind::Embedding, graph: None, labels: Vec::new(), threshold: None },
+        head: HeadSpec { kind: HeadKind::Embedding, graph: None, labels: Vec::new(), threshold: None, max_answer_length: None },
         adapterhub: None,
     };
     Task {

@@ -192,6 +192,9 @@ pub struct HeadSpec {
     /// request may override it (`TaskRef.threshold`, KServe parameter `threshold`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threshold: Option<f32>,
+    /// Extractive QA only: the longest answer in tokens when a request names none (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_answer_length: Option<u32>,
 }
 
 /// What a head computes. Sequence heads read the first token; token heads (`per_token`) every one.

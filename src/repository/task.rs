@@ -330,9 +330,6 @@ fn validate_manifest(m: &TaskManifest, path: &Path, dir: &Path, backbone: &Backb
     {
         return bad(format!("head threshold {t}: only a multilabel head has one, within 0..=1"));
     }
-    if m.head.kind.per_token() {
-        return bad(format!("{} heads are parsed but not served yet", m.head.kind.as_str()));
-    }
     if m.head.kind.per_token() && (m.head.graph.is_some() || m.adapterhub.is_none()) {
         return bad(format!(
             "a {} head runs from AdapterHub weights on the host: give `adapterhub` and no head graph",

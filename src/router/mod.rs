@@ -2,6 +2,8 @@
 //! scheduler batches.
 
 pub mod choices;
+pub mod qa_windows;
+pub mod token_info;
 pub mod tokenize;
 
 use std::sync::Arc;
@@ -14,6 +16,11 @@ use crate::error::{ServeError, clip};
 use crate::proto::{InferRequest, TaskRef, infer_request::Inputs};
 use crate::repository::manifest::HeadKind;
 use crate::repository::{Registry, Task};
+use token_info::{AnswerOptions, RequestText};
+use tokenize::Overlong;
+
+/// Most answers a request may ask per QA task and input (`n_best`).
+pub const MAX_N_BEST: u32 = 20;
 
 /// Longest task reference that can name a task: a 64-character name and `@4294967295`.
 const MAX_TASK_REF: usize = 64 + 11;
@@ -80,15 +87,59 @@ impl Router {
             )));
         }
         let max_bytes = self.limits.max_text_bytes;
-        let sequences = match req.inputs.expect("count > 0") {
-            Inputs::Texts(t) => tokenize::encode_texts(&backbone, tokenize::text_inputs(&t.texts, max_bytes)?, req.truncate)?,
-            Inputs::Pairs(p) => tokenize::encode_texts(&backbone, tokenize::pair_inputs(&p.pairs, max_bytes)?, req.truncate)?,
-            Inputs::Tokens(t) => tokenize::check_ids(&backbone, t.sequences, req.truncate)?,
+        let answers = answer_options(&req, &backbone)?;
+        let overlong = if tasks.iter().any(|t| t.task.manifest.head.kind == HeadKind::QuestionAnswering) {
+            Overlong::Windows { stride: req.doc_stride.map(|s| s as usize), budget: self.limits.max_tokens_per_request }
+        } else if req.truncate {
+            Overlong::Truncate
+        } else {
+            Overlong::Reject
+        };
+        let (sequences, text) = match req.inputs.expect("count > 0") {
+            Inputs::Tokens(t) => {
+                if let Some(run) = tasks.iter().find(|t| t.task.manifest.head.kind.per_token()) {
+                    return Err(ServeError::InvalidArgument(format!(
+                        "task `{}` is a {} task and answers in characters of the text: send inputs.{} (token ids carry no \
+                         character offsets)",
+                        run.task.name(),
+                        run.task.manifest.head.kind.as_str(),
+                        if run.task.manifest.head.kind == HeadKind::QuestionAnswering { "pairs" } else { "texts" }
+                    )));
+                }
+                (tokenize::check_ids(&backbone, t.sequences, req.truncate)?, None)
+            }
+            Inputs::Texts(t) => {
+                if let Some(run) = tasks.iter().find(|t| t.task.manifest.head.kind == HeadKind::QuestionAnswering) {
+                    return Err(ServeError::InvalidArgument(format!(
+                        "task `{}` is an extractive QA task: send inputs.pairs with text = the question and text_pair = the \
+                         context (inputs.pairs[].text_pair is missing)",
+                        run.task.name()
+                    )));
+                }
+                let encoded = tokenize::encode_texts(&backbone, tokenize::text_inputs(&t.texts, max_bytes)?, overlong)?;
+                split(encoded, t.texts.into_iter().map(|t| (t, None)).collect(), answers)
+            }
+            Inputs::Pairs(p) => {
+                let encoded = tokenize::encode_texts(&backbone, tokenize::pair_inputs(&p.pairs, max_bytes)?, overlong)?;
+                split(encoded, p.pairs.into_iter().map(|p| (p.text, Some(p.text_pair))).collect(), answers)
+            }
             Inputs::Choices(c) => {
                 let pairs = choices::pairs(&c.items);
-                tokenize::encode_texts(&backbone, choices::encode_inputs(&pairs, &c.items, max_bytes)?, req.truncate)?
+                let encoded = tokenize::encode_texts(&backbone, choices::encode_inputs(&pairs, &c.items, max_bytes)?, overlong)?;
+                split(encoded, pairs.into_iter().map(|p| (p.text, Some(p.text_pair))).collect(), answers)
             }
         };
+        if sequences.len() != count {
+            // A QA context was split into windows: other tasks would get one answer per window.
+            if let Some(run) = tasks.iter().find(|t| t.task.manifest.head.kind != HeadKind::QuestionAnswering) {
+                return Err(ServeError::InvalidArgument(format!(
+                    "a context longer than the backbone's {} tokens is split into windows for extractive QA; task `{}` cannot \
+                     answer per window: send it in a separate request (with truncate)",
+                    backbone.manifest.max_positions,
+                    run.task.name()
+                )));
+            }
+        }
         let tokens: usize = sequences.iter().map(|s| s.ids.len()).sum();
         let max = self.limits.max_tokens_per_request;
         if tokens > max {
@@ -100,6 +151,7 @@ impl Router {
         // where tasks' adapters differ), padded to the longest sequence.
         let paths = executor::paths(backbone.layers.len(), tasks.iter().map(|t| (&*t.task, &t.active)));
         let longest = sequences.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+        let count = sequences.len();
         let rows = count.saturating_mul(paths);
         let engine_tokens = rows.saturating_mul(longest);
         if engine_tokens > max {
@@ -109,7 +161,7 @@ impl Router {
                  fan-out creates); send fewer tasks or sequences per request"
             )));
         }
-        Ok(Job { backbone, sequences, tasks, paths, deadline, received })
+        Ok(Job { backbone, sequences, tasks, paths, deadline, received, text })
     }
 
     fn resolve_tasks(&self, refs: &[TaskRef]) -> Result<Vec<TaskRun>, ServeError> {
@@ -166,4 +218,36 @@ fn check_threshold(task: &Task, threshold: Option<f32>) -> Result<(), ServeError
         return Err(ServeError::InvalidArgument(format!("tasks[].threshold = {t} for task `{}`: it must be within 0..=1", task.name())));
     }
     Ok(())
+}
+
+/// The engine sequences and, beside them, the texts and the origin of every token.
+fn split(
+    encoded: Vec<tokenize::Encoded>,
+    inputs: Vec<(String, Option<String>)>,
+    answers: AnswerOptions,
+) -> (Vec<crate::engine::Sequence>, Option<Arc<RequestText>>) {
+    let mut sequences = Vec::with_capacity(encoded.len());
+    let mut tokens = Vec::with_capacity(encoded.len());
+    let mut input_of = Vec::with_capacity(encoded.len());
+    for e in encoded {
+        sequences.push(e.sequence);
+        tokens.push(e.tokens);
+        input_of.push(e.input);
+    }
+    (sequences, Some(Arc::new(RequestText { inputs, tokens, input_of, answers })))
+}
+
+/// `max_answer_length` and `n_best`, checked before any loop runs on them.
+fn answer_options(req: &InferRequest, backbone: &crate::repository::Backbone) -> Result<AnswerOptions, ServeError> {
+    let max = backbone.manifest.max_positions;
+    if let Some(m) = req.max_answer_length
+        && (m == 0 || m as usize > max)
+    {
+        return Err(ServeError::InvalidArgument(format!("max_answer_length {m} must be 1..={max} (tokens of the backbone)")));
+    }
+    let n_best = req.n_best.unwrap_or(1);
+    if !(1..=MAX_N_BEST).contains(&n_best) {
+        return Err(ServeError::InvalidArgument(format!("n_best {n_best} must be 1..={MAX_N_BEST}")));
+    }
+    Ok(AnswerOptions { max_answer_length: req.max_answer_length.map(|m| m as usize), n_best: n_best as usize })
 }

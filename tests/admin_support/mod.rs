@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use adapterdrop_serve::proto::admin_client::AdminClient;
 use adapterdrop_serve::proto::inference_client::InferenceClient;
 use adapterdrop_serve::proto::register_task_request::Part;
+use adapterdrop_serve::proto::{AdapterHubTask, DropConfig, RobustRange, drop_config};
 use adapterdrop_serve::proto::{
     BundleChunk, BundleHeader, InferRequest, InferResponse, ListTasksRequest, RegisterTaskRequest, RegisterTaskResponse, TaskInfo, TaskRef,
     Texts, UnregisterTaskRequest, UnregisterTaskResponse, infer_request::Inputs,
@@ -44,6 +45,16 @@ pub fn source(task: &str) -> PathBuf {
 
 pub fn header(name: &str, version: Option<u32>, set_default: bool, replace: bool) -> BundleHeader {
     BundleHeader { name: name.into(), version, set_default, replace, adapterhub: None }
+}
+
+pub fn robust(default: u32, min: u32, max: u32) -> Option<DropConfig> {
+    Some(DropConfig { mode: Some(drop_config::Mode::Robust(RobustRange { default, min, max })) })
+}
+
+/// The header of a weights-only registration (AdapterHub files only) on `backbone`.
+pub fn weights_header(name: &str, backbone: &str, drop: Option<DropConfig>) -> BundleHeader {
+    let meta = AdapterHubTask { backbone: backbone.into(), drop, description: String::new(), threshold: None };
+    BundleHeader { adapterhub: Some(meta), ..header(name, None, false, false) }
 }
 
 /// Header, then every file of `dir` in chunks of at most `chunk` bytes.
@@ -117,6 +128,7 @@ pub fn infer_req(task: &str, version: Option<u32>, drop_first: Option<u32>, text
         truncate: false,
         id: String::new(),
         return_fusion_weights: false,
+        ..Default::default()
     }
 }
 

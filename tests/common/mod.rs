@@ -280,6 +280,7 @@ pub async fn infer_logits(
         truncate: false,
         return_fusion_weights: false,
         id: String::new(),
+        ..Default::default()
     };
     let resp = client.infer(req).await.unwrap_or_else(|s| panic!("{task} n={n}: {s}")).into_inner();
     assert_eq!(resp.results.len(), 1, "{task} n={n}");

@@ -20,7 +20,7 @@ pub const ATTENTION_MASK: &str = "attention_mask";
 pub const TOKEN_TYPE_IDS: &str = "token_type_ids";
 
 /// Request parameters this server reads; see README "KServe v2 endpoint".
-pub const PARAMETERS: &[&str] = &["drop_first", "tasks", "truncate", "timeout", "threshold"];
+pub const PARAMETERS: &[&str] = &["drop_first", "tasks", "truncate", "timeout", "max_answer_length", "n_best", "doc_stride", "threshold"];
 
 /// More request parameters than any client needs (the protocol's reserved ones included): more
 /// is refused before the keys are even sorted.
@@ -103,7 +103,16 @@ pub fn decode(req: ModelInferRequest, limits: &LimitSettings) -> Result<Decoded,
         }
         outputs.push(o.name.clone());
     }
-    let native = InferRequest { tasks, inputs: Some(inputs), truncate: params.truncate, id: req.id, return_fusion_weights: false };
+    let native = InferRequest {
+        tasks,
+        inputs: Some(inputs),
+        truncate: params.truncate,
+        id: req.id,
+        return_fusion_weights: false,
+        doc_stride: params.doc_stride,
+        max_answer_length: params.max_answer_length,
+        n_best: params.n_best,
+    };
     Ok(Decoded { native, prefixes, outputs, timeout: params.timeout, threshold: params.threshold })
 }
 
@@ -114,6 +123,10 @@ struct Params {
     truncate: bool,
     timeout: Option<Duration>,
     threshold: Option<f32>,
+    /// Extractive QA (the router checks the values).
+    doc_stride: Option<u32>,
+    max_answer_length: Option<u32>,
+    n_best: Option<u32>,
 }
 
 impl Params {
@@ -167,6 +180,14 @@ impl Params {
                         return Err(invalid(format!("parameter `threshold` = {t}: it must be within 0..=1")));
                     }
                     p.threshold = Some(t as f32);
+                }
+                "doc_stride" | "max_answer_length" | "n_best" => {
+                    let v = u32::try_from(int_param(key, value)?).map_err(|_| invalid(format!("parameter `{key}` is out of range")))?;
+                    match key.as_str() {
+                        "doc_stride" => p.doc_stride = Some(v),
+                        "max_answer_length" => p.max_answer_length = Some(v),
+                        _ => p.n_best = Some(v),
+                    }
                 }
                 "timeout" => {
                     let us = int_param(key, value)?;

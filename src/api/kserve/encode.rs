@@ -1,12 +1,15 @@
 //! Engine results -> KServe output tensors, always in `raw_output_contents` (what tritonclient
-//! reads). Scores and labels come from the same conversion the native API uses.
+//! reads). Scores, labels, tags and answers come from the same results the native API sends
+//! (`api::results`); token heads' tensors are built in `token_outputs`.
 
-use crate::api::results::{Shaping, task_sequences};
+use super::token_outputs;
+use crate::api::results;
 use crate::engine::TaskRun;
 use crate::error::ServeError;
 use crate::kserve_proto::model_infer_response::InferOutputTensor;
 use crate::proto::SequenceResult;
 use crate::repository::manifest::HeadKind;
+use crate::router::token_info::RequestText;
 
 pub const LOGITS: &str = "logits";
 pub const PROBABILITIES: &str = "probabilities";
@@ -26,6 +29,19 @@ pub enum Kind {
     Choice,
     /// The built-in embedding task: FP32 `[batch, hidden]`.
     Embedding,
+    /// Tagging: per token, padded to the request's longest sequence.
+    TokenLabels,
+    TokenScores,
+    TokenOffsets,
+    /// Tagging: words and entities as one JSON array per sequence.
+    Words,
+    Entities,
+    /// Extractive QA: the best answer, and the n-best as JSON.
+    Answer,
+    AnswerStart,
+    AnswerEnd,
+    AnswerScore,
+    Answers,
 }
 
 /// One output tensor to send: its name, the task it belongs to (index into the job's tasks).
@@ -46,8 +62,20 @@ pub fn kinds(head: HeadKind) -> &'static [(Kind, &'static str)] {
             &[(Kind::Logits, LOGITS), (Kind::Probabilities, PROBABILITIES), (Kind::Choice, CHOICE), (Kind::Label, LABEL)]
         }
         HeadKind::Embedding => &[(Kind::Embedding, EMBEDDING)],
-        // Refused at task load until their results are built (task.rs).
-        HeadKind::Tagging | HeadKind::QuestionAnswering => &[(Kind::Logits, LOGITS)],
+        HeadKind::Tagging => token_outputs::TAGGING,
+        HeadKind::QuestionAnswering => token_outputs::QA,
+    }
+}
+
+/// (KServe datatype, dims after the batch dimension) of an output of `head` (`width` values per position).
+pub fn spec(kind: Kind, head: HeadKind, width: i64) -> (&'static str, Vec<i64>) {
+    match kind {
+        Kind::Logits if head.per_token() => ("FP32", vec![-1, width]),
+        Kind::Logits | Kind::Probabilities | Kind::Embedding => ("FP32", vec![width]),
+        Kind::Label => ("BYTES", vec![1]),
+        Kind::Predicted => ("BOOL", vec![width]),
+        Kind::Choice => ("INT64", vec![1]),
+        other => token_outputs::spec(other),
     }
 }
 
@@ -80,16 +108,23 @@ pub fn encode(
     tasks: &[TaskRun],
     plan: &[Planned],
     logits: Vec<Vec<Vec<f32>>>,
-    shaping: &Shaping,
-) -> (Vec<InferOutputTensor>, Vec<Vec<u8>>) {
-    let results: Vec<Vec<SequenceResult>> =
-        tasks.iter().zip(logits).enumerate().map(|(i, (run, rows))| task_sequences(run, i, rows, shaping)).collect();
+    text: Option<&RequestText>,
+    shaping: &results::Shaping,
+) -> Result<(Vec<InferOutputTensor>, Vec<Vec<u8>>), ServeError> {
+    let results: Vec<Vec<SequenceResult>> = tasks
+        .iter()
+        .zip(logits)
+        .enumerate()
+        .map(|(i, (run, rows))| results::task_sequences(run, i, rows, text, shaping))
+        .collect::<Result<_, _>>()?;
     let mut outputs = Vec::with_capacity(plan.len());
     let mut raw = Vec::with_capacity(plan.len());
     for p in plan {
         let rows = &results[p.task];
         let n = rows.len() as i64;
+        let head = &tasks[p.task].task.manifest.head;
         let (datatype, shape, bytes) = match p.kind {
+            Kind::Logits if head.kind.per_token() => token_outputs::logits(rows, head.width()),
             Kind::Logits | Kind::Probabilities | Kind::Embedding => {
                 let pick = |r: &SequenceResult| match p.kind {
                     Kind::Logits => r.logits.clone(),
@@ -110,9 +145,10 @@ pub fn encode(
                 ("BOOL", vec![n, width as i64], bytes)
             }
             Kind::Choice => ("INT64", vec![n, 1], rows.iter().flat_map(|r| i64::from(r.label_index).to_le_bytes()).collect()),
+            other => token_outputs::tensor(other, rows),
         };
         outputs.push(InferOutputTensor { name: p.name.clone(), datatype: datatype.into(), shape, ..Default::default() });
         raw.push(bytes);
     }
-    (outputs, raw)
+    Ok((outputs, raw))
 }

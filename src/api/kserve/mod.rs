@@ -8,6 +8,7 @@ pub mod decode;
 pub mod encode;
 mod inputs;
 pub mod model;
+mod token_outputs;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,6 +80,7 @@ impl KServeApi {
                 .map_err(|e| ServeError::Internal(format!("request decoding task failed: {e}")))?;
             let (decoded, job, plan, shaping) = prepared?;
             let runs = job.tasks.clone();
+            let text = job.text.clone();
             let timeout = decoded.timeout;
             let out = match (timeout, job.deadline) {
                 (Some(_), Some(d)) => {
@@ -88,7 +90,7 @@ impl KServeApi {
                 }
                 _ => scheduler.submit(admission, job).await?,
             };
-            let (outputs, raw_output_contents) = encode::encode(&runs, &plan, out.logits, &shaping);
+            let (outputs, raw_output_contents) = encode::encode(&runs, &plan, out.logits, text.as_deref(), &shaping)?;
             let mut parameters = std::collections::HashMap::new();
             for (run, prefix) in runs.iter().zip(&decoded.prefixes) {
                 let dropped = run.active.dropped().iter().map(u32::to_string).collect::<Vec<_>>().join(",");

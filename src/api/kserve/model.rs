@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::decode::{ATTENTION_MASK, CHOICES, INPUT_IDS, TEXT, TEXT_PAIR, TOKEN_TYPE_IDS};
-use super::encode::{self, Kind};
+use super::encode;
 use crate::config::{BatchingSettings, LimitSettings};
 use crate::kserve_proto::model_metadata_response::TensorMetadata;
 use crate::kserve_proto::repository_index_response::ModelIndex;
@@ -37,18 +37,23 @@ fn inputs(task: &Task) -> Vec<(&'static str, &'static str, DataType, Vec<i64>)> 
 }
 
 fn outputs(task: &Task) -> Vec<(&'static str, &'static str, DataType, Vec<i64>)> {
-    let width = match task.manifest.head.kind {
+    let head = &task.manifest.head;
+    let width = match head.kind {
         HeadKind::Embedding => task.backbone.manifest.hidden_size as i64,
         HeadKind::MultipleChoice => -1, // one per choice
-        _ => task.manifest.head.width() as i64,
+        _ => head.width() as i64,
     };
-    encode::kinds(task.manifest.head.kind)
+    encode::kinds(head.kind)
         .iter()
-        .map(|(kind, name)| match kind {
-            Kind::Label => (*name, "BYTES", DataType::TypeString, vec![1]),
-            Kind::Choice => (*name, "INT64", DataType::TypeInt64, vec![1]),
-            Kind::Predicted => (*name, "BOOL", DataType::TypeBool, vec![width]),
-            _ => (*name, "FP32", DataType::TypeFp32, vec![width]),
+        .map(|(kind, name)| {
+            let (datatype, dims) = encode::spec(*kind, head.kind, width);
+            let config = match datatype {
+                "BYTES" => DataType::TypeString,
+                "INT64" => DataType::TypeInt64,
+                "BOOL" => DataType::TypeBool,
+                _ => DataType::TypeFp32,
+            };
+            (*name, datatype, config, dims)
         })
         .collect()
 }
