@@ -257,6 +257,7 @@ async fn long_contexts_are_split_into_windows_and_bad_requests_name_the_field() 
             InferRequest { tasks: vec![task("bert-tagging", 0)], inputs: ids.clone(), ..Default::default() },
             "inputs.texts",
         ),
+        ("tagging on pairs", InferRequest { tasks: vec![task("bert-tagging", 0)], inputs: pair("a b"), ..Default::default() }, "one text"),
         ("qa from ids", InferRequest { tasks: vec![task("bert-qa", 0)], inputs: ids, ..Default::default() }, "inputs.pairs"),
         (
             "n_best 0",

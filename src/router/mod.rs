@@ -95,27 +95,11 @@ impl Router {
         } else {
             Overlong::Reject
         };
-        let (sequences, text) = match req.inputs.expect("count > 0") {
-            Inputs::Tokens(t) => {
-                if let Some(run) = tasks.iter().find(|t| t.task.manifest.head.kind.per_token()) {
-                    return Err(ServeError::InvalidArgument(format!(
-                        "task `{}` is a {} task and answers in characters of the text: send inputs.{} (token ids carry no \
-                         character offsets)",
-                        run.task.name(),
-                        run.task.manifest.head.kind.as_str(),
-                        if run.task.manifest.head.kind == HeadKind::QuestionAnswering { "pairs" } else { "texts" }
-                    )));
-                }
-                (tokenize::check_ids(&backbone, t.sequences, req.truncate)?, None)
-            }
+        let inputs = req.inputs.expect("count > 0");
+        token_info::check_inputs(&tasks, &inputs)?;
+        let (sequences, text) = match inputs {
+            Inputs::Tokens(t) => (tokenize::check_ids(&backbone, t.sequences, req.truncate)?, None),
             Inputs::Texts(t) => {
-                if let Some(run) = tasks.iter().find(|t| t.task.manifest.head.kind == HeadKind::QuestionAnswering) {
-                    return Err(ServeError::InvalidArgument(format!(
-                        "task `{}` is an extractive QA task: send inputs.pairs with text = the question and text_pair = the \
-                         context (inputs.pairs[].text_pair is missing)",
-                        run.task.name()
-                    )));
-                }
                 let encoded = tokenize::encode_texts(&backbone, tokenize::text_inputs(&t.texts, max_bytes)?, overlong)?;
                 split(encoded, t.texts.into_iter().map(|t| (t, None)).collect(), answers)
             }

@@ -4,6 +4,30 @@
 
 use tokenizers::Encoding;
 
+use crate::engine::TaskRun;
+use crate::error::ServeError;
+use crate::proto::infer_request::Inputs;
+use crate::repository::manifest::HeadKind;
+
+/// Token heads answer in characters of one text: a tagger needs `texts`, extractive QA `pairs`
+/// (question, context); token ids carry no character offsets.
+pub fn check_inputs(tasks: &[TaskRun], inputs: &Inputs) -> Result<(), ServeError> {
+    for run in tasks {
+        let (name, kind) = (run.task.name(), run.task.manifest.head.kind);
+        let problem = match (kind, inputs) {
+            (HeadKind::Tagging, Inputs::Tokens(_)) => "token ids carry no character offsets: send inputs.texts (KServe: TEXT)",
+            (HeadKind::Tagging, Inputs::Pairs(_)) => "a tagger labels the tokens of one text: send inputs.texts (KServe: TEXT)",
+            (HeadKind::QuestionAnswering, Inputs::Tokens(_) | Inputs::Texts(_)) => {
+                "send inputs.pairs with text = the question and text_pair = the context (inputs.pairs[].text_pair is missing; \
+                 KServe: TEXT and TEXT_PAIR)"
+            }
+            _ => continue,
+        };
+        return Err(ServeError::InvalidArgument(format!("task `{name}` is a {} task: {problem}", kind.as_str())));
+    }
+    Ok(())
+}
+
 /// One engine sequence's tokens: their character ranges, words and segments.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TokenInfo {
