@@ -244,6 +244,11 @@ async fn multilabel_and_choice_register_weights_only() {
     assert!(e.code() == Code::InvalidArgument && e.message().contains("within 0..=1"), "{e:?}");
     register(&mut a, h("w-multi", Some(0.8)), &fixtures.join("adapters/multilabel")).await.unwrap();
     register(&mut a, h("w-choice", None), &fixtures.join("adapters/choice")).await.unwrap();
+    // A tagger labels one text: it cannot run beside a multiple-choice task on (context, choice) pairs.
+    register(&mut a, h("w-tagging", None), &fixtures.join("adapters/tagging")).await.unwrap();
+    let items = Inputs::Choices(Choices { items: choice_items(&fx) });
+    let e = infer(&server, request(vec![task("w-choice", None, None), task("w-tagging", None, None)], items)).await.unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().contains("a tagger labels the tokens of one text"), "{e:?}");
     for n in 0..=3u32 {
         let r = infer(&server, request(vec![task("w-multi", Some(n), None)], texts(&fx))).await.unwrap();
         assert_close(
