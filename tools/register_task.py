@@ -6,7 +6,8 @@ Usage:
                    --adapter DIR --repo REPO --backbone NAME (--drop-first n | --drop-layers 0,2 | --robust d,min,max)
                    [--head DIR] [--checkpoint DIR]) [--version N] [--set-default] [--replace]
   register_task.py --addr HOST:50052 register --name TASK --weights-only --adapter DIR [--head DIR] --backbone NAME
-                   (--drop-first n | --drop-layers 0,2 | --robust d,min,max) [--version N] [--set-default] [--replace]
+                   (--drop-first n | --drop-layers 0,2 | --robust d,min,max) [--max-answer-length N]
+                   [--version N] [--set-default] [--replace]
   register_task.py --addr HOST:50052 unregister --name TASK (--version N | --all)
   register_task.py --addr HOST:50052 set-default --name TASK [--version N]   (no --version: remove the pin)
   register_task.py --addr HOST:50052 list
@@ -102,7 +103,10 @@ def weights_only(pb, core, a):
     missing = [str(p) for _, p in files if not p.is_file()]
     if missing:
         raise SystemExit(f"error: missing AdapterHub files (safetensors only): {', '.join(missing)}")
-    return pb.AdapterHubTask(backbone=a.backbone, drop=drop, description=a.description or ""), files
+    hub = pb.AdapterHubTask(backbone=a.backbone, drop=drop, description=a.description or "")
+    if a.max_answer_length is not None:
+        hub.max_answer_length = a.max_answer_length
+    return hub, files
 
 
 def export_adapter(a, out_dir: str) -> str:
@@ -151,6 +155,8 @@ def main(argv=None) -> int:
     r.add_argument("--drop-first", type=int)
     r.add_argument("--drop-layers")
     r.add_argument("--robust")
+    r.add_argument("--max-answer-length", type=int,
+                   help="with --weights-only, extractive QA heads: the longest answer in tokens a request gets by default")
     u = sub.add_parser("unregister")
     u.add_argument("--name", required=True)
     g = u.add_mutually_exclusive_group(required=True)
