@@ -236,7 +236,7 @@ async fn multilabel_and_choice_register_weights_only() {
     let fixtures = common::root().join("tests/fixtures/adapterhub-breadth/roberta");
     let fx = reference("roberta");
     let drop = Some(DropConfig { mode: Some(Mode::Robust(RobustRange { default: 0, min: 0, max: 3 })) });
-    let hub = |threshold| AdapterHubTask { backbone: "roberta".into(), drop: drop.clone(), description: String::new(), threshold };
+    let hub = |threshold| AdapterHubTask { backbone: "roberta".into(), drop: drop.clone(), threshold, ..Default::default() };
     let h = |name: &str, threshold| BundleHeader { adapterhub: Some(hub(threshold)), ..header(name, None, true, false) };
     let e = register(&mut a, h("w-choice", Some(0.5)), &fixtures.join("adapters/choice")).await.unwrap_err();
     assert!(e.code() == Code::InvalidArgument && e.message().contains("not multilabel"), "{e:?}");

@@ -46,11 +46,12 @@ fn repo() -> tempfile::TempDir {
 }
 
 /// The server on a private repository, with `<b>-tagging` and `<b>-qa` of every backbone
-/// registered from the library's files (robust drop 0..=3).
-async fn serve() -> (tempfile::TempDir, TestServer) {
+/// registered from the library's files (robust drop 0..=3); also the admin address.
+async fn serve() -> (tempfile::TempDir, TestServer, String) {
     let dir = repo();
     let server = TestServer::start_on(dir.path(), &[("ADAPTERDROP__REPOSITORY__POLL_INTERVAL_S", "0")]);
-    let mut a = admin(&server.admin_addr()).await;
+    let admin_addr = server.admin_addr();
+    let mut a = admin(&admin_addr).await;
     for b in BACKBONES {
         for fixture in ["tagging", "qa"] {
             let files = fixtures(b).join("adapters").join(fixture);
@@ -60,7 +61,7 @@ async fn serve() -> (tempfile::TempDir, TestServer) {
             assert_eq!(info.head_type, if fixture == "qa" { "question_answering" } else { "tagging" }, "{name}");
         }
     }
-    (dir, server)
+    (dir, server, admin_addr)
 }
 
 fn task(name: &str, n: u32) -> TaskRef {
@@ -100,7 +101,7 @@ fn best_span(start: &[f64], end: &[f64], context: &[bool]) -> Option<(usize, usi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tagging_and_qa_match_the_library_at_every_drop_depth() {
-    let (_dir, server) = serve().await;
+    let (_dir, server, _) = serve().await;
     let (mut worst, mut labels, mut spans) = (0.0f64, 0, 0);
     for b in BACKBONES {
         let fx = reference(b);
@@ -211,7 +212,7 @@ async fn tagging_and_qa_match_the_library_at_every_drop_depth() {
 /// span over all windows wins, and each answer's score is its window's start + end logit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_contexts_are_split_into_windows_and_bad_requests_name_the_field() {
-    let (_dir, server) = serve().await;
+    let (_dir, server, admin_addr) = serve().await;
     let fx = reference("bert");
     let question = fx["pairs"][0][0].as_str().unwrap().to_string();
     let filler = "the weather stayed calm while people walked along the river and talked about books. ";
@@ -289,6 +290,26 @@ async fn long_contexts_are_split_into_windows_and_bad_requests_name_the_field() 
         let s = c.infer(req).await.expect_err(what);
         assert_eq!(s.code(), Code::InvalidArgument, "{what}: {s:?}");
         assert!(s.message().contains(needle), "{what}: {}", s.message());
+    }
+    // A task's own default answer length, set at registration; refused for other heads or out of range.
+    let mut a = admin(&admin_addr).await;
+    let qa = fixtures("bert").join("adapters/qa");
+    let with_max = |name: &str, m: u32| {
+        let mut h = weights_header(name, "bert", robust(0, 0, 3));
+        h.adapterhub.as_mut().unwrap().max_answer_length = Some(m);
+        h
+    };
+    register_msgs(&mut a, messages(with_max("bert-qa-one", 1), &qa, 1 << 20), None).await.unwrap();
+    let req = InferRequest { tasks: vec![task("bert-qa-one", 0)], inputs: pair(&context), n_best: Some(4), ..Default::default() };
+    let one = infer(&server, req).await;
+    assert!(one.results[0].sequences[0].answers.iter().all(|a| a.start_token == a.end_token));
+    for (name, m, dir, needle) in [
+        ("bert-tag-max", 5, fixtures("bert").join("adapters/tagging"), "is for question_answering heads"),
+        ("bert-qa-zero", 0, qa.clone(), "max_answer_length 0 must be 1..=64"),
+    ] {
+        let s = register_msgs(&mut a, messages(with_max(name, m), &dir, 1 << 20), None).await.expect_err(name);
+        assert_eq!(s.code(), Code::InvalidArgument, "{name}: {s:?}");
+        assert!(s.message().contains(needle), "{name}: {}", s.message());
     }
     // Still serving.
     let req = InferRequest { tasks: vec![task("bert-qa", 0)], inputs: pair(fx["pairs"][0][1].as_str().unwrap()), ..Default::default() };

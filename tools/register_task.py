@@ -6,7 +6,8 @@ Usage:
                    --adapter DIR --repo REPO --backbone NAME (--drop-first n | --drop-layers 0,2 | --robust d,min,max)
                    [--head DIR] [--checkpoint DIR]) [--version N] [--set-default] [--replace]
   register_task.py --addr HOST:50052 register --name TASK --weights-only --adapter DIR [--head DIR] --backbone NAME
-                   (--drop-first n | --drop-layers 0,2 | --robust d,min,max) [--version N] [--set-default] [--replace]
+                   (--drop-first n | --drop-layers 0,2 | --robust d,min,max) [--max-answer-length N]
+                   [--version N] [--set-default] [--replace]
   register_task.py --addr HOST:50052 unregister --name TASK (--version N | --all)
   register_task.py --addr HOST:50052 set-default --name TASK [--version N]   (no --version: remove the pin)
   register_task.py --addr HOST:50052 list
@@ -105,6 +106,8 @@ def weights_only(pb, core, a):
     hub = pb.AdapterHubTask(backbone=a.backbone, drop=drop, description=a.description or "")
     if a.threshold is not None:
         hub.threshold = a.threshold
+    if a.max_answer_length is not None:
+        hub.max_answer_length = a.max_answer_length
     return hub, files
 
 
@@ -156,6 +159,8 @@ def main(argv=None) -> int:
     r.add_argument("--drop-first", type=int)
     r.add_argument("--drop-layers")
     r.add_argument("--robust")
+    r.add_argument("--max-answer-length", type=int,
+                   help="with --weights-only, extractive QA heads: the longest answer in tokens a request gets by default")
     u = sub.add_parser("unregister")
     u.add_argument("--name", required=True)
     g = u.add_mutually_exclusive_group(required=True)

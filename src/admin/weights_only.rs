@@ -48,6 +48,7 @@ pub fn prepare(dir: &Path, meta: &AdapterHubTask, registry: &Registry) -> Result
         let prefix = format!("{}/", dir.display());
         invalid(message.replace(&prefix, ""))
     })?;
+    let max_answer_length = max_answer_length(meta, weights.head.kind, backbone.manifest.max_positions)?;
     let nested = dir.join(DIR);
     std::fs::create_dir(&nested).map_err(io_error)?;
     for f in FILES {
@@ -78,7 +79,7 @@ pub fn prepare(dir: &Path, meta: &AdapterHubTask, registry: &Registry) -> Result
             graph: None,
             labels: weights.head.labels.clone(),
             threshold: threshold(meta, &weights)?,
-            max_answer_length: None,
+            max_answer_length,
         },
         adapterhub: Some(DIR.into()),
     };
@@ -99,6 +100,23 @@ fn threshold(meta: &AdapterHubTask, weights: &adapterhub::AdapterWeights) -> Res
         return Err(ServeError::InvalidArgument(format!("header.adapterhub.threshold = {t}: it must be a number within 0..=1")));
     }
     Ok(Some(t))
+}
+
+/// `header.adapterhub.max_answer_length`: for extractive QA heads, within the backbone's positions.
+fn max_answer_length(meta: &AdapterHubTask, kind: HeadKind, max_positions: usize) -> Result<Option<u32>, ServeError> {
+    let Some(m) = meta.max_answer_length else { return Ok(None) };
+    if kind != HeadKind::QuestionAnswering {
+        return Err(ServeError::InvalidArgument(format!(
+            "header.adapterhub.max_answer_length is for question_answering heads; this head is {}",
+            kind.as_str()
+        )));
+    }
+    if m == 0 || m as usize > max_positions {
+        return Err(ServeError::InvalidArgument(format!(
+            "header.adapterhub.max_answer_length {m} must be 1..={max_positions} (the backbone's positions)"
+        )));
+    }
+    Ok(Some(m))
 }
 
 fn drop_spec(drop: Option<&DropConfig>) -> Result<DropSpec, ServeError> {

@@ -53,7 +53,7 @@ pub fn robust(default: u32, min: u32, max: u32) -> Option<DropConfig> {
 
 /// The header of a weights-only registration (AdapterHub files only) on `backbone`.
 pub fn weights_header(name: &str, backbone: &str, drop: Option<DropConfig>) -> BundleHeader {
-    let meta = AdapterHubTask { backbone: backbone.into(), drop, description: String::new(), threshold: None };
+    let meta = AdapterHubTask { backbone: backbone.into(), drop, ..Default::default() };
     BundleHeader { adapterhub: Some(meta), ..header(name, None, false, false) }
 }
 

@@ -49,6 +49,12 @@ def server(tmp_path_factory):
                                       "--name", f"{b}-{head}", "--weights-only", "--adapter", str(FIXTURES / b / "adapters" / head),
                                       "--backbone", b, "--robust", f"{DROP},0,3"], capture_output=True, text=True, timeout=120)
                 assert out.returncode == 0, out.stderr
+        # An extractive QA task whose own default answer length is one token.
+        out = subprocess.run([sys.executable, str(ROOT / "tools" / "register_task.py"), "--addr", admin, "register",
+                              "--name", "bert-qa-short", "--weights-only", "--adapter", str(FIXTURES / "bert" / "adapters" / "qa"),
+                              "--backbone", "bert", "--drop-first", "0", "--max-answer-length", "1"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
         yield srv
     finally:
         srv.stop(20)
@@ -152,6 +158,16 @@ def test_kserve_outputs_are_named_and_shaped_for_triton_users(triton):
     r = triton.infer("bert-qa", [bytes_input("TEXT", [q]), bytes_input("TEXT_PAIR", [c])], parameters={"max_answer_length": 1})
     one = r.as_numpy("answer")[0][0].decode()
     assert one and " " not in one.strip()  # one token
+
+
+def test_a_tasks_own_max_answer_length_is_its_default(native):
+    pb, stub = native
+    fx = fixture("bert")
+    pairs = pb.TextPairs(pairs=[pb.TextPair(text=q, text_pair=c) for q, c in fx["pairs"]])
+    short = stub.Infer(pb.InferRequest(tasks=[pb.TaskRef(name="bert-qa-short")], pairs=pairs, n_best=5)).results[0]
+    assert all(a.start_token == a.end_token for s in short.sequences for a in s.answers)
+    longer = stub.Infer(pb.InferRequest(tasks=[pb.TaskRef(name="bert-qa-short")], pairs=pairs, n_best=5, max_answer_length=30))
+    assert any(a.end_token > a.start_token for s in longer.results[0].sequences for a in s.answers)
 
 
 def test_bad_requests_name_the_field(native, triton):
