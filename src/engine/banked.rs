@@ -13,7 +13,7 @@ use super::heads::head_logits;
 use super::plan::{LanePath, plan};
 use super::tensors::{i64_input, run_head, run_hidden};
 use crate::error::EngineError;
-use crate::repository::backbone::BANK_INPUTS;
+use crate::repository::backbone::{BANK_INPUTS, METHOD_INPUTS};
 use crate::repository::{Backbone, Location};
 
 /// Runs `lanes` on the bank path; one `[rows, labels]` logits matrix per lane, as `execute` returns.
@@ -33,12 +33,27 @@ pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) ->
                     _ => [0, 0],
                 })
                 .collect();
-            LanePath { index, rows: lane.rows.clone(), head: Arc::as_ptr(&lane.task) as usize }
+            let methods = (0..layers)
+                .map(|l| match id {
+                    Some(id) if lane.active.0[l] => store.method_index(id, l),
+                    _ => 0,
+                })
+                .collect();
+            LanePath { index, methods, rows: lane.rows.clone(), head: Arc::as_ptr(&lane.task) as usize }
         })
         .collect();
     let plan = plan(&paths, seqs.len(), layers);
     let (ids, types, mask) = pad(seqs, backbone.manifest.pad_token_id);
-    let (iv, tv) = (ids.view(), types.view());
+    // Rows split before layer 0 (LoRA / (IA)^3 there) are embedded once each.
+    let split = plan.embedding_rows.iter().enumerate().any(|(i, &r)| i != r) || plan.embedding_rows.len() != ids.nrows();
+    let (ids_split, types_split);
+    let (iv, tv) = if split {
+        ids_split = ids.select(Axis(0), &plan.embedding_rows);
+        types_split = types.select(Axis(0), &plan.embedding_rows);
+        (ids_split.view(), types_split.view())
+    } else {
+        (ids.view(), types.view())
+    };
     let mut hidden = run_hidden(&backbone.embeddings, vec![("input_ids", i64_input(&iv)?), ("token_type_ids", i64_input(&tv)?)], "hidden")?;
     let mut stats =
         ExecStats { padded_len: ids.ncols(), layer_rows: plan.rows_per_layer.clone(), bank_lanes: lanes.len(), ..Default::default() };
@@ -59,10 +74,17 @@ pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) ->
             selected.view()
         };
         stats.adapter_rows += lp.attention_index.iter().chain(&lp.ffn_index).filter(|&&i| i != 0).count();
-        let maps = [&lp.attention_rows, &lp.attention_index, &lp.ffn_rows, &lp.ffn_index].map(|v| Array1::from(v.clone()));
+        let maps =
+            [&lp.attention_rows, &lp.attention_index, &lp.ffn_rows, &lp.ffn_index, &lp.methods_index].map(|v| Array1::from(v.clone()));
         let mut inputs: Vec<(&'static str, SessionInputValue<'_>)> = vec![("hidden", hidden.input()?), ("attention_mask", i64_input(&mv)?)];
-        for (name, v) in ["attention_rows", "attention_index", "ffn_rows", "ffn_index"].into_iter().zip(&maps) {
+        for (name, v) in ["attention_rows", "attention_index", "ffn_rows", "ffn_index", "methods_index"].into_iter().zip(&maps) {
             inputs.push((name, TensorRef::from_array_view(v.view())?.into()));
+        }
+        let methods = store.methods(layer);
+        for (names, t) in METHOD_INPUTS.iter().zip(&methods.targets) {
+            for (name, a) in names.iter().zip([&t.lora_a, &t.lora_b, &t.scale]) {
+                inputs.push((name, TensorRef::from_array_view(a.view())?.into()));
+            }
         }
         for (names, location) in BANK_INPUTS.iter().zip([Location::Attention, Location::Ffn]) {
             let bank = store.bank(layer, location);

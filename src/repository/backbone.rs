@@ -5,6 +5,7 @@ use std::path::Path;
 use ort::value::TensorElementType as T;
 use tokenizers::Tokenizer;
 
+use super::adapterhub::lora::Target;
 use super::manifest::{BackboneManifest, FORMAT_VERSION, Location, read_json, valid_name};
 use crate::engine::banks::BackboneBanks;
 use crate::error::LoadError;
@@ -51,7 +52,7 @@ pub struct Banked {
 }
 
 /// Contract of `layer.onnx` (models/README.md, "Layer graphs").
-pub fn layer_contract(hidden: usize) -> (Vec<IoSpec>, Vec<IoSpec>) {
+pub fn layer_contract(hidden: usize, ffn: usize) -> (Vec<IoSpec>, Vec<IoSpec>) {
     let h = hidden as i64;
     let bth = [Dim::Any, Dim::Any, Dim::Fixed(h)];
     let rows = [Dim::Any];
@@ -74,8 +75,25 @@ pub fn layer_contract(hidden: usize) -> (Vec<IoSpec>, Vec<IoSpec>) {
         ];
         inputs.extend(names.iter().zip(dims).map(|(n, d)| IoSpec::new(n, T::Float32, d)));
     }
+    inputs.push(IoSpec::new("methods_index", T::Int64, &rows));
+    for (names, target) in METHOD_INPUTS.iter().zip(Target::ALL) {
+        let (i, o) = target.dims(hidden, ffn);
+        let (i, o) = (Dim::Fixed(i as i64), Dim::Fixed(o as i64));
+        let dims: [&[Dim]; 3] = [&[Dim::Any, i, Dim::Any], &[Dim::Any, Dim::Any, o], &[Dim::Any, Dim::Fixed(1), o]];
+        inputs.extend(names.iter().zip(dims).map(|(n, d)| IoSpec::new(n, T::Float32, d)));
+    }
     (inputs, vec![IoSpec::new("y", T::Float32, &bth)])
 }
+
+/// LoRA / (IA)^3 bank input names of `layer.onnx`, per `Target` (in `Target::ALL` order):
+/// `lora_a`, `lora_b`, `scale` (`engine/banks_methods.rs`).
+pub const METHOD_INPUTS: [[&str; 3]; 5] = [
+    ["methods.query.lora_a", "methods.query.lora_b", "methods.query.scale"],
+    ["methods.key.lora_a", "methods.key.lora_b", "methods.key.scale"],
+    ["methods.value.lora_a", "methods.value.lora_b", "methods.value.scale"],
+    ["methods.intermediate.lora_a", "methods.intermediate.lora_b", "methods.intermediate.scale"],
+    ["methods.output.lora_a", "methods.output.lora_b", "methods.output.scale"],
+];
 
 /// Bank input names of `layer.onnx`, per location (attention, ffn), in `Bank` field order.
 pub const BANK_INPUTS: [[&str; 5]; 2] = [
@@ -160,9 +178,18 @@ fn load_banked(runtime: &Runtime, dir: &Path, manifest: &BackboneManifest) -> Re
     if present == 0 {
         return Ok(None);
     }
-    let (inputs, outputs) = layer_contract(manifest.hidden_size);
-    let layers = (0..manifest.num_layers).map(|i| Graph::load(runtime, &path(i), &inputs, &outputs)).collect::<Result<Vec<_>, _>>()?;
-    Ok(Some(Banked { layers, banks: BackboneBanks::new(manifest.num_layers, manifest.hidden_size) }))
+    let (inputs, outputs) = layer_contract(manifest.hidden_size, manifest.intermediate_size);
+    let layers = match (0..manifest.num_layers).map(|i| Graph::load(runtime, &path(i), &inputs, &outputs)).collect::<Result<Vec<_>, _>>() {
+        Ok(layers) => layers,
+        // Layer graphs of an older contract (before the methods bank): the segments still serve
+        // every exported task; weights-only tasks are refused until the backbone is re-exported.
+        Err(e) if present == manifest.num_layers => {
+            tracing::warn!(backbone = %manifest.name, error = %e, "layer graphs unusable: serving on the per-task path; re-export the backbone (tools/export_backbone.py) for the adapter banks");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(Some(Banked { layers, banks: BackboneBanks::new(manifest.num_layers, manifest.hidden_size, manifest.intermediate_size) }))
 }
 
 /// Loads `tokenizer.json` with its built-in padding and truncation switched off: the server pads

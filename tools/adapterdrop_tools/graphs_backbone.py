@@ -51,14 +51,18 @@ def attention_graph(ck: Checkpoint, i: int):
     return g.model()
 
 
-def attention_body(g: GraphBuilder, ck: Checkpoint, i: int, x: str, mask: str, out: str | None = None) -> str:
-    """The attention segment's nodes inside `g` (shared by attention.onnx and layer.onnx)."""
+def attention_body(g: GraphBuilder, ck: Checkpoint, i: int, x: str, mask: str, out: str | None = None,
+                   hook=None) -> str:
+    """The attention segment's nodes inside `g` (shared by attention.onnx and layer.onnx). `hook(name,
+    x, y) -> y'`, if given, rewrites the query / key / value projections (layer.onnx: LoRA, (IA)^3)."""
     H, nh = ck.hidden_size, ck.num_heads
     d = H // nh
     heads_shape = g.const([0, 0, nh, d], "heads_shape", np.int64)
 
     def proj(name):
         y = g.linear(x, ck.layer(i, f"attention.self.{name}.weight"), ck.layer(i, f"attention.self.{name}.bias"), name)
+        if hook is not None:
+            y = hook(name, x, y)
         return g.op("Reshape", [y, heads_shape])  # [B,T,nh,d]
 
     q = g.op("Transpose", [proj("query")], perm=[0, 2, 1, 3])  # [B,nh,T,d]
@@ -84,11 +88,17 @@ def ffn_graph(ck: Checkpoint, i: int):
     return g.model()
 
 
-def ffn_body(g: GraphBuilder, ck: Checkpoint, i: int, x: str, out: str | None = None) -> str:
-    """The FFN segment's nodes inside `g` (shared by ffn.onnx and layer.onnx)."""
+def ffn_body(g: GraphBuilder, ck: Checkpoint, i: int, x: str, out: str | None = None, hook=None) -> str:
+    """The FFN segment's nodes inside `g` (shared by ffn.onnx and layer.onnx); `hook` as in
+    `attention_body`, for the "intermediate" and "output" dense layers."""
     m = g.linear(x, ck.layer(i, "intermediate.dense.weight"), ck.layer(i, "intermediate.dense.bias"), "intermediate.dense")
+    if hook is not None:
+        m = hook("intermediate", x, m)
     m = g.activation(m, "gelu")
-    return g.linear(m, ck.layer(i, "output.dense.weight"), ck.layer(i, "output.dense.bias"), "output.dense", out=out)
+    if hook is None:
+        return g.linear(m, ck.layer(i, "output.dense.weight"), ck.layer(i, "output.dense.bias"), "output.dense", out=out)
+    y = hook("output", m, g.linear(m, ck.layer(i, "output.dense.weight"), ck.layer(i, "output.dense.bias"), "output.dense"))
+    return g.op("Identity", [y], out) if out else y
 
 
 def plain_slot_graph(ln_weight, ln_bias, eps: float, name: str):

@@ -16,15 +16,16 @@ from onnx import TensorProto
 
 from .checkpoint import Checkpoint
 from .graphs_backbone import attention_body, ffn_body
+from .graphs_methods import gather_methods, method_inputs, method_projection, parallel_input
 from .onnx_builder import F, I64, GraphBuilder
 
 LOCATIONS = ("attention", "ffn")
 # Column order of a bank's `rule` row ([N, 1, K]); the server writes the same layout.
 RULE_COLUMNS = ("ln_before", "ln_after", "residual_h", "residual_u", "residual_s", "scale",
-                "relu", "silu", "gelu", "tanh", "sigmoid")
+                "relu", "silu", "gelu", "tanh", "sigmoid", "parallel")
 K = len(RULE_COLUMNS)
 COL = {name: i for i, name in enumerate(RULE_COLUMNS)}
-ACTIVATIONS = RULE_COLUMNS[6:]
+ACTIVATIONS = RULE_COLUMNS[6:11]
 BANK_TENSORS = ("down_w", "down_b", "up_w", "up_b", "rule")
 
 
@@ -38,10 +39,14 @@ def layer_graph(ck: Checkpoint, i: int):
     for loc, n in (("attention", "rows1"), ("ffn", "rows2")):
         rows[loc] = (g.input(f"{loc}_rows", I64, [n]), g.input(f"{loc}_index", I64, [n]))
     banks = {loc: bank_inputs(g, loc, H) for loc in LOCATIONS}
+    methods_index, methods = method_inputs(g, H, ck.intermediate_size)
     g.output("y", F, ["rows2", "seq", H])
-    h1 = attention_body(g, ck, i, hidden, mask)
+    # LoRA / (IA)^3 (graphs_methods.py): per entering row, then per row after the attention split.
+    w = gather_methods(g, methods, ("query", "key", "value"), methods_index)
+    h1 = attention_body(g, ck, i, hidden, mask, hook=lambda t, x, y: method_projection(g, x, y, w[t]))
     x1 = bank_slot(g, h1, hidden, *rows["attention"], banks["attention"], *ck.ln(i, "attention"), ck.eps, "attention")
-    h2 = ffn_body(g, ck, i, x1)
+    w1 = gather_methods(g, methods, ("intermediate", "output"), g.op("Gather", [methods_index, rows["attention"][0]], axis=0))
+    h2 = ffn_body(g, ck, i, x1, hook=lambda t, x, y: method_projection(g, x, y, w1[t]))
     bank_slot(g, h2, x1, *rows["ffn"], banks["ffn"], *ck.ln(i, "ffn"), ck.eps, "ffn", out="y")
     return g.model()
 
@@ -69,6 +74,7 @@ def bank_slot(g: GraphBuilder, h: str, x: str, rows: str, index: str, bank: dict
 
     s = g.op("Add", [h, x])
     u = g.op("Where", [on("ln_before"), g.layer_norm(s, lw, lb, eps, f"{loc}.ln"), h])
+    u = parallel_input(g, on("parallel"), x, u)  # par_bn: the adapter reads the sub-layer input
     pre = g.op("Add", [g.op("MatMul", [u, w["down_w"]]), w["down_b"]])
     z = g.activation(pre, "sigmoid")
     for act in ("tanh", "gelu", "silu", "relu"):
@@ -89,6 +95,7 @@ def rule_row(adapter) -> np.ndarray:
     row[COL["residual_s" if res == "post_add" else ("residual_h" if res else "residual_u")]] = 1.0
     row[COL["scale"]] = adapter.scaling
     row[COL[adapter.non_linearity]] = 1.0
+    row[COL["parallel"]] = float(getattr(adapter, "is_parallel", False))
     return row
 
 

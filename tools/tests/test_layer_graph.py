@@ -13,6 +13,7 @@ from adapterdrop_tools.checkpoint import load_checkpoint
 from adapterdrop_tools.fixtures import random_bert
 from adapterdrop_tools.graphs_backbone import attention_graph, ffn_graph, plain_slot_graph
 from adapterdrop_tools.graphs_layer import ACTIVATIONS, bank, layer_graph
+from adapterdrop_tools.graphs_methods import methods_bank
 from adapterdrop_tools.graphs_task import adapter_slot_graph
 
 H, LAYERS, T = 32, 2, 7
@@ -67,10 +68,12 @@ def adapter(rf, act, lnb, lna, res, scaling, seed, locations=("attention", "ffn"
                    scaling=scaling, leave_out=[], locations=locations, slots=slots)
 
 
-def run_layer(g, i, x, mask, a_rows, a_idx, f_rows, f_idx, banks):
+def run_layer(g, i, x, mask, a_rows, a_idx, f_rows, f_idx, banks, methods=None, methods_index=None):
     feeds = {"hidden": x, "attention_mask": mask, "attention_rows": np.asarray(a_rows, np.int64),
              "attention_index": np.asarray(a_idx, np.int64), "ffn_rows": np.asarray(f_rows, np.int64),
-             "ffn_index": np.asarray(f_idx, np.int64)}
+             "ffn_index": np.asarray(f_idx, np.int64),
+             "methods_index": np.asarray(methods_index if methods_index is not None else [0] * len(x), np.int64)}
+    feeds.update(methods if methods is not None else methods_bank([], H, 64))
     for loc in ("attention", "ffn"):
         feeds.update({f"{loc}.{k}": v for k, v in banks[loc].items()})
     return g[i]["layer"].run(["y"], feeds)[0]
