@@ -56,6 +56,7 @@ async fn registered_methods_match_the_library_at_every_drop_depth() {
         }
     }
     kserve_fan_out_matches_the_library(&server).await;
+    mixed_batch_matches_the_library(&server).await;
     // Persisted like any version: served the same after a restart.
     drop(server);
     let server = TestServer::start_on(repo.path(), &[]);
@@ -129,4 +130,23 @@ async fn unknown_methods_are_refused_naming_the_config_key() {
         assert!(s.message().contains("adapter_config.json") && s.message().contains(want), "{want}: {}", s.message());
     }
     assert!(!repo.path().join("tasks/bad").exists(), "nothing written");
+}
+
+/// One request mixing the methods at different drop depths (rows split before the embeddings'
+/// output enters layer 0 and at the FFN slot before a layer whose LoRA / (IA)^3 rows differ): each
+/// task's answer is still the library's at its own depth.
+async fn mixed_batch_matches_the_library(server: &TestServer) {
+    use adapterdrop_serve::proto::{InferRequest, TaskRef};
+    let fx = reference("bert");
+    let refs = [("bert-lora", "lora", 1), ("bert-ia3", "ia3", 2), ("bert-par-bn", "par_bn", 0), ("bert-lora", "lora", 0)];
+    let req = InferRequest {
+        tasks: refs.iter().map(|(t, _, n)| TaskRef { name: t.to_string(), version: None, drop_first: Some(*n) }).collect(),
+        inputs: Some(Inputs::Tokens(TokenizedInputs { sequences: unpadded(&fx["inputs"]["texts"]) })),
+        ..Default::default()
+    };
+    let resp = server.client().await.infer(req).await.expect("mixed request").into_inner();
+    for ((task, fixture, n), result) in refs.iter().zip(&resp.results) {
+        let got: Vec<Vec<f32>> = result.sequences.iter().map(|s| s.logits.clone()).collect();
+        assert_close(&format!("mixed {task} n={n}"), &got, &fx["tasks"][*fixture]["outputs"][n.to_string()]["logits"]);
+    }
 }

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use ndarray::{Array3, Axis, s};
 
-use super::banks_methods::MethodBank;
+use super::banks_methods::{MethodBank, MethodStore};
 use crate::repository::Location;
 use crate::repository::adapterhub::lora::LayerMethods;
 use crate::repository::adapterhub::{BottleneckWeights, RULE_FLAGS, SlotRule};
@@ -225,12 +225,10 @@ pub struct BankStore {
     hidden: usize,
     /// `banks[layer][slot_of(location)]`.
     banks: Vec<[Bank; 2]>,
-    /// `methods[layer]`: LoRA / (IA)^3, on the same row numbers.
-    methods: Vec<MethodBank>,
+    /// LoRA / (IA)^3, with rows for the tasks that have such weights only.
+    methods: MethodStore,
     /// Task handle id -> (its row, the slots it has weights for).
     rows: HashMap<u64, (usize, Vec<(usize, Location)>)>,
-    /// Task handle id -> the layers it has LoRA / (IA)^3 weights for.
-    method_layers: HashMap<u64, Vec<usize>>,
     /// Unused rows (> 0), lowest last.
     free: Vec<usize>,
     /// Writes of tasks dropped before the engine applied them are skipped.
@@ -240,17 +238,8 @@ pub struct BankStore {
 impl BankStore {
     fn new(rx: Receiver<BankOp>, layers: usize, hidden: usize, ffn: usize) -> Self {
         let banks = (0..layers).map(|_| [Bank::new(MIN_ROWS, hidden, 1), Bank::new(MIN_ROWS, hidden, 1)]).collect();
-        let methods = (0..layers).map(|_| MethodBank::new(MIN_ROWS, hidden, ffn)).collect();
-        Self {
-            rx,
-            hidden,
-            banks,
-            methods,
-            rows: HashMap::new(),
-            method_layers: HashMap::new(),
-            free: (1..MIN_ROWS).rev().collect(),
-            freed_early: Vec::new(),
-        }
+        let methods = MethodStore::new(layers, hidden, ffn);
+        Self { rx, hidden, banks, methods, rows: HashMap::new(), free: (1..MIN_ROWS).rev().collect(), freed_early: Vec::new() }
     }
 
     pub fn bank(&self, layer: usize, location: Location) -> &Bank {
@@ -258,15 +247,12 @@ impl BankStore {
     }
 
     pub fn methods(&self, layer: usize) -> &MethodBank {
-        &self.methods[layer]
+        self.methods.bank(layer)
     }
 
     /// The methods-bank row of a task at one layer; 0 where it has no LoRA / (IA)^3 there.
     pub fn method_index(&self, id: u64, layer: usize) -> u32 {
-        match (self.rows.get(&id), self.method_layers.get(&id)) {
-            (Some((row, _)), Some(layers)) if layers.contains(&layer) => *row as u32,
-            _ => 0,
-        }
+        self.methods.index(id, layer)
     }
 
     /// Rows per bank (row 0 included).
@@ -280,7 +266,7 @@ impl BankStore {
     }
 
     pub fn bytes(&self) -> usize {
-        self.banks.iter().flat_map(|b| b.iter()).map(Bank::bytes).sum::<usize>() + self.methods.iter().map(MethodBank::bytes).sum::<usize>()
+        self.banks.iter().flat_map(|b| b.iter()).map(Bank::bytes).sum::<usize>() + self.methods.bytes()
     }
 
     /// The bank row of a task at one slot; 0 where it has no adapter (or was never written).
@@ -333,18 +319,12 @@ impl BankStore {
             }
             bank.write(row, &flags, weights);
         }
-        for (&layer, methods) in &w.methods {
-            if let Some(bank) = self.methods.get_mut(layer) {
-                bank.write(row, methods);
-            }
-        }
-        if !w.methods.is_empty() {
-            self.method_layers.insert(id, w.methods.keys().copied().collect());
-        }
+        self.methods.write(id, &w.methods);
         self.rows.insert(id, (row, w.slots.keys().copied().collect()));
     }
 
     fn free_rows(&mut self, id: u64) {
+        self.methods.free(id);
         let Some((row, _)) = self.rows.remove(&id) else {
             self.freed_early.push(id);
             return;
@@ -354,10 +334,6 @@ impl BankStore {
                 bank.clear(row);
             }
         }
-        for bank in &mut self.methods {
-            bank.clear(row);
-        }
-        self.method_layers.remove(&id);
         self.free.push(row);
         self.free.sort_unstable_by(|a, b| b.cmp(a));
     }
@@ -368,9 +344,6 @@ impl BankStore {
             for bank in pair.iter_mut() {
                 *bank = bank.resized(rows, bank.width(), keep);
             }
-        }
-        for bank in &mut self.methods {
-            *bank = bank.resized(rows, keep);
         }
         let old = keep;
         self.free.retain(|&r| r < rows);
@@ -405,12 +378,7 @@ impl BankStore {
                 }
             }
         }
-        for bank in &mut self.methods {
-            for &(from, to) in &moves {
-                bank.move_row(from, to);
-            }
-            *bank = bank.resized(target, target);
-        }
+
         let mut widths = vec![[1usize; 2]; self.banks.len()];
         for (layer, pair) in self.banks.iter().enumerate() {
             for (slot, bank) in pair.iter().enumerate() {
