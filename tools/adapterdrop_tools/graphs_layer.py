@@ -16,7 +16,7 @@ from onnx import TensorProto
 
 from .checkpoint import Checkpoint
 from .graphs_backbone import attention_body, ffn_body
-from .graphs_methods import gather_methods, method_inputs, method_projection, parallel_input
+from .graphs_methods import any_method, gather_methods, if_methods, method_inputs, method_projection, parallel_input
 from .onnx_builder import F, I64, GraphBuilder
 
 LOCATIONS = ("attention", "ffn")
@@ -41,12 +41,22 @@ def layer_graph(ck: Checkpoint, i: int):
     banks = {loc: bank_inputs(g, loc, H) for loc in LOCATIONS}
     methods_index, methods = method_inputs(g, H, ck.intermediate_size)
     g.output("y", F, ["rows2", "seq", H])
-    # LoRA / (IA)^3 (graphs_methods.py): per entering row, then per row after the attention split.
-    w = gather_methods(g, methods, ("query", "key", "value"), methods_index)
-    h1 = attention_body(g, ck, i, hidden, mask, hook=lambda t, x, y: method_projection(g, x, y, w[t]))
+    # LoRA / (IA)^3 (graphs_methods.py), only when a row uses them: per entering row, then per row
+    # after the attention split.
+    used = any_method(g, methods_index)
+
+    def attention_methods(b):
+        w = gather_methods(b, methods, ("query", "key", "value"), methods_index)
+        return attention_body(b, ck, i, hidden, mask, hook=lambda t, x, y: method_projection(b, x, y, w[t]))
+
+    def ffn_methods(b):
+        index = b.op("Gather", [methods_index, rows["attention"][0]], axis=0)
+        w = gather_methods(b, methods, ("intermediate", "output"), index)
+        return ffn_body(b, ck, i, x1, hook=lambda t, x, y: method_projection(b, x, y, w[t]))
+
+    h1 = if_methods(g, used, attention_methods, lambda b: attention_body(b, ck, i, hidden, mask), "attention")
     x1 = bank_slot(g, h1, hidden, *rows["attention"], banks["attention"], *ck.ln(i, "attention"), ck.eps, "attention")
-    w1 = gather_methods(g, methods, ("intermediate", "output"), g.op("Gather", [methods_index, rows["attention"][0]], axis=0))
-    h2 = ffn_body(g, ck, i, x1, hook=lambda t, x, y: method_projection(g, x, y, w1[t]))
+    h2 = if_methods(g, used, ffn_methods, lambda b: ffn_body(b, ck, i, x1), "ffn")
     bank_slot(g, h2, x1, *rows["ffn"], banks["ffn"], *ck.ln(i, "ffn"), ck.eps, "ffn", out="y")
     return g.model()
 

@@ -51,6 +51,29 @@ def gather_methods(g: GraphBuilder, bank: dict, targets, index: str) -> dict:
     return {t: {k: g.op("Gather", [bank[t][k], index], axis=0) for k in METHOD_TENSORS} for t in targets}
 
 
+def any_method(g: GraphBuilder, index: str) -> str:
+    """Whether any row uses the methods bank (a bool scalar)."""
+    import numpy as np
+    return g.op("Greater", [g.op("ReduceMax", [index], keepdims=0), g.const(0, "methods_none", np.int64)])
+
+
+def if_methods(g: GraphBuilder, cond: str, with_methods, plain, name: str) -> str:
+    """`If(cond)`: the nodes `with_methods(b)` builds, else those `plain(b)` builds, each into a
+    sub-builder `b` sharing `g`'s initializers (the layer's weights are stored once). A batch whose
+    rows use no LoRA / (IA)^3 runs the plain projections alone: the methods cost it nothing."""
+    from onnx import helper
+
+    from .onnx_builder import F
+
+    def branch(build, label):
+        b = GraphBuilder(f"{name}_{label}")
+        b.inits, b._const_names, b.fresh = g.inits, g._const_names, g.fresh
+        out = build(b)
+        return helper.make_graph(b.nodes, f"{name}_{label}", [], [helper.make_tensor_value_info(out, F, None)])
+
+    return g.op("If", [cond], then_branch=branch(with_methods, "methods"), else_branch=branch(plain, "plain"))
+
+
 def method_projection(g: GraphBuilder, x: str, y: str, w: dict) -> str:
     """`(y + (x @ A) @ B) * s` for a projection `y = x W + b` of `x` ([G, T, in]): LoRA adds the
     low-rank delta (`composition_mode` "add"), (IA)^3 scales the output ("scale"). With A = B = 0
