@@ -376,8 +376,15 @@ fn mixed_lengths_in_one_batch_equal_each_input_served_alone() {
         lane(&tasks[0], plain_depth, &[3, 5]),
         lane(&tasks[1], 0, &[2]),
     ];
-    let (packed, _) = execute_banked_as(&bb, &seqs, &lanes, true).unwrap();
-    let (padded, _) = execute_banked_as(&bb, &seqs, &lanes, false).unwrap();
+    let (packed, ps) = execute_banked_as(&bb, &seqs, &lanes, true).unwrap();
+    let (padded, ds) = execute_banked_as(&bb, &seqs, &lanes, false).unwrap();
+    // Token accounting: packed per-token work computes exactly the real tokens; padded computes
+    // every row at the longest length; attention alone holds the padding of packed batches.
+    let rows: usize = ps.layer_rows.iter().sum();
+    assert_eq!((ps.real_tokens, ps.computed_tokens), (ds.real_tokens, ps.real_tokens));
+    assert_eq!(ds.computed_tokens, rows * max);
+    assert_eq!(ps.attention_tokens, rows * max);
+    assert!(ps.computed_tokens < ds.computed_tokens, "{ps:?}");
     for (l, lane) in lanes.iter().enumerate() {
         assert!(max_diff(&packed[l], &to_matrix(&padded[l])) <= 1e-5, "lane {l}: packed vs padded");
         for (k, &r) in lane.rows.iter().enumerate() {

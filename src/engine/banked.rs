@@ -117,6 +117,8 @@ pub fn execute_banked_as(
     }
     let logits = logits?;
     stats.graph_runs = (crate::runtime::session_runs() - runs) as usize;
+    (stats.real_tokens, stats.computed_tokens, stats.attention_tokens) =
+        (layout.counts.real, layout.counts.computed, layout.counts.attention);
     Ok((logits, stats))
 }
 
