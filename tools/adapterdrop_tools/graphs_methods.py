@@ -1,9 +1,8 @@
 """Adapter methods beyond the sequential bottleneck, as hooks of the layer graph (issue 14 item 3;
 `graphs_layer.py`, models/README.md "Layer graphs").
 
-Each function takes the builder, activations shaped `[G, T, ...]` (G rows, or groups of rows that
-share a bank row) and the weights already gathered per row `[G, ...]`, so the same math serves any
-row layout.
+Each function takes the builder, activations grouped `[G, S, ...]` (tokens that share a bank row,
+graphs_layer.Groups) and the weights gathered per group `[G, ...]`.
 
 - Parallel bottleneck adapters (`par_bn`, `is_parallel`): the library's ParallelAdapter reads the
   sub-layer's *input* `x` instead of its output: a rule column (`parallel`) picks the adapter input,
@@ -32,18 +31,18 @@ def target_dims(H: int, ffn: int) -> dict:
     return {"query": (H, H), "key": (H, H), "value": (H, H), "intermediate": (H, ffn), "output": (ffn, H)}
 
 
-def method_inputs(g: GraphBuilder, H: int, ffn: int) -> tuple[str, dict]:
-    """The methods bank inputs: the bank row per entering row and, per target, `lora_a [N, in, r]`,
-    `lora_b [N, r, out]` (the library's `alpha / r` scaling folded in) and `scale [N, 1, out]`
-    ((IA)^3's vector, ones where a row has none). Row 0 = zeros / ones = the plain projection."""
-    from .onnx_builder import F, I64
-    index = g.input("methods_index", I64, ["rows0"])
+def method_inputs(g: GraphBuilder, H: int, ffn: int) -> dict:
+    """The methods bank inputs, per target: `lora_a [N, in, r]`, `lora_b [N, r, out]` (the library's
+    `alpha / r` scaling folded in) and `scale [N, 1, out]` ((IA)^3's vector, ones where a row has
+    none). Row 0 = zeros / ones = the plain projection. (Which tokens take which row: the layer's
+    `methods_*` group maps.)"""
+    from .onnx_builder import F
     bank = {}
     for t, (i, o) in target_dims(H, ffn).items():
         n, r = "methods_bank_rows", f"methods.{t}.width"
         dims = {"lora_a": [n, i, r], "lora_b": [n, r, o], "scale": [n, 1, o]}
         bank[t] = {k: g.input(f"methods.{t}.{k}", F, dims[k]) for k in METHOD_TENSORS}
-    return index, bank
+    return bank
 
 
 def gather_methods(g: GraphBuilder, bank: dict, targets, index: str) -> dict:
@@ -74,12 +73,14 @@ def if_methods(g: GraphBuilder, cond: str, with_methods, plain, name: str) -> st
     return g.op("If", [cond], then_branch=branch(with_methods, "methods"), else_branch=branch(plain, "plain"))
 
 
-def method_projection(g: GraphBuilder, x: str, y: str, w: dict) -> str:
-    """`(y + (x @ A) @ B) * s` for a projection `y = x W + b` of `x` ([G, T, in]): LoRA adds the
-    low-rank delta (`composition_mode` "add"), (IA)^3 scales the output ("scale"). With A = B = 0
+def method_projection(g: GraphBuilder, groups, x: str, y: str, w: dict, width: int) -> str:
+    """`(y + (x @ A) @ B) * s` for a projection `y = x W + b` of packed tokens `x` ([N, in]), on the
+    tokens grouped by methods row (`groups`: graphs_layer.Groups; `w` gathered per group): LoRA adds
+    the low-rank delta (`composition_mode` "add"), (IA)^3 scales the output ("scale"). With A = B = 0
     and s = 1 (row 0, and every row of a task without that method) the result is `y` exactly."""
-    delta = g.op("MatMul", [g.op("MatMul", [x, w["lora_a"]]), w["lora_b"]])
-    return g.op("Mul", [g.op("Add", [y, delta]), w["scale"]])
+    xs, ys = groups.split(g, x), groups.split(g, y)  # [G, S, in], [G, S, out]
+    delta = g.op("MatMul", [g.op("MatMul", [xs, w["lora_a"]]), w["lora_b"]])
+    return groups.join(g, g.op("Mul", [g.op("Add", [ys, delta]), w["scale"]]), width=width)
 
 
 def methods_bank(entries: list, H: int, ffn: int) -> dict:

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 from adapterdrop_tools.adapterhub import Adapter, SlotWeights, load_head
 from adapterdrop_tools.checkpoint import load_checkpoint
 from adapterdrop_tools.graphs_backbone import embeddings_graph
-from adapterdrop_tools.graphs_layer import bank, layer_graph
+from adapterdrop_tools.graphs_layer import attention_maps, bank, layer_graph, methods_maps, pack_maps
 from adapterdrop_tools.graphs_methods import methods_bank
 from adapterdrop_tools.reference import head_logits
 
@@ -73,24 +73,30 @@ def test_methods_in_the_layer_graph_match_the_library(b):
     x = fx["inputs"]["texts"]
     ids, mask = np.array(x["input_ids"], np.int64), np.array(x["attention_mask"], np.int64)
     tt = np.array(x.get("token_type_ids", np.zeros_like(ids)), np.int64)
-    rows = np.arange(len(ids), dtype=np.int64)
+    lens = [int(m.sum()) for m in mask]
+    rows = list(range(len(ids)))
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
     par = par_bn_adapter(os.path.join(BREADTH, b, "adapters", "par_bn"), L, H)
     entries = {t: lora_entries(os.path.join(BREADTH, b, "adapters", t), L) for t in ("lora", "ia3")}
     for task in ("par_bn", "lora", "ia3"):
         head = load_head(os.path.join(BREADTH, b, "adapters", task), H)
         for n in range(L + 1):
-            h = emb.run(["hidden"], {"input_ids": ids, "token_type_ids": tt})[0]
+            e = emb.run(["hidden"], {"input_ids": ids, "token_type_ids": tt})[0]
+            h = np.concatenate([e[j, :k] for j, k in enumerate(lens)])  # packed tokens
             for i in range(L):
-                on = np.full(len(ids), int(i >= n), np.int64)
-                feeds = {"hidden": h, "attention_mask": mask, "attention_rows": rows, "ffn_rows": rows,
-                         "attention_index": np.zeros_like(rows), "ffn_index": on if task == "par_bn" else 0 * on,
-                         "methods_index": on if task != "par_bn" else 0 * on}
+                on = [int(i >= n)] * len(rows)
+                off = [0] * len(rows)
+                feeds = {"hidden": h, **attention_maps(lens, mask)}
+                feeds.update({f"attention_{k}": v for k, v in pack_maps(lens, rows, off).items()})
+                feeds.update({f"ffn_{k}": v for k, v in pack_maps(lens, rows, on if task == "par_bn" else off).items()})
+                # LoRA is row 1 of the methods bank, (IA)^3 row 2
+                m = {"lora": 1, "ia3": 2}.get(task, 0)
+                feeds.update(methods_maps(lens, [m * k for k in on], rows))
                 feeds.update({f"attention.{k}": v for k, v in bank([], H).items()})
                 feeds.update({f"ffn.{k}": v for k, v in bank([(par, par.slots[(i, "ffn")])], H).items()})
                 feeds.update(methods_bank([entries[t][i] for t in ("lora", "ia3")], H, ffn))
-                if task == "ia3":  # its row is 2 in this bank (LoRA's is 1)
-                    feeds["methods_index"] = 2 * feeds["methods_index"]
                 h = layers[i].run(["y"], feeds)[0]
+            h = h[starts][:, None, :]  # each row's first token
             got = head_logits(h.astype(np.float64), head)
             want = np.array(fx["tasks"][task]["outputs"][str(n)]["logits"])
             assert np.abs(got - want).max() < TOL, (b, task, n, np.abs(got - want).max())
