@@ -5,9 +5,9 @@ now, the same rows, every row plain (bank row 0), ABAB rounds in one process, me
 
 Usage: bench_layer_methods.py --before REPO --after REPO [--backbone minilm] [--layer 2] [--b 8] [--t 64]
        [--rounds 15] [--threads 1] [--lora-rows 0]
-`--before`: a repository built by the tools of the commit before (e.g. `git archive main tools
+`--before`: a repository built by the tools of the commit before (e.g. `git archive w-packing tools
 tests/fixtures/adapterhub-tiny | tar -x -C /tmp/old && cd /tmp/old && python tools/make_test_repo.py
---out /tmp/old-repo --with-minilm`); `--after`: `make test-repo`. `--lora-rows N` also times the new
+--out /tmp/old-repo --with-minilm`); `--after`: `make test-repo`. Rows are packed, T tokens each. `--lora-rows N` also times the new
 layer with N distinct LoRA (r = 8, all five projections) rows in the bank, every row using one of them.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from adapterdrop_tools.graphs_layer import K as RULE_K, plain_rule_row  # noqa: E402
+from adapterdrop_tools.graphs_layer import K as RULE_K, attention_maps, methods_maps, pack_maps, plain_rule_row  # noqa: E402
 from adapterdrop_tools.graphs_methods import methods_bank, target_dims  # noqa: E402
 
 
@@ -37,10 +37,13 @@ def session(path: str, threads: int) -> ort.InferenceSession:
 
 
 def feeds(sess: ort.InferenceSession, B: int, T: int, H: int, ffn: int, lora_rows: int) -> dict:
+    """Packed rows of T tokens each, every slot on bank row 0; methods rows as `lora_rows` says."""
     rng = np.random.default_rng(5)
-    rows = np.arange(B, dtype=np.int64)
-    f = {"hidden": rng.standard_normal((B, T, H)).astype(np.float32), "attention_mask": np.ones((B, T), np.int64),
-         "attention_rows": rows, "attention_index": 0 * rows, "ffn_rows": rows, "ffn_index": 0 * rows}
+    lens, rows = [T] * B, list(range(B))
+    f = {"hidden": rng.standard_normal((B * T, H)).astype(np.float32),
+         **attention_maps(lens, np.ones((B, T), np.int64))}
+    for loc in ("attention", "ffn"):
+        f.update({f"{loc}_{k}": v for k, v in pack_maps(lens, rows, [0] * B).items()})
     names = {i.name for i in sess.get_inputs()}
     k = RULE_K if "methods_index" in names else RULE_K - 1  # the `parallel` column is new
     for loc in ("attention", "ffn"):
@@ -56,7 +59,7 @@ def feeds(sess: ort.InferenceSession, B: int, T: int, H: int, ffn: int, lora_row
                                 "lora_b": rng.standard_normal((8, o)).astype(np.float32) * 0.1}
                             for t, (i, o) in target_dims(H, ffn).items()})
         f.update(methods_bank(entries, H, ffn))
-        f["methods_index"] = (rows % lora_rows + 1) if lora_rows else 0 * rows
+        f.update(methods_maps(lens, [(r % lora_rows + 1) if lora_rows else 0 for r in rows], rows))
     return {k: v for k, v in f.items() if k in names}
 
 
