@@ -1,6 +1,6 @@
 """Issue 14 item 4 (Stack, MAD-X), groundwork: the numpy reference of `Stack("lang", "stack")` with the
 language adapter's invertible adapter ("nice") at the embeddings equals the adapters library's own
-outputs (tests/fixtures/adapterhub-breadth) at every drop depth. The server does not serve Stack yet;
+outputs (tests/fixtures/adapterhub-breadth) at every drop depth, on all five backbones. The server does not serve Stack yet;
 this pins down the math a bank design must reproduce: the invertible adapter stays active at every
 depth (it is not a layer), and each stacked adapter feeds its output, before the LayerNorm, to the next."""
 import json
@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 from adapterdrop_tools.adapterhub import Adapter, SlotWeights, load_head
 from adapterdrop_tools.checkpoint import load_checkpoint
-from adapterdrop_tools.reference import Reference, head_logits, nice, stack_slot
+from adapterdrop_tools.reference import Reference, head_logits, linear, nice, stack_slot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BREADTH = os.path.join(ROOT, "tests", "fixtures", "adapterhub-breadth")
@@ -37,13 +37,17 @@ def pfeiffer(adir: str, layers: int, H: int) -> tuple[Adapter, dict]:
                    locations=("ffn",), slots=slots), inv
 
 
-@pytest.mark.parametrize("b", ["bert", "roberta", "xlm-roberta", "distilbert"])
+@pytest.mark.parametrize("b", ["bert", "roberta", "xlm-roberta", "distilbert", "electra"])
 def test_stack_reference_matches_the_library(b):
     ck = load_checkpoint(os.path.join(BREADTH, b, "backbone"))
     fx = json.load(open(os.path.join(BREADTH, b, "reference.json")))
     spec = fx["tasks"]["stack"]
     assert spec["adapters"] == ["lang", "stack"]
     ref = Reference(ck)
+    # ELECTRA: the invertible adapter sits between the embeddings' LayerNorm and `embeddings_project`.
+    project = None
+    if "embeddings_project.weight" in ref.w:
+        project = [ref.w.pop(f"embeddings_project.{k}") for k in ("weight", "bias")]
     lang, inv = pfeiffer(os.path.join(BREADTH, b, "adapters", "lang"), ck.num_layers, ck.hidden_size)
     task, _ = pfeiffer(os.path.join(BREADTH, b, "adapters", "stack"), ck.num_layers, ck.hidden_size)
     assert inv, "the language adapter has an invertible adapter"
@@ -53,6 +57,8 @@ def test_stack_reference_matches_the_library(b):
     tt = np.array(x.get("token_type_ids", np.zeros_like(ids)))
     for n in range(ck.num_layers + 1):
         h = nice(ref.embeddings(ids, tt), inv, lang.non_linearity)  # at every depth
+        if project:
+            h = linear(h, *project)
         for i in range(ck.num_layers):
             if i < n:
                 h = ref.layer(i, h, mask)
