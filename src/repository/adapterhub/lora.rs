@@ -227,3 +227,58 @@ pub fn load_weights(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn cfg(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn lora_and_ia3_configs_read() {
+        // LoRAConfig's defaults: q and v, r 8, alpha 8.
+        let c = parse(&cfg(json!({"architecture": "lora"}))).unwrap();
+        assert_eq!((c.method, c.r, c.scaling, c.targets.clone()), ("lora", 8, 1.0, vec![Target::Query, Target::Value]));
+        let c = parse(&cfg(json!({"architecture": "lora", "r": 4, "alpha": 8, "attn_matrices": ["k", "q"], "output_lora": true,
+                                  "intermediate_lora": true, "leave_out": [2, 0]})))
+        .unwrap();
+        assert_eq!(c.scaling, 2.0);
+        assert_eq!(c.targets, vec![Target::Query, Target::Key, Target::Intermediate, Target::Output]);
+        assert_eq!(c.leave_out, vec![0, 2]);
+        let ia3 = parse(&cfg(json!({"architecture": "lora", "composition_mode": "scale", "r": 1, "alpha": 1,
+                                    "attn_matrices": ["k", "v"], "intermediate_lora": true})))
+        .unwrap();
+        assert_eq!((ia3.method, ia3.targets.len()), ("ia3", 3));
+    }
+
+    #[test]
+    fn refusals_name_the_key() {
+        let cases = [
+            (json!({"composition_mode": "scale", "r": 2}), "r=2 with composition_mode='scale'"),
+            (json!({"r": 0}), "r=0 must be a whole number"),
+            (json!({"r": 2.5}), "r=2.5 must be a whole number"),
+            (json!({"alpha": "x"}), "alpha=\"x\" must be a number"),
+            (json!({"selfattn_lora": false}), "changes no projection"),
+            (json!({"vera_d": 0.1}), "vera_d=0.1 (VeRA)"),
+            (json!({"use_gating": true}), "use_gating=true"),
+        ];
+        for (v, want) in cases {
+            let err = parse(&cfg(v.clone())).unwrap_err();
+            assert!(err.contains(want), "{v}: {err}");
+        }
+    }
+
+    #[test]
+    fn weight_keys_of_every_architecture() {
+        assert_eq!(key_of("bert.encoder.layer.3.attention.self.value.loras.t.lora_B", "t"), Some((3, Target::Value, 'B')));
+        assert_eq!(key_of("distilbert.transformer.layer.0.ffn.lin2.loras.t.lora_A", "t"), Some((0, Target::Output, 'A')));
+        assert_eq!(key_of("roberta.encoder.layer.1.intermediate.dense.loras.t.lora_A", "t"), Some((1, Target::Intermediate, 'A')));
+        assert_eq!(key_of("bert.encoder.layer.1.attention.output.dense.loras.t.lora_A", "t"), None, "not a target");
+        assert_eq!(key_of("bert.encoder.layer.1.attention.self.query.loras.other.lora_A", "t"), None, "another adapter");
+        assert_eq!(key_of("bert.encoder.layer.x.attention.self.query.loras.t.lora_A", "t"), None);
+    }
+}
