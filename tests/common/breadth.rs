@@ -1,5 +1,5 @@
-//! The issue-14 library fixtures (`tests/fixtures/adapterhub-breadth`) and their export
-//! (`build/breadth-repo`, `make breadth-repo`), for the breadth exactness suites.
+//! The issue-14 library fixtures (`tests/fixtures/adapterhub-breadth`) and their exported
+//! repository (`make breadth-repo`): paths, the library's recorded inputs and outputs, comparison.
 
 use std::path::PathBuf;
 
@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::{max_abs_diff, root};
 
-/// Served values must match the library's within this (spans and labels exactly).
+/// Served = library within this, at every drop depth.
 pub const TOL: f64 = 1e-4;
 pub const BACKBONES: [&str; 5] = ["bert", "roberta", "xlm-roberta", "distilbert", "electra"];
 
@@ -18,7 +18,11 @@ pub fn breadth_repo() -> PathBuf {
     p
 }
 
-/// `<backbone>/reference.json`: the library's inputs and outputs.
+/// The library's AdapterHub directory of `task` on `backbone`.
+pub fn adapter_dir(backbone: &str, task: &str) -> PathBuf {
+    root().join("tests/fixtures/adapterhub-breadth").join(backbone).join("adapters").join(task)
+}
+
 pub fn reference(backbone: &str) -> Value {
     let path = root().join("tests/fixtures/adapterhub-breadth").join(backbone).join("reference.json");
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
@@ -50,7 +54,7 @@ pub fn strings(v: &Value) -> Vec<String> {
     v.as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect()
 }
 
-/// Every row of `got` within [`TOL`] of `want` (`[rows, width]`); returns the largest difference.
+/// Asserts every row of `got` is within [`TOL`] of `want`; returns the largest difference.
 pub fn assert_close(what: &str, got: &[Vec<f32>], want: &Value) -> f64 {
     let want = want.as_array().unwrap();
     assert_eq!(got.len(), want.len(), "{what}: row count");
