@@ -84,6 +84,7 @@ bench: setup models test-repo
 	cargo bench $(CARGO_FLAGS) --bench serving
 	cargo bench $(CARGO_FLAGS) --bench fusion
 	cargo bench $(CARGO_FLAGS) --bench banks
+	cargo bench $(CARGO_FLAGS) --bench banks_scale
 	cargo build --release $(CARGO_FLAGS)
 	$(PY) tools/bench_memory.py --binary target/release/adapterdrop-serve
 	$(PY) tools/bench_many_tasks.py --binary target/release/adapterdrop-serve --tasks $(BENCH_MANY_TASKS)

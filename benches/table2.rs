@@ -25,11 +25,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use adapterdrop_serve::config::RuntimeSettings;
+use adapterdrop_serve::engine::heads::to_matrix;
 use adapterdrop_serve::engine::{ExecStats, Lane, Sequence, execute};
 use adapterdrop_serve::repository::{Backbone, Registry, Task};
 use adapterdrop_serve::runtime::{Graph, Runtime};
 use ndarray::Array2;
-use support::{env, env_usize, load_fused, matrices, median, run_fused, runtime_settings, sequences};
+use support::{env, env_usize, load_fused, median, run_fused, sequences};
 
 type Res<X> = Result<X, Box<dyn Error + Send + Sync>>;
 
@@ -142,6 +144,11 @@ impl Ctx<'_> {
             Config::One(n) => Ok(matrices(execute(self.backbone, self.seqs, &self.lanes(1, n)?)?)),
         }
     }
+}
+
+/// Lane outputs as `[rows, labels]` matrices (every task here has a sequence head).
+fn matrices((out, stats): (Vec<Vec<Vec<f32>>>, ExecStats)) -> (Vec<Array2<f32>>, ExecStats) {
+    (out.iter().map(|o| to_matrix(o)).collect(), stats)
 }
 
 fn max_diff(a: &[Array2<f32>], b: &[Array2<f32>]) -> f32 {
@@ -271,7 +278,17 @@ fn bench_backbone(rt: &Runtime, reg: &Registry, name: &str, o: &Opts, md: &mut S
 fn main() -> Res<()> {
     // `cargo bench` passes `--bench`; nothing else is accepted (configure through the environment).
     let o = Opts::from_env()?;
-    let settings = runtime_settings()?;
+    let settings = RuntimeSettings {
+        library_path: env("ORT_DYLIB_PATH").map(PathBuf::from).or_else(|| Some(PathBuf::from("build/lib/libonnxruntime.so"))),
+        intra_threads: env_usize("BENCH_THREADS", 0)?,
+        allow_spinning: env_usize("BENCH_SPIN", RuntimeSettings::default().allow_spinning as usize)? != 0,
+        // `cuda` under `make gpu-check`.
+        execution_provider: match env("ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER") {
+            Some(p) => p.parse().map_err(|e| format!("ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER: {e}"))?,
+            None => RuntimeSettings::default().execution_provider,
+        },
+        ..Default::default()
+    };
     let rt = Runtime::init(&settings)?;
     if !o.repo.join("backbones").is_dir() {
         return Err(format!(

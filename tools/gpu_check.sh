@@ -71,7 +71,7 @@ env "${TABLE2[@]}" BENCH_BACKBONES=bert-base-random BENCH_SEPARATE=0 BENCH_OUT="
 
 step "banks (one task vs fused, k = 8, distinct tasks per row, session runs)"
 # shellcheck disable=SC2086
-env "${SIZES[@]}" BENCH_BACKBONE=bert-base-random BENCH_OUT="$OUT/banks.md" cargo bench $CARGO_FLAGS --bench banks
+env "${SIZES[@]}" BENCH_BACKBONE=bert-base-random BENCH_OUT="$OUT/banks.md" cargo bench $CARGO_FLAGS --bench banks_scale
 
 step "real-text replay (issue 15)"
 if [ -f tools/bench_replay.py ]; then

@@ -44,6 +44,29 @@ pub fn sequences(b: usize, t: usize, seed: u64) -> Vec<Sequence> {
         .collect()
 }
 
+/// The fused one-graph plain model (`make_bench_repo.py`) over `seqs` (all of one length): `[B, labels]`.
+pub fn run_fused(graph: &Graph, seqs: &[Sequence]) -> Result<Array2<f32>, Box<dyn std::error::Error + Send + Sync>> {
+    let (b, t) = (seqs.len(), seqs[0].ids.len());
+    let flat = |f: fn(&Sequence) -> &Vec<i64>| Array2::from_shape_vec((b, t), seqs.iter().flat_map(|s| f(s).clone()).collect());
+    let (ids, types, mask) = (flat(|s| &s.ids)?, flat(|s| &s.types)?, flat(|s| &s.mask)?);
+    let inputs = vec![
+        ("input_ids", TensorRef::from_array_view(ids.view())?.into()),
+        ("token_type_ids", TensorRef::from_array_view(types.view())?.into()),
+        ("attention_mask", TensorRef::from_array_view(mask.view())?.into()),
+    ];
+    let out = graph.run(inputs, |o| Ok(o["logits"].try_extract_array::<f32>()?.to_owned()))?;
+    Ok(out.into_dimensionality::<Ix2>()?)
+}
+
+/// `DIR/fused/<backbone>/model.onnx` of a bench repository, its head `labels` wide.
+pub fn load_fused(rt: &Runtime, repo: &Path, backbone: &str, labels: usize) -> Result<Graph, Box<dyn std::error::Error + Send + Sync>> {
+    let bt = [Dim::Any, Dim::Any];
+    let inputs: Vec<IoSpec> =
+        ["input_ids", "token_type_ids", "attention_mask"].into_iter().map(|n| IoSpec::new(n, T::Int64, &bt)).collect();
+    let outputs = [IoSpec::new("logits", T::Float32, &[Dim::Any, Dim::Fixed(labels as i64)])];
+    Ok(Graph::load(rt, &repo.join("fused").join(backbone).join("model.onnx"), &inputs, &outputs)?)
+}
+
 /// The runtime settings of a benchmark: `ORT_DYLIB_PATH` (default `build/lib/libonnxruntime.so`),
 /// BENCH_THREADS (intra-op threads, 0 = cores), BENCH_SPIN, and
 /// `ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER` (`cuda` under `make gpu-check`).
@@ -58,30 +81,6 @@ pub fn runtime_settings() -> Result<RuntimeSettings, Box<dyn std::error::Error +
         },
         ..Default::default()
     })
-}
-
-/// The fused one-graph plain model `tools/make_bench_repo.py` writes to `<repo>/fused/<backbone>/`
-/// (embeddings + every plain layer + one task's head): the compute floor.
-pub fn load_fused(rt: &Runtime, repo: &Path, backbone: &str, labels: usize) -> Result<Graph, Box<dyn std::error::Error + Send + Sync>> {
-    let bt = [Dim::Any, Dim::Any];
-    let inputs: Vec<IoSpec> =
-        ["input_ids", "token_type_ids", "attention_mask"].into_iter().map(|n| IoSpec::new(n, T::Int64, &bt)).collect();
-    let outputs = [IoSpec::new("logits", T::Float32, &[Dim::Any, Dim::Fixed(labels as i64)])];
-    Ok(Graph::load(rt, &repo.join("fused").join(backbone).join("model.onnx"), &inputs, &outputs)?)
-}
-
-/// One run of the fused graph over equal-length `seqs`; its logits.
-pub fn run_fused(graph: &Graph, seqs: &[Sequence]) -> Result<Array2<f32>, Box<dyn std::error::Error + Send + Sync>> {
-    let (b, t) = (seqs.len(), seqs[0].ids.len());
-    let flat = |f: fn(&Sequence) -> &Vec<i64>| Array2::from_shape_vec((b, t), seqs.iter().flat_map(|s| f(s).clone()).collect());
-    let (ids, types, mask) = (flat(|s| &s.ids)?, flat(|s| &s.types)?, flat(|s| &s.mask)?);
-    let inputs = vec![
-        ("input_ids", TensorRef::from_array_view(ids.view())?.into()),
-        ("token_type_ids", TensorRef::from_array_view(types.view())?.into()),
-        ("attention_mask", TensorRef::from_array_view(mask.view())?.into()),
-    ];
-    let out = graph.run(inputs, |o| Ok(o["logits"].try_extract_array::<f32>()?.to_owned()))?;
-    Ok(out.into_dimensionality::<Ix2>()?)
 }
 
 /// Lane outputs as `[rows, labels]` matrices (every task here has a sequence head).

@@ -2,13 +2,16 @@
 
 pub mod banked;
 pub mod banks;
+pub mod banks_methods;
 pub mod executor;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod fusion;
 pub mod heads;
+pub mod packing;
 pub mod plan;
 pub mod planner;
+pub mod pooling;
 mod tensors;
 
 use std::any::Any;
@@ -51,6 +54,8 @@ pub struct Job {
     pub deadline: Option<Instant>,
     /// When routing started; request durations in the statistics count from here.
     pub received: Instant,
+    /// Texts and token origins (text inputs only): what token heads answer in.
+    pub text: Option<Arc<crate::router::token_info::RequestText>>,
 }
 
 /// The engine's answer to one job.
@@ -169,6 +174,7 @@ pub fn spawn(
     pace: Arc<Pace>,
     liveness: Liveness,
 ) -> std::thread::JoinHandle<()> {
+    banked::set_packing(settings.packing);
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {

@@ -53,6 +53,7 @@ class Adapter:
     locations: tuple
     slots: dict = field(repr=False)  # (layer, location) -> SlotWeights
     source: str = ""
+    is_parallel: bool = False  # par_bn: the bottleneck reads the sub-layer input (layer graphs only)
     directory: str = ""  # where adapter_config.json was read
     weights_file: str = ""  # the weights file read (safetensors or a torch .bin)
 
@@ -60,7 +61,7 @@ class Adapter:
 @dataclass
 class Head:
     name: str
-    kind: str  # classification | regression
+    kind: str  # classification | regression | multilabel | multiple_choice
     labels: list
     w1: np.ndarray
     b1: np.ndarray
@@ -69,6 +70,10 @@ class Head:
     directory: str = ""  # where head_config.json was read
     weights_file: str = ""
 
+
+# Where the methods the slot graphs cannot express are served instead.
+BANKS_ONLY = ("register the AdapterHub directory weights-only (tools/register_task.py register --weights-only "
+              "--adapter DIR --backbone B ...); the server runs it on the adapter banks")
 
 ADAPTERHUB_FILES = ("adapter_config.json", "adapter.safetensors", "head_config.json", "model_head.safetensors")
 
@@ -130,13 +135,14 @@ def _check_config(cfg) -> dict:
         raise UnsupportedAdapter("architecture 'union' (ConfigUnion / MAM / UniPELT) is not supported")
     if arch == "lora":  # the library stores (IA)^3 as a LoRA config with composition_mode "scale"
         method = "(IA)^3 (ia3)" if cfg.get("composition_mode") == "scale" else "LoRA (lora)"
-        raise UnsupportedAdapter(f"adapter method {method} (architecture='lora') is not supported yet: only "
-                                 "bottleneck adapters (seq_bn / Pfeiffer, double_seq_bn / Houlsby) are exported")
+        raise UnsupportedAdapter(f"adapter method {method} (architecture='lora') is not exported to slot graphs: "
+                                 f"{BANKS_ONLY}")
     if arch not in (None, "bottleneck"):
-        raise UnsupportedAdapter(f"architecture {arch!r} is not supported (bottleneck adapters only)")
+        raise UnsupportedAdapter(f"architecture {arch!r} is not supported (bottleneck adapters, LoRA and (IA)^3 "
+                                 "only; union / prefix_tuning / prompt_tuning and the others are not)")
     if cfg.get("is_parallel"):
-        raise UnsupportedAdapter("parallel bottleneck adapters (par_bn, is_parallel=true) are not supported yet: "
-                                 "only sequential ones (seq_bn / Pfeiffer, double_seq_bn / Houlsby)")
+        raise UnsupportedAdapter(f"parallel bottleneck adapters (par_bn, is_parallel=true) are not exported to slot "
+                                 f"graphs: {BANKS_ONLY}")
     for key in ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity"):
         if key not in cfg:
             raise UnsupportedAdapter(f"config lacks required field {key!r}")
@@ -247,13 +253,19 @@ def load_adapter(directory: str, num_layers: int, hidden_size: int | None = None
 def load_head(directory: str, hidden_size: int) -> Head:
     meta = _read_json(os.path.join(directory, "head_config.json"))
     cfg, name = meta.get("config") or {}, meta.get("name")
-    if cfg.get("head_type") != "classification":
-        raise UnsupportedAdapter(f"head_type={cfg.get('head_type')!r} is not supported (classification only)")
+    # Multi-label and multiple-choice heads are the classification head's two layers; they differ in
+    # what is made of the logits (a sigmoid per label; a softmax over an item's choices, one logit each).
+    kinds = {"classification": "classification", "multilabel_classification": "multilabel",
+             "multiple_choice": "multiple_choice"}
+    if cfg.get("head_type") not in kinds:
+        raise UnsupportedAdapter(f"head_type={cfg.get('head_type')!r} is not supported "
+                                 f"(one of {', '.join(kinds)})")
+    family = kinds[cfg["head_type"]]
     checks = {"layers": 2, "activation_function": "tanh", "use_pooler": False, "multilabel": False, "bias": True}
     for key, want in checks.items():
         if cfg.get(key, want) != want:
             raise UnsupportedAdapter(f"head {key}={cfg.get(key)!r} is not supported (only {want!r})")
-    num_labels = int(cfg.get("num_labels", 2))
+    num_labels = 1 if family == "multiple_choice" else int(cfg.get("num_labels", 2))
     tensors, wpath = load_tensors(directory, "model_head.safetensors", "pytorch_model_head.bin")
 
     def get(k):
@@ -269,8 +281,10 @@ def load_head(directory: str, hidden_size: int) -> Head:
     label2id = cfg.get("label2id") or {f"LABEL_{i}": i for i in range(num_labels)}
     labels = [k for k, _ in sorted(label2id.items(), key=lambda kv: int(kv[1]))]
     where = {"directory": os.path.abspath(directory), "weights_file": os.path.abspath(wpath)}
-    if num_labels == 1:
+    if family == "multiple_choice":
+        return Head(name, "multiple_choice", [], w1, b1, w2, b2, **where)
+    if num_labels == 1 and family == "classification":
         return Head(name, "regression", [], w1, b1, w2, b2, **where)
     if len(labels) != num_labels:
         raise InvalidCheckpoint(f"label2id has {len(labels)} labels, num_labels is {num_labels}")
-    return Head(name, "classification", labels, w1, b1, w2, b2, **where)
+    return Head(name, family, labels, w1, b1, w2, b2, **where)
