@@ -24,7 +24,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from adapterdrop_tools.graphs_layer import K as RULE_K, attention_maps, methods_maps, pack_maps, plain_rule_row  # noqa: E402
+from adapterdrop_tools.graphs_layer import K as RULE_K, attention_maps, methods_maps, no_stack_rows, pack_maps, plain_rule_row  # noqa: E402
 from adapterdrop_tools.graphs_methods import methods_bank, target_dims  # noqa: E402
 
 
@@ -60,6 +60,7 @@ def feeds(sess: ort.InferenceSession, B: int, T: int, H: int, ffn: int, lora_row
                             for t, (i, o) in target_dims(H, ffn).items()})
         f.update(methods_bank(entries, H, ffn))
         f.update(methods_maps(lens, [(r % lora_rows + 1) if lora_rows else 0 for r in rows], rows))
+    f.update(no_stack_rows(f, H))  # the Stack banks (a layer exported before them has no such inputs)
     return {k: v for k, v in f.items() if k in names}
 
 

@@ -21,7 +21,7 @@ fn weights(r: usize, seed: f32) -> BottleneckWeights {
 fn task(r: usize, seed: f32, slots: &[(usize, Location)]) -> BankWrite {
     let rule =
         SlotRule { ln_before: true, ln_after: true, residual: Residual::H, activation: Activation::Gelu, scaling: 1.0, parallel: false };
-    BankWrite { rule, slots: slots.iter().map(|k| (*k, weights(r, seed))).collect(), methods: BTreeMap::new() }
+    BankWrite { rule, slots: slots.iter().map(|k| (*k, weights(r, seed))).collect(), methods: BTreeMap::new(), stack: None }
 }
 
 #[test]

@@ -53,7 +53,7 @@ pub fn robust(default: u32, min: u32, max: u32) -> Option<DropConfig> {
 
 /// The header of a weights-only registration (an AdapterHub directory) on `backbone`.
 pub fn weights_header(name: &str, backbone: &str, drop: Option<DropConfig>) -> BundleHeader {
-    let meta = AdapterHubTask { backbone: backbone.into(), drop, description: String::new() };
+    let meta = AdapterHubTask { backbone: backbone.into(), drop, ..Default::default() };
     BundleHeader { adapterhub: Some(meta), ..header(name, None, false, false) }
 }
 
