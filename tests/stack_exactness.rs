@@ -81,7 +81,7 @@ async fn mixed_request_matches_the_library(server: &TestServer) {
     let fx = reference("bert");
     let refs = [("bert-stack", "stack", 2), ("bert-pfeiffer", "pfeiffer", 0), ("bert-stack", "stack", 0), ("bert-pfeiffer", "pfeiffer", 3)];
     let req = InferRequest {
-        tasks: refs.iter().map(|(t, _, n)| TaskRef { name: t.to_string(), version: None, drop_first: Some(*n) }).collect(),
+        tasks: refs.iter().map(|(t, _, n)| TaskRef { name: t.to_string(), drop_first: Some(*n), ..Default::default() }).collect(),
         inputs: Some(Inputs::Tokens(TokenizedInputs { sequences: unpadded(&fx["inputs"]["texts"]) })),
         ..Default::default()
     };
