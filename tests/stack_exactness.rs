@@ -124,7 +124,9 @@ async fn unsupported_compositions_are_refused_by_name() {
     let mut a = admin(&server.admin_addr()).await;
     let stacked = stack_upload("bert");
     let plain = adapter_dir("bert", "pfeiffer");
-    let cases: [(&str, &Path, &str); 9] = [
+    let long = format!("Stack({}, stack)", "x".repeat(300));
+    let cases: [(&str, &Path, &str); 10] = [
+        (long.as_str(), stacked.path(), "header.adapterhub.composition is 314 bytes; at most 256"),
         ("Fuse(lang, stack)", stacked.path(), "Fuse is not supported"),
         ("Split(lang, stack, splits=[4])", stacked.path(), "Split is not supported"),
         ("BatchSplit(lang, stack, batch_sizes=[1, 1])", stacked.path(), "BatchSplit is not supported"),

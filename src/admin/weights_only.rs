@@ -16,6 +16,8 @@ use crate::repository::manifest::{AdapterInfo, DropSpec, FORMAT_VERSION, HeadKin
 
 /// Most layers an explicit drop list may name (checked before it is converted).
 const MAX_DROP_LAYERS: usize = 1024;
+/// Longest composition string read (it is echoed in errors).
+const MAX_COMPOSITION_BYTES: usize = 256;
 
 /// The directory, inside the task version, that holds the AdapterHub files.
 const DIR: &str = "adapterhub";
@@ -124,6 +126,12 @@ fn check_stack_files(stack: &Path) -> Result<(), ServeError> {
 /// Checks `header.adapterhub.composition` against the upload: the (lower, task) names of a
 /// `Stack`, or None for a single adapter. Only `Stack` of two plain adapters is served.
 fn composition(text: &str, stacked: bool) -> Result<Option<(String, String)>, ServeError> {
+    if text.len() > MAX_COMPOSITION_BYTES {
+        return Err(ServeError::InvalidArgument(format!(
+            "header.adapterhub.composition is {} bytes; at most {MAX_COMPOSITION_BYTES} (\"Stack(<lower>, <task>)\")",
+            text.len()
+        )));
+    }
     let invalid = |m: String| ServeError::InvalidArgument(format!("header.adapterhub.composition `{text}`: {m}"));
     let text = text.trim();
     if text.is_empty() {
