@@ -58,6 +58,7 @@ pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) ->
             selected = mask.select(Axis(0), &lp.input_rows);
             selected.view()
         };
+        stats.count_padded_layer(seqs, lp.input_rows.iter().copied(), ids.ncols());
         stats.adapter_rows += lp.attention_index.iter().chain(&lp.ffn_index).filter(|&&i| i != 0).count();
         let maps = [&lp.attention_rows, &lp.attention_index, &lp.ffn_rows, &lp.ffn_index].map(|v| Array1::from(v.clone()));
         let mut inputs: Vec<(&'static str, SessionInputValue<'_>)> = vec![("hidden", hidden.input()?), ("attention_mask", i64_input(&mv)?)];

@@ -56,6 +56,29 @@ pub struct ExecStats {
     pub graph_runs: usize,
     /// Lanes that ran on the adapter banks (the rest ran on the per-task path).
     pub bank_lanes: usize,
+    /// Real token positions that entered per-token work (FFN, adapter slots, LayerNorms),
+    /// summed over the layers of the batch: what the batch really had to compute.
+    pub real_tokens: usize,
+    /// Token positions per-token work actually computed, padding included, summed over layers;
+    /// `real_tokens / computed_tokens` is the batch's padding efficiency.
+    pub computed_tokens: usize,
+    /// Token positions inside attention, padding included, summed over layers.
+    pub attention_tokens: usize,
+}
+
+impl ExecStats {
+    /// Counts one layer's token positions: `rows` physical rows (input rows of `seqs`, a row
+    /// per split copy) padded to `padded_len`, with per-token work on every padded position.
+    pub(crate) fn count_padded_layer(&mut self, seqs: &[Sequence], rows: impl IntoIterator<Item = usize>, padded_len: usize) {
+        let (mut n, mut real) = (0, 0);
+        for r in rows {
+            n += 1;
+            real += seqs[r].ids.len();
+        }
+        self.real_tokens += real;
+        self.computed_tokens += n * padded_len;
+        self.attention_tokens += n * padded_len;
+    }
 }
 
 /// Slot graph choice of one lane at one slot; compared by graph identity.
@@ -108,6 +131,7 @@ pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result
     let mut stats = ExecStats { padded_len: ids.ncols(), ..Default::default() };
     for (layer, graphs) in backbone.layers.iter().enumerate() {
         stats.layer_rows.push(st.hidden.rows()?);
+        stats.count_padded_layer(seqs, st.input_of.iter().copied(), ids.ncols());
         let h = {
             let mv = st.mask.view();
             run_hidden(&graphs.attention, vec![("hidden", st.hidden.input()?), ("attention_mask", i64_input(&mv)?)], "h")?
