@@ -306,9 +306,10 @@ pub struct BatchingSettings {
     /// longer than this (estimated from the engine's measured speed); 0 = no bound. A count
     /// bound alone lets admitted requests wait many seconds under a flood.
     pub max_queue_wait_ms: u64,
-    /// When more work waits than fits one batch, batches group requests of similar length (less
-    /// padding); a request that has waited this long anchors the next batch instead, which bounds
-    /// the extra wait grouping can cause. 0 = first come, first served.
+    /// Length-aware batching: waiting requests are split into runs of similar length where the
+    /// padding saved is worth an extra batch, and the next batch is the run holding the oldest
+    /// request; a request that has waited this long joins the next batch whatever its length
+    /// (within the budget), which bounds the extra wait grouping causes. 0 = first come, first served.
     pub length_wait_ms: u64,
 }
 

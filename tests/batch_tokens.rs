@@ -3,7 +3,7 @@
 //! `adapterdrop_batch_tokens{kind}`, on the bank path and on the per-task segment path, and the
 //! padded engine computes more than is real; a backlog of mixed lengths forms batches of equal
 //! lengths with `batching.length_wait_ms` (none padded) and mixed ones first come, first served,
-//! with every result equal to the request served alone.
+//! with every result equal to the request served alone (1e-5).
 
 mod common;
 

@@ -1,11 +1,13 @@
 //! Which waiting requests form the next engine batch (issue 15, length-aware batching).
 //!
 //! The engine pads a batch to its longest sequence (and, with packed tokens, still pads inside
-//! attention), so requests of similar length batch together cheaply. When more work waits than
-//! fits one batch, [`choose`] picks the batch of similar-length requests that does the most real
-//! work within the token budget. A request that has waited `batching.length_wait_ms` stops being
-//! choosable-by-length: the oldest such request anchors the next batch, so a long request among
-//! short ones waits at most that long beyond its turn. A bound of zero is first come, first served.
+//! attention), so one short request beside a long one costs as much as a long one. [`choose`]
+//! sorts the waiting requests by length and splits them into runs of similar length where the
+//! padding that saves is worth a batch of its own ([`SPLIT_TOKENS`]); each run fits the token
+//! budget. The next batch is the run holding the oldest request, so every batch serves the
+//! request that waited longest, plus every request that has waited `batching.length_wait_ms`
+//! (oldest first, within the budget): grouping delays no request by more than that beyond its
+//! turn. A bound of zero is first come, first served.
 
 use std::time::Duration;
 
@@ -57,21 +59,31 @@ impl Footprint {
     }
 }
 
+/// Padded token positions a split must save to be worth one more engine batch (its fixed cost:
+/// 1 + L session runs and their set-up, of the order of a few hundred tokens of MiniLM work).
+pub const SPLIT_TOKENS: usize = 512;
+
 /// The candidates (indices, ascending) of the next batch. `cands` are in arrival order and all
-/// for one backbone; `cands[0]` is always eligible and a batch is never empty (one request over
-/// the budget runs alone). `bound`: `None` is first come, first served; `Some(b)` groups by
-/// length, except that a candidate that waited `b` or more anchors the batch.
+/// for one backbone; the oldest (`cands[0]`) is always in it and a batch is never empty (one
+/// request over the budget runs alone). `bound`: `None` is first come, first served; `Some(b)`
+/// groups by length, and a candidate that waited `b` or more joins the batch if it fits.
 pub fn choose(cands: &[Cand], budget: usize, cost: Cost, bound: Option<Duration>) -> Vec<usize> {
     let cands = &cands[..cands.len().min(MAX_CANDIDATES)];
     if cands.is_empty() {
         return Vec::new();
     }
-    let all = cands.iter().fold(Footprint::default(), |f, c| f.with(c));
-    let Some(bound) = bound.filter(|_| all.tokens(cost) > budget) else { return fifo(cands, budget, cost) };
-    match cands.iter().position(|c| c.waited >= bound) {
-        Some(due) => nearest(cands, due, budget, cost),
-        None => best_window(cands, budget, cost),
+    let Some(bound) = bound else { return fifo(cands, budget, cost) };
+    let order = by_length(cands);
+    let mut out: Vec<usize> = runs(cands, &order, budget, cost).into_iter().find(|r| r.contains(&0)).expect("every candidate is in a run");
+    let mut size = out.iter().fold(Footprint::default(), |f, &i| f.with(&cands[i]));
+    for (i, c) in cands.iter().enumerate() {
+        if c.waited >= bound && !out.contains(&i) && size.with(c).tokens(cost) <= budget {
+            size = size.with(c);
+            out.push(i);
+        }
     }
+    out.sort_unstable();
+    out
 }
 
 /// First come, first served: the oldest, then every later one that still fits.
@@ -94,68 +106,36 @@ fn by_length(cands: &[Cand]) -> Vec<usize> {
     order
 }
 
-/// `anchor`, then the candidates nearest to it in length while they fit.
-fn nearest(cands: &[Cand], anchor: usize, budget: usize, cost: Cost) -> Vec<usize> {
-    let order = by_length(cands);
-    let at = order.iter().position(|&i| i == anchor).expect("anchor is a candidate");
-    let mut size = Footprint::default().with(&cands[anchor]);
-    let mut out = vec![anchor];
-    let (mut lo, mut hi) = (at, at + 1);
-    loop {
-        // The nearer neighbour first; a side that no longer fits is closed.
-        let down = lo.checked_sub(1).map(|j| (cands[anchor].longest - cands[order[j]].longest, j));
-        let up = order.get(hi).map(|&i| (cands[i].longest - cands[anchor].longest, hi));
-        let next = match (down, up) {
-            (Some(d), Some(u)) => Some(if d.0 <= u.0 { (d.1, true) } else { (u.1, false) }),
-            (Some(d), None) => Some((d.1, true)),
-            (None, Some(u)) => Some((u.1, false)),
-            (None, None) => None,
-        };
-        let Some((j, is_down)) = next else { break };
-        let c = &cands[order[j]];
-        // One that does not fit is passed over; a farther one (fewer rows, fewer tokens) may.
-        if size.with(c).tokens(cost) <= budget {
-            size = size.with(c);
-            out.push(order[j]);
-        }
-        if is_down {
-            lo = j;
-        } else {
-            hi = j + 1;
-        }
-    }
-    out.sort_unstable();
-    out
-}
-
-/// The run of similar lengths (consecutive in length order) that fits the budget and holds the
-/// most real tokens; ties go to the run holding the oldest request.
-fn best_window(cands: &[Cand], budget: usize, cost: Cost) -> Vec<usize> {
-    let order = by_length(cands);
-    let mut best: Option<(usize, usize, Vec<usize>)> = None;
-    for top in 0..order.len() {
-        // The run ends at `top` (its longest) and reaches down to shorter ones while they fit.
-        let mut size = Footprint::default().with(&cands[order[top]]);
-        let mut members = vec![order[top]];
-        for &i in order[..top].iter().rev() {
-            let next = size.with(&cands[i]);
-            if next.tokens(cost) > budget {
+/// The split of `order` (candidates by length) into consecutive runs, each within the budget (or
+/// a single request), that costs the engine least: the runs' tokens plus [`SPLIT_TOKENS`] each.
+/// Dynamic programming over the end of the last run; quadratic in the candidates at most.
+fn runs(cands: &[Cand], order: &[usize], budget: usize, cost: Cost) -> Vec<Vec<usize>> {
+    let n = order.len();
+    // best[j]: least cost of the first j (by length); start[j]: where its last run starts.
+    let mut best = vec![usize::MAX; n + 1];
+    let mut start = vec![0; n + 1];
+    best[0] = 0;
+    for j in 1..=n {
+        let mut size = Footprint::default();
+        for i in (0..j).rev() {
+            size = size.with(&cands[order[i]]);
+            // Runs only grow in rows and real tokens as they reach down: once over, always over.
+            if size.tokens(cost) > budget && i + 1 < j {
                 break;
             }
-            size = next;
-            members.push(i);
-        }
-        let oldest = *members.iter().min().expect("not empty");
-        let better = match &best {
-            None => true,
-            Some((real, old, _)) => size.real > *real || (size.real == *real && oldest < *old),
-        };
-        if better {
-            best = Some((size.real, oldest, members));
+            let total = best[i].saturating_add(size.tokens(cost)).saturating_add(SPLIT_TOKENS);
+            if total < best[j] {
+                best[j] = total;
+                start[j] = i;
+            }
         }
     }
-    let mut out = best.map(|(_, _, m)| m).unwrap_or_default();
-    out.sort_unstable();
+    let mut out = Vec::new();
+    let mut j = n;
+    while j > 0 {
+        out.push(order[start[j]..j].to_vec());
+        j = start[j];
+    }
     out
 }
 
@@ -184,9 +164,21 @@ mod tests {
     }
 
     #[test]
-    fn everything_that_fits_goes_together_whatever_the_lengths() {
+    fn a_small_saving_keeps_one_batch() {
+        // Splitting 5 and 8 from 30 saves 44 padded tokens, far less than a batch costs.
         let cands = [cand(0, 8), cand(0, 30), cand(0, 5)];
         assert_eq!(choose(&cands, 128, Cost::Padded, BOUND), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn a_batch_that_would_pad_a_lot_splits_by_length_and_the_oldest_run_goes_first() {
+        // Together 16 x 200 = 3,200 padded tokens for 1,680 real ones; apart 80 + 1,600.
+        let cands: Vec<Cand> = (0..16).map(|i| cand(1, if i % 2 == 0 { 10 } else { 200 })).collect();
+        assert_eq!(fifo(&cands, 16_384, Cost::Padded).len(), 16);
+        let grouped = choose(&cands, 16_384, Cost::Padded, BOUND);
+        assert_eq!(grouped, (0..16).step_by(2).collect::<Vec<_>>(), "the shorts, with the oldest");
+        let rest: Vec<Cand> = (0..16).filter(|i| i % 2 == 1).map(|i| cands[i]).collect();
+        assert_eq!(choose(&rest, 16_384, Cost::Padded, BOUND).len(), 8, "then the longs");
     }
 
     #[test]
@@ -196,50 +188,53 @@ mod tests {
         let grouped = choose(&cands, 128, Cost::Padded, BOUND);
         let ((fr, fc), (gr, gc)) = (padded(&cands, &fifo), padded(&cands, &grouped));
         assert_eq!((fr, fc), (68, 120), "FIFO pairs a short with a long");
-        assert_eq!((gr, gc), (120, 120), "two longs: no padding, the most real work");
-        assert!(grouped.iter().all(|&i| cands[i].longest == 60));
+        assert_eq!((gr, gc), (64, 64), "the eight shorts, with the oldest: no padding");
+        // Without the shorts, the longs go two by two (2 x 60 within 128).
+        let longs: Vec<Cand> = (0..8).map(|_| cand(1, 60)).collect();
+        assert_eq!(choose(&longs, 128, Cost::Padded, BOUND), vec![0, 1]);
     }
 
     #[test]
     fn the_packed_budget_counts_real_tokens_not_padding() {
-        // Under padding only two of these fit 220 (2 x 100); packed, a long one and twelve short
-        // ones do (100 + 12 x 10), which is the most real work within the budget.
+        // Under padding only two of these fit 220 (2 x 100); packed, the budget counts real tokens.
         let mut cands = vec![cand(1, 100), cand(1, 100)];
         cands.extend((0..14).map(|_| cand(1, 10)));
-        let padded_pick = choose(&cands, 220, Cost::Padded, BOUND);
-        assert_eq!(padded(&cands, &padded_pick), (200, 200));
-        let picked = choose(&cands, 220, Cost::Packed, BOUND);
-        let f = picked.iter().fold(Footprint::default(), |f, &i| f.with(&cands[i]));
-        assert_eq!((f.real, f.tokens(Cost::Packed), picked.len()), (220, 220, 13), "{picked:?}");
+        assert_eq!(padded(&cands, &choose(&cands, 220, Cost::Padded, BOUND)), (200, 200));
+        // Packed, first come first served fills 220 with both longs and two shorts; grouped, the
+        // longs go together and the shorts (140 real tokens) make one run of their own.
+        assert_eq!(choose(&cands, 220, Cost::Packed, None), vec![0, 1, 2, 3]);
+        assert_eq!(choose(&cands, 220, Cost::Packed, BOUND), vec![0, 1]);
+        let shorts = &cands[2..];
+        assert_eq!(choose(shorts, 220, Cost::Packed, BOUND).len(), 14, "fourteen shorts (140 real) in one batch");
     }
 
     #[test]
-    fn a_request_that_waited_the_bound_anchors_the_batch() {
-        // The long one is the oldest and has waited the bound: it goes now (alone: no short fits
-        // beside it). 60 shorts would do more real work (42 x 6 = 252 > 200).
-        let mut cands = vec![cand(50, 200)];
-        cands.extend((0..60).map(|_| cand(1, 6)));
-        assert_eq!(choose(&cands, 256, Cost::Padded, BOUND), vec![0]);
-        // Before the bound, the shorts (more real work per batch) go first.
-        cands[0].waited = Duration::from_millis(49);
-        assert!(!choose(&cands, 256, Cost::Padded, BOUND).contains(&0));
+    fn a_request_that_waited_the_bound_joins_the_next_batch() {
+        // The oldest is short: the shorts go first and the long one would wait for the next batch.
+        let mut cands = vec![cand(60, 6), cand(50, 200)];
+        cands.extend((0..10).map(|_| cand(1, 6)));
+        let picked = choose(&cands, 4096, Cost::Padded, BOUND);
+        assert_eq!(picked, (0..12).collect::<Vec<_>>(), "waited 50 ms = the bound: it joins");
+        cands[1].waited = Duration::from_millis(49);
+        let picked = choose(&cands, 4096, Cost::Padded, BOUND);
+        assert!(!picked.contains(&1) && picked.len() == 11, "{picked:?}");
     }
 
-    /// A simulated queue under a steady stream of short requests: a long one never gets picked by
-    /// length, so it must leave by the bound (plus the one batch that was forming) and never starve.
+    /// A simulated queue under a steady stream of short requests, more than one batch holds: a
+    /// long one that arrives just after a short never gets a run of its own before it is the
+    /// oldest or has waited the bound, so it must leave within the bound and never starve.
     #[test]
-    fn no_starvation_an_old_long_request_goes_out_within_the_bound() {
+    fn no_starvation_a_long_request_goes_out_within_the_bound() {
         let batch_ms = 10u64;
         let bound = Duration::from_millis(45);
-        // (arrival ms, length): a batch of shorts (102 x 5 = 510 real) beats the long one (100).
-        let mut queue: Vec<(u64, usize)> = vec![(0, 100)];
+        let mut queue: Vec<(u64, usize)> = vec![(0, 5), (0, 100)]; // (arrival ms, length)
         let mut left_at = None;
         for step in 0..100u64 {
             let now = step * batch_ms;
-            // More new shorts every batch than one batch takes: work always waits.
             queue.extend((0..110).map(|_| (now, 5)));
             let cands: Vec<Cand> = queue.iter().map(|&(t, len)| cand(now - t, len)).collect();
             let picked = choose(&cands, 512, Cost::Padded, Some(bound));
+            assert!(picked.contains(&0), "every batch serves the oldest");
             if picked.iter().any(|&i| queue[i].1 == 100) {
                 left_at = Some(now);
                 break;
@@ -249,7 +244,7 @@ mod tests {
             }
         }
         let left_at = left_at.expect("the long request starved");
-        assert!(left_at >= 45 && Duration::from_millis(left_at) <= bound + Duration::from_millis(batch_ms), "left at {left_at} ms");
+        assert!(Duration::from_millis(left_at) <= bound + Duration::from_millis(batch_ms), "left at {left_at} ms");
     }
 
     #[test]

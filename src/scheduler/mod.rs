@@ -1,5 +1,5 @@
-//! Cross-request batching: a queue actor that forms token-budget batches per backbone (grouping
-//! requests of similar length when more work waits than fits, `grouping.rs`) and hands
+//! Cross-request batching: a queue actor that forms token-budget batches per backbone (of
+//! requests of similar length, `grouping.rs`) and hands
 //! them to the engine thread, which it never lets idle while work waits. Requests are admitted
 //! ([`Scheduler::admit`]) before any work is spent on them, and the engine's and the actor's
 //! liveness is watched so that health can follow it.
