@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use adapterdrop_serve::config::RuntimeSettings;
+use adapterdrop_serve::engine::heads::to_matrix;
 use adapterdrop_serve::engine::{ExecStats, Lane, Sequence, execute};
 use adapterdrop_serve::repository::{Backbone, Registry, Task};
 use adapterdrop_serve::runtime::{Dim, Graph, IoSpec, Runtime};
@@ -128,11 +129,11 @@ impl Ctx<'_> {
     /// Runs a configuration once; returns its logits per lane and the planner's stats.
     fn run(&self, k: usize, c: Config) -> Res<(Vec<Array2<f32>>, ExecStats)> {
         match c {
-            Config::FanOut(n) => Ok(execute(self.backbone, self.seqs, &self.lanes(k, n)?)?),
+            Config::FanOut(n) => Ok(matrices(execute(self.backbone, self.seqs, &self.lanes(k, n)?)?)),
             Config::Separate(n) => {
                 let (mut all, mut total) = (Vec::new(), ExecStats::default());
                 for lane in self.lanes(k, n)? {
-                    let (mut out, st) = execute(self.backbone, self.seqs, &[lane])?;
+                    let (mut out, st) = matrices(execute(self.backbone, self.seqs, &[lane])?);
                     all.append(&mut out);
                     total.layer_rows.resize(st.layer_rows.len(), 0);
                     total.layer_rows.iter_mut().zip(&st.layer_rows).for_each(|(a, b)| *a += b);
@@ -141,9 +142,14 @@ impl Ctx<'_> {
                 Ok((all, total))
             }
             Config::Fused => Ok((vec![run_fused(self.fused.expect("fused graph loaded"), self.seqs)?], ExecStats::default())),
-            Config::One(n) => Ok(execute(self.backbone, self.seqs, &self.lanes(1, n)?)?),
+            Config::One(n) => Ok(matrices(execute(self.backbone, self.seqs, &self.lanes(1, n)?)?)),
         }
     }
+}
+
+/// Lane outputs as `[rows, labels]` matrices (every task here has a sequence head).
+fn matrices((out, stats): (Vec<Vec<Vec<f32>>>, ExecStats)) -> (Vec<Array2<f32>>, ExecStats) {
+    (out.iter().map(|o| to_matrix(o)).collect(), stats)
 }
 
 fn run_fused(graph: &Graph, seqs: &[Sequence]) -> Res<Array2<f32>> {

@@ -6,6 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use adapterdrop_serve::config::RuntimeSettings;
+use adapterdrop_serve::engine::heads::to_matrix;
 use adapterdrop_serve::engine::{Lane, Sequence, execute};
 use adapterdrop_serve::repository::{Location, Registry};
 use adapterdrop_serve::runtime::Runtime;
@@ -42,7 +43,7 @@ fn fusions_share_loaded_adapters_and_run_each_adapter_once_per_row_set() {
     for (i, t) in [&full, &pruned].into_iter().enumerate() {
         let (alone, s) = execute(&bb, &seqs, &[lane(t, 0)]).unwrap();
         assert_eq!(s.fusion_adapter_rows_saved, 0);
-        let d = (&alone[0] - &both[i]).iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = (&to_matrix(&alone[0]) - &to_matrix(&both[i])).iter().fold(0f32, |m, v| m.max(v.abs()));
         assert!(d <= 1e-5, "task {i}: shared vs alone differ by {d:e}");
         assert_eq!(s.fusion[0], stats.fusion[i]);
     }
@@ -62,7 +63,7 @@ fn fusions_share_loaded_adapters_and_run_each_adapter_once_per_row_set() {
     assert!(s.fusion[0].is_empty(), "the plain task has no fusion weights");
     for (i, t) in [&plain, &full].into_iter().enumerate() {
         let (alone, a) = execute(&bb, &seqs, &[lane(t, 0)]).unwrap();
-        let d = (&alone[0] - &both[i]).iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = (&to_matrix(&alone[0]) - &to_matrix(&both[i])).iter().fold(0f32, |m, v| m.max(v.abs()));
         assert!(d <= 1e-5, "task {i}: shared vs alone differ by {d:e}");
         assert_eq!(a.fusion_adapter_rows_saved, 0);
     }

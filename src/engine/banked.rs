@@ -4,20 +4,20 @@
 
 use std::sync::Arc;
 
-use ndarray::{Array1, Array2, ArrayView2, ArrayView3, Axis, s};
+use ndarray::{Array1, ArrayView2, ArrayView3, Axis, s};
 use ort::session::SessionInputValue;
 use ort::value::TensorRef;
 
 use super::executor::{ExecStats, Lane, Sequence, large_batch, pad};
-use super::heads::head_logits;
-use super::plan::{LanePath, plan};
-use super::tensors::{i64_input, run_head, run_hidden};
+use super::heads::{HeadSource, LaneOutput, run_task_head};
+use super::plan::{HeadGroup, LanePath, plan};
+use super::tensors::{i64_input, run_hidden};
 use crate::error::EngineError;
 use crate::repository::backbone::BANK_INPUTS;
 use crate::repository::{Backbone, Location};
 
-/// Runs `lanes` on the bank path; one `[rows, labels]` logits matrix per lane, as `execute` returns.
-pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result<(Vec<Array2<f32>>, ExecStats), EngineError> {
+/// Runs `lanes` on the bank path; one output per lane, as `execute` returns.
+pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result<(Vec<LaneOutput>, ExecStats), EngineError> {
     let banked =
         backbone.banked.as_ref().ok_or_else(|| EngineError::Contract(format!("backbone `{}` has no layer graphs", backbone.name())))?;
     let runs = crate::runtime::session_runs();
@@ -74,8 +74,7 @@ pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) ->
         hidden = run_hidden(&banked.layers[layer], inputs, "y")?;
     }
     drop(store);
-    // Heads read the first token in place where the states are host memory (CPU), else after one
-    // copy to the host.
+    // Heads read the states in place where they are host memory (CPU), else after one copy to the host.
     let host;
     let view = if hidden.view().is_ok() {
         hidden.view()?
@@ -83,7 +82,8 @@ pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) ->
         host = hidden.into_host()?;
         host.view()
     };
-    let logits = heads(view, lanes, &plan.heads);
+    let lens: Vec<usize> = plan.final_inputs.iter().map(|&i| seqs[i].ids.len()).collect();
+    let logits = heads(view, &lens, lanes, &plan.heads);
     if large {
         crate::runtime::trim_heap();
     }
@@ -92,26 +92,14 @@ pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) ->
     Ok((logits, stats))
 }
 
-/// Each task's head once over the first-token states of all its lanes' rows: on the host from
-/// the AdapterHub head weights, else through the task's head graph.
-fn heads(hidden: ArrayView3<'_, f32>, lanes: &[Lane], groups: &[super::plan::HeadGroup]) -> Result<Vec<Array2<f32>>, EngineError> {
-    let first = hidden.slice(s![.., 0, ..]);
-    let mut out: Vec<Option<Array2<f32>>> = vec![None; lanes.len()];
+/// Each task's head once over all its lanes' rows (each row's real tokens of `hidden`, `[R, T, H]`).
+fn heads(hidden: ArrayView3<'_, f32>, lens: &[usize], lanes: &[Lane], groups: &[HeadGroup]) -> Result<Vec<LaneOutput>, EngineError> {
+    let mut out: Vec<Option<LaneOutput>> = vec![None; lanes.len()];
     for g in groups {
-        let task = &lanes[g.lanes[0]].task;
-        let rows = first.select(Axis(0), &g.rows);
-        let logits = match (&task.adapterhub, &task.head) {
-            (Some(w), _) => head_logits(&w.head, rows.view()),
-            (None, Some(graph)) => run_head(graph, &rows.insert_axis(Axis(1)))?,
-            (None, None) => {
-                return Err(EngineError::Contract(format!("task `{}` has neither a head graph nor head weights", task.name())));
-            }
-        };
-        let mut at = 0;
+        let rows: Vec<ArrayView2<'_, f32>> = g.rows.iter().map(|&r| hidden.slice(s![r, ..lens[r].max(1), ..])).collect();
+        let mut results = run_task_head(&lanes[g.lanes[0]].task, &rows, HeadSource::HostFirst)?.into_iter();
         for &l in &g.lanes {
-            let n = lanes[l].rows.len();
-            out[l] = Some(logits.slice(s![at..at + n, ..]).to_owned());
-            at += n;
+            out[l] = Some((&mut results).take(lanes[l].rows.len()).collect());
         }
     }
     Ok(out.into_iter().map(|o| o.expect("every lane is in a head group")).collect())

@@ -12,11 +12,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use ndarray::{Array2, Array3, Axis, concatenate, s};
+use ndarray::{Array2, Array3, ArrayView2, Axis, concatenate, s};
 
 use super::fusion::{self, FusionWeights, Group, Kind};
-use super::heads::head_logits;
-use super::tensors::{Hidden, f32_input, i64_input, run_head, run_hidden, run_slot};
+use super::heads::{HeadSource, LaneOutput, run_task_head};
+use super::tensors::{Hidden, f32_input, i64_input, run_hidden, run_slot};
 use crate::error::EngineError;
 use crate::repository::{ActiveLayers, Backbone, FusionSlot, Location, Task};
 use crate::runtime::Graph;
@@ -115,8 +115,8 @@ pub fn paths<'a>(layers: usize, runs: impl IntoIterator<Item = (&'a Task, &'a Ac
     distinct.len().max(1)
 }
 
-/// Returns one `[rows, labels]` logits matrix per lane, rows in the lane's order.
-pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result<(Vec<Array2<f32>>, ExecStats), EngineError> {
+/// Returns one output per lane ([`LaneOutput`]: a vector per row, rows in the lane's order).
+pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result<(Vec<LaneOutput>, ExecStats), EngineError> {
     let runs = crate::runtime::session_runs();
     let (ids, types, mask) = pad(seqs, backbone.manifest.pad_token_id);
     let (iv, tv) = (ids.view(), types.view());
@@ -146,7 +146,7 @@ pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result
     if large {
         crate::runtime::shrink_arena_after_next_run();
     }
-    let logits = st.heads();
+    let logits = st.heads(seqs);
     if large {
         crate::runtime::trim_heap();
     }
@@ -398,8 +398,8 @@ impl State<'_> {
         Ok(())
     }
 
-    /// Runs each task's head once over the first-token states of all its lanes' rows.
-    fn heads(mut self) -> Result<Vec<Array2<f32>>, EngineError> {
+    /// Runs each task's head once over all its lanes' rows (each row's real tokens).
+    fn heads(mut self, seqs: &[Sequence]) -> Result<Vec<LaneOutput>, EngineError> {
         let hidden = std::mem::replace(&mut self.hidden, Hidden::Host(Array3::zeros((0, 0, 0)))).into_host()?;
         let mut row_of: BTreeMap<(usize, usize), usize> = BTreeMap::new();
         for (r, lanes) in self.lanes_of.iter().enumerate() {
@@ -411,24 +411,17 @@ impl State<'_> {
         for (l, lane) in self.lanes.iter().enumerate() {
             by_head.entry(Arc::as_ptr(&lane.task) as usize).or_default().push(l);
         }
-        let mut out: Vec<Option<Array2<f32>>> = vec![None; self.lanes.len()];
+        let mut out: Vec<Option<LaneOutput>> = vec![None; self.lanes.len()];
         for lanes in by_head.values() {
             let row_of = &row_of;
-            let rows: Vec<usize> = lanes.iter().flat_map(|&l| self.lanes[l].rows.iter().map(move |&i| row_of[&(l, i)])).collect();
-            let first = hidden.slice(s![.., 0..1, ..]).select(Axis(0), &rows);
-            let task = &self.lanes[lanes[0]].task;
-            let logits = match (&task.head, &task.adapterhub) {
-                (Some(graph), _) => run_head(graph, &first)?,
-                (None, Some(w)) => head_logits(&w.head, first.index_axis(Axis(1), 0)),
-                (None, None) => {
-                    return Err(EngineError::Contract(format!("task `{}` has neither a head graph nor head weights", task.name())));
-                }
-            };
-            let mut at = 0;
+            let rows: Vec<ArrayView2<'_, f32>> = lanes
+                .iter()
+                .flat_map(|&l| self.lanes[l].rows.iter().map(move |&i| row_of[&(l, i)]))
+                .map(|r| hidden.slice(s![r, ..seqs[self.input_of[r]].ids.len().max(1), ..]))
+                .collect();
+            let mut results = run_task_head(&self.lanes[lanes[0]].task, &rows, HeadSource::GraphFirst)?.into_iter();
             for &l in lanes {
-                let n = self.lanes[l].rows.len();
-                out[l] = Some(logits.slice(s![at..at + n, ..]).to_owned());
-                at += n;
+                out[l] = Some((&mut results).take(self.lanes[l].rows.len()).collect());
             }
         }
         Ok(out.into_iter().map(|o| o.expect("every lane has a head")).collect())

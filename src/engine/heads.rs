@@ -2,10 +2,53 @@
 //! layer (`[rows, H]`), so it runs here, from the task's AdapterHub weights, as two small matmuls
 //! per task: no ONNX Runtime session per task and no gather of `[rows, T, H]` states for it.
 //! Agrees with the task's `head.onnx` within 1e-6 of the logits' scale (tests/host_heads.rs).
+//!
+//! The contract with the runners (`banked.rs`, `executor.rs`): a head gets, for every row it serves,
+//! that row's final states over its real tokens (`[len, H]`, padding already cut off, whatever the
+//! runner's layout), and returns one flat vector per row, row-major `[positions, width]`: one
+//! position for sequence heads, one per token for token heads.
 
-use ndarray::{Array2, ArrayView2, ArrayView3, Axis, Zip, s};
+use ndarray::{Array2, ArrayView2, ArrayView3, Axis, Zip, s, stack};
 
+use super::tensors::run_head;
+use crate::error::EngineError;
+use crate::repository::Task;
 use crate::repository::adapterhub::HeadWeights;
+
+/// One lane's output: per row (in the lane's row order) a flat row-major `[positions, width]` vector.
+pub type LaneOutput = Vec<Vec<f32>>;
+
+/// A sequence head's lane output as a `[rows, width]` matrix (for tests and benchmarks).
+pub fn to_matrix(out: &[Vec<f32>]) -> Array2<f32> {
+    let width = out.first().map_or(0, Vec::len);
+    Array2::from_shape_vec((out.len(), width), out.concat()).expect("every row of a sequence head has the same width")
+}
+
+/// Which head a task with both a head graph and AdapterHub head weights runs: the bank path
+/// computes heads on the host, the segment path keeps the exported graph (so each path's results
+/// stay bit for bit what they were).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadSource {
+    HostFirst,
+    GraphFirst,
+}
+
+/// Runs `task`'s head over `rows` (each a row's real-token states `[len, H]`); one vector per row.
+pub fn run_task_head(task: &Task, rows: &[ArrayView2<'_, f32>], source: HeadSource) -> Result<Vec<Vec<f32>>, EngineError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let first: Vec<_> = rows.iter().map(|r| r.row(0)).collect();
+    let first = stack(Axis(0), &first).map_err(|e| EngineError::Contract(format!("stacking first tokens: {e}")))?;
+    let logits = match (&task.adapterhub, &task.head) {
+        (_, Some(graph)) if source == HeadSource::GraphFirst || task.adapterhub.is_none() => run_head(graph, &first.insert_axis(Axis(1)))?,
+        (Some(w), _) => head_logits(&w.head, first.view()),
+        (None, _) => {
+            return Err(EngineError::Contract(format!("task `{}` has neither a head graph nor head weights", task.name())));
+        }
+    };
+    Ok(logits.outer_iter().map(|r| r.to_vec()).collect())
+}
 
 /// `logits = W2 tanh(W1 h0 + b1) + b2` for each row of `first` (`[rows, H]`): `[rows, C]`.
 /// f32 throughout, like ONNX Runtime's Gemm; the two differ only in summation order (measured: at

@@ -56,7 +56,7 @@ pub struct Job {
 /// The engine's answer to one job.
 #[derive(Debug)]
 pub struct JobOutput {
-    /// `logits[task][sequence]`.
+    /// `logits[task][sequence]`: the head's output, row-major `[positions, width]` ([`heads::LaneOutput`]).
     pub logits: Vec<Vec<Vec<f32>>>,
     pub queue: Duration,
     pub compute: Duration,
@@ -272,7 +272,7 @@ fn run_live(mut live: Vec<Work>, banks: bool, started: Instant, ctx: &Context, p
             let mut logits = logits.into_iter();
             live.into_iter()
                 .map(|w| {
-                    let per_task = (&mut logits).take(w.job.tasks.len()).map(|m| m.outer_iter().map(|r| r.to_vec()).collect()).collect();
+                    let per_task = (&mut logits).take(w.job.tasks.len()).collect();
                     ctx.metrics.queue_duration.observe((started - w.enqueued).as_secs_f64());
                     let fusion = (&mut fusion_by_lane).take(w.job.tasks.len()).collect();
                     Ok(JobOutput { logits: per_task, queue: started - w.enqueued, compute, batch_rows: rows, stats: stats.clone(), fusion })

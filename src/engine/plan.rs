@@ -48,6 +48,8 @@ pub struct Plan {
     pub rows_per_layer: Vec<usize>,
     /// Physical rows leaving the last layer.
     pub final_rows: usize,
+    /// Input row of each physical row leaving the last layer (its real length, for the heads).
+    pub final_inputs: Vec<usize>,
 }
 
 /// Physical rows while planning: the input row each continues and the lanes it serves.
@@ -106,6 +108,7 @@ pub fn plan(lanes: &[LanePath], inputs: usize, layers: usize) -> Plan {
         plan.layers.push(LayerPlan { input_rows, attention_rows, attention_index, ffn_rows, ffn_index });
     }
     plan.final_rows = rows.input_of.len();
+    plan.final_inputs = rows.input_of.clone();
     let mut row_of = std::collections::HashMap::new();
     for (r, served) in rows.lanes_of.iter().enumerate() {
         for &l in served {

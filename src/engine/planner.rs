@@ -3,10 +3,9 @@
 //! without layer graphs, or `engine.banks = false`). A batch mixing both runs two passes, each over
 //! only the input rows its lanes read, and the results are put back in lane order.
 
-use ndarray::Array2;
-
 use super::banked::execute_banked;
 use super::executor::{ExecStats, Lane, Sequence, execute};
+use super::heads::LaneOutput;
 use crate::error::EngineError;
 use crate::repository::Backbone;
 
@@ -17,12 +16,7 @@ pub fn on_banks(backbone: &Backbone, lane: &Lane, banks: bool) -> bool {
 }
 
 /// Runs every lane on its path; same result shape as [`execute`].
-pub fn run_lanes(
-    backbone: &Backbone,
-    seqs: &[Sequence],
-    lanes: &[Lane],
-    banks: bool,
-) -> Result<(Vec<Array2<f32>>, ExecStats), EngineError> {
+pub fn run_lanes(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane], banks: bool) -> Result<(Vec<LaneOutput>, ExecStats), EngineError> {
     let (bank, other): (Vec<usize>, Vec<usize>) = (0..lanes.len()).partition(|&l| on_banks(backbone, &lanes[l], banks));
     if other.is_empty() {
         return execute_banked(backbone, seqs, lanes);
@@ -30,7 +24,7 @@ pub fn run_lanes(
     if bank.is_empty() {
         return execute(backbone, seqs, lanes);
     }
-    let mut logits: Vec<Option<Array2<f32>>> = vec![None; lanes.len()];
+    let mut logits: Vec<Option<LaneOutput>> = vec![None; lanes.len()];
     let mut stats = ExecStats::default();
     for (part, banked) in [(&bank, true), (&other, false)] {
         let (sub_seqs, sub_lanes) = subset(seqs, lanes, part);
