@@ -1,7 +1,7 @@
 //! Token accounting and length-aware batching (issue 15): a batch of mixed lengths reports its
 //! real, computed and attention token positions in the native response's timings and in
-//! `adapterdrop_batch_tokens{kind}`, on the bank path and on the per-task segment path, and the
-//! padded engine computes more than is real; a backlog of mixed lengths forms batches of equal
+//! `adapterdrop_batch_tokens{kind}`, on the padded and packed bank paths and on the per-task
+//! segment path, and the padded engine computes more than is real, the packed one no more; a backlog of mixed lengths forms batches of equal
 //! lengths with `batching.length_wait_ms` (none padded) and mixed ones first come, first served,
 //! with every result equal to the request served alone (1e-5).
 
@@ -31,7 +31,9 @@ fn batch_tokens(server: &TestServer, kind: &str) -> f64 {
     metric_sum(&scrape(&server.metrics_addr), "adapterdrop_batch_tokens_sum", &format!("kind=\"{kind}\""))
 }
 
-async fn mixed_lengths_are_counted(server: &TestServer) -> InferResponse {
+/// One request of three sequences (3, 40 and 11 tokens): its timings and the metric count the
+/// batch's token positions. `packed`: per-token work runs on real tokens only (packed tokens).
+async fn mixed_lengths_are_counted(server: &TestServer, packed: bool) -> InferResponse {
     let lengths = [3usize, 40, 11];
     let before: Vec<f64> = ["real", "computed", "attention"].iter().map(|k| batch_tokens(server, k)).collect();
     let mut c = server.client().await;
@@ -41,28 +43,39 @@ async fn mixed_lengths_are_counted(server: &TestServer) -> InferResponse {
     assert_eq!(t.batch_rows, 3, "the request ran alone");
     let real: u64 = lengths.iter().map(|&n| n as u64).sum::<u64>() * LAYERS;
     let padded = 3 * 40 * LAYERS;
-    assert_eq!((t.real_tokens, t.computed_tokens, t.attention_tokens), (real, padded, padded), "{t:?}");
-    assert!(t.computed_tokens > t.real_tokens, "the padded engine computes padding");
+    assert_eq!(t.real_tokens, real, "{t:?}");
+    if packed {
+        assert_eq!(t.computed_tokens, real, "packed: no padding outside attention: {t:?}");
+        assert!(t.attention_tokens >= real && t.attention_tokens <= padded, "{t:?}");
+    } else {
+        assert_eq!((t.computed_tokens, t.attention_tokens), (padded, padded), "{t:?}");
+        assert!(t.computed_tokens > t.real_tokens, "the padded engine computes padding");
+    }
     let after: Vec<f64> = ["real", "computed", "attention"].iter().map(|k| batch_tokens(server, k)).collect();
     let grew: Vec<u64> = after.iter().zip(&before).map(|(a, b)| (a - b) as u64).collect();
-    assert_eq!(grew, [real, padded, padded], "adapterdrop_batch_tokens{{kind}} counts the same batch");
+    assert_eq!(grew, [t.real_tokens, t.computed_tokens, t.attention_tokens], "adapterdrop_batch_tokens{{kind}} counts the same batch");
     resp
 }
 
 #[tokio::test]
-async fn a_mixed_length_batch_reports_real_computed_and_attention_tokens_on_both_paths() {
-    let banks = TestServer::start(&[]);
-    let on_banks = mixed_lengths_are_counted(&banks).await;
-    let text = scrape(&banks.metrics_addr);
+async fn a_mixed_length_batch_reports_real_computed_and_attention_tokens_on_every_path() {
+    let padded_banks = TestServer::start(&[("ADAPTERDROP__ENGINE__PACKING", "false")]);
+    let on_banks = mixed_lengths_are_counted(&padded_banks, false).await;
+    let text = scrape(&padded_banks.metrics_addr);
     for kind in ["real", "computed", "attention"] {
         assert!(text.contains(&format!("adapterdrop_batch_tokens_count{{kind=\"{kind}\"}} 1")), "one batch of kind {kind}:\n{text}");
     }
-    drop(banks);
+    drop(padded_banks);
     let segments = TestServer::start(&[("ADAPTERDROP__ENGINE__BANKS", "false")]);
-    let on_segments = mixed_lengths_are_counted(&segments).await;
-    for (a, b) in on_banks.results[0].sequences.iter().zip(&on_segments.results[0].sequences) {
-        let d = a.logits.iter().zip(&b.logits).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-        assert!(d <= 1e-5, "bank and segment paths differ by {d:e}");
+    let on_segments = mixed_lengths_are_counted(&segments, false).await;
+    drop(segments);
+    let packed = TestServer::start(&[]);
+    let on_packed = mixed_lengths_are_counted(&packed, true).await;
+    for other in [&on_segments, &on_packed] {
+        for (a, b) in on_banks.results[0].sequences.iter().zip(&other.results[0].sequences) {
+            let d = a.logits.iter().zip(&b.logits).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert!(d <= 1e-5, "the paths differ by {d:e}");
+        }
     }
 }
 
@@ -79,6 +92,8 @@ async fn backlog_of_mixed_lengths(length_wait_ms: &str) -> Vec<(InferResponse, I
         ("ADAPTERDROP__BATCHING__LENGTH_WAIT_MS", length_wait_ms),
         // The warm-up's cold pace would make admission refuse the backlog by estimated wait.
         ("ADAPTERDROP__BATCHING__MAX_QUEUE_WAIT_MS", "0"),
+        // The padded layout, where a mixed batch's padding shows in its computed tokens.
+        ("ADAPTERDROP__ENGINE__PACKING", "false"),
     ]);
     let mut client = server.client().await;
     // A first request warms the server up, so that the slow one starts at once.

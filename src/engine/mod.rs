@@ -7,6 +7,7 @@ pub mod executor;
 pub mod fault;
 pub mod fusion;
 pub mod heads;
+pub mod packing;
 pub mod plan;
 pub mod planner;
 mod tensors;
@@ -169,6 +170,7 @@ pub fn spawn(
     pace: Arc<Pace>,
     liveness: Liveness,
 ) -> std::thread::JoinHandle<()> {
+    banked::set_packing(settings.packing);
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {

@@ -12,7 +12,12 @@ use crate::repository::Backbone;
 /// Whether a lane takes the bank path: its task has bank rows, and banks are on or the task has
 /// nothing else to run on (weights-only).
 pub fn on_banks(backbone: &Backbone, lane: &Lane, banks: bool) -> bool {
-    backbone.banked.is_some() && lane.task.bank.is_some() && (banks || lane.task.manifest.weights_only())
+    task_on_banks(backbone, &lane.task, banks)
+}
+
+/// Whether a task's lanes take the bank path (see [`on_banks`]); the scheduler budgets by it.
+pub fn task_on_banks(backbone: &Backbone, task: &crate::repository::Task, banks: bool) -> bool {
+    backbone.banked.is_some() && task.bank.is_some() && (banks || task.manifest.weights_only())
 }
 
 /// Runs every lane on its path; same result shape as [`execute`].

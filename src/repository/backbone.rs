@@ -50,19 +50,24 @@ pub struct Banked {
     pub banks: BackboneBanks,
 }
 
-/// Contract of `layer.onnx` (models/README.md, "Layer graphs").
+/// Contract of `layer.onnx` (models/README.md, "Layer graphs"): packed tokens `[tokens, H]`.
 pub fn layer_contract(hidden: usize) -> (Vec<IoSpec>, Vec<IoSpec>) {
     let h = hidden as i64;
-    let bth = [Dim::Any, Dim::Any, Dim::Fixed(h)];
-    let rows = [Dim::Any];
+    let th = [Dim::Any, Dim::Fixed(h)];
+    let (one, two) = ([Dim::Any], [Dim::Any, Dim::Any]);
     let mut inputs = vec![
-        IoSpec::new("hidden", T::Float32, &bth),
-        IoSpec::new("attention_mask", T::Int64, &[Dim::Any, Dim::Any]),
-        IoSpec::new("attention_rows", T::Int64, &rows),
-        IoSpec::new("attention_index", T::Int64, &rows),
-        IoSpec::new("ffn_rows", T::Int64, &rows),
-        IoSpec::new("ffn_index", T::Int64, &rows),
+        IoSpec::new("hidden", T::Float32, &th),
+        IoSpec::new("attention_gather", T::Int64, &two),
+        IoSpec::new("attention_mask", T::Int64, &two),
+        IoSpec::new("attention_scatter", T::Int64, &one),
     ];
+    for names in GROUP_INPUTS {
+        inputs.extend([
+            IoSpec::new(names[0], T::Int64, &two),
+            IoSpec::new(names[1], T::Int64, &one),
+            IoSpec::new(names[2], T::Int64, &one),
+        ]);
+    }
     for names in [BANK_INPUTS[0], BANK_INPUTS[1]] {
         let k = crate::repository::adapterhub::RULE_FLAGS as i64;
         let dims: [&[Dim]; 5] = [
@@ -74,8 +79,12 @@ pub fn layer_contract(hidden: usize) -> (Vec<IoSpec>, Vec<IoSpec>) {
         ];
         inputs.extend(names.iter().zip(dims).map(|(n, d)| IoSpec::new(n, T::Float32, d)));
     }
-    (inputs, vec![IoSpec::new("y", T::Float32, &bth)])
+    (inputs, vec![IoSpec::new("y", T::Float32, &th)])
 }
+
+/// Group map input names of `layer.onnx`, per location (attention, ffn): `[group, index, ungroup]`.
+pub const GROUP_INPUTS: [[&str; 3]; 2] =
+    [["attention_group", "attention_index", "attention_ungroup"], ["ffn_group", "ffn_index", "ffn_ungroup"]];
 
 /// Bank input names of `layer.onnx`, per location (attention, ffn), in `Bank` field order.
 pub const BANK_INPUTS: [[&str; 5]; 2] = [
@@ -161,7 +170,20 @@ fn load_banked(runtime: &Runtime, dir: &Path, manifest: &BackboneManifest) -> Re
         return Ok(None);
     }
     let (inputs, outputs) = layer_contract(manifest.hidden_size);
-    let layers = (0..manifest.num_layers).map(|i| Graph::load(runtime, &path(i), &inputs, &outputs)).collect::<Result<Vec<_>, _>>()?;
+    // Layer graphs written before packed tokens (issue 15) take padded rows and row maps.
+    let regenerate = |e: LoadError| LoadError {
+        file: e.file,
+        problem: format!(
+            "{}. Layer graphs exported before packed tokens (inputs `attention_rows`, `ffn_rows`) are no longer \
+                 served: re-export the backbone with tools/export_backbone.py (the repository builders under tools/ \
+                 write the new graphs: `make test-repo`, `make breadth-repo`), or delete its layers/<i>/layer.onnx to \
+                 serve it on the per-task path",
+            e.problem
+        ),
+    };
+    let layers = (0..manifest.num_layers)
+        .map(|i| Graph::load(runtime, &path(i), &inputs, &outputs).map_err(regenerate))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Some(Banked { layers, banks: BackboneBanks::new(manifest.num_layers, manifest.hidden_size) }))
 }
 

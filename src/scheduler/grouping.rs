@@ -26,36 +26,37 @@ pub struct Cand {
     pub rows: usize,
     /// Real tokens the engine runs for it: the sum of its sequence lengths x distinct task paths.
     pub real: usize,
+    /// Whether it runs on packed tokens (`engine.packing`, bank tasks): it costs its real tokens;
+    /// otherwise its rows are padded to the batch's longest sequence.
+    pub packed: bool,
 }
 
-/// How the engine lays tokens out, which decides what a batch costs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cost {
-    /// Every row padded to the batch's longest sequence: rows x longest.
-    Padded,
-    /// Real tokens packed together: the sum of real lengths (x paths).
-    Packed,
-}
-
-/// The size of a set of requests that would run together.
+/// The size of a set of requests that would run together: a padded part (its rows at its
+/// longest length) and a packed part (its real tokens), the two passes the engine makes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Footprint {
     pub rows: usize,
     pub longest: usize,
     pub real: usize,
+    pub packed_real: usize,
 }
 
 impl Footprint {
     pub fn with(self, c: &Cand) -> Self {
-        Self { rows: self.rows + c.rows, longest: self.longest.max(c.longest), real: self.real + c.real }
+        let mut f = Self { real: self.real + c.real, ..self };
+        if c.packed {
+            f.packed_real += c.real;
+        } else {
+            f.rows += c.rows;
+            f.longest = f.longest.max(c.longest);
+        }
+        f
     }
 
-    /// Tokens the engine computes for this set (what `batching.max_batch_tokens` bounds).
-    pub fn tokens(self, cost: Cost) -> usize {
-        match cost {
-            Cost::Padded => self.rows.saturating_mul(self.longest),
-            Cost::Packed => self.real,
-        }
+    /// Tokens the engine computes for this set outside attention (what `batching.max_batch_tokens`
+    /// bounds): padded rows x their longest, plus the packed real tokens.
+    pub fn tokens(self) -> usize {
+        self.rows.saturating_mul(self.longest).saturating_add(self.packed_real)
     }
 }
 
@@ -67,17 +68,17 @@ pub const SPLIT_TOKENS: usize = 512;
 /// for one backbone; the oldest (`cands[0]`) is always in it and a batch is never empty (one
 /// request over the budget runs alone). `bound`: `None` is first come, first served; `Some(b)`
 /// groups by length, and a candidate that waited `b` or more joins the batch if it fits.
-pub fn choose(cands: &[Cand], budget: usize, cost: Cost, bound: Option<Duration>) -> Vec<usize> {
+pub fn choose(cands: &[Cand], budget: usize, bound: Option<Duration>) -> Vec<usize> {
     let cands = &cands[..cands.len().min(MAX_CANDIDATES)];
     if cands.is_empty() {
         return Vec::new();
     }
-    let Some(bound) = bound else { return fifo(cands, budget, cost) };
+    let Some(bound) = bound else { return fifo(cands, budget) };
     let order = by_length(cands);
-    let mut out: Vec<usize> = runs(cands, &order, budget, cost).into_iter().find(|r| r.contains(&0)).expect("every candidate is in a run");
+    let mut out: Vec<usize> = runs(cands, &order, budget).into_iter().find(|r| r.contains(&0)).expect("every candidate is in a run");
     let mut size = out.iter().fold(Footprint::default(), |f, &i| f.with(&cands[i]));
     for (i, c) in cands.iter().enumerate() {
-        if c.waited >= bound && !out.contains(&i) && size.with(c).tokens(cost) <= budget {
+        if c.waited >= bound && !out.contains(&i) && size.with(c).tokens() <= budget {
             size = size.with(c);
             out.push(i);
         }
@@ -87,11 +88,11 @@ pub fn choose(cands: &[Cand], budget: usize, cost: Cost, bound: Option<Duration>
 }
 
 /// First come, first served: the oldest, then every later one that still fits.
-fn fifo(cands: &[Cand], budget: usize, cost: Cost) -> Vec<usize> {
+fn fifo(cands: &[Cand], budget: usize) -> Vec<usize> {
     let mut size = Footprint::default().with(&cands[0]);
     let mut out = vec![0];
     for (i, c) in cands.iter().enumerate().skip(1) {
-        if size.with(c).tokens(cost) <= budget {
+        if size.with(c).tokens() <= budget {
             size = size.with(c);
             out.push(i);
         }
@@ -109,7 +110,7 @@ fn by_length(cands: &[Cand]) -> Vec<usize> {
 /// The split of `order` (candidates by length) into consecutive runs, each within the budget (or
 /// a single request), that costs the engine least: the runs' tokens plus [`SPLIT_TOKENS`] each.
 /// Dynamic programming over the end of the last run; quadratic in the candidates at most.
-fn runs(cands: &[Cand], order: &[usize], budget: usize, cost: Cost) -> Vec<Vec<usize>> {
+fn runs(cands: &[Cand], order: &[usize], budget: usize) -> Vec<Vec<usize>> {
     let n = order.len();
     // best[j]: least cost of the first j (by length); start[j]: where its last run starts.
     let mut best = vec![usize::MAX; n + 1];
@@ -120,10 +121,10 @@ fn runs(cands: &[Cand], order: &[usize], budget: usize, cost: Cost) -> Vec<Vec<u
         for i in (0..j).rev() {
             size = size.with(&cands[order[i]]);
             // Runs only grow in rows and real tokens as they reach down: once over, always over.
-            if size.tokens(cost) > budget && i + 1 < j {
+            if size.tokens() > budget && i + 1 < j {
                 break;
             }
-            let total = best[i].saturating_add(size.tokens(cost)).saturating_add(SPLIT_TOKENS);
+            let total = best[i].saturating_add(size.tokens()).saturating_add(SPLIT_TOKENS);
             if total < best[j] {
                 best[j] = total;
                 start[j] = i;
@@ -144,12 +145,16 @@ mod tests {
     use super::*;
 
     fn cand(waited_ms: u64, longest: usize) -> Cand {
-        Cand { waited: Duration::from_millis(waited_ms), longest, rows: 1, real: longest }
+        Cand { waited: Duration::from_millis(waited_ms), longest, rows: 1, real: longest, packed: false }
+    }
+
+    fn packed(c: Cand) -> Cand {
+        Cand { packed: true, ..c }
     }
 
     fn padded(cands: &[Cand], picked: &[usize]) -> (usize, usize) {
         let f = picked.iter().fold(Footprint::default(), |f, &i| f.with(&cands[i]));
-        (f.real, f.tokens(Cost::Padded))
+        (f.real, f.tokens())
     }
 
     const BOUND: Option<Duration> = Some(Duration::from_millis(50));
@@ -158,40 +163,40 @@ mod tests {
     fn zero_bound_is_first_come_first_served_as_before() {
         let cands = [cand(0, 8), cand(0, 60), cand(0, 8), cand(0, 60), cand(0, 8)];
         // 8 + 60 = 120 padded; a third row (180) does not fit 128; later ones are still tried.
-        assert_eq!(choose(&cands, 128, Cost::Padded, None), vec![0, 1]);
+        assert_eq!(choose(&cands, 128, None), vec![0, 1]);
         let over = [cand(0, 300), cand(0, 4)];
-        assert_eq!(choose(&over, 128, Cost::Padded, None), vec![0], "one request over the budget runs alone");
+        assert_eq!(choose(&over, 128, None), vec![0], "one request over the budget runs alone");
     }
 
     #[test]
     fn a_small_saving_keeps_one_batch() {
         // Splitting 5 and 8 from 30 saves 44 padded tokens, far less than a batch costs.
         let cands = [cand(0, 8), cand(0, 30), cand(0, 5)];
-        assert_eq!(choose(&cands, 128, Cost::Padded, BOUND), vec![0, 1, 2]);
+        assert_eq!(choose(&cands, 128, BOUND), vec![0, 1, 2]);
     }
 
     #[test]
     fn a_batch_that_would_pad_a_lot_splits_by_length_and_the_oldest_run_goes_first() {
         // Together 16 x 200 = 3,200 padded tokens for 1,680 real ones; apart 80 + 1,600.
         let cands: Vec<Cand> = (0..16).map(|i| cand(1, if i % 2 == 0 { 10 } else { 200 })).collect();
-        assert_eq!(fifo(&cands, 16_384, Cost::Padded).len(), 16);
-        let grouped = choose(&cands, 16_384, Cost::Padded, BOUND);
+        assert_eq!(fifo(&cands, 16_384).len(), 16);
+        let grouped = choose(&cands, 16_384, BOUND);
         assert_eq!(grouped, (0..16).step_by(2).collect::<Vec<_>>(), "the shorts, with the oldest");
         let rest: Vec<Cand> = (0..16).filter(|i| i % 2 == 1).map(|i| cands[i]).collect();
-        assert_eq!(choose(&rest, 16_384, Cost::Padded, BOUND).len(), 8, "then the longs");
+        assert_eq!(choose(&rest, 16_384, BOUND).len(), 8, "then the longs");
     }
 
     #[test]
     fn more_work_than_fits_groups_similar_lengths_and_pads_less() {
         let cands: Vec<Cand> = (0..16).map(|i| cand(1, if i % 2 == 0 { 8 } else { 60 })).collect();
-        let fifo = choose(&cands, 128, Cost::Padded, None);
-        let grouped = choose(&cands, 128, Cost::Padded, BOUND);
+        let fifo = choose(&cands, 128, None);
+        let grouped = choose(&cands, 128, BOUND);
         let ((fr, fc), (gr, gc)) = (padded(&cands, &fifo), padded(&cands, &grouped));
         assert_eq!((fr, fc), (68, 120), "FIFO pairs a short with a long");
         assert_eq!((gr, gc), (64, 64), "the eight shorts, with the oldest: no padding");
         // Without the shorts, the longs go two by two (2 x 60 within 128).
         let longs: Vec<Cand> = (0..8).map(|_| cand(1, 60)).collect();
-        assert_eq!(choose(&longs, 128, Cost::Padded, BOUND), vec![0, 1]);
+        assert_eq!(choose(&longs, 128, BOUND), vec![0, 1]);
     }
 
     #[test]
@@ -199,13 +204,16 @@ mod tests {
         // Under padding only two of these fit 220 (2 x 100); packed, the budget counts real tokens.
         let mut cands = vec![cand(1, 100), cand(1, 100)];
         cands.extend((0..14).map(|_| cand(1, 10)));
-        assert_eq!(padded(&cands, &choose(&cands, 220, Cost::Padded, BOUND)), (200, 200));
-        // Packed, first come first served fills 220 with both longs and two shorts; grouped, the
-        // longs go together and the shorts (140 real tokens) make one run of their own.
-        assert_eq!(choose(&cands, 220, Cost::Packed, None), vec![0, 1, 2, 3]);
-        assert_eq!(choose(&cands, 220, Cost::Packed, BOUND), vec![0, 1]);
-        let shorts = &cands[2..];
-        assert_eq!(choose(shorts, 220, Cost::Packed, BOUND).len(), 14, "fourteen shorts (140 real) in one batch");
+        assert_eq!(padded(&cands, &choose(&cands, 220, BOUND)), (200, 200));
+        let cands: Vec<Cand> = cands.into_iter().map(packed).collect();
+        // First come first served fills 220 with both longs and two shorts; grouped, the longs go
+        // together and the shorts (140 real tokens) make one run of their own.
+        assert_eq!(choose(&cands, 220, None), vec![0, 1, 2, 3]);
+        assert_eq!(choose(&cands, 220, BOUND), vec![0, 1]);
+        assert_eq!(choose(&cands[2..], 220, BOUND).len(), 14, "fourteen shorts (140 real) in one batch");
+        // A padded request beside packed ones costs its padded rows only.
+        let mixed = [cands[0], cand(1, 10), cands[2]];
+        assert_eq!(mixed.iter().fold(Footprint::default(), |f, c| f.with(c)).tokens(), 120);
     }
 
     #[test]
@@ -213,10 +221,10 @@ mod tests {
         // The oldest is short: the shorts go first and the long one would wait for the next batch.
         let mut cands = vec![cand(60, 6), cand(50, 200)];
         cands.extend((0..10).map(|_| cand(1, 6)));
-        let picked = choose(&cands, 4096, Cost::Padded, BOUND);
+        let picked = choose(&cands, 4096, BOUND);
         assert_eq!(picked, (0..12).collect::<Vec<_>>(), "waited 50 ms = the bound: it joins");
         cands[1].waited = Duration::from_millis(49);
-        let picked = choose(&cands, 4096, Cost::Padded, BOUND);
+        let picked = choose(&cands, 4096, BOUND);
         assert!(!picked.contains(&1) && picked.len() == 11, "{picked:?}");
     }
 
@@ -233,7 +241,7 @@ mod tests {
             let now = step * batch_ms;
             queue.extend((0..110).map(|_| (now, 5)));
             let cands: Vec<Cand> = queue.iter().map(|&(t, len)| cand(now - t, len)).collect();
-            let picked = choose(&cands, 512, Cost::Padded, Some(bound));
+            let picked = choose(&cands, 512, Some(bound));
             assert!(picked.contains(&0), "every batch serves the oldest");
             if picked.iter().any(|&i| queue[i].1 == 100) {
                 left_at = Some(now);
@@ -250,9 +258,9 @@ mod tests {
     #[test]
     fn a_long_backlog_is_looked_at_up_to_the_candidate_cap() {
         let cands: Vec<Cand> = (0..MAX_CANDIDATES + 100).map(|i| cand(1, 4 + i % 50)).collect();
-        let picked = choose(&cands, 256, Cost::Padded, BOUND);
+        let picked = choose(&cands, 256, BOUND);
         assert!(!picked.is_empty() && picked.iter().all(|&i| i < MAX_CANDIDATES));
         let f = picked.iter().fold(Footprint::default(), |f, &i| f.with(&cands[i]));
-        assert!(f.tokens(Cost::Padded) <= 256);
+        assert!(f.tokens() <= 256);
     }
 }

@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::config::{BatchingSettings, EngineSettings};
 pub use admission::{Admission, Load};
-use grouping::{Cand, Cost, Footprint};
+use grouping::{Cand, Footprint};
 
 use crate::context::Context;
 use crate::engine::{self, Batch, Entry, Job, JobOutput, Liveness};
@@ -40,11 +40,11 @@ impl Scheduler {
         let (engine_tx, engine_rx) = mpsc::channel(1);
         let load = Arc::new(Load::default());
         let liveness = Liveness::default();
+        // The actor budgets batches by the token layout the engine will use.
+        let layout = engine_settings.clone();
         engine::spawn(engine_rx, engine_settings, ctx.clone(), load.pace.clone(), liveness.clone());
         let permits = Arc::new(Semaphore::new(settings.max_queued));
-        // Today's engine pads every row to the batch's longest sequence.
-        let cost = Cost::Padded;
-        let actor = tokio::spawn(queue_actor(rx, engine_tx, settings.clone(), cost).instrument(tracing::info_span!("queue")));
+        let actor = tokio::spawn(queue_actor(rx, engine_tx, settings.clone(), layout).instrument(tracing::info_span!("queue")));
         let watcher = liveness.clone();
         tokio::spawn(async move {
             match actor.await {
@@ -172,20 +172,28 @@ enum ActorEnd {
     EngineGone,
 }
 
-/// What a queued request costs the engine, for [`grouping::choose`].
-fn cand(e: &Entry, now: Instant) -> Cand {
+/// What a queued request costs the engine, for [`grouping::choose`]: packed when every task of
+/// it runs on the banks and `engine.packing` is on, else padded.
+fn cand(e: &Entry, now: Instant, engine: &EngineSettings) -> Cand {
     let job = &e.job;
+    let packed = engine.packing && job.tasks.iter().all(|t| engine::planner::task_on_banks(&job.backbone, &t.task, engine.banks));
     let longest = job.sequences.iter().map(|s| s.ids.len()).max().unwrap_or(1);
     let real: usize = job.sequences.iter().map(|s| s.ids.len()).sum();
     // Rows the engine runs: each sequence once per distinct task path of its job.
-    Cand { waited: now.saturating_duration_since(e.enqueued), longest, rows: job.sequences.len() * job.paths, real: real * job.paths }
+    Cand {
+        waited: now.saturating_duration_since(e.enqueued),
+        longest,
+        rows: job.sequences.len() * job.paths,
+        real: real * job.paths,
+        packed,
+    }
 }
 
 async fn queue_actor(
     mut rx: mpsc::UnboundedReceiver<Entry>,
     engine: mpsc::Sender<Batch>,
     settings: BatchingSettings,
-    cost: Cost,
+    layout: EngineSettings,
 ) -> ActorEnd {
     let mut backlog: VecDeque<Entry> = VecDeque::new();
     let budget = settings.max_batch_tokens;
@@ -206,8 +214,8 @@ async fn queue_actor(
         let same = |e: &Entry| Arc::ptr_eq(&e.job.backbone, &backbone);
         let now = Instant::now();
         let at: Vec<usize> = (0..backlog.len()).filter(|&i| same(&backlog[i])).take(grouping::MAX_CANDIDATES).collect();
-        let cands: Vec<Cand> = at.iter().map(|&i| cand(&backlog[i], now)).collect();
-        let picked = grouping::choose(&cands, budget, cost, settings.length_wait());
+        let cands: Vec<Cand> = at.iter().map(|&i| cand(&backlog[i], now, &layout)).collect();
+        let picked = grouping::choose(&cands, budget, settings.length_wait());
         let mut size = Footprint::default();
         let mut entries = Vec::with_capacity(picked.len());
         for &p in picked.iter().rev() {
@@ -220,11 +228,11 @@ async fn queue_actor(
         // Wait for company only while no work for this backbone is left waiting.
         let waiting = backlog.iter().any(same);
         let deadline = tokio::time::Instant::now() + settings.max_batch_delay();
-        while !waiting && size.tokens(cost) < budget {
+        while !waiting && size.tokens() < budget {
             tokio::select! {
                 next = rx.recv() => match next {
-                    Some(e) if same(&e) && size.with(&cand(&e, Instant::now())).tokens(cost) <= budget => {
-                        size = size.with(&cand(&e, Instant::now()));
+                    Some(e) if same(&e) && size.with(&cand(&e, Instant::now(), &layout)).tokens() <= budget => {
+                        size = size.with(&cand(&e, Instant::now(), &layout));
                         entries.push(e);
                     }
                     Some(e) => {
@@ -237,7 +245,7 @@ async fn queue_actor(
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        tracing::trace!(requests = entries.len(), rows = size.rows, tokens = size.tokens(cost), real = size.real, "batch formed");
+        tracing::trace!(requests = entries.len(), rows = size.rows, tokens = size.tokens(), real = size.real, "batch formed");
         slot.send(Batch { entries });
     }
 }

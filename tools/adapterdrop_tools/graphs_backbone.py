@@ -51,14 +51,22 @@ def attention_graph(ck: Checkpoint, i: int):
     return g.model()
 
 
-def attention_body(g: GraphBuilder, ck: Checkpoint, i: int, x: str, mask: str, out: str | None = None) -> str:
-    """The attention segment's nodes inside `g` (shared by attention.onnx and layer.onnx)."""
+def attention_body(g: GraphBuilder, ck: Checkpoint, i: int, x: str, mask: str, out: str | None = None,
+                   gather: str | None = None, scatter: str | None = None) -> str:
+    """The attention segment's nodes inside `g` (shared by attention.onnx and layer.onnx).
+
+    Padded (`x` [B,T,H]) by default. Packed (`x` [N,H], the real tokens of every row one after the
+    other) with `gather` ([B,T] token of each row position, pads any token: masked) and `scatter`
+    ([N] position b*T+t of each token): the projections run on the N tokens, only the score and
+    context products see the rows' padding."""
     H, nh = ck.hidden_size, ck.num_heads
     d = H // nh
     heads_shape = g.const([0, 0, nh, d], "heads_shape", np.int64)
 
     def proj(name):
         y = g.linear(x, ck.layer(i, f"attention.self.{name}.weight"), ck.layer(i, f"attention.self.{name}.bias"), name)
+        if gather is not None:
+            y = g.op("Gather", [y, gather], axis=0)  # [B,T,H]
         return g.op("Reshape", [y, heads_shape])  # [B,T,nh,d]
 
     q = g.op("Transpose", [proj("query")], perm=[0, 2, 1, 3])  # [B,nh,T,d]
@@ -70,7 +78,11 @@ def attention_body(g: GraphBuilder, ck: Checkpoint, i: int, x: str, mask: str, o
     term = g.op("Unsqueeze", [term, g.const([1, 2], "unsq_axes", np.int64)])  # [B,1,1,T]
     probs = g.op("Softmax", [g.op("Add", [scores, term])], axis=-1)
     ctx = g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])  # [B,T,nh,d]
-    ctx = g.op("Reshape", [ctx, g.const([0, 0, H], "merge_shape", np.int64)])
+    if scatter is not None:  # back to the packed tokens: [B*T,H] rows picked by `scatter`
+        ctx = g.op("Reshape", [ctx, g.const([-1, H], "flat_shape", np.int64)])
+        ctx = g.op("Gather", [ctx, scatter], axis=0)
+    else:
+        ctx = g.op("Reshape", [ctx, g.const([0, 0, H], "merge_shape", np.int64)])
     return g.linear(ctx, ck.layer(i, "attention.output.dense.weight"), ck.layer(i, "attention.output.dense.bias"),
                     "attention.output.dense", out=out)
 
