@@ -16,6 +16,7 @@ tasks (served at their default drop depth):
   replay     the 1,800 test texts of sentiment, topic and subjectivity (tools/adapterdrop_tools/
              datasets.py), arrival order shuffled with a fixed seed
   long-tail  90% test texts under 32 tokens, 10% texts of 256-512 tokens made by joining test texts
+--length-only keeps B padded too (length-aware batching alone against FIFO).
 Runs per workload: closed loop with 8 and with 32 clients, then an open loop (Poisson arrivals) at
 80% of A's capacity as measured by its 32-client run. A and B are measured in turns (A B, then
 B A in the next round), never at once. Reported per run: real tokens per second (the tokens of the
@@ -207,6 +208,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=None, help="length of one measured run")
     ap.add_argument("--rounds", type=int, default=None, help="rounds of A B (alternating order)")
     ap.add_argument("--md", default=None, help="also write the markdown table here")
+    ap.add_argument("--length-only", action="store_true",
+                    help="B keeps engine.packing = false: length-aware batching alone against FIFO")
     args = ap.parse_args()
     seconds = args.seconds or (4.0 if args.quick else 10.0)
     rounds = args.rounds or (1 if args.quick else 2)
@@ -222,8 +225,11 @@ def main() -> int:
     b_env = {"ADAPTERDROP__BATCHING__LENGTH_WAIT_MS": str(LENGTH_WAIT_MS)}
     if packing:
         a_env["ADAPTERDROP__ENGINE__PACKING"] = "false"
-        b_env["ADAPTERDROP__ENGINE__PACKING"] = "true"
-    b_name = "packed + length-aware" if packing else "length-aware (no engine.packing in this binary)"
+        b_env["ADAPTERDROP__ENGINE__PACKING"] = "false" if args.length_only else "true"
+    if not packing:
+        b_name = "length-aware (no engine.packing in this binary)"
+    else:
+        b_name = "length-aware, padded (engine.packing = false)" if args.length_only else "packed + length-aware"
     print(f"A = today's engine (FIFO, padded), B = {b_name}; {rounds} round(s) of {seconds:.0f} s runs", flush=True)
     pb, pb_grpc = load_stubs()
     servers = {"A": start(args.binary, args.repo, "A", a_env), "B": start(args.binary, args.repo, "B", b_env)}

@@ -39,11 +39,15 @@ pub struct Footprint {
     pub longest: usize,
     pub real: usize,
     pub packed_real: usize,
+    /// Rows and longest sequence of the whole set: attention runs every row at that length.
+    pub all_rows: usize,
+    pub all_longest: usize,
 }
 
 impl Footprint {
     pub fn with(self, c: &Cand) -> Self {
-        let mut f = Self { real: self.real + c.real, ..self };
+        let mut f =
+            Self { real: self.real + c.real, all_rows: self.all_rows + c.rows, all_longest: self.all_longest.max(c.longest), ..self };
         if c.packed {
             f.packed_real += c.real;
         } else {
@@ -58,7 +62,21 @@ impl Footprint {
     pub fn tokens(self) -> usize {
         self.rows.saturating_mul(self.longest).saturating_add(self.packed_real)
     }
+
+    /// What grouping minimises: [`Footprint::tokens`] plus attention's padded work in token
+    /// equivalents. Attention pads every row to the longest sequence and costs about
+    /// `longest / ATTENTION_PER_TOKEN` of a token's projections and FFN per position, so its
+    /// padding matters once lengths reach the hundreds (a 512-token request among short ones).
+    pub fn cost(self) -> usize {
+        let attention = self.all_rows.saturating_mul(self.all_longest).saturating_mul(self.all_longest) / ATTENTION_PER_TOKEN;
+        self.tokens().saturating_add(attention)
+    }
 }
+
+/// Sequence length at which one attention position costs about as much as one token's
+/// projections and FFN (scores and context are 4·T·H multiply-adds per position, the rest about
+/// 24·H², so T ≈ 6·H: 2,304 for MiniLM's H = 384; a round figure of that order).
+pub const ATTENTION_PER_TOKEN: usize = 2048;
 
 /// Padded token positions a split must save to be worth one more engine batch (its fixed cost:
 /// 1 + L session runs and their set-up, of the order of a few hundred tokens of MiniLM work).
@@ -108,7 +126,8 @@ fn by_length(cands: &[Cand]) -> Vec<usize> {
 }
 
 /// The split of `order` (candidates by length) into consecutive runs, each within the budget (or
-/// a single request), that costs the engine least: the runs' tokens plus [`SPLIT_TOKENS`] each.
+/// a single request), that costs the engine least: the runs' [`Footprint::cost`] plus
+/// [`SPLIT_TOKENS`] each.
 /// Dynamic programming over the end of the last run; quadratic in the candidates at most.
 fn runs(cands: &[Cand], order: &[usize], budget: usize) -> Vec<Vec<usize>> {
     let n = order.len();
@@ -124,7 +143,7 @@ fn runs(cands: &[Cand], order: &[usize], budget: usize) -> Vec<Vec<usize>> {
             if size.tokens() > budget && i + 1 < j {
                 break;
             }
-            let total = best[i].saturating_add(size.tokens()).saturating_add(SPLIT_TOKENS);
+            let total = best[i].saturating_add(size.cost()).saturating_add(SPLIT_TOKENS);
             if total < best[j] {
                 best[j] = total;
                 start[j] = i;
@@ -214,6 +233,19 @@ mod tests {
         // A padded request beside packed ones costs its padded rows only.
         let mixed = [cands[0], cand(1, 10), cands[2]];
         assert_eq!(mixed.iter().fold(Footprint::default(), |f, c| f.with(c)).tokens(), 120);
+    }
+
+    #[test]
+    fn packed_short_requests_split_from_long_ones_for_attention() {
+        // Packed, 29 short requests and 3 of 400 tokens cost the same real tokens together or
+        // apart, but together attention pads 29 rows to 400 (32 x 400 x 400 / 2048 = 2,500 token
+        // equivalents); apart it costs 234 + 6, far less than a batch.
+        let mut cands: Vec<Cand> = (0..29).map(|_| packed(cand(1, 20))).collect();
+        cands.extend((0..3).map(|_| packed(cand(1, 400))));
+        assert_eq!(choose(&cands, 16_384, BOUND), (0..29).collect::<Vec<_>>());
+        // Lengths up to 100 (the real test texts): attention padding is cheap, one batch.
+        let texts: Vec<Cand> = (0..32).map(|i| packed(cand(1, 10 + i * 3))).collect();
+        assert_eq!(choose(&texts, 16_384, BOUND).len(), 32);
     }
 
     #[test]
