@@ -90,7 +90,9 @@ fn main() -> Res<()> {
     let packed_tasks = || (0..3).map(|i| bench.task(500 + i)).collect::<Res<Vec<_>>>();
     let packed_batches = env_usize("BENCH_PACKED_BATCHES", 8)?;
     if env("BENCH_ONLY").as_deref() == Some("packing") {
-        return packing::packed_vs_padded(&bb, &packed_tasks()?, runs, packed_batches);
+        let tasks = packed_tasks()?;
+        packing::one_task_vs_fused(&bench.rt, &bb, &tasks[0], runs, (b, t))?;
+        return packing::packed_vs_padded(&bb, &tasks, runs, packed_batches);
     }
     println!("## Adapter banks vs per-task segments (MiniLM, L = {layers}, CPU, {threads} threads (0 = cores), medians of {runs})\n");
     println!("| case | banks ms | segments ms | ratio | session runs (banks / segments) |\n|---|---|---|---|---|");
@@ -127,5 +129,8 @@ fn main() -> Res<()> {
         store.capacity(),
         store.bytes() as f64 / (1 << 20) as f64
     );
-    packing::packed_vs_padded(&bb, &packed_tasks()?, runs, packed_batches)
+    drop(store); // the packed section registers bank tasks
+    let tasks = packed_tasks()?;
+    packing::one_task_vs_fused(&bench.rt, &bb, &tasks[0], runs, (b, t))?;
+    packing::packed_vs_padded(&bb, &tasks, runs, packed_batches)
 }

@@ -4,15 +4,17 @@
 //! the three trained tasks with the MiniLM tokenizer: `tools/text_lengths.py`); without it, a seeded
 //! sample with the same mean, p90 and maximum (39, 77, 102).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use adapterdrop_serve::engine::banked::execute_banked_as;
 use adapterdrop_serve::engine::{Lane, Sequence};
 use adapterdrop_serve::repository::{Backbone, Task};
+use adapterdrop_serve::runtime::Runtime;
 
 use super::Res;
-use super::support::{env, median, sequences};
+use super::support::{env, load_fused, median, run_fused, sequences};
 
 /// Token lengths of the workload, in a fixed shuffled order (FIFO batches take them in turn).
 fn lengths() -> Res<(Vec<usize>, &'static str)> {
@@ -124,5 +126,46 @@ pub fn packed_vs_padded(bb: &Backbone, tasks: &[Arc<Task>], runs: usize, batches
             );
         }
     }
+    Ok(())
+}
+
+/// One task on the banks (packed, n = 0 and n = L) against the fused one-graph plain model
+/// (`make_bench_repo.py`, issue 12's "one task at most 1.06x the fused graph"), equal lengths.
+/// `BENCH_FUSED_REPO` (default build/bench-repo) must hold `fused/minilm/model.onnx`.
+pub fn one_task_vs_fused(rt: &Runtime, bb: &Backbone, task: &Arc<Task>, runs: usize, (b, t): (usize, usize)) -> Res<()> {
+    let repo = PathBuf::from(env("BENCH_FUSED_REPO").unwrap_or_else(|| "build/bench-repo".into()));
+    let head = repo.join("tasks/mini-pf-00/1/task.json");
+    let Ok(text) = std::fs::read_to_string(&head) else {
+        println!("\n(no fused model: `make_bench_repo.py --out {} --only minilm` first)", repo.display());
+        return Ok(());
+    };
+    let labels = serde_json::from_str::<serde_json::Value>(&text)?["head"]["labels"].as_array().map_or(0, Vec::len);
+    let fused = load_fused(rt, &repo, "minilm", labels)?;
+    let seqs = sequences(b, t, 7);
+    let layers = bb.num_layers() as u32;
+    let lane =
+        |n: u32| -> Res<Vec<Lane>> { Ok(vec![Lane { task: task.clone(), active: task.active_layers(Some(n))?, rows: (0..b).collect() }]) };
+    let (adapters, plain) = (lane(0)?, lane(layers)?);
+    let mut times = [Vec::new(), Vec::new(), Vec::new()];
+    for round in 0..=runs {
+        let mut t = |i: usize, f: &dyn Fn() -> Res<()>| -> Res<()> {
+            let t0 = Instant::now();
+            f()?;
+            if round > 0 {
+                times[i].push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok(())
+        };
+        t(0, &|| run_fused(&fused, &seqs).map(drop))?;
+        t(1, &|| execute_banked_as(bb, &seqs, &adapters, true).map(drop).map_err(Into::into))?;
+        t(2, &|| execute_banked_as(bb, &seqs, &plain, true).map(drop).map_err(Into::into))?;
+    }
+    let [f, a, p] = times.map(|mut v| median(&mut v));
+    println!("\n## One task on the banks vs the fused one-graph model (MiniLM, B = {b}, T = {t}, medians of {runs})\n");
+    println!(
+        "| fused graph ms | banks, n = 0 (Pfeiffer in every layer) ms | ratio | banks, n = L (no adapters: the fused graph's math) ms | ratio |"
+    );
+    println!("|---|---|---|---|---|");
+    println!("| {f:.1} | {a:.1} | **{:.3}x** | {p:.1} | **{:.3}x** |", a / f, p / f);
     Ok(())
 }
