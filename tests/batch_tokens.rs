@@ -21,7 +21,7 @@ pub fn tokens(len: usize, seed: i64) -> TokenIds {
 
 pub fn request(task: &str, sequences: Vec<TokenIds>) -> InferRequest {
     InferRequest {
-        tasks: vec![TaskRef { name: task.into(), version: None, drop_first: Some(0) }],
+        tasks: vec![TaskRef { name: task.into(), version: None, drop_first: Some(0), ..Default::default() }],
         inputs: Some(Inputs::Tokens(TokenizedInputs { sequences })),
         ..Default::default()
     }
