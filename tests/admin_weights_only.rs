@@ -9,21 +9,12 @@ mod common;
 
 use std::path::Path;
 
-use adapterdrop_serve::proto::{AdapterHubTask, BundleHeader, DropConfig, GetTaskRequest, InferRequest, RobustRange, TaskStatus};
-use adapterdrop_serve::proto::{TaskRef, Texts, drop_config::Mode, infer_request::Inputs};
+use adapterdrop_serve::proto::{BundleHeader, GetTaskRequest, InferRequest, TaskStatus};
+use adapterdrop_serve::proto::{TaskRef, Texts, infer_request::Inputs};
 use adapterdrop_serve::repository::adapterhub::safetensors;
 use admin_support::*;
 use common::TestServer;
 use tonic::Code;
-
-fn robust(default: u32, min: u32, max: u32) -> Option<DropConfig> {
-    Some(DropConfig { mode: Some(Mode::Robust(RobustRange { default, min, max })) })
-}
-
-fn weights_header(name: &str, backbone: &str, drop: Option<DropConfig>) -> BundleHeader {
-    let meta = AdapterHubTask { backbone: backbone.into(), drop, description: String::new() };
-    BundleHeader { adapterhub: Some(meta), ..header(name, None, false, false) }
-}
 
 /// A writable copy of the `sent` task's AdapterHub files (what `save_adapter` wrote).
 fn adapter_dir() -> tempfile::TempDir {

@@ -73,11 +73,19 @@ fn weights(bb: &Backbone, seed: u64, rule: SlotRule, r: usize, locations: &[Loca
         w2: g.mat(labels, h, 0.3),
         b2: g.vec(labels, 0.1),
     };
-    AdapterWeights { name: format!("syn{seed}"), method: "bottleneck".into(), rule, slots, leave_out: Vec::new(), head }
+    AdapterWeights {
+        name: format!("syn{seed}"),
+        method: "bottleneck".into(),
+        rule,
+        slots,
+        methods: Default::default(),
+        leave_out: Vec::new(),
+        head,
+    }
 }
 
 fn rule(ln_before: bool, ln_after: bool, residual: Residual, activation: Activation, scaling: f32) -> SlotRule {
-    SlotRule { ln_before, ln_after, residual, activation, scaling }
+    SlotRule { ln_before, ln_after, residual, activation, scaling, parallel: false }
 }
 
 /// A bank task: the test repository's `rand-houlsby` version directory (robust 0..=3) loaded

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use ndarray::{Array1, Array2, ArrayView2, ArrayViewD, Ix2, s};
+use ndarray::{Array1, Array2, ArrayView2, ArrayViewD, Axis, Ix2, s};
 use ort::memory::AllocationDevice;
 use ort::session::SessionInputValue;
 use ort::value::{DynValue, TensorRef, TensorValueType};
@@ -21,7 +21,7 @@ use super::packing::{PackedLayer, PackedPlan, SlotGroups, pack};
 use super::plan::{HeadGroup, LanePath, plan};
 use super::tensors::{i64_input, run_hidden};
 use crate::error::EngineError;
-use crate::repository::backbone::{BANK_INPUTS, GROUP_INPUTS};
+use crate::repository::backbone::{BANK_INPUTS, GROUP_INPUTS, METHOD_GROUP_INPUTS, METHOD_INPUTS};
 use crate::repository::{Backbone, Location};
 
 /// `engine.packing` (set at start-up): packed tokens, or every row at the batch's longest length.
@@ -63,7 +63,13 @@ pub fn execute_banked_as(
                     _ => [0, 0],
                 })
                 .collect();
-            LanePath { index, rows: lane.rows.clone(), head: Arc::as_ptr(&lane.task) as usize }
+            let methods = (0..layers)
+                .map(|l| match id {
+                    Some(id) if lane.active.0[l] => store.method_index(id, l),
+                    _ => 0,
+                })
+                .collect();
+            LanePath { index, methods, rows: lane.rows.clone(), head: Arc::as_ptr(&lane.task) as usize }
         })
         .collect();
     let plan = plan(&paths, seqs.len(), layers);
@@ -73,7 +79,12 @@ pub fn execute_banked_as(
     let layout = pack(&plan, &lens, &real);
     let (iv, tv) = (ids.view(), types.view());
     let embedded = run_hidden(&backbone.embeddings, vec![("input_ids", i64_input(&iv)?), ("token_type_ids", i64_input(&tv)?)], "hidden")?;
-    let mut hidden = Packed::Host(pack_rows(embedded.into_host()?, &lens));
+    // Rows split before layer 0 (their LoRA / (IA)^3 rows differ there) are packed once per copy.
+    let embedded = embedded.into_host()?;
+    let identity = plan.embedding_rows.iter().enumerate().all(|(i, &r)| i == r) && plan.embedding_rows.len() == seqs.len();
+    let embedded = if identity { embedded } else { embedded.select(Axis(0), &plan.embedding_rows) };
+    let embedding_lens: Vec<usize> = plan.embedding_rows.iter().map(|&i| lens[i]).collect();
+    let mut hidden = Packed::Host(pack_rows(embedded, &embedding_lens));
     let mut stats =
         ExecStats { padded_len: ids.ncols(), layer_rows: plan.rows_per_layer.clone(), bank_lanes: lanes.len(), ..Default::default() };
     // A batch larger than the batch budget gives its memory back (as `execute` does): the last
@@ -93,10 +104,16 @@ pub fn execute_banked_as(
             ("attention_mask", i64_input(&mv)?),
         ];
         inputs.push(("attention_scatter", TensorRef::from_array_view(maps.scatter.view())?.into()));
-        for (names, g) in [GROUP_INPUTS[0], GROUP_INPUTS[1]].iter().zip(&maps.groups) {
+        for (names, g) in GROUP_INPUTS.iter().chain(&METHOD_GROUP_INPUTS).zip(&maps.groups) {
             inputs.push((names[0], TensorRef::from_array_view(g.0.view())?.into()));
             inputs.push((names[1], TensorRef::from_array_view(g.1.view())?.into()));
             inputs.push((names[2], TensorRef::from_array_view(g.2.view())?.into()));
+        }
+        let methods = store.methods(layer);
+        for (names, t) in METHOD_INPUTS.iter().zip(&methods.targets) {
+            for (name, a) in names.iter().zip([&t.lora_a, &t.lora_b, &t.scale]) {
+                inputs.push((name, TensorRef::from_array_view(a.view())?.into()));
+            }
         }
         for (names, location) in BANK_INPUTS.iter().zip([Location::Attention, Location::Ffn]) {
             let bank = store.bank(layer, location);
@@ -160,7 +177,8 @@ impl Packed {
 struct LayerMaps {
     gather: Array2<i64>,
     scatter: Array1<i64>,
-    groups: [(Array2<i64>, Array1<i64>, Array1<i64>); 2],
+    /// Attention slot, FFN slot, then the LoRA / (IA)^3 groups of the attention and FFN projections.
+    groups: [(Array2<i64>, Array1<i64>, Array1<i64>); 4],
 }
 
 impl LayerMaps {
@@ -173,7 +191,7 @@ impl LayerMaps {
         Self {
             gather: Array2::from_shape_vec((rows, tl.seq), tl.gather.clone()).expect("rows x seq map"),
             scatter: Array1::from(tl.scatter.clone()),
-            groups: [group(&tl.attention), group(&tl.ffn)],
+            groups: [group(&tl.attention), group(&tl.ffn), group(&tl.methods), group(&tl.methods_ffn)],
         }
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod banked;
 pub mod banks;
+pub mod banks_methods;
 pub mod executor;
 #[cfg(feature = "fault-injection")]
 pub mod fault;

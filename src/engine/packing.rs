@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use super::plan::Plan;
+use super::plan::{LayerPlan, Plan};
 
 /// One slot's tokens grouped by bank row (`<loc>_group`, `<loc>_index`, `<loc>_ungroup`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -41,6 +41,10 @@ pub struct PackedLayer {
     pub scatter: Vec<i64>,
     pub attention: SlotGroups,
     pub ffn: SlotGroups,
+    /// The entering tokens grouped by LoRA / (IA)^3 row (the attention projections), and the
+    /// tokens after the attention slot likewise (the FFN projections); order kept.
+    pub methods: SlotGroups,
+    pub methods_ffn: SlotGroups,
 }
 
 /// Token positions a batch computes, summed over its layers (`ExecStats`).
@@ -88,18 +92,28 @@ pub fn pack(plan: &Plan, lens: &[usize], real: &[usize]) -> PackedPlan {
         let lens1: Vec<usize> = lp.attention_rows.iter().map(|&r| lens0[r as usize]).collect();
         let ffn = group(&lens1, &starts(&lens1), &lp.ffn_rows, &lp.ffn_index);
         let tokens2: usize = lp.ffn_rows.iter().map(|&r| lens1[r as usize]).sum();
+        let (methods, methods_ffn) = methods_groups(lp, &lens0, &starts0, &lens1);
         counts.real += lp.input_rows.iter().map(|&i| real[i]).sum::<usize>();
         counts.computed += tokens;
         counts.attention += lens0.len() * seq;
         counts.slot += attention.group.len() + ffn.group.len();
         out.most_tokens = out.most_tokens.max(tokens).max(lens1.iter().sum()).max(tokens2);
-        out.layers.push(PackedLayer { tokens, seq, gather, scatter, attention, ffn });
+        out.layers.push(PackedLayer { tokens, seq, gather, scatter, attention, ffn, methods, methods_ffn });
     }
     let final_lens: Vec<usize> = plan.final_inputs.iter().map(|&i| lens[i]).collect();
     out.final_starts = starts(&final_lens);
     out.final_starts.pop();
     out.counts = counts;
     out
+}
+
+/// The methods groups of one layer: entering row j takes `methods_index[j]`, and every row after the
+/// attention slot the row it continues; no row is expanded (the plan split them before the layer).
+fn methods_groups(lp: &LayerPlan, lens0: &[usize], starts0: &[usize], lens1: &[usize]) -> (SlotGroups, SlotGroups) {
+    let ident = |n: usize| (0..n as i64).collect::<Vec<_>>();
+    let methods = group(lens0, starts0, &ident(lens0.len()), &lp.methods_index);
+    let index1: Vec<i64> = lp.attention_rows.iter().map(|&r| lp.methods_index.get(r as usize).copied().unwrap_or(0)).collect();
+    (methods, group(lens1, &starts(lens1), &ident(lens1.len()), &index1))
 }
 
 /// Offsets of rows of `lens` tokens packed in order, plus the total at the end.

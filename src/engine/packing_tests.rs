@@ -2,7 +2,7 @@ use super::*;
 use crate::engine::plan::{BankIndex, LanePath, plan};
 
 fn lane(index: &[[BankIndex; 2]], rows: &[usize], head: usize) -> LanePath {
-    LanePath { index: index.to_vec(), rows: rows.to_vec(), head }
+    LanePath { index: index.to_vec(), methods: Vec::new(), rows: rows.to_vec(), head }
 }
 
 /// Checks one slot's maps by meaning: every token of output row `k` is, at its ungroup position,
@@ -45,6 +45,10 @@ fn check(p: &Plan, lens: &[usize]) -> PackedPlan {
         check_slot(&lens0, &lp.attention_rows, &lp.attention_index, &pl.attention);
         let lens1: Vec<usize> = lp.attention_rows.iter().map(|&r| lens0[r as usize]).collect();
         check_slot(&lens1, &lp.ffn_rows, &lp.ffn_index, &pl.ffn);
+        let ident = |n: usize| (0..n as i64).collect::<Vec<_>>();
+        check_slot(&lens0, &ident(lens0.len()), &lp.methods_index, &pl.methods);
+        let index1: Vec<i64> = lp.attention_rows.iter().map(|&r| lp.methods_index[r as usize]).collect();
+        check_slot(&lens1, &ident(lens1.len()), &index1, &pl.methods_ffn);
     }
     let fl: Vec<usize> = p.final_inputs.iter().map(|&i| lens[i]).collect();
     assert_eq!(packed.final_starts, starts(&fl)[..fl.len()].to_vec());
@@ -135,4 +139,24 @@ fn long_bank_rows_span_several_groups() {
     assert_eq!(g.width, 3);
     assert_eq!(g.groups(), 12);
     assert_eq!(g.group.len(), 36);
+}
+
+#[test]
+fn methods_rows_group_the_tokens_before_each_layer() {
+    // Lane 0: LoRA row 2 from layer 1; lane 1: (IA)^3 row 1 at both layers (its rows split before
+    // layer 0); lane 2: plain. Rows of 3 and 5 tokens.
+    let mut a = lane(&[[0, 0]; 2], &[0, 1], 0);
+    a.methods = vec![0, 2];
+    let mut b = lane(&[[0, 0]; 2], &[1], 1);
+    b.methods = vec![1, 1];
+    let p = plan(&[a, b, lane(&[[0, 0]; 2], &[0], 2)], 2, 2);
+    let packed = check(&p, &[3, 5]);
+    let rows_in_order = |l: usize| {
+        let mut v = packed.layers[l].methods.index.clone();
+        v.dedup();
+        v
+    };
+    assert_eq!(rows_in_order(0), vec![0, 1], "layer 0: the plain tokens, then lane 1's");
+    assert_eq!(rows_in_order(1), vec![2, 0, 1], "layer 1: lane 0's LoRA, plain, lane 1's");
+    assert_eq!(packed.layers[1].tokens, 3 + 3 + 5 + 5, "input 0 twice (lanes 0 and 2), input 1 twice");
 }

@@ -22,15 +22,16 @@ from onnx import TensorProto
 
 from .checkpoint import Checkpoint
 from .graphs_backbone import attention_body, ffn_body
+from .graphs_methods import any_method, gather_methods, if_methods, method_inputs, method_projection, parallel_input
 from .onnx_builder import F, I64, GraphBuilder
 
 LOCATIONS = ("attention", "ffn")
 # Column order of a bank's `rule` row ([N, 1, K]); the server writes the same layout.
 RULE_COLUMNS = ("ln_before", "ln_after", "residual_h", "residual_u", "residual_s", "scale",
-                "relu", "silu", "gelu", "tanh", "sigmoid")
+                "relu", "silu", "gelu", "tanh", "sigmoid", "parallel")
 K = len(RULE_COLUMNS)
 COL = {name: i for i, name in enumerate(RULE_COLUMNS)}
-ACTIVATIONS = RULE_COLUMNS[6:]
+ACTIVATIONS = RULE_COLUMNS[6:11]
 BANK_TENSORS = ("down_w", "down_b", "up_w", "up_b", "rule")
 # Inputs of layer.onnx before the banks, in order (the server checks the same list).
 MAP_INPUTS = ("hidden", "attention_gather", "attention_mask", "attention_scatter",
@@ -51,10 +52,31 @@ def layer_graph(ck: Checkpoint, i: int):
                            g.input(f"{loc}_index", I64, [f"groups{n}"]),
                            g.input(f"{loc}_ungroup", I64, [f"tokens{n}"]), H)
     banks = {loc: bank_inputs(g, loc, H) for loc in LOCATIONS}
+    methods = method_inputs(g, H, ck.intermediate_size)
     g.output("y", F, ["tokens2", H])
-    h1 = attention_body(g, ck, i, hidden, mask, gather=gather, scatter=scatter)
+    # LoRA / (IA)^3 (graphs_methods.py), only when a group uses them: on the entering tokens grouped
+    # by methods row, then on the tokens after the attention slot.
+    mg = {loc: Groups(g.input(f"{p}_group", I64, [f"mgroups{n}", f"mwidth{n}"]), g.input(f"{p}_index", I64, [f"mgroups{n}"]),
+                      g.input(f"{p}_ungroup", I64, [f"tokens{n}"]), H)
+          for loc, p, n in (("attention", "methods", "0"), ("ffn", "methods_ffn", "1"))}
+    used = any_method(g, mg["attention"].index)
+
+    def with_methods(b, loc, targets, body):
+        w = gather_methods(b, methods, targets, mg[loc].index)
+        return body(b, lambda t, x, y: method_projection(b, mg[loc], x, y, w[t], out_width(t)))
+
+    def out_width(t):
+        return ck.intermediate_size if t == "intermediate" else H
+
+    def attention(b, hook=None):
+        return attention_body(b, ck, i, hidden, mask, gather=gather, scatter=scatter, hook=hook)
+
+    def ffn(b, hook=None):
+        return ffn_body(b, ck, i, x1, hook=hook)
+
+    h1 = if_methods(g, used, lambda b: with_methods(b, "attention", ("query", "key", "value"), attention), attention, "attention")
     x1 = bank_slot(g, h1, hidden, maps["attention"], banks["attention"], *ck.ln(i, "attention"), ck.eps, "attention")
-    h2 = ffn_body(g, ck, i, x1)
+    h2 = if_methods(g, used, lambda b: with_methods(b, "ffn", ("intermediate", "output"), ffn), ffn, "ffn")
     bank_slot(g, h2, x1, maps["ffn"], banks["ffn"], *ck.ln(i, "ffn"), ck.eps, "ffn", out="y")
     return g.model()
 
@@ -114,6 +136,7 @@ def slot_rule(g: GraphBuilder, h: str, x: str, w: dict, lw, lb, eps: float, loc:
 
     s = g.op("Add", [h, x])
     u = g.op("Where", [on("ln_before"), g.layer_norm(s, lw, lb, eps, f"{loc}.ln"), h])
+    u = parallel_input(g, on("parallel"), x, u)  # par_bn: the adapter reads the sub-layer input
     pre = g.op("Add", [g.op("MatMul", [u, w["down_w"]]), w["down_b"]])
     z = g.activation(pre, "sigmoid")
     for act in ("tanh", "gelu", "silu", "relu"):
@@ -148,6 +171,17 @@ def pack_maps(lens, rows, index) -> dict:
     return {"group": group, "index": np.asarray(order, np.int64), "ungroup": ungroup}
 
 
+def methods_maps(lens0, index0, attention_rows) -> dict:
+    """Host side of the methods groups (numpy, for tests and tools): entering row j (of `lens0[j]`
+    tokens) takes methods row `index0[j]`, and so does every row after the attention slot that
+    continues it (`attention_rows`) -> the `methods_*` and `methods_ffn_*` inputs."""
+    lens1 = [lens0[r] for r in attention_rows]
+    out = {f"methods_{k}": v for k, v in pack_maps(lens0, range(len(lens0)), list(index0)).items()}
+    index1 = [index0[r] for r in attention_rows]
+    out.update({f"methods_ffn_{k}": v for k, v in pack_maps(lens1, range(len(lens1)), index1).items()})
+    return out
+
+
 def attention_maps(lens, mask) -> dict:
     """`attention_gather` / `attention_mask` / `attention_scatter` for rows of `lens` tokens (packed in
     row order); `mask` [rows, >= max(lens)] the rows' own 0/1 masks."""
@@ -173,6 +207,7 @@ def rule_row(adapter) -> np.ndarray:
     row[COL["residual_s" if res == "post_add" else ("residual_h" if res else "residual_u")]] = 1.0
     row[COL["scale"]] = adapter.scaling
     row[COL[adapter.non_linearity]] = 1.0
+    row[COL["parallel"]] = float(getattr(adapter, "is_parallel", False))
     return row
 
 

@@ -14,7 +14,9 @@ from adapterdrop_tools.adapterhub import Adapter, SlotWeights
 from adapterdrop_tools.checkpoint import load_checkpoint
 from adapterdrop_tools.fixtures import random_bert
 from adapterdrop_tools.graphs_backbone import attention_graph, ffn_graph, plain_slot_graph
-from adapterdrop_tools.graphs_layer import ACTIVATIONS, MAP_INPUTS, attention_maps, bank, layer_graph, pack_maps
+from adapterdrop_tools.graphs_layer import (ACTIVATIONS, MAP_INPUTS, attention_maps, bank, layer_graph, methods_maps,
+                                            pack_maps)
+from adapterdrop_tools.graphs_methods import methods_bank
 from adapterdrop_tools.graphs_task import adapter_slot_graph
 
 H, LAYERS, T = 32, 2, 7
@@ -82,6 +84,8 @@ def run_layer(g, i, x, mask, a_rows, a_idx, f_rows, f_idx, banks):
     lens1 = [lens0[r] for r in a_rows]
     for loc, lens, rows, idx in (("attention", lens0, a_rows, a_idx), ("ffn", lens1, f_rows, f_idx)):
         feeds.update({f"{loc}_{k}": v for k, v in pack_maps(lens, rows, idx).items()})
+    feeds.update(methods_maps(lens0, [0] * len(lens0), a_rows))  # no LoRA / (IA)^3 rows
+    feeds.update(methods_bank([], H, 64))
     for loc in ("attention", "ffn"):
         feeds.update({f"{loc}.{k}": v for k, v in banks[loc].items()})
     y = g[i]["layer"].run(["y"], feeds)[0]
