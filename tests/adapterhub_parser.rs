@@ -86,11 +86,12 @@ fn assert_same(dir: &Path, layers: usize, hidden: usize) {
     }
     assert_eq!(seen + 4, py.len(), "{what}: Python reads slots the Rust parser does not");
     let h = &rs.head;
+    assert_eq!(h.layers.len(), 2, "{what}: the Python reader reads two-layer heads");
     for (p, data) in [
-        ("w1", h.w1.as_slice().unwrap()),
-        ("b1", h.b1.as_slice().unwrap()),
-        ("w2", h.w2.as_slice().unwrap()),
-        ("b2", h.b2.as_slice().unwrap()),
+        ("w1", h.layers[0].w.as_slice().unwrap()),
+        ("b1", h.layers[0].b.as_slice().unwrap()),
+        ("w2", h.layers[1].w.as_slice().unwrap()),
+        ("b2", h.layers[1].b.as_slice().unwrap()),
     ] {
         assert!(bits(&py[&format!("head.{p}")].data) == bits(data), "{what} head {p}: values differ");
     }
@@ -205,7 +206,11 @@ fn broken_and_unsupported_directories_are_refused_with_the_file_named() {
             "use_gating",
         ),
         ("hidden", Box::new(|d: &Path| edit_json(&d.join("adapter_config.json"), |v| v["hidden_size"] = 768.into())), "768"),
-        ("head", Box::new(|d: &Path| edit_json(&d.join("head_config.json"), |v| v["config"]["head_type"] = "tagging".into())), "head_type"),
+        (
+            "head",
+            Box::new(|d: &Path| edit_json(&d.join("head_config.json"), |v| v["config"]["head_type"] = "dependency_parsing".into())),
+            "head_type",
+        ),
         (
             "labels",
             Box::new(|d: &Path| edit_json(&d.join("head_config.json"), |v| v["config"]["num_labels"] = 3.into())),
@@ -259,4 +264,47 @@ fn leave_out_and_locations_decide_the_slots() {
     assert_eq!(left.leave_out, vec![0, 1]);
     assert_eq!(left.slots.len(), 8);
     assert_eq!(left.slots[&(2, Location::Ffn)], full.slots[&(2, Location::Ffn)]);
+}
+
+/// The library's head layouts: a tagging and a QA head (`add_tagging_head`, `add_qa_head`: one
+/// linear layer, at module index 1) and a classification head with `layers` changed to 3 (linear
+/// layers at 1, 4, 7; 1, 3, 5 without an activation).
+#[test]
+fn token_heads_and_deeper_heads_are_read_as_the_library_lays_them_out() {
+    let fixtures = common::root().join("tests/fixtures/adapterhub-breadth/bert/adapters");
+    let tag = adapterhub::load(&fixtures.join("tagging"), 3, 32).unwrap().head;
+    assert_eq!((tag.kind, tag.layers.len(), tag.width()), (HeadKind::Tagging, 1, 5));
+    assert_eq!(tag.labels, ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]);
+    let qa = adapterhub::load(&fixtures.join("qa"), 3, 32).unwrap().head;
+    assert_eq!((qa.kind, qa.layers.len(), qa.width(), qa.labels.len()), (HeadKind::QuestionAnswering, 1, 2, 0));
+
+    let deeper = |activation: serde_json::Value, linear_at: [usize; 3]| {
+        let tmp = tempfile::tempdir().unwrap();
+        for f in adapterhub::FILES {
+            std::fs::copy(fixtures.join("pfeiffer").join(f), tmp.path().join(f)).unwrap();
+        }
+        edit_json(&tmp.path().join("head_config.json"), |v| {
+            v["config"]["layers"] = 3.into();
+            v["config"]["activation_function"] = activation.clone();
+        });
+        edit_tensors(&tmp.path().join("model_head.safetensors"), |t| {
+            let (w1, b1) = (t["heads.pfeiffer.1.weight"].clone(), t["heads.pfeiffer.1.bias"].clone());
+            let (w2, b2) = (t.remove("heads.pfeiffer.4.weight").unwrap(), t.remove("heads.pfeiffer.4.bias").unwrap());
+            t.retain(|_, _| false);
+            for (i, (w, b)) in linear_at.iter().zip([(w1.clone(), b1.clone()), (w1, b1), (w2, b2)]) {
+                t.insert(format!("heads.pfeiffer.{i}.weight"), w);
+                t.insert(format!("heads.pfeiffer.{i}.bias"), b);
+            }
+        });
+        adapterhub::load(tmp.path(), 3, 32)
+    };
+    let h = deeper("relu".into(), [1, 4, 7]).unwrap().head;
+    assert_eq!((h.layers.len(), h.width(), h.activation), (3, 2, Some(adapterhub::Activation::Relu)));
+    let h = deeper(serde_json::Value::Null, [1, 3, 5]).unwrap().head;
+    assert_eq!((h.layers.len(), h.activation), (3, None));
+    // The indices of the other layout are not found: the message names the missing key.
+    let e = deeper("tanh".into(), [1, 3, 5]).unwrap_err().to_string();
+    assert!(e.contains("key 'heads.pfeiffer.4.weight' not found"), "{e}");
+    let e = deeper("gelu_new".into(), [1, 4, 7]).unwrap_err().to_string();
+    assert!(e.contains("activation_function=\"gelu_new\" is not supported"), "{e}");
 }

@@ -10,11 +10,12 @@ use tonic::Code;
 
 fn req(task: &str, version: Option<u32>, drop_first: Option<u32>, inputs: Option<Inputs>) -> InferRequest {
     InferRequest {
-        tasks: vec![TaskRef { name: task.into(), version, drop_first }],
+        tasks: vec![TaskRef { name: task.into(), version, drop_first, ..Default::default() }],
         inputs,
         truncate: false,
         return_fusion_weights: false,
         id: String::new(),
+        ..Default::default()
     }
 }
 
@@ -103,6 +104,7 @@ async fn bad_requests_get_actionable_statuses_and_the_server_stays_up() {
                 truncate: false,
                 return_fusion_weights: false,
                 id: String::new(),
+                ..Default::default()
             },
             Code::InvalidArgument,
             "different backbones",
@@ -115,13 +117,21 @@ async fn bad_requests_get_actionable_statuses_and_the_server_stays_up() {
                 truncate: false,
                 return_fusion_weights: false,
                 id: String::new(),
+                ..Default::default()
             },
             Code::InvalidArgument,
             "4 tasks exceed the limit of 3",
         ),
         (
             "no task",
-            InferRequest { tasks: vec![], inputs: texts(&["hi"]), truncate: false, return_fusion_weights: false, id: String::new() },
+            InferRequest {
+                tasks: vec![],
+                inputs: texts(&["hi"]),
+                truncate: false,
+                return_fusion_weights: false,
+                id: String::new(),
+                ..Default::default()
+            },
             Code::InvalidArgument,
             "no task",
         ),

@@ -11,7 +11,9 @@ use adapterdrop_serve::config::RuntimeSettings;
 use adapterdrop_serve::engine::banked::execute_banked_as;
 use adapterdrop_serve::engine::heads::to_matrix;
 use adapterdrop_serve::engine::{ExecStats, Lane, Sequence, execute, run_lanes};
-use adapterdrop_serve::repository::adapterhub::{Activation, AdapterWeights, BottleneckWeights, HeadWeights, Residual, SlotRule};
+use adapterdrop_serve::repository::adapterhub::{
+    Activation, AdapterWeights, BottleneckWeights, HeadLayer, HeadWeights, Residual, SlotRule,
+};
 use adapterdrop_serve::repository::manifest::HeadKind;
 use adapterdrop_serve::repository::{Backbone, Location, Registry, Task};
 use adapterdrop_serve::runtime::{Graph, Runtime};
@@ -68,10 +70,8 @@ fn weights(bb: &Backbone, seed: u64, rule: SlotRule, r: usize, locations: &[Loca
     let head = HeadWeights {
         kind: HeadKind::Classification,
         labels: (0..labels).map(|i| format!("l{i}")).collect(),
-        w1: g.mat(h, h, 0.3),
-        b1: g.vec(h, 0.1),
-        w2: g.mat(labels, h, 0.3),
-        b2: g.vec(labels, 0.1),
+        layers: vec![HeadLayer { w: g.mat(h, h, 0.3), b: g.vec(h, 0.1) }, HeadLayer { w: g.mat(labels, h, 0.3), b: g.vec(labels, 0.1) }],
+        activation: Some(Activation::Tanh),
     };
     AdapterWeights {
         name: format!("syn{seed}"),
@@ -191,8 +191,9 @@ fn reference(bb: &Backbone, seqs: &[Sequence], w: &AdapterWeights, drop_first: u
         }
     }
     let first: Array2<f32> = x.slice(s![.., 0, ..]).to_owned();
-    let z = (first.dot(&w.head.w1.t()) + &w.head.b1).mapv(|v: f32| v.tanh());
-    z.dot(&w.head.w2.t()) + &w.head.b2
+    let [l1, l2] = &w.head.layers[..] else { panic!("{}: the trained heads have two layers", w.name) };
+    let z = (first.dot(&l1.w.t()) + &l1.b).mapv(|v: f32| v.tanh());
+    z.dot(&l2.w.t()) + &l2.b
 }
 
 fn max_diff(a: &[Vec<f32>], b: &Array2<f32>) -> f32 {

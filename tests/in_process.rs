@@ -54,6 +54,7 @@ fn request(task: &str) -> InferRequest {
         truncate: false,
         return_fusion_weights: false,
         id: String::new(),
+        ..Default::default()
     }
 }
 

@@ -32,6 +32,7 @@ fn request(tasks: &[&str], texts: &[&str]) -> InferRequest {
         truncate: false,
         id: String::new(),
         return_fusion_weights: false,
+        ..Default::default()
     }
 }
 

@@ -77,6 +77,7 @@ async fn broken_tasks_are_refused_by_file_and_healthy_ones_still_serve() {
         truncate: false,
         return_fusion_weights: false,
         id: String::new(),
+        ..Default::default()
     };
     c.infer(infer("sent")).await.expect("healthy task serves");
     c.infer(infer("rand-pfeiffer")).await.expect("default version serves");

@@ -16,6 +16,7 @@ fn request() -> InferRequest {
         truncate: false,
         id: String::new(),
         return_fusion_weights: false,
+        ..Default::default()
     }
 }
 

@@ -6,7 +6,8 @@ Usage:
                    --adapter DIR --repo REPO --backbone NAME (--drop-first n | --drop-layers 0,2 | --robust d,min,max)
                    [--head DIR] [--checkpoint DIR]) [--version N] [--set-default] [--replace]
   register_task.py --addr HOST:50052 register --name TASK --weights-only --adapter DIR [--head DIR] --backbone NAME
-                   (--drop-first n | --drop-layers 0,2 | --robust d,min,max) [--version N] [--set-default] [--replace]
+                   (--drop-first n | --drop-layers 0,2 | --robust d,min,max) [--max-answer-length N]
+                   [--version N] [--set-default] [--replace]
   register_task.py --addr HOST:50052 unregister --name TASK (--version N | --all)
   register_task.py --addr HOST:50052 set-default --name TASK [--version N]   (no --version: remove the pin)
   register_task.py --addr HOST:50052 list
@@ -102,7 +103,12 @@ def weights_only(pb, core, a):
     missing = [str(p) for _, p in files if not p.is_file()]
     if missing:
         raise SystemExit(f"error: missing AdapterHub files (safetensors only): {', '.join(missing)}")
-    return pb.AdapterHubTask(backbone=a.backbone, drop=drop, description=a.description or ""), files
+    hub = pb.AdapterHubTask(backbone=a.backbone, drop=drop, description=a.description or "")
+    if a.threshold is not None:
+        hub.threshold = a.threshold
+    if a.max_answer_length is not None:
+        hub.max_answer_length = a.max_answer_length
+    return hub, files
 
 
 def export_adapter(a, out_dir: str) -> str:
@@ -116,7 +122,8 @@ def export_adapter(a, out_dir: str) -> str:
     os.symlink(os.path.abspath(os.path.join(a.repo, "backbones")), os.path.join(repo, "backbones"))
     args = argparse.Namespace(repo=repo, backbone=a.backbone, adapter=a.adapter, head=a.head, checkpoint=a.checkpoint,
                               name=a.name, version=1, drop_first=a.drop_first, drop_layers=a.drop_layers,
-                              robust=a.robust, description=a.description, force=False, with_up=False)
+                              robust=a.robust, description=a.description, force=False, with_up=False,
+                              threshold=a.threshold)
     return export_task.export(args)
 
 
@@ -148,9 +155,12 @@ def main(argv=None) -> int:
     r.add_argument("--head")
     r.add_argument("--checkpoint")
     r.add_argument("--description")
+    r.add_argument("--threshold", type=float, help="multi-label heads: score above which a label is predicted (default 0.5)")
     r.add_argument("--drop-first", type=int)
     r.add_argument("--drop-layers")
     r.add_argument("--robust")
+    r.add_argument("--max-answer-length", type=int,
+                   help="with --weights-only, extractive QA heads: the longest answer in tokens a request gets by default")
     u = sub.add_parser("unregister")
     u.add_argument("--name", required=True)
     g = u.add_mutually_exclusive_group(required=True)

@@ -11,7 +11,7 @@ use crate::error::ServeError;
 use crate::proto::{AdapterHubTask, DropConfig, drop_config::Mode};
 use crate::repository::Registry;
 use crate::repository::adapterhub::{self, FILES};
-use crate::repository::manifest::{AdapterInfo, DropSpec, FORMAT_VERSION, HeadSpec, RobustRange, TaskManifest};
+use crate::repository::manifest::{AdapterInfo, DropSpec, FORMAT_VERSION, HeadKind, HeadSpec, RobustRange, TaskManifest};
 
 /// Most layers an explicit drop list may name (checked before it is converted).
 const MAX_DROP_LAYERS: usize = 1024;
@@ -48,6 +48,7 @@ pub fn prepare(dir: &Path, meta: &AdapterHubTask, registry: &Registry) -> Result
         let prefix = format!("{}/", dir.display());
         invalid(message.replace(&prefix, ""))
     })?;
+    let max_answer_length = max_answer_length(meta, weights.head.kind, backbone.manifest.max_positions)?;
     let nested = dir.join(DIR);
     std::fs::create_dir(&nested).map_err(io_error)?;
     for f in FILES {
@@ -73,11 +74,49 @@ pub fn prepare(dir: &Path, meta: &AdapterHubTask, registry: &Registry) -> Result
         },
         slots: Vec::new(),
         drop,
-        head: HeadSpec { kind: weights.head.kind, graph: None, labels: weights.head.labels.clone() },
+        head: HeadSpec {
+            kind: weights.head.kind,
+            graph: None,
+            labels: weights.head.labels.clone(),
+            threshold: threshold(meta, &weights)?,
+            max_answer_length,
+        },
         adapterhub: Some(DIR.into()),
     };
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| ServeError::Internal(e.to_string()))?;
     std::fs::write(dir.join("task.json"), text + "\n").map_err(io_error)
+}
+
+/// The header's multi-label threshold: finite, within 0..=1, and only for a multi-label head.
+fn threshold(meta: &AdapterHubTask, weights: &adapterhub::AdapterWeights) -> Result<Option<f32>, ServeError> {
+    let Some(t) = meta.threshold else { return Ok(None) };
+    if weights.head.kind != HeadKind::MultiLabel {
+        return Err(ServeError::InvalidArgument(format!(
+            "header.adapterhub.threshold: the adapter's head is {}, not multilabel; omit the threshold",
+            weights.head.kind.as_str()
+        )));
+    }
+    if !t.is_finite() || !(0.0..=1.0).contains(&t) {
+        return Err(ServeError::InvalidArgument(format!("header.adapterhub.threshold = {t}: it must be a number within 0..=1")));
+    }
+    Ok(Some(t))
+}
+
+/// `header.adapterhub.max_answer_length`: for extractive QA heads, within the backbone's positions.
+fn max_answer_length(meta: &AdapterHubTask, kind: HeadKind, max_positions: usize) -> Result<Option<u32>, ServeError> {
+    let Some(m) = meta.max_answer_length else { return Ok(None) };
+    if kind != HeadKind::QuestionAnswering {
+        return Err(ServeError::InvalidArgument(format!(
+            "header.adapterhub.max_answer_length is for question_answering heads; this head is {}",
+            kind.as_str()
+        )));
+    }
+    if m == 0 || m as usize > max_positions {
+        return Err(ServeError::InvalidArgument(format!(
+            "header.adapterhub.max_answer_length {m} must be 1..={max_positions} (the backbone's positions)"
+        )));
+    }
+    Ok(Some(m))
 }
 
 fn drop_spec(drop: Option<&DropConfig>) -> Result<DropSpec, ServeError> {

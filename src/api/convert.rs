@@ -7,11 +7,11 @@ use crate::repository::{TaskEntry, TaskState};
 /// Logits to the response form: softmax scores and label for classification heads.
 pub fn sequence_result(logits: Vec<f32>, kind: HeadKind, labels: &[String]) -> SequenceResult {
     if kind == HeadKind::Regression {
-        return SequenceResult { logits, scores: vec![], label: String::new(), label_index: -1 };
+        return SequenceResult { logits, label_index: -1, ..Default::default() };
     }
     let scores = softmax(&logits);
     let best = scores.iter().enumerate().fold(0, |b, (i, s)| if *s > scores[b] { i } else { b });
-    SequenceResult { label: labels.get(best).cloned().unwrap_or_default(), label_index: best as i32, logits, scores }
+    SequenceResult { label: labels.get(best).cloned().unwrap_or_default(), label_index: best as i32, logits, scores, ..Default::default() }
 }
 
 /// Numerically stable softmax, accumulated in f64.

@@ -7,5 +7,6 @@ pub mod health;
 pub mod kserve;
 pub mod native;
 pub mod request_id;
+pub mod results;
 pub mod stream;
 pub mod tasks;

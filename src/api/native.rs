@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::stream::{self, Answers, StreamPolicy};
-use super::{convert, deadline, request_id};
+use super::{deadline, request_id};
 use crate::error::{ServeError, clip};
 use crate::proto::infer_stream_response as stream_response;
 use crate::proto::inference_server::Inference;
@@ -37,6 +37,7 @@ impl NativeApi {
         let id = req.id.clone();
         let task_names = metric_names(&req.tasks);
         let want_fusion = req.return_fusion_weights;
+        let shaping = super::results::Shaping::from_request(&req);
         let span = tracing::info_span!(
             "infer",
             request_id,
@@ -56,23 +57,24 @@ impl NativeApi {
             let tokenize_us = started.elapsed().as_micros() as u64;
             let num_tokens = job.sequences.iter().map(|s| s.ids.len() as u32).collect();
             let runs = job.tasks.clone();
+            let text = job.text.clone();
             let out = scheduler.submit(admission, job).await?;
             let mut fusion = out.fusion.into_iter();
             let results = runs
                 .iter()
                 .zip(out.logits)
-                .map(|(run, rows)| {
+                .enumerate()
+                .map(|(i, (run, rows))| {
                     let weights = fusion.next().unwrap_or_default();
-                    let head = &run.task.manifest.head;
-                    TaskResult {
+                    Ok(TaskResult {
                         task: run.task.name().to_string(),
                         version: run.task.version(),
                         dropped_layers: run.active.dropped(),
-                        sequences: rows.into_iter().map(|l| convert::sequence_result(l, head.kind, &head.labels)).collect(),
+                        sequences: super::results::task_sequences(run, i, rows, text.as_deref(), &shaping)?,
                         fusion_weights: if want_fusion { super::fusion::fusion_weights(&weights) } else { Vec::new() },
-                    }
+                    })
                 })
-                .collect();
+                .collect::<Result<Vec<_>, ServeError>>()?;
             let timings = Timings {
                 tokenize_us,
                 queue_us: out.queue.as_micros() as u64,

@@ -1,6 +1,6 @@
-//! Heads as data on the host (issue 12, decision 3). A head reads only the first token of the last
-//! layer (`[rows, H]`), so it runs here, from the task's AdapterHub weights, as two small matmuls
-//! per task: no ONNX Runtime session per task and no gather of `[rows, T, H]` states for it.
+//! Heads as data on the host (issue 12, decision 3). A sequence head reads only the first token of
+//! the last layer (`[rows, H]`), a token head (tagging, QA) every real token; either runs here, from
+//! the task's AdapterHub weights, as a few small matmuls per task: no ONNX Runtime session per task.
 //! Agrees with the task's `head.onnx` within 1e-6 of the logits' scale (tests/host_heads.rs).
 //!
 //! The contract with the runners (`banked.rs`, `executor.rs`): a head gets, for every row it serves,
@@ -14,6 +14,7 @@ use super::tensors::run_head;
 use crate::error::EngineError;
 use crate::repository::Task;
 use crate::repository::adapterhub::HeadWeights;
+use crate::repository::manifest::HeadKind;
 
 /// One lane's output: per row (in the lane's row order) a flat row-major `[positions, width]` vector.
 pub type LaneOutput = Vec<Vec<f32>>;
@@ -33,10 +34,24 @@ pub enum HeadSource {
     GraphFirst,
 }
 
-/// Runs `task`'s head over `rows` (each a row's real-token states `[len, H]`); one vector per row.
-pub fn run_task_head(task: &Task, rows: &[ArrayView2<'_, f32>], source: HeadSource) -> Result<Vec<Vec<f32>>, EngineError> {
+/// Runs `task`'s head over `rows` (each a row's real-token states `[len, H]`, with its attention
+/// mask in `masks`); one vector per row.
+pub fn run_task_head(
+    task: &Task,
+    rows: &[ArrayView2<'_, f32>],
+    masks: &[&[i64]],
+    source: HeadSource,
+) -> Result<Vec<Vec<f32>>, EngineError> {
     if rows.is_empty() {
         return Ok(Vec::new());
+    }
+    if task.manifest.head.kind == HeadKind::Embedding {
+        return Ok(super::pooling::pool(task.backbone.manifest.embedding, rows, masks));
+    }
+    if task.manifest.head.kind.per_token() {
+        // Token heads run from AdapterHub weights only (the task loader refuses a head graph for them).
+        let w = task.adapterhub.as_ref().ok_or_else(|| EngineError::Contract(format!("token head of `{}` has no weights", task.name())))?;
+        return Ok(rows.iter().map(|r| head_logits(&w.head, r.view()).into_raw_vec_and_offset().0).collect());
     }
     let first: Vec<_> = rows.iter().map(|r| r.row(0)).collect();
     let first = stack(Axis(0), &first).map_err(|e| EngineError::Contract(format!("stacking first tokens: {e}")))?;
@@ -50,17 +65,24 @@ pub fn run_task_head(task: &Task, rows: &[ArrayView2<'_, f32>], source: HeadSour
     Ok(logits.outer_iter().map(|r| r.to_vec()).collect())
 }
 
-/// `logits = W2 tanh(W1 h0 + b1) + b2` for each row of `first` (`[rows, H]`): `[rows, C]`.
-/// f32 throughout, like ONNX Runtime's Gemm; the two differ only in summation order (measured: at
-/// most 4.3e-7 of max(1, largest |logit|), tests/host_heads.rs).
-pub fn head_logits(head: &HeadWeights, first: ArrayView2<'_, f32>) -> Array2<f32> {
-    let mut z = first.dot(&head.w1.t());
-    Zip::from(z.rows_mut()).for_each(|mut row| {
-        Zip::from(&mut row).and(&head.b1).for_each(|v, b| *v = (*v + b).tanh());
-    });
-    let mut logits = z.dot(&head.w2.t());
-    logits += &head.b2;
-    logits
+/// The head's linear layers on each row of `x` (`[N, H]`: first tokens, or one row's tokens):
+/// `[N, width]`, the activation between layers. f32 throughout, like ONNX Runtime's Gemm; the two
+/// differ only in summation order (measured: at most 4.3e-7 of max(1, largest |logit|), tests/host_heads.rs).
+pub fn head_logits(head: &HeadWeights, x: ArrayView2<'_, f32>) -> Array2<f32> {
+    let mut z = x.to_owned();
+    for (i, layer) in head.layers.iter().enumerate() {
+        z = z.dot(&layer.w.t());
+        let act = head.activation.filter(|_| i + 1 < head.layers.len());
+        Zip::from(z.rows_mut()).for_each(|mut row| {
+            Zip::from(&mut row).and(&layer.b).for_each(|v, b| {
+                *v += b;
+                if let Some(a) = act {
+                    *v = a.apply(*v);
+                }
+            });
+        });
+    }
+    z
 }
 
 /// The head on the first token of the given rows of `hidden` (`[R, T, H]`), in `rows` order.
@@ -74,17 +96,19 @@ mod tests {
     use ndarray::{Array1, array};
 
     use super::*;
-    use crate::repository::manifest::HeadKind;
+    use crate::repository::adapterhub::{Activation, HeadLayer};
+
+    fn layer(w: Array2<f32>, b: Vec<f32>) -> HeadLayer {
+        HeadLayer { w, b: Array1::from(b) }
+    }
 
     #[test]
     fn computes_the_two_layer_head() {
         let head = HeadWeights {
             kind: HeadKind::Classification,
             labels: vec!["a".into(), "b".into()],
-            w1: array![[1.0, 0.0], [0.5, -1.0]],
-            b1: Array1::from(vec![0.0, 0.25]),
-            w2: array![[2.0, 0.0], [0.0, -1.0]],
-            b2: Array1::from(vec![0.5, 1.0]),
+            layers: vec![layer(array![[1.0, 0.0], [0.5, -1.0]], vec![0.0, 0.25]), layer(array![[2.0, 0.0], [0.0, -1.0]], vec![0.5, 1.0])],
+            activation: Some(Activation::Tanh),
         };
         let first = array![[0.2f32, 0.4], [-1.0, 3.0]];
         let got = head_logits(&head, first.view());
@@ -96,5 +120,29 @@ mod tests {
                 assert!((got[[r, c]] - want[c]).abs() < 1e-6, "{r},{c}: {} vs {}", got[[r, c]], want[c]);
             }
         }
+    }
+
+    #[test]
+    fn one_layer_head_has_no_activation_and_three_layers_use_it_twice() {
+        let one = HeadWeights {
+            kind: HeadKind::Tagging,
+            labels: vec!["O".into(), "B".into()],
+            layers: vec![layer(array![[1.0, 2.0], [0.0, -1.0]], vec![0.5, 0.0])],
+            activation: Some(Activation::Tanh),
+        };
+        let tokens = array![[3.0f32, 1.0], [-2.0, 0.5], [0.0, 0.0]];
+        assert_eq!(head_logits(&one, tokens.view()), array![[5.5f32, -1.0], [-0.5, -0.5], [0.5, 0.0]]);
+        let relu3 = HeadWeights {
+            kind: HeadKind::Regression,
+            labels: vec![],
+            layers: vec![
+                layer(array![[1.0, 0.0], [0.0, 1.0]], vec![0.0, -1.0]),
+                layer(array![[-1.0, 1.0], [1.0, 1.0]], vec![0.0, 0.0]),
+                layer(array![[1.0, 1.0]], vec![0.0]),
+            ],
+            activation: Some(Activation::Relu),
+        };
+        // [2, 3] -> relu [2, 2] -> [0, 4] relu -> [0, 4] -> 4.
+        assert_eq!(head_logits(&relu3, array![[2.0f32, 3.0]].view()), array![[4.0f32]]);
     }
 }

@@ -11,6 +11,7 @@ pub mod heads;
 pub mod packing;
 pub mod plan;
 pub mod planner;
+pub mod pooling;
 mod tensors;
 
 use std::any::Any;
@@ -53,6 +54,8 @@ pub struct Job {
     pub deadline: Option<Instant>,
     /// When routing started; request durations in the statistics count from here.
     pub received: Instant,
+    /// Texts and token origins (text inputs only): what token heads answer in.
+    pub text: Option<Arc<crate::router::token_info::RequestText>>,
 }
 
 /// The engine's answer to one job.

@@ -78,10 +78,7 @@ impl Task {
             slots.insert((spec.layer, spec.location), Arc::new(graph));
         }
         let h = backbone.manifest.hidden_size as i64;
-        let width = match manifest.head.kind {
-            HeadKind::Classification => manifest.head.labels.len() as i64,
-            HeadKind::Regression => 1,
-        };
+        let width = manifest.head.width() as i64;
         let head = match &manifest.head.graph {
             None => None,
             Some(graph) => Some(Graph::load(
@@ -168,7 +165,7 @@ impl Task {
     /// `engine.banks` says), so without them (a backbone exported before layer graphs) requests
     /// are refused rather than run without adapters.
     pub fn runnable(&self) -> Result<(), ServeError> {
-        if self.manifest.weights_only() && self.bank.is_none() {
+        if self.manifest.weights_only() && self.manifest.head.kind != HeadKind::Embedding && self.bank.is_none() {
             return Err(ServeError::FailedPrecondition(format!(
                 "task `{}` was registered from AdapterHub weights only, and its backbone `{}` has no layer graphs \
                  (layers/<i>/layer.onnx) to run adapter banks: re-export the backbone with tools/export_backbone.py, \
@@ -235,10 +232,7 @@ fn load_adapterhub(
             ),
         ));
     }
-    let labels = match m.head.kind {
-        HeadKind::Classification => m.head.labels.clone(),
-        HeadKind::Regression => Vec::new(),
-    };
+    let labels = m.head.label_names().to_vec();
     if w.head.kind != m.head.kind || w.head.labels != labels {
         return Err(LoadError::new(
             manifest_path,
@@ -333,8 +327,22 @@ fn validate_manifest(m: &TaskManifest, path: &Path, dir: &Path, backbone: &Backb
     {
         return bad(format!("head graph path `{g}` must stay inside the task directory"));
     }
-    if m.head.kind == HeadKind::Classification && m.head.labels.is_empty() {
-        return bad("a classification head needs at least one label name".into());
+    if matches!(m.head.kind, HeadKind::Classification | HeadKind::Tagging | HeadKind::MultiLabel) && m.head.labels.is_empty() {
+        return bad(format!("a {} head needs at least one label name", m.head.kind.as_str()));
+    }
+    if m.head.kind == HeadKind::Embedding {
+        return bad(format!("head type `embedding` is built in (`<backbone>{}`); a task cannot declare it", super::embedding::SUFFIX));
+    }
+    if let Some(t) = m.head.threshold
+        && (m.head.kind != HeadKind::MultiLabel || !(0.0..=1.0).contains(&t))
+    {
+        return bad(format!("head threshold {t}: only a multilabel head has one, within 0..=1"));
+    }
+    if m.head.kind.per_token() && (m.head.graph.is_some() || m.adapterhub.is_none()) {
+        return bad(format!(
+            "a {} head runs from AdapterHub weights on the host: give `adapterhub` and no head graph",
+            m.head.kind.as_str()
+        ));
     }
     if m.head.kind == HeadKind::Regression && m.head.labels.len() > 1 {
         return bad("a regression head has one output; give at most one label".into());

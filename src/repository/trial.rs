@@ -16,7 +16,6 @@ use ndarray::{Array3, ArrayD, ArrayViewD, Axis};
 use ort::session::RunOptions;
 use ort::value::TensorRef;
 
-use super::manifest::HeadKind;
 use super::task::Task;
 use crate::error::LoadError;
 use crate::runtime::Graph;
@@ -52,10 +51,7 @@ pub fn trial_run(task: &Task, timeout: Duration) -> Result<(), LoadError> {
         let inputs = [("h", h.view()), ("x", x.view()), ("up", up.view())];
         trial.run(&slot.graph, &inputs, &[("y", &bth), ("alpha", &[ROWS, TOKENS, slot.adapters.len()])])?;
     }
-    let width = match task.manifest.head.kind {
-        HeadKind::Classification => task.manifest.head.labels.len(),
-        HeadKind::Regression => 1,
-    };
+    let width = task.manifest.head.width();
     match (&task.head, &task.adapterhub) {
         (Some(head), _) => trial.run(head, &[("hidden", x.view())], &[("logits", &[ROWS, width])]).map(drop),
         // A weights-only task's head runs on the host, from its AdapterHub weights.

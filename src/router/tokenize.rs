@@ -2,26 +2,55 @@
 
 use tokenizers::{EncodeInput, Encoding, Tokenizer};
 
+use super::qa_windows;
+use super::token_info::TokenInfo;
 use crate::engine::Sequence;
 use crate::error::ServeError;
 use crate::proto::{TextPair, TokenIds};
 use crate::repository::Backbone;
 
-/// Tokenizes texts or text pairs with the backbone's tokenizer (special tokens added).
-pub fn encode_texts(backbone: &Backbone, inputs: Vec<EncodeInput<'_>>, truncate: bool) -> Result<Vec<Sequence>, ServeError> {
+/// What to do with a text longer than the backbone accepts.
+#[derive(Debug, Clone, Copy)]
+pub enum Overlong {
+    Reject,
+    /// Cut it, keeping the final special token.
+    Truncate,
+    /// Split a pair's context into windows (extractive QA, [`qa_windows`]); `budget` bounds the
+    /// windows' tokens together.
+    Windows {
+        stride: Option<usize>,
+        budget: usize,
+    },
+}
+
+/// One engine sequence made from input `input`, with its tokens' origin.
+pub struct Encoded {
+    pub input: usize,
+    pub sequence: Sequence,
+    pub tokens: TokenInfo,
+}
+
+/// Tokenizes texts or text pairs with the backbone's tokenizer (special tokens added, character
+/// offsets kept): one sequence per input, or several for a QA context split into windows.
+pub fn encode_texts(backbone: &Backbone, inputs: Vec<EncodeInput<'_>>, overlong: Overlong) -> Result<Vec<Encoded>, ServeError> {
     let tokenizer: &Tokenizer = backbone.tokenizer.as_ref().ok_or_else(|| {
         ServeError::FailedPrecondition(format!(
             "backbone `{}` has no tokenizer; send pre-tokenized ids (inputs.tokens) instead of text",
             backbone.name()
         ))
     })?;
-    let encodings = tokenizer.encode_batch(inputs, true).map_err(|e| ServeError::InvalidArgument(format!("tokenization failed: {e}")))?;
+    let encodings =
+        tokenizer.encode_batch_char_offsets(inputs, true).map_err(|e| ServeError::InvalidArgument(format!("tokenization failed: {e}")))?;
     let max = backbone.manifest.max_positions;
     let pad = backbone.manifest.pad_token_id;
-    encodings.into_iter().enumerate().map(|(i, e)| fit(i, e, max, pad, truncate)).collect()
+    let mut out = Vec::with_capacity(encodings.len());
+    for (i, e) in encodings.into_iter().enumerate() {
+        fit(i, e, max, pad, overlong, &mut out)?;
+    }
+    Ok(out)
 }
 
-fn fit(index: usize, e: Encoding, max: usize, pad: i64, truncate: bool) -> Result<Sequence, ServeError> {
+fn fit(index: usize, e: Encoding, max: usize, pad: i64, overlong: Overlong, out: &mut Vec<Encoded>) -> Result<(), ServeError> {
     // Text the normalizer reduced to nothing (zero-width or other invisible characters) or that
     // holds only special tokens ("[PAD]", "[SEP]") has no content to classify.
     let content = e.get_ids().iter().zip(e.get_special_tokens_mask()).any(|(&id, &special)| special == 0 && i64::from(id) != pad);
@@ -30,26 +59,39 @@ fn fit(index: usize, e: Encoding, max: usize, pad: i64, truncate: bool) -> Resul
             "input {index} has no content: after normalization it holds only special tokens or nothing"
         )));
     }
-    let len = e.get_ids().len();
-    if len > max {
-        if !truncate {
+    let tokens = TokenInfo::of(&e);
+    let wide = |v: &[u32]| v.iter().map(|&v| v as i64).collect::<Vec<_>>();
+    let sequence = Sequence { ids: wide(e.get_ids()), mask: wide(e.get_attention_mask()), types: wide(e.get_type_ids()) };
+    let len = sequence.ids.len();
+    if len <= max {
+        out.push(Encoded { input: index, sequence, tokens });
+        return Ok(());
+    }
+    let picks = match overlong {
+        Overlong::Reject => {
             return Err(ServeError::InvalidArgument(format!(
                 "input {index} has {len} tokens but the backbone accepts at most {max}; shorten it or set truncate"
             )));
         }
         // Keep the final special token ([SEP] / </s>) so the cut sequence stays well-formed.
-        let last = len - 1;
-        let mut keep: Vec<usize> = (0..max - 1).collect();
-        keep.push(last);
-        let pick = |v: &[u32]| keep.iter().map(|&j| v[j] as i64).collect::<Vec<_>>();
-        let seq = Sequence { ids: pick(e.get_ids()), mask: pick(e.get_attention_mask()), types: pick(e.get_type_ids()) };
-        return Ok(seq);
+        Overlong::Truncate => vec![(0..max - 1).chain(std::iter::once(len - 1)).collect()],
+        Overlong::Windows { stride, budget } => {
+            let first = tokens.segments.iter().position(|s| *s == Some(1));
+            let last = tokens.segments.iter().rposition(|s| *s == Some(1));
+            let (Some(first), Some(last)) = (first, last) else {
+                return Err(ServeError::InvalidArgument(format!(
+                    "input {index} has {len} tokens but the backbone accepts at most {max}, and it has no context                      (text_pair) to split into windows; shorten it"
+                )));
+            };
+            qa_windows::windows(index, len, first..last + 1, max, stride, budget)?
+        }
+    };
+    for keep in picks {
+        let pick = |v: &[i64]| keep.iter().map(|&j| v[j]).collect::<Vec<_>>();
+        let sequence = Sequence { ids: pick(&sequence.ids), mask: pick(&sequence.mask), types: pick(&sequence.types) };
+        out.push(Encoded { input: index, sequence, tokens: tokens.select(&keep) });
     }
-    Ok(Sequence {
-        ids: e.get_ids().iter().map(|&v| v as i64).collect(),
-        mask: e.get_attention_mask().iter().map(|&v| v as i64).collect(),
-        types: e.get_type_ids().iter().map(|&v| v as i64).collect(),
-    })
+    Ok(())
 }
 
 /// No visible content: only whitespace and control characters (NUL included).
@@ -87,8 +129,13 @@ pub fn pair_inputs(pairs: &[TextPair], max_bytes: usize) -> Result<Vec<EncodeInp
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            if blank(&p.text) || blank(&p.text_pair) {
-                return Err(ServeError::InvalidArgument(format!("pair {i} has an empty text")));
+            if blank(&p.text) {
+                return Err(ServeError::InvalidArgument(format!("pair {i} has an empty text (inputs.pairs[{i}].text)")));
+            }
+            if blank(&p.text_pair) {
+                return Err(ServeError::InvalidArgument(format!(
+                    "pair {i} has an empty text (inputs.pairs[{i}].text_pair; for extractive QA, the context)"
+                )));
             }
             check_text(&format!("pair {i} text"), &p.text, max_bytes)?;
             check_text(&format!("pair {i} text_pair"), &p.text_pair, max_bytes)?;

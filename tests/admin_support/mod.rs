@@ -53,7 +53,7 @@ pub fn robust(default: u32, min: u32, max: u32) -> Option<DropConfig> {
 
 /// The header of a weights-only registration (an AdapterHub directory) on `backbone`.
 pub fn weights_header(name: &str, backbone: &str, drop: Option<DropConfig>) -> BundleHeader {
-    let meta = AdapterHubTask { backbone: backbone.into(), drop, description: String::new() };
+    let meta = AdapterHubTask { backbone: backbone.into(), drop, ..Default::default() };
     BundleHeader { adapterhub: Some(meta), ..header(name, None, false, false) }
 }
 
@@ -123,11 +123,12 @@ pub async fn list(c: &mut AdminClient<Channel>) -> Vec<TaskInfo> {
 
 pub fn infer_req(task: &str, version: Option<u32>, drop_first: Option<u32>, texts: &[&str]) -> InferRequest {
     InferRequest {
-        tasks: vec![TaskRef { name: task.into(), version, drop_first }],
+        tasks: vec![TaskRef { name: task.into(), version, drop_first, ..Default::default() }],
         inputs: Some(Inputs::Texts(Texts { texts: texts.iter().map(|t| t.to_string()).collect() })),
         truncate: false,
         id: String::new(),
         return_fusion_weights: false,
+        ..Default::default()
     }
 }
 

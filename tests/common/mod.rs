@@ -275,11 +275,12 @@ pub async fn infer_logits(
     use adapterdrop_serve::proto::{InferRequest, TaskRef};
     let mut client = server.client().await;
     let req = InferRequest {
-        tasks: vec![TaskRef { name: task.into(), version: None, drop_first: Some(n) }],
+        tasks: vec![TaskRef { name: task.into(), version: None, drop_first: Some(n), ..Default::default() }],
         inputs: Some(inputs),
         truncate: false,
         return_fusion_weights: false,
         id: String::new(),
+        ..Default::default()
     };
     let resp = client.infer(req).await.unwrap_or_else(|s| panic!("{task} n={n}: {s}")).into_inner();
     assert_eq!(resp.results.len(), 1, "{task} n={n}");

@@ -88,18 +88,11 @@ pub fn parse(cfg: &Value) -> Result<BottleneckConfig, String> {
         Value::String(s) => s.to_lowercase(),
         other => other.to_string(),
     };
-    let activation = match nl.as_str() {
-        "relu" => Activation::Relu,
-        "swish" | "silu" => Activation::Silu,
-        "gelu" | "gelu_orig" => Activation::Gelu,
-        "tanh" => Activation::Tanh,
-        "sigmoid" => Activation::Sigmoid,
-        _ => {
-            return Err(format!(
-                "non_linearity={} is not supported (one of gelu, gelu_orig, relu, sigmoid, silu, swish, tanh)",
-                cfg["non_linearity"]
-            ));
-        }
+    let Some(activation) = Activation::parse(&nl) else {
+        return Err(format!(
+            "non_linearity={} is not supported (one of gelu, gelu_orig, relu, sigmoid, silu, swish, tanh)",
+            cfg["non_linearity"]
+        ));
     };
     let mh = flag(cfg, "mh_adapter", false)?;
     let out = flag(cfg, "output_adapter", false)?;

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 pub use self::config::bottleneck_size;
 use self::safetensors::Tensor;
-pub use self::types::{Activation, AdapterWeights, BottleneckWeights, HeadWeights, RULE_FLAGS, Residual, SlotRule};
+pub use self::types::{Activation, AdapterWeights, BottleneckWeights, HeadLayer, HeadWeights, RULE_FLAGS, Residual, SlotRule};
 use crate::error::LoadError;
 use crate::repository::manifest::Location;
 

@@ -74,6 +74,29 @@ impl Activation {
     /// Order of the activation one-hot in a bank rule row.
     pub const ALL: [Activation; 5] = [Self::Relu, Self::Silu, Self::Gelu, Self::Tanh, Self::Sigmoid];
 
+    /// The library's name for it (lower case); `swish` is `silu`, `gelu_orig` is exact `gelu`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "relu" => Self::Relu,
+            "swish" | "silu" => Self::Silu,
+            "gelu" | "gelu_orig" => Self::Gelu,
+            "tanh" => Self::Tanh,
+            "sigmoid" => Self::Sigmoid,
+            _ => return None,
+        })
+    }
+
+    /// The function on one value, for heads run on the host (`gelu` is the exact, erf form).
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Self::Relu => x.max(0.0),
+            Self::Silu => x / (1.0 + (-x).exp()),
+            Self::Gelu => (0.5 * x as f64 * erfc(-x as f64 / std::f64::consts::SQRT_2)) as f32,
+            Self::Tanh => x.tanh(),
+            Self::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Relu => "relu",
@@ -83,6 +106,18 @@ impl Activation {
             Self::Sigmoid => "sigmoid",
         }
     }
+}
+
+/// Complementary error function, fractional error below 1.2e-7 everywhere (Numerical Recipes'
+/// Chebyshev fit; std has no erf), enough for f32 heads.
+fn erfc(x: f64) -> f64 {
+    const C: [f64; 10] =
+        [-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398, 1.48851587, -0.82215223, 0.17087277];
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = C.iter().rev().fold(0.0, |acc, c| c + t * acc);
+    let ans = t * (-z * z + poly).exp();
+    if x >= 0.0 { ans } else { 2.0 - ans }
 }
 
 /// Number of flags in a bank rule row: lnb, lna, f_h, f_u, f_s, scale, the activation one-hot, parallel.
@@ -107,17 +142,32 @@ impl SlotRule {
     }
 }
 
-/// A two-layer classification (or, with one output, regression) head:
-/// `logits = W2 tanh(W1 h0 + b1) + b2` on the first token `h0`.
+/// An AdapterHub prediction head as data, as the library's `PredictionHead.build` makes it: linear
+/// layers in order (torch layout `[out, in]`), `activation` after every one but the last. Sequence
+/// heads read the first token, token heads (tagging, QA) every token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeadWeights {
     pub kind: HeadKind,
-    /// label2id order; empty for regression.
+    /// label2id order; empty for regression and question answering.
     pub labels: Vec<String>,
-    pub w1: Array2<f32>,
-    pub b1: Array1<f32>,
-    pub w2: Array2<f32>,
-    pub b2: Array1<f32>,
+    /// At least one layer; the last one's rows are the head's outputs per position.
+    pub layers: Vec<HeadLayer>,
+    /// `activation_function`; `None` when the config has none (`null` or `""`).
+    pub activation: Option<Activation>,
+}
+
+/// One `nn.Linear` of a head: `y = W x + b` (`b` is zero for a last layer saved with `bias=False`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadLayer {
+    pub w: Array2<f32>,
+    pub b: Array1<f32>,
+}
+
+impl HeadWeights {
+    /// Outputs per position (labels, 2 for QA's start/end, 1 for regression).
+    pub fn width(&self) -> usize {
+        self.layers.last().map_or(0, |l| l.w.nrows())
+    }
 }
 
 #[cfg(test)]
@@ -153,5 +203,19 @@ mod tests {
             parallel: true,
         };
         assert_eq!(r.flags(), [0.0, 1.0, 1.0, 0.0, 0.0, 4.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn host_activations_match_their_definitions() {
+        // gelu(x) = x * Phi(x); Phi at 1, -1, 2 from tables (1e-9).
+        for (x, phi) in [(1.0f32, 0.841_344_746), (-1.0, 0.158_655_254), (2.0, 0.977_249_868), (0.0, 0.5)] {
+            let got = Activation::Gelu.apply(x);
+            assert!((got as f64 - x as f64 * phi).abs() < 1e-6, "gelu({x}) = {got}");
+        }
+        assert_eq!(Activation::Relu.apply(-2.0), 0.0);
+        assert!((Activation::Silu.apply(1.0) - 0.731_058_6).abs() < 1e-6);
+        assert!((Activation::Sigmoid.apply(0.0) - 0.5).abs() < 1e-7);
+        assert_eq!(Activation::parse("swish"), Some(Activation::Silu));
+        assert_eq!(Activation::parse("gelu_new"), None);
     }
 }
