@@ -83,7 +83,8 @@ bench: setup models test-repo
 	cargo bench $(CARGO_FLAGS) --bench table2
 	cargo bench $(CARGO_FLAGS) --bench serving
 	cargo bench $(CARGO_FLAGS) --bench fusion
-	cargo bench $(CARGO_FLAGS) --bench banks
+	$(PY) tools/text_lengths.py --repo $(TEST_REPO) --out build/real-lengths.txt
+	BENCH_LENGTHS=build/real-lengths.txt cargo bench $(CARGO_FLAGS) --bench banks
 	cargo build --release $(CARGO_FLAGS)
 	$(PY) tools/bench_memory.py --binary target/release/adapterdrop-serve
 	$(PY) tools/bench_many_tasks.py --binary target/release/adapterdrop-serve --tasks $(BENCH_MANY_TASKS)
