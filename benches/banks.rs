@@ -4,12 +4,15 @@
 //!
 //! 1. one task, n = 0: banks vs segments (ABAB, medians);
 //! 2. k = 8 distinct tasks on the same rows, n = 5 vs n = 0, banks vs segments;
-//! 3. 256 rows, each its own task, vs 256 rows of one task (banks).
+//! 3. 256 rows, each its own task, vs 256 rows of one task (banks);
+//! 4. packed tokens vs the padded layout on real text lengths (`packing/mod.rs`; `BENCH_ONLY=packing`
+//!    runs only this one, `BENCH_PACKED_BATCHES` batches per case, default 8).
 //!
 //! Session runs per batch are reported for each. `cargo bench --bench banks` with ORT_DYLIB_PATH
 //! set. Environment (optional): BENCH_REPO=build/test-repo BENCH_RUNS=7 BENCH_B=8 BENCH_T=64
 //! BENCH_ROWS=256 BENCH_ROWS_T=32 BENCH_THREADS=0.
 
+mod packing;
 mod support;
 
 use std::error::Error;
@@ -84,6 +87,13 @@ fn main() -> Res<()> {
     let base = bench.reg.resolve(TASK, None)?;
     let bb = base.backbone.clone();
     let layers = bb.num_layers();
+    let packed_tasks = || (0..3).map(|i| bench.task(500 + i)).collect::<Res<Vec<_>>>();
+    let packed_batches = env_usize("BENCH_PACKED_BATCHES", 8)?;
+    if env("BENCH_ONLY").as_deref() == Some("packing") {
+        let tasks = packed_tasks()?;
+        packing::one_task_vs_fused(&bench.rt, &bb, &tasks[0], runs, (b, t))?;
+        return packing::packed_vs_padded(&bb, &tasks, runs, packed_batches);
+    }
     println!("## Adapter banks vs per-task segments (MiniLM, L = {layers}, CPU, {threads} threads (0 = cores), medians of {runs})\n");
     println!("| case | banks ms | segments ms | ratio | session runs (banks / segments) |\n|---|---|---|---|---|");
 
@@ -119,5 +129,8 @@ fn main() -> Res<()> {
         store.capacity(),
         store.bytes() as f64 / (1 << 20) as f64
     );
-    Ok(())
+    drop(store); // the packed section registers bank tasks
+    let tasks = packed_tasks()?;
+    packing::one_task_vs_fused(&bench.rt, &bb, &tasks[0], runs, (b, t))?;
+    packing::packed_vs_padded(&bb, &tasks, runs, packed_batches)
 }

@@ -21,7 +21,7 @@ mod support;
 
 use std::error::Error;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,12 +29,11 @@ use adapterdrop_serve::config::RuntimeSettings;
 use adapterdrop_serve::engine::heads::to_matrix;
 use adapterdrop_serve::engine::{ExecStats, Lane, Sequence, execute};
 use adapterdrop_serve::repository::{Backbone, Registry, Task};
-use adapterdrop_serve::runtime::{Dim, Graph, IoSpec, Runtime};
-use ndarray::{Array2, Ix2};
-use ort::value::{TensorElementType as T, TensorRef};
-use support::{env, env_usize, median, sequences};
+use adapterdrop_serve::runtime::{Graph, Runtime};
+use ndarray::Array2;
+use support::{env, env_usize, load_fused, median, run_fused, sequences};
 
-type Res<X> = Result<X, Box<dyn Error>>;
+type Res<X> = Result<X, Box<dyn Error + Send + Sync>>;
 
 /// Task name prefix per backbone, as `tools/make_bench_repo.py` names them.
 const BACKBONES: &[(&str, &str)] = &[("minilm", "mini-pf"), ("bert-base-random", "base-pf")];
@@ -150,27 +149,6 @@ impl Ctx<'_> {
 /// Lane outputs as `[rows, labels]` matrices (every task here has a sequence head).
 fn matrices((out, stats): (Vec<Vec<Vec<f32>>>, ExecStats)) -> (Vec<Array2<f32>>, ExecStats) {
     (out.iter().map(|o| to_matrix(o)).collect(), stats)
-}
-
-fn run_fused(graph: &Graph, seqs: &[Sequence]) -> Res<Array2<f32>> {
-    let (b, t) = (seqs.len(), seqs[0].ids.len());
-    let flat = |f: fn(&Sequence) -> &Vec<i64>| Array2::from_shape_vec((b, t), seqs.iter().flat_map(|s| f(s).clone()).collect());
-    let (ids, types, mask) = (flat(|s| &s.ids)?, flat(|s| &s.types)?, flat(|s| &s.mask)?);
-    let inputs = vec![
-        ("input_ids", TensorRef::from_array_view(ids.view())?.into()),
-        ("token_type_ids", TensorRef::from_array_view(types.view())?.into()),
-        ("attention_mask", TensorRef::from_array_view(mask.view())?.into()),
-    ];
-    let out = graph.run(inputs, |o| Ok(o["logits"].try_extract_array::<f32>()?.to_owned()))?;
-    Ok(out.into_dimensionality::<Ix2>()?)
-}
-
-fn load_fused(rt: &Runtime, repo: &Path, backbone: &str, labels: usize) -> Res<Graph> {
-    let bt = [Dim::Any, Dim::Any];
-    let inputs: Vec<IoSpec> =
-        ["input_ids", "token_type_ids", "attention_mask"].into_iter().map(|n| IoSpec::new(n, T::Int64, &bt)).collect();
-    let outputs = [IoSpec::new("logits", T::Float32, &[Dim::Any, Dim::Fixed(labels as i64)])];
-    Ok(Graph::load(rt, &repo.join("fused").join(backbone).join("model.onnx"), &inputs, &outputs)?)
 }
 
 fn max_diff(a: &[Array2<f32>], b: &[Array2<f32>]) -> f32 {

@@ -332,11 +332,14 @@ pub struct EngineSettings {
     /// layer, whatever tasks a batch mixes); false keeps every task on the per-task segment path
     /// (for A/B benchmarks).
     pub banks: bool,
+    /// Run bank batches on packed tokens (no padding outside attention, issue 15); false feeds
+    /// every row at the batch's longest length, pads included (the padded A/B).
+    pub packing: bool,
 }
 
 impl Default for EngineSettings {
     fn default() -> Self {
-        Self { banks: true }
+        Self { banks: true, packing: true }
     }
 }
 

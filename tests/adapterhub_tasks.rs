@@ -51,8 +51,8 @@ async fn bundles_load_their_adapterhub_weights_and_bad_ones_are_refused() {
         ),
         (
             "unsupported config",
-            Box::new(|d: &Path| edit_json(&d.join("adapterhub/adapter_config.json"), |v| v["config"]["is_parallel"] = true.into())),
-            "adapterhub/adapter_config.json: unsupported adapter: is_parallel",
+            Box::new(|d: &Path| edit_json(&d.join("adapterhub/adapter_config.json"), |v| v["config"]["use_gating"] = true.into())),
+            "adapterhub/adapter_config.json: unsupported adapter: use_gating",
         ),
         (
             "weights missing",

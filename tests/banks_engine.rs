@@ -8,6 +8,7 @@ mod common;
 use std::sync::Arc;
 
 use adapterdrop_serve::config::RuntimeSettings;
+use adapterdrop_serve::engine::banked::execute_banked_as;
 use adapterdrop_serve::engine::heads::to_matrix;
 use adapterdrop_serve::engine::{ExecStats, Lane, Sequence, execute, run_lanes};
 use adapterdrop_serve::repository::adapterhub::{
@@ -72,11 +73,19 @@ fn weights(bb: &Backbone, seed: u64, rule: SlotRule, r: usize, locations: &[Loca
         layers: vec![HeadLayer { w: g.mat(h, h, 0.3), b: g.vec(h, 0.1) }, HeadLayer { w: g.mat(labels, h, 0.3), b: g.vec(labels, 0.1) }],
         activation: Some(Activation::Tanh),
     };
-    AdapterWeights { name: format!("syn{seed}"), method: "bottleneck".into(), rule, slots, leave_out: Vec::new(), head }
+    AdapterWeights {
+        name: format!("syn{seed}"),
+        method: "bottleneck".into(),
+        rule,
+        slots,
+        methods: Default::default(),
+        leave_out: Vec::new(),
+        head,
+    }
 }
 
 fn rule(ln_before: bool, ln_after: bool, residual: Residual, activation: Activation, scaling: f32) -> SlotRule {
-    SlotRule { ln_before, ln_after, residual, activation, scaling }
+    SlotRule { ln_before, ln_after, residual, activation, scaling, parallel: false }
 }
 
 /// A bank task: the test repository's `rand-houlsby` version directory (robust 0..=3) loaded
@@ -348,4 +357,63 @@ fn a_removed_tasks_rows_are_zeroed_and_reused_by_a_new_task() {
     let store = banked.banks.store();
     assert_eq!(store.index(c.0.bank.as_ref().unwrap().rows.id(), 0, Location::Attention), row_a, "the freed row is reused");
     assert_eq!(store.capacity(), capacity);
+}
+
+/// Packed tokens (issue 15): rows of 1 token up to the backbone's maximum, several tasks, drop
+/// depths and a plain row (every layer dropped) in one batch; each result equals the same input
+/// served alone within 1e-5, and the padded layout (`engine.packing = false`) agrees within 1e-5.
+#[test]
+fn mixed_lengths_in_one_batch_equal_each_input_served_alone() {
+    let f = fixture();
+    let bb = f.reg.resolve("rand-houlsby", None).unwrap().backbone.clone();
+    let (max, vocab) = (bb.manifest.max_positions, bb.manifest.vocab_size as i64);
+    let seqs: Vec<Sequence> = [1, 2, max, 9, max - 1, 17]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let ids: Vec<i64> = (0..n).map(|j| 1 + (i as i64 * 31 + j as i64 * 7) % (vocab - 1)).collect();
+            Sequence { mask: vec![1; n], types: vec![0; n], ids }
+        })
+        .collect();
+    let tasks: Vec<Arc<Task>> =
+        rules().into_iter().take(3).enumerate().map(|(i, (r, w, l))| bank_task(&f, weights(&bb, 60 + i as u64, r, w, l, 2))).collect();
+    let plain_depth = bb.num_layers() as u32;
+    let lanes = vec![
+        lane(&tasks[0], 0, &[0, 2, 4]),
+        lane(&tasks[1], 2, &[1, 2, 3]),
+        lane(&tasks[2], 1, &[5, 4, 0]),
+        lane(&tasks[0], plain_depth, &[3, 5]),
+        lane(&tasks[1], 0, &[2]),
+    ];
+    let (packed, ps) = execute_banked_as(&bb, &seqs, &lanes, true).unwrap();
+    let (padded, ds) = execute_banked_as(&bb, &seqs, &lanes, false).unwrap();
+    // Token accounting: packed per-token work computes exactly the real tokens; padded computes
+    // every row at the longest length; attention alone holds the padding of packed batches.
+    let rows: usize = ps.layer_rows.iter().sum();
+    assert_eq!((ps.real_tokens, ps.computed_tokens), (ds.real_tokens, ps.real_tokens));
+    assert_eq!(ds.computed_tokens, rows * max);
+    assert_eq!(ps.attention_tokens, rows * max);
+    assert!(ps.computed_tokens < ds.computed_tokens, "{ps:?}");
+    for (l, lane) in lanes.iter().enumerate() {
+        assert!(max_diff(&packed[l], &to_matrix(&padded[l])) <= 1e-5, "lane {l}: packed vs padded");
+        for (k, &r) in lane.rows.iter().enumerate() {
+            let alone = Lane { task: lane.task.clone(), active: lane.active.clone(), rows: vec![0] };
+            let (want, _) = execute_banked_as(&bb, &seqs[r..r + 1], &[alone], true).unwrap();
+            let d = max_diff(&packed[l][k..k + 1], &to_matrix(&want[0]));
+            assert!(d <= 1e-5, "lane {l}, input {r} ({} tokens): batch vs alone differ by {d:e}", seqs[r].ids.len());
+        }
+    }
+}
+
+/// A backbone whose layer graphs have another signature (as those exported before packed tokens)
+/// fails to load with a message that names the file and the tool that regenerates it.
+#[test]
+fn layer_graphs_of_another_signature_name_the_tool_that_regenerates_them() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let bb = dir.path().join("tiny-random");
+    common::copy_dir(&test_repo().join("backbones/tiny-random"), &bb);
+    std::fs::copy(bb.join("layers/1/attention.onnx"), bb.join("layers/1/layer.onnx")).unwrap();
+    let e = Backbone::load(f.rt, &bb).unwrap_err().to_string();
+    assert!(e.contains("layers/1/layer.onnx") && e.contains("tools/export_backbone.py"), "{e}");
 }

@@ -43,7 +43,7 @@ pub fn prepare(dir: &Path, meta: &AdapterHubTask, registry: &Registry) -> Result
         ))
     })?;
     let drop = drop_spec(meta.drop.as_ref())?;
-    let weights = adapterhub::load(dir, backbone.num_layers(), backbone.manifest.hidden_size).map_err(|e| {
+    let weights = adapterhub::load_for(dir, &backbone.manifest).map_err(|e| {
         let message = e.to_string();
         let prefix = format!("{}/", dir.display());
         invalid(message.replace(&prefix, ""))
@@ -69,7 +69,7 @@ pub fn prepare(dir: &Path, meta: &AdapterHubTask, registry: &Registry) -> Result
         adapter: AdapterInfo {
             method: weights.method.clone(),
             reduction_factor: config["config"].get("reduction_factor").cloned(),
-            non_linearity: Some(weights.rule.activation.as_str().into()),
+            non_linearity: weights.methods.is_empty().then(|| weights.rule.activation.as_str().into()),
             source: Some(format!("AdapterHub adapter `{}` (weights-only registration)", weights.name)),
         },
         slots: Vec::new(),

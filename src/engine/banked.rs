@@ -1,25 +1,55 @@
-//! The CPU runner of a bank plan (`plan.rs`): embeddings, then one `layer.onnx` run per layer with
-//! the backbone's adapter banks as inputs, then the heads on the host. A batch costs 1 + L session
-//! runs whatever tasks and drop depths it mixes (plus one per task whose head is only a graph).
+//! The CPU runner of a bank plan (`plan.rs`, laid out on tokens by `packing.rs`): embeddings, then
+//! one `layer.onnx` run per layer on packed tokens with the backbone's adapter banks as inputs, then
+//! the heads on the host. A batch costs 1 + L session runs whatever tasks and drop depths it mixes
+//! (plus one per task whose head is only a graph).
+//!
+//! The embeddings run padded (`[rows, T]`, the graph every path shares) and are packed on the host:
+//! one copy of the real tokens' states, a small fraction of one layer's work, and no second
+//! embeddings graph with a positions input to keep exact for every backbone family.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use ndarray::{Array1, ArrayView2, ArrayView3, Axis, s};
+use ndarray::{Array1, Array2, ArrayView2, ArrayViewD, Axis, Ix2, s};
+use ort::memory::AllocationDevice;
 use ort::session::SessionInputValue;
-use ort::value::TensorRef;
+use ort::value::{DynValue, TensorRef, TensorValueType};
 
 use super::executor::{ExecStats, Lane, Sequence, large_batch, pad};
 use super::heads::{HeadSource, LaneOutput, run_task_head};
+use super::packing::{PackedLayer, PackedPlan, SlotGroups, pack};
 use super::plan::{HeadGroup, LanePath, plan};
 use super::tensors::{i64_input, run_hidden};
 use crate::error::EngineError;
-use crate::repository::backbone::BANK_INPUTS;
+use crate::repository::backbone::{BANK_INPUTS, GROUP_INPUTS, METHOD_GROUP_INPUTS, METHOD_INPUTS};
 use crate::repository::{Backbone, Location};
 
-/// Runs `lanes` on the bank path; one output per lane, as `execute` returns.
+/// `engine.packing` (set at start-up): packed tokens, or every row at the batch's longest length.
+static PACKING: AtomicBool = AtomicBool::new(true);
+
+/// Sets the token layout of bank batches (`engine.packing`; false is the padded A/B).
+pub fn set_packing(on: bool) {
+    PACKING.store(on, Ordering::Relaxed);
+}
+
+/// Runs `lanes` on the bank path in the configured layout; one output per lane, as `execute` returns.
 pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result<(Vec<LaneOutput>, ExecStats), EngineError> {
+    execute_banked_as(backbone, seqs, lanes, PACKING.load(Ordering::Relaxed))
+}
+
+/// [`execute_banked`] with the layout given: `packed` false feeds every row at the batch's longest
+/// length, pads included as tokens (today's padded work, for the A/B).
+pub fn execute_banked_as(
+    backbone: &Backbone,
+    seqs: &[Sequence],
+    lanes: &[Lane],
+    packed: bool,
+) -> Result<(Vec<LaneOutput>, ExecStats), EngineError> {
     let banked =
         backbone.banked.as_ref().ok_or_else(|| EngineError::Contract(format!("backbone `{}` has no layer graphs", backbone.name())))?;
+    if let Some(i) = seqs.iter().position(|s| s.ids.is_empty()) {
+        return Err(EngineError::Contract(format!("sequence {i} of the batch has no tokens")));
+    }
     let runs = crate::runtime::session_runs();
     let store = banked.banks.store();
     let layers = backbone.num_layers();
@@ -33,36 +63,57 @@ pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) ->
                     _ => [0, 0],
                 })
                 .collect();
-            LanePath { index, rows: lane.rows.clone(), head: Arc::as_ptr(&lane.task) as usize }
+            let methods = (0..layers)
+                .map(|l| match id {
+                    Some(id) if lane.active.0[l] => store.method_index(id, l),
+                    _ => 0,
+                })
+                .collect();
+            LanePath { index, methods, rows: lane.rows.clone(), head: Arc::as_ptr(&lane.task) as usize }
         })
         .collect();
     let plan = plan(&paths, seqs.len(), layers);
     let (ids, types, mask) = pad(seqs, backbone.manifest.pad_token_id);
+    let real: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
+    let lens: Vec<usize> = if packed { real.clone() } else { vec![ids.ncols(); seqs.len()] };
+    let layout = pack(&plan, &lens, &real);
     let (iv, tv) = (ids.view(), types.view());
-    let mut hidden = run_hidden(&backbone.embeddings, vec![("input_ids", i64_input(&iv)?), ("token_type_ids", i64_input(&tv)?)], "hidden")?;
+    let embedded = run_hidden(&backbone.embeddings, vec![("input_ids", i64_input(&iv)?), ("token_type_ids", i64_input(&tv)?)], "hidden")?;
+    // Rows split before layer 0 (their LoRA / (IA)^3 rows differ there) are packed once per copy.
+    let embedded = embedded.into_host()?;
+    let identity = plan.embedding_rows.iter().enumerate().all(|(i, &r)| i == r) && plan.embedding_rows.len() == seqs.len();
+    let embedded = if identity { embedded } else { embedded.select(Axis(0), &plan.embedding_rows) };
+    let embedding_lens: Vec<usize> = plan.embedding_rows.iter().map(|&i| lens[i]).collect();
+    let mut hidden = Packed::Host(pack_rows(embedded, &embedding_lens));
     let mut stats =
         ExecStats { padded_len: ids.ncols(), layer_rows: plan.rows_per_layer.clone(), bank_lanes: lanes.len(), ..Default::default() };
     // A batch larger than the batch budget gives its memory back (as `execute` does): the last
     // layer run shrinks the arena, then the heap is trimmed.
-    let most_rows = plan.rows_per_layer.iter().copied().chain([plan.final_rows]).max().unwrap_or(0);
-    let large = large_batch(most_rows * ids.ncols());
-    for (layer, lp) in plan.layers.iter().enumerate() {
+    let large = large_batch(layout.most_tokens);
+    for (layer, (lp, tl)) in plan.layers.iter().zip(&layout.layers).enumerate() {
         if large && layer + 1 == layers {
             crate::runtime::shrink_arena_after_next_run();
         }
-        let identity = lp.input_rows.iter().enumerate().all(|(i, &r)| i == r) && lp.input_rows.len() == mask.nrows();
-        let selected;
-        let mv: ArrayView2<'_, i64> = if identity {
-            mask.view()
-        } else {
-            selected = mask.select(Axis(0), &lp.input_rows);
-            selected.view()
-        };
         stats.adapter_rows += lp.attention_index.iter().chain(&lp.ffn_index).filter(|&&i| i != 0).count();
-        let maps = [&lp.attention_rows, &lp.attention_index, &lp.ffn_rows, &lp.ffn_index].map(|v| Array1::from(v.clone()));
-        let mut inputs: Vec<(&'static str, SessionInputValue<'_>)> = vec![("hidden", hidden.input()?), ("attention_mask", i64_input(&mv)?)];
-        for (name, v) in ["attention_rows", "attention_index", "ffn_rows", "ffn_index"].into_iter().zip(&maps) {
-            inputs.push((name, TensorRef::from_array_view(v.view())?.into()));
+        let attention_mask = attention_mask(&mask, &lp.input_rows, tl.seq);
+        let maps = LayerMaps::new(tl);
+        let mv = attention_mask.view();
+        let mut inputs: Vec<(&'static str, SessionInputValue<'_>)> = vec![
+            ("hidden", hidden.input()?),
+            ("attention_gather", TensorRef::from_array_view(maps.gather.view())?.into()),
+            ("attention_mask", i64_input(&mv)?),
+        ];
+        inputs.push(("attention_scatter", TensorRef::from_array_view(maps.scatter.view())?.into()));
+        for (names, g) in GROUP_INPUTS.iter().chain(&METHOD_GROUP_INPUTS).zip(&maps.groups) {
+            inputs.push((names[0], TensorRef::from_array_view(g.0.view())?.into()));
+            inputs.push((names[1], TensorRef::from_array_view(g.1.view())?.into()));
+            inputs.push((names[2], TensorRef::from_array_view(g.2.view())?.into()));
+        }
+        let methods = store.methods(layer);
+        for (names, t) in METHOD_INPUTS.iter().zip(&methods.targets) {
+            for (name, a) in names.iter().zip([&t.lora_a, &t.lora_b, &t.scale]) {
+                inputs.push((name, TensorRef::from_array_view(a.view())?.into()));
+            }
         }
         for (names, location) in BANK_INPUTS.iter().zip([Location::Attention, Location::Ffn]) {
             let bank = store.bank(layer, location);
@@ -70,32 +121,128 @@ pub fn execute_banked(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) ->
                 inputs.push((name, TensorRef::from_array_view(t.view())?.into()));
             }
         }
-        hidden = run_hidden(&banked.layers[layer], inputs, "y")?;
+        hidden = Packed::Ort(banked.layers[layer].run_on_device(inputs, "y")?);
     }
     drop(store);
     // Heads read the states in place where they are host memory (CPU), else after one copy to the host.
-    let host;
-    let view = if hidden.view().is_ok() {
-        hidden.view()?
-    } else {
-        host = hidden.into_host()?;
-        host.view()
-    };
-    let lens: Vec<usize> = plan.final_inputs.iter().map(|&i| seqs[i].ids.len()).collect();
-    let logits = heads(view, &lens, lanes, &plan.heads);
+    let hidden = hidden.on_host()?;
+    let view = hidden.view()?;
+    let final_real: Vec<usize> = plan.final_inputs.iter().map(|&i| real[i]).collect();
+    let logits = heads(view, &layout, &final_real, lanes, &plan.heads);
     if large {
         crate::runtime::trim_heap();
     }
     let logits = logits?;
     stats.graph_runs = (crate::runtime::session_runs() - runs) as usize;
+    (stats.real_tokens, stats.computed_tokens, stats.attention_tokens) =
+        (layout.counts.real, layout.counts.computed, layout.counts.attention);
     Ok((logits, stats))
 }
 
-/// Each task's head once over all its lanes' rows (each row's real tokens of `hidden`, `[R, T, H]`).
-fn heads(hidden: ArrayView3<'_, f32>, lens: &[usize], lanes: &[Lane], groups: &[HeadGroup]) -> Result<Vec<LaneOutput>, EngineError> {
+/// The packed hidden states `[tokens, H]`: the host copy made from the embeddings, or a layer's
+/// output where ONNX Runtime put it (fed to the next layer without a copy).
+enum Packed {
+    Host(Array2<f32>),
+    Ort(DynValue),
+}
+
+impl Packed {
+    /// Host memory as it is (CPU sessions' outputs are read in place); GPU states copied down.
+    fn on_host(self) -> Result<Self, EngineError> {
+        match self {
+            Self::Ort(v) if v.try_extract_array::<f32>().is_err() => {
+                let host = v.downcast::<TensorValueType<f32>>()?.to(AllocationDevice::CPU, 0)?;
+                Ok(Self::Host(rank2(host.extract_array())?.to_owned()))
+            }
+            other => Ok(other),
+        }
+    }
+
+    fn view(&self) -> Result<ArrayView2<'_, f32>, EngineError> {
+        match self {
+            Self::Host(a) => Ok(a.view()),
+            Self::Ort(v) => rank2(v.try_extract_array::<f32>()?),
+        }
+    }
+
+    fn input(&self) -> Result<SessionInputValue<'_>, EngineError> {
+        Ok(match self {
+            Self::Host(a) => TensorRef::from_array_view(a.view())?.into(),
+            Self::Ort(v) => v.into(),
+        })
+    }
+}
+
+/// One layer's token maps as arrays the graph reads.
+struct LayerMaps {
+    gather: Array2<i64>,
+    scatter: Array1<i64>,
+    /// Attention slot, FFN slot, then the LoRA / (IA)^3 groups of the attention and FFN projections.
+    groups: [(Array2<i64>, Array1<i64>, Array1<i64>); 4],
+}
+
+impl LayerMaps {
+    fn new(tl: &PackedLayer) -> Self {
+        let rows = tl.gather.len().checked_div(tl.seq).unwrap_or(0);
+        let group = |g: &SlotGroups| {
+            let grouped = Array2::from_shape_vec((g.groups(), g.width), g.group.clone()).expect("groups x width maps");
+            (grouped, Array1::from(g.index.clone()), Array1::from(g.ungroup.clone()))
+        };
+        Self {
+            gather: Array2::from_shape_vec((rows, tl.seq), tl.gather.clone()).expect("rows x seq map"),
+            scatter: Array1::from(tl.scatter.clone()),
+            groups: [group(&tl.attention), group(&tl.ffn), group(&tl.methods), group(&tl.methods_ffn)],
+        }
+    }
+}
+
+/// `[rows, seq]` attention mask of the entering rows: each input row's own mask, zero past its end.
+fn attention_mask(mask: &Array2<i64>, input_rows: &[usize], seq: usize) -> Array2<i64> {
+    let mut m = Array2::zeros((input_rows.len(), seq));
+    for (r, &i) in input_rows.iter().enumerate() {
+        let n = seq.min(mask.ncols());
+        m.slice_mut(s![r, ..n]).assign(&mask.slice(s![i, ..n]));
+    }
+    m
+}
+
+/// The first `lens[r]` positions of every row of `[rows, T, H]`, one after the other: `[tokens, H]`.
+fn pack_rows(padded: ndarray::Array3<f32>, lens: &[usize]) -> Array2<f32> {
+    let (rows, t, h) = padded.dim();
+    if lens.iter().all(|&n| n == t) {
+        return padded.into_shape_with_order((rows * t, h)).expect("a standard-layout array");
+    }
+    let mut out = Array2::zeros((lens.iter().sum(), h));
+    let mut at = 0;
+    for (r, &n) in lens.iter().enumerate() {
+        out.slice_mut(s![at..at + n, ..]).assign(&padded.slice(s![r, ..n, ..]));
+        at += n;
+    }
+    out
+}
+
+fn rank2(a: ArrayViewD<'_, f32>) -> Result<ArrayView2<'_, f32>, EngineError> {
+    a.into_dimensionality::<Ix2>().map_err(|e| EngineError::Contract(format!("packed states are not rank 2: {e}")))
+}
+
+/// Each task's head once over all its lanes' rows (each row's real tokens of the packed states).
+fn heads(
+    hidden: ArrayView2<'_, f32>,
+    layout: &PackedPlan,
+    real: &[usize],
+    lanes: &[Lane],
+    groups: &[HeadGroup],
+) -> Result<Vec<LaneOutput>, EngineError> {
     let mut out: Vec<Option<LaneOutput>> = vec![None; lanes.len()];
     for g in groups {
-        let rows: Vec<ArrayView2<'_, f32>> = g.rows.iter().map(|&r| hidden.slice(s![r, ..lens[r].max(1), ..])).collect();
+        let rows: Vec<ArrayView2<'_, f32>> = g
+            .rows
+            .iter()
+            .map(|&r| {
+                let start = layout.final_starts[r];
+                hidden.slice(s![start..start + real[r], ..])
+            })
+            .collect();
         let mut results = run_task_head(&lanes[g.lanes[0]].task, &rows, HeadSource::HostFirst)?.into_iter();
         for &l in &g.lanes {
             out[l] = Some((&mut results).take(lanes[l].rows.len()).collect());

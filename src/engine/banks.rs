@@ -19,12 +19,14 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use ndarray::{Array3, Axis, s};
 
+use super::banks_methods::{MethodBank, MethodStore};
 use crate::repository::Location;
+use crate::repository::adapterhub::lora::LayerMethods;
 use crate::repository::adapterhub::{BottleneckWeights, RULE_FLAGS, SlotRule};
 
 /// Rule row of bank row 0: LN before (unused: the weights are zero), LN after, residual `h`,
 /// scale 0, relu: `y = LN(h + x)`, the plain slot, bit for bit.
-pub const PLAIN_RULE: [f32; RULE_FLAGS] = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0];
+pub const PLAIN_RULE: [f32; RULE_FLAGS] = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0];
 /// Capacity (rows, row 0 included) the banks never shrink below.
 const MIN_ROWS: usize = 8;
 /// Largest growth step.
@@ -118,11 +120,13 @@ impl Bank {
     }
 }
 
-/// What registration hands the banks: the rule and the bottleneck weights of one task version.
+/// What registration hands the banks: the rule and the bottleneck weights of one task version,
+/// or its LoRA / (IA)^3 weights per layer (`banks_methods.rs`).
 #[derive(Debug)]
 pub struct BankWrite {
     pub rule: SlotRule,
     pub slots: BTreeMap<(usize, Location), BottleneckWeights>,
+    pub methods: BTreeMap<usize, LayerMethods>,
 }
 
 enum BankOp {
@@ -179,12 +183,13 @@ fn apply_if_idle(store: &Weak<Mutex<BankStore>>, deferred: &AtomicBool) {
 }
 
 impl BackboneBanks {
-    pub fn new(layers: usize, hidden: usize) -> Self {
+    /// Banks for `layers` layers of width `hidden` with FFN size `ffn`.
+    pub fn new(layers: usize, hidden: usize, ffn: usize) -> Self {
         let (tx, rx) = channel();
         Self {
             tx: Mutex::new(tx),
             next_id: AtomicU64::new(1),
-            store: Arc::new(Mutex::new(BankStore::new(rx, layers, hidden))),
+            store: Arc::new(Mutex::new(BankStore::new(rx, layers, hidden, ffn))),
             deferred: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -220,6 +225,8 @@ pub struct BankStore {
     hidden: usize,
     /// `banks[layer][slot_of(location)]`.
     banks: Vec<[Bank; 2]>,
+    /// LoRA / (IA)^3, with rows for the tasks that have such weights only.
+    methods: MethodStore,
     /// Task handle id -> (its row, the slots it has weights for).
     rows: HashMap<u64, (usize, Vec<(usize, Location)>)>,
     /// Unused rows (> 0), lowest last.
@@ -229,13 +236,23 @@ pub struct BankStore {
 }
 
 impl BankStore {
-    fn new(rx: Receiver<BankOp>, layers: usize, hidden: usize) -> Self {
+    fn new(rx: Receiver<BankOp>, layers: usize, hidden: usize, ffn: usize) -> Self {
         let banks = (0..layers).map(|_| [Bank::new(MIN_ROWS, hidden, 1), Bank::new(MIN_ROWS, hidden, 1)]).collect();
-        Self { rx, hidden, banks, rows: HashMap::new(), free: (1..MIN_ROWS).rev().collect(), freed_early: Vec::new() }
+        let methods = MethodStore::new(layers, hidden, ffn);
+        Self { rx, hidden, banks, methods, rows: HashMap::new(), free: (1..MIN_ROWS).rev().collect(), freed_early: Vec::new() }
     }
 
     pub fn bank(&self, layer: usize, location: Location) -> &Bank {
         &self.banks[layer][slot_of(location)]
+    }
+
+    pub fn methods(&self, layer: usize) -> &MethodBank {
+        self.methods.bank(layer)
+    }
+
+    /// The methods-bank row of a task at one layer; 0 where it has no LoRA / (IA)^3 there.
+    pub fn method_index(&self, id: u64, layer: usize) -> u32 {
+        self.methods.index(id, layer)
     }
 
     /// Rows per bank (row 0 included).
@@ -249,7 +266,7 @@ impl BankStore {
     }
 
     pub fn bytes(&self) -> usize {
-        self.banks.iter().flat_map(|b| b.iter()).map(Bank::bytes).sum()
+        self.banks.iter().flat_map(|b| b.iter()).map(Bank::bytes).sum::<usize>() + self.methods.bytes()
     }
 
     /// The bank row of a task at one slot; 0 where it has no adapter (or was never written).
@@ -302,10 +319,12 @@ impl BankStore {
             }
             bank.write(row, &flags, weights);
         }
+        self.methods.write(id, &w.methods);
         self.rows.insert(id, (row, w.slots.keys().copied().collect()));
     }
 
     fn free_rows(&mut self, id: u64) {
+        self.methods.free(id);
         let Some((row, _)) = self.rows.remove(&id) else {
             self.freed_early.push(id);
             return;
@@ -359,6 +378,7 @@ impl BankStore {
                 }
             }
         }
+
         let mut widths = vec![[1usize; 2]; self.banks.len()];
         for (layer, pair) in self.banks.iter().enumerate() {
             for (slot, bank) in pair.iter().enumerate() {

@@ -1,5 +1,7 @@
 //! Unit tests of the bank store (`banks.rs`), kept apart so each file stays short.
 
+use std::collections::BTreeMap;
+
 use ndarray::{Array1, Array2};
 
 use super::*;
@@ -17,13 +19,14 @@ fn weights(r: usize, seed: f32) -> BottleneckWeights {
 }
 
 fn task(r: usize, seed: f32, slots: &[(usize, Location)]) -> BankWrite {
-    let rule = SlotRule { ln_before: true, ln_after: true, residual: Residual::H, activation: Activation::Gelu, scaling: 1.0 };
-    BankWrite { rule, slots: slots.iter().map(|k| (*k, weights(r, seed))).collect() }
+    let rule =
+        SlotRule { ln_before: true, ln_after: true, residual: Residual::H, activation: Activation::Gelu, scaling: 1.0, parallel: false };
+    BankWrite { rule, slots: slots.iter().map(|k| (*k, weights(r, seed))).collect(), methods: BTreeMap::new() }
 }
 
 #[test]
 fn rows_hold_weights_transposed_and_padded() {
-    let b = BackboneBanks::new(2, H);
+    let b = BackboneBanks::new(2, H, 2 * H);
     let wide = b.register(task(3, 1.0, &[(0, Location::Ffn), (1, Location::Ffn)]));
     let narrow = b.register(task(2, 5.0, &[(1, Location::Ffn)]));
     let s = b.store();
@@ -44,7 +47,7 @@ fn rows_hold_weights_transposed_and_padded() {
 
 #[test]
 fn freed_rows_are_zeroed_and_reused() {
-    let b = BackboneBanks::new(1, H);
+    let b = BackboneBanks::new(1, H, 2 * H);
     let first = b.register(task(2, 1.0, &[(0, Location::Ffn)]));
     let row = b.store().index(first.id(), 0, Location::Ffn);
     drop(first);
@@ -59,7 +62,7 @@ fn freed_rows_are_zeroed_and_reused() {
 
 #[test]
 fn grows_by_at_most_a_quarter_and_shrinks_when_half_empty() {
-    let b = BackboneBanks::new(1, H);
+    let b = BackboneBanks::new(1, H, 2 * H);
     let mut held = Vec::new();
     let mut caps = vec![b.store().capacity()];
     for i in 0..40 {
@@ -85,7 +88,7 @@ fn grows_by_at_most_a_quarter_and_shrinks_when_half_empty() {
 
 #[test]
 fn many_writes_at_once_grow_to_exact_size() {
-    let b = BackboneBanks::new(1, H);
+    let b = BackboneBanks::new(1, H, 2 * H);
     b.defer(true);
     let held: Vec<_> = (0..100).map(|i| b.register(task(1, i as f32, &[(0, Location::Ffn)]))).collect();
     b.defer(false);
@@ -97,7 +100,7 @@ fn many_writes_at_once_grow_to_exact_size() {
 #[test]
 fn without_batches_writes_and_frees_apply_at_once() {
     // Registration churn with no traffic must not queue weights: nothing waits for a batch.
-    let b = BackboneBanks::new(1, H);
+    let b = BackboneBanks::new(1, H, 2 * H);
     for i in 0..50 {
         let rows = b.register(task(2, i as f32, &[(0, Location::Ffn)]));
         assert_eq!(b.store.lock().unwrap().used(), 1, "written at registration");
@@ -109,7 +112,7 @@ fn without_batches_writes_and_frees_apply_at_once() {
 
 #[test]
 fn a_task_dropped_before_its_write_takes_no_row() {
-    let b = BackboneBanks::new(1, H);
+    let b = BackboneBanks::new(1, H, 2 * H);
     drop(b.register(task(2, 1.0, &[(0, Location::Ffn)])));
     assert_eq!(b.store().used(), 0);
 }

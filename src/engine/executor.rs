@@ -56,6 +56,14 @@ pub struct ExecStats {
     pub graph_runs: usize,
     /// Lanes that ran on the adapter banks (the rest ran on the per-task path).
     pub bank_lanes: usize,
+    /// Real token positions that entered per-token work (FFN, adapter slots, LayerNorms),
+    /// summed over the layers of the batch: what the batch really had to compute.
+    pub real_tokens: usize,
+    /// Token positions per-token work actually computed, padding included, summed over layers;
+    /// `real_tokens / computed_tokens` is the batch's padding efficiency.
+    pub computed_tokens: usize,
+    /// Token positions inside attention, padding included, summed over layers.
+    pub attention_tokens: usize,
 }
 
 /// Slot graph choice of one lane at one slot; compared by graph identity.

@@ -2,11 +2,13 @@
 
 pub mod banked;
 pub mod banks;
+pub mod banks_methods;
 pub mod executor;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod fusion;
 pub mod heads;
+pub mod packing;
 pub mod plan;
 pub mod planner;
 mod tensors;
@@ -171,6 +173,7 @@ pub fn spawn(
     pace: Arc<Pace>,
     liveness: Liveness,
 ) -> std::thread::JoinHandle<()> {
+    banked::set_packing(settings.packing);
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {

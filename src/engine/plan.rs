@@ -13,6 +13,9 @@ pub type BankIndex = u32;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LanePath {
     pub index: Vec<[BankIndex; 2]>,
+    /// Per layer, its row in the LoRA / (IA)^3 bank, which changes the layer's projections, so rows
+    /// split *before* the layer (empty: none anywhere).
+    pub methods: Vec<BankIndex>,
     /// Input rows (indices into the batch's sequences) the lane runs on.
     pub rows: Vec<usize>,
     /// Lanes with the same head key share one head computation (the task version).
@@ -24,6 +27,8 @@ pub struct LanePath {
 pub struct LayerPlan {
     /// Input row of every physical row entering the layer (its attention mask row).
     pub input_rows: Vec<usize>,
+    /// LoRA / (IA)^3 bank row of every physical row entering the layer.
+    pub methods_index: Vec<i64>,
     /// For each row after the attention-slot split: the entering row it continues.
     pub attention_rows: Vec<i64>,
     pub attention_index: Vec<i64>,
@@ -42,6 +47,9 @@ pub struct HeadGroup {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Plan {
+    /// Input row of every physical row the embeddings compute (rows split before layer 0 where
+    /// lanes' LoRA / (IA)^3 rows differ there).
+    pub embedding_rows: Vec<usize>,
     pub layers: Vec<LayerPlan>,
     pub heads: Vec<HeadGroup>,
     /// Physical rows entering each layer (what `ExecStats.layer_rows` reports).
@@ -58,24 +66,35 @@ struct Rows {
     lanes_of: Vec<Vec<usize>>,
 }
 
+impl LanePath {
+    fn slot(&self, layer: usize, slot: usize) -> BankIndex {
+        self.index.get(layer).map_or(0, |i| i[slot])
+    }
+
+    fn method(&self, layer: usize) -> BankIndex {
+        self.methods.get(layer).copied().unwrap_or(0)
+    }
+}
+
 impl Rows {
-    /// Splits every row whose lanes want different bank rows at `slot`; returns (source row, bank
-    /// row) per new row. The split copies stay next to their source row, in order of first use.
-    fn split(&mut self, lanes: &[LanePath], layer: usize, slot: usize) -> (Vec<i64>, Vec<i64>) {
+    /// Splits every row whose lanes want different keys; returns (source row, bank row) per new
+    /// row, the bank row being the key's first part (its second part only splits: the next layer's
+    /// methods row). The split copies stay next to their source row, in order of first use.
+    fn split(&mut self, lanes: &[LanePath], key: impl Fn(&LanePath) -> (BankIndex, BankIndex)) -> (Vec<i64>, Vec<i64>) {
         let (mut src, mut index, mut input_of, mut lanes_of) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (r, served) in self.lanes_of.iter().enumerate() {
-            let mut groups: Vec<(BankIndex, Vec<usize>)> = Vec::new();
+            let mut groups: Vec<((BankIndex, BankIndex), Vec<usize>)> = Vec::new();
             for &l in served {
-                let want = lanes[l].index.get(layer).map_or(0, |i| i[slot]);
+                let want = key(&lanes[l]);
                 match groups.iter_mut().find(|(b, _)| *b == want) {
                     Some((_, ls)) => ls.push(l),
                     None => groups.push((want, vec![l])),
                 }
             }
             if groups.is_empty() {
-                groups.push((0, Vec::new())); // a row no lane reads stays plain
+                groups.push(((0, 0), Vec::new())); // a row no lane reads stays plain
             }
-            for (b, ls) in groups {
+            for ((b, _), ls) in groups {
                 src.push(r as i64);
                 index.push(i64::from(b));
                 input_of.push(self.input_of[r]);
@@ -100,12 +119,16 @@ pub fn plan(lanes: &[LanePath], inputs: usize, layers: usize) -> Plan {
     }
     let mut rows = Rows { input_of: (0..inputs).collect(), lanes_of };
     let mut plan = Plan::default();
+    rows.split(lanes, |l| (0, l.method(0)));
+    plan.embedding_rows = rows.input_of.clone();
     for layer in 0..layers {
         plan.rows_per_layer.push(rows.input_of.len());
         let input_rows = rows.input_of.clone();
-        let (attention_rows, attention_index) = rows.split(lanes, layer, 0);
-        let (ffn_rows, ffn_index) = rows.split(lanes, layer, 1);
-        plan.layers.push(LayerPlan { input_rows, attention_rows, attention_index, ffn_rows, ffn_index });
+        // Rows were split by this layer's methods row before it (all lanes of a row agree).
+        let methods_index = rows.lanes_of.iter().map(|ls| ls.first().map_or(0, |&l| i64::from(lanes[l].method(layer)))).collect();
+        let (attention_rows, attention_index) = rows.split(lanes, |l| (l.slot(layer, 0), 0));
+        let (ffn_rows, ffn_index) = rows.split(lanes, |l| (l.slot(layer, 1), l.method(layer + 1)));
+        plan.layers.push(LayerPlan { input_rows, methods_index, attention_rows, attention_index, ffn_rows, ffn_index });
     }
     plan.final_rows = rows.input_of.len();
     plan.final_inputs = rows.input_of.clone();
@@ -133,7 +156,7 @@ mod tests {
     use super::*;
 
     fn lane(index: &[[BankIndex; 2]], rows: &[usize], head: usize) -> LanePath {
-        LanePath { index: index.to_vec(), rows: rows.to_vec(), head }
+        LanePath { index: index.to_vec(), methods: Vec::new(), rows: rows.to_vec(), head }
     }
 
     fn identity(n: usize) -> Vec<i64> {
@@ -208,5 +231,28 @@ mod tests {
         assert_eq!(p.layers[0].ffn_rows, vec![0, 1]);
         assert_eq!(p.layers[0].ffn_index, vec![0, 1]);
         assert_eq!(p.heads[0].rows, vec![1]);
+    }
+
+    #[test]
+    fn methods_split_rows_before_their_layer() {
+        // Lane 0: LoRA from layer 1; lane 1: LoRA at layer 0 (split before the embeddings' output
+        // enters layer 0); lane 2: plain. Two inputs; lanes 0 and 2 read input 0 only.
+        let mut a = lane(&[[0, 0]; 2], &[0], 0);
+        a.methods = vec![0, 4];
+        let mut b = lane(&[[0, 0]; 2], &[0, 1], 1);
+        b.methods = vec![6, 6];
+        let c = lane(&[[0, 0]; 2], &[0], 2);
+        let p = plan(&[a, b, c], 2, 2);
+        assert_eq!(p.embedding_rows, vec![0, 0, 1], "input 0: lanes 0 and 2 plain, lane 1 with 6; input 1: lane 1");
+        assert_eq!(p.layers[0].methods_index, vec![0, 6, 6]);
+        // layer 0's FFN split separates lane 0 (LoRA 4 at layer 1) from lane 2 (plain).
+        assert_eq!(p.layers[0].ffn_rows, vec![0, 0, 1, 2]);
+        assert_eq!(p.layers[1].input_rows, vec![0, 0, 0, 1]);
+        assert_eq!(p.layers[1].methods_index, vec![4, 0, 6, 6]);
+        assert_eq!(p.heads[0].rows, vec![0]);
+        assert_eq!(p.heads[1].rows, vec![2, 3]);
+        assert_eq!(p.heads[2].rows, vec![1]);
+        // Without methods the embeddings run once per input.
+        assert_eq!(plan(&[lane(&[[0, 1]], &[0, 1], 0)], 2, 1).embedding_rows, vec![0, 1]);
     }
 }

@@ -75,6 +75,9 @@ fn merge(into: &mut ExecStats, s: ExecStats, part: &[usize], lanes: usize) {
     into.fusion_adapter_rows_saved += s.fusion_adapter_rows_saved;
     into.graph_runs += s.graph_runs;
     into.bank_lanes += s.bank_lanes;
+    into.real_tokens += s.real_tokens;
+    into.computed_tokens += s.computed_tokens;
+    into.attention_tokens += s.attention_tokens;
     if !s.fusion.is_empty() {
         into.fusion.resize(lanes, Vec::new());
         for (&l, f) in part.iter().zip(s.fusion) {

@@ -5,6 +5,7 @@ use std::path::Path;
 use ort::value::TensorElementType as T;
 use tokenizers::Tokenizer;
 
+use super::adapterhub::lora::Target;
 use super::manifest::{BackboneManifest, FORMAT_VERSION, Location, read_json, valid_name};
 use crate::engine::banks::BackboneBanks;
 use crate::error::LoadError;
@@ -50,19 +51,24 @@ pub struct Banked {
     pub banks: BackboneBanks,
 }
 
-/// Contract of `layer.onnx` (models/README.md, "Layer graphs").
-pub fn layer_contract(hidden: usize) -> (Vec<IoSpec>, Vec<IoSpec>) {
+/// Contract of `layer.onnx` (models/README.md, "Layer graphs"): packed tokens `[tokens, H]`.
+pub fn layer_contract(hidden: usize, ffn: usize) -> (Vec<IoSpec>, Vec<IoSpec>) {
     let h = hidden as i64;
-    let bth = [Dim::Any, Dim::Any, Dim::Fixed(h)];
-    let rows = [Dim::Any];
+    let th = [Dim::Any, Dim::Fixed(h)];
+    let (one, two) = ([Dim::Any], [Dim::Any, Dim::Any]);
     let mut inputs = vec![
-        IoSpec::new("hidden", T::Float32, &bth),
-        IoSpec::new("attention_mask", T::Int64, &[Dim::Any, Dim::Any]),
-        IoSpec::new("attention_rows", T::Int64, &rows),
-        IoSpec::new("attention_index", T::Int64, &rows),
-        IoSpec::new("ffn_rows", T::Int64, &rows),
-        IoSpec::new("ffn_index", T::Int64, &rows),
+        IoSpec::new("hidden", T::Float32, &th),
+        IoSpec::new("attention_gather", T::Int64, &two),
+        IoSpec::new("attention_mask", T::Int64, &two),
+        IoSpec::new("attention_scatter", T::Int64, &one),
     ];
+    for names in GROUP_INPUTS {
+        inputs.extend([
+            IoSpec::new(names[0], T::Int64, &two),
+            IoSpec::new(names[1], T::Int64, &one),
+            IoSpec::new(names[2], T::Int64, &one),
+        ]);
+    }
     for names in [BANK_INPUTS[0], BANK_INPUTS[1]] {
         let k = crate::repository::adapterhub::RULE_FLAGS as i64;
         let dims: [&[Dim]; 5] = [
@@ -74,8 +80,40 @@ pub fn layer_contract(hidden: usize) -> (Vec<IoSpec>, Vec<IoSpec>) {
         ];
         inputs.extend(names.iter().zip(dims).map(|(n, d)| IoSpec::new(n, T::Float32, d)));
     }
-    (inputs, vec![IoSpec::new("y", T::Float32, &bth)])
+    for names in METHOD_GROUP_INPUTS {
+        inputs.extend([
+            IoSpec::new(names[0], T::Int64, &two),
+            IoSpec::new(names[1], T::Int64, &one),
+            IoSpec::new(names[2], T::Int64, &one),
+        ]);
+    }
+    for (names, target) in METHOD_INPUTS.iter().zip(Target::ALL) {
+        let (i, o) = target.dims(hidden, ffn);
+        let (i, o) = (Dim::Fixed(i as i64), Dim::Fixed(o as i64));
+        let dims: [&[Dim]; 3] = [&[Dim::Any, i, Dim::Any], &[Dim::Any, Dim::Any, o], &[Dim::Any, Dim::Fixed(1), o]];
+        inputs.extend(names.iter().zip(dims).map(|(n, d)| IoSpec::new(n, T::Float32, d)));
+    }
+    (inputs, vec![IoSpec::new("y", T::Float32, &th)])
 }
+
+/// Group map input names of `layer.onnx`, per location (attention, ffn): `[group, index, ungroup]`.
+pub const GROUP_INPUTS: [[&str; 3]; 2] =
+    [["attention_group", "attention_index", "attention_ungroup"], ["ffn_group", "ffn_index", "ffn_ungroup"]];
+
+/// The LoRA / (IA)^3 group maps: the entering tokens (attention projections) and the tokens after
+/// the attention slot (FFN projections) grouped by methods-bank row.
+pub const METHOD_GROUP_INPUTS: [[&str; 3]; 2] =
+    [["methods_group", "methods_index", "methods_ungroup"], ["methods_ffn_group", "methods_ffn_index", "methods_ffn_ungroup"]];
+
+/// LoRA / (IA)^3 bank input names of `layer.onnx`, per `Target` (in `Target::ALL` order):
+/// `lora_a`, `lora_b`, `scale` (`engine/banks_methods.rs`).
+pub const METHOD_INPUTS: [[&str; 3]; 5] = [
+    ["methods.query.lora_a", "methods.query.lora_b", "methods.query.scale"],
+    ["methods.key.lora_a", "methods.key.lora_b", "methods.key.scale"],
+    ["methods.value.lora_a", "methods.value.lora_b", "methods.value.scale"],
+    ["methods.intermediate.lora_a", "methods.intermediate.lora_b", "methods.intermediate.scale"],
+    ["methods.output.lora_a", "methods.output.lora_b", "methods.output.scale"],
+];
 
 /// Bank input names of `layer.onnx`, per location (attention, ffn), in `Bank` field order.
 pub const BANK_INPUTS: [[&str; 5]; 2] = [
@@ -160,9 +198,23 @@ fn load_banked(runtime: &Runtime, dir: &Path, manifest: &BackboneManifest) -> Re
     if present == 0 {
         return Ok(None);
     }
-    let (inputs, outputs) = layer_contract(manifest.hidden_size);
-    let layers = (0..manifest.num_layers).map(|i| Graph::load(runtime, &path(i), &inputs, &outputs)).collect::<Result<Vec<_>, _>>()?;
-    Ok(Some(Banked { layers, banks: BackboneBanks::new(manifest.num_layers, manifest.hidden_size) }))
+    let (inputs, outputs) = layer_contract(manifest.hidden_size, manifest.intermediate_size);
+    // Layer graphs written before packed tokens (issue 15) take padded rows and row maps; those
+    // before the methods bank (issue 14) lack its inputs.
+    let regenerate = |e: LoadError| LoadError {
+        file: e.file,
+        problem: format!(
+            "{}. Layer graphs exported before packed tokens (inputs `attention_rows`, `ffn_rows`) or the methods bank (`methods_*`) are no longer \
+                 served: re-export the backbone with tools/export_backbone.py (the repository builders under tools/ \
+                 write the new graphs: `make test-repo`, `make breadth-repo`), or delete its layers/<i>/layer.onnx to \
+                 serve it on the per-task path",
+            e.problem
+        ),
+    };
+    let layers = (0..manifest.num_layers)
+        .map(|i| Graph::load(runtime, &path(i), &inputs, &outputs).map_err(regenerate))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(Banked { layers, banks: BackboneBanks::new(manifest.num_layers, manifest.hidden_size, manifest.intermediate_size) }))
 }
 
 /// Loads `tokenizer.json` with its built-in padding and truncation switched off: the server pads

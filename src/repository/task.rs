@@ -108,9 +108,10 @@ impl Task {
         self.bank = None;
         if let (Some(banked), true) = (&self.backbone.banked, self.fusion.is_empty()) {
             let needed = needed_layers(&self.manifest.drop, self.backbone.num_layers());
-            let slots =
-                std::mem::take(&mut w.slots).into_iter().filter(|((layer, _), _)| needed.get(*layer).copied().unwrap_or(false)).collect();
-            self.bank = Some(TaskBank { rows: banked.banks.register(BankWrite { rule: w.rule, slots }) });
+            let need = |layer: &usize| needed.get(*layer).copied().unwrap_or(false);
+            let slots = std::mem::take(&mut w.slots).into_iter().filter(|((layer, _), _)| need(layer)).collect();
+            let methods = std::mem::take(&mut w.methods).into_iter().filter(|(layer, _)| need(layer)).collect();
+            self.bank = Some(TaskBank { rows: banked.banks.register(BankWrite { rule: w.rule, slots, methods }) });
         }
         self.adapterhub = Some(Arc::new(w));
     }
@@ -199,12 +200,19 @@ fn load_adapterhub(
     backbone: &Backbone,
     needed: &[bool],
 ) -> Result<AdapterWeights, LoadError> {
-    let w = adapterhub::load(dir, backbone.num_layers(), backbone.manifest.hidden_size)?;
+    let w = adapterhub::load_for(dir, &backbone.manifest)?;
     let in_use = |keys: Vec<(usize, Location)>| keys.into_iter().filter(|(l, _)| needed[*l]).collect::<std::collections::BTreeSet<_>>();
     let graphs = in_use(m.slots.iter().map(|s| (s.layer, s.location)).collect());
     let weights = in_use(w.slots.keys().copied().collect());
+    if !m.weights_only() && (w.rule.parallel || !w.methods.is_empty()) {
+        return Err(LoadError::new(
+            dir.join(adapterhub::ADAPTER_CONFIG),
+            format!("a {} adapter is served on the adapter banks only: register it weights-only, without slot graphs", w.method),
+        ));
+    }
     if m.weights_only() {
-        if let Some(layer) = (0..needed.len()).find(|&l| needed[l] && !weights.iter().any(|(wl, _)| *wl == l)) {
+        let has = |l: usize| weights.iter().any(|(wl, _)| *wl == l) || w.methods.contains_key(&l);
+        if let Some(layer) = (0..needed.len()).find(|&l| needed[l] && !has(l)) {
             return Err(LoadError::new(
                 dir.join(adapterhub::ADAPTER_CONFIG),
                 format!("layer {layer} is not dropped by {} but the adapter leaves it out (leave_out)", describe_drop(&m.drop)),

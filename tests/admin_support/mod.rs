@@ -6,12 +6,12 @@ pub mod graphs;
 use std::path::{Path, PathBuf};
 
 use adapterdrop_serve::proto::admin_client::AdminClient;
+use adapterdrop_serve::proto::drop_config::Mode;
 use adapterdrop_serve::proto::inference_client::InferenceClient;
 use adapterdrop_serve::proto::register_task_request::Part;
-use adapterdrop_serve::proto::{AdapterHubTask, DropConfig, RobustRange, drop_config};
 use adapterdrop_serve::proto::{
-    BundleChunk, BundleHeader, InferRequest, InferResponse, ListTasksRequest, RegisterTaskRequest, RegisterTaskResponse, TaskInfo, TaskRef,
-    Texts, UnregisterTaskRequest, UnregisterTaskResponse, infer_request::Inputs,
+    AdapterHubTask, BundleChunk, BundleHeader, DropConfig, InferRequest, InferResponse, ListTasksRequest, RegisterTaskRequest,
+    RegisterTaskResponse, RobustRange, TaskInfo, TaskRef, Texts, UnregisterTaskRequest, UnregisterTaskResponse, infer_request::Inputs,
 };
 use tonic::transport::Channel;
 use tonic::{Request, Status};
@@ -48,10 +48,10 @@ pub fn header(name: &str, version: Option<u32>, set_default: bool, replace: bool
 }
 
 pub fn robust(default: u32, min: u32, max: u32) -> Option<DropConfig> {
-    Some(DropConfig { mode: Some(drop_config::Mode::Robust(RobustRange { default, min, max })) })
+    Some(DropConfig { mode: Some(Mode::Robust(RobustRange { default, min, max })) })
 }
 
-/// The header of a weights-only registration (AdapterHub files only) on `backbone`.
+/// The header of a weights-only registration (an AdapterHub directory) on `backbone`.
 pub fn weights_header(name: &str, backbone: &str, drop: Option<DropConfig>) -> BundleHeader {
     let meta = AdapterHubTask { backbone: backbone.into(), drop, ..Default::default() };
     BundleHeader { adapterhub: Some(meta), ..header(name, None, false, false) }

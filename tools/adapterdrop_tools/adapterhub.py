@@ -53,6 +53,7 @@ class Adapter:
     locations: tuple
     slots: dict = field(repr=False)  # (layer, location) -> SlotWeights
     source: str = ""
+    is_parallel: bool = False  # par_bn: the bottleneck reads the sub-layer input (layer graphs only)
     directory: str = ""  # where adapter_config.json was read
     weights_file: str = ""  # the weights file read (safetensors or a torch .bin)
 
@@ -69,6 +70,10 @@ class Head:
     directory: str = ""  # where head_config.json was read
     weights_file: str = ""
 
+
+# Where the methods the slot graphs cannot express are served instead.
+BANKS_ONLY = ("register the AdapterHub directory weights-only (tools/register_task.py register --weights-only "
+              "--adapter DIR --backbone B ...); the server runs it on the adapter banks")
 
 ADAPTERHUB_FILES = ("adapter_config.json", "adapter.safetensors", "head_config.json", "model_head.safetensors")
 
@@ -130,13 +135,14 @@ def _check_config(cfg) -> dict:
         raise UnsupportedAdapter("architecture 'union' (ConfigUnion / MAM / UniPELT) is not supported")
     if arch == "lora":  # the library stores (IA)^3 as a LoRA config with composition_mode "scale"
         method = "(IA)^3 (ia3)" if cfg.get("composition_mode") == "scale" else "LoRA (lora)"
-        raise UnsupportedAdapter(f"adapter method {method} (architecture='lora') is not supported yet: only "
-                                 "bottleneck adapters (seq_bn / Pfeiffer, double_seq_bn / Houlsby) are exported")
+        raise UnsupportedAdapter(f"adapter method {method} (architecture='lora') is not exported to slot graphs: "
+                                 f"{BANKS_ONLY}")
     if arch not in (None, "bottleneck"):
-        raise UnsupportedAdapter(f"architecture {arch!r} is not supported (bottleneck adapters only)")
+        raise UnsupportedAdapter(f"architecture {arch!r} is not supported (bottleneck adapters, LoRA and (IA)^3 "
+                                 "only; union / prefix_tuning / prompt_tuning and the others are not)")
     if cfg.get("is_parallel"):
-        raise UnsupportedAdapter("parallel bottleneck adapters (par_bn, is_parallel=true) are not supported yet: "
-                                 "only sequential ones (seq_bn / Pfeiffer, double_seq_bn / Houlsby)")
+        raise UnsupportedAdapter(f"parallel bottleneck adapters (par_bn, is_parallel=true) are not exported to slot "
+                                 f"graphs: {BANKS_ONLY}")
     for key in ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity"):
         if key not in cfg:
             raise UnsupportedAdapter(f"config lacks required field {key!r}")

@@ -51,14 +51,25 @@ def attention_graph(ck: Checkpoint, i: int):
     return g.model()
 
 
-def attention_body(g: GraphBuilder, ck: Checkpoint, i: int, x: str, mask: str, out: str | None = None) -> str:
-    """The attention segment's nodes inside `g` (shared by attention.onnx and layer.onnx)."""
+def attention_body(g: GraphBuilder, ck: Checkpoint, i: int, x: str, mask: str, out: str | None = None,
+                   gather: str | None = None, scatter: str | None = None, hook=None) -> str:
+    """The attention segment's nodes inside `g` (shared by attention.onnx and layer.onnx).
+
+    Padded (`x` [B,T,H]) by default. Packed (`x` [N,H], the real tokens of every row one after the
+    other) with `gather` ([B,T] token of each row position, pads any token: masked) and `scatter`
+    ([N] position b*T+t of each token): the projections run on the N tokens, only the score and
+    context products see the rows' padding. `hook(name, x, y) -> y'`, if given, rewrites the query /
+    key / value projections (layer.onnx: LoRA, (IA)^3; before the gather, on the tokens)."""
     H, nh = ck.hidden_size, ck.num_heads
     d = H // nh
     heads_shape = g.const([0, 0, nh, d], "heads_shape", np.int64)
 
     def proj(name):
         y = g.linear(x, ck.layer(i, f"attention.self.{name}.weight"), ck.layer(i, f"attention.self.{name}.bias"), name)
+        if hook is not None:
+            y = hook(name, x, y)
+        if gather is not None:
+            y = g.op("Gather", [y, gather], axis=0)  # [B,T,H]
         return g.op("Reshape", [y, heads_shape])  # [B,T,nh,d]
 
     q = g.op("Transpose", [proj("query")], perm=[0, 2, 1, 3])  # [B,nh,T,d]
@@ -70,7 +81,11 @@ def attention_body(g: GraphBuilder, ck: Checkpoint, i: int, x: str, mask: str, o
     term = g.op("Unsqueeze", [term, g.const([1, 2], "unsq_axes", np.int64)])  # [B,1,1,T]
     probs = g.op("Softmax", [g.op("Add", [scores, term])], axis=-1)
     ctx = g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])  # [B,T,nh,d]
-    ctx = g.op("Reshape", [ctx, g.const([0, 0, H], "merge_shape", np.int64)])
+    if scatter is not None:  # back to the packed tokens: [B*T,H] rows picked by `scatter`
+        ctx = g.op("Reshape", [ctx, g.const([-1, H], "flat_shape", np.int64)])
+        ctx = g.op("Gather", [ctx, scatter], axis=0)
+    else:
+        ctx = g.op("Reshape", [ctx, g.const([0, 0, H], "merge_shape", np.int64)])
     return g.linear(ctx, ck.layer(i, "attention.output.dense.weight"), ck.layer(i, "attention.output.dense.bias"),
                     "attention.output.dense", out=out)
 
@@ -84,11 +99,17 @@ def ffn_graph(ck: Checkpoint, i: int):
     return g.model()
 
 
-def ffn_body(g: GraphBuilder, ck: Checkpoint, i: int, x: str, out: str | None = None) -> str:
-    """The FFN segment's nodes inside `g` (shared by ffn.onnx and layer.onnx)."""
+def ffn_body(g: GraphBuilder, ck: Checkpoint, i: int, x: str, out: str | None = None, hook=None) -> str:
+    """The FFN segment's nodes inside `g` (shared by ffn.onnx and layer.onnx); `hook` as in
+    `attention_body`, for the "intermediate" and "output" dense layers."""
     m = g.linear(x, ck.layer(i, "intermediate.dense.weight"), ck.layer(i, "intermediate.dense.bias"), "intermediate.dense")
+    if hook is not None:
+        m = hook("intermediate", x, m)
     m = g.activation(m, "gelu")
-    return g.linear(m, ck.layer(i, "output.dense.weight"), ck.layer(i, "output.dense.bias"), "output.dense", out=out)
+    if hook is None:
+        return g.linear(m, ck.layer(i, "output.dense.weight"), ck.layer(i, "output.dense.bias"), "output.dense", out=out)
+    y = hook("output", m, g.linear(m, ck.layer(i, "output.dense.weight"), ck.layer(i, "output.dense.bias"), "output.dense"))
+    return g.op("Identity", [y], out) if out else y
 
 
 def plain_slot_graph(ln_weight, ln_bias, eps: float, name: str):

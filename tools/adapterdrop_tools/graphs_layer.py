@@ -1,13 +1,19 @@
-"""One graph per backbone layer with adapter banks as inputs (issue 12, models/README.md "Layer graphs").
+"""One graph per backbone layer with adapter banks as inputs (issues 12 and 15, models/README.md "Layer graphs").
 
 `layers/<i>/layer.onnx` runs attention, the attention slot, the FFN and the FFN slot of layer i for
-every row of a batch, whatever adapters the rows use: each slot gathers its adapter's weights from a
-bank (stacked weights of every loaded task, row 0 = "no adapter") by a per-row index, and the rule
-(LayerNorm placement, residual, activation, scaling) is data too, one flag row per bank row. Rows
-split where tasks' paths differ: `attention_rows` / `ffn_rows` say which row each slot's output row
-continues (AdapterDrop's shared lower layers: fewer rows below the first adapter).
+every row of a batch, whatever adapters the rows use, on **packed tokens**: `hidden` is `[tokens, H]`,
+the real tokens of every row one after the other, so per-token work (projections, FFN, LayerNorms,
+residuals, slots) computes no padding. Attention gathers its rows into `[rows, T]` (`attention_gather`,
+pads masked) and scatters back (`attention_scatter`): padding exists only inside the score and
+context products.
 
-Selection uses `Where` on the 0/1 flags, so the chosen branch is taken bit for bit; bank row 0 gives
+Each slot groups the tokens by bank row (`<loc>_group` `[G, S]`: the tokens taking bank row
+`<loc>_index[g]`, G distinct bank rows, S the largest group) so the adapter's weights are gathered
+once per group (`[G, H, r]`), runs the slot rule on `[G, S, H]` and puts the tokens back in order
+(`<loc>_ungroup`). The group map indexes the tokens *before* the slot, so it also does AdapterDrop's
+row expansion (a token of a split row appears once per copy): the token count may grow at each
+slot. The rule (LayerNorm placement, residual, activation, scaling) is data too, one flag row per
+bank row, selected with `Where`, so the chosen branch is taken bit for bit; bank row 0 gives
 `LN(h + x)`, the plain slot, exactly."""
 from __future__ import annotations
 
@@ -16,33 +22,62 @@ from onnx import TensorProto
 
 from .checkpoint import Checkpoint
 from .graphs_backbone import attention_body, ffn_body
+from .graphs_methods import any_method, gather_methods, if_methods, method_inputs, method_projection, parallel_input
 from .onnx_builder import F, I64, GraphBuilder
 
 LOCATIONS = ("attention", "ffn")
 # Column order of a bank's `rule` row ([N, 1, K]); the server writes the same layout.
 RULE_COLUMNS = ("ln_before", "ln_after", "residual_h", "residual_u", "residual_s", "scale",
-                "relu", "silu", "gelu", "tanh", "sigmoid")
+                "relu", "silu", "gelu", "tanh", "sigmoid", "parallel")
 K = len(RULE_COLUMNS)
 COL = {name: i for i, name in enumerate(RULE_COLUMNS)}
-ACTIVATIONS = RULE_COLUMNS[6:]
+ACTIVATIONS = RULE_COLUMNS[6:11]
 BANK_TENSORS = ("down_w", "down_b", "up_w", "up_b", "rule")
+# Inputs of layer.onnx before the banks, in order (the server checks the same list).
+MAP_INPUTS = ("hidden", "attention_gather", "attention_mask", "attention_scatter",
+              "attention_group", "attention_index", "attention_ungroup", "ffn_group", "ffn_index", "ffn_ungroup")
 
 
 def layer_graph(ck: Checkpoint, i: int):
-    """(hidden, attention_mask, row maps, bank indices, banks) -> y; see the module doc."""
+    """(packed hidden, attention maps, group maps, banks) -> packed y; see the module doc."""
     H = ck.hidden_size
     g = GraphBuilder(f"layer{i}")
-    hidden = g.input("hidden", F, ["rows0", "seq", H])
+    hidden = g.input("hidden", F, ["tokens0", H])
+    gather = g.input("attention_gather", I64, ["rows0", "seq"])
     mask = g.input("attention_mask", I64, ["rows0", "seq"])
-    rows = {}
-    for loc, n in (("attention", "rows1"), ("ffn", "rows2")):
-        rows[loc] = (g.input(f"{loc}_rows", I64, [n]), g.input(f"{loc}_index", I64, [n]))
+    scatter = g.input("attention_scatter", I64, ["tokens0"])
+    maps = {}
+    for loc, n in (("attention", "1"), ("ffn", "2")):
+        maps[loc] = Groups(g.input(f"{loc}_group", I64, [f"groups{n}", f"width{n}"]),
+                           g.input(f"{loc}_index", I64, [f"groups{n}"]),
+                           g.input(f"{loc}_ungroup", I64, [f"tokens{n}"]), H)
     banks = {loc: bank_inputs(g, loc, H) for loc in LOCATIONS}
-    g.output("y", F, ["rows2", "seq", H])
-    h1 = attention_body(g, ck, i, hidden, mask)
-    x1 = bank_slot(g, h1, hidden, *rows["attention"], banks["attention"], *ck.ln(i, "attention"), ck.eps, "attention")
-    h2 = ffn_body(g, ck, i, x1)
-    bank_slot(g, h2, x1, *rows["ffn"], banks["ffn"], *ck.ln(i, "ffn"), ck.eps, "ffn", out="y")
+    methods = method_inputs(g, H, ck.intermediate_size)
+    g.output("y", F, ["tokens2", H])
+    # LoRA / (IA)^3 (graphs_methods.py), only when a group uses them: on the entering tokens grouped
+    # by methods row, then on the tokens after the attention slot.
+    mg = {loc: Groups(g.input(f"{p}_group", I64, [f"mgroups{n}", f"mwidth{n}"]), g.input(f"{p}_index", I64, [f"mgroups{n}"]),
+                      g.input(f"{p}_ungroup", I64, [f"tokens{n}"]), H)
+          for loc, p, n in (("attention", "methods", "0"), ("ffn", "methods_ffn", "1"))}
+    used = any_method(g, mg["attention"].index)
+
+    def with_methods(b, loc, targets, body):
+        w = gather_methods(b, methods, targets, mg[loc].index)
+        return body(b, lambda t, x, y: method_projection(b, mg[loc], x, y, w[t], out_width(t)))
+
+    def out_width(t):
+        return ck.intermediate_size if t == "intermediate" else H
+
+    def attention(b, hook=None):
+        return attention_body(b, ck, i, hidden, mask, gather=gather, scatter=scatter, hook=hook)
+
+    def ffn(b, hook=None):
+        return ffn_body(b, ck, i, x1, hook=hook)
+
+    h1 = if_methods(g, used, lambda b: with_methods(b, "attention", ("query", "key", "value"), attention), attention, "attention")
+    x1 = bank_slot(g, h1, hidden, maps["attention"], banks["attention"], *ck.ln(i, "attention"), ck.eps, "attention")
+    h2 = if_methods(g, used, lambda b: with_methods(b, "ffn", ("intermediate", "output"), ffn), ffn, "ffn")
+    bank_slot(g, h2, x1, maps["ffn"], banks["ffn"], *ck.ln(i, "ffn"), ck.eps, "ffn", out="y")
     return g.model()
 
 
@@ -52,15 +87,47 @@ def bank_inputs(g: GraphBuilder, loc: str, H: int) -> dict:
     return {t: g.input(f"{loc}.{t}", F, dims[t]) for t in BANK_TENSORS}
 
 
-def bank_slot(g: GraphBuilder, h: str, x: str, rows: str, index: str, bank: dict, lw, lb, eps: float, loc: str,
+class Groups:
+    """A packed tensor plus a per-token bank choice, as per-group segments and back.
+
+    `group` [G, S]: packed token of each group position (pads: any token, their results are
+    dropped); `index` [G]: each group's bank row; `ungroup` [N']: position g*S+s of each output
+    token. Per-task weights are gathered once per group (`weights`), so any per-group function
+    `[G, S, H]` x `[G, ...]` (the bottleneck slot here, LoRA deltas or (IA)^3 scales elsewhere) runs as
+    one batched op whatever tasks the batch mixes."""
+
+    def __init__(self, group: str, index: str, ungroup: str, width: int):
+        self.group, self.index, self.ungroup, self.width = group, index, ungroup, width
+
+    def split(self, g: GraphBuilder, packed: str) -> str:
+        """[N, W] packed -> [G, S, W] grouped."""
+        return g.op("Gather", [packed, self.group], axis=0)
+
+    def weights(self, g: GraphBuilder, bank: str) -> str:
+        """[N_bank, ...] bank -> [G, ...], each group's bank row."""
+        return g.op("Gather", [bank, self.index], axis=0)
+
+    def join(self, g: GraphBuilder, grouped: str, out: str | None = None, width: int | None = None) -> str:
+        """[G, S, W] grouped -> [N', W] packed (in the order `ungroup` gives)."""
+        w = self.width if width is None else width
+        flat = g.op("Reshape", [grouped, g.const([-1, w], f"groups_flat_{w}", np.int64)])
+        return g.op("Gather", [flat, self.ungroup], out, axis=0)
+
+
+def bank_slot(g: GraphBuilder, h: str, x: str, groups: Groups, bank: dict, lw, lb, eps: float, loc: str,
               out: str | None = None) -> str:
-    """The general AdapterHub slot rule (graphs_task.adapter_slot_graph) with per-row weights and flags."""
-    h = g.op("Gather", [h, rows], axis=0)
-    x = g.op("Gather", [x, rows], axis=0)
-    w = {t: g.op("Gather", [bank[t], index], axis=0) for t in BANK_TENSORS}  # [R, ...]
+    """The general AdapterHub slot rule (graphs_task.adapter_slot_graph) on token groups, each with
+    its bank row's weights and flags; packed in, packed out."""
+    y = slot_rule(g, groups.split(g, h), groups.split(g, x), {t: groups.weights(g, bank[t]) for t in BANK_TENSORS},
+                  lw, lb, eps, loc)
+    return groups.join(g, y, out)
+
+
+def slot_rule(g: GraphBuilder, h: str, x: str, w: dict, lw, lb, eps: float, loc: str) -> str:
+    """The rule on `[G, S, H]` states with per-group weights `w` (`[G, ...]`, BANK_TENSORS)."""
     axis2 = g.const([2], "rule_axis", np.int64)
 
-    def flag(name: str) -> str:  # [R, 1, 1]
+    def flag(name: str) -> str:  # [G, 1, 1]
         k = COL[name]
         return g.op("Slice", [w["rule"], g.const([k], f"rule_{k}", np.int64), g.const([k + 1], f"rule_{k + 1}", np.int64), axis2])
 
@@ -69,6 +136,7 @@ def bank_slot(g: GraphBuilder, h: str, x: str, rows: str, index: str, bank: dict
 
     s = g.op("Add", [h, x])
     u = g.op("Where", [on("ln_before"), g.layer_norm(s, lw, lb, eps, f"{loc}.ln"), h])
+    u = parallel_input(g, on("parallel"), x, u)  # par_bn: the adapter reads the sub-layer input
     pre = g.op("Add", [g.op("MatMul", [u, w["down_w"]]), w["down_b"]])
     z = g.activation(pre, "sigmoid")
     for act in ("tanh", "gelu", "silu", "relu"):
@@ -76,7 +144,57 @@ def bank_slot(g: GraphBuilder, h: str, x: str, rows: str, index: str, bank: dict
     up = g.op("Mul", [g.op("Add", [g.op("MatMul", [z, w["up_w"]]), w["up_b"]]), flag("scale")])
     r = g.op("Where", [on("residual_h"), h, g.op("Where", [on("residual_u"), u, s])])
     o = g.op("Add", [up, r])
-    return g.op("Where", [on("ln_after"), g.layer_norm(g.op("Add", [o, x]), lw, lb, eps, f"{loc}.ln"), o], out)
+    return g.op("Where", [on("ln_after"), g.layer_norm(g.op("Add", [o, x]), lw, lb, eps, f"{loc}.ln"), o])
+
+
+def pack_maps(lens, rows, index) -> dict:
+    """Host side of one slot (numpy, for tests and tools; the server's plan builds the same maps):
+    `lens[j]` tokens of entering row j (packed in row order), `rows[k]` the entering row output row
+    k continues, `index[k]` its bank row -> `{group, index, ungroup}` (groups in order of first use)."""
+    starts = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    order: list = []
+    members: dict = {}
+    ungroup_at = []
+    for k, (src, b) in enumerate(zip(rows, index)):
+        if b not in members:
+            order.append(b)
+            members[b] = []
+        toks = list(range(starts[src], starts[src] + lens[src]))
+        ungroup_at.append((b, len(members[b]), len(toks)))
+        members[b].extend(toks)
+    width = max(1, max(len(m) for m in members.values()))
+    group = np.zeros((len(order), width), np.int64)
+    for gi, b in enumerate(order):
+        group[gi, :len(members[b])] = members[b]
+    gi_of = {b: gi for gi, b in enumerate(order)}
+    ungroup = np.concatenate([np.arange(n, dtype=np.int64) + gi_of[b] * width + at for b, at, n in ungroup_at])
+    return {"group": group, "index": np.asarray(order, np.int64), "ungroup": ungroup}
+
+
+def methods_maps(lens0, index0, attention_rows) -> dict:
+    """Host side of the methods groups (numpy, for tests and tools): entering row j (of `lens0[j]`
+    tokens) takes methods row `index0[j]`, and so does every row after the attention slot that
+    continues it (`attention_rows`) -> the `methods_*` and `methods_ffn_*` inputs."""
+    lens1 = [lens0[r] for r in attention_rows]
+    out = {f"methods_{k}": v for k, v in pack_maps(lens0, range(len(lens0)), list(index0)).items()}
+    index1 = [index0[r] for r in attention_rows]
+    out.update({f"methods_ffn_{k}": v for k, v in pack_maps(lens1, range(len(lens1)), index1).items()})
+    return out
+
+
+def attention_maps(lens, mask) -> dict:
+    """`attention_gather` / `attention_mask` / `attention_scatter` for rows of `lens` tokens (packed in
+    row order); `mask` [rows, >= max(lens)] the rows' own 0/1 masks."""
+    t = max(lens)
+    starts = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    gather = np.zeros((len(lens), t), np.int64)
+    m = np.zeros((len(lens), t), np.int64)
+    scatter = []
+    for j, n in enumerate(lens):
+        gather[j, :n] = np.arange(starts[j], starts[j] + n)
+        m[j, :n] = mask[j, :n]
+        scatter.extend(j * t + p for p in range(n))
+    return {"attention_gather": gather, "attention_mask": m, "attention_scatter": np.asarray(scatter, np.int64)}
 
 
 # ---- bank rows (for tests and tools; the server builds its banks in Rust the same way) ----------
@@ -89,6 +207,7 @@ def rule_row(adapter) -> np.ndarray:
     row[COL["residual_s" if res == "post_add" else ("residual_h" if res else "residual_u")]] = 1.0
     row[COL["scale"]] = adapter.scaling
     row[COL[adapter.non_linearity]] = 1.0
+    row[COL["parallel"]] = float(getattr(adapter, "is_parallel", False))
     return row
 
 

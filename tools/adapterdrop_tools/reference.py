@@ -136,6 +136,34 @@ class Reference:
         return head_logits(hid, head)
 
 
+# ---- Stack (MAD-X), written from the adapters library and checked against it -------------------
+def nice(x: np.ndarray, inv: dict, kind: str = "relu") -> np.ndarray:
+    """The invertible adapter "nice" at the embeddings (forward): `x = [x1, x2]` split at H // 2,
+    `y1 = x1 + F(x2)`, `y2 = x2 + G(y1)`, F and G two linears with `kind` between; `inv` holds the
+    library's `F.0`, `F.2`, `G.0`, `G.2` weights and biases."""
+    s = x.shape[-1] // 2
+    x1, x2 = x[..., :s], x[..., s:]
+
+    def mlp(z, n):
+        return linear(activation(linear(z, inv[f"{n}.0.weight"], inv[f"{n}.0.bias"]), kind), inv[f"{n}.2.weight"],
+                      inv[f"{n}.2.bias"])
+
+    y1 = x1 + mlp(x2, "F")
+    return np.concatenate([y1, x2 + mlp(y1, "G")], -1)
+
+
+def stack_slot(ref: "Reference", i: int, location: str, h, x, adapters: list):
+    """`Stack(a_1, ..., a_n)` at one slot: each adapter's rule without the final LayerNorm, its output
+    the next one's `h`; the last adapter's `original_ln_after` then gives `LN(out + x)`."""
+    lw, lb = ref.ln_of(i, location)
+    for a in adapters:
+        sw = a.slots[(i, location)]
+        u = layer_norm(h + x, lw, lb, ref.eps) if a.original_ln_before else h
+        r = h + x if a.residual_before_ln == "post_add" else (h if a.residual_before_ln else u)
+        h = linear(activation(linear(u, sw.down_w, sw.down_b), a.non_linearity), sw.up_w, sw.up_b) * a.scaling + r
+    return layer_norm(h + x, lw, lb, ref.eps) if adapters[-1].original_ln_after else h
+
+
 def head_logits(hidden: np.ndarray, head: Head) -> np.ndarray:
     z = np.tanh(linear(hidden[:, 0], head.w1, head.b1))
     return linear(z, head.w2, head.b2)

@@ -110,13 +110,16 @@ def test_architectures_field_alone_names_the_model(tmp_path):
 
 
 @pytest.mark.parametrize("task,message", [
-    ("lora", r"adapter method LoRA \(lora\) \(architecture='lora'\) is not supported yet"),
-    ("ia3", r"adapter method \(IA\)\^3 \(ia3\) \(architecture='lora'\) is not supported yet"),
-    ("par_bn", r"parallel bottleneck adapters \(par_bn, is_parallel=true\) are not supported yet"),
+    ("lora", r"adapter method LoRA \(lora\) \(architecture='lora'\) is not exported to slot graphs: register the "
+             r"AdapterHub directory weights-only"),
+    ("ia3", r"adapter method \(IA\)\^3 \(ia3\) \(architecture='lora'\) is not exported to slot graphs"),
+    ("par_bn", r"parallel bottleneck adapters \(par_bn, is_parallel=true\) are not exported to slot graphs: "
+               r"register the AdapterHub directory weights-only"),
     ("lang", r"inv_adapter='nice' \(invertible adapters\) is not supported"),
 ])
 def test_unsupported_methods_saved_by_the_library_are_named(task, message):
-    """What the library saved for LoRA, (IA)^3, par_bn and a MAD-X language adapter is refused by method."""
+    """What the library saved for LoRA, (IA)^3, par_bn and a MAD-X language adapter is refused by method,
+    saying where the first three are served instead."""
     with pytest.raises(UnsupportedAdapter, match=message):
         load_adapter(os.path.join(BREADTH, "bert", "adapters", task), 3, 32)
 

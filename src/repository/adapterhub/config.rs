@@ -19,7 +19,7 @@ pub struct BottleneckConfig {
 /// BnConfig defaults for keys an (older) checkpoint may omit.
 const DEFAULTS: [(&str, bool); 2] = [("original_ln_before", false), ("original_ln_after", true)];
 /// Features the slot graphs (and banks) do not implement: any truthy value is refused.
-const UNSUPPORTED: [&str; 7] = ["is_parallel", "use_gating", "phm_layer", "ln_before", "ln_after", "cross_adapter", "inv_adapter"];
+const UNSUPPORTED: [&str; 6] = ["use_gating", "phm_layer", "ln_before", "ln_after", "cross_adapter", "inv_adapter"];
 
 fn truthy(v: Option<&Value>) -> bool {
     match v {
@@ -49,7 +49,10 @@ pub fn parse(cfg: &Value) -> Result<BottleneckConfig, String> {
         return Err("architecture 'union' (ConfigUnion / MAM / UniPELT) is not supported".into());
     }
     if !matches!(arch, None | Some(Value::Null)) && arch.and_then(Value::as_str) != Some("bottleneck") {
-        return Err(format!("architecture {} is not supported (bottleneck adapters only)", arch.cloned().unwrap_or_default()));
+        return Err(format!(
+            "architecture={} is not supported (\"bottleneck\" adapters: seq_bn, double_seq_bn, par_bn; \"lora\": LoRA, (IA)^3)",
+            arch.cloned().unwrap_or_default()
+        ));
     }
     for key in ["mh_adapter", "output_adapter", "reduction_factor", "non_linearity"] {
         if !cfg.contains_key(key) {
@@ -72,8 +75,12 @@ pub fn parse(cfg: &Value) -> Result<BottleneckConfig, String> {
         Some(Value::String(s)) if s == "post_add" => Residual::HPlusX,
         Some(other) => return Err(format!("residual_before_ln={other} is not supported")),
     };
+    let parallel = flag(cfg, "is_parallel", false)?;
     let ln_before = flag(cfg, "original_ln_before", DEFAULTS[0].1)?;
     let ln_after = flag(cfg, "original_ln_after", DEFAULTS[1].1)?;
+    // The library's ParallelAdapter ignores `original_ln_before` and `residual_before_ln`: its
+    // input is the sub-layer input `x`, its residual the sub-layer output `h`.
+    let (ln_before, residual) = if parallel { (false, Residual::H) } else { (ln_before, residual) };
     if residual == Residual::HPlusX && !ln_before {
         return Err("residual_before_ln='post_add' needs original_ln_before=true".into());
     }
@@ -93,11 +100,19 @@ pub fn parse(cfg: &Value) -> Result<BottleneckConfig, String> {
         return Err("mh_adapter and output_adapter are both false: no adapter location".into());
     }
     let locations = [(Location::Attention, mh), (Location::Ffn, out)].into_iter().filter(|(_, on)| *on).map(|(l, _)| l).collect();
-    let method = match (mh, out) {
-        (true, true) => "double_seq_bn",
-        (false, true) => "seq_bn",
+    let method = match (parallel, mh, out) {
+        (true, ..) => "par_bn",
+        (_, true, true) => "double_seq_bn",
+        (_, false, true) => "seq_bn",
         _ => "bottleneck",
     };
+    let leave_out = leave_out(cfg)?;
+    let rule = SlotRule { ln_before, ln_after, residual, activation, scaling: scaling as f32, parallel };
+    Ok(BottleneckConfig { rule, method, locations, reduction_factor: cfg["reduction_factor"].clone(), leave_out })
+}
+
+/// `leave_out`: the layers without adapter weights, sorted.
+pub fn leave_out(cfg: &Map<String, Value>) -> Result<Vec<usize>, String> {
     let mut leave_out = match cfg.get("leave_out") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(a)) => a
@@ -108,8 +123,7 @@ pub fn parse(cfg: &Value) -> Result<BottleneckConfig, String> {
     };
     leave_out.sort_unstable();
     leave_out.dedup();
-    let rule = SlotRule { ln_before, ln_after, residual, activation, scaling: scaling as f32 };
-    Ok(BottleneckConfig { rule, method, locations, reduction_factor: cfg["reduction_factor"].clone(), leave_out })
+    Ok(leave_out)
 }
 
 /// Bottleneck width at `layer`: `max(1, hidden // reduction_factor)`; the factor may be a number
@@ -151,7 +165,17 @@ mod tests {
         assert_eq!(c.method, "seq_bn");
         assert_eq!(c.locations, vec![Location::Ffn]);
         assert_eq!(c.leave_out, vec![1, 3]);
-        assert_eq!(c.rule, SlotRule { ln_before: true, ln_after: true, residual: Residual::H, activation: Activation::Relu, scaling: 1.0 });
+        assert_eq!(
+            c.rule,
+            SlotRule {
+                ln_before: true,
+                ln_after: true,
+                residual: Residual::H,
+                activation: Activation::Relu,
+                scaling: 1.0,
+                parallel: false
+            }
+        );
         let mut h = pfeiffer();
         h["mh_adapter"] = json!(true);
         h["original_ln_before"] = json!(false);
@@ -163,9 +187,31 @@ mod tests {
     }
 
     #[test]
+    fn parallel_adapters_read_the_sublayer_input() {
+        let mut p = pfeiffer();
+        p["is_parallel"] = json!(true);
+        p["scaling"] = json!(4.0);
+        p["residual_before_ln"] = json!("post_add");
+        p["original_ln_before"] = json!(false);
+        let c = parse(&p).unwrap();
+        assert_eq!(c.method, "par_bn");
+        assert_eq!(
+            c.rule,
+            SlotRule {
+                ln_before: false,
+                ln_after: true,
+                residual: Residual::H,
+                activation: Activation::Relu,
+                scaling: 4.0,
+                parallel: true
+            }
+        );
+    }
+
+    #[test]
     fn unsupported_configs_say_why() {
         let cases: [(&str, Value, &str); 8] = [
-            ("is_parallel", json!(true), "is_parallel"),
+            ("is_parallel", json!("yes"), "is_parallel"),
             ("use_gating", json!(true), "use_gating"),
             ("inv_adapter", json!("nice"), "inv_adapter"),
             ("scaling", json!("learned"), "scaling"),

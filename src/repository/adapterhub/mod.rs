@@ -5,6 +5,7 @@
 
 mod config;
 mod head;
+pub mod lora;
 pub mod safetensors;
 pub mod types;
 
@@ -64,6 +65,16 @@ fn unsupported(file: &Path, problem: impl Into<String>) -> AdapterHubError {
 
 /// Reads, checks and returns adapter and head of `dir` for a backbone of `num_layers` x `hidden`.
 pub fn load(dir: &Path, num_layers: usize, hidden: usize) -> Result<AdapterWeights, AdapterHubError> {
+    load_sized(dir, num_layers, hidden, None)
+}
+
+/// [`load`] for a backbone whose FFN size is known (LoRA / (IA)^3 weights of the FFN are checked
+/// against it).
+pub fn load_for(dir: &Path, m: &crate::repository::manifest::BackboneManifest) -> Result<AdapterWeights, AdapterHubError> {
+    load_sized(dir, m.num_layers, m.hidden_size, Some(m.intermediate_size))
+}
+
+fn load_sized(dir: &Path, num_layers: usize, hidden: usize, ffn: Option<usize>) -> Result<AdapterWeights, AdapterHubError> {
     if dir.join("adapter_fusion_config.json").is_file() {
         return Err(unsupported(dir, "an AdapterFusion directory; fusion tasks are served from exported bundles"));
     }
@@ -72,12 +83,34 @@ pub fn load(dir: &Path, num_layers: usize, hidden: usize) -> Result<AdapterWeigh
     let (Some(cfg), Some(name)) = (meta.get("config"), meta.get("name").and_then(Value::as_str)) else {
         return Err(invalid(&config_path, "lacks 'config' or 'name'"));
     };
-    let cfg = config::parse(cfg).map_err(|p| unsupported(&config_path, p))?;
     if let Some(h) = meta.get("hidden_size").filter(|h| !h.is_null())
         && h.as_u64() != Some(hidden as u64)
     {
         return Err(invalid(&config_path, format!("adapter hidden_size {h} != backbone hidden size {hidden}")));
     }
+    if let Some(c) = cfg.as_object().filter(|c| c.get("architecture").and_then(Value::as_str) == Some("lora")) {
+        let lc = lora::parse(c).map_err(|p| unsupported(&config_path, p))?;
+        let methods = lora::load_weights(&dir.join(ADAPTER_WEIGHTS), name, &lc, num_layers, hidden, ffn)?;
+        let head = head::load(dir, hidden)?;
+        let rule = SlotRule {
+            ln_before: true,
+            ln_after: true,
+            residual: Residual::H,
+            activation: Activation::Relu,
+            scaling: 0.0,
+            parallel: false,
+        };
+        return Ok(AdapterWeights {
+            name: name.to_string(),
+            method: lc.method.to_string(),
+            rule,
+            slots: BTreeMap::new(),
+            methods,
+            leave_out: lc.leave_out,
+            head,
+        });
+    }
+    let cfg = config::parse(cfg).map_err(|p| unsupported(&config_path, p))?;
     if let Some(&l) = cfg.leave_out.iter().find(|&&l| l >= num_layers) {
         tracing::debug!(layer = l, num_layers, "leave_out names a layer the backbone does not have");
     }
@@ -116,7 +149,15 @@ pub fn load(dir: &Path, num_layers: usize, hidden: usize) -> Result<AdapterWeigh
         ));
     }
     let head = head::load(dir, hidden)?;
-    Ok(AdapterWeights { name: name.to_string(), method: cfg.method.to_string(), rule: cfg.rule, slots, leave_out: cfg.leave_out, head })
+    Ok(AdapterWeights {
+        name: name.to_string(),
+        method: cfg.method.to_string(),
+        rule: cfg.rule,
+        slots,
+        methods: BTreeMap::new(),
+        leave_out: cfg.leave_out,
+        head,
+    })
 }
 
 fn key_base(layer: usize, loc: Location, name: &str) -> String {

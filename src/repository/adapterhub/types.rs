@@ -11,11 +11,13 @@ use crate::repository::manifest::{HeadKind, Location};
 #[derive(Debug, Clone)]
 pub struct AdapterWeights {
     pub name: String,
-    /// `method` as the exporter writes it in task.json: `seq_bn`, `double_seq_bn` or `bottleneck`.
+    /// `method` as task.json names it: `seq_bn`, `double_seq_bn`, `bottleneck`, `par_bn`, `lora` or `ia3`.
     pub method: String,
     pub rule: SlotRule,
     /// (layer, location) -> weights, for every layer not in `leave_out` and every location the config uses.
     pub slots: BTreeMap<(usize, Location), BottleneckWeights>,
+    /// LoRA / (IA)^3: layer -> the projections it changes there (empty for bottleneck adapters).
+    pub methods: BTreeMap<usize, super::lora::LayerMethods>,
     pub leave_out: Vec<usize>,
     pub head: HeadWeights,
 }
@@ -38,7 +40,8 @@ impl BottleneckWeights {
 
 /// The slot rule of `models/README.md` as data:
 /// `u = LN(h + x)` if `ln_before` else `h`; `r` per [`Residual`]; `out = scaling * A(u) + r`;
-/// `y = LN(out + x)` if `ln_after` else `out`.
+/// `y = LN(out + x)` if `ln_after` else `out`. A `parallel` adapter (`par_bn`) reads `u = x`, the
+/// sub-layer's input, instead (the library's ParallelAdapter; its residual is then `h`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SlotRule {
     pub ln_before: bool,
@@ -46,6 +49,7 @@ pub struct SlotRule {
     pub residual: Residual,
     pub activation: Activation,
     pub scaling: f32,
+    pub parallel: bool,
 }
 
 /// `residual_before_ln`: `true` -> `h`, `false` -> `u`, `"post_add"` -> `h + x`.
@@ -116,11 +120,11 @@ fn erfc(x: f64) -> f64 {
     if x >= 0.0 { ans } else { 2.0 - ans }
 }
 
-/// Number of flags in a bank rule row: lnb, lna, f_h, f_u, f_s, scale, then the activation one-hot.
-pub const RULE_FLAGS: usize = 11;
+/// Number of flags in a bank rule row: lnb, lna, f_h, f_u, f_s, scale, the activation one-hot, parallel.
+pub const RULE_FLAGS: usize = 12;
 
 impl SlotRule {
-    /// The bank rule row `[lnb, lna, f_h, f_u, f_s, scale, relu, silu, gelu, tanh, sigmoid]`.
+    /// The bank rule row `[lnb, lna, f_h, f_u, f_s, scale, relu, silu, gelu, tanh, sigmoid, parallel]`.
     pub fn flags(&self) -> [f32; RULE_FLAGS] {
         let b = |v: bool| if v { 1.0 } else { 0.0 };
         let mut f = [0.0; RULE_FLAGS];
@@ -133,6 +137,7 @@ impl SlotRule {
         for (k, a) in Activation::ALL.iter().enumerate() {
             f[6 + k] = b(*a == self.activation);
         }
+        f[11] = b(self.parallel);
         f
     }
 }
@@ -171,10 +176,33 @@ mod tests {
 
     #[test]
     fn plain_rule_flags() {
-        let r = SlotRule { ln_before: true, ln_after: true, residual: Residual::H, activation: Activation::Silu, scaling: 2.0 };
-        assert_eq!(r.flags(), [1.0, 1.0, 1.0, 0.0, 0.0, 2.0, 0.0, 1.0, 0.0, 0.0, 0.0]);
-        let r = SlotRule { ln_before: false, ln_after: false, residual: Residual::HPlusX, activation: Activation::Sigmoid, scaling: 1.0 };
-        assert_eq!(r.flags(), [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]);
+        let r = SlotRule {
+            ln_before: true,
+            ln_after: true,
+            residual: Residual::H,
+            activation: Activation::Silu,
+            scaling: 2.0,
+            parallel: false,
+        };
+        assert_eq!(r.flags(), [1.0, 1.0, 1.0, 0.0, 0.0, 2.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+        let r = SlotRule {
+            ln_before: false,
+            ln_after: false,
+            residual: Residual::HPlusX,
+            activation: Activation::Sigmoid,
+            scaling: 1.0,
+            parallel: false,
+        };
+        assert_eq!(r.flags(), [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
+        let r = SlotRule {
+            ln_before: false,
+            ln_after: true,
+            residual: Residual::H,
+            activation: Activation::Relu,
+            scaling: 4.0,
+            parallel: true,
+        };
+        assert_eq!(r.flags(), [0.0, 1.0, 1.0, 0.0, 0.0, 4.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]);
     }
 
     #[test]

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""What the methods bank and the `parallel` rule column (issue 14) cost a batch that uses none of
+them: one MiniLM `layer.onnx` of a repository exported before them against the same layer exported
+now, the same rows, every row plain (bank row 0), ABAB rounds in one process, medians.
+
+Usage: bench_layer_methods.py --before REPO --after REPO [--backbone minilm] [--layer 2] [--b 8] [--t 64]
+       [--rounds 15] [--threads 1] [--lora-rows 0]
+`--before`: a repository built by the tools of the commit before (e.g. `git archive w-packing tools
+tests/fixtures/adapterhub-tiny | tar -x -C /tmp/old && cd /tmp/old && python tools/make_test_repo.py
+--out /tmp/old-repo --with-minilm`); `--after`: `make test-repo`. Rows are packed, T tokens each. `--lora-rows N` also times the new
+layer with N distinct LoRA (r = 8, all five projections) rows in the bank, every row using one of them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from adapterdrop_tools.graphs_layer import K as RULE_K, attention_maps, methods_maps, pack_maps, plain_rule_row  # noqa: E402
+from adapterdrop_tools.graphs_methods import methods_bank, target_dims  # noqa: E402
+
+
+def session(path: str, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"], disabled_optimizers=["SkipLayerNormFusion"])
+
+
+def feeds(sess: ort.InferenceSession, B: int, T: int, H: int, ffn: int, lora_rows: int) -> dict:
+    """Packed rows of T tokens each, every slot on bank row 0; methods rows as `lora_rows` says."""
+    rng = np.random.default_rng(5)
+    lens, rows = [T] * B, list(range(B))
+    f = {"hidden": rng.standard_normal((B * T, H)).astype(np.float32),
+         **attention_maps(lens, np.ones((B, T), np.int64))}
+    for loc in ("attention", "ffn"):
+        f.update({f"{loc}_{k}": v for k, v in pack_maps(lens, rows, [0] * B).items()})
+    names = {i.name for i in sess.get_inputs()}
+    k = RULE_K if "methods_index" in names else RULE_K - 1  # the `parallel` column is new
+    for loc in ("attention", "ffn"):
+        rule = np.zeros((8, 1, k), np.float32)
+        rule[0, 0] = plain_rule_row()[:k]
+        f.update({f"{loc}.down_w": np.zeros((8, H, 1), np.float32), f"{loc}.down_b": np.zeros((8, 1, 1), np.float32),
+                  f"{loc}.up_w": np.zeros((8, 1, H), np.float32), f"{loc}.up_b": np.zeros((8, 1, H), np.float32),
+                  f"{loc}.rule": rule})
+    if "methods_index" in names:
+        entries = []
+        for _ in range(lora_rows):
+            entries.append({t: {"lora_a": rng.standard_normal((i, 8)).astype(np.float32) * 0.1,
+                                "lora_b": rng.standard_normal((8, o)).astype(np.float32) * 0.1}
+                            for t, (i, o) in target_dims(H, ffn).items()})
+        f.update(methods_bank(entries, H, ffn))
+        f.update(methods_maps(lens, [(r % lora_rows + 1) if lora_rows else 0 for r in rows], rows))
+    return {k: v for k, v in f.items() if k in names}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--before", required=True)
+    p.add_argument("--after", required=True)
+    p.add_argument("--backbone", default="minilm")
+    p.add_argument("--layer", type=int, default=2)
+    p.add_argument("--b", type=int, default=8)
+    p.add_argument("--t", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lora-rows", type=int, default=0)
+    a = p.parse_args(argv)
+    cases = {}
+    for label, repo, lora in (("before", a.before, 0), ("after", a.after, 0)) + ((("after, LoRA rows", a.after, a.lora_rows),)
+                                                                                   if a.lora_rows else ()):
+        d = os.path.join(repo, "backbones", a.backbone)
+        m = json.load(open(os.path.join(d, "backbone.json")))
+        s = session(os.path.join(d, "layers", str(a.layer), "layer.onnx"), a.threads)
+        cases[label] = (s, feeds(s, a.b, a.t, m["hidden_size"], m["intermediate_size"], lora))
+    times = {k: [] for k in cases}
+    for s, f in cases.values():  # warm-up
+        s.run(["y"], f)
+    for _ in range(a.rounds):
+        for k, (s, f) in cases.items():
+            t0 = time.perf_counter()
+            s.run(["y"], f)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    base = statistics.median(times["before"])
+    print(f"## layer.onnx, {a.backbone} layer {a.layer}, B = {a.b}, T = {a.t}, {a.threads} thread(s), "
+          f"medians of {a.rounds} ABAB rounds\n")
+    print("| graph | ms | / before (medians) | / before (median of per-round ratios) |\n|---|---|---|---|")
+    for k, v in times.items():
+        paired = statistics.median(x / y for x, y in zip(v, times["before"]))
+        print(f"| {k} | {statistics.median(v):.2f} | {statistics.median(v) / base:.3f} | {paired:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Issue 14 item 4 (Stack, MAD-X), groundwork: the numpy reference of `Stack("lang", "stack")` with the
+language adapter's invertible adapter ("nice") at the embeddings equals the adapters library's own
+outputs (tests/fixtures/adapterhub-breadth) at every drop depth, on all five backbones. The server does not serve Stack yet;
+this pins down the math a bank design must reproduce: the invertible adapter stays active at every
+depth (it is not a layer), and each stacked adapter feeds its output, before the LayerNorm, to the next."""
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from adapterdrop_tools.adapterhub import Adapter, SlotWeights, load_head
+from adapterdrop_tools.checkpoint import load_checkpoint
+from adapterdrop_tools.reference import Reference, head_logits, linear, nice, stack_slot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BREADTH = os.path.join(ROOT, "tests", "fixtures", "adapterhub-breadth")
+
+
+def pfeiffer(adir: str, layers: int, H: int) -> tuple[Adapter, dict]:
+    """The FFN adapters of a Pfeiffer directory (also one with an invertible adapter) and its
+    invertible adapter's weights (empty if none)."""
+    meta = json.load(open(os.path.join(adir, "adapter_config.json")))
+    w = {k: np.float64(v) for k, v in load_file(os.path.join(adir, "adapter.safetensors")).items()}
+    slots = {}
+    for i in range(layers):
+        p = next(k for k in w if f"layer.{i}." in k and k.endswith("adapter_down.0.weight"))[:-len("adapter_down.0.weight")]
+        slots[(i, "ffn")] = SlotWeights(w[p + "adapter_down.0.weight"], w[p + "adapter_down.0.bias"],
+                                        w[p + "adapter_up.weight"], w[p + "adapter_up.bias"])
+    c = meta["config"]
+    inv = {k.split("invertible_adapters.")[1].split(".", 1)[1]: v for k, v in w.items() if "invertible_adapters." in k}
+    return Adapter(name=meta["name"], method="seq_bn", hidden_size=H, non_linearity=c["non_linearity"],
+                   non_linearity_name=c["non_linearity"], reduction_factor=c["reduction_factor"],
+                   original_ln_before=c["original_ln_before"], original_ln_after=c["original_ln_after"],
+                   residual_before_ln=c["residual_before_ln"], scaling=c["scaling"], leave_out=[],
+                   locations=("ffn",), slots=slots), inv
+
+
+@pytest.mark.parametrize("b", ["bert", "roberta", "xlm-roberta", "distilbert", "electra"])
+def test_stack_reference_matches_the_library(b):
+    ck = load_checkpoint(os.path.join(BREADTH, b, "backbone"))
+    fx = json.load(open(os.path.join(BREADTH, b, "reference.json")))
+    spec = fx["tasks"]["stack"]
+    assert spec["adapters"] == ["lang", "stack"]
+    ref = Reference(ck)
+    # ELECTRA: the invertible adapter sits between the embeddings' LayerNorm and `embeddings_project`.
+    project = None
+    if "embeddings_project.weight" in ref.w:
+        project = [ref.w.pop(f"embeddings_project.{k}") for k in ("weight", "bias")]
+    lang, inv = pfeiffer(os.path.join(BREADTH, b, "adapters", "lang"), ck.num_layers, ck.hidden_size)
+    task, _ = pfeiffer(os.path.join(BREADTH, b, "adapters", "stack"), ck.num_layers, ck.hidden_size)
+    assert inv, "the language adapter has an invertible adapter"
+    head = load_head(os.path.join(BREADTH, b, "adapters", "stack"), ck.hidden_size)
+    x = fx["inputs"][spec["inputs"]]
+    ids, mask = np.array(x["input_ids"]), np.array(x["attention_mask"])
+    tt = np.array(x.get("token_type_ids", np.zeros_like(ids)))
+    for n in range(ck.num_layers + 1):
+        h = nice(ref.embeddings(ids, tt), inv, lang.non_linearity)  # at every depth
+        if project:
+            h = linear(h, *project)
+        for i in range(ck.num_layers):
+            if i < n:
+                h = ref.layer(i, h, mask)
+                continue
+            x1 = ref.slot(i, "attention", ref.attention(i, h, mask), h)
+            h = stack_slot(ref, i, "ffn", ref.ffn(i, x1), x1, [lang, task])
+        got = head_logits(h, head)
+        assert np.abs(got - np.array(spec["outputs"][str(n)]["logits"])).max() < 1e-5, (b, n)
