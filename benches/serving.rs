@@ -74,7 +74,12 @@ impl Req {
             .map(|s| TokenIds { input_ids: s.ids.clone(), attention_mask: s.mask.clone(), token_type_ids: s.types.clone() })
             .collect();
         InferRequest {
-            tasks: vec![TaskRef { name: format!("{PREFIX}-{:02}", self.task), version: None, drop_first: Some(self.drop) }],
+            tasks: vec![TaskRef {
+                name: format!("{PREFIX}-{:02}", self.task),
+                version: None,
+                drop_first: Some(self.drop),
+                ..Default::default()
+            }],
             inputs: Some(infer_request::Inputs::Tokens(TokenizedInputs { sequences })),
             truncate: false,
             return_fusion_weights: false,

@@ -57,7 +57,10 @@ async fn adapterhub_directory_registers_persists_and_bad_ones_are_refused() {
     // adapter, at the same drop depth, in one batch (one lane each).
     let mut c = inference(&server.addr).await;
     let req = InferRequest {
-        tasks: ["w", "sent"].iter().map(|t| TaskRef { name: t.to_string(), version: None, drop_first: Some(1) }).collect(),
+        tasks: ["w", "sent"]
+            .iter()
+            .map(|t| TaskRef { name: t.to_string(), version: None, drop_first: Some(1), ..Default::default() })
+            .collect(),
         inputs: Some(Inputs::Texts(Texts { texts: vec!["a fine film".into(), "a dull one".into()] })),
         ..Default::default()
     };

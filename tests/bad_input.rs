@@ -10,7 +10,7 @@ use tonic::Code;
 
 fn req(task: &str, version: Option<u32>, drop_first: Option<u32>, inputs: Option<Inputs>) -> InferRequest {
     InferRequest {
-        tasks: vec![TaskRef { name: task.into(), version, drop_first }],
+        tasks: vec![TaskRef { name: task.into(), version, drop_first, ..Default::default() }],
         inputs,
         truncate: false,
         return_fusion_weights: false,

@@ -53,7 +53,10 @@ async fn fan_out(server: &TestServer) -> (f64, f64) {
         (metric(&server.metrics_addr, "adapterdrop_graph_runs_total"), metric(&server.metrics_addr, "adapterdrop_batches_total"));
     let mut c = server.client().await;
     let req = InferRequest {
-        tasks: depths.iter().map(|(t, n, _)| TaskRef { name: t.to_string(), version: None, drop_first: Some(*n) }).collect(),
+        tasks: depths
+            .iter()
+            .map(|(t, n, _)| TaskRef { name: t.to_string(), version: None, drop_first: Some(*n), ..Default::default() })
+            .collect(),
         inputs: Some(Inputs::Tokens(TokenizedInputs { sequences: ids.clone() })),
         ..Default::default()
     };

@@ -65,7 +65,7 @@ async fn serve() -> (tempfile::TempDir, TestServer, String) {
 }
 
 fn task(name: &str, n: u32) -> TaskRef {
-    TaskRef { name: name.into(), version: None, drop_first: Some(n) }
+    TaskRef { name: name.into(), version: None, drop_first: Some(n), ..Default::default() }
 }
 
 async fn infer(server: &TestServer, req: InferRequest) -> InferResponse {

@@ -20,7 +20,7 @@ const MARKER: i64 = 29_999;
 
 fn texts(t: &[&str]) -> InferRequest {
     InferRequest {
-        tasks: vec![TaskRef { name: "mini-pfeiffer".into(), version: None, drop_first: None }],
+        tasks: vec![TaskRef { name: "mini-pfeiffer".into(), version: None, drop_first: None, ..Default::default() }],
         inputs: Some(Inputs::Texts(Texts { texts: t.iter().map(|s| s.to_string()).collect() })),
         ..Default::default()
     }
@@ -29,7 +29,7 @@ fn texts(t: &[&str]) -> InferRequest {
 fn marked() -> InferRequest {
     let seq = TokenIds { input_ids: vec![101, MARKER, 102], attention_mask: vec![], token_type_ids: vec![] };
     InferRequest {
-        tasks: vec![TaskRef { name: "mini-pfeiffer".into(), version: None, drop_first: None }],
+        tasks: vec![TaskRef { name: "mini-pfeiffer".into(), version: None, drop_first: None, ..Default::default() }],
         inputs: Some(Inputs::Tokens(TokenizedInputs { sequences: vec![seq] })),
         ..Default::default()
     }

@@ -18,7 +18,7 @@ fn json(path: std::path::PathBuf) -> Value {
 
 fn request(tasks: &[(&str, Option<u32>)], inputs: Inputs, weights: bool) -> InferRequest {
     InferRequest {
-        tasks: tasks.iter().map(|(n, d)| TaskRef { name: n.to_string(), version: None, drop_first: *d }).collect(),
+        tasks: tasks.iter().map(|(n, d)| TaskRef { name: n.to_string(), version: None, drop_first: *d, ..Default::default() }).collect(),
         inputs: Some(inputs),
         truncate: false,
         id: String::new(),

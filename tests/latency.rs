@@ -45,7 +45,7 @@ async fn metadata_calls_and_a_one_text_infer_answer_without_nagle_delays() {
         let mut c = c.clone();
         async move {
             let r = InferRequest {
-                tasks: vec![TaskRef { name: "mini-pfeiffer".into(), version: None, drop_first: None }],
+                tasks: vec![TaskRef { name: "mini-pfeiffer".into(), version: None, drop_first: None, ..Default::default() }],
                 inputs: Some(Inputs::Texts(Texts { texts: vec!["one short text".into()] })),
                 ..Default::default()
             };

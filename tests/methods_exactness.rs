@@ -140,7 +140,10 @@ async fn mixed_batch_matches_the_library(server: &TestServer) {
     let fx = reference("bert");
     let refs = [("bert-lora", "lora", 1), ("bert-ia3", "ia3", 2), ("bert-par-bn", "par_bn", 0), ("bert-lora", "lora", 0)];
     let req = InferRequest {
-        tasks: refs.iter().map(|(t, _, n)| TaskRef { name: t.to_string(), version: None, drop_first: Some(*n) }).collect(),
+        tasks: refs
+            .iter()
+            .map(|(t, _, n)| TaskRef { name: t.to_string(), version: None, drop_first: Some(*n), ..Default::default() })
+            .collect(),
         inputs: Some(Inputs::Tokens(TokenizedInputs { sequences: unpadded(&fx["inputs"]["texts"]) })),
         ..Default::default()
     };

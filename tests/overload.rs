@@ -12,7 +12,7 @@ use tonic::Code;
 
 fn request(task: &str, texts: Vec<String>, truncate: bool) -> InferRequest {
     InferRequest {
-        tasks: vec![TaskRef { name: task.into(), version: None, drop_first: None }],
+        tasks: vec![TaskRef { name: task.into(), version: None, drop_first: None, ..Default::default() }],
         inputs: Some(Inputs::Texts(Texts { texts })),
         truncate,
         return_fusion_weights: false,

@@ -31,7 +31,7 @@ fn rows(v: &Value) -> Vec<Vec<f64>> {
 
 fn request(tasks: &[(&str, Option<u32>)], inputs: Inputs) -> InferRequest {
     InferRequest {
-        tasks: tasks.iter().map(|(n, d)| TaskRef { name: n.to_string(), version: None, drop_first: *d }).collect(),
+        tasks: tasks.iter().map(|(n, d)| TaskRef { name: n.to_string(), version: None, drop_first: *d, ..Default::default() }).collect(),
         inputs: Some(inputs),
         truncate: false,
         return_fusion_weights: false,

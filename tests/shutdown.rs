@@ -15,7 +15,7 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 fn request(id: &str, texts: Vec<String>) -> InferRequest {
     InferRequest {
-        tasks: vec![TaskRef { name: "mini-pfeiffer".into(), version: None, drop_first: Some(2) }],
+        tasks: vec![TaskRef { name: "mini-pfeiffer".into(), version: None, drop_first: Some(2), ..Default::default() }],
         inputs: Some(Inputs::Texts(Texts { texts })),
         truncate: false,
         return_fusion_weights: false,

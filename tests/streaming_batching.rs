@@ -11,7 +11,7 @@ use tokio_stream::StreamExt;
 
 fn request(id: &str, task: &str, n: Option<u32>, texts: &[&str]) -> InferRequest {
     InferRequest {
-        tasks: vec![TaskRef { name: task.into(), version: None, drop_first: n }],
+        tasks: vec![TaskRef { name: task.into(), version: None, drop_first: n, ..Default::default() }],
         inputs: Some(Inputs::Texts(Texts { texts: texts.iter().map(|t| t.to_string()).collect() })),
         truncate: false,
         return_fusion_weights: false,

@@ -52,7 +52,7 @@ def export(a) -> str:
     drop = parse_drop(L, a.drop_first, _ints(a.drop_layers, "--drop-layers") if a.drop_layers is not None else None,
                       robust)
     return write_task(a.repo, a.backbone, adapter, head, lns, a.name, a.version, drop, a.description, a.force,
-                      a.with_up)
+                      a.with_up, getattr(a, "threshold", None))
 
 
 def main(argv=None) -> int:
@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     d.add_argument("--drop-layers", help="no adapters in these layers, e.g. 0,2")
     d.add_argument("--robust", help="robust AdapterDrop: default,min,max, e.g. 0,0,6")
     p.add_argument("--description")
+    p.add_argument("--threshold", type=float, help="multi-label heads: score above which a label is predicted (default 0.5)")
     p.add_argument("--force", action="store_true", help="replace an existing task version")
     p.add_argument("--with-up", action="store_true",
                    help="also write the adapter's output graphs, so fusion tasks over the same adapter share its compute")

@@ -6,7 +6,9 @@ Usage: make_breadth_repo.py --out DIR [--fixtures DIR]
 
 Backbones (named as the fixture directories): bert, roberta, xlm-roberta, distilbert, electra, each with
 its tokenizer. Tasks per backbone <b>, robust AdapterDrop 0..num_layers, default 0:
-  <b>-pfeiffer (seq_bn), <b>-houlsby (double_seq_bn), <b>-pairs (seq_bn, gelu; sentence pairs)
+  <b>-pfeiffer (seq_bn), <b>-houlsby (double_seq_bn), <b>-pairs (seq_bn, gelu; sentence pairs),
+  <b>-multilabel (multi-label head), <b>-choice (multiple-choice head); and every backbone's built-in
+  <b>/embedding task (mean pooling, not normalised: the fixtures' checkpoints have no sentence-transformers config)
 The expected outputs are the library's own (the fixtures' reference.json), not recomputed here.
 """
 from __future__ import annotations
@@ -24,7 +26,8 @@ from adapterdrop_tools.repository import build_dir_atomically, parse_drop, write
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "adapterhub-breadth")
 BACKBONES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra")
-SERVED = {"pfeiffer": "pfeiffer", "houlsby": "houlsby", "pairs": "pfeiffer_pairs"}  # task suffix -> fixture
+SERVED = {"pfeiffer": "pfeiffer", "houlsby": "houlsby", "pairs": "pfeiffer_pairs",  # task suffix -> fixture
+          "multilabel": "multilabel", "choice": "choice"}
 
 
 def fill(repo: str, fixtures: str) -> None:

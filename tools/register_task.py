@@ -104,6 +104,8 @@ def weights_only(pb, core, a):
     if missing:
         raise SystemExit(f"error: missing AdapterHub files (safetensors only): {', '.join(missing)}")
     hub = pb.AdapterHubTask(backbone=a.backbone, drop=drop, description=a.description or "")
+    if a.threshold is not None:
+        hub.threshold = a.threshold
     if a.max_answer_length is not None:
         hub.max_answer_length = a.max_answer_length
     return hub, files
@@ -120,7 +122,8 @@ def export_adapter(a, out_dir: str) -> str:
     os.symlink(os.path.abspath(os.path.join(a.repo, "backbones")), os.path.join(repo, "backbones"))
     args = argparse.Namespace(repo=repo, backbone=a.backbone, adapter=a.adapter, head=a.head, checkpoint=a.checkpoint,
                               name=a.name, version=1, drop_first=a.drop_first, drop_layers=a.drop_layers,
-                              robust=a.robust, description=a.description, force=False, with_up=False)
+                              robust=a.robust, description=a.description, force=False, with_up=False,
+                              threshold=a.threshold)
     return export_task.export(args)
 
 
@@ -152,6 +155,7 @@ def main(argv=None) -> int:
     r.add_argument("--head")
     r.add_argument("--checkpoint")
     r.add_argument("--description")
+    r.add_argument("--threshold", type=float, help="multi-label heads: score above which a label is predicted (default 0.5)")
     r.add_argument("--drop-first", type=int)
     r.add_argument("--drop-layers")
     r.add_argument("--robust")

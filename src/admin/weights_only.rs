@@ -74,11 +74,32 @@ pub fn prepare(dir: &Path, meta: &AdapterHubTask, registry: &Registry) -> Result
         },
         slots: Vec::new(),
         drop,
-        head: HeadSpec { kind: weights.head.kind, graph: None, labels: weights.head.labels.clone(), max_answer_length },
+        head: HeadSpec {
+            kind: weights.head.kind,
+            graph: None,
+            labels: weights.head.labels.clone(),
+            threshold: threshold(meta, &weights)?,
+            max_answer_length,
+        },
         adapterhub: Some(DIR.into()),
     };
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| ServeError::Internal(e.to_string()))?;
     std::fs::write(dir.join("task.json"), text + "\n").map_err(io_error)
+}
+
+/// The header's multi-label threshold: finite, within 0..=1, and only for a multi-label head.
+fn threshold(meta: &AdapterHubTask, weights: &adapterhub::AdapterWeights) -> Result<Option<f32>, ServeError> {
+    let Some(t) = meta.threshold else { return Ok(None) };
+    if weights.head.kind != HeadKind::MultiLabel {
+        return Err(ServeError::InvalidArgument(format!(
+            "header.adapterhub.threshold: the adapter's head is {}, not multilabel; omit the threshold",
+            weights.head.kind.as_str()
+        )));
+    }
+    if !t.is_finite() || !(0.0..=1.0).contains(&t) {
+        return Err(ServeError::InvalidArgument(format!("header.adapterhub.threshold = {t}: it must be a number within 0..=1")));
+    }
+    Ok(Some(t))
 }
 
 /// `header.adapterhub.max_answer_length`: for extractive QA heads, within the backbone's positions.

@@ -37,6 +37,7 @@ impl NativeApi {
         let id = req.id.clone();
         let task_names = metric_names(&req.tasks);
         let want_fusion = req.return_fusion_weights;
+        let shaping = super::results::Shaping::from_request(&req);
         let span = tracing::info_span!(
             "infer",
             request_id,
@@ -62,13 +63,14 @@ impl NativeApi {
             let results = runs
                 .iter()
                 .zip(out.logits)
-                .map(|(run, rows)| {
+                .enumerate()
+                .map(|(i, (run, rows))| {
                     let weights = fusion.next().unwrap_or_default();
                     Ok(TaskResult {
                         task: run.task.name().to_string(),
                         version: run.task.version(),
                         dropped_layers: run.active.dropped(),
-                        sequences: super::results::task_sequences(run, rows, text.as_deref())?,
+                        sequences: super::results::task_sequences(run, i, rows, text.as_deref(), &shaping)?,
                         fusion_weights: if want_fusion { super::fusion::fusion_weights(&weights) } else { Vec::new() },
                     })
                 })

@@ -1,22 +1,32 @@
-//! Engine rows -> `SequenceResult`s, by head kind: sequence heads (logits, softmax, label),
-//! tagging (per token, per word, entities) and extractive QA (answer spans over windows). The
-//! native API and the KServe endpoint both build their answers from these.
+//! Engine rows -> `SequenceResult`s, by head kind: sequence heads (logits, softmax, label;
+//! multi-label and multiple choice in `sequence`), embeddings, tagging (per token, per word,
+//! entities) and extractive QA (answer spans over windows). The native API and the KServe endpoint
+//! both build their answers from these.
 
 pub mod qa;
+pub mod sequence;
 pub mod tagging;
 
 use super::convert;
 use crate::engine::TaskRun;
 use crate::error::ServeError;
 use crate::proto::SequenceResult;
-use crate::repository::manifest::HeadKind;
+use crate::repository::manifest::{DEFAULT_THRESHOLD, HeadKind};
 use crate::router::token_info::RequestText;
+pub use sequence::Shaping;
 
 /// Answers a QA task gives when neither the request nor the task names a maximum (SQuAD recipes).
 pub const DEFAULT_MAX_ANSWER_TOKENS: usize = 30;
 
-/// One result per input of the request: `rows` are the task's engine rows (one per sequence).
-pub fn task_sequences(run: &TaskRun, rows: Vec<Vec<f32>>, text: Option<&RequestText>) -> Result<Vec<SequenceResult>, ServeError> {
+/// One result per input of the request: `rows` are the engine rows of task `index` of the job (one
+/// per sequence).
+pub fn task_sequences(
+    run: &TaskRun,
+    index: usize,
+    rows: Vec<Vec<f32>>,
+    text: Option<&RequestText>,
+    shaping: &Shaping,
+) -> Result<Vec<SequenceResult>, ServeError> {
     let head = &run.task.manifest.head;
     let missing = || ServeError::Internal(format!("task `{}`: a {} head got no token origins", run.task.name(), head.kind.as_str()));
     match head.kind {
@@ -42,6 +52,18 @@ pub fn task_sequences(run: &TaskRun, rows: Vec<Vec<f32>>, text: Option<&RequestT
         HeadKind::Classification | HeadKind::Regression => {
             Ok(rows.into_iter().map(|l| convert::sequence_result(l, head.kind, &head.labels)).collect())
         }
+        HeadKind::Embedding => {
+            Ok(rows.into_iter().map(|embedding| SequenceResult { embedding, label_index: -1, ..Default::default() }).collect())
+        }
+        HeadKind::MultiLabel => {
+            let t = shaping.thresholds.get(index).copied().flatten().or(head.threshold).unwrap_or(DEFAULT_THRESHOLD);
+            Ok(rows.into_iter().map(|l| sequence::multilabel(l, head, t)).collect())
+        }
+        HeadKind::MultipleChoice => Ok(match &shaping.choices {
+            Some(items) => sequence::choices(rows, items),
+            // The router refuses a multiple-choice task without choice inputs.
+            None => rows.into_iter().map(|logits| SequenceResult { logits, label_index: -1, ..Default::default() }).collect(),
+        }),
     }
 }
 

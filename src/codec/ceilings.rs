@@ -66,6 +66,18 @@ pub static INFER_REQUEST: Schema = Schema {
                 ],
             )],
         ),
+        entered(
+            20,
+            "InferRequest.choices",
+            &[counted(
+                1,
+                Elem::Delimited,
+                "InferRequest.choices.items",
+                MAX_SEQUENCES,
+                7,
+                &[counted(2, Elem::Delimited, "InferRequest.choices.items.choices", MAX_SEQUENCES, 8, &[])],
+            )],
+        ),
     ],
 };
 

@@ -219,6 +219,15 @@ mod tests {
         assert_eq!(check(&over, &INFER_REQUEST), Err(OverCeiling { path: "InferRequest.tokens.sequences", ceiling: MAX_SEQUENCES }));
         let tasks = InferRequest { tasks: vec![TaskRef::default(); MAX_TASKS + 1], ..Default::default() }.encode_to_vec();
         assert_eq!(check(&tasks, &INFER_REQUEST).unwrap_err().path, "InferRequest.tasks");
+        // Multiple-choice items: the choices of all items together are sequences.
+        let choices = |items: usize, k: usize| {
+            let item = crate::proto::ChoiceInput { context: String::new(), choices: vec![String::new(); k] };
+            InferRequest { inputs: Some(Inputs::Choices(crate::proto::Choices { items: vec![item; items] })), ..Default::default() }
+                .encode_to_vec()
+        };
+        assert_eq!(check(&choices(MAX_SEQUENCES / 2, 2), &INFER_REQUEST), Ok(()));
+        assert_eq!(check(&choices(MAX_SEQUENCES / 4, 5), &INFER_REQUEST).unwrap_err().path, "InferRequest.choices.items.choices");
+        assert_eq!(check(&choices(MAX_SEQUENCES + 1, 0), &INFER_REQUEST).unwrap_err().path, "InferRequest.choices.items");
         let k = |n: usize| ModelInferRequest { inputs: vec![InferInputTensor::default(); n], ..Default::default() }.encode_to_vec();
         assert_eq!(check(&k(MAX_KSERVE_INPUTS), &MODEL_INFER_REQUEST), Ok(()));
         assert_eq!(check(&k(MAX_KSERVE_INPUTS + 1), &MODEL_INFER_REQUEST).unwrap_err().path, "ModelInferRequest.inputs");
@@ -324,7 +333,7 @@ mod tests {
     fn every_message_prost_accepts_is_scanned_to_the_end_and_counted_in_full() {
         let seeds: Vec<Vec<u8>> = vec![
             InferRequest {
-                tasks: vec![TaskRef { name: "a".into(), version: Some(2), drop_first: Some(1) }; 3],
+                tasks: vec![TaskRef { name: "a".into(), version: Some(2), drop_first: Some(1), ..Default::default() }; 3],
                 inputs: Some(Inputs::Tokens(TokenizedInputs {
                     sequences: vec![
                         TokenIds { input_ids: vec![101, 7, 300, 102], attention_mask: vec![1; 4], token_type_ids: vec![0; 4] };

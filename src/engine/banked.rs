@@ -128,7 +128,8 @@ pub fn execute_banked_as(
     let hidden = hidden.on_host()?;
     let view = hidden.view()?;
     let final_real: Vec<usize> = plan.final_inputs.iter().map(|&i| real[i]).collect();
-    let logits = heads(view, &layout, &final_real, lanes, &plan.heads);
+    let final_masks: Vec<&[i64]> = plan.final_inputs.iter().map(|&i| seqs[i].mask.as_slice()).collect();
+    let logits = heads(view, &layout, &final_real, &final_masks, lanes, &plan.heads);
     if large {
         crate::runtime::trim_heap();
     }
@@ -225,11 +226,13 @@ fn rank2(a: ArrayViewD<'_, f32>) -> Result<ArrayView2<'_, f32>, EngineError> {
     a.into_dimensionality::<Ix2>().map_err(|e| EngineError::Contract(format!("packed states are not rank 2: {e}")))
 }
 
-/// Each task's head once over all its lanes' rows (each row's real tokens of the packed states).
+/// Each task's head once over all its lanes' rows (each row's real tokens of the packed states,
+/// with its attention mask `masks[r]`).
 fn heads(
     hidden: ArrayView2<'_, f32>,
     layout: &PackedPlan,
     real: &[usize],
+    masks: &[&[i64]],
     lanes: &[Lane],
     groups: &[HeadGroup],
 ) -> Result<Vec<LaneOutput>, EngineError> {
@@ -243,7 +246,8 @@ fn heads(
                 hidden.slice(s![start..start + real[r], ..])
             })
             .collect();
-        let mut results = run_task_head(&lanes[g.lanes[0]].task, &rows, HeadSource::HostFirst)?.into_iter();
+        let row_masks: Vec<&[i64]> = g.rows.iter().map(|&r| masks[r]).collect();
+        let mut results = run_task_head(&lanes[g.lanes[0]].task, &rows, &row_masks, HeadSource::HostFirst)?.into_iter();
         for &l in &g.lanes {
             out[l] = Some((&mut results).take(lanes[l].rows.len()).collect());
         }

@@ -398,12 +398,11 @@ impl State<'_> {
         let mut out: Vec<Option<LaneOutput>> = vec![None; self.lanes.len()];
         for lanes in by_head.values() {
             let row_of = &row_of;
-            let rows: Vec<ArrayView2<'_, f32>> = lanes
-                .iter()
-                .flat_map(|&l| self.lanes[l].rows.iter().map(move |&i| row_of[&(l, i)]))
-                .map(|r| hidden.slice(s![r, ..seqs[self.input_of[r]].ids.len().max(1), ..]))
-                .collect();
-            let mut results = run_task_head(&self.lanes[lanes[0]].task, &rows, HeadSource::GraphFirst)?.into_iter();
+            let physical: Vec<usize> = lanes.iter().flat_map(|&l| self.lanes[l].rows.iter().map(move |&i| row_of[&(l, i)])).collect();
+            let rows: Vec<ArrayView2<'_, f32>> =
+                physical.iter().map(|&r| hidden.slice(s![r, ..seqs[self.input_of[r]].ids.len().max(1), ..])).collect();
+            let masks: Vec<&[i64]> = physical.iter().map(|&r| seqs[self.input_of[r]].mask.as_slice()).collect();
+            let mut results = run_task_head(&self.lanes[lanes[0]].task, &rows, &masks, HeadSource::GraphFirst)?.into_iter();
             for &l in lanes {
                 out[l] = Some((&mut results).take(self.lanes[l].rows.len()).collect());
             }

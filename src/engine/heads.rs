@@ -14,6 +14,7 @@ use super::tensors::run_head;
 use crate::error::EngineError;
 use crate::repository::Task;
 use crate::repository::adapterhub::HeadWeights;
+use crate::repository::manifest::HeadKind;
 
 /// One lane's output: per row (in the lane's row order) a flat row-major `[positions, width]` vector.
 pub type LaneOutput = Vec<Vec<f32>>;
@@ -33,10 +34,19 @@ pub enum HeadSource {
     GraphFirst,
 }
 
-/// Runs `task`'s head over `rows` (each a row's real-token states `[len, H]`); one vector per row.
-pub fn run_task_head(task: &Task, rows: &[ArrayView2<'_, f32>], source: HeadSource) -> Result<Vec<Vec<f32>>, EngineError> {
+/// Runs `task`'s head over `rows` (each a row's real-token states `[len, H]`, with its attention
+/// mask in `masks`); one vector per row.
+pub fn run_task_head(
+    task: &Task,
+    rows: &[ArrayView2<'_, f32>],
+    masks: &[&[i64]],
+    source: HeadSource,
+) -> Result<Vec<Vec<f32>>, EngineError> {
     if rows.is_empty() {
         return Ok(Vec::new());
+    }
+    if task.manifest.head.kind == HeadKind::Embedding {
+        return Ok(super::pooling::pool(task.backbone.manifest.embedding, rows, masks));
     }
     if task.manifest.head.kind.per_token() {
         // Token heads run from AdapterHub weights only (the task loader refuses a head graph for them).
@@ -87,7 +97,6 @@ mod tests {
 
     use super::*;
     use crate::repository::adapterhub::{Activation, HeadLayer};
-    use crate::repository::manifest::HeadKind;
 
     fn layer(w: Array2<f32>, b: Vec<f32>) -> HeadLayer {
         HeadLayer { w, b: Array1::from(b) }

@@ -11,6 +11,7 @@ pub mod heads;
 pub mod packing;
 pub mod plan;
 pub mod planner;
+pub mod pooling;
 mod tensors;
 
 use std::any::Any;

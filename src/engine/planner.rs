@@ -8,11 +8,15 @@ use super::executor::{ExecStats, Lane, Sequence, execute};
 use super::heads::LaneOutput;
 use crate::error::EngineError;
 use crate::repository::Backbone;
+use crate::repository::manifest::HeadKind;
 
 /// Whether a lane takes the bank path: its task has bank rows, and banks are on or the task has
-/// nothing else to run on (weights-only).
+/// nothing else to run on (weights-only); a built-in embedding task (no adapters: bank row 0 in
+/// every layer) whenever banks are on, so it shares the trunk with the bank tasks.
 pub fn on_banks(backbone: &Backbone, lane: &Lane, banks: bool) -> bool {
-    backbone.banked.is_some() && lane.task.bank.is_some() && (banks || lane.task.manifest.weights_only())
+    let task = &lane.task;
+    let embedding = task.manifest.head.kind == HeadKind::Embedding;
+    backbone.banked.is_some() && ((task.bank.is_some() && (banks || task.manifest.weights_only())) || (embedding && banks))
 }
 
 /// Runs every lane on its path; same result shape as [`execute`].

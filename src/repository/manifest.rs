@@ -32,6 +32,10 @@ pub struct BackboneManifest {
     pub source: String,
     #[serde(default)]
     pub license: String,
+    /// How the built-in `<backbone>/embedding` task pools (sentence-transformers' `1_Pooling` and
+    /// `Normalize` modules, carried over by the exporter); absent: mean pooling, not normalised.
+    #[serde(default)]
+    pub embedding: super::embedding::EmbeddingSpec,
 }
 
 /// The encoder family a backbone was exported from. The graphs already hold every difference
@@ -184,6 +188,10 @@ pub struct HeadSpec {
     pub graph: Option<String>,
     #[serde(default)]
     pub labels: Vec<String>,
+    /// Multi-label heads only: the score above which a label is predicted (default 0.5); a
+    /// request may override it (`TaskRef.threshold`, KServe parameter `threshold`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f32>,
     /// Extractive QA only: the longest answer in tokens when a request names none (default 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_answer_length: Option<u32>,
@@ -199,6 +207,13 @@ pub enum HeadKind {
     Tagging,
     /// Extractive QA: start and end logits per token (`add_qa_head`).
     QuestionAnswering,
+    /// Sigmoid per label; the labels scoring above the threshold are predicted.
+    #[serde(rename = "multilabel")]
+    MultiLabel,
+    /// One logit per (context, choice) pair; a softmax over each input's choices.
+    MultipleChoice,
+    /// The built-in sentence embedding of a backbone (no head weights: pooling only).
+    Embedding,
 }
 
 impl HeadKind {
@@ -208,6 +223,9 @@ impl HeadKind {
             Self::Regression => "regression",
             Self::Tagging => "tagging",
             Self::QuestionAnswering => "question_answering",
+            Self::MultiLabel => "multilabel",
+            Self::MultipleChoice => "multiple_choice",
+            Self::Embedding => "embedding",
         }
     }
 
@@ -218,23 +236,29 @@ impl HeadKind {
 }
 
 impl HeadSpec {
-    /// Outputs per position: one per label, 1 for regression, 2 (start, end) for QA.
+    /// Outputs per position: one per label, 1 for regression and multiple choice (one logit per
+    /// choice pair), 2 (start, end) for QA; 0 for the embedding head, whose width is the
+    /// backbone's hidden size.
     pub fn width(&self) -> usize {
         match self.kind {
-            HeadKind::Classification | HeadKind::Tagging => self.labels.len(),
-            HeadKind::Regression => 1,
+            HeadKind::Classification | HeadKind::Tagging | HeadKind::MultiLabel => self.labels.len(),
+            HeadKind::Regression | HeadKind::MultipleChoice => 1,
             HeadKind::QuestionAnswering => 2,
+            HeadKind::Embedding => 0,
         }
     }
 
-    /// The label names responses carry (none for regression and QA).
+    /// The label names responses carry (none for regression, QA, multiple choice and embeddings).
     pub fn label_names(&self) -> &[String] {
         match self.kind {
-            HeadKind::Classification | HeadKind::Tagging => &self.labels,
-            HeadKind::Regression | HeadKind::QuestionAnswering => &[],
+            HeadKind::Classification | HeadKind::Tagging | HeadKind::MultiLabel => &self.labels,
+            HeadKind::Regression | HeadKind::QuestionAnswering | HeadKind::MultipleChoice | HeadKind::Embedding => &[],
         }
     }
 }
+
+/// The threshold a multi-label head uses when neither its task nor the request sets one.
+pub const DEFAULT_THRESHOLD: f32 = 0.5;
 
 /// Reads and parses a manifest, naming the file in every error.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, LoadError> {

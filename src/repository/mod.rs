@@ -3,6 +3,7 @@
 pub mod adapterhub;
 pub mod backbone;
 pub mod bundle;
+pub mod embedding;
 pub mod fusion;
 pub mod graph_check;
 mod graph_shapes;

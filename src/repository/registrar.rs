@@ -420,6 +420,11 @@ fn versions_on_disk(task_dir: &Path) -> BTreeSet<u32> {
 fn check_name(name: &str) -> Result<(), ServeError> {
     if valid_name(name) {
         Ok(())
+    } else if name.ends_with(super::embedding::SUFFIX) && valid_name(name.trim_end_matches(super::embedding::SUFFIX)) {
+        Err(ServeError::FailedPrecondition(format!(
+            "`{}` is a backbone's built-in embedding task: it has no files to register, remove or pin",
+            name.escape_debug()
+        )))
     } else {
         Err(ServeError::InvalidArgument(format!(
             "task name `{}` is not valid: use 1-64 characters [A-Za-z0-9_.-], starting with a letter or digit, without `..` or `/`",

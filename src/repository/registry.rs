@@ -48,6 +48,8 @@ struct Tables {
     /// Default versions pinned by `tasks/<name>/DEFAULT`.
     pinned: BTreeMap<String, u32>,
     draining: Vec<Drained>,
+    /// Every backbone's built-in embedding task (`super::embedding`): always ready, never on disk.
+    builtin: BTreeMap<String, TaskEntry>,
 }
 
 /// What the repository holds for one task name: version directories and the pin.
@@ -91,6 +93,7 @@ impl Registry {
                 Err(e) => tracing::error!(error = %e, "backbone refused"),
             }
         }
+        tables.builtin = super::embedding::entries(&tables.backbones);
         for b in tables.backbones.values().filter_map(|b| b.banked.as_ref()) {
             b.banks.defer(true);
         }
@@ -141,6 +144,12 @@ impl Registry {
             None => (name, version),
         };
         let tables = self.read();
+        if let Some(builtin) = tables.builtin.get(name) {
+            return match version {
+                None | Some(super::embedding::VERSION) => Ok(builtin.task.clone().expect("built-in tasks are loaded")),
+                Some(v) => Err(RepositoryError::UnknownVersion { name: name.to_string(), version: v, known: vec![builtin.version] }.into()),
+            };
+        }
         let Some(versions) = tables.tasks.get(name) else {
             let known = tables.tasks.keys().cloned().collect();
             return Err(RepositoryError::UnknownTask { name: name.to_string(), known }.into());
@@ -167,6 +176,7 @@ impl Registry {
     pub fn entries(&self) -> Vec<TaskEntry> {
         let tables = self.read();
         let mut out: Vec<TaskEntry> = tables.tasks.values().flat_map(|v| v.values().cloned()).collect();
+        out.extend(tables.builtin.values().cloned());
         out.extend(tables.draining.iter().filter(|d| d.task.strong_count() > 0).map(|d| d.entry.clone()));
         out
     }
@@ -176,6 +186,7 @@ impl Registry {
     pub fn entries_named(&self, name: &str) -> Vec<TaskEntry> {
         let tables = self.read();
         let mut out: Vec<TaskEntry> = tables.tasks.get(name).map(|v| v.values().cloned().collect()).unwrap_or_default();
+        out.extend(tables.builtin.get(name).cloned());
         out.extend(tables.draining.iter().filter(|d| d.entry.name == name && d.task.strong_count() > 0).map(|d| d.entry.clone()));
         out
     }
@@ -195,6 +206,7 @@ impl Registry {
             .iter()
             .filter(|(_, v)| v.values().any(|e| e.state != TaskState::Draining))
             .map(|(name, v)| (name.clone(), default_version(v, tables.pinned.get(name)).is_some()))
+            .chain(tables.builtin.keys().map(|name| (name.clone(), true)))
             .collect()
     }
 
@@ -202,6 +214,9 @@ impl Registry {
     /// highest ready version.
     pub fn default_version(&self, name: &str) -> Option<u32> {
         let tables = self.read();
+        if tables.builtin.contains_key(name) {
+            return Some(super::embedding::VERSION);
+        }
         tables.tasks.get(name).and_then(|v| default_version(v, tables.pinned.get(name)))
     }
 

@@ -165,7 +165,7 @@ impl Task {
     /// `engine.banks` says), so without them (a backbone exported before layer graphs) requests
     /// are refused rather than run without adapters.
     pub fn runnable(&self) -> Result<(), ServeError> {
-        if self.manifest.weights_only() && self.bank.is_none() {
+        if self.manifest.weights_only() && self.manifest.head.kind != HeadKind::Embedding && self.bank.is_none() {
             return Err(ServeError::FailedPrecondition(format!(
                 "task `{}` was registered from AdapterHub weights only, and its backbone `{}` has no layer graphs \
                  (layers/<i>/layer.onnx) to run adapter banks: re-export the backbone with tools/export_backbone.py, \
@@ -327,8 +327,16 @@ fn validate_manifest(m: &TaskManifest, path: &Path, dir: &Path, backbone: &Backb
     {
         return bad(format!("head graph path `{g}` must stay inside the task directory"));
     }
-    if matches!(m.head.kind, HeadKind::Classification | HeadKind::Tagging) && m.head.labels.is_empty() {
+    if matches!(m.head.kind, HeadKind::Classification | HeadKind::Tagging | HeadKind::MultiLabel) && m.head.labels.is_empty() {
         return bad(format!("a {} head needs at least one label name", m.head.kind.as_str()));
+    }
+    if m.head.kind == HeadKind::Embedding {
+        return bad(format!("head type `embedding` is built in (`<backbone>{}`); a task cannot declare it", super::embedding::SUFFIX));
+    }
+    if let Some(t) = m.head.threshold
+        && (m.head.kind != HeadKind::MultiLabel || !(0.0..=1.0).contains(&t))
+    {
+        return bad(format!("head threshold {t}: only a multilabel head has one, within 0..=1"));
     }
     if m.head.kind.per_token() && (m.head.graph.is_some() || m.adapterhub.is_none()) {
         return bad(format!(

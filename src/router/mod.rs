@@ -1,6 +1,7 @@
 //! Routing: resolves task references, enforces request limits, tokenizes, and builds the job the
 //! scheduler batches.
 
+pub mod choices;
 pub mod qa_windows;
 pub mod token_info;
 pub mod tokenize;
@@ -13,8 +14,8 @@ use crate::context::Context;
 use crate::engine::{Job, TaskRun, executor, stat_keys};
 use crate::error::{ServeError, clip};
 use crate::proto::{InferRequest, TaskRef, infer_request::Inputs};
-use crate::repository::Registry;
 use crate::repository::manifest::HeadKind;
+use crate::repository::{Registry, Task};
 use token_info::{AnswerOptions, RequestText};
 use tokenize::Overlong;
 
@@ -53,8 +54,16 @@ impl Router {
             Some(Inputs::Texts(t)) => t.texts.len(),
             Some(Inputs::Pairs(p)) => p.pairs.len(),
             Some(Inputs::Tokens(t)) => t.sequences.len(),
+            Some(Inputs::Choices(c)) => choices::count(&c.items)?,
             None => 0,
         };
+        let choice_inputs = matches!(req.inputs, Some(Inputs::Choices(_)));
+        if let Some(run) = tasks.iter().find(|t| !choice_inputs && t.task.manifest.head.kind == HeadKind::MultipleChoice) {
+            return Err(ServeError::InvalidArgument(format!(
+                "task `{}` is a multiple-choice task: send inputs.choices (KServe: `TEXT` with `CHOICES`), a context and at least 2 choices per item",
+                run.task.name()
+            )));
+        }
         if count == 0 {
             return Err(ServeError::InvalidArgument("no inputs: send at least one text, pair or token sequence".into()));
         }
@@ -67,6 +76,7 @@ impl Router {
         let text_bytes: usize = match &req.inputs {
             Some(Inputs::Texts(t)) => t.texts.iter().map(String::len).sum(),
             Some(Inputs::Pairs(p)) => p.pairs.iter().map(|p| p.text.len() + p.text_pair.len()).sum(),
+            Some(Inputs::Choices(c)) => choices::text_bytes(&c.items),
             _ => 0,
         };
         if text_bytes > self.limits.max_request_text_bytes {
@@ -96,6 +106,11 @@ impl Router {
             Inputs::Pairs(p) => {
                 let encoded = tokenize::encode_texts(&backbone, tokenize::pair_inputs(&p.pairs, max_bytes)?, overlong)?;
                 split(encoded, p.pairs.into_iter().map(|p| (p.text, Some(p.text_pair))).collect(), answers)
+            }
+            Inputs::Choices(c) => {
+                let pairs = choices::pairs(&c.items);
+                let encoded = tokenize::encode_texts(&backbone, choices::encode_inputs(&pairs, &c.items, max_bytes)?, overlong)?;
+                split(encoded, pairs.into_iter().map(|p| (p.text, Some(p.text_pair))).collect(), answers)
             }
         };
         if sequences.len() != count {
@@ -154,6 +169,7 @@ impl Router {
             }
             let task = self.registry.resolve(&r.name, r.version)?;
             let active = task.active_layers(r.drop_first)?;
+            check_threshold(&task, r.threshold)?;
             if let Some(first) = runs.first() {
                 let first: &TaskRun = first;
                 if !Arc::ptr_eq(&first.task.backbone, &task.backbone) {
@@ -170,6 +186,22 @@ impl Router {
         }
         Ok(runs)
     }
+}
+
+/// A request's multi-label threshold: only for a multi-label task, finite and within 0..=1.
+fn check_threshold(task: &Task, threshold: Option<f32>) -> Result<(), ServeError> {
+    let Some(t) = threshold else { return Ok(()) };
+    if task.manifest.head.kind != HeadKind::MultiLabel {
+        return Err(ServeError::InvalidArgument(format!(
+            "tasks[].threshold is for multi-label tasks; task `{}` has a {} head: omit it",
+            task.name(),
+            task.manifest.head.kind.as_str()
+        )));
+    }
+    if !t.is_finite() || !(0.0..=1.0).contains(&t) {
+        return Err(ServeError::InvalidArgument(format!("tasks[].threshold = {t} for task `{}`: it must be within 0..=1", task.name())));
+    }
+    Ok(())
 }
 
 /// The engine sequences and, beside them, the texts and the origin of every token.

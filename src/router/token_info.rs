@@ -16,7 +16,12 @@ pub fn check_inputs(tasks: &[TaskRun], inputs: &Inputs) -> Result<(), ServeError
         let (name, kind) = (run.task.name(), run.task.manifest.head.kind);
         let problem = match (kind, inputs) {
             (HeadKind::Tagging, Inputs::Tokens(_)) => "token ids carry no character offsets: send inputs.texts (KServe: TEXT)",
-            (HeadKind::Tagging, Inputs::Pairs(_)) => "a tagger labels the tokens of one text: send inputs.texts (KServe: TEXT)",
+            (HeadKind::Tagging, Inputs::Pairs(_) | Inputs::Choices(_)) => {
+                "a tagger labels the tokens of one text: send inputs.texts (KServe: TEXT)"
+            }
+            (HeadKind::QuestionAnswering, Inputs::Choices(_)) => {
+                "send inputs.pairs with text = the question and text_pair = the context, not multiple-choice items"
+            }
             (HeadKind::QuestionAnswering, Inputs::Tokens(_) | Inputs::Texts(_)) => {
                 "send inputs.pairs with text = the question and text_pair = the context (inputs.pairs[].text_pair is missing; \
                  KServe: TEXT and TEXT_PAIR)"

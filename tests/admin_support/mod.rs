@@ -123,7 +123,7 @@ pub async fn list(c: &mut AdminClient<Channel>) -> Vec<TaskInfo> {
 
 pub fn infer_req(task: &str, version: Option<u32>, drop_first: Option<u32>, texts: &[&str]) -> InferRequest {
     InferRequest {
-        tasks: vec![TaskRef { name: task.into(), version, drop_first }],
+        tasks: vec![TaskRef { name: task.into(), version, drop_first, ..Default::default() }],
         inputs: Some(Inputs::Texts(Texts { texts: texts.iter().map(|t| t.to_string()).collect() })),
         truncate: false,
         id: String::new(),

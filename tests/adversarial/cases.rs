@@ -93,7 +93,7 @@ pub fn cases() -> Vec<Case> {
         Case {
             what: "unknown version",
             call: Call::Native(InferRequest {
-                tasks: vec![TaskRef { name: "sent".into(), version: Some(9), drop_first: None }],
+                tasks: vec![TaskRef { name: "sent".into(), version: Some(9), drop_first: None, ..Default::default() }],
                 inputs: texts(&["hi"]),
                 ..Default::default()
             }),
@@ -242,7 +242,7 @@ pub fn cases() -> Vec<Case> {
         Case {
             what: "drop outside the robust range",
             call: Call::Native(InferRequest {
-                tasks: vec![TaskRef { name: "sent".into(), version: None, drop_first: Some(3) }],
+                tasks: vec![TaskRef { name: "sent".into(), version: None, drop_first: Some(3), ..Default::default() }],
                 inputs: texts(&["hi"]),
                 ..Default::default()
             }),

@@ -28,8 +28,12 @@ pub fn reference(backbone: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
 }
 
-fn ints(v: &Value) -> Vec<i64> {
+pub fn ints(v: &Value) -> Vec<i64> {
     v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
+}
+
+pub fn floats(v: &Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
 }
 
 /// Unpadded sequences (the fixture pads to the longest); token types only where the library's
@@ -56,7 +60,8 @@ pub fn assert_close(what: &str, got: &[Vec<f32>], want: &Value) -> f64 {
     assert_eq!(got.len(), want.len(), "{what}: row count");
     let mut worst = 0.0f64;
     for (r, (g, w)) in got.iter().zip(want).enumerate() {
-        let w: Vec<f64> = w.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let w = floats(w);
+        assert_eq!(g.len(), w.len(), "{what} row {r}: width");
         let d = max_abs_diff(g, &w);
         assert!(d <= TOL, "{what} row {r}: max abs diff {d:e} > {TOL:e}\n got  {g:?}\n want {w:?}");
         worst = worst.max(d);

@@ -275,7 +275,7 @@ pub async fn infer_logits(
     use adapterdrop_serve::proto::{InferRequest, TaskRef};
     let mut client = server.client().await;
     let req = InferRequest {
-        tasks: vec![TaskRef { name: task.into(), version: None, drop_first: Some(n) }],
+        tasks: vec![TaskRef { name: task.into(), version: None, drop_first: Some(n), ..Default::default() }],
         inputs: Some(inputs),
         truncate: false,
         return_fusion_weights: false,

@@ -61,7 +61,7 @@ class Adapter:
 @dataclass
 class Head:
     name: str
-    kind: str  # classification | regression
+    kind: str  # classification | regression | multilabel | multiple_choice
     labels: list
     w1: np.ndarray
     b1: np.ndarray
@@ -253,13 +253,19 @@ def load_adapter(directory: str, num_layers: int, hidden_size: int | None = None
 def load_head(directory: str, hidden_size: int) -> Head:
     meta = _read_json(os.path.join(directory, "head_config.json"))
     cfg, name = meta.get("config") or {}, meta.get("name")
-    if cfg.get("head_type") != "classification":
-        raise UnsupportedAdapter(f"head_type={cfg.get('head_type')!r} is not supported (classification only)")
+    # Multi-label and multiple-choice heads are the classification head's two layers; they differ in
+    # what is made of the logits (a sigmoid per label; a softmax over an item's choices, one logit each).
+    kinds = {"classification": "classification", "multilabel_classification": "multilabel",
+             "multiple_choice": "multiple_choice"}
+    if cfg.get("head_type") not in kinds:
+        raise UnsupportedAdapter(f"head_type={cfg.get('head_type')!r} is not supported "
+                                 f"(one of {', '.join(kinds)})")
+    family = kinds[cfg["head_type"]]
     checks = {"layers": 2, "activation_function": "tanh", "use_pooler": False, "multilabel": False, "bias": True}
     for key, want in checks.items():
         if cfg.get(key, want) != want:
             raise UnsupportedAdapter(f"head {key}={cfg.get(key)!r} is not supported (only {want!r})")
-    num_labels = int(cfg.get("num_labels", 2))
+    num_labels = 1 if family == "multiple_choice" else int(cfg.get("num_labels", 2))
     tensors, wpath = load_tensors(directory, "model_head.safetensors", "pytorch_model_head.bin")
 
     def get(k):
@@ -275,8 +281,10 @@ def load_head(directory: str, hidden_size: int) -> Head:
     label2id = cfg.get("label2id") or {f"LABEL_{i}": i for i in range(num_labels)}
     labels = [k for k, _ in sorted(label2id.items(), key=lambda kv: int(kv[1]))]
     where = {"directory": os.path.abspath(directory), "weights_file": os.path.abspath(wpath)}
-    if num_labels == 1:
+    if family == "multiple_choice":
+        return Head(name, "multiple_choice", [], w1, b1, w2, b2, **where)
+    if num_labels == 1 and family == "classification":
         return Head(name, "regression", [], w1, b1, w2, b2, **where)
     if len(labels) != num_labels:
         raise InvalidCheckpoint(f"label2id has {len(labels)} labels, num_labels is {num_labels}")
-    return Head(name, "classification", labels, w1, b1, w2, b2, **where)
+    return Head(name, family, labels, w1, b1, w2, b2, **where)

@@ -119,7 +119,42 @@ def backbone_manifest(ck: Checkpoint, name: str, tokenizer: bool, source: str | 
         "slots": ["attention", "ffn"],
         "source": source or "unknown",
         "license": license or "unknown",  # strings: the server's manifest parser rejects null here
+        "embedding": embedding_config(ck.path),
     }
+
+
+# sentence-transformers pooling modes -> the built-in embedding task's `pooling`
+POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+
+
+def embedding_config(path: str) -> dict:
+    """How the backbone's built-in embedding task pools (backbone.json `embedding`): what the
+    checkpoint's sentence-transformers modules say (`modules.json`: its Pooling module's config,
+    `1_Pooling/config.json` by default, and whether a Normalize module follows), else mean pooling,
+    not normalised (sentence-transformers' default for a plain Hugging Face model)."""
+    pooling_dir, normalize = "1_Pooling", False
+    modules_path = os.path.join(path, "modules.json")
+    if os.path.isfile(modules_path):
+        with open(modules_path, encoding="utf-8") as f:
+            for m in json.load(f):
+                kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+                if kind == "Pooling":
+                    pooling_dir = m.get("path") or pooling_dir
+                elif kind == "Normalize":
+                    normalize = True
+                elif kind != "Transformer":
+                    raise ExportError(f"{modules_path}: sentence-transformers module {m.get('type')!r} is not supported "
+                                      "(the server computes Transformer, Pooling (mean or cls) and Normalize)")
+    pooling = "mean"
+    cfg_path = os.path.join(path, pooling_dir, "config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        modes = sorted(k for k, v in cfg.items() if k.startswith("pooling_mode_") and v)
+        if len(modes) != 1 or modes[0] not in POOLING_MODES:
+            raise ExportError(f"{cfg_path}: pooling {modes} is not supported (exactly one of {sorted(POOLING_MODES)})")
+        pooling = POOLING_MODES[modes[0]]
+    return {"pooling": pooling, "normalize": normalize}
 
 
 def write_backbone(ck: Checkpoint, repo: str, name: str, tokenizer_path: str | None = None,
@@ -216,7 +251,8 @@ def dropped_for(drop: dict, n: int | None = None) -> set:
 
 
 def write_task(repo: str, backbone: str, adapter: Adapter, head: Head, lns, name: str, version: int,
-               drop: dict, description: str | None = None, force: bool = False, with_up: bool = False) -> str:
+               drop: dict, description: str | None = None, force: bool = False, with_up: bool = False,
+               threshold: float | None = None) -> str:
     """`lns` has .ln(layer, location) -> (weight, bias): a Checkpoint or RepoLayerNorms.
     with_up: also write each slot's adapter output graph (`"up"`, models/README.md "Fusion tasks"), byte
     for byte what a fusion task holds for the same adapter, so the server computes it once for both."""
@@ -226,6 +262,8 @@ def write_task(repo: str, backbone: str, adapter: Adapter, head: Head, lns, name
     check_name("task", name)
     if int(version) < 1:
         raise ExportError(f"version must be a positive integer, got {version}")
+    if threshold is not None and (head.kind != "multilabel" or not 0.0 <= float(threshold) <= 1.0):
+        raise ExportError(f"threshold {threshold}: only a multilabel head has one, within 0..1 (this head is {head.kind})")
     bb = read_backbone(repo, backbone)
     L, H, eps = int(bb["num_layers"]), int(bb["hidden_size"]), float(bb["layer_norm_eps"])
     if adapter.hidden_size != H:
@@ -259,7 +297,8 @@ def write_task(repo: str, backbone: str, adapter: Adapter, head: Head, lns, name
                         "non_linearity": adapter.non_linearity_name, "source": adapter.source},
             "slots": slots,
             "drop": drop,
-            "head": {"type": head.kind, "graph": "head.onnx", "labels": list(head.labels)},
+            "head": {"type": head.kind, "graph": "head.onnx", "labels": list(head.labels),
+                     **({"threshold": float(threshold)} if threshold is not None else {})},
             "adapterhub": ADAPTERHUB_DIR,
         }
 

@@ -124,8 +124,16 @@ def test_unsupported_methods_saved_by_the_library_are_named(task, message):
         load_adapter(os.path.join(BREADTH, "bert", "adapters", task), 3, 32)
 
 
-@pytest.mark.parametrize("task,kind", [("tagging", "tagging"), ("qa", "question_answering"),
-                                       ("choice", "multiple_choice"), ("multilabel", "multilabel_classification")])
+@pytest.mark.parametrize("task,kind", [("tagging", "tagging"), ("qa", "question_answering")])
 def test_unsupported_heads_saved_by_the_library_are_named(task, kind):
     with pytest.raises(UnsupportedAdapter, match=f"head_type='{kind}' is not supported"):
         load_head(os.path.join(BREADTH, "bert", "adapters", task), 32)
+
+
+def test_multilabel_and_multiple_choice_heads_are_the_classification_layers():
+    """The library's multi-label and multiple-choice heads load as the two-layer head: a logit per
+    label, and one logit per (context, choice) pair without labels."""
+    multi = load_head(os.path.join(BREADTH, "bert", "adapters", "multilabel"), 32)
+    assert (multi.kind, multi.labels, multi.w2.shape) == ("multilabel", ["topic0", "topic1", "topic2", "topic3"], (4, 32))
+    choice = load_head(os.path.join(BREADTH, "bert", "adapters", "choice"), 32)
+    assert (choice.kind, choice.labels, choice.w2.shape) == ("multiple_choice", [], (1, 32))

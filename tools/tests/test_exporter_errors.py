@@ -139,3 +139,25 @@ def test_export_task_from_repo_layernorms_equals_checkpoint(repo, tmp_path):
         a = open(os.path.join(repo, "tasks", "a", "1", f), "rb").read()
         b = open(os.path.join(repo, "tasks", "b", "1", f), "rb").read()
         assert a.replace(b"a_layer", b"b_layer") == b
+
+
+def test_sentence_transformers_pooling_is_carried_or_refused_by_name(tmp_path):
+    """backbone.json `embedding` follows modules.json and the Pooling config; what the server cannot
+    compute (max pooling, a Dense module) is refused naming it."""
+    from adapterdrop_tools import ExportError
+    from adapterdrop_tools.repository import embedding_config
+
+    assert embedding_config(str(tmp_path)) == {"pooling": "mean", "normalize": False}
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "pool", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (tmp_path / "pool" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    assert embedding_config(str(tmp_path)) == {"pooling": "cls", "normalize": True}
+    (tmp_path / "pool" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(ExportError, match=r"pooling \['pooling_mode_max_tokens'\] is not supported"):
+        embedding_config(str(tmp_path))
+    (tmp_path / "modules.json").write_text(json.dumps([{"type": "sentence_transformers.models.Dense", "path": "2_Dense"}]))
+    with pytest.raises(ExportError, match="module 'sentence_transformers.models.Dense' is not supported"):
+        embedding_config(str(tmp_path))

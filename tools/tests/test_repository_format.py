@@ -10,7 +10,7 @@ from adapterdrop_tools.testrepo import load_expected
 
 BACKBONE_KEYS = ["format_version", "name", "architecture", "num_layers", "hidden_size", "num_heads",
                  "intermediate_size", "vocab_size", "type_vocab_size", "max_positions", "pad_token_id",
-                 "layer_norm_eps", "tokenizer", "slots", "source", "license"]
+                 "layer_norm_eps", "tokenizer", "slots", "source", "license", "embedding"]
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
 
 
@@ -39,6 +39,7 @@ def test_backbone_manifests_and_graphs(test_repo):
         assert list(bb) == BACKBONE_KEYS
         assert bb["format_version"] == 1 and bb["name"] == name and bb["slots"] == ["attention", "ffn"]
         assert isinstance(bb["source"], str) and isinstance(bb["license"], str)  # the server wants strings
+        assert bb["embedding"] == {"pooling": "mean", "normalize": False}  # no sentence-transformers config
         H = bb["hidden_size"]
         hid = ["batch", "seq", H]
         assert (bb["tokenizer"] is not None) == os.path.isfile(os.path.join(d, "tokenizer.json"))

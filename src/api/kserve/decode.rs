@@ -13,12 +13,14 @@ use crate::proto::{InferRequest, TaskRef};
 
 pub const TEXT: &str = "TEXT";
 pub const TEXT_PAIR: &str = "TEXT_PAIR";
+/// Multiple choice: BYTES `[batch, k]`, each item's choices, paired with its `TEXT`.
+pub const CHOICES: &str = "CHOICES";
 pub const INPUT_IDS: &str = "input_ids";
 pub const ATTENTION_MASK: &str = "attention_mask";
 pub const TOKEN_TYPE_IDS: &str = "token_type_ids";
 
 /// Request parameters this server reads; see README "KServe v2 endpoint".
-pub const PARAMETERS: &[&str] = &["drop_first", "tasks", "truncate", "timeout", "max_answer_length", "n_best", "doc_stride"];
+pub const PARAMETERS: &[&str] = &["drop_first", "tasks", "truncate", "timeout", "max_answer_length", "n_best", "doc_stride", "threshold"];
 
 /// More request parameters than any client needs (the protocol's reserved ones included): more
 /// is refused before the keys are even sorted.
@@ -37,6 +39,8 @@ pub struct Decoded {
     pub outputs: Vec<String>,
     /// The `timeout` parameter (Triton: microseconds).
     pub timeout: Option<Duration>,
+    /// The `threshold` parameter: every multi-label task's threshold in this request.
+    pub threshold: Option<f32>,
 }
 
 fn invalid(msg: impl Into<String>) -> ServeError {
@@ -61,7 +65,7 @@ pub fn decode(req: ModelInferRequest, limits: &LimitSettings) -> Result<Decoded,
     }
     let version = parse_version(&req.model_name, &req.model_version)?;
     let params = Params::read(&req.parameters, limits)?;
-    let mut tasks = vec![TaskRef { name: req.model_name.clone(), version, drop_first: params.drop_first }];
+    let mut tasks = vec![TaskRef { name: req.model_name.clone(), version, drop_first: params.drop_first, ..Default::default() }];
     let mut prefixes = vec![String::new()];
     let mut seen: HashSet<String> = HashSet::with_capacity(params.tasks.len());
     for entry in params.tasks.iter() {
@@ -109,7 +113,7 @@ pub fn decode(req: ModelInferRequest, limits: &LimitSettings) -> Result<Decoded,
         max_answer_length: params.max_answer_length,
         n_best: params.n_best,
     };
-    Ok(Decoded { native, prefixes, outputs, timeout: params.timeout })
+    Ok(Decoded { native, prefixes, outputs, timeout: params.timeout, threshold: params.threshold })
 }
 
 #[derive(Default)]
@@ -118,6 +122,7 @@ struct Params {
     tasks: Vec<String>,
     truncate: bool,
     timeout: Option<Duration>,
+    threshold: Option<f32>,
     /// Extractive QA (the router checks the values).
     doc_stride: Option<u32>,
     max_answer_length: Option<u32>,
@@ -165,6 +170,17 @@ impl Params {
                     Some(ParameterChoice::BoolParam(b)) => p.truncate = *b,
                     _ => return Err(invalid("parameter `truncate` must be a bool")),
                 },
+                "threshold" => {
+                    let t = match value {
+                        Some(ParameterChoice::DoubleParam(v)) => *v,
+                        Some(ParameterChoice::Int64Param(v)) => *v as f64,
+                        _ => return Err(invalid("parameter `threshold` must be a number (double_param) within 0..=1")),
+                    };
+                    if !t.is_finite() || !(0.0..=1.0).contains(&t) {
+                        return Err(invalid(format!("parameter `threshold` = {t}: it must be within 0..=1")));
+                    }
+                    p.threshold = Some(t as f32);
+                }
                 "doc_stride" | "max_answer_length" | "n_best" => {
                     let v = u32::try_from(int_param(key, value)?).map_err(|_| invalid(format!("parameter `{key}` is out of range")))?;
                     match key.as_str() {
@@ -227,7 +243,7 @@ fn fan_out_entry(entry: &str) -> Result<(TaskRef, String), ServeError> {
     if name.is_empty() {
         return Err(bad("has no task name"));
     }
-    Ok((TaskRef { name: name.to_string(), version, drop_first: drop }, format!("{head}/")))
+    Ok((TaskRef { name: name.to_string(), version, drop_first: drop, ..Default::default() }, format!("{head}/")))
 }
 
 #[cfg(test)]

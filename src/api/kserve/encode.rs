@@ -14,12 +14,21 @@ use crate::router::token_info::RequestText;
 pub const LOGITS: &str = "logits";
 pub const PROBABILITIES: &str = "probabilities";
 pub const LABEL: &str = "label";
+pub const PREDICTED: &str = "predicted";
+pub const CHOICE: &str = "choice";
+pub const EMBEDDING: &str = "embedding";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Logits,
     Probabilities,
     Label,
+    /// Multi-label: BOOL `[batch, labels]`, whether each label scored above the threshold.
+    Predicted,
+    /// Multiple choice: INT64 `[batch, 1]`, the best choice's index.
+    Choice,
+    /// The built-in embedding task: FP32 `[batch, hidden]`.
+    Embedding,
     /// Tagging: per token, padded to the request's longest sequence.
     TokenLabels,
     TokenScores,
@@ -48,6 +57,11 @@ pub fn kinds(head: HeadKind) -> &'static [(Kind, &'static str)] {
     match head {
         HeadKind::Classification => &[(Kind::Logits, LOGITS), (Kind::Probabilities, PROBABILITIES), (Kind::Label, LABEL)],
         HeadKind::Regression => &[(Kind::Logits, LOGITS)],
+        HeadKind::MultiLabel => &[(Kind::Logits, LOGITS), (Kind::Probabilities, PROBABILITIES), (Kind::Predicted, PREDICTED)],
+        HeadKind::MultipleChoice => {
+            &[(Kind::Logits, LOGITS), (Kind::Probabilities, PROBABILITIES), (Kind::Choice, CHOICE), (Kind::Label, LABEL)]
+        }
+        HeadKind::Embedding => &[(Kind::Embedding, EMBEDDING)],
         HeadKind::Tagging => token_outputs::TAGGING,
         HeadKind::QuestionAnswering => token_outputs::QA,
     }
@@ -57,8 +71,10 @@ pub fn kinds(head: HeadKind) -> &'static [(Kind, &'static str)] {
 pub fn spec(kind: Kind, head: HeadKind, width: i64) -> (&'static str, Vec<i64>) {
     match kind {
         Kind::Logits if head.per_token() => ("FP32", vec![-1, width]),
-        Kind::Logits | Kind::Probabilities => ("FP32", vec![width]),
+        Kind::Logits | Kind::Probabilities | Kind::Embedding => ("FP32", vec![width]),
         Kind::Label => ("BYTES", vec![1]),
+        Kind::Predicted => ("BOOL", vec![width]),
+        Kind::Choice => ("INT64", vec![1]),
         other => token_outputs::spec(other),
     }
 }
@@ -93,9 +109,14 @@ pub fn encode(
     plan: &[Planned],
     logits: Vec<Vec<Vec<f32>>>,
     text: Option<&RequestText>,
+    shaping: &results::Shaping,
 ) -> Result<(Vec<InferOutputTensor>, Vec<Vec<u8>>), ServeError> {
-    let results: Vec<Vec<SequenceResult>> =
-        tasks.iter().zip(logits).map(|(run, rows)| results::task_sequences(run, rows, text)).collect::<Result<_, _>>()?;
+    let results: Vec<Vec<SequenceResult>> = tasks
+        .iter()
+        .zip(logits)
+        .enumerate()
+        .map(|(i, (run, rows))| results::task_sequences(run, i, rows, text, shaping))
+        .collect::<Result<_, _>>()?;
     let mut outputs = Vec::with_capacity(plan.len());
     let mut raw = Vec::with_capacity(plan.len());
     for p in plan {
@@ -104,8 +125,12 @@ pub fn encode(
         let head = &tasks[p.task].task.manifest.head;
         let (datatype, shape, bytes) = match p.kind {
             Kind::Logits if head.kind.per_token() => token_outputs::logits(rows, head.width()),
-            Kind::Logits | Kind::Probabilities => {
-                let pick = |r: &SequenceResult| if p.kind == Kind::Logits { r.logits.clone() } else { r.scores.clone() };
+            Kind::Logits | Kind::Probabilities | Kind::Embedding => {
+                let pick = |r: &SequenceResult| match p.kind {
+                    Kind::Logits => r.logits.clone(),
+                    Kind::Probabilities => r.scores.clone(),
+                    _ => r.embedding.clone(),
+                };
                 let width = rows.first().map(|r| pick(r).len()).unwrap_or(0) as i64;
                 let bytes: Vec<u8> = rows.iter().flat_map(pick).flat_map(f32::to_le_bytes).collect();
                 ("FP32", vec![n, width], bytes)
@@ -114,6 +139,12 @@ pub fn encode(
                 let bytes = rows.iter().flat_map(|r| (r.label.len() as u32).to_le_bytes().into_iter().chain(r.label.bytes())).collect();
                 ("BYTES", vec![n, 1], bytes)
             }
+            Kind::Predicted => {
+                let width = rows.first().map_or(0, |r| r.scores.len());
+                let bytes = rows.iter().flat_map(|r| (0..width).map(|i| u8::from(r.label_indices.contains(&(i as i32))))).collect();
+                ("BOOL", vec![n, width as i64], bytes)
+            }
+            Kind::Choice => ("INT64", vec![n, 1], rows.iter().flat_map(|r| i64::from(r.label_index).to_le_bytes()).collect()),
             other => token_outputs::tensor(other, rows),
         };
         outputs.push(InferOutputTensor { name: p.name.clone(), datatype: datatype.into(), shape, ..Default::default() });

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use super::decode::{ATTENTION_MASK, INPUT_IDS, TEXT, TEXT_PAIR, TOKEN_TYPE_IDS};
+use super::decode::{ATTENTION_MASK, CHOICES, INPUT_IDS, TEXT, TEXT_PAIR, TOKEN_TYPE_IDS};
 use crate::config::LimitSettings;
 use crate::error::{ServeError, clip};
 use crate::kserve_proto::InferTensorContents;
@@ -27,6 +27,7 @@ fn expected(name: &str) -> Option<(&'static str, &'static str)> {
     match name {
         TEXT => Some((TEXT, "BYTES")),
         TEXT_PAIR => Some((TEXT_PAIR, "BYTES")),
+        CHOICES => Some((CHOICES, "BYTES")),
         INPUT_IDS => Some((INPUT_IDS, "INT64")),
         ATTENTION_MASK => Some((ATTENTION_MASK, "INT64")),
         TOKEN_TYPE_IDS => Some((TOKEN_TYPE_IDS, "INT64")),
@@ -111,6 +112,11 @@ fn fmt_shape(shape: &[i64]) -> String {
 /// checked against `limits.max_sequences_per_request` and L must be at least 1, before any
 /// allocation (an `[N, 0]` shape holds no element but would still build N empty sequences).
 fn check_shape(name: &str, want: &str, shape: &[i64], limits: &LimitSettings) -> Result<Vec<usize>, ServeError> {
+    if name == CHOICES {
+        let dims: Vec<usize> = shape.iter().map(|d| usize::try_from(*d).unwrap_or(usize::MAX)).collect();
+        super::choices::check_shape(&dims, limits)?;
+        return Ok(dims);
+    }
     let text = want == "BYTES";
     let ok_rank = if text { shape.len() == 1 || (shape.len() == 2 && shape[1] == 1) } else { shape.len() == 2 };
     if !ok_rank || shape.iter().any(|d| *d < 0) {
@@ -237,7 +243,7 @@ fn utf8(name: &str, items: Vec<Vec<u8>>) -> Result<Vec<String>, ServeError> {
 }
 
 fn assemble(mut found: HashMap<&'static str, (Vec<usize>, Data)>) -> Result<Inputs, ServeError> {
-    let text = found.contains_key(TEXT) || found.contains_key(TEXT_PAIR);
+    let text = found.contains_key(TEXT) || found.contains_key(TEXT_PAIR) || found.contains_key(CHOICES);
     let ids = [INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS].iter().any(|n| found.contains_key(n));
     if text && ids {
         return Err(invalid(format!("{TEXT} and {INPUT_IDS} are alternatives: send text (BYTES) or token ids (INT64), not both")));
@@ -247,6 +253,9 @@ fn assemble(mut found: HashMap<&'static str, (Vec<usize>, Data)>) -> Result<Inpu
             return Err(invalid(format!("missing input `{TEXT}`: {TEXT_PAIR} is the second text of a pair and needs {TEXT}")));
         };
         let texts = utf8(TEXT, texts)?;
+        if let Some((dims, Data::Bytes(choices))) = found.remove(CHOICES) {
+            return super::choices::assemble(texts, found.contains_key(TEXT_PAIR), &dims, utf8(CHOICES, choices)?);
+        }
         return match found.remove(TEXT_PAIR) {
             None => Ok(Inputs::Texts(Texts { texts })),
             Some((pair_shape, Data::Bytes(second))) => {

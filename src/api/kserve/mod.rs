@@ -3,6 +3,7 @@
 //! their versions the model versions. Inference builds the same internal request the native API
 //! does and goes through the same router and scheduler, so requests of both APIs batch together.
 
+mod choices;
 pub mod decode;
 pub mod encode;
 mod inputs;
@@ -63,18 +64,21 @@ impl KServeApi {
                     (a, b) => a.or(b),
                 };
                 let native = std::mem::take(&mut d.native);
+                let mut shaping = crate::api::results::Shaping::from_request(&native);
                 let job = router.prepare(native, deadline)?;
+                shaping.thresholds = request_thresholds(&job.tasks, d.threshold)
+                    .inspect_err(|_| router.ctx.stats.request_failed(&crate::engine::stat_keys(&job.tasks), job.received.elapsed()))?;
                 // Unknown output names are refused before any compute is spent.
                 let plan = encode::plan(&job.tasks, &d.prefixes, &d.outputs)
                     .inspect_err(|_| router.ctx.stats.request_failed(&crate::engine::stat_keys(&job.tasks), job.received.elapsed()))?;
-                Ok::<_, ServeError>((d, job, plan))
+                Ok::<_, ServeError>((d, job, plan, shaping))
             };
             // Tensor decoding and tokenization are CPU work: keep them off the reactor threads. The
             // queue place travels with it, so a cancelled call frees its place only when that is done.
             let (admission, prepared) = tokio::task::spawn_blocking(move || (admission, prepare()))
                 .await
                 .map_err(|e| ServeError::Internal(format!("request decoding task failed: {e}")))?;
-            let (decoded, job, plan) = prepared?;
+            let (decoded, job, plan, shaping) = prepared?;
             let runs = job.tasks.clone();
             let text = job.text.clone();
             let timeout = decoded.timeout;
@@ -86,7 +90,7 @@ impl KServeApi {
                 }
                 _ => scheduler.submit(admission, job).await?,
             };
-            let (outputs, raw_output_contents) = encode::encode(&runs, &plan, out.logits, text.as_deref())?;
+            let (outputs, raw_output_contents) = encode::encode(&runs, &plan, out.logits, text.as_deref(), &shaping)?;
             let mut parameters = std::collections::HashMap::new();
             for (run, prefix) in runs.iter().zip(&decoded.prefixes) {
                 let dropped = run.active.dropped().iter().map(u32::to_string).collect::<Vec<_>>().join(",");
@@ -130,6 +134,18 @@ impl KServeApi {
             Err(ServeError::NotFound(format!("model `{name}` not found")))
         }
     }
+}
+
+/// The `threshold` parameter applies to every multi-label task of the request; naming one for a
+/// request without any is refused, as a native threshold on another task is.
+fn request_thresholds(tasks: &[crate::engine::TaskRun], threshold: Option<f32>) -> Result<Vec<Option<f32>>, ServeError> {
+    let multilabel = |t: &crate::engine::TaskRun| t.task.manifest.head.kind == crate::repository::manifest::HeadKind::MultiLabel;
+    if threshold.is_some() && !tasks.iter().any(multilabel) {
+        return Err(ServeError::InvalidArgument(
+            "parameter `threshold` is for multi-label tasks, and this request has none: omit it".into(),
+        ));
+    }
+    Ok(tasks.iter().map(|t| threshold.filter(|_| multilabel(t))).collect())
 }
 
 type StreamResponse = Answers<ModelStreamInferResponse>;

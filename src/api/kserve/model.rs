@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use super::decode::{ATTENTION_MASK, INPUT_IDS, TEXT, TEXT_PAIR, TOKEN_TYPE_IDS};
+use super::decode::{ATTENTION_MASK, CHOICES, INPUT_IDS, TEXT, TEXT_PAIR, TOKEN_TYPE_IDS};
 use super::encode;
 use crate::config::{BatchingSettings, LimitSettings};
 use crate::kserve_proto::model_metadata_response::TensorMetadata;
@@ -11,6 +11,7 @@ use crate::kserve_proto::{
     DataType, InferBatchStatistics, InferStatistics, ModelConfig, ModelDynamicBatching, ModelInput, ModelMetadataResponse, ModelOutput,
     ModelParameter, ModelQueuePolicy, ModelStatistics, ModelVersionPolicy, StatisticDuration, model_config, model_version_policy,
 };
+use crate::repository::manifest::HeadKind;
 use crate::repository::{Task, TaskEntry, TaskState, task::describe_drop};
 use crate::stats::{DurationStat, TaskStats};
 
@@ -19,6 +20,12 @@ pub const PLATFORM: &str = "adapterdrop";
 /// (name, KServe datatype, config datatype, per-row dims) of every input the task accepts.
 fn inputs(task: &Task) -> Vec<(&'static str, &'static str, DataType, Vec<i64>)> {
     let mut v = Vec::new();
+    if task.manifest.head.kind == HeadKind::MultipleChoice {
+        // Items are (context, choices) texts: token ids cannot say which sequences form an item.
+        v.push((TEXT, "BYTES", DataType::TypeString, vec![1]));
+        v.push((CHOICES, "BYTES", DataType::TypeString, vec![-1]));
+        return v;
+    }
     if task.backbone.tokenizer.is_some() {
         v.push((TEXT, "BYTES", DataType::TypeString, vec![1]));
         v.push((TEXT_PAIR, "BYTES", DataType::TypeString, vec![1]));
@@ -31,13 +38,19 @@ fn inputs(task: &Task) -> Vec<(&'static str, &'static str, DataType, Vec<i64>)> 
 
 fn outputs(task: &Task) -> Vec<(&'static str, &'static str, DataType, Vec<i64>)> {
     let head = &task.manifest.head;
+    let width = match head.kind {
+        HeadKind::Embedding => task.backbone.manifest.hidden_size as i64,
+        HeadKind::MultipleChoice => -1, // one per choice
+        _ => head.width() as i64,
+    };
     encode::kinds(head.kind)
         .iter()
         .map(|(kind, name)| {
-            let (datatype, dims) = encode::spec(*kind, head.kind, head.width() as i64);
+            let (datatype, dims) = encode::spec(*kind, head.kind, width);
             let config = match datatype {
                 "BYTES" => DataType::TypeString,
                 "INT64" => DataType::TypeInt64,
+                "BOOL" => DataType::TypeBool,
                 _ => DataType::TypeFp32,
             };
             (*name, datatype, config, dims)
@@ -73,6 +86,14 @@ pub fn config(task: &Task, limits: &LimitSettings, batching: &BatchingSettings) 
     param("drop", describe_drop(&m.drop));
     param("head_type", m.head.kind.as_str().into());
     param("labels", m.head.labels.join(","));
+    if m.head.kind == HeadKind::MultiLabel {
+        param("threshold", m.head.threshold.unwrap_or(crate::repository::manifest::DEFAULT_THRESHOLD).to_string());
+    }
+    if m.head.kind == HeadKind::Embedding {
+        let e = task.backbone.manifest.embedding;
+        param("pooling", format!("{:?}", e.pooling).to_lowercase());
+        param("normalize", e.normalize.to_string());
+    }
     param("description", m.description.clone());
     ModelConfig {
         name: task.name().into(),

@@ -112,6 +112,8 @@ pub fn tensor(kind: Kind, rows: &[SequenceResult]) -> Tensor {
         Kind::AnswerStart => ("INT64", vec![n, 1], rows.iter().flat_map(|r| (best(r).start as i64).to_le_bytes()).collect()),
         Kind::AnswerEnd => ("INT64", vec![n, 1], rows.iter().flat_map(|r| (best(r).end as i64).to_le_bytes()).collect()),
         Kind::AnswerScore => ("FP32", vec![n, 1], rows.iter().flat_map(|r| best(r).score.to_le_bytes()).collect()),
-        Kind::Logits | Kind::Probabilities | Kind::Label => unreachable!("sequence outputs are built in encode.rs"),
+        Kind::Logits | Kind::Probabilities | Kind::Label | Kind::Predicted | Kind::Choice | Kind::Embedding => {
+            unreachable!("sequence outputs are built in encode.rs")
+        }
     }
 }

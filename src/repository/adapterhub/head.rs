@@ -20,7 +20,7 @@ const MAX_LABELS: usize = 65_536;
 /// Most linear layers a head may have (each is `[H, H]`; the library's heads use 1 or 2).
 const MAX_LAYERS: u64 = 16;
 /// The head types the server computes, as `head_config.json` names them.
-const SUPPORTED: &str = "classification, tagging, question_answering";
+const SUPPORTED: &str = "classification, multilabel_classification, multiple_choice, tagging, question_answering";
 
 pub fn load(dir: &Path, hidden: usize) -> Result<HeadWeights, AdapterHubError> {
     let path = dir.join(HEAD_CONFIG);
@@ -32,6 +32,9 @@ pub fn load(dir: &Path, hidden: usize) -> Result<HeadWeights, AdapterHubError> {
     // (kind before the regression check, default `layers`), as the library's head classes default them.
     let (kind, default_layers) = match head_type.as_str() {
         Some("classification") => (HeadKind::Classification, 2),
+        // The classification head's layers; a sigmoid per label, or one logit per (context, choice) pair.
+        Some("multilabel_classification") => (HeadKind::MultiLabel, 2),
+        Some("multiple_choice") => (HeadKind::MultipleChoice, 2),
         Some("tagging") => (HeadKind::Tagging, 1),
         Some("question_answering") => (HeadKind::QuestionAnswering, 1),
         _ => return Err(unsupported(&path, format!("head_type={head_type} is not supported (one of {SUPPORTED})"))),
@@ -65,6 +68,7 @@ pub fn load(dir: &Path, hidden: usize) -> Result<HeadWeights, AdapterHubError> {
         Some(v) => v.as_bool().ok_or_else(|| invalid(&path, format!("bias={v} is not a boolean")))?,
     };
     let num_labels = match cfg.get("num_labels") {
+        _ if kind == HeadKind::MultipleChoice => 1,
         None => 2,
         Some(v) => v
             .as_u64()
@@ -80,8 +84,8 @@ pub fn load(dir: &Path, hidden: usize) -> Result<HeadWeights, AdapterHubError> {
         k => k,
     };
     let labels = match kind {
-        HeadKind::Classification | HeadKind::Tagging => labels(&path, cfg.get("label2id"), num_labels)?,
-        HeadKind::Regression | HeadKind::QuestionAnswering => Vec::new(),
+        HeadKind::Classification | HeadKind::Tagging | HeadKind::MultiLabel => labels(&path, cfg.get("label2id"), num_labels)?,
+        HeadKind::Regression | HeadKind::QuestionAnswering | HeadKind::MultipleChoice | HeadKind::Embedding => Vec::new(),
     };
     let wpath = dir.join(HEAD_WEIGHTS);
     if !wpath.is_file() && dir.join("pytorch_model_head.bin").is_file() {
