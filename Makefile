@@ -83,12 +83,14 @@ bench: setup models test-repo
 	cargo bench $(CARGO_FLAGS) --bench table2
 	cargo bench $(CARGO_FLAGS) --bench serving
 	cargo bench $(CARGO_FLAGS) --bench fusion
-	cargo bench $(CARGO_FLAGS) --bench banks
+	$(PY) tools/text_lengths.py --repo $(TEST_REPO) --out build/real-lengths.txt
+	BENCH_LENGTHS=build/real-lengths.txt cargo bench $(CARGO_FLAGS) --bench banks
 	cargo bench $(CARGO_FLAGS) --bench banks_scale
 	cargo build --release $(CARGO_FLAGS)
 	$(PY) tools/bench_memory.py --binary target/release/adapterdrop-serve
 	$(PY) tools/bench_many_tasks.py --binary target/release/adapterdrop-serve --tasks $(BENCH_MANY_TASKS)
 	$(MAKE) bench-kserve
+	$(MAKE) bench-replay
 
 ## Triton's perf_analyzer (tritonclient 2.41.0 wheel) in build/perf, outside the venv; apt-gets libb64-0d if missing.
 .PHONY: perf-analyzer bench-kserve
@@ -100,6 +102,13 @@ perf-analyzer: $(VENV)/.stamp
 bench-kserve: setup test-repo perf-analyzer
 	cargo build --release $(CARGO_FLAGS)
 	$(PY) tools/bench_kserve.py --binary target/release/adapterdrop-serve --repo $(TEST_REPO) $(KSERVE_BENCH_ARGS)
+
+## Real-traffic replay (issue 15): today's engine vs packed tokens + length-aware batching, side by side
+## (docs/benchmarks.md). REPLAY_BENCH_ARGS passes options (--quick: one round of 4 s runs).
+.PHONY: bench-replay
+bench-replay: setup models
+	cargo build --release $(CARGO_FLAGS)
+	$(PY) tools/bench_replay.py --binary target/release/adapterdrop-serve --repo $(DEFAULT_REPO) $(REPLAY_BENCH_ARGS)
 
 ## Equality tests and every GPU figure of issues 12 and 15 on the CUDA execution provider
 ## (tools/gpu_check.sh: installs onnxruntime-gpu[cuda,cudnn]==1.31.1 into .venv-gpu). Without a GPU it says

@@ -306,17 +306,27 @@ pub struct BatchingSettings {
     /// longer than this (estimated from the engine's measured speed); 0 = no bound. A count
     /// bound alone lets admitted requests wait many seconds under a flood.
     pub max_queue_wait_ms: u64,
+    /// Length-aware batching: waiting requests are split into runs of similar length where the
+    /// padding saved is worth an extra batch, and the next batch is the run holding the oldest
+    /// request; a request that has waited this long joins the next batch whatever its length
+    /// (within the budget), which bounds the extra wait grouping causes. 0 = first come, first served.
+    pub length_wait_ms: u64,
 }
 
 impl Default for BatchingSettings {
     fn default() -> Self {
-        Self { max_batch_tokens: 16_384, max_batch_delay_ms: 2, max_queued: 1024, max_queue_wait_ms: 5_000 }
+        Self { max_batch_tokens: 16_384, max_batch_delay_ms: 2, max_queued: 1024, max_queue_wait_ms: 5_000, length_wait_ms: 50 }
     }
 }
 
 impl BatchingSettings {
     pub fn max_batch_delay(&self) -> Duration {
         Duration::from_millis(self.max_batch_delay_ms)
+    }
+
+    /// `length_wait_ms` as the grouping bound, `None` when grouping is off.
+    pub fn length_wait(&self) -> Option<Duration> {
+        (self.length_wait_ms > 0).then(|| Duration::from_millis(self.length_wait_ms))
     }
 
     /// `max_queue_wait_ms` as a bound, `None` when unbounded.

@@ -81,6 +81,9 @@ impl NativeApi {
                 compute_us: out.compute.as_micros() as u64,
                 total_us: started.elapsed().as_micros() as u64,
                 batch_rows: out.batch_rows as u32,
+                real_tokens: out.stats.real_tokens as u64,
+                computed_tokens: out.stats.computed_tokens as u64,
+                attention_tokens: out.stats.attention_tokens as u64,
             };
             Ok::<_, ServeError>(InferResponse { results, num_tokens, timings: Some(timings), id })
         };

@@ -66,6 +66,21 @@ pub struct ExecStats {
     pub attention_tokens: usize,
 }
 
+impl ExecStats {
+    /// Counts one layer's token positions: `rows` physical rows (input rows of `seqs`, a row
+    /// per split copy) padded to `padded_len`, with per-token work on every padded position.
+    pub(crate) fn count_padded_layer(&mut self, seqs: &[Sequence], rows: impl IntoIterator<Item = usize>, padded_len: usize) {
+        let (mut n, mut real) = (0, 0);
+        for r in rows {
+            n += 1;
+            real += seqs[r].ids.len();
+        }
+        self.real_tokens += real;
+        self.computed_tokens += n * padded_len;
+        self.attention_tokens += n * padded_len;
+    }
+}
+
 /// Slot graph choice of one lane at one slot; compared by graph identity.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Choice(usize);
@@ -116,6 +131,7 @@ pub fn execute(backbone: &Backbone, seqs: &[Sequence], lanes: &[Lane]) -> Result
     let mut stats = ExecStats { padded_len: ids.ncols(), ..Default::default() };
     for (layer, graphs) in backbone.layers.iter().enumerate() {
         stats.layer_rows.push(st.hidden.rows()?);
+        stats.count_padded_layer(seqs, st.input_of.iter().copied(), ids.ncols());
         let h = {
             let mv = st.mask.view();
             run_hidden(&graphs.attention, vec![("hidden", st.hidden.input()?), ("attention_mask", i64_input(&mv)?)], "h")?

@@ -7,6 +7,9 @@
 //!   batch, before running a batch holding that token id (health must go NOT_SERVING).
 //! - `ADAPTERDROP_FAULT_KILL_QUEUE=<token id>`: the queue actor panics when a request holding that
 //!   token id starts a batch (health must go NOT_SERVING as well).
+//! - `ADAPTERDROP_FAULT_SLOW_BATCH=<token id>`: a batch holding that token id keeps the engine
+//!   busy for [`SLOW_BATCH`] first, so that the requests sent meanwhile all wait in the queue
+//!   (how batches form from a backlog is then deterministic).
 
 use super::{Batch, Entry, Sequence};
 
@@ -34,7 +37,15 @@ pub fn in_queue(first: &Entry) {
     }
 }
 
+/// How long a batch holding `ADAPTERDROP_FAULT_SLOW_BATCH`'s token id keeps the engine busy.
+pub const SLOW_BATCH: std::time::Duration = std::time::Duration::from_millis(1500);
+
 pub fn before_batch(batch: &Batch) {
+    if let Some(id) = marker("ADAPTERDROP_FAULT_SLOW_BATCH")
+        && batch.entries.iter().any(|e| holds(&e.job.sequences, id))
+    {
+        std::thread::sleep(SLOW_BATCH);
+    }
     if let Some(id) = marker("ADAPTERDROP_FAULT_KILL_ENGINE")
         && batch.entries.iter().any(|e| holds(&e.job.sequences, id))
     {

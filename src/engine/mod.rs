@@ -270,7 +270,9 @@ fn run_live(mut live: Vec<Work>, banks: bool, started: Instant, ctx: &Context, p
             let layer_rows: usize = stats.layer_rows.iter().sum();
             ctx.metrics.record_batch(BatchRecord {
                 rows,
-                padded_tokens: rows * stats.padded_len,
+                real_tokens: stats.real_tokens,
+                computed_tokens: stats.computed_tokens,
+                attention_tokens: stats.attention_tokens,
                 layer_rows,
                 rows_saved: (lane_rows * stats.layer_rows.len()).saturating_sub(layer_rows),
                 adapter_rows: stats.adapter_rows,

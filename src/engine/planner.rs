@@ -14,7 +14,11 @@ use crate::repository::manifest::HeadKind;
 /// nothing else to run on (weights-only); a built-in embedding task (no adapters: bank row 0 in
 /// every layer) whenever banks are on, so it shares the trunk with the bank tasks.
 pub fn on_banks(backbone: &Backbone, lane: &Lane, banks: bool) -> bool {
-    let task = &lane.task;
+    task_on_banks(backbone, &lane.task, banks)
+}
+
+/// Whether a task's lanes take the bank path (see [`on_banks`]); the scheduler budgets by it.
+pub fn task_on_banks(backbone: &Backbone, task: &crate::repository::Task, banks: bool) -> bool {
     let embedding = task.manifest.head.kind == HeadKind::Embedding;
     backbone.banked.is_some() && ((task.bank.is_some() && (banks || task.manifest.weights_only())) || (embedding && banks))
 }

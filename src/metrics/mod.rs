@@ -28,13 +28,19 @@ pub const UNKNOWN_TASK: &str = "unknown";
 /// Task names of one request looked up for labels; `limits.max_tasks_per_request` is far lower.
 pub const MAX_LABELLED_TASKS: usize = 256;
 
+/// The `kind` label values of `adapterdrop_batch_tokens`.
+pub const TOKEN_KINDS: [&str; 3] = ["real", "computed", "attention"];
+
 /// One finished engine batch, as the metrics count it.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchRecord {
     /// Input sequences in the batch.
     pub rows: usize,
-    /// Rows x longest sequence.
-    pub padded_tokens: usize,
+    /// Token positions summed over backbone layers (see [`crate::engine::ExecStats`]): real
+    /// ones, ones per-token work computed (padding included), ones inside attention.
+    pub real_tokens: usize,
+    pub computed_tokens: usize,
+    pub attention_tokens: usize,
     /// Hidden-state rows through backbone layers, summed over layers.
     pub layer_rows: usize,
     /// Layer rows every lane would have needed on its own, minus `layer_rows`.
@@ -56,7 +62,8 @@ pub struct Metrics {
     pub batches: IntCounter,
     pub graph_runs: IntCounter,
     pub batch_rows: Histogram,
-    pub batch_tokens: Histogram,
+    /// Per batch, by `kind`: [`TOKEN_KINDS`].
+    pub batch_tokens: HistogramVec,
     pub queue_depth: IntGauge,
     pub layer_rows: IntCounter,
     pub rows_saved: IntCounter,
@@ -121,7 +128,20 @@ impl Metrics {
         r.register(Box::new(info.clone())).expect("unique metric");
         info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         let rows: Vec<f64> = (0..12).map(|i| f64::from(1u32 << i)).collect();
-        let tokens: Vec<f64> = (4..18).map(|i| f64::from(1u32 << i)).collect();
+        // Token positions summed over layers: up to a 24-layer backbone times a 65,536-token batch.
+        let tokens: Vec<f64> = (4..22).map(|i| f64::from(1u32 << i)).collect();
+        let batch_tokens = HistogramVec::new(
+            HistogramOpts::new(
+                "adapterdrop_batch_tokens",
+                "Token positions per engine batch, summed over backbone layers, by kind: real (real tokens that entered \
+                 per-token work), computed (positions per-token work computed, padding included), attention (positions \
+                 inside attention, padding included). sum(real) / sum(computed) is the padding efficiency.",
+            )
+            .buckets(tokens),
+            &["kind"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(batch_tokens.clone())).expect("unique metric");
         Self {
             requests: counter_vec(
                 &r,
@@ -141,7 +161,7 @@ impl Metrics {
             batches: counter(&r, "adapterdrop_batches_total", "Engine batches run."),
             graph_runs: counter(&r, "adapterdrop_graph_runs_total", "ONNX Runtime session runs made by engine batches."),
             batch_rows: histogram(&r, "adapterdrop_batch_rows", "Input sequences per engine batch.", rows),
-            batch_tokens: histogram(&r, "adapterdrop_batch_tokens", "Padded tokens (rows x longest) per engine batch.", tokens),
+            batch_tokens,
             queue_depth,
             layer_rows: counter(&r, "adapterdrop_layer_rows_total", "Hidden-state rows run through backbone layers (summed over layers)."),
             rows_saved: counter(
@@ -162,7 +182,9 @@ impl Metrics {
         self.batches.inc();
         self.graph_runs.inc_by(b.graph_runs as u64);
         self.batch_rows.observe(b.rows as f64);
-        self.batch_tokens.observe(b.padded_tokens as f64);
+        for (kind, n) in TOKEN_KINDS.iter().zip([b.real_tokens, b.computed_tokens, b.attention_tokens]) {
+            self.batch_tokens.with_label_values(&[kind]).observe(n as f64);
+        }
         self.compute_duration.observe(b.compute.as_secs_f64());
         self.layer_rows.inc_by(b.layer_rows as u64);
         self.rows_saved.inc_by(b.rows_saved as u64);

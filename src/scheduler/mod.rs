@@ -1,9 +1,11 @@
-//! Cross-request batching: a queue actor that forms token-budget batches per backbone and hands
+//! Cross-request batching: a queue actor that forms token-budget batches per backbone (of
+//! requests of similar length, `grouping.rs`) and hands
 //! them to the engine thread, which it never lets idle while work waits. Requests are admitted
 //! ([`Scheduler::admit`]) before any work is spent on them, and the engine's and the actor's
 //! liveness is watched so that health can follow it.
 
 mod admission;
+pub mod grouping;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use tracing::Instrument;
 
 use crate::config::{BatchingSettings, EngineSettings};
 pub use admission::{Admission, Load};
+use grouping::{Cand, Footprint};
 
 use crate::context::Context;
 use crate::engine::{self, Batch, Entry, Job, JobOutput, Liveness};
@@ -37,9 +40,11 @@ impl Scheduler {
         let (engine_tx, engine_rx) = mpsc::channel(1);
         let load = Arc::new(Load::default());
         let liveness = Liveness::default();
+        // The actor budgets batches by the token layout the engine will use.
+        let layout = engine_settings.clone();
         engine::spawn(engine_rx, engine_settings, ctx.clone(), load.pace.clone(), liveness.clone());
         let permits = Arc::new(Semaphore::new(settings.max_queued));
-        let actor = tokio::spawn(queue_actor(rx, engine_tx, settings.clone()).instrument(tracing::info_span!("queue")));
+        let actor = tokio::spawn(queue_actor(rx, engine_tx, settings.clone(), layout).instrument(tracing::info_span!("queue")));
         let watcher = liveness.clone();
         tokio::spawn(async move {
             match actor.await {
@@ -167,59 +172,67 @@ enum ActorEnd {
     EngineGone,
 }
 
-/// Padded-token size of a set of jobs that would run together.
-#[derive(Clone, Copy, Default)]
-struct Footprint {
-    rows: usize,
-    longest: usize,
+/// What a queued request costs the engine, for [`grouping::choose`]: packed when every task of
+/// it runs on the banks and `engine.packing` is on, else padded.
+fn cand(e: &Entry, now: Instant, engine: &EngineSettings) -> Cand {
+    let job = &e.job;
+    let packed = engine.packing && job.tasks.iter().all(|t| engine::planner::task_on_banks(&job.backbone, &t.task, engine.banks));
+    let longest = job.sequences.iter().map(|s| s.ids.len()).max().unwrap_or(1);
+    let real: usize = job.sequences.iter().map(|s| s.ids.len()).sum();
+    // Rows the engine runs: each sequence once per distinct task path of its job.
+    Cand {
+        waited: now.saturating_duration_since(e.enqueued),
+        longest,
+        rows: job.sequences.len() * job.paths,
+        real: real * job.paths,
+        packed,
+    }
 }
 
-impl Footprint {
-    fn with(self, job: &Job) -> Self {
-        let longest = job.sequences.iter().map(|s| s.ids.len()).max().unwrap_or(1);
-        // Rows the engine runs: each sequence once per distinct task path of its job.
-        Self { rows: self.rows + job.sequences.len() * job.paths, longest: self.longest.max(longest) }
-    }
-    fn tokens(self) -> usize {
-        self.rows * self.longest
-    }
-}
-
-async fn queue_actor(mut rx: mpsc::UnboundedReceiver<Entry>, engine: mpsc::Sender<Batch>, settings: BatchingSettings) -> ActorEnd {
+async fn queue_actor(
+    mut rx: mpsc::UnboundedReceiver<Entry>,
+    engine: mpsc::Sender<Batch>,
+    settings: BatchingSettings,
+    layout: EngineSettings,
+) -> ActorEnd {
     let mut backlog: VecDeque<Entry> = VecDeque::new();
+    let budget = settings.max_batch_tokens;
     loop {
         // Only form a batch once the engine can take it, so late arrivals still join.
         let Ok(slot) = engine.reserve().await else { return ActorEnd::EngineGone };
-        let first = match backlog.pop_front() {
-            Some(e) => e,
-            None => match rx.recv().await {
-                Some(e) => e,
+        if backlog.is_empty() {
+            match rx.recv().await {
+                Some(e) => backlog.push_back(e),
                 None => return ActorEnd::Closed,
-            },
-        };
-        #[cfg(feature = "fault-injection")]
-        engine::fault::in_queue(&first);
-        let backbone = first.job.backbone.clone();
-        let same = |e: &Entry| Arc::ptr_eq(&e.job.backbone, &backbone);
-        let mut size = Footprint::default().with(&first.job);
-        let mut entries = vec![first];
-        let budget = settings.max_batch_tokens;
-        let mut i = 0;
-        while i < backlog.len() {
-            if same(&backlog[i]) && size.with(&backlog[i].job).tokens() <= budget {
-                let e = backlog.remove(i).expect("index checked");
-                size = size.with(&e.job);
-                entries.push(e);
-            } else {
-                i += 1;
             }
         }
+        // Everything that arrived while the engine worked is a candidate.
+        while let Ok(e) = rx.try_recv() {
+            backlog.push_back(e);
+        }
+        let backbone = backlog[0].job.backbone.clone();
+        let same = |e: &Entry| Arc::ptr_eq(&e.job.backbone, &backbone);
+        let now = Instant::now();
+        let at: Vec<usize> = (0..backlog.len()).filter(|&i| same(&backlog[i])).take(grouping::MAX_CANDIDATES).collect();
+        let cands: Vec<Cand> = at.iter().map(|&i| cand(&backlog[i], now, &layout)).collect();
+        let picked = grouping::choose(&cands, budget, settings.length_wait());
+        let mut size = Footprint::default();
+        let mut entries = Vec::with_capacity(picked.len());
+        for &p in picked.iter().rev() {
+            size = size.with(&cands[p]);
+            entries.push(backlog.remove(at[p]).expect("index checked"));
+        }
+        entries.reverse();
+        #[cfg(feature = "fault-injection")]
+        engine::fault::in_queue(&entries[0]);
+        // Wait for company only while no work for this backbone is left waiting.
+        let waiting = backlog.iter().any(same);
         let deadline = tokio::time::Instant::now() + settings.max_batch_delay();
-        while size.tokens() < budget {
+        while !waiting && size.tokens() < budget {
             tokio::select! {
                 next = rx.recv() => match next {
-                    Some(e) if same(&e) && size.with(&e.job).tokens() <= budget => {
-                        size = size.with(&e.job);
+                    Some(e) if same(&e) && size.with(&cand(&e, Instant::now(), &layout)).tokens() <= budget => {
+                        size = size.with(&cand(&e, Instant::now(), &layout));
                         entries.push(e);
                     }
                     Some(e) => {
@@ -232,7 +245,7 @@ async fn queue_actor(mut rx: mpsc::UnboundedReceiver<Entry>, engine: mpsc::Sende
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        tracing::trace!(requests = entries.len(), rows = size.rows, tokens = size.tokens(), "batch formed");
+        tracing::trace!(requests = entries.len(), rows = size.rows, tokens = size.tokens(), real = size.real, "batch formed");
         slot.send(Batch { entries });
     }
 }
