@@ -135,7 +135,7 @@ async fn soak_of_register_unregister_cycles_does_not_grow_memory_or_files() {
     let server = TestServer::start_on(repo.path(), &[("ADAPTERDROP__REPOSITORY__POLL_INTERVAL_S", "0")]);
     let mut a = admin(&server.admin_addr()).await;
     let mut c = inference(&server.addr).await;
-    let (warmup, cycles): (usize, usize) = (30, std::env::var("ADMIN_SOAK_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(60));
+    let (warmup, cycles): (usize, usize) = (90, std::env::var("ADMIN_SOAK_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(60));
     let mut samples = Vec::new();
     for i in 0..warmup + cycles {
         let r = register(&mut a, header("soak", None, true, false), &source(if i % 2 == 0 { "sent" } else { "topic" })).await.unwrap();
