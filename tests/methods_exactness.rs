@@ -6,15 +6,9 @@
 mod admin_support;
 mod common;
 
-use std::collections::HashMap;
-
-use adapterdrop_serve::kserve_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
-use adapterdrop_serve::kserve_proto::infer_parameter::ParameterChoice;
-use adapterdrop_serve::kserve_proto::model_infer_request::InferInputTensor;
-use adapterdrop_serve::kserve_proto::{InferParameter, ModelInferRequest};
 use adapterdrop_serve::proto::{GetTaskRequest, TaskStatus, TokenizedInputs, infer_request::Inputs};
 use admin_support::{admin, messages, register_msgs, robust, weights_header};
-use common::breadth::{BACKBONES, adapter_dir, assert_close, breadth_repo, reference, strings, unpadded};
+use common::breadth::{BACKBONES, adapter_dir, assert_close, assert_kserve_fan_out, breadth_repo, reference, unpadded};
 use common::{TestServer, copy_dir, infer_logits};
 
 /// Fixture task -> the method name the server reports for it.
@@ -73,26 +67,14 @@ async fn registered_methods_match_the_library_at_every_drop_depth() {
 /// KServe v2, as a Triton client sends it: text in, the three methods in one request (`tasks`
 /// fan-out over the same inputs, one pass), each output named `<task>/logits`, = the library.
 async fn kserve_fan_out_matches_the_library(server: &TestServer) {
-    let fx = reference("bert");
-    let texts = strings(&fx["texts"]);
-    let raw: Vec<u8> = texts.iter().flat_map(|t| (t.len() as u32).to_le_bytes().into_iter().chain(t.bytes())).collect();
-    let text = InferInputTensor { name: "TEXT".into(), datatype: "BYTES".into(), shape: vec![texts.len() as i64, 1], ..Default::default() };
-    let fan_out = InferParameter { parameter_choice: Some(ParameterChoice::StringParam("bert-ia3,bert-par-bn".into())) };
-    let req = ModelInferRequest {
-        model_name: "bert-lora".into(),
-        inputs: vec![text],
-        raw_input_contents: vec![raw],
-        parameters: HashMap::from([("tasks".to_string(), fan_out)]),
-        ..Default::default()
-    };
-    let resp = GrpcInferenceServiceClient::new(server.channel().await).model_infer(req).await.expect("KServe infer").into_inner();
-    for (output, fixture) in [("logits", "lora"), ("bert-ia3/logits", "ia3"), ("bert-par-bn/logits", "par_bn")] {
-        let at = resp.outputs.iter().position(|o| o.name == output).unwrap_or_else(|| panic!("no output {output}"));
-        assert_eq!(resp.outputs[at].shape, vec![texts.len() as i64, 2], "{output}");
-        let values: Vec<f32> = resp.raw_output_contents[at].chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-        let rows: Vec<Vec<f32>> = values.chunks(2).map(<[f32]>::to_vec).collect();
-        assert_close(&format!("KServe {output}"), &rows, &fx["tasks"][fixture]["outputs"]["0"]["logits"]);
-    }
+    assert_kserve_fan_out(
+        server,
+        &reference("bert"),
+        "bert-lora",
+        "bert-ia3,bert-par-bn",
+        &[("logits", "lora"), ("bert-ia3/logits", "ia3"), ("bert-par-bn/logits", "par_bn")],
+    )
+    .await;
 }
 
 /// What the banks cannot serve is refused at registration with the config key and value to change,

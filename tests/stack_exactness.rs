@@ -8,16 +8,11 @@
 mod admin_support;
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use adapterdrop_serve::kserve_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
-use adapterdrop_serve::kserve_proto::infer_parameter::ParameterChoice;
-use adapterdrop_serve::kserve_proto::model_infer_request::InferInputTensor;
-use adapterdrop_serve::kserve_proto::{InferParameter, ModelInferRequest};
 use adapterdrop_serve::proto::{BundleHeader, InferRequest, TaskRef, TaskStatus, TokenizedInputs, infer_request::Inputs};
 use admin_support::{admin, messages, register_msgs, robust, weights_header};
-use common::breadth::{BACKBONES, adapter_dir, assert_close, breadth_repo, reference, strings, unpadded};
+use common::breadth::{BACKBONES, adapter_dir, assert_close, assert_kserve_fan_out, breadth_repo, reference, unpadded};
 use common::{TestServer, copy_dir, infer_logits};
 
 /// A private copy of the breadth repository's backbones (registration writes into it).
@@ -94,25 +89,14 @@ async fn mixed_request_matches_the_library(server: &TestServer) {
 
 /// KServe v2 as a Triton client sends it: text in, the stack and the Pfeiffer task fanned out.
 async fn kserve_matches_the_library(server: &TestServer) {
-    let fx = reference("bert");
-    let texts = strings(&fx["texts"]);
-    let raw: Vec<u8> = texts.iter().flat_map(|t| (t.len() as u32).to_le_bytes().into_iter().chain(t.bytes())).collect();
-    let text = InferInputTensor { name: "TEXT".into(), datatype: "BYTES".into(), shape: vec![texts.len() as i64, 1], ..Default::default() };
-    let fan_out = InferParameter { parameter_choice: Some(ParameterChoice::StringParam("bert-pfeiffer".into())) };
-    let req = ModelInferRequest {
-        model_name: "bert-stack".into(),
-        inputs: vec![text],
-        raw_input_contents: vec![raw],
-        parameters: HashMap::from([("tasks".to_string(), fan_out)]),
-        ..Default::default()
-    };
-    let resp = GrpcInferenceServiceClient::new(server.channel().await).model_infer(req).await.expect("KServe infer").into_inner();
-    for (output, fixture) in [("logits", "stack"), ("bert-pfeiffer/logits", "pfeiffer")] {
-        let at = resp.outputs.iter().position(|o| o.name == output).unwrap_or_else(|| panic!("no output {output}"));
-        let values: Vec<f32> = resp.raw_output_contents[at].chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-        let rows: Vec<Vec<f32>> = values.chunks(2).map(<[f32]>::to_vec).collect();
-        assert_close(&format!("KServe {output}"), &rows, &fx["tasks"][fixture]["outputs"]["0"]["logits"]);
-    }
+    assert_kserve_fan_out(
+        server,
+        &reference("bert"),
+        "bert-stack",
+        "bert-pfeiffer",
+        &[("logits", "stack"), ("bert-pfeiffer/logits", "pfeiffer")],
+    )
+    .await;
 }
 
 /// Compositions the banks do not serve, and uploads that do not say what they are, are refused

@@ -68,3 +68,35 @@ pub fn assert_close(what: &str, got: &[Vec<f32>], want: &Value) -> f64 {
     }
     worst
 }
+
+/// KServe v2 as a Triton client sends it: `texts` as one BYTES `TEXT` input to `model`, fanned out
+/// to the comma-separated `also` tasks; each `(output, fixture)` pair's two-class logits must equal
+/// the library's at drop depth 0 (`fx["tasks"][fixture]`).
+pub async fn assert_kserve_fan_out(server: &super::TestServer, fx: &Value, model: &str, also: &str, outputs: &[(&str, &str)]) {
+    use std::collections::HashMap;
+
+    use adapterdrop_serve::kserve_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use adapterdrop_serve::kserve_proto::infer_parameter::ParameterChoice;
+    use adapterdrop_serve::kserve_proto::model_infer_request::InferInputTensor;
+    use adapterdrop_serve::kserve_proto::{InferParameter, ModelInferRequest};
+
+    let texts = strings(&fx["texts"]);
+    let raw: Vec<u8> = texts.iter().flat_map(|t| (t.len() as u32).to_le_bytes().into_iter().chain(t.bytes())).collect();
+    let text = InferInputTensor { name: "TEXT".into(), datatype: "BYTES".into(), shape: vec![texts.len() as i64, 1], ..Default::default() };
+    let fan_out = InferParameter { parameter_choice: Some(ParameterChoice::StringParam(also.into())) };
+    let req = ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![text],
+        raw_input_contents: vec![raw],
+        parameters: HashMap::from([("tasks".to_string(), fan_out)]),
+        ..Default::default()
+    };
+    let resp = GrpcInferenceServiceClient::new(server.channel().await).model_infer(req).await.expect("KServe infer").into_inner();
+    for (output, fixture) in outputs {
+        let at = resp.outputs.iter().position(|o| o.name == *output).unwrap_or_else(|| panic!("no output {output}"));
+        assert_eq!(resp.outputs[at].shape, vec![texts.len() as i64, 2], "{output}");
+        let values: Vec<f32> = resp.raw_output_contents[at].chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let rows: Vec<Vec<f32>> = values.chunks(2).map(<[f32]>::to_vec).collect();
+        assert_close(&format!("KServe {output}"), &rows, &fx["tasks"][fixture]["outputs"]["0"]["logits"]);
+    }
+}
