@@ -81,6 +81,7 @@ fn weights(bb: &Backbone, seed: u64, rule: SlotRule, r: usize, locations: &[Loca
         methods: Default::default(),
         leave_out: Vec::new(),
         head,
+        stack: None,
     }
 }
 

@@ -5,8 +5,8 @@ Usage:
   register_task.py --addr HOST:50052 register --name TASK (--dir TASK_VERSION_DIR |
                    --adapter DIR --repo REPO --backbone NAME (--drop-first n | --drop-layers 0,2 | --robust d,min,max)
                    [--head DIR] [--checkpoint DIR]) [--version N] [--set-default] [--replace]
-  register_task.py --addr HOST:50052 register --name TASK --weights-only --adapter DIR [--head DIR] --backbone NAME
-                   (--drop-first n | --drop-layers 0,2 | --robust d,min,max) [--max-answer-length N]
+  register_task.py --addr HOST:50052 register --name TASK --weights-only --adapter DIR [--head DIR] [--stack DIR]
+                   --backbone NAME (--drop-first n | --drop-layers 0,2 | --robust d,min,max) [--max-answer-length N]
                    [--version N] [--set-default] [--replace]
   register_task.py --addr HOST:50052 unregister --name TASK (--version N | --all)
   register_task.py --addr HOST:50052 set-default --name TASK [--version N]   (no --version: remove the pin)
@@ -17,13 +17,16 @@ an AdapterHub adapter directory client-side first (tools/export_task.py, into a 
 the backbone must be in the local --repo: its manifest and LayerNorm weights are read from there), then
 uploads the result. --weights-only uploads the AdapterHub files themselves (adapter_config.json,
 adapter.safetensors, head_config.json, model_head.safetensors; no local repository needed): the server
-validates them and loads them into its adapter banks (issue 12). The token is --token or $ADAPTERDROP_ADMIN_TOKEN (sent as `authorization: Bearer`).
+validates them and loads them into its adapter banks (issue 12). With --stack DIR (a language adapter, e.g.
+with its invertible adapter) the task runs as the library's Stack(<DIR's adapter>, <--adapter's adapter>)
+(MAD-X): DIR's adapter_config.json and adapter.safetensors are uploaded under stack/. The token is --token or $ADAPTERDROP_ADMIN_TOKEN (sent as `authorization: Bearer`).
 Errors print `error: <gRPC code>: <message>` and exit 2.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 import tempfile
@@ -100,10 +103,15 @@ def weights_only(pb, core, a):
     else:
         raise SystemExit("error: --weights-only needs one of --drop-first, --drop-layers, --robust")
     files = [(f, Path(a.adapter) / f) for f in ADAPTER_FILES] + [(f, Path(a.head or a.adapter) / f) for f in HEAD_FILES]
+    if getattr(a, "stack", None):
+        files += [(f"stack/{f}", Path(a.stack) / f) for f in ADAPTER_FILES]
     missing = [str(p) for _, p in files if not p.is_file()]
     if missing:
         raise SystemExit(f"error: missing AdapterHub files (safetensors only): {', '.join(missing)}")
     hub = pb.AdapterHubTask(backbone=a.backbone, drop=drop, description=a.description or "")
+    if getattr(a, "stack", None):
+        names = [json.loads((Path(d) / "adapter_config.json").read_text())["name"] for d in (a.stack, a.adapter)]
+        hub.composition = f"Stack({names[0]}, {names[1]})"
     if a.threshold is not None:
         hub.threshold = a.threshold
     if a.max_answer_length is not None:
@@ -153,6 +161,7 @@ def main(argv=None) -> int:
     r.add_argument("--repo", help="local repository holding --backbone (with --adapter)")
     r.add_argument("--backbone")
     r.add_argument("--head")
+    r.add_argument("--stack", help="with --weights-only: the lower adapter of Stack(lower, --adapter) (MAD-X)")
     r.add_argument("--checkpoint")
     r.add_argument("--description")
     r.add_argument("--threshold", type=float, help="multi-label heads: score above which a label is predicted (default 0.5)")

@@ -10,11 +10,14 @@ use std::path::Path;
 use crate::error::ServeError;
 use crate::proto::{AdapterHubTask, DropConfig, drop_config::Mode};
 use crate::repository::Registry;
+use crate::repository::adapterhub::stack::{STACK_DIR, STACK_FILES};
 use crate::repository::adapterhub::{self, FILES};
 use crate::repository::manifest::{AdapterInfo, DropSpec, FORMAT_VERSION, HeadKind, HeadSpec, RobustRange, TaskManifest};
 
 /// Most layers an explicit drop list may name (checked before it is converted).
 const MAX_DROP_LAYERS: usize = 1024;
+/// Longest composition string read (it is echoed in errors).
+const MAX_COMPOSITION_BYTES: usize = 256;
 
 /// The directory, inside the task version, that holds the AdapterHub files.
 const DIR: &str = "adapterhub";
@@ -27,7 +30,11 @@ pub fn prepare(dir: &Path, meta: &AdapterHubTask, registry: &Registry) -> Result
         .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect::<Result<_, _>>()
         .map_err(io_error)?;
-    if let Some(extra) = got.iter().find(|f| !FILES.contains(&f.as_str())) {
+    let stacked = got.contains(STACK_DIR);
+    if stacked {
+        check_stack_files(&dir.join(STACK_DIR))?;
+    }
+    if let Some(extra) = got.iter().find(|f| !FILES.contains(&f.as_str()) && f.as_str() != STACK_DIR) {
         return Err(invalid(format!(
             "{extra}: not an AdapterHub adapter file; a weights-only upload holds exactly {FILES:?} (convert a pytorch_*.bin to safetensors)"
         )));
@@ -43,15 +50,24 @@ pub fn prepare(dir: &Path, meta: &AdapterHubTask, registry: &Registry) -> Result
         ))
     })?;
     let drop = drop_spec(meta.drop.as_ref())?;
+    let lower = composition(&meta.composition, stacked)?;
     let weights = adapterhub::load_for(dir, &backbone.manifest).map_err(|e| {
         let message = e.to_string();
         let prefix = format!("{}/", dir.display());
         invalid(message.replace(&prefix, ""))
     })?;
+    if let (Some((l, t)), Some(s)) = (&lower, &weights.stack)
+        && (l != &s.name || t != &weights.name)
+    {
+        return Err(invalid(format!(
+            "header.adapterhub.composition names Stack({l}, {t}) but the uploaded adapters are '{}' (stack/) and '{}'",
+            s.name, weights.name
+        )));
+    }
     let max_answer_length = max_answer_length(meta, weights.head.kind, backbone.manifest.max_positions)?;
     let nested = dir.join(DIR);
     std::fs::create_dir(&nested).map_err(io_error)?;
-    for f in FILES {
+    for f in FILES.iter().chain(stacked.then_some(&STACK_DIR)) {
         std::fs::rename(dir.join(f), nested.join(f)).map_err(io_error)?;
     }
     let config: serde_json::Value = serde_json::from_slice(&std::fs::read(nested.join(adapterhub::ADAPTER_CONFIG)).map_err(io_error)?)
@@ -70,7 +86,10 @@ pub fn prepare(dir: &Path, meta: &AdapterHubTask, registry: &Registry) -> Result
             method: weights.method.clone(),
             reduction_factor: config["config"].get("reduction_factor").cloned(),
             non_linearity: weights.methods.is_empty().then(|| weights.rule.activation.as_str().into()),
-            source: Some(format!("AdapterHub adapter `{}` (weights-only registration)", weights.name)),
+            source: Some(match &weights.stack {
+                Some(s) => format!("AdapterHub Stack({}, {}) (weights-only registration)", s.name, weights.name),
+                None => format!("AdapterHub adapter `{}` (weights-only registration)", weights.name),
+            }),
         },
         slots: Vec::new(),
         drop,
@@ -82,9 +101,69 @@ pub fn prepare(dir: &Path, meta: &AdapterHubTask, registry: &Registry) -> Result
             max_answer_length,
         },
         adapterhub: Some(DIR.into()),
+        composition: lower.map(|(l, t)| format!("Stack({l}, {t})")),
     };
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| ServeError::Internal(e.to_string()))?;
     std::fs::write(dir.join("task.json"), text + "\n").map_err(io_error)
+}
+
+/// The stack/ directory holds exactly the lower adapter's two files.
+fn check_stack_files(stack: &Path) -> Result<(), ServeError> {
+    let names: BTreeSet<String> = std::fs::read_dir(stack)
+        .map_err(|_| ServeError::InvalidArgument(format!("{STACK_DIR}: must be a directory holding {STACK_FILES:?}")))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()
+        .map_err(io_error)?;
+    let want: BTreeSet<String> = STACK_FILES.iter().map(|f| f.to_string()).collect();
+    if names != want {
+        return Err(ServeError::InvalidArgument(format!(
+            "{STACK_DIR}/ holds {names:?}; a Stack's lower adapter is uploaded as exactly {STACK_FILES:?} under {STACK_DIR}/"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks `header.adapterhub.composition` against the upload: the (lower, task) names of a
+/// `Stack`, or None for a single adapter. Only `Stack` of two plain adapters is served.
+fn composition(text: &str, stacked: bool) -> Result<Option<(String, String)>, ServeError> {
+    if text.len() > MAX_COMPOSITION_BYTES {
+        return Err(ServeError::InvalidArgument(format!(
+            "header.adapterhub.composition is {} bytes; at most {MAX_COMPOSITION_BYTES} (\"Stack(<lower>, <task>)\")",
+            text.len()
+        )));
+    }
+    let invalid = |m: String| ServeError::InvalidArgument(format!("header.adapterhub.composition `{text}`: {m}"));
+    let text = text.trim();
+    if text.is_empty() {
+        if stacked {
+            return Err(ServeError::InvalidArgument(format!(
+                "the upload has a {STACK_DIR}/ adapter but header.adapterhub.composition is empty: set it to \"Stack(<lower>, <task>)\""
+            )));
+        }
+        return Ok(None);
+    }
+    let (block, rest) = text.split_once('(').ok_or_else(|| invalid("expected Block(a, b, ...), e.g. Stack(lang, task)".into()))?;
+    let block = block.trim();
+    let args = rest.strip_suffix(')').ok_or_else(|| invalid("missing the closing ')'".into()))?;
+    if !block.eq_ignore_ascii_case("stack") {
+        return Err(invalid(format!(
+            "{block} is not supported on the adapter banks; supported: Stack(<lower>, <task>) (one adapter under another, MAD-X)"
+        )));
+    }
+    if let Some(inner) = args.split(',').find_map(|a| a.trim().split_once('(').map(|(b, _)| b.trim().to_string())) {
+        return Err(invalid(format!("{inner} inside Stack is not supported; Stack takes two adapter names")));
+    }
+    let names: Vec<String> = args.split(',').map(|a| a.trim().to_string()).collect();
+    if names.len() != 2 || names.iter().any(String::is_empty) {
+        return Err(invalid(format!(
+            "Stack of {} adapters is not supported; Stack takes two: the lower and the task adapter",
+            names.len()
+        )));
+    }
+    if !stacked {
+        return Err(invalid(format!("a Stack needs its lower adapter's files {STACK_FILES:?} under {STACK_DIR}/ in the upload")));
+    }
+    Ok(Some((names[0].clone(), names[1].clone())))
 }
 
 /// The header's multi-label threshold: finite, within 0..=1, and only for a multi-label head.

@@ -53,9 +53,11 @@ pub fn execute_banked_as(
     let runs = crate::runtime::session_runs();
     let store = banked.banks.store();
     let layers = backbone.num_layers();
+    let invertible = |l: usize| lanes[l].task.adapterhub.as_ref().and_then(|w| w.stack.as_ref()).and_then(|s| s.invertible.as_ref());
     let paths: Vec<LanePath> = lanes
         .iter()
-        .map(|lane| {
+        .enumerate()
+        .map(|(l, lane)| {
             let id = lane.task.bank.as_ref().map(|b| b.rows.id());
             let index = (0..layers)
                 .map(|l| match id {
@@ -69,7 +71,10 @@ pub fn execute_banked_as(
                     _ => 0,
                 })
                 .collect();
-            LanePath { index, methods, rows: lane.rows.clone(), head: Arc::as_ptr(&lane.task) as usize }
+            // Lanes of one task share its invertible adapter: the key is its first lane's number + 1.
+            let first = lanes.iter().position(|o| Arc::ptr_eq(&o.task, &lane.task)).unwrap_or(l);
+            let inv = if invertible(l).is_some() { first as u32 + 1 } else { 0 };
+            LanePath { index, methods, rows: lane.rows.clone(), head: Arc::as_ptr(&lane.task) as usize, invertible: inv }
         })
         .collect();
     let plan = plan(&paths, seqs.len(), layers);
@@ -82,7 +87,13 @@ pub fn execute_banked_as(
     // Rows split before layer 0 (their LoRA / (IA)^3 rows differ there) are packed once per copy.
     let embedded = embedded.into_host()?;
     let identity = plan.embedding_rows.iter().enumerate().all(|(i, &r)| i == r) && plan.embedding_rows.len() == seqs.len();
-    let embedded = if identity { embedded } else { embedded.select(Axis(0), &plan.embedding_rows) };
+    let mut embedded = if identity { embedded } else { embedded.select(Axis(0), &plan.embedding_rows) };
+    // A Stack's invertible adapter, on the host (a few small products per row), at every drop depth.
+    for (r, &key) in plan.embedding_invertible.iter().enumerate() {
+        if let Some(inv) = usize::try_from(key - 1).ok().and_then(invertible) {
+            inv.apply(embedded.index_axis_mut(Axis(0), r));
+        }
+    }
     let embedding_lens: Vec<usize> = plan.embedding_rows.iter().map(|&i| lens[i]).collect();
     let mut hidden = Packed::Host(pack_rows(embedded, &embedding_lens));
     let mut stats =
@@ -115,8 +126,9 @@ pub fn execute_banked_as(
                 inputs.push((name, TensorRef::from_array_view(a.view())?.into()));
             }
         }
-        for (names, location) in BANK_INPUTS.iter().zip([Location::Attention, Location::Ffn]) {
-            let bank = store.bank(layer, location);
+        let banks = [Location::Attention, Location::Ffn].map(|l| store.bank(layer, l));
+        let stacks = [Location::Attention, Location::Ffn].map(|l| store.stack_bank(layer, l));
+        for (names, bank) in BANK_INPUTS.iter().zip(banks.into_iter().chain(stacks)) {
             for (name, t) in names.iter().zip([&bank.down_w, &bank.down_b, &bank.up_w, &bank.up_b, &bank.rule]) {
                 inputs.push((name, TensorRef::from_array_view(t.view())?.into()));
             }

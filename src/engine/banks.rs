@@ -11,6 +11,11 @@
 //! rows, when fewer than half are used. A task keeps one row number in every bank of its backbone;
 //! widths are per bank (the widest bottleneck written there), so a Pfeiffer-only repository's
 //! attention banks stay one unit wide.
+//!
+//! `Stack` (MAD-X): every (layer, location) also has a *stack* bank, same rows, holding the lower
+//! adapter of a stacked task (its rule with `ln_after` off: the library passes that adapter's output
+//! on before the LayerNorm); an all-zero row there (every other task, and freed rows) passes the
+//! states through, and `layer.onnx` skips the step for batches without stack rows.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,6 +44,23 @@ pub fn slot_of(location: Location) -> usize {
         Location::Attention => 0,
         Location::Ffn => 1,
     }
+}
+
+/// Index of a location's stack bank in a layer's banks (after the two main ones).
+fn stack_slot_of(location: Location) -> usize {
+    2 + slot_of(location)
+}
+
+/// The banks of one layer: attention, ffn, then their stack banks (`stack_slot_of`).
+type LayerBanks = [Bank; 4];
+
+fn layer_banks(hidden: usize) -> LayerBanks {
+    let stack = || {
+        let mut b = Bank::new(MIN_ROWS, hidden, 1);
+        b.clear(0); // row 0 passes through: no rule flags at all
+        b
+    };
+    [Bank::new(MIN_ROWS, hidden, 1), Bank::new(MIN_ROWS, hidden, 1), stack(), stack()]
 }
 
 /// One (layer, location) bank: `down_w [N,H,r]`, `down_b [N,1,r]`, `up_w [N,r,H]`, `up_b [N,1,H]`,
@@ -121,12 +143,21 @@ impl Bank {
 }
 
 /// What registration hands the banks: the rule and the bottleneck weights of one task version,
-/// or its LoRA / (IA)^3 weights per layer (`banks_methods.rs`).
+/// or its LoRA / (IA)^3 weights per layer (`banks_methods.rs`), and the lower adapter of a `Stack`.
 #[derive(Debug)]
 pub struct BankWrite {
     pub rule: SlotRule,
     pub slots: BTreeMap<(usize, Location), BottleneckWeights>,
     pub methods: BTreeMap<usize, LayerMethods>,
+    pub stack: Option<StackWrite>,
+}
+
+/// The lower adapter of a `Stack(lower, task)`: its rule (written with `ln_after` off) and its
+/// weights, at slots where the task adapter has weights too (it runs on the task's bank row).
+#[derive(Debug)]
+pub struct StackWrite {
+    pub rule: SlotRule,
+    pub slots: BTreeMap<(usize, Location), BottleneckWeights>,
 }
 
 enum BankOp {
@@ -223,8 +254,8 @@ impl BackboneBanks {
 pub struct BankStore {
     rx: Receiver<BankOp>,
     hidden: usize,
-    /// `banks[layer][slot_of(location)]`.
-    banks: Vec<[Bank; 2]>,
+    /// `banks[layer][slot_of(location)]`, stack banks at `stack_slot_of(location)`.
+    banks: Vec<LayerBanks>,
     /// LoRA / (IA)^3, with rows for the tasks that have such weights only.
     methods: MethodStore,
     /// Task handle id -> (its row, the slots it has weights for).
@@ -237,13 +268,18 @@ pub struct BankStore {
 
 impl BankStore {
     fn new(rx: Receiver<BankOp>, layers: usize, hidden: usize, ffn: usize) -> Self {
-        let banks = (0..layers).map(|_| [Bank::new(MIN_ROWS, hidden, 1), Bank::new(MIN_ROWS, hidden, 1)]).collect();
+        let banks = (0..layers).map(|_| layer_banks(hidden)).collect();
         let methods = MethodStore::new(layers, hidden, ffn);
         Self { rx, hidden, banks, methods, rows: HashMap::new(), free: (1..MIN_ROWS).rev().collect(), freed_early: Vec::new() }
     }
 
     pub fn bank(&self, layer: usize, location: Location) -> &Bank {
         &self.banks[layer][slot_of(location)]
+    }
+
+    /// The stack bank of one slot (indexed by the same rows as [`Self::bank`]).
+    pub fn stack_bank(&self, layer: usize, location: Location) -> &Bank {
+        &self.banks[layer][stack_slot_of(location)]
     }
 
     pub fn methods(&self, layer: usize) -> &MethodBank {
@@ -311,13 +347,16 @@ impl BankStore {
     fn write(&mut self, id: u64, w: &BankWrite) {
         let row = self.free.pop().expect("grown for every write");
         let flags = w.rule.flags();
-        for (&(layer, location), weights) in &w.slots {
-            let Some(pair) = self.banks.get_mut(layer) else { continue };
-            let bank = &mut pair[slot_of(location)];
+        let lower = w.stack.as_ref().map(|s| (SlotRule { ln_after: false, ..s.rule }.flags(), &s.slots));
+        let writes = w.slots.iter().map(|(k, v)| (slot_of(k.1), k.0, &flags, v));
+        let stacked = lower.iter().flat_map(|(f, slots)| slots.iter().map(move |(k, v)| (stack_slot_of(k.1), k.0, f, v)));
+        for (slot, layer, flags, weights) in writes.chain(stacked) {
+            let Some(banks) = self.banks.get_mut(layer) else { continue };
+            let bank = &mut banks[slot];
             if weights.width() > bank.width() {
                 *bank = bank.resized(bank.rows(), weights.width(), bank.rows());
             }
-            bank.write(row, &flags, weights);
+            bank.write(row, flags, weights);
         }
         self.methods.write(id, &w.methods);
         self.rows.insert(id, (row, w.slots.keys().copied().collect()));
@@ -379,7 +418,7 @@ impl BankStore {
             }
         }
 
-        let mut widths = vec![[1usize; 2]; self.banks.len()];
+        let mut widths = vec![[1usize; 4]; self.banks.len()];
         for (layer, pair) in self.banks.iter().enumerate() {
             for (slot, bank) in pair.iter().enumerate() {
                 // Columns beyond the last nonzero one of any live row can go.

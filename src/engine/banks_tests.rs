@@ -21,7 +21,7 @@ fn weights(r: usize, seed: f32) -> BottleneckWeights {
 fn task(r: usize, seed: f32, slots: &[(usize, Location)]) -> BankWrite {
     let rule =
         SlotRule { ln_before: true, ln_after: true, residual: Residual::H, activation: Activation::Gelu, scaling: 1.0, parallel: false };
-    BankWrite { rule, slots: slots.iter().map(|k| (*k, weights(r, seed))).collect(), methods: BTreeMap::new() }
+    BankWrite { rule, slots: slots.iter().map(|k| (*k, weights(r, seed))).collect(), methods: BTreeMap::new(), stack: None }
 }
 
 #[test]
@@ -115,4 +115,35 @@ fn a_task_dropped_before_its_write_takes_no_row() {
     let b = BackboneBanks::new(1, H, 2 * H);
     drop(b.register(task(2, 1.0, &[(0, Location::Ffn)])));
     assert_eq!(b.store().used(), 0);
+}
+
+#[test]
+fn stack_rows_share_the_task_row_pass_through_elsewhere_and_survive_shrinking() {
+    let b = BackboneBanks::new(1, H, 2 * H);
+    let plain: Vec<_> = (0..12).map(|i| b.register(task(2, i as f32, &[(0, Location::Ffn)]))).collect();
+    let mut w = task(2, 20.0, &[(0, Location::Ffn)]);
+    let lower = task(3, 30.0, &[(0, Location::Ffn)]);
+    w.stack = Some(StackWrite { rule: lower.rule, slots: lower.slots });
+    let stacked = b.register(w);
+    let row = |s: &BankStore| s.index(stacked.id(), 0, Location::Ffn) as usize;
+    {
+        let s = b.store();
+        let st = s.stack_bank(0, Location::Ffn);
+        assert_eq!(st.rows(), s.bank(0, Location::Ffn).rows(), "the stack bank has the main bank's rows");
+        assert_eq!(st.down_w.slice(s![row(&s), .., ..3]), weights(3, 30.0).down_w.t());
+        let mut flags = lower.rule.flags();
+        flags[1] = 0.0; // ln_after off: the library passes the lower adapter's output on before the LayerNorm
+        assert_eq!(st.rule.slice(s![row(&s), 0, ..]).to_vec(), flags.to_vec());
+        for r in (0..st.rows()).filter(|&r| r != row(&s)) {
+            assert!(st.rule.slice(s![r, 0, ..]).iter().all(|v| *v == 0.0), "row {r}: no flags, passes through");
+        }
+        assert_eq!(s.stack_bank(0, Location::Attention).width(), 1);
+    }
+    drop(plain); // below half use: rows move down and the banks shrink
+    let s = b.store();
+    let (st, r) = (s.stack_bank(0, Location::Ffn), row(&s));
+    assert!(st.rows() < 14 && st.rows() == s.bank(0, Location::Ffn).rows());
+    assert_eq!(st.down_w.slice(s![r, .., ..3]), weights(3, 30.0).down_w.t(), "the stack row moved with the task row");
+    assert_eq!(st.rule[[r, 0, 6 + 2]], 1.0, "gelu");
+    assert!(st.rule.slice(s![0, 0, ..]).iter().all(|v| *v == 0.0), "row 0 passes through");
 }

@@ -2,7 +2,7 @@ use super::*;
 use crate::engine::plan::{BankIndex, LanePath, plan};
 
 fn lane(index: &[[BankIndex; 2]], rows: &[usize], head: usize) -> LanePath {
-    LanePath { index: index.to_vec(), methods: Vec::new(), rows: rows.to_vec(), head }
+    LanePath { index: index.to_vec(), methods: Vec::new(), rows: rows.to_vec(), head, invertible: 0 }
 }
 
 /// Checks one slot's maps by meaning: every token of output row `k` is, at its ungroup position,

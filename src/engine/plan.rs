@@ -18,6 +18,9 @@ pub struct LanePath {
     pub methods: Vec<BankIndex>,
     /// Input rows (indices into the batch's sequences) the lane runs on.
     pub rows: Vec<usize>,
+    /// The invertible adapter (a Stack's, at the embeddings) the lane's rows take; 0: none. Lanes
+    /// with the same nonzero key share it; rows split before layer 0 where keys differ.
+    pub invertible: BankIndex,
     /// Lanes with the same head key share one head computation (the task version).
     pub head: usize,
 }
@@ -48,8 +51,10 @@ pub struct HeadGroup {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Plan {
     /// Input row of every physical row the embeddings compute (rows split before layer 0 where
-    /// lanes' LoRA / (IA)^3 rows differ there).
+    /// lanes' LoRA / (IA)^3 rows or invertible adapters differ there).
     pub embedding_rows: Vec<usize>,
+    /// The invertible adapter key (`LanePath::invertible`) of every embedding row; 0: none.
+    pub embedding_invertible: Vec<i64>,
     pub layers: Vec<LayerPlan>,
     pub heads: Vec<HeadGroup>,
     /// Physical rows entering each layer (what `ExecStats.layer_rows` reports).
@@ -118,9 +123,8 @@ pub fn plan(lanes: &[LanePath], inputs: usize, layers: usize) -> Plan {
         }
     }
     let mut rows = Rows { input_of: (0..inputs).collect(), lanes_of };
-    let mut plan = Plan::default();
-    rows.split(lanes, |l| (0, l.method(0)));
-    plan.embedding_rows = rows.input_of.clone();
+    let embedding_invertible = rows.split(lanes, |l| (l.invertible, l.method(0))).1;
+    let mut plan = Plan { embedding_rows: rows.input_of.clone(), embedding_invertible, ..Default::default() };
     for layer in 0..layers {
         plan.rows_per_layer.push(rows.input_of.len());
         let input_rows = rows.input_of.clone();
@@ -156,7 +160,7 @@ mod tests {
     use super::*;
 
     fn lane(index: &[[BankIndex; 2]], rows: &[usize], head: usize) -> LanePath {
-        LanePath { index: index.to_vec(), methods: Vec::new(), rows: rows.to_vec(), head }
+        LanePath { index: index.to_vec(), methods: Vec::new(), rows: rows.to_vec(), head, invertible: 0 }
     }
 
     fn identity(n: usize) -> Vec<i64> {
@@ -254,5 +258,19 @@ mod tests {
         assert_eq!(p.heads[2].rows, vec![1]);
         // Without methods the embeddings run once per input.
         assert_eq!(plan(&[lane(&[[0, 1]], &[0, 1], 0)], 2, 1).embedding_rows, vec![0, 1]);
+    }
+
+    #[test]
+    fn rows_split_before_the_embeddings_output_where_invertible_adapters_differ() {
+        // A Stack lane (invertible key 1) and a plain lane on the same two inputs.
+        let mut stack = lane(&[[0, 2]], &[0, 1], 0);
+        stack.invertible = 1;
+        let p = plan(&[stack, lane(&[[0, 2]], &[0, 1], 1)], 2, 1);
+        assert_eq!(p.embedding_rows, vec![0, 0, 1, 1]);
+        assert_eq!(p.embedding_invertible, vec![1, 0, 1, 0]);
+        assert_eq!(p.heads[0].rows, vec![0, 2]);
+        // Without invertible adapters nothing splits and every key is 0.
+        let p = plan(&[lane(&[[0, 2]], &[0, 1], 0)], 2, 1);
+        assert_eq!((p.embedding_rows, p.embedding_invertible), (vec![0, 1], vec![0, 0]));
     }
 }

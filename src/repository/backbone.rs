@@ -69,7 +69,7 @@ pub fn layer_contract(hidden: usize, ffn: usize) -> (Vec<IoSpec>, Vec<IoSpec>) {
             IoSpec::new(names[2], T::Int64, &one),
         ]);
     }
-    for names in [BANK_INPUTS[0], BANK_INPUTS[1]] {
+    for names in BANK_INPUTS {
         let k = crate::repository::adapterhub::RULE_FLAGS as i64;
         let dims: [&[Dim]; 5] = [
             &[Dim::Any, Dim::Fixed(h), Dim::Any],
@@ -115,10 +115,13 @@ pub const METHOD_INPUTS: [[&str; 3]; 5] = [
     ["methods.output.lora_a", "methods.output.lora_b", "methods.output.scale"],
 ];
 
-/// Bank input names of `layer.onnx`, per location (attention, ffn), in `Bank` field order.
-pub const BANK_INPUTS: [[&str; 5]; 2] = [
+/// Bank input names of `layer.onnx`, per location (attention, ffn), in `Bank` field order, then
+/// the stack banks (the lower adapters of `Stack` tasks) of the same locations.
+pub const BANK_INPUTS: [[&str; 5]; 4] = [
     ["attention.down_w", "attention.down_b", "attention.up_w", "attention.up_b", "attention.rule"],
     ["ffn.down_w", "ffn.down_b", "ffn.up_w", "ffn.up_b", "ffn.rule"],
+    ["attention.stack.down_w", "attention.stack.down_b", "attention.stack.up_w", "attention.stack.up_b", "attention.stack.rule"],
+    ["ffn.stack.down_w", "ffn.stack.down_b", "ffn.stack.up_w", "ffn.stack.up_b", "ffn.stack.rule"],
 ];
 
 /// Contract of a slot graph, plain or adapter: `(h, x) -> y`, all `[B, T, H]`.

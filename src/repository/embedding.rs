@@ -67,6 +67,7 @@ pub fn task(backbone: Arc<Backbone>) -> Task {
         drop: DropSpec::DropFirst(backbone.num_layers()),
         head: HeadSpec { kind: HeadKind::Embedding, graph: None, labels: Vec::new(), threshold: None, max_answer_length: None },
         adapterhub: None,
+        composition: None,
     };
     Task {
         manifest,

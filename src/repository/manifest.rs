@@ -102,6 +102,10 @@ pub struct TaskManifest {
     /// exported from (`super::adapterhub::FILES`), which the server loads into its adapter banks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapterhub: Option<String>,
+    /// `Stack(<lower>, <task>)` (MAD-X) when the AdapterHub directory holds a lower adapter under
+    /// `stack/` (`adapterhub/stack.rs`); absent for one adapter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub composition: Option<String>,
 }
 
 impl TaskManifest {
@@ -121,7 +125,12 @@ impl TaskManifest {
             .chain(self.head.graph.clone())
             .collect();
         if let Some(dir) = &self.adapterhub {
-            out.extend(super::adapterhub::FILES.iter().map(|f| format!("{}/{f}", dir.trim_end_matches('/'))));
+            let dir = dir.trim_end_matches('/');
+            out.extend(super::adapterhub::FILES.iter().map(|f| format!("{dir}/{f}")));
+            if self.composition.is_some() {
+                let stack = super::adapterhub::stack::STACK_DIR;
+                out.extend(super::adapterhub::stack::STACK_FILES.iter().map(|f| format!("{dir}/{stack}/{f}")));
+            }
         }
         out
     }

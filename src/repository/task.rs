@@ -10,7 +10,7 @@ use super::adapterhub::{self, AdapterWeights};
 use super::backbone::{Backbone, slot_contract};
 use super::fusion::{FusionSlot, SlotKind, load_up};
 use super::manifest::{DropSpec, FORMAT_VERSION, HeadKind, Location, TaskManifest, read_json, valid_name};
-use crate::engine::banks::{BankRows, BankWrite};
+use crate::engine::banks::{BankRows, BankWrite, StackWrite};
 use crate::error::{LoadError, ServeError};
 use crate::runtime::{Dim, Graph, IoSpec, Runtime};
 
@@ -111,7 +111,12 @@ impl Task {
             let need = |layer: &usize| needed.get(*layer).copied().unwrap_or(false);
             let slots = std::mem::take(&mut w.slots).into_iter().filter(|((layer, _), _)| need(layer)).collect();
             let methods = std::mem::take(&mut w.methods).into_iter().filter(|(layer, _)| need(layer)).collect();
-            self.bank = Some(TaskBank { rows: banked.banks.register(BankWrite { rule: w.rule, slots, methods }) });
+            // A Stack's lower adapter goes into the stack banks; its invertible adapter stays here.
+            let stack = w.stack.as_mut().map(|lower| StackWrite {
+                rule: lower.rule,
+                slots: std::mem::take(&mut lower.slots).into_iter().filter(|((layer, _), _)| need(layer)).collect(),
+            });
+            self.bank = Some(TaskBank { rows: banked.banks.register(BankWrite { rule: w.rule, slots, methods, stack }) });
         }
         self.adapterhub = Some(Arc::new(w));
     }
@@ -201,6 +206,16 @@ fn load_adapterhub(
     needed: &[bool],
 ) -> Result<AdapterWeights, LoadError> {
     let w = adapterhub::load_for(dir, &backbone.manifest)?;
+    if m.composition.is_some() != w.stack.is_some() || (w.stack.is_some() && !m.weights_only()) {
+        return Err(LoadError::new(
+            manifest_path,
+            format!(
+                "composition {:?} does not match the AdapterHub directory (a Stack is a weights-only task with its lower adapter under {}/)",
+                m.composition,
+                adapterhub::stack::STACK_DIR
+            ),
+        ));
+    }
     let in_use = |keys: Vec<(usize, Location)>| keys.into_iter().filter(|(l, _)| needed[*l]).collect::<std::collections::BTreeSet<_>>();
     let graphs = in_use(m.slots.iter().map(|s| (s.layer, s.location)).collect());
     let weights = in_use(w.slots.keys().copied().collect());

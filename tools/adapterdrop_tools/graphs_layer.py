@@ -14,7 +14,14 @@ once per group (`[G, H, r]`), runs the slot rule on `[G, S, H]` and puts the tok
 row expansion (a token of a split row appears once per copy): the token count may grow at each
 slot. The rule (LayerNorm placement, residual, activation, scaling) is data too, one flag row per
 bank row, selected with `Where`, so the chosen branch is taken bit for bit; bank row 0 gives
-`LN(h + x)`, the plain slot, exactly."""
+`LN(h + x)`, the plain slot, exactly.
+
+`Stack` (MAD-X, issue 14 item 4): each slot has a second bank, `<loc>.stack.*`, indexed by the same
+bank rows, holding the *lower* adapter of a stack (the language adapter). Its rule runs first,
+without the final LayerNorm (`ln_after` 0), and its output is the upper adapter's `h`, as the
+library's `Stack` passes it on. A stack row is a row with an activation flag; every other row
+(all zeros, as a freed row is) passes `h` through unchanged, and a batch without stack rows skips
+the step (`If`), so it costs them nothing."""
 from __future__ import annotations
 
 import numpy as np
@@ -22,7 +29,7 @@ from onnx import TensorProto
 
 from .checkpoint import Checkpoint
 from .graphs_backbone import attention_body, ffn_body
-from .graphs_methods import any_method, gather_methods, if_methods, method_inputs, method_projection, parallel_input
+from .graphs_methods import any_method, gather_methods, if_branches, if_methods, method_inputs, method_projection, parallel_input
 from .onnx_builder import F, I64, GraphBuilder
 
 LOCATIONS = ("attention", "ffn")
@@ -52,6 +59,7 @@ def layer_graph(ck: Checkpoint, i: int):
                            g.input(f"{loc}_index", I64, [f"groups{n}"]),
                            g.input(f"{loc}_ungroup", I64, [f"tokens{n}"]), H)
     banks = {loc: bank_inputs(g, loc, H) for loc in LOCATIONS}
+    stacks = {loc: bank_inputs(g, f"{loc}.stack", H) for loc in LOCATIONS}
     methods = method_inputs(g, H, ck.intermediate_size)
     g.output("y", F, ["tokens2", H])
     # LoRA / (IA)^3 (graphs_methods.py), only when a group uses them: on the entering tokens grouped
@@ -75,9 +83,10 @@ def layer_graph(ck: Checkpoint, i: int):
         return ffn_body(b, ck, i, x1, hook=hook)
 
     h1 = if_methods(g, used, lambda b: with_methods(b, "attention", ("query", "key", "value"), attention), attention, "attention")
-    x1 = bank_slot(g, h1, hidden, maps["attention"], banks["attention"], *ck.ln(i, "attention"), ck.eps, "attention")
+    x1 = bank_slot(g, h1, hidden, maps["attention"], banks["attention"], *ck.ln(i, "attention"), ck.eps, "attention",
+                   stack=stacks["attention"])
     h2 = if_methods(g, used, lambda b: with_methods(b, "ffn", ("intermediate", "output"), ffn), ffn, "ffn")
-    bank_slot(g, h2, x1, maps["ffn"], banks["ffn"], *ck.ln(i, "ffn"), ck.eps, "ffn", out="y")
+    bank_slot(g, h2, x1, maps["ffn"], banks["ffn"], *ck.ln(i, "ffn"), ck.eps, "ffn", out="y", stack=stacks["ffn"])
     return g.model()
 
 
@@ -115,12 +124,33 @@ class Groups:
 
 
 def bank_slot(g: GraphBuilder, h: str, x: str, groups: Groups, bank: dict, lw, lb, eps: float, loc: str,
-              out: str | None = None) -> str:
+              out: str | None = None, stack: dict | None = None) -> str:
     """The general AdapterHub slot rule (graphs_task.adapter_slot_graph) on token groups, each with
-    its bank row's weights and flags; packed in, packed out."""
-    y = slot_rule(g, groups.split(g, h), groups.split(g, x), {t: groups.weights(g, bank[t]) for t in BANK_TENSORS},
-                  lw, lb, eps, loc)
+    its bank row's weights and flags; packed in, packed out. `stack`: the lower adapters' bank
+    (module doc), run first on the rows that have one."""
+    hs, xs = groups.split(g, h), groups.split(g, x)
+    if stack is not None:
+        hs = stack_step(g, hs, xs, groups, stack, lw, lb, eps, loc)
+    y = slot_rule(g, hs, xs, {t: groups.weights(g, bank[t]) for t in BANK_TENSORS}, lw, lb, eps, loc)
     return groups.join(g, y, out)
+
+
+def stack_step(g: GraphBuilder, h: str, x: str, groups: Groups, stack: dict, lw, lb, eps: float, loc: str) -> str:
+    """The lower adapter of a `Stack` on `[G, S, H]` groups: its rule output (written with
+    `ln_after` 0) where the group's stack row has an activation flag, else `h` bit for bit; the
+    whole step is skipped (`If`) when no group has a stack row."""
+    rule = groups.weights(g, stack["rule"])  # [G, 1, K]
+    acts = g.op("Slice", [rule, g.const([COL["relu"]], "stack_act_from", np.int64),
+                          g.const([COL["sigmoid"] + 1], "stack_act_to", np.int64), g.const([2], "rule_axis", np.int64)])
+    active = g.op("Greater", [g.op("ReduceSum", [acts, g.const([2], "rule_axis", np.int64)], keepdims=1),
+                              g.const(0.0, "stack_none")])  # [G, 1, 1]
+    used = g.op("Greater", [g.op("ReduceMax", [acts], keepdims=0), g.const(0.0, "stack_none")])
+
+    def stacked(b):
+        w = {t: groups.weights(b, stack[t]) for t in BANK_TENSORS}
+        return b.op("Where", [active, slot_rule(b, h, x, w, lw, lb, eps, loc), h])
+
+    return if_branches(g, used, stacked, lambda b: b.op("Identity", [h]), f"{loc}_stack")
 
 
 def slot_rule(g: GraphBuilder, h: str, x: str, w: dict, lw, lb, eps: float, loc: str) -> str:
@@ -216,6 +246,25 @@ def plain_rule_row() -> np.ndarray:
     row = np.zeros(K, np.float32)
     row[COL["ln_before"]] = row[COL["ln_after"]] = row[COL["residual_h"]] = row[COL["relu"]] = 1.0
     return row
+
+
+def stack_bank(entries: list, H: int) -> dict:
+    """The `<loc>.stack.*` bank for `bank`'s rows: `entries[j]` the lower adapter of row j + 1
+    (`(adapter, slot_weights)`), or None (no stack: an all-zero row, which passes `h` through);
+    each stack row's rule has `ln_after` 0 (the library's Stack passes the output on before it)."""
+    out = bank(entries, H)
+    out["rule"][0] = 0.0
+    for j, e in enumerate(entries, start=1):
+        out["rule"][j, 0] = 0.0 if e is None else out["rule"][j, 0]
+    out["rule"][:, 0, COL["ln_after"]] = 0.0
+    return out
+
+
+def no_stack_rows(feeds: dict, H: int) -> dict:
+    """The `<loc>.stack.*` inputs of a batch without stacks (for tests and tools): as many all-zero
+    rows as `feeds`' `<loc>.rule` bank has."""
+    return {f"{loc}.stack.{k}": v for loc in LOCATIONS
+            for k, v in stack_bank([None] * (len(feeds[f"{loc}.rule"]) - 1), H).items()}
 
 
 def bank(entries: list, H: int) -> dict:

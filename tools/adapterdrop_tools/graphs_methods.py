@@ -57,9 +57,15 @@ def any_method(g: GraphBuilder, index: str) -> str:
 
 
 def if_methods(g: GraphBuilder, cond: str, with_methods, plain, name: str) -> str:
-    """`If(cond)`: the nodes `with_methods(b)` builds, else those `plain(b)` builds, each into a
-    sub-builder `b` sharing `g`'s initializers (the layer's weights are stored once). A batch whose
-    rows use no LoRA / (IA)^3 runs the plain projections alone: the methods cost it nothing."""
+    """`If(cond)`: the nodes `with_methods(b)` builds, else those `plain(b)` builds (`if_branches`).
+    A batch whose rows use no LoRA / (IA)^3 runs the plain projections alone: the methods cost it
+    nothing."""
+    return if_branches(g, cond, with_methods, plain, name, ("methods", "plain"))
+
+
+def if_branches(g: GraphBuilder, cond: str, then, otherwise, name: str, labels=("then", "else")) -> str:
+    """`If(cond)`: the nodes `then(b)` builds, else those `otherwise(b)` builds, each into a
+    sub-builder `b` sharing `g`'s initializers (the layer's weights are stored once)."""
     from onnx import helper
 
     from .onnx_builder import F
@@ -70,7 +76,7 @@ def if_methods(g: GraphBuilder, cond: str, with_methods, plain, name: str) -> st
         out = build(b)
         return helper.make_graph(b.nodes, f"{name}_{label}", [], [helper.make_tensor_value_info(out, F, None)])
 
-    return g.op("If", [cond], then_branch=branch(with_methods, "methods"), else_branch=branch(plain, "plain"))
+    return g.op("If", [cond], then_branch=branch(then, labels[0]), else_branch=branch(otherwise, labels[1]))
 
 
 def method_projection(g: GraphBuilder, groups, x: str, y: str, w: dict, width: int) -> str:

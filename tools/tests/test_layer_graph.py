@@ -15,7 +15,7 @@ from adapterdrop_tools.checkpoint import load_checkpoint
 from adapterdrop_tools.fixtures import random_bert
 from adapterdrop_tools.graphs_backbone import attention_graph, ffn_graph, plain_slot_graph
 from adapterdrop_tools.graphs_layer import (ACTIVATIONS, MAP_INPUTS, attention_maps, bank, layer_graph, methods_maps,
-                                            pack_maps)
+                                            no_stack_rows, pack_maps)
 from adapterdrop_tools.graphs_methods import methods_bank
 from adapterdrop_tools.graphs_task import adapter_slot_graph
 
@@ -88,6 +88,7 @@ def run_layer(g, i, x, mask, a_rows, a_idx, f_rows, f_idx, banks):
     feeds.update(methods_bank([], H, 64))
     for loc in ("attention", "ffn"):
         feeds.update({f"{loc}.{k}": v for k, v in banks[loc].items()})
+    feeds.update(no_stack_rows(feeds, H))
     y = g[i]["layer"].run(["y"], feeds)[0]
     lens2 = [lens1[r] for r in f_rows]
     out = np.full((len(f_rows), x.shape[1], H), np.nan, np.float32)

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 from adapterdrop_tools.adapterhub import Adapter, SlotWeights, load_head
 from adapterdrop_tools.checkpoint import load_checkpoint
 from adapterdrop_tools.graphs_backbone import embeddings_graph
-from adapterdrop_tools.graphs_layer import attention_maps, bank, layer_graph, methods_maps, pack_maps
+from adapterdrop_tools.graphs_layer import attention_maps, bank, layer_graph, methods_maps, no_stack_rows, pack_maps
 from adapterdrop_tools.graphs_methods import methods_bank
 from adapterdrop_tools.reference import head_logits
 
@@ -95,6 +95,7 @@ def test_methods_in_the_layer_graph_match_the_library(b):
                 feeds.update({f"attention.{k}": v for k, v in bank([], H).items()})
                 feeds.update({f"ffn.{k}": v for k, v in bank([(par, par.slots[(i, "ffn")])], H).items()})
                 feeds.update(methods_bank([entries[t][i] for t in ("lora", "ia3")], H, ffn))
+                feeds.update(no_stack_rows(feeds, H))
                 h = layers[i].run(["y"], feeds)[0]
             h = h[starts][:, None, :]  # each row's first token
             got = head_logits(h.astype(np.float64), head)

@@ -7,11 +7,14 @@ import json
 import os
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from safetensors.numpy import load_file
 
 from adapterdrop_tools.adapterhub import Adapter, SlotWeights, load_head
 from adapterdrop_tools.checkpoint import load_checkpoint
+from adapterdrop_tools.graphs_layer import attention_maps, bank, layer_graph, methods_maps, pack_maps, stack_bank
+from adapterdrop_tools.graphs_methods import methods_bank
 from adapterdrop_tools.reference import Reference, head_logits, linear, nice, stack_slot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -67,3 +70,57 @@ def test_stack_reference_matches_the_library(b):
             h = stack_slot(ref, i, "ffn", ref.ffn(i, x1), x1, [lang, task])
         got = head_logits(h, head)
         assert np.abs(got - np.array(spec["outputs"][str(n)]["logits"])).max() < 1e-5, (b, n)
+
+
+@pytest.mark.parametrize("b", ["bert", "roberta", "xlm-roberta", "distilbert", "electra"])
+def test_stack_bank_in_the_layer_graph_matches_the_library(b):
+    """layer.onnx with the language adapter in the `<loc>.stack` bank and the task adapter in the
+    main bank = the library's `Stack("lang", "stack")` at every drop depth, within 1e-4; in the same
+    batch, rows of a plain Pfeiffer task (no stack row: the step passes them through) = the library's
+    `pfeiffer` outputs. The embeddings (and the invertible adapter, which is not a layer) come from
+    the numpy reference here: this checks the layer graph's stack bank."""
+    ck = load_checkpoint(os.path.join(BREADTH, b, "backbone"))
+    fx = json.load(open(os.path.join(BREADTH, b, "reference.json")))
+    H, L = ck.hidden_size, ck.num_layers
+    layers = [ort.InferenceSession(layer_graph(ck, i).SerializeToString(), providers=["CPUExecutionProvider"])
+              for i in range(L)]
+    ref = Reference(ck)
+    project = None
+    if "embeddings_project.weight" in ref.w:
+        project = [ref.w.pop(f"embeddings_project.{k}") for k in ("weight", "bias")]
+    ad = os.path.join(BREADTH, b, "adapters")
+    lang, inv = pfeiffer(os.path.join(ad, "lang"), L, H)
+    task, _ = pfeiffer(os.path.join(ad, "stack"), L, H)
+    plain, _ = pfeiffer(os.path.join(ad, "pfeiffer"), L, H)
+    x = fx["inputs"]["texts"]
+    ids, mask = np.array(x["input_ids"]), np.array(x["attention_mask"], np.int64)
+    tt = np.array(x.get("token_type_ids", np.zeros_like(ids)))
+    e = ref.embeddings(ids, tt)
+    stacked = nice(e, inv, lang.non_linearity)
+    if project:
+        e, stacked = linear(e, *project), linear(stacked, *project)
+    B = len(ids)
+    lens = [int(m.sum()) for m in mask] * 2  # rows 0..B-1: the stack task; B..2B-1: pfeiffer
+    both = np.concatenate([stacked, e]).astype(np.float32)
+    rows = list(range(2 * B))
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    for n in range(L + 1):
+        h = np.concatenate([both[j, :k] for j, k in enumerate(lens)])
+        for i in range(L):
+            idx = [1] * B + [2] * B if i >= n else [0] * (2 * B)
+            feeds = {"hidden": h, **attention_maps(lens, np.concatenate([mask, mask]))}
+            feeds.update({f"attention_{k}": v for k, v in pack_maps(lens, rows, [0] * (2 * B)).items()})
+            feeds.update({f"ffn_{k}": v for k, v in pack_maps(lens, rows, idx).items()})
+            feeds.update(methods_maps(lens, [0] * (2 * B), rows))
+            feeds.update(methods_bank([], H, ck.intermediate_size))
+            feeds.update({f"attention.{k}": v for k, v in bank([], H).items()})
+            feeds.update({f"attention.stack.{k}": v for k, v in stack_bank([], H).items()})
+            ffn = [(a, a.slots[(i, "ffn")]) for a in (task, plain)]
+            feeds.update({f"ffn.{k}": v for k, v in bank(ffn, H).items()})
+            feeds.update({f"ffn.stack.{k}": v for k, v in stack_bank([(lang, lang.slots[(i, "ffn")]), None], H).items()})
+            h = layers[i].run(["y"], feeds)[0]
+        first = h[starts][:, None, :].astype(np.float64)
+        for name, got in (("stack", head_logits(first[:B], load_head(os.path.join(ad, "stack"), H))),
+                          ("pfeiffer", head_logits(first[B:], load_head(os.path.join(ad, "pfeiffer"), H)))):
+            want = np.array(fx["tasks"][name]["outputs"][str(n)]["logits"])
+            assert np.abs(got - want).max() < 1e-4, (b, name, n, np.abs(got - want).max())

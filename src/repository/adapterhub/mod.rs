@@ -7,6 +7,7 @@ mod config;
 mod head;
 pub mod lora;
 pub mod safetensors;
+pub mod stack;
 pub mod types;
 
 use std::collections::BTreeMap;
@@ -19,7 +20,7 @@ pub use self::config::bottleneck_size;
 use self::safetensors::Tensor;
 pub use self::types::{Activation, AdapterWeights, BottleneckWeights, HeadLayer, HeadWeights, RULE_FLAGS, Residual, SlotRule};
 use crate::error::LoadError;
-use crate::repository::manifest::Location;
+use crate::repository::manifest::{BackboneManifest, Location};
 
 /// The four files of an adapter directory.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -70,11 +71,12 @@ pub fn load(dir: &Path, num_layers: usize, hidden: usize) -> Result<AdapterWeigh
 
 /// [`load`] for a backbone whose FFN size is known (LoRA / (IA)^3 weights of the FFN are checked
 /// against it).
-pub fn load_for(dir: &Path, m: &crate::repository::manifest::BackboneManifest) -> Result<AdapterWeights, AdapterHubError> {
-    load_sized(dir, m.num_layers, m.hidden_size, Some(m.intermediate_size))
+pub fn load_for(dir: &Path, m: &BackboneManifest) -> Result<AdapterWeights, AdapterHubError> {
+    load_sized(dir, m.num_layers, m.hidden_size, Some(m))
 }
 
-fn load_sized(dir: &Path, num_layers: usize, hidden: usize, ffn: Option<usize>) -> Result<AdapterWeights, AdapterHubError> {
+fn load_sized(dir: &Path, num_layers: usize, hidden: usize, m: Option<&BackboneManifest>) -> Result<AdapterWeights, AdapterHubError> {
+    let ffn = m.map(|m| m.intermediate_size);
     if dir.join("adapter_fusion_config.json").is_file() {
         return Err(unsupported(dir, "an AdapterFusion directory; fusion tasks are served from exported bundles"));
     }
@@ -83,11 +85,7 @@ fn load_sized(dir: &Path, num_layers: usize, hidden: usize, ffn: Option<usize>) 
     let (Some(cfg), Some(name)) = (meta.get("config"), meta.get("name").and_then(Value::as_str)) else {
         return Err(invalid(&config_path, "lacks 'config' or 'name'"));
     };
-    if let Some(h) = meta.get("hidden_size").filter(|h| !h.is_null())
-        && h.as_u64() != Some(hidden as u64)
-    {
-        return Err(invalid(&config_path, format!("adapter hidden_size {h} != backbone hidden size {hidden}")));
-    }
+    check_hidden(&config_path, &meta, hidden)?;
     if let Some(c) = cfg.as_object().filter(|c| c.get("architecture").and_then(Value::as_str) == Some("lora")) {
         let lc = lora::parse(c).map_err(|p| unsupported(&config_path, p))?;
         let methods = lora::load_weights(&dir.join(ADAPTER_WEIGHTS), name, &lc, num_layers, hidden, ffn)?;
@@ -108,14 +106,58 @@ fn load_sized(dir: &Path, num_layers: usize, hidden: usize, ffn: Option<usize>) 
             methods,
             leave_out: lc.leave_out,
             head,
+            stack: None,
         });
     }
+    let (name, cfg, slots) = bottleneck(dir, &meta, num_layers, hidden, None)?;
+    let head = head::load(dir, hidden)?;
+    let stack = match (dir.join(stack::STACK_DIR).is_dir(), m) {
+        (false, _) => None,
+        (true, Some(m)) => Some(stack::load_lower(dir, m, cfg.method, &cfg.rule, &slots)?),
+        (true, None) => return Err(unsupported(dir, "a Stack (stack/ directory) is served on the adapter banks only")),
+    };
+    Ok(AdapterWeights {
+        name,
+        method: cfg.method.to_string(),
+        rule: cfg.rule,
+        slots,
+        methods: BTreeMap::new(),
+        leave_out: cfg.leave_out,
+        head,
+        stack,
+    })
+}
+
+fn check_hidden(config_path: &Path, meta: &Value, hidden: usize) -> Result<(), AdapterHubError> {
+    match meta.get("hidden_size").filter(|h| !h.is_null()) {
+        Some(h) if h.as_u64() != Some(hidden as u64) => {
+            Err(invalid(config_path, format!("adapter hidden_size {h} != backbone hidden size {hidden}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The bottleneck adapter of `dir` (config `meta`): its name, config and slot weights. `inv`
+/// receives the invertible adapter's tensors (keys after `invertible_adapters.<name>.`) where a
+/// Stack's lower adapter may have them; elsewhere they are refused.
+type Slots = BTreeMap<(usize, Location), BottleneckWeights>;
+fn bottleneck(
+    dir: &Path,
+    meta: &Value,
+    num_layers: usize,
+    hidden: usize,
+    inv: Option<&mut BTreeMap<String, Tensor>>,
+) -> Result<(String, config::BottleneckConfig, Slots), AdapterHubError> {
+    let config_path = dir.join(ADAPTER_CONFIG);
+    let (Some(cfg), Some(name)) = (meta.get("config"), meta.get("name").and_then(Value::as_str)) else {
+        return Err(invalid(&config_path, "lacks 'config' or 'name'"));
+    };
     let cfg = config::parse(cfg).map_err(|p| unsupported(&config_path, p))?;
     if let Some(&l) = cfg.leave_out.iter().find(|&&l| l >= num_layers) {
         tracing::debug!(layer = l, num_layers, "leave_out names a layer the backbone does not have");
     }
     let weights_path = dir.join(ADAPTER_WEIGHTS);
-    let (mut found, prefix) = read_adapter_tensors(&weights_path, dir, name)?;
+    let (mut found, prefix) = read_adapter_tensors(&weights_path, dir, name, inv)?;
     let mut slots = BTreeMap::new();
     for layer in (0..num_layers).filter(|l| !cfg.leave_out.contains(l)) {
         let width = bottleneck_size(hidden, &cfg.reduction_factor, layer).map_err(|p| unsupported(&config_path, p))?;
@@ -148,16 +190,7 @@ fn load_sized(dir: &Path, num_layers: usize, hidden: usize, ffn: Option<usize>) 
             ),
         ));
     }
-    let head = head::load(dir, hidden)?;
-    Ok(AdapterWeights {
-        name: name.to_string(),
-        method: cfg.method.to_string(),
-        rule: cfg.rule,
-        slots,
-        methods: BTreeMap::new(),
-        leave_out: cfg.leave_out,
-        head,
-    })
+    Ok((name.to_string(), cfg, slots))
 }
 
 fn key_base(layer: usize, loc: Location, name: &str) -> String {
@@ -181,7 +214,12 @@ fn param_key(param: &str) -> &'static str {
 /// `[<model>.](encoder|transformer).layer.<i>.<module>.adapters.<name>.<param>`; also
 /// returns the model prefix the keys use (for messages).
 type Found = BTreeMap<(usize, Location, &'static str), Tensor>;
-fn read_adapter_tensors(path: &Path, dir: &Path, name: &str) -> Result<(Found, &'static str), AdapterHubError> {
+fn read_adapter_tensors(
+    path: &Path,
+    dir: &Path,
+    name: &str,
+    mut inv: Option<&mut BTreeMap<String, Tensor>>,
+) -> Result<(Found, &'static str), AdapterHubError> {
     if !path.is_file() && dir.join("pytorch_adapter.bin").is_file() {
         return Err(invalid(
             &dir.join("pytorch_adapter.bin"),
@@ -199,6 +237,14 @@ fn read_adapter_tensors(path: &Path, dir: &Path, name: &str) -> Result<(Found, &
             }
             None => key.as_str(),
         };
+        if let (Some(inv), Some(rest)) = (inv.as_deref_mut(), rest.strip_prefix("invertible_adapters.")) {
+            let param = rest
+                .strip_prefix(name)
+                .and_then(|r| r.strip_prefix('.'))
+                .ok_or_else(|| invalid(path, format!("invertible adapter weight '{key}' does not belong to adapter '{name}'")))?;
+            inv.insert(param.to_string(), tensor);
+            continue;
+        }
         // BERT, RoBERTa, XLM-R, ELECTRA: encoder.layer.<i>.(attention.output|output);
         // DistilBERT: transformer.layer.<i>.(attention_adapters|output_adapters).
         let rest = rest.strip_prefix("encoder.layer.").or_else(|| rest.strip_prefix("transformer.layer.")).ok_or_else(unexpected)?;

@@ -20,6 +20,8 @@ pub struct AdapterWeights {
     pub methods: BTreeMap<usize, super::lora::LayerMethods>,
     pub leave_out: Vec<usize>,
     pub head: HeadWeights,
+    /// `Stack(lower, this)`: the lower adapter (`stack/`), if the task is a stack.
+    pub stack: Option<super::stack::StackLower>,
 }
 
 /// torch `nn.Linear` layout (`[out, in]`): `down_w [r, H]`, `down_b [r]`, `up_w [H, r]`, `up_b [H]`.

@@ -1,0 +1,72 @@
+"""Issue 14 item 4 on the wire: `tools/register_task.py register --weights-only --adapter TASK --stack LANG`
+registers the library's Stack(lang, stack) (MAD-X, the language adapter's invertible adapter included) on a
+running server; grpcio (native, every drop depth, beside a plain task in one request) and tritonclient
+(KServe, fan-out) get the library's logits within 1e-4. Repository: a copy of `make breadth-repo`."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from adapterdrop_tools.served import Server
+
+grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (make setup)")
+
+ROOT = Path(__file__).resolve().parents[2]
+REPO = Path(os.environ.get("ADAPTERDROP_BREADTH_REPO", ROOT / "build" / "breadth-repo"))
+FIXTURES = ROOT / "tests" / "fixtures" / "adapterhub-breadth"
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    if not (REPO / "backbones" / "bert" / "backbone.json").is_file():
+        pytest.fail(f"{REPO} is missing; run `make breadth-repo` first", pytrace=False)
+    exe = next((ROOT / "target" / p / "adapterdrop-serve" for p in ("debug", "release")
+                if (ROOT / "target" / p / "adapterdrop-serve").is_file()), None)
+    if exe is None:
+        pytest.fail("adapterdrop-serve binary not found; run `cargo build` first", pytrace=False)
+    repo = tmp_path_factory.mktemp("stack-repo")
+    shutil.copytree(REPO / "backbones" / "bert", repo / "backbones" / "bert")
+    shutil.copytree(REPO / "tasks" / "bert-pfeiffer", repo / "tasks" / "bert-pfeiffer")
+    srv = Server(exe, repo, timeout_s=120)
+    yield srv
+    srv.stop(10)
+
+
+def test_register_task_stack_served_like_the_library(served, pb, pb_grpc):
+    adapters = FIXTURES / "bert" / "adapters"
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "register_task.py"), "--addr", served.admin_addr(),
+                          "register", "--name", "py-stack", "--weights-only", "--adapter", str(adapters / "stack"),
+                          "--stack", str(adapters / "lang"), "--backbone", "bert", "--robust", "0,0,3"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT / "tools")})
+    assert out.returncode == 0, out.stderr
+    fx = json.loads((FIXTURES / "bert" / "reference.json").read_text())
+    want = fx["tasks"]["stack"]["outputs"]
+    with grpc.insecure_channel(served.addr) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        for n in range(4):
+            resp = stub.Infer(pb.InferRequest(tasks=[pb.TaskRef(name="py-stack", drop_first=n)],
+                                              texts=pb.Texts(texts=fx["texts"])))
+            np.testing.assert_allclose([list(s.logits) for s in resp.results[0].sequences], want[str(n)]["logits"],
+                                       atol=TOL, rtol=0, err_msg=f"n={n}")
+        resp = stub.Infer(pb.InferRequest(tasks=[pb.TaskRef(name="py-stack", drop_first=2), pb.TaskRef(name="bert-pfeiffer")],
+                                          texts=pb.Texts(texts=fx["texts"])))
+        np.testing.assert_allclose([list(s.logits) for s in resp.results[0].sequences], want["2"]["logits"], atol=TOL, rtol=0)
+        # The exported Pfeiffer task at its default depth (robust, default 0) in the same request.
+        np.testing.assert_allclose([list(s.logits) for s in resp.results[1].sequences],
+                                   fx["tasks"]["pfeiffer"]["outputs"]["0"]["logits"], atol=TOL, rtol=0)
+    c = grpcclient.InferenceServerClient(served.addr)
+    try:
+        arr = np.array([[t.encode()] for t in fx["texts"]], dtype=object)
+        text = grpcclient.InferInput("TEXT", list(arr.shape), "BYTES")
+        text.set_data_from_numpy(arr)
+        r = c.infer("py-stack", [text], parameters={"drop_first": 1})
+        np.testing.assert_allclose(r.as_numpy("logits"), want["1"]["logits"], atol=TOL, rtol=0)
+    finally:
+        c.close()

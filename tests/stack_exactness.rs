@@ -1,0 +1,157 @@
+//! Issue 14 item 4: `Stack(lang, task)` (MAD-X: a language adapter, with its invertible adapter at
+//! the embeddings, under a task adapter) registered at run time weights-only and served on the
+//! adapter banks exactly like the AdapterHub `adapters` library computes it, at every drop depth
+//! (AdapterDrop on the stack; the invertible adapter is not a layer and stays on), beside other
+//! tasks in one request, natively and over KServe. Expected values: the library's outputs in
+//! `tests/fixtures/adapterhub-breadth/<b>/reference.json` (`tasks.stack`).
+
+mod admin_support;
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use adapterdrop_serve::kserve_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+use adapterdrop_serve::kserve_proto::infer_parameter::ParameterChoice;
+use adapterdrop_serve::kserve_proto::model_infer_request::InferInputTensor;
+use adapterdrop_serve::kserve_proto::{InferParameter, ModelInferRequest};
+use adapterdrop_serve::proto::{BundleHeader, InferRequest, TaskRef, TaskStatus, TokenizedInputs, infer_request::Inputs};
+use admin_support::{admin, messages, register_msgs, robust, weights_header};
+use common::breadth::{BACKBONES, adapter_dir, assert_close, breadth_repo, reference, strings, unpadded};
+use common::{TestServer, copy_dir, infer_logits};
+
+/// A private copy of the breadth repository's backbones (registration writes into it).
+fn backbones_only() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for b in BACKBONES {
+        copy_dir(&breadth_repo().join("backbones").join(b), &dir.path().join("backbones").join(b));
+    }
+    std::fs::create_dir_all(dir.path().join("tasks")).unwrap();
+    dir
+}
+
+/// The upload of `Stack(lang, stack)` on backbone `b`: the task adapter's four files and the
+/// language adapter's two under `stack/` (what `tools/register_task.py --weights-only --stack` sends).
+fn stack_upload(b: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&adapter_dir(b, "stack"), dir.path());
+    copy_dir(&adapter_dir(b, "lang"), &dir.path().join("stack"));
+    dir
+}
+
+fn stack_header(name: &str, b: &str, composition: &str, layers: u32) -> BundleHeader {
+    let mut h = weights_header(name, b, robust(0, 0, layers));
+    h.adapterhub.as_mut().unwrap().composition = composition.into();
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_stack_matches_the_library_at_every_drop_depth() {
+    let repo = backbones_only();
+    let server = TestServer::start_on(repo.path(), &[]);
+    let mut a = admin(&server.admin_addr()).await;
+    let mut worst = 0.0f64;
+    for b in BACKBONES.iter().filter(|b| **b != "electra") {
+        let fx = reference(b);
+        let layers = fx["num_layers"].as_u64().unwrap() as u32;
+        let name = format!("{b}-stack");
+        let up = stack_upload(b);
+        let resp = register_msgs(&mut a, messages(stack_header(&name, b, "Stack(lang, stack)", layers), up.path(), 1 << 20), None)
+            .await
+            .unwrap_or_else(|s| panic!("register {name}: {s}"));
+        let info = resp.task.unwrap();
+        assert_eq!(info.status, TaskStatus::Ready as i32, "{}", info.status_reason);
+        let spec = &fx["tasks"]["stack"];
+        let ids = unpadded(&fx["inputs"][spec["inputs"].as_str().unwrap()]);
+        for n in 0..=layers {
+            let got = infer_logits(&server, &name, n, Inputs::Tokens(TokenizedInputs { sequences: ids.clone() })).await;
+            worst = worst.max(assert_close(&format!("{name} n={n}"), &got, &spec["outputs"][n.to_string()]["logits"]));
+        }
+    }
+    let pf = messages(weights_header("bert-pfeiffer", "bert", robust(0, 0, 3)), &adapter_dir("bert", "pfeiffer"), 1 << 20);
+    register_msgs(&mut a, pf, None).await.expect("register bert-pfeiffer");
+    mixed_request_matches_the_library(&server).await;
+    kserve_matches_the_library(&server).await;
+    eprintln!("stack exactness: worst max abs diff {worst:e} over 4 backbones x every drop depth");
+}
+
+/// One request: the stack at two depths beside a plain Pfeiffer task on the same inputs (rows split
+/// before layer 0, where only the stack's rows take the invertible adapter), each = the library.
+async fn mixed_request_matches_the_library(server: &TestServer) {
+    let fx = reference("bert");
+    let refs = [("bert-stack", "stack", 2), ("bert-pfeiffer", "pfeiffer", 0), ("bert-stack", "stack", 0), ("bert-pfeiffer", "pfeiffer", 3)];
+    let req = InferRequest {
+        tasks: refs.iter().map(|(t, _, n)| TaskRef { name: t.to_string(), drop_first: Some(*n), ..Default::default() }).collect(),
+        inputs: Some(Inputs::Tokens(TokenizedInputs { sequences: unpadded(&fx["inputs"]["texts"]) })),
+        ..Default::default()
+    };
+    let resp = server.client().await.infer(req).await.expect("mixed request").into_inner();
+    for ((task, fixture, n), result) in refs.iter().zip(&resp.results) {
+        let got: Vec<Vec<f32>> = result.sequences.iter().map(|s| s.logits.clone()).collect();
+        assert_close(&format!("mixed {task} n={n}"), &got, &fx["tasks"][*fixture]["outputs"][n.to_string()]["logits"]);
+    }
+}
+
+/// KServe v2 as a Triton client sends it: text in, the stack and the Pfeiffer task fanned out.
+async fn kserve_matches_the_library(server: &TestServer) {
+    let fx = reference("bert");
+    let texts = strings(&fx["texts"]);
+    let raw: Vec<u8> = texts.iter().flat_map(|t| (t.len() as u32).to_le_bytes().into_iter().chain(t.bytes())).collect();
+    let text = InferInputTensor { name: "TEXT".into(), datatype: "BYTES".into(), shape: vec![texts.len() as i64, 1], ..Default::default() };
+    let fan_out = InferParameter { parameter_choice: Some(ParameterChoice::StringParam("bert-pfeiffer".into())) };
+    let req = ModelInferRequest {
+        model_name: "bert-stack".into(),
+        inputs: vec![text],
+        raw_input_contents: vec![raw],
+        parameters: HashMap::from([("tasks".to_string(), fan_out)]),
+        ..Default::default()
+    };
+    let resp = GrpcInferenceServiceClient::new(server.channel().await).model_infer(req).await.expect("KServe infer").into_inner();
+    for (output, fixture) in [("logits", "stack"), ("bert-pfeiffer/logits", "pfeiffer")] {
+        let at = resp.outputs.iter().position(|o| o.name == output).unwrap_or_else(|| panic!("no output {output}"));
+        let values: Vec<f32> = resp.raw_output_contents[at].chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let rows: Vec<Vec<f32>> = values.chunks(2).map(<[f32]>::to_vec).collect();
+        assert_close(&format!("KServe {output}"), &rows, &fx["tasks"][fixture]["outputs"]["0"]["logits"]);
+    }
+}
+
+/// Compositions the banks do not serve, and uploads that do not say what they are, are refused
+/// with INVALID_ARGUMENT naming what to change; nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_compositions_are_refused_by_name() {
+    let repo = backbones_only();
+    let server = TestServer::start_on(repo.path(), &[]);
+    let mut a = admin(&server.admin_addr()).await;
+    let stacked = stack_upload("bert");
+    let plain = adapter_dir("bert", "pfeiffer");
+    let long = format!("Stack({}, stack)", "x".repeat(300));
+    let cases: [(&str, &Path, &str); 10] = [
+        (long.as_str(), stacked.path(), "header.adapterhub.composition is 314 bytes; at most 256"),
+        ("Fuse(lang, stack)", stacked.path(), "Fuse is not supported"),
+        ("Split(lang, stack, splits=[4])", stacked.path(), "Split is not supported"),
+        ("BatchSplit(lang, stack, batch_sizes=[1, 1])", stacked.path(), "BatchSplit is not supported"),
+        ("Parallel(lang, stack)", stacked.path(), "Parallel is not supported"),
+        ("Stack(Fuse(lang, x), stack)", stacked.path(), "Fuse inside Stack is not supported"),
+        ("Stack(a, lang, stack)", stacked.path(), "Stack of 3 adapters is not supported"),
+        ("Stack(other, stack)", stacked.path(), "names Stack(other, stack) but the uploaded adapters are 'lang' (stack/) and 'stack'"),
+        ("", stacked.path(), "composition is empty"),
+        ("Stack(lang, pfeiffer)", plain.as_path(), "under stack/"),
+    ];
+    for (composition, dir, want) in cases {
+        let s = register_msgs(&mut a, messages(stack_header("bad", "bert", composition, 3), dir, 1 << 20), None)
+            .await
+            .expect_err("must be refused");
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{composition}: {}", s.message());
+        assert!(s.message().contains(want), "{composition}: want {want:?} in {}", s.message());
+    }
+    // ELECTRA's invertible adapter sits inside its embeddings graph: refused by name.
+    let fx = reference("electra");
+    let layers = fx["num_layers"].as_u64().unwrap() as u32;
+    let up = stack_upload("electra");
+    let s = register_msgs(&mut a, messages(stack_header("bad", "electra", "Stack(lang, stack)", layers), up.path(), 1 << 20), None)
+        .await
+        .expect_err("must be refused");
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{}", s.message());
+    assert!(s.message().contains("invertible adapter on ELECTRA"), "{}", s.message());
+    assert!(!repo.path().join("tasks/bad").exists(), "nothing written");
+}
