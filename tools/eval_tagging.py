@@ -29,10 +29,14 @@ NUM_LAYERS = 6
 
 def measure(binary: str, repo: str) -> dict:
     pb, pb_grpc = load_stubs()
-    test = datasets_tagging.check_recorded()["test"].sentences
+    splits = datasets_tagging.check_recorded()
+    test = splits["test"].sentences
+    train_tags = [t for s in splits["train"].sentences for _, _, t in s.words]
+    majority = max(set(train_tags), key=train_tags.count)
+    test_tags = [t for s in test for _, _, t in s.words]
     if not os.path.isdir(os.path.join(repo, "backbones", "minilm")):
         served_tagging.backbone_repo(repo)
-    out = {"runs": {}}
+    out = {"majority_baseline": {"tag": majority, "accuracy": test_tags.count(majority) / len(test_tags)}, "runs": {}}
     with Server(binary, repo) as srv:
         ch = grpc.insecure_channel(srv.addr)
         stub = pb_grpc.InferenceStub(ch)

@@ -24,6 +24,12 @@ def section(data: dict) -> list:
                      + " | ".join(f"{100 * r['accuracy'][n]:.1f}" for n in ns) + " |")
         t = r.get("pytorch_accuracy", {})
         lines.append("| *torch* | | | " + " | ".join(f"*{100 * t[n]:.1f}*" if n in t else "" for n in ns) + " |")
+    same = all(abs(r["accuracy"][n] - r.get("pytorch_accuracy", {}).get(n, -1)) < 1e-9 for r in data["runs"].values() for n in ns)
+    base = data.get("majority_baseline")
+    lines += ["", ("Served accuracy equals the library's at every n." if same else
+                   "Served accuracy differs from the library's at some n (see docs/results-tagging.json).")
+              + (f" Majority baseline (always {base['tag']}, the most frequent training tag): "
+                 f"{100 * base['accuracy']:.1f} %." if base else "")]
     lines += ["", "Server binary: " + ", ".join(sorted({f"`{r['server']}`" for r in data["runs"].values()})) + ".",
               "Reproduce: `make eval` (or `.venv/bin/python tools/eval_tagging.py --binary target/release/adapterdrop-serve`);",
               "retrain: `make train-tagging` (tools/train/README.md).", ""]
