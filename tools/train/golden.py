@@ -32,8 +32,8 @@ ACCURACY_N = ()  # whole-test-split accuracy: none by default (CPU time); the se
 
 def runs(trained: str) -> list:
     """Adapter runs (a fusion run, with adapter_fusion_config.json, writes its golden.json itself)."""
-    return sorted(d for d in os.listdir(trained) if os.path.isfile(os.path.join(trained, d, "train_config.json"))
-                  and os.path.isfile(os.path.join(trained, d, "adapter_config.json")))
+    from adapterdrop_tools.trained import runs as classifier_runs  # tagging runs write their golden.json themselves
+    return sorted(classifier_runs(trained))
 
 
 def evaluate_run(d: str, count: int, path: str, tok, splits: dict, accuracy_n=ACCURACY_N) -> dict:
