@@ -101,12 +101,22 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-/// (adapter dir, layers, hidden) of every AdapterHub adapter directory the project holds or builds.
+/// Whether a directory's head is a token head, which the Python exporter does not read (token heads
+/// are served weights-only; `token_heads_and_deeper_heads_are_read_as_the_library_lays_them_out`
+/// and `tests/python/test_trained_tagging.py` cover them).
+fn token_head(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("head_config.json")) else { return false };
+    let cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    matches!(cfg["config"]["head_type"].as_str().or(cfg["head_type"].as_str()), Some("tagging" | "question_answering"))
+}
+
+/// (adapter dir, layers, hidden) of every AdapterHub adapter directory with a sequence head the
+/// project holds or builds.
 fn adapter_dirs() -> Vec<(PathBuf, usize, usize)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(common::root().join("models/trained")).unwrap() {
         let p = e.unwrap().path();
-        if p.join("adapter_config.json").is_file() {
+        if p.join("adapter_config.json").is_file() && !token_head(&p) {
             out.push((p, 6, 384));
         }
     }
