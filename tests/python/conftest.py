@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from adapterdrop_tools.served import Server
+from adapterdrop_tools.served import Server, server_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = ROOT / "proto"
@@ -24,10 +24,9 @@ def _test_repo() -> Path:
 
 
 def _server_binary() -> Path:
-    for profile in ("debug", "release"):
-        exe = ROOT / "target" / profile / "adapterdrop-serve"
-        if exe.is_file() and os.access(exe, os.X_OK):
-            return exe
+    exe = server_binary()
+    if exe is not None:
+        return exe
     pytest.fail(
         "adapterdrop-serve binary not found in target/debug or target/release; "
         "run `cargo build` first",

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapterdrop_tools.served import Server
+from adapterdrop_tools.served import Server, server_binary
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (make setup)")
 
@@ -23,8 +23,7 @@ TOL = 1e-4
 def client():
     if not (REPO / "backbones" / "xlm-roberta" / "backbone.json").is_file():
         pytest.fail(f"{REPO} is missing; run `make breadth-repo` first", pytrace=False)
-    exe = next((ROOT / "target" / p / "adapterdrop-serve" for p in ("debug", "release")
-                if (ROOT / "target" / p / "adapterdrop-serve").is_file()), None)
+    exe = server_binary()
     if exe is None:
         pytest.fail("adapterdrop-serve binary not found; run `cargo build` first", pytrace=False)
     srv = Server(exe, REPO, timeout_s=120)

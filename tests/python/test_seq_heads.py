@@ -5,7 +5,6 @@ within 1e-4; bad input gets INVALID_ARGUMENT naming what to change; a multi-labe
 weights-only with tools/register_task.py and its threshold. Repository: a copy of `make breadth-repo`."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from adapterdrop_tools.served import Server
+from adapterdrop_tools.served import Server, server_binary, sub_repository
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (make setup)")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -33,14 +32,10 @@ def _fx(backbone):
 def served(tmp_path_factory):
     if not (REPO / "backbones" / "bert" / "backbone.json").is_file():
         pytest.fail(f"{REPO} is missing; run `make breadth-repo` first", pytrace=False)
-    exe = next((ROOT / "target" / p / "adapterdrop-serve" for p in ("debug", "release")
-                if (ROOT / "target" / p / "adapterdrop-serve").is_file()), None)
+    exe = server_binary()
     if exe is None:
         pytest.fail("adapterdrop-serve binary not found; run `cargo build` first", pytrace=False)
-    repo = tmp_path_factory.mktemp("seq-heads-repo")
-    shutil.copytree(REPO / "backbones" / "bert", repo / "backbones" / "bert")
-    for t in ("bert-multilabel", "bert-choice", "bert-pfeiffer"):
-        shutil.copytree(REPO / "tasks" / t, repo / "tasks" / t)
+    repo = sub_repository(REPO, tmp_path_factory.mktemp("seq-heads-repo"), "bert", ("bert-multilabel", "bert-choice", "bert-pfeiffer"))
     srv = Server(exe, repo, timeout_s=120)
     triton = grpcclient.InferenceServerClient(srv.addr)
     yield {"server": srv, "triton": triton}

@@ -4,7 +4,6 @@ running server; grpcio (native, every drop depth, beside a plain task in one req
 (KServe, fan-out) get the library's logits within 1e-4. Repository: a copy of `make breadth-repo`."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from adapterdrop_tools.served import Server
+from adapterdrop_tools.served import Server, server_binary, sub_repository
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (make setup)")
 
@@ -27,13 +26,10 @@ TOL = 1e-4
 def served(tmp_path_factory):
     if not (REPO / "backbones" / "bert" / "backbone.json").is_file():
         pytest.fail(f"{REPO} is missing; run `make breadth-repo` first", pytrace=False)
-    exe = next((ROOT / "target" / p / "adapterdrop-serve" for p in ("debug", "release")
-                if (ROOT / "target" / p / "adapterdrop-serve").is_file()), None)
+    exe = server_binary()
     if exe is None:
         pytest.fail("adapterdrop-serve binary not found; run `cargo build` first", pytrace=False)
-    repo = tmp_path_factory.mktemp("stack-repo")
-    shutil.copytree(REPO / "backbones" / "bert", repo / "backbones" / "bert")
-    shutil.copytree(REPO / "tasks" / "bert-pfeiffer", repo / "tasks" / "bert-pfeiffer")
+    repo = sub_repository(REPO, tmp_path_factory.mktemp("stack-repo"), "bert", ("bert-pfeiffer",))
     srv = Server(exe, repo, timeout_s=120)
     yield srv
     srv.stop(10)

@@ -6,14 +6,13 @@ wheels (never committed), the repository is exported from the committed AdapterH
 temp dir (every run as robust 0..6, so any n can be requested), and a real server answers over gRPC.
 """
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from adapterdrop_tools import datasets, trained
-from adapterdrop_tools.served import Server, served_logits
+from adapterdrop_tools.served import Server, server_binary, served_logits
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "models" / "trained" / "golden_logits.json"
@@ -21,10 +20,9 @@ TOLERANCE = 1e-3
 
 
 def _binary() -> Path:
-    for profile in ("debug", "release"):
-        exe = ROOT / "target" / profile / "adapterdrop-serve"
-        if exe.is_file() and os.access(exe, os.X_OK):
-            return exe
+    exe = server_binary()
+    if exe is not None:
+        return exe
     pytest.fail("adapterdrop-serve binary not found; run `cargo build` first", pytrace=False)
 
 

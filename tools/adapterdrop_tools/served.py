@@ -17,6 +17,25 @@ ROOT = Path(__file__).resolve().parents[2]
 PROTO = "adapterdrop/v1/adapterdrop.proto"
 
 
+def server_binary() -> Path | None:
+    """The built server (target/debug, else target/release), or None when neither is built."""
+    for profile in ("debug", "release"):
+        exe = ROOT / "target" / profile / "adapterdrop-serve"
+        if exe.is_file() and os.access(exe, os.X_OK):
+            return exe
+    return None
+
+
+def sub_repository(src: Path, dst: Path, backbone: str, tasks: tuple = ()) -> Path:
+    """A repository at `dst` holding only `backbone` and `tasks` of the repository `src` (copied)."""
+    import shutil
+
+    shutil.copytree(src / "backbones" / backbone, dst / "backbones" / backbone)
+    for t in tasks:
+        shutil.copytree(src / "tasks" / t, dst / "tasks" / t)
+    return dst
+
+
 def load_stubs():
     """(adapterdrop_pb2, adapterdrop_pb2_grpc), generated from proto/ into a temp dir."""
     from grpc_tools import protoc
