@@ -25,7 +25,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use adapterdrop_serve::config::RuntimeSettings;
 use adapterdrop_serve::engine::heads::to_matrix;
 use adapterdrop_serve::engine::{ExecStats, Lane, Sequence, execute};
 use adapterdrop_serve::repository::{Backbone, Registry, Task};
@@ -278,17 +277,7 @@ fn bench_backbone(rt: &Runtime, reg: &Registry, name: &str, o: &Opts, md: &mut S
 fn main() -> Res<()> {
     // `cargo bench` passes `--bench`; nothing else is accepted (configure through the environment).
     let o = Opts::from_env()?;
-    let settings = RuntimeSettings {
-        library_path: env("ORT_DYLIB_PATH").map(PathBuf::from).or_else(|| Some(PathBuf::from("build/lib/libonnxruntime.so"))),
-        intra_threads: env_usize("BENCH_THREADS", 0)?,
-        allow_spinning: env_usize("BENCH_SPIN", RuntimeSettings::default().allow_spinning as usize)? != 0,
-        // `cuda` under `make gpu-check`.
-        execution_provider: match env("ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER") {
-            Some(p) => p.parse().map_err(|e| format!("ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER: {e}"))?,
-            None => RuntimeSettings::default().execution_provider,
-        },
-        ..Default::default()
-    };
+    let settings = support::runtime_settings()?;
     let rt = Runtime::init(&settings)?;
     if !o.repo.join("backbones").is_dir() {
         return Err(format!(
