@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from adapterdrop_tools.served import Server, server_binary
+from adapterdrop_tools.served import Server, server_binary, sub_repository
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = ROOT / "proto"
@@ -86,6 +86,28 @@ def server():
         pytest.fail(str(e), pytrace=False)
     yield srv
     srv.stop(10)
+
+
+BREADTH_REPO = Path(os.environ.get("ADAPTERDROP_BREADTH_REPO", ROOT / "build" / "breadth-repo"))
+
+
+@pytest.fixture(scope="session")
+def breadth_server(tmp_path_factory):
+    """Starts a server on the breadth repository (`make breadth-repo`): the whole of it, or only
+    `backbone` and `tasks` copied into a temporary repository; every server stops at the end."""
+    started = []
+
+    def start(backbone: str, tasks: tuple | None = None) -> Server:
+        if not (BREADTH_REPO / "backbones" / backbone / "backbone.json").is_file():
+            pytest.fail(f"{BREADTH_REPO} is missing; run `make breadth-repo` first", pytrace=False)
+        repo = BREADTH_REPO if tasks is None else sub_repository(
+            BREADTH_REPO, tmp_path_factory.mktemp(f"{backbone}-repo"), backbone, tasks)
+        started.append(Server(_server_binary(), repo, timeout_s=120))
+        return started[-1]
+
+    yield start
+    for srv in started:
+        srv.stop(10)
 
 
 @pytest.fixture(scope="session")

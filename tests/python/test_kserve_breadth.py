@@ -3,34 +3,24 @@ BERT/RoBERTa from the same fixtures): the `logits` output equals the AdapterHub 
 (tests/fixtures/adapterhub-breadth/<backbone>/reference.json) within 1e-4, from TEXT, TEXT + TEXT_PAIR
 and input_ids, and `label` is the arg-max label. Repository: `make breadth-repo`."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from adapterdrop_tools.served import Server, server_binary
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (make setup)")
 
 ROOT = Path(__file__).resolve().parents[2]
-REPO = Path(os.environ.get("ADAPTERDROP_BREADTH_REPO", ROOT / "build" / "breadth-repo"))
 FIXTURES = ROOT / "tests" / "fixtures" / "adapterhub-breadth"
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def client():
-    if not (REPO / "backbones" / "xlm-roberta" / "backbone.json").is_file():
-        pytest.fail(f"{REPO} is missing; run `make breadth-repo` first", pytrace=False)
-    exe = server_binary()
-    if exe is None:
-        pytest.fail("adapterdrop-serve binary not found; run `cargo build` first", pytrace=False)
-    srv = Server(exe, REPO, timeout_s=120)
-    c = grpcclient.InferenceServerClient(srv.addr)
+def client(breadth_server):
+    c = grpcclient.InferenceServerClient(breadth_server("xlm-roberta").addr)
     yield c
     c.close()
-    srv.stop(10)
 
 
 def _bytes_input(name, values):

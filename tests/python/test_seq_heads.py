@@ -13,13 +13,11 @@ import grpc
 import numpy as np
 import pytest
 
-from adapterdrop_tools.served import Server, server_binary, sub_repository
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (make setup)")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-REPO = Path(os.environ.get("ADAPTERDROP_BREADTH_REPO", ROOT / "build" / "breadth-repo"))
 FIXTURES = ROOT / "tests" / "fixtures" / "adapterhub-breadth"
 TOL = 1e-4
 
@@ -29,18 +27,11 @@ def _fx(backbone):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    if not (REPO / "backbones" / "bert" / "backbone.json").is_file():
-        pytest.fail(f"{REPO} is missing; run `make breadth-repo` first", pytrace=False)
-    exe = server_binary()
-    if exe is None:
-        pytest.fail("adapterdrop-serve binary not found; run `cargo build` first", pytrace=False)
-    repo = sub_repository(REPO, tmp_path_factory.mktemp("seq-heads-repo"), "bert", ("bert-multilabel", "bert-choice", "bert-pfeiffer"))
-    srv = Server(exe, repo, timeout_s=120)
+def served(breadth_server):
+    srv = breadth_server("bert", ("bert-multilabel", "bert-choice", "bert-pfeiffer"))
     triton = grpcclient.InferenceServerClient(srv.addr)
     yield {"server": srv, "triton": triton}
     triton.close()
-    srv.stop(10)
 
 
 @pytest.fixture(scope="module")

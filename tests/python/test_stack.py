@@ -12,27 +12,17 @@ import grpc
 import numpy as np
 import pytest
 
-from adapterdrop_tools.served import Server, server_binary, sub_repository
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (make setup)")
 
 ROOT = Path(__file__).resolve().parents[2]
-REPO = Path(os.environ.get("ADAPTERDROP_BREADTH_REPO", ROOT / "build" / "breadth-repo"))
 FIXTURES = ROOT / "tests" / "fixtures" / "adapterhub-breadth"
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    if not (REPO / "backbones" / "bert" / "backbone.json").is_file():
-        pytest.fail(f"{REPO} is missing; run `make breadth-repo` first", pytrace=False)
-    exe = server_binary()
-    if exe is None:
-        pytest.fail("adapterdrop-serve binary not found; run `cargo build` first", pytrace=False)
-    repo = sub_repository(REPO, tmp_path_factory.mktemp("stack-repo"), "bert", ("bert-pfeiffer",))
-    srv = Server(exe, repo, timeout_s=120)
-    yield srv
-    srv.stop(10)
+def served(breadth_server):
+    return breadth_server("bert", ("bert-pfeiffer",))
 
 
 def test_register_task_stack_served_like_the_library(served, pb, pb_grpc):
