@@ -135,7 +135,7 @@ async fn soak_of_register_unregister_cycles_does_not_grow_memory_or_files() {
     let server = TestServer::start_on(repo.path(), &[("ADAPTERDROP__REPOSITORY__POLL_INTERVAL_S", "0")]);
     let mut a = admin(&server.admin_addr()).await;
     let mut c = inference(&server.addr).await;
-    let (warmup, cycles): (usize, usize) = (90, std::env::var("ADMIN_SOAK_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(60));
+    let (warmup, cycles): (usize, usize) = (90, std::env::var("ADMIN_SOAK_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(120));
     let mut samples = Vec::new();
     for i in 0..warmup + cycles {
         let r = register(&mut a, header("soak", None, true, false), &source(if i % 2 == 0 { "sent" } else { "topic" })).await.unwrap();
@@ -155,12 +155,13 @@ async fn soak_of_register_unregister_cycles_does_not_grow_memory_or_files() {
         rss1 as i64 - rss0 as i64
     );
     assert!(fds1 <= fds0 + 2, "open files grew: {fds0} -> {fds1}");
-    // A leak grows at a steady pace; allocator and arena warm-up flattens out. So the second half
-    // of the measured cycles must be nearly flat (a 100 KiB-per-cycle creep, as tokio's blocking
-    // pool once caused, adds 3 MiB there), and the whole run within a looser bound.
+    // A leak grows at a steady pace; allocator and arena warm-up flattens out, but in steps (one
+    // of about 1.6 MiB was seen between two samples). So the second half of the measured cycles
+    // (60) must stay within 3 MiB (a 100 KiB-per-cycle creep, as tokio's blocking pool once caused,
+    // adds 6 MiB there), and the whole run within a looser bound (that creep adds 12 MiB).
     let (_, rss_mid, _) = samples[samples.len() / 2];
-    assert!(rss1 <= rss_mid + 1536, "memory still growing in the second half: {rss_mid} -> {rss1} KiB");
-    assert!(rss1 <= rss0 + 6 * 1024, "memory grew: {rss0} -> {rss1} KiB");
+    assert!(rss1 <= rss_mid + 3 * 1024, "memory still growing in the second half: {rss_mid} -> {rss1} KiB");
+    assert!(rss1 <= rss0 + 8 * 1024, "memory grew: {rss0} -> {rss1} KiB");
     assert!(staging_dirs(repo.path()).is_empty());
     assert!(!repo.path().join("tasks/soak").exists());
 }
