@@ -70,6 +70,16 @@ choice!(
 );
 
 choice!(
+    /// Whether the bank path's layer runs go through ONNX Runtime's IoBinding
+    /// (`runtime.io_binding`, `src/runtime/bound.rs`): `auto` is on under CUDA and off on the CPU.
+    IoBinding {
+        Auto = "auto",
+        On = "on",
+        Off = "off",
+    }
+);
+
+choice!(
     /// Log line format (`log.format`).
     LogFormat {
         /// Human-readable lines.
@@ -244,6 +254,22 @@ pub struct RuntimeSettings {
     pub cuda_device_id: i32,
     /// Byte limit of the CUDA memory arena; 0 = no limit.
     pub cuda_memory_limit_bytes: usize,
+    /// Bank-path layer runs through IoBinding: banks mirrored on the execution device, outputs in
+    /// preallocated buffers, one synchronisation per batch (`auto`: on under CUDA only).
+    pub io_binding: IoBinding,
+    /// CUDA graphs for the bank path (CUDA only; refused at start-up on any other provider).
+    pub cuda_graphs: bool,
+}
+
+impl RuntimeSettings {
+    /// `runtime.io_binding` resolved against the provider.
+    pub fn io_binding_on(&self) -> bool {
+        match self.io_binding {
+            IoBinding::On => true,
+            IoBinding::Off => false,
+            IoBinding::Auto => self.execution_provider == ExecutionProvider::Cuda,
+        }
+    }
 }
 
 impl Default for RuntimeSettings {
@@ -256,6 +282,8 @@ impl Default for RuntimeSettings {
             execution_provider: ExecutionProvider::Cpu,
             cuda_device_id: 0,
             cuda_memory_limit_bytes: 0,
+            io_binding: IoBinding::Auto,
+            cuda_graphs: false,
         }
     }
 }
@@ -388,6 +416,7 @@ impl Settings {
     /// so start-up stops and names the key instead of letting requests fail confusingly.
     pub fn validate(&self) -> Result<(), String> {
         use crate::codec::ceilings::{MAX_SEQUENCES, MAX_TASKS, MAX_TOKENS};
+        crate::runtime::check_cuda_graphs(&self.runtime)?;
         let l = &self.limits;
         for (key, value, ceiling) in [
             ("limits.max_sequences_per_request", l.max_sequences_per_request, MAX_SEQUENCES),

@@ -11,14 +11,12 @@ use adapterdrop_serve::config::RuntimeSettings;
 use adapterdrop_serve::engine::banked::execute_banked_as;
 use adapterdrop_serve::engine::heads::to_matrix;
 use adapterdrop_serve::engine::{ExecStats, Lane, Sequence, execute, run_lanes};
-use adapterdrop_serve::repository::adapterhub::{
-    Activation, AdapterWeights, BottleneckWeights, HeadLayer, HeadWeights, Residual, SlotRule,
-};
-use adapterdrop_serve::repository::manifest::HeadKind;
+use adapterdrop_serve::repository::adapterhub::{Activation, AdapterWeights, Residual};
 use adapterdrop_serve::repository::{Backbone, Location, Registry, Task};
 use adapterdrop_serve::runtime::{Graph, Runtime};
+use common::banks::{bank_task, lane, max_diff, rules, seqs, weights};
 use common::{ort_library, test_repo};
-use ndarray::{Array1, Array2, Array3, s};
+use ndarray::{Array2, Array3, s};
 use ort::value::TensorRef;
 
 /// The suites' tolerance for served logits.
@@ -37,75 +35,6 @@ fn fixture() -> Fixture {
     });
     let reg = Registry::open(rt, &test_repo()).unwrap();
     Fixture { rt, reg }
-}
-
-/// Deterministic values in [-scale, scale).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self, scale: f32) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-    }
-    fn mat(&mut self, r: usize, c: usize, scale: f32) -> Array2<f32> {
-        Array2::from_shape_simple_fn((r, c), || self.next(scale))
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Array1<f32> {
-        Array1::from_shape_simple_fn(n, || self.next(scale))
-    }
-}
-
-/// Synthetic AdapterHub weights for a backbone: every layer at `locations`, bottleneck `r`.
-fn weights(bb: &Backbone, seed: u64, rule: SlotRule, r: usize, locations: &[Location], labels: usize) -> AdapterWeights {
-    let h = bb.manifest.hidden_size;
-    let mut g = Rng(seed * 7919 + 1);
-    let mut slots = std::collections::BTreeMap::new();
-    for layer in 0..bb.num_layers() {
-        for &loc in locations {
-            let w = BottleneckWeights { down_w: g.mat(r, h, 0.5), down_b: g.vec(r, 0.2), up_w: g.mat(h, r, 0.5), up_b: g.vec(h, 0.2) };
-            slots.insert((layer, loc), w);
-        }
-    }
-    let head = HeadWeights {
-        kind: HeadKind::Classification,
-        labels: (0..labels).map(|i| format!("l{i}")).collect(),
-        layers: vec![HeadLayer { w: g.mat(h, h, 0.3), b: g.vec(h, 0.1) }, HeadLayer { w: g.mat(labels, h, 0.3), b: g.vec(labels, 0.1) }],
-        activation: Some(Activation::Tanh),
-    };
-    AdapterWeights {
-        name: format!("syn{seed}"),
-        method: "bottleneck".into(),
-        rule,
-        slots,
-        methods: Default::default(),
-        leave_out: Vec::new(),
-        head,
-        stack: None,
-    }
-}
-
-fn rule(ln_before: bool, ln_after: bool, residual: Residual, activation: Activation, scaling: f32) -> SlotRule {
-    SlotRule { ln_before, ln_after, residual, activation, scaling, parallel: false }
-}
-
-/// A bank task: the test repository's `rand-houlsby` version directory (robust 0..=3) loaded
-/// afresh, with synthetic weights in the banks.
-fn bank_task(f: &Fixture, w: AdapterWeights) -> Arc<Task> {
-    let per_task = f.reg.resolve("rand-houlsby", None).unwrap();
-    let dir = test_repo().join("tasks/rand-houlsby/1");
-    let mut t = Task::load(f.rt, &dir, per_task.backbone.clone()).unwrap();
-    t.attach_bank(Arc::new(w));
-    assert!(t.bank.is_some(), "tiny-random has layer graphs");
-    assert!(t.adapterhub.as_ref().unwrap().slots.is_empty(), "bottleneck weights are held once, in the banks");
-    Arc::new(t)
-}
-
-fn seqs() -> Vec<Sequence> {
-    [vec![101i64, 2023, 3185, 2003, 2307, 102], vec![101, 7592, 102], vec![101, 2023, 2001, 1037, 3185, 2143, 2172, 102]]
-        .into_iter()
-        .map(|ids| Sequence { mask: vec![1; ids.len()], types: vec![0; ids.len()], ids })
-        .collect()
 }
 
 fn run3(g: &Graph, inputs: Vec<(&'static str, ort::session::SessionInputValue<'_>)>, out: &'static str) -> Array3<f32> {
@@ -197,29 +126,6 @@ fn reference(bb: &Backbone, seqs: &[Sequence], w: &AdapterWeights, drop_first: u
     z.dot(&l2.w.t()) + &l2.b
 }
 
-fn max_diff(a: &[Vec<f32>], b: &Array2<f32>) -> f32 {
-    let a = to_matrix(a);
-    assert_eq!(a.dim(), b.dim());
-    a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-fn lane(t: &Arc<Task>, n: u32, rows: &[usize]) -> Lane {
-    Lane { task: t.clone(), active: t.active_layers(Some(n)).unwrap(), rows: rows.to_vec() }
-}
-
-/// Every slot rule and activation, bottlenecks of different widths in one bank, drop depths mixed.
-fn rules() -> Vec<(SlotRule, usize, &'static [Location])> {
-    const BOTH: &[Location] = &[Location::Attention, Location::Ffn];
-    const FFN: &[Location] = &[Location::Ffn];
-    vec![
-        (rule(true, true, Residual::H, Activation::Relu, 1.0), 2, FFN),   // Pfeiffer
-        (rule(false, true, Residual::H, Activation::Gelu, 1.0), 8, BOTH), // Houlsby
-        (rule(true, true, Residual::HPlusX, Activation::Silu, 1.0), 4, FFN),
-        (rule(true, false, Residual::U, Activation::Tanh, 2.0), 3, BOTH),
-        (rule(false, false, Residual::U, Activation::Sigmoid, 0.5), 16, FFN),
-    ]
-}
-
 #[test]
 fn bank_lanes_equal_the_reference_in_one_layer_run_per_layer() {
     let f = fixture();
@@ -230,7 +136,7 @@ fn bank_lanes_equal_the_reference_in_one_layer_run_per_layer() {
         .enumerate()
         .map(|(i, (r, width, locs))| {
             let w = weights(&bb, i as u64, r, width, locs, 2 + i % 2);
-            (bank_task(&f, w.clone()), w)
+            (bank_task(f.rt, &f.reg, w.clone()), w)
         })
         .collect();
     // Lane i of task i at drop depth i % 4, on overlapping rows.
@@ -260,7 +166,7 @@ fn one_batch_mixes_bank_per_task_and_fusion_lanes() {
     assert!(fusion.bank.is_none(), "fusion tasks never take banks");
     let (r0, w0, l0) = rules()[1];
     let w = weights(&bb, 40, r0, w0, l0, 3);
-    let bank = bank_task(&f, w.clone());
+    let bank = bank_task(f.rt, &f.reg, w.clone());
     let seqs = seqs();
     let lanes = vec![lane(&per_task, 1, &[0, 1]), lane(&bank, 0, &[1, 2]), lane(&fusion, 0, &[2, 0]), lane(&bank, 2, &[0])];
     let (out, stats) = run_lanes(&bb, &seqs, &lanes, true).unwrap();
@@ -308,7 +214,7 @@ fn banks_grow_and_shrink_between_batches_and_reuse_freed_rows() {
     for i in 0..24 {
         let (r, width, locs) = rules()[i % 5];
         let w = weights(&bb, 100 + i as u64, r, width + i % 3, locs, 2);
-        live.push((bank_task(&f, w.clone()), w));
+        live.push((bank_task(f.rt, &f.reg, w.clone()), w));
         if i % 4 == 3 {
             check(&bb, &seqs, &live);
         }
@@ -345,7 +251,7 @@ fn a_removed_tasks_rows_are_zeroed_and_reused_by_a_new_task() {
     let mk = |seed: u64, k: usize| {
         let (r, width, locs) = rules()[k];
         let w = weights(&bb, seed, r, width, locs, 2);
-        (bank_task(&f, w.clone()), w)
+        (bank_task(f.rt, &f.reg, w.clone()), w)
     };
     let (a, b) = (mk(1, 1), mk(2, 0));
     check(&bb, &seqs, &[a.clone(), b.clone()]);
@@ -377,7 +283,7 @@ fn mixed_lengths_in_one_batch_equal_each_input_served_alone() {
         })
         .collect();
     let tasks: Vec<Arc<Task>> =
-        rules().into_iter().take(3).enumerate().map(|(i, (r, w, l))| bank_task(&f, weights(&bb, 60 + i as u64, r, w, l, 2))).collect();
+        rules().into_iter().take(3).enumerate().map(|(i, (r, w, l))| bank_task(f.rt, &f.reg, weights(&bb, 60 + i as u64, r, w, l, 2))).collect();
     let plain_depth = bb.num_layers() as u32;
     let lanes = vec![
         lane(&tasks[0], 0, &[0, 2, 4]),

@@ -44,7 +44,8 @@ fn case(task: &str) -> (Vec<TokenIds>, Value) {
     (ids, c["logits"].clone())
 }
 
-async fn fan_out(server: &TestServer) -> (f64, f64) {
+/// Runs the fan-out, checks it against the reference; session runs, batches and every logit.
+async fn fan_out(server: &TestServer) -> (f64, f64, Vec<f32>) {
     let (ids, pf) = case("mini-pfeiffer");
     let (ids_hb, hb) = case("mini-houlsby");
     assert_eq!(ids, ids_hb, "both tasks share their inputs");
@@ -71,13 +72,13 @@ async fn fan_out(server: &TestServer) -> (f64, f64) {
     }
     let runs = metric(&server.metrics_addr, "adapterdrop_graph_runs_total") - runs0;
     let batches = metric(&server.metrics_addr, "adapterdrop_batches_total") - batches0;
-    (runs, batches)
+    (runs, batches, resp.results.iter().flat_map(|r| r.sequences.iter().flat_map(|s| s.logits.iter().copied())).collect())
 }
 
 #[tokio::test]
 async fn a_fan_out_over_bank_tasks_costs_one_run_per_layer() {
     let server = TestServer::start(&[]);
-    let (runs, batches) = fan_out(&server).await;
+    let (runs, batches, _) = fan_out(&server).await;
     assert_eq!(batches, 1.0);
     assert_eq!(runs, f64::from(1 + MINILM_LAYERS), "embeddings + one layer graph per layer; heads on the host");
     assert!(runs <= f64::from(MINILM_LAYERS + 4));
@@ -86,7 +87,25 @@ async fn a_fan_out_over_bank_tasks_costs_one_run_per_layer() {
 #[tokio::test]
 async fn banks_off_serves_the_same_numbers_through_the_segments() {
     let server = TestServer::start(&[("ADAPTERDROP__ENGINE__BANKS", "false")]);
-    let (runs, batches) = fan_out(&server).await;
+    let (runs, batches, _) = fan_out(&server).await;
     assert_eq!(batches, 1.0);
     assert!(runs > f64::from(MINILM_LAYERS + 4), "the per-task path runs segments and slots separately: {runs}");
+}
+
+/// `runtime.io_binding = on` (`src/runtime/bound.rs`; the default under CUDA): the same fan-out
+/// answers the reference in the same session runs, and the plain runs' numbers within 1e-6.
+#[tokio::test]
+async fn io_binding_on_serves_the_same_numbers_in_one_run_per_layer() {
+    let (on, off) = (
+        TestServer::start(&[("ADAPTERDROP__RUNTIME__IO_BINDING", "on")]),
+        TestServer::start(&[("ADAPTERDROP__RUNTIME__IO_BINDING", "off")]),
+    );
+    let (runs, batches, a) = fan_out(&on).await;
+    assert_eq!((runs, batches), (f64::from(1 + MINILM_LAYERS), 1.0));
+    // Twice: the second batch reuses the bindings, mirrors and buffers of the first.
+    let (_, _, again) = fan_out(&on).await;
+    let (_, _, b) = fan_out(&off).await;
+    assert_eq!(a.len(), b.len());
+    let d = a.iter().zip(&b).chain(again.iter().zip(&b)).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    assert!(d <= 1e-6, "io_binding on vs off: {d:e}");
 }

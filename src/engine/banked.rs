@@ -51,7 +51,7 @@ pub fn execute_banked_as(
         return Err(EngineError::Contract(format!("sequence {i} of the batch has no tokens")));
     }
     let runs = crate::runtime::session_runs();
-    let store = banked.banks.store();
+    let mut store = banked.banks.store();
     let layers = backbone.num_layers();
     let invertible = |l: usize| lanes[l].task.adapterhub.as_ref().and_then(|w| w.stack.as_ref()).and_then(|s| s.invertible.as_ref());
     let paths: Vec<LanePath> = lanes
@@ -101,6 +101,9 @@ pub fn execute_banked_as(
     // A batch larger than the batch budget gives its memory back (as `execute` does): the last
     // layer run shrinks the arena, then the heap is trimmed.
     let large = large_batch(layout.most_tokens);
+    // `runtime.io_binding`: banks bound from their device mirrors, layer outputs in preallocated
+    // device buffers, one synchronisation per batch (`runtime/bound.rs`).
+    let mut bound = banked.bound.as_ref().map(|b| b.begin(&banked.layers, &mut store, layout.most_tokens)).transpose()?;
     for (layer, (lp, tl)) in plan.layers.iter().zip(&layout.layers).enumerate() {
         if large && layer + 1 == layers {
             crate::runtime::shrink_arena_after_next_run();
@@ -109,16 +112,24 @@ pub fn execute_banked_as(
         let attention_mask = attention_mask(&mask, &lp.input_rows, tl.seq);
         let maps = LayerMaps::new(tl);
         let mv = attention_mask.view();
-        let mut inputs: Vec<(&'static str, SessionInputValue<'_>)> = vec![
-            ("hidden", hidden.input()?),
-            ("attention_gather", TensorRef::from_array_view(maps.gather.view())?.into()),
-            ("attention_mask", i64_input(&mv)?),
-        ];
+        let mut inputs: Vec<(&'static str, SessionInputValue<'_>)> = Vec::new();
+        // The IoBinding runner feeds layers after the first from its own buffer.
+        if bound.is_none() || layer == 0 {
+            inputs.push(("hidden", hidden.input()?));
+        }
+        inputs.push(("attention_gather", TensorRef::from_array_view(maps.gather.view())?.into()));
+        inputs.push(("attention_mask", i64_input(&mv)?));
         inputs.push(("attention_scatter", TensorRef::from_array_view(maps.scatter.view())?.into()));
         for (names, g) in GROUP_INPUTS.iter().chain(&METHOD_GROUP_INPUTS).zip(&maps.groups) {
             inputs.push((names[0], TensorRef::from_array_view(g.0.view())?.into()));
             inputs.push((names[1], TensorRef::from_array_view(g.1.view())?.into()));
             inputs.push((names[2], TensorRef::from_array_view(g.2.view())?.into()));
+        }
+        if let Some(bound) = bound.as_mut() {
+            if let Some(out) = bound.run(layer, inputs, tl.ffn.ungroup.len(), layer + 1 == layers)? {
+                hidden = Packed::Host(out);
+            }
+            continue;
         }
         let methods = store.methods(layer);
         for (names, t) in METHOD_INPUTS.iter().zip(&methods.targets) {
@@ -135,6 +146,7 @@ pub fn execute_banked_as(
         }
         hidden = Packed::Ort(banked.layers[layer].run_on_device(inputs, "y")?);
     }
+    drop(bound);
     drop(store);
     // Heads read the states in place where they are host memory (CPU), else after one copy to the host.
     let hidden = hidden.on_host()?;

@@ -264,13 +264,15 @@ pub struct BankStore {
     free: Vec<usize>,
     /// Writes of tasks dropped before the engine applied them are skipped.
     freed_early: Vec<u64>,
+    /// Rows changed since the device mirrors last read them (`runtime::device_banks`).
+    touched: crate::runtime::TouchedRows,
 }
 
 impl BankStore {
     fn new(rx: Receiver<BankOp>, layers: usize, hidden: usize, ffn: usize) -> Self {
         let banks = (0..layers).map(|_| layer_banks(hidden)).collect();
         let methods = MethodStore::new(layers, hidden, ffn);
-        Self { rx, hidden, banks, methods, rows: HashMap::new(), free: (1..MIN_ROWS).rev().collect(), freed_early: Vec::new() }
+        Self { rx, hidden, banks, methods, rows: HashMap::new(), free: (1..MIN_ROWS).rev().collect(), freed_early: Vec::new(), touched: Default::default() }
     }
 
     pub fn bank(&self, layer: usize, location: Location) -> &Bank {
@@ -317,6 +319,12 @@ impl BankStore {
         self.rows.contains_key(&id)
     }
 
+    /// The rows changed since the last call (bottleneck banks, methods banks), for the device
+    /// mirrors of the IoBinding runner (`runtime::bound`).
+    pub fn take_touched(&mut self) -> (crate::runtime::TouchedRows, crate::runtime::TouchedRows) {
+        (self.touched.take(), self.methods.touched.take())
+    }
+
     fn apply_pending(&mut self) {
         let ops: Vec<BankOp> = self.rx.try_iter().collect();
         if ops.is_empty() {
@@ -354,6 +362,7 @@ impl BankStore {
 
     fn write(&mut self, id: u64, w: &BankWrite) {
         let row = self.free.pop().expect("grown for every write");
+        self.touched.mark(row);
         let flags = w.rule.flags();
         let lower = w.stack.as_ref().map(|s| (SlotRule { ln_after: false, ..s.rule }.flags(), &s.slots));
         let writes = w.slots.iter().map(|(k, v)| (slot_of(k.1), k.0, &flags, v));
@@ -376,6 +385,7 @@ impl BankStore {
             self.freed_early.push(id);
             return;
         };
+        self.touched.mark(row);
         for pair in &mut self.banks {
             for bank in pair.iter_mut() {
                 bank.clear(row);
@@ -386,6 +396,7 @@ impl BankStore {
     }
 
     fn resize(&mut self, rows: usize) {
+        self.touched.everything();
         let keep = self.capacity().min(rows);
         for pair in &mut self.banks {
             for bank in pair.iter_mut() {
@@ -407,6 +418,7 @@ impl BankStore {
             return;
         }
         let target = ((live as f64 * GROWTH).ceil() as usize).max(MIN_ROWS);
+        self.touched.everything();
         let mut moves = Vec::new();
         let mut ids: Vec<u64> = self.rows.iter().filter(|(_, (r, _))| *r >= target).map(|(id, _)| *id).collect();
         ids.sort_unstable();

@@ -24,12 +24,14 @@ pub struct MethodStore {
     /// Unused rows (> 0), lowest last.
     free: Vec<usize>,
     dims: (usize, usize),
+    /// Rows changed since the device mirrors last read them (`runtime::device_banks`).
+    pub(super) touched: crate::runtime::TouchedRows,
 }
 
 impl MethodStore {
     pub fn new(layers: usize, hidden: usize, ffn: usize) -> Self {
         let banks = (0..layers).map(|_| MethodBank::new(1, hidden, ffn)).collect();
-        Self { banks, rows: HashMap::new(), free: Vec::new(), dims: (hidden, ffn) }
+        Self { banks, rows: HashMap::new(), free: Vec::new(), dims: (hidden, ffn), touched: Default::default() }
     }
 
     pub fn bank(&self, layer: usize) -> &MethodBank {
@@ -66,8 +68,10 @@ impl MethodStore {
                 *bank = bank.resized(grown, cap);
             }
             self.free.extend((cap..grown).rev());
+            self.touched.everything();
         }
         let row = self.free.pop().expect("grown above");
+        self.touched.mark(row);
         for (&layer, m) in methods {
             if let Some(bank) = self.banks.get_mut(layer) {
                 bank.write(row, m);
@@ -79,7 +83,9 @@ impl MethodStore {
     /// Frees a task's row (plain again); with no such task left the banks go back to row 0 alone.
     pub(super) fn free(&mut self, id: u64) {
         let Some((row, _)) = self.rows.remove(&id) else { return };
+        self.touched.mark(row);
         if self.rows.is_empty() {
+            self.touched.everything();
             let (hidden, ffn) = self.dims;
             self.banks.iter_mut().for_each(|b| *b = MethodBank::new(1, hidden, ffn));
             self.free.clear();

@@ -49,6 +49,8 @@ pub struct Backbone {
 pub struct Banked {
     pub layers: Vec<Graph>,
     pub banks: BackboneBanks,
+    /// The IoBinding runner of the layers (`runtime.io_binding`); `None`: plain session runs.
+    pub bound: Option<crate::runtime::bound::BoundLayers>,
 }
 
 /// Contract of `layer.onnx` (models/README.md, "Layer graphs"): packed tokens `[tokens, H]`.
@@ -217,7 +219,9 @@ fn load_banked(runtime: &Runtime, dir: &Path, manifest: &BackboneManifest) -> Re
     let layers = (0..manifest.num_layers)
         .map(|i| Graph::load(runtime, &path(i), &inputs, &outputs).map_err(regenerate))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Some(Banked { layers, banks: BackboneBanks::new(manifest.num_layers, manifest.hidden_size, manifest.intermediate_size) }))
+    let banks = BackboneBanks::new(manifest.num_layers, manifest.hidden_size, manifest.intermediate_size);
+    let bound = runtime.io_binding().then(|| crate::runtime::bound::BoundLayers::new(runtime.device(), manifest.hidden_size));
+    Ok(Some(Banked { layers, banks, bound }))
 }
 
 /// Loads `tokenizer.json` with its built-in padding and truncation switched off: the server pads

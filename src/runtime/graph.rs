@@ -23,6 +23,12 @@ pub fn shrink_arena_after_next_run() {
     SHRINK_NEXT_RUN.with(|c| c.set(true));
 }
 
+/// Takes the request made by [`shrink_arena_after_next_run`] (for runners that run sessions
+/// themselves, `bound.rs`).
+pub(super) fn take_shrink_request() -> bool {
+    SHRINK_NEXT_RUN.with(|c| c.replace(false))
+}
+
 /// One dimension of a contract: any size, or exactly this size.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Dim {
@@ -81,6 +87,11 @@ impl Graph {
         let session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         check_io(path, "input", session.inputs().iter().map(|o| (o.name(), o.dtype())), inputs)?;
         check_io(path, "output", session.outputs().iter().map(|o| (o.name(), o.dtype())), outputs)
+    }
+
+    /// The session itself, for runners that bind their own inputs and outputs (`bound.rs`).
+    pub(crate) fn lock_session(&self) -> std::sync::MutexGuard<'_, Session> {
+        self.session.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn file(&self) -> &str {

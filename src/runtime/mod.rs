@@ -1,11 +1,14 @@
 //! ONNX Runtime: loading the shared library, the one process-wide environment, and graphs.
 
 mod allocator;
+pub mod bound;
+pub mod device_banks;
 mod graph;
 mod row_ops;
 
 use std::path::{Path, PathBuf};
 
+pub use device_banks::TouchedRows;
 pub use graph::{Dim, Graph, IoSpec, shrink_arena_after_next_run};
 use ort::environment::{Environment, GlobalThreadPoolOptions};
 pub use row_ops::RowOps;
@@ -78,6 +81,8 @@ pub struct Runtime {
     row_ops: Option<std::sync::Arc<RowOps>>,
     /// Graphs with identical bytes are loaded once (`repository::fusion::load_shared`).
     graphs: std::sync::Arc<GraphCache>,
+    /// `runtime.io_binding` resolved: the bank path runs its layers through [`bound::BoundLayers`].
+    io_binding: bool,
 }
 
 impl Runtime {
@@ -140,7 +145,9 @@ impl Runtime {
             Device::Cpu => None,
         };
         tracing::info!(library = %path.display(), %version, intra_threads = threads, allow_spinning = settings.allow_spinning, ?device, "ONNX Runtime loaded");
-        Ok(Self { env, version, optimization, device, row_ops, graphs: Default::default() })
+        let io_binding = settings.io_binding_on();
+        tracing::info!(io_binding, cuda_graphs = settings.cuda_graphs, "bank path runner");
+        Ok(Self { env, version, optimization, device, row_ops, graphs: Default::default(), io_binding })
     }
 
     pub fn version(&self) -> &str {
@@ -155,6 +162,17 @@ impl Runtime {
         self.device
     }
 
+    /// Whether the bank path runs its layers through IoBinding (`runtime.io_binding`).
+    pub fn io_binding(&self) -> bool {
+        self.io_binding
+    }
+
+    /// The same runtime with `runtime.io_binding` forced (in-process A/B tests and benchmarks;
+    /// backbones loaded through it get the runner chosen here).
+    pub fn with_io_binding(&self, on: bool) -> Self {
+        Self { io_binding: on, ..self.clone() }
+    }
+
     pub fn row_ops(&self) -> Option<&std::sync::Arc<RowOps>> {
         self.row_ops.as_ref()
     }
@@ -166,6 +184,27 @@ impl Runtime {
     pub(crate) fn optimization(&self) -> ort::session::builder::GraphOptimizationLevel {
         self.optimization
     }
+}
+
+/// `runtime.cuda_graphs` is only meaningful on the CUDA provider, through IoBinding: anything else
+/// is a start-up error naming the keys to change.
+pub fn check_cuda_graphs(settings: &RuntimeSettings) -> Result<(), String> {
+    if !settings.cuda_graphs {
+        return Ok(());
+    }
+    if settings.execution_provider != ExecutionProvider::Cuda {
+        return Err(format!(
+            "runtime.cuda_graphs = true needs runtime.execution_provider = \"cuda\" (it is \"{}\"): ONNX Runtime captures \
+             CUDA graphs on the CUDA execution provider only; set runtime.cuda_graphs = false",
+            settings.execution_provider.as_str()
+        ));
+    }
+    if !settings.io_binding_on() {
+        return Err("runtime.cuda_graphs = true needs runtime.io_binding = \"on\" or \"auto\": a captured graph replays \
+                    fixed device addresses, which only the IoBinding runner provides"
+            .into());
+    }
+    Ok(())
 }
 
 /// Returns the free memory at the top of the process heap and of glibc's arenas to the system.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use adapterdrop_serve::proto::inference_client::InferenceClient;
 use tonic::transport::Channel;
 
+pub mod banks;
 pub mod breadth;
 pub mod certs;
 

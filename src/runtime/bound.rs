@@ -1,0 +1,280 @@
+//! The IoBinding runner of the bank path's layer runs (issue 12 items 1 and 6; `runtime.io_binding`).
+//!
+//! One `IoBinding` per `layer.onnx` session, kept across batches. The bank tensors are bound once
+//! from their device mirrors (`device_banks.rs`) and rebound only when a mirror is reallocated;
+//! per batch only `hidden`, the mask and the token maps are bound. Each layer writes `y` into one
+//! of two preallocated ping-pong buffers on the execution device (grown by bucket, never per
+//! batch), which the next layer reads in place: no copy to the host between layers. The last layer
+//! writes straight into a host array, so the batch synchronises once, at its end; under CUDA every
+//! earlier run skips ONNX Runtime's end-of-run device synchronisation (`disable_device_sync`),
+//! so all runs queue on the provider's stream.
+//!
+//! Why values are bound through the C API and not `IoBinding::bind_input`: ort 2.0.0-rc.15 treats
+//! a borrowed tensor (an ndarray view, or a view of a device buffer) bound where ONNX Runtime
+//! could alias it as something to deep-copy, through a shared identity session that binds the
+//! same borrowed tensor again under its own non-reentrant spin lock: the copy never returns. That
+//! was the hang of the first attempt (2026-11-30: the first Infer with `runtime.io_binding` on a
+//! CPU server never answered). ONNX Runtime's `BindInput` itself only keeps a reference to the
+//! value; this runner keeps every buffer a binding points at alive for as long as it is bound and
+//! rebinds every per-batch input before each run.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::sync::{Mutex, MutexGuard};
+
+use ndarray::{Array2, Array3};
+use ort::AsPointer;
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, RunOptions, SessionInputValue};
+use ort::value::{Shape, Tensor, TensorRefMut};
+
+use super::device_banks::BankMirror;
+use super::{Device, Graph};
+use crate::engine::banks::BankStore;
+use crate::repository::Location;
+use crate::repository::backbone::{BANK_INPUTS, METHOD_INPUTS};
+
+/// Smallest ping-pong buffer, in tokens; larger ones are the next power of two.
+const MIN_BUCKET_TOKENS: usize = 256;
+
+/// The bank-path runner of one backbone's layer graphs; state is built on the first batch.
+pub struct BoundLayers {
+    device: Device,
+    hidden: usize,
+    state: Mutex<Option<State>>,
+}
+
+impl std::fmt::Debug for BoundLayers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundLayers").field("device", &self.device).finish()
+    }
+}
+
+struct State {
+    mirror: BankMirror,
+    layers: Vec<LayerBinding>,
+    /// `[capacity, H]` each: layer `i` writes buffer `i % 2` and reads buffer `(i - 1) % 2`.
+    buffers: Option<[Tensor<f32>; 2]>,
+    capacity: usize,
+    sync: RunOptions,
+    nosync: RunOptions,
+}
+
+struct LayerBinding {
+    binding: IoBinding,
+    /// The mirror generation each bank input is bound to.
+    banks: HashMap<&'static str, u64>,
+}
+
+impl BoundLayers {
+    pub fn new(device: Device, hidden: usize) -> Self {
+        Self { device, hidden, state: Mutex::new(None) }
+    }
+
+    /// Starts a batch: brings the bank mirrors up to date (the rows touched since the last batch),
+    /// renews the bindings of reallocated mirrors and makes room for `most_tokens` tokens. On any
+    /// error the runner starts afresh on the next batch (every mirror uploaded whole).
+    pub fn begin<'a>(&'a self, graphs: &'a [Graph], store: &mut BankStore, most_tokens: usize) -> ort::Result<BoundBatch<'a>> {
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (banks, methods) = store.take_touched();
+        let prepared = (|| {
+            if guard.is_none() {
+                *guard = Some(State::new(self.device, graphs)?);
+            }
+            let state = guard.as_mut().expect("created above");
+            state.mirror.last_upload_bytes = 0;
+            for (layer, lb) in state.layers.iter_mut().enumerate() {
+                for (name, host, is_method) in bank_tensors(store, layer) {
+                    state.mirror.sync((layer, name), host, if is_method { &methods } else { &banks })?;
+                    let (tensor, generation) = state.mirror.get((layer, name)).expect("synced above");
+                    if lb.banks.get(name) != Some(&generation) {
+                        // SAFETY: the mirror owns the tensor's ONNX Runtime allocation; the binding
+                        // keeps its own reference to the value, so the memory lives while bound.
+                        unsafe { bind_raw(&mut lb.binding, name, tensor.ptr(), Slot::Input)? };
+                        lb.banks.insert(name, generation);
+                    }
+                }
+            }
+            state.reserve(most_tokens, self.hidden)
+        })();
+        if let Err(e) = prepared {
+            *guard = None;
+            return Err(e);
+        }
+        Ok(BoundBatch { state: guard, graphs, device: self.device, hidden: self.hidden, previous: 0 })
+    }
+
+    /// Bytes the last batch copied into the bank mirrors (0 when no bank changed).
+    pub fn last_upload_bytes(&self) -> usize {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map_or(0, |s| s.mirror.last_upload_bytes)
+    }
+}
+
+impl State {
+    fn new(device: Device, graphs: &[Graph]) -> ort::Result<Self> {
+        let (allocator, memory) = match device {
+            Device::Cpu => (Allocator::default(), MemoryInfo::default()),
+            Device::Cuda { device_id, .. } => {
+                let memory = MemoryInfo::new(AllocationDevice::CUDA, device_id, AllocatorType::Device, MemoryType::Default)?;
+                let first = graphs.first().ok_or_else(|| ort::Error::new("a backbone without layer graphs"))?;
+                let allocator = Allocator::new(&first.lock_session(), memory.clone())?;
+                (allocator, memory)
+            }
+        };
+        let mirror = BankMirror::new(allocator, memory);
+        let layers = graphs
+            .iter()
+            .map(|g| Ok(LayerBinding { binding: g.lock_session().create_binding()?, banks: HashMap::new() }))
+            .collect::<ort::Result<_>>()?;
+        let mut nosync = RunOptions::new()?;
+        if device != Device::Cpu {
+            nosync.disable_device_sync()?;
+        }
+        Ok(Self { mirror, layers, buffers: None, capacity: 0, sync: RunOptions::new()?, nosync })
+    }
+
+    /// Ping-pong buffers for at least `tokens` tokens (the next power of two, reallocated only to grow).
+    fn reserve(&mut self, tokens: usize, hidden: usize) -> ort::Result<()> {
+        if self.buffers.is_some() && self.capacity >= tokens {
+            return Ok(());
+        }
+        let capacity = tokens.next_power_of_two().max(MIN_BUCKET_TOKENS);
+        let shape = [capacity as i64, hidden as i64];
+        let allocator = self.mirror.allocator();
+        self.buffers = Some([Tensor::new(allocator, shape)?, Tensor::new(allocator, shape)?]);
+        self.capacity = capacity;
+        Ok(())
+    }
+}
+
+/// One batch on the runner; holds the runner (one batch at a time per backbone).
+pub struct BoundBatch<'a> {
+    state: MutexGuard<'a, Option<State>>,
+    graphs: &'a [Graph],
+    device: Device,
+    hidden: usize,
+    /// Tokens the previous layer wrote.
+    previous: usize,
+}
+
+impl BoundBatch<'_> {
+    /// Runs layer `layer` with the per-batch `inputs` (`hidden` only for layer 0: later layers read
+    /// the previous layer's buffer). It writes `out_tokens` tokens: into a device buffer, or, for
+    /// the `last` layer, into the host array returned (the batch's one synchronisation).
+    pub fn run(
+        &mut self,
+        layer: usize,
+        inputs: Vec<(&'static str, SessionInputValue<'_>)>,
+        out_tokens: usize,
+        last: bool,
+    ) -> ort::Result<Option<Array2<f32>>> {
+        let state = self.state.as_mut().expect("a batch holds a prepared runner");
+        let memory = state.mirror.memory().clone();
+        let (capacity, hidden) = (state.capacity, self.hidden);
+        let buffers = state.buffers.as_mut().expect("reserved by begin");
+        let lb = &mut state.layers[layer];
+        for (name, value) in &inputs {
+            // SAFETY: `inputs` outlives the run below, and the next batch rebinds every
+            // per-batch name before it runs, so no stale pointer is ever read.
+            unsafe { bind_raw(&mut lb.binding, name, value.ptr(), Slot::Input)? };
+        }
+        if layer > 0 {
+            let view = buffer_view(&memory, &mut buffers[(layer - 1) % 2], self.previous, capacity, hidden)?;
+            // SAFETY: the buffer stays allocated while the runner holds it (until reallocated by
+            // `reserve`, which happens only between batches; the binding is renewed every layer).
+            unsafe { bind_raw(&mut lb.binding, "hidden", view.ptr(), Slot::Input)? };
+        }
+        let mut host = None;
+        if last {
+            let mut out = Array2::<f32>::zeros((out_tokens, hidden));
+            let view = TensorRefMut::from_array_view_mut(out.view_mut())?;
+            // SAFETY: `out`'s heap buffer does not move when `out` is moved below; it is returned
+            // after the run, and the next batch rebinds `y` before running.
+            unsafe { bind_raw(&mut lb.binding, "y", view.ptr(), Slot::Output)? };
+            drop(view);
+            host = Some(out);
+        } else {
+            let view = buffer_view(&memory, &mut buffers[layer % 2], out_tokens, capacity, hidden)?;
+            // SAFETY: as for `hidden` above.
+            unsafe { bind_raw(&mut lb.binding, "y", view.ptr(), Slot::Output)? };
+        }
+        let shrink = super::graph::take_shrink_request();
+        let shrink_options = if shrink && self.device == Device::Cpu {
+            let mut o = RunOptions::new()?;
+            o.set("memory.enable_memory_arena_shrinkage", "cpu:0")?;
+            Some(o)
+        } else {
+            None
+        };
+        let options = shrink_options.as_ref().unwrap_or(if last { &state.sync } else { &state.nosync });
+        let mut session = self.graphs[layer].lock_session();
+        super::count_run();
+        session.run_binding_with_options(&lb.binding, options)?;
+        drop(session);
+        drop(inputs);
+        self.previous = out_tokens;
+        if shrink && last {
+            // A batch over the memory budget gives its buffers back, as the arena does.
+            state.buffers = None;
+        }
+        Ok(host)
+    }
+}
+
+/// A `[tokens, H]` view at the start of a `[capacity, H]` buffer.
+fn buffer_view<'b>(
+    memory: &MemoryInfo<'static>,
+    buffer: &'b mut Tensor<f32>,
+    tokens: usize,
+    capacity: usize,
+    hidden: usize,
+) -> ort::Result<TensorRefMut<'b, f32>> {
+    if tokens == 0 || tokens > capacity {
+        return Err(ort::Error::new(format!("{tokens} tokens do not fit the layer buffers of {capacity}")));
+    }
+    // SAFETY: the view covers the first `tokens * hidden` of the buffer's `capacity * hidden`
+    // elements, on the device `memory` describes, and borrows the buffer.
+    unsafe { TensorRefMut::from_raw(memory.clone(), buffer.data_ptr_mut(), Shape::new([tokens as i64, hidden as i64])) }
+}
+
+enum Slot {
+    Input,
+    Output,
+}
+
+/// `BindInput` / `BindOutput` without ort's borrowed-tensor copy (see the module docs).
+///
+/// # Safety
+/// `value` must be a live `OrtValue` whose data stays valid for every run made while it is bound.
+unsafe fn bind_raw(binding: &mut IoBinding, name: &str, value: *const ort::sys::OrtValue, slot: Slot) -> ort::Result<()> {
+    let name = CString::new(name).map_err(|_| ort::Error::new("a graph input name with a NUL byte"))?;
+    let api = ort::api();
+    let f = match slot {
+        Slot::Input => api.BindInput,
+        Slot::Output => api.BindOutput,
+    };
+    // SAFETY: `binding` is a live IoBinding, `name` a C string for the call's duration, `value`
+    // live per this function's contract; ONNX Runtime copies the OrtValue handle it keeps.
+    let status = unsafe { f(binding.ptr_mut(), name.as_ptr(), value) };
+    // SAFETY: `status` was just returned by ONNX Runtime and is consumed once.
+    unsafe { ort::Error::result_from_status(status) }
+}
+
+/// Every bank tensor `layer.onnx` reads at `layer`, by input name; `true` for the LoRA / (IA)^3
+/// tensors, whose rows are the methods store's.
+fn bank_tensors(store: &BankStore, layer: usize) -> Vec<(&'static str, &Array3<f32>, bool)> {
+    let mut out = Vec::new();
+    let banks = [Location::Attention, Location::Ffn].map(|l| store.bank(layer, l));
+    let stacks = [Location::Attention, Location::Ffn].map(|l| store.stack_bank(layer, l));
+    for (names, bank) in BANK_INPUTS.iter().zip(banks.into_iter().chain(stacks)) {
+        for (name, t) in names.iter().zip([&bank.down_w, &bank.down_b, &bank.up_w, &bank.up_b, &bank.rule]) {
+            out.push((*name, t, false));
+        }
+    }
+    for (names, t) in METHOD_INPUTS.iter().zip(&store.methods(layer).targets) {
+        for (name, a) in names.iter().zip([&t.lora_a, &t.lora_b, &t.scale]) {
+            out.push((*name, a, true));
+        }
+    }
+    out
+}

@@ -1,0 +1,146 @@
+//! `runtime.io_binding = on` (`src/runtime/bound.rs`) against off, in process: the bank path run
+//! through IoBinding (banks bound from device mirrors, layer outputs in preallocated buffers, one
+//! synchronisation per batch) gives the same outputs as plain session runs within 1e-6, at every
+//! slot rule and drop depth, packed and padded, while banks grow, shrink and reuse rows between
+//! batches; a registration copies only its own rows into the mirrors. On the CPU provider the
+//! mirrors and buffers live in host memory, so CI runs every line of the runner the GPU runs.
+
+mod common;
+
+use std::sync::{Arc, OnceLock};
+
+use adapterdrop_serve::config::RuntimeSettings;
+use adapterdrop_serve::engine::banked::execute_banked_as;
+use adapterdrop_serve::engine::heads::to_matrix;
+use adapterdrop_serve::engine::{Lane, Sequence};
+use adapterdrop_serve::repository::adapterhub::AdapterWeights;
+use adapterdrop_serve::repository::{Backbone, Location, Registry, Task};
+use adapterdrop_serve::runtime::Runtime;
+use common::banks::{bank_task, lane, max_diff, rules, seqs, weights};
+use common::{ort_library, test_repo};
+
+/// On vs off: the same graphs on the same inputs, only the way values reach them differs.
+const TOL: f32 = 1e-6;
+
+fn runtime() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        Runtime::init(&RuntimeSettings { library_path: Some(ort_library()), intra_threads: 1, ..Default::default() }).unwrap()
+    })
+}
+
+/// One registry (own backbone, banks and runner) per setting.
+struct Side {
+    rt: Runtime,
+    reg: Registry,
+    bb: Arc<Backbone>,
+}
+
+fn side(io_binding: bool) -> Side {
+    let rt = runtime().with_io_binding(io_binding);
+    let reg = Registry::open(&rt, &test_repo()).unwrap();
+    let bb = reg.resolve("rand-houlsby", None).unwrap().backbone.clone();
+    assert_eq!(bb.banked.as_ref().unwrap().bound.is_some(), io_binding);
+    Side { rt, reg, bb }
+}
+
+impl Side {
+    fn task(&self, w: &AdapterWeights) -> Arc<Task> {
+        bank_task(&self.rt, &self.reg, w.clone())
+    }
+}
+
+/// The lanes of `tasks` (by index) at their depths, run on both sides; outputs compared.
+fn same(on: &Side, off: &Side, tasks: &[(Arc<Task>, Arc<Task>)], pick: &[(usize, u32, &[usize])], seqs: &[Sequence], packed: bool) {
+    let lanes = |which: usize| -> Vec<Lane> {
+        pick.iter().map(|&(t, n, rows)| lane(if which == 0 { &tasks[t].0 } else { &tasks[t].1 }, n, rows)).collect()
+    };
+    let (a, sa) = execute_banked_as(&on.bb, seqs, &lanes(0), packed).unwrap();
+    let (b, sb) = execute_banked_as(&off.bb, seqs, &lanes(1), packed).unwrap();
+    assert_eq!(sa.graph_runs, sb.graph_runs, "the runner makes the same session runs");
+    assert_eq!(sa.graph_runs, 1 + on.bb.num_layers(), "embeddings + one run per layer");
+    for (l, (x, y)) in a.iter().zip(&b).enumerate() {
+        let d = max_diff(x, &to_matrix(y));
+        assert!(d <= TOL, "lane {l} ({:?}): io_binding on vs off differ by {d:e}", pick[l]);
+    }
+}
+
+#[test]
+fn io_binding_equals_plain_runs_at_every_rule_and_drop_depth() {
+    let (on, off) = (side(true), side(false));
+    let tasks: Vec<(Arc<Task>, Arc<Task>)> = rules()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (r, width, locs))| {
+            let w = weights(&on.bb, i as u64, r, width, locs, 2 + i % 2);
+            (on.task(&w), off.task(&w))
+        })
+        .collect();
+    let plain = on.bb.num_layers() as u32;
+    let pick: Vec<(usize, u32, &[usize])> =
+        vec![(0, 0, &[0, 1, 2]), (1, 1, &[2, 0]), (2, 2, &[1]), (3, 3, &[0, 2]), (4, 0, &[1, 2]), (1, plain, &[0, 1, 2]), (4, 2, &[2])];
+    for packed in [true, false] {
+        same(&on, &off, &tasks, &pick, &seqs(), packed);
+    }
+    // Twice more: the bindings and buffers kept from the batch before are reused, not stale.
+    same(&on, &off, &tasks, &[(0, 0, &[0, 1]), (2, 2, &[1])], &seqs()[..2], true);
+    same(&on, &off, &tasks, &pick, &seqs(), true);
+}
+
+/// Bytes of one row of every bottleneck bank tensor of the backbone (what one registration or
+/// removal changes while the banks keep their shape).
+fn row_bytes(bb: &Backbone) -> usize {
+    let store = bb.banked.as_ref().unwrap().banks.store();
+    (0..bb.num_layers())
+        .flat_map(|l| [Location::Attention, Location::Ffn].into_iter().flat_map(move |loc| [(l, loc, false), (l, loc, true)]))
+        .map(|(l, loc, stack)| {
+            let b = if stack { store.stack_bank(l, loc) } else { store.bank(l, loc) };
+            b.bytes() / b.rows()
+        })
+        .sum()
+}
+
+#[test]
+fn banks_that_grow_shrink_and_reuse_rows_under_traffic_equal_plain_runs() {
+    let (on, off) = (side(true), side(false));
+    let seqs = seqs();
+    let bound = || on.bb.banked.as_ref().unwrap().bound.as_ref().unwrap();
+    let capacity = || on.bb.banked.as_ref().unwrap().banks.store().capacity();
+    let mut live: Vec<(Arc<Task>, Arc<Task>)> = Vec::new();
+    let all = |n: usize| -> Vec<(usize, u32, &'static [usize])> {
+        const ROWS: [&[usize]; 3] = [&[0], &[1, 2], &[2, 0]];
+        (0..n).map(|i| (i, (i % 3) as u32, ROWS[i % 3])).collect()
+    };
+    let start = capacity();
+    // One registration at a time, a batch after each: the banks grow under traffic.
+    for i in 0..20 {
+        let (r, width, locs) = rules()[i % 5];
+        let w = weights(&on.bb, 200 + i as u64, r, width, locs, 2);
+        live.push((on.task(&w), off.task(&w)));
+        same(&on, &off, &live, &all(live.len()), &seqs, true);
+    }
+    let grown = capacity();
+    assert!(grown > start, "capacity {start} -> {grown}");
+    // A registration that fits the banks' shape copies its own rows into the mirrors, nothing else.
+    let (r, width, locs) = rules()[1]; // the widest attention and FFN bottleneck is already there
+    let w = weights(&on.bb, 999, r, width, locs, 2);
+    assert!(capacity() > on.bb.banked.as_ref().unwrap().banks.store().used() + 1, "a free row is left");
+    live.push((on.task(&w), off.task(&w)));
+    same(&on, &off, &live, &all(live.len()), &seqs, true);
+    assert_eq!(capacity(), grown, "the free row was used");
+    assert_eq!(bound().last_upload_bytes(), row_bytes(&on.bb), "one row of every bottleneck bank tensor, not the banks");
+    // A batch without bank changes uploads nothing.
+    same(&on, &off, &live, &all(3), &seqs, true);
+    assert_eq!(bound().last_upload_bytes(), 0);
+    // Most tasks removed: the banks shrink (rows move); survivors answer the same.
+    live = live.into_iter().enumerate().filter(|(i, _)| i % 5 == 0).map(|(_, t)| t).collect();
+    same(&on, &off, &live, &all(live.len()), &seqs, true);
+    assert!(capacity() < grown, "capacity {grown} -> {} after removing most tasks", capacity());
+    // New tasks take the freed rows.
+    for i in 0..3 {
+        let (r, width, locs) = rules()[(i + 2) % 5];
+        let w = weights(&on.bb, 500 + i as u64, r, width, locs, 2);
+        live.push((on.task(&w), off.task(&w)));
+    }
+    same(&on, &off, &live, &all(live.len()), &seqs, true);
+}
