@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use adapterdrop_serve::config::RuntimeSettings;
 use adapterdrop_serve::engine::{ExecStats, Lane, Sequence, run_lanes};
-use adapterdrop_serve::repository::{Registry, Task, adapterhub};
+use adapterdrop_serve::repository::{Registry, Task};
 use adapterdrop_serve::runtime::Runtime;
 use support::{env, env_usize, median, sequences};
 
@@ -38,15 +38,7 @@ struct Bench {
 impl Bench {
     /// A fresh bank task: the MiniLM Pfeiffer adapter with its biases shifted by `i` * 1e-3.
     fn task(&self, i: usize) -> Res<Arc<Task>> {
-        let base = self.reg.resolve(TASK, None)?;
-        let mut t = Task::load(&self.rt, &self.repo.join("tasks").join(TASK).join("1"), base.backbone.clone())?;
-        let dir = self.repo.join("tasks").join(TASK).join("1").join("adapterhub");
-        let mut w = adapterhub::load(&dir, base.backbone.num_layers(), base.backbone.manifest.hidden_size)?;
-        for s in w.slots.values_mut() {
-            s.down_b.mapv_inplace(|v| v + i as f32 * 1e-3);
-        }
-        t.attach_bank(Arc::new(w));
-        Ok(Arc::new(t))
+        support::bank_copy(&self.rt, &self.reg, &self.repo, TASK, i)
     }
 }
 

@@ -282,8 +282,12 @@ fn mixed_lengths_in_one_batch_equal_each_input_served_alone() {
             Sequence { mask: vec![1; n], types: vec![0; n], ids }
         })
         .collect();
-    let tasks: Vec<Arc<Task>> =
-        rules().into_iter().take(3).enumerate().map(|(i, (r, w, l))| bank_task(f.rt, &f.reg, weights(&bb, 60 + i as u64, r, w, l, 2))).collect();
+    let tasks: Vec<Arc<Task>> = rules()
+        .into_iter()
+        .take(3)
+        .enumerate()
+        .map(|(i, (r, w, l))| bank_task(f.rt, &f.reg, weights(&bb, 60 + i as u64, r, w, l, 2)))
+        .collect();
     let plain_depth = bb.num_layers() as u32;
     let lanes = vec![
         lane(&tasks[0], 0, &[0, 2, 4]),

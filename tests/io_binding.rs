@@ -4,28 +4,36 @@
 //! slot rule and drop depth, packed and padded, while banks grow, shrink and reuse rows between
 //! batches; a registration copies only its own rows into the mirrors. On the CPU provider the
 //! mirrors and buffers live in host memory, so CI runs every line of the runner the GPU runs.
+//! Under `ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER=cuda` (`make gpu-check`) every test runs on the
+//! GPU, and the CUDA-graph test, skipped elsewhere with a message, captures and replays.
 
 mod common;
 
 use std::sync::{Arc, OnceLock};
 
-use adapterdrop_serve::config::RuntimeSettings;
+use adapterdrop_serve::config::{ExecutionProvider, RuntimeSettings};
 use adapterdrop_serve::engine::banked::execute_banked_as;
 use adapterdrop_serve::engine::heads::to_matrix;
 use adapterdrop_serve::engine::{Lane, Sequence};
 use adapterdrop_serve::repository::adapterhub::AdapterWeights;
 use adapterdrop_serve::repository::{Backbone, Location, Registry, Task};
-use adapterdrop_serve::runtime::Runtime;
+use adapterdrop_serve::runtime::{Device, Runtime};
 use common::banks::{bank_task, lane, max_diff, rules, seqs, weights};
 use common::{ort_library, test_repo};
 
-/// On vs off: the same graphs on the same inputs, only the way values reach them differs.
+/// On vs off: the same graphs on the same inputs, only the way values reach them differs (on a
+/// GPU, kernels may pick other algorithms between sessions' runs).
 const TOL: f32 = 1e-6;
+const TOL_GPU: f32 = 1e-5;
 
+/// The provider of `ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER` (CPU unless `make gpu-check` says cuda).
 fn runtime() -> &'static Runtime {
     static RT: OnceLock<Runtime> = OnceLock::new();
     RT.get_or_init(|| {
-        Runtime::init(&RuntimeSettings { library_path: Some(ort_library()), intra_threads: 1, ..Default::default() }).unwrap()
+        let execution_provider = std::env::var("ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER")
+            .map_or(ExecutionProvider::Cpu, |p| p.parse().expect("ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER"));
+        let settings = RuntimeSettings { library_path: Some(ort_library()), intra_threads: 1, execution_provider, ..Default::default() };
+        Runtime::init(&settings).unwrap()
     })
 }
 
@@ -37,10 +45,13 @@ struct Side {
 }
 
 fn side(io_binding: bool) -> Side {
-    let rt = runtime().with_io_binding(io_binding);
+    side_on(runtime().with_io_binding(io_binding))
+}
+
+fn side_on(rt: Runtime) -> Side {
     let reg = Registry::open(&rt, &test_repo()).unwrap();
     let bb = reg.resolve("rand-houlsby", None).unwrap().backbone.clone();
-    assert_eq!(bb.banked.as_ref().unwrap().bound.is_some(), io_binding);
+    assert_eq!(bb.banked.as_ref().unwrap().bound.is_some(), rt.io_binding());
     Side { rt, reg, bb }
 }
 
@@ -59,9 +70,10 @@ fn same(on: &Side, off: &Side, tasks: &[(Arc<Task>, Arc<Task>)], pick: &[(usize,
     let (b, sb) = execute_banked_as(&off.bb, seqs, &lanes(1), packed).unwrap();
     assert_eq!(sa.graph_runs, sb.graph_runs, "the runner makes the same session runs");
     assert_eq!(sa.graph_runs, 1 + on.bb.num_layers(), "embeddings + one run per layer");
+    let tol = if on.rt.device() == Device::Cpu { TOL } else { TOL_GPU };
     for (l, (x, y)) in a.iter().zip(&b).enumerate() {
         let d = max_diff(x, &to_matrix(y));
-        assert!(d <= TOL, "lane {l} ({:?}): io_binding on vs off differ by {d:e}", pick[l]);
+        assert!(d <= tol, "lane {l} ({:?}): io_binding on vs off differ by {d:e}", pick[l]);
     }
 }
 
@@ -143,4 +155,86 @@ fn banks_that_grow_shrink_and_reuse_rows_under_traffic_equal_plain_runs() {
         live.push((on.task(&w), off.task(&w)));
     }
     same(&on, &off, &live, &all(live.len()), &seqs, true);
+}
+
+/// `runtime.cuda_graphs`' fixed-address staging (`src/runtime/graph_capture.rs`: per-batch inputs
+/// copied into buffers kept per layer and shape signature), run on the CPU provider without the
+/// capture itself: batches of a signature seen before reuse its buffers, new signatures get their
+/// own, and bank changes (rows, then a reallocation) reach the runs; all equal plain runs.
+#[test]
+fn inputs_staged_at_fixed_addresses_for_cuda_graphs_equal_plain_runs() {
+    let (on, off) = (side_on(runtime().with_cuda_graphs(true)), side(false));
+    let seqs = seqs();
+    let mk = |seed: u64, k: usize| {
+        let (r, width, locs) = rules()[k];
+        let w = weights(&on.bb, seed, r, width, locs, 2);
+        (on.task(&w), off.task(&w))
+    };
+    let mut tasks: Vec<(Arc<Task>, Arc<Task>)> = (0..3).map(|i| mk(300 + i as u64, i)).collect();
+    let pick: Vec<(usize, u32, &[usize])> = vec![(0, 0, &[0, 1, 2]), (1, 2, &[2, 0]), (2, 1, &[1])];
+    let other: Vec<(usize, u32, &[usize])> = vec![(2, 0, &[0, 2]), (0, 3, &[1])];
+    for _ in 0..3 {
+        same(&on, &off, &tasks, &pick, &seqs, true); // one signature, replayed
+        same(&on, &off, &tasks, &other, &seqs, true); // another
+    }
+    same(&on, &off, &tasks, &pick, &seqs[..2].iter().chain(&seqs[..1]).cloned().collect::<Vec<_>>(), true);
+    // A new task in a free row (mirrors keep their addresses), then enough to reallocate them.
+    tasks.push(mk(400, 3));
+    let pick4: Vec<(usize, u32, &[usize])> = vec![(3, 0, &[0, 1]), (1, 2, &[2])];
+    same(&on, &off, &tasks, &pick4, &seqs, true);
+    // The same shapes with other bank rows: the signature's buffers are refilled, not reused stale.
+    let swapped: Vec<(usize, u32, &[usize])> = vec![(1, 0, &[0, 1]), (3, 2, &[2])];
+    same(&on, &off, &tasks, &swapped, &seqs, true);
+    same(&on, &off, &tasks, &pick, &seqs, true);
+    for i in 0..12 {
+        tasks.push(mk(500 + i, (i % 5) as usize));
+    }
+    same(&on, &off, &tasks, &pick4, &seqs, true);
+    same(&on, &off, &tasks, &pick, &seqs, true);
+}
+
+/// GPU only: `runtime.cuda_graphs` on CUDA, layer sessions built for capture and every batch's
+/// inputs at fixed addresses: repeated batches of one signature replay a captured graph (ONNX
+/// Runtime captures after its warm-up runs), and every batch equals plain runs. Skipped, saying
+/// so, on any other provider. If ONNX Runtime refuses capture for the layer graph (a node outside
+/// the CUDA provider), the backbone fails to load and this test fails with its message.
+#[test]
+fn cuda_graphs_replay_the_same_numbers_as_plain_runs_on_the_gpu() {
+    if runtime().device() == Device::Cpu {
+        eprintln!(
+            "SKIPPED cuda_graphs_replay_the_same_numbers_as_plain_runs_on_the_gpu: no CUDA execution provider \
+             (set ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER=cuda with the onnxruntime-gpu library; `make gpu-check` does)"
+        );
+        return;
+    }
+    let (on, off) = (side_on(runtime().with_cuda_graphs(true)), side(false));
+    let seqs = seqs();
+    let tasks: Vec<(Arc<Task>, Arc<Task>)> = rules()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (r, width, locs))| {
+            let w = weights(&on.bb, 700 + i as u64, r, width, locs, 2);
+            (on.task(&w), off.task(&w))
+        })
+        .collect();
+    let pick: Vec<(usize, u32, &[usize])> = vec![(0, 0, &[0, 1, 2]), (1, 2, &[2, 0]), (4, 1, &[1])];
+    let swapped: Vec<(usize, u32, &[usize])> = vec![(1, 0, &[0, 1, 2]), (0, 2, &[2, 0]), (4, 1, &[1])];
+    for _ in 0..5 {
+        same(&on, &off, &tasks, &pick, &seqs, true);
+        same(&on, &off, &tasks, &swapped, &seqs, true);
+    }
+}
+
+/// `runtime.cuda_graphs = true` on the CPU provider stops start-up, naming the keys to change.
+#[test]
+fn cuda_graphs_on_the_cpu_provider_is_refused_at_start_up() {
+    let lib = ort_library();
+    let repo = test_repo();
+    let (ok, out) = common::run_to_exit(&[
+        ("ORT_DYLIB_PATH", lib.to_str().unwrap()),
+        ("ADAPTERDROP__REPOSITORY__PATH", repo.to_str().unwrap()),
+        ("ADAPTERDROP__RUNTIME__CUDA_GRAPHS", "true"),
+    ]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("runtime.cuda_graphs") && out.contains("runtime.execution_provider = \"cuda\""), "{out}");
 }

@@ -6,12 +6,14 @@
 #   2. table2 quick on BERT-base (fan-out k = 1, 8; n = 0, 5, 11, 12; fused floor);
 #   3. banks bench on BERT-base: one task vs fused at B = 8 and 64; k = 8, n = 5 vs n = 0 and vs 8
 #      separate fused graphs; 256 distinct tasks vs one task and vs fused on the same 256 rows;
-#   4. the real-text replay of issue 15 (tools/bench_replay.py) once it exists.
+#   4. runtime.io_binding on vs off and runtime.cuda_graphs on vs off, side by side (benches/io_binding.rs),
+#      after tests/io_binding.rs (on vs off within 1e-5, CUDA-graph replays vs plain runs);
+#   5. the real-text replay of issue 15 (tools/bench_replay.py) once it exists.
 # With an NVIDIA GPU it installs onnxruntime-gpu[cuda,cudnn]==1.31.1 into .venv-gpu (its own venv:
 # both ORT wheels install the same `onnxruntime` package) and runs everything on CUDA, full sizes.
 # Without one it says so, and runs every step on the CPU provider at small sizes, so the script
 # itself is proven end to end on any machine (those figures are not GPU figures).
-# Outputs: build/gpu-check/{table2,banks}.md and the log on stdout. Environment: PYTHON (for the
+# Outputs: build/gpu-check/{table2,banks,io_binding}.md and the log on stdout. Environment: PYTHON (for the
 # venv), GPU_VENV (.venv-gpu), GPU_CHECK_OUT (build/gpu-check), CARGO_FLAGS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +38,7 @@ if nvidia-smi -L >/dev/null 2>&1; then
     case "$providers" in *CUDAExecutionProvider*) ;; *) echo "gpu-check: the onnxruntime-gpu wheel offers no CUDAExecutionProvider" >&2; exit 1 ;; esac
     TEST_PROFILE=--release
     SIZES=(BENCH_B=8,64 BENCH_T=128 BENCH_ROWS=256 BENCH_ROWS_T=128 BENCH_RUNS=5)
+    IO_SIZES=(BENCH_B=8 BENCH_T=128 BENCH_ROWS=256 BENCH_ROWS_T=128 BENCH_RUNS=5)
     TABLE2=(BENCH_QUICK=1 BENCH_K=1,8)
 else
     MODE=cpu
@@ -52,6 +55,7 @@ EOF
     # Debug test binaries: the ones `make test` builds anyway (no second release build of the tests).
     TEST_PROFILE=
     SIZES=(BENCH_B=2,4 BENCH_T=16 BENCH_ROWS=16 BENCH_ROWS_T=8 BENCH_RUNS=1)
+    IO_SIZES=(BENCH_B=2 BENCH_T=16 BENCH_ROWS=8 BENCH_ROWS_T=8 BENCH_RUNS=1)
     TABLE2=(BENCH_QUICK=1 BENCH_K=1,8 BENCH_B=2 BENCH_T=16 BENCH_RUNS=1)
 fi
 
@@ -62,7 +66,8 @@ step "bench repository (BERT-base, 8 tasks; built once)"
 
 step "equality tests on the $MODE provider"
 # shellcheck disable=SC2086
-cargo test $TEST_PROFILE $CARGO_FLAGS --test reference_exactness --test banks_server --test execution_provider -- --test-threads=1
+cargo test $TEST_PROFILE $CARGO_FLAGS --test reference_exactness --test banks_server --test execution_provider --test io_binding \
+    -- --test-threads=1 --nocapture
 
 step "table2 (fan-out, fused floor)"
 # shellcheck disable=SC2086
@@ -72,6 +77,10 @@ env "${TABLE2[@]}" BENCH_BACKBONES=bert-base-random BENCH_SEPARATE=0 BENCH_OUT="
 step "banks (one task vs fused, k = 8, distinct tasks per row, session runs)"
 # shellcheck disable=SC2086
 env "${SIZES[@]}" BENCH_BACKBONE=bert-base-random BENCH_OUT="$OUT/banks.md" cargo bench $CARGO_FLAGS --bench banks_scale
+
+step "io_binding on vs off, cuda_graphs on vs off (bank path, MiniLM test repository)"
+# shellcheck disable=SC2086
+env "${IO_SIZES[@]}" BENCH_OUT="$OUT/io_binding.md" cargo bench $CARGO_FLAGS --bench io_binding
 
 step "real-text replay (issue 15)"
 if [ -f tools/bench_replay.py ]; then

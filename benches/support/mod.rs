@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use adapterdrop_serve::config::RuntimeSettings;
 use adapterdrop_serve::engine::heads::to_matrix;
 use adapterdrop_serve::engine::{ExecStats, Sequence};
+use adapterdrop_serve::repository::{Registry, Task, adapterhub};
 use adapterdrop_serve::runtime::{Dim, Graph, IoSpec, Runtime};
 use ndarray::{Array2, Ix2};
 use ort::value::{TensorElementType as T, TensorRef};
@@ -86,4 +87,24 @@ pub fn runtime_settings() -> Result<RuntimeSettings, Box<dyn std::error::Error +
 /// Lane outputs as `[rows, labels]` matrices (every task here has a sequence head).
 pub fn matrices((out, stats): (Vec<Vec<Vec<f32>>>, ExecStats)) -> (Vec<Array2<f32>>, ExecStats) {
     (out.iter().map(|o| to_matrix(o)).collect(), stats)
+}
+
+/// A fresh bank task: `task`'s AdapterHub weights (version 1 of `repo`) with their down-projection
+/// biases shifted by `i` * 1e-3, on `reg`'s backbone (distinct tasks without generating any files).
+pub fn bank_copy(
+    rt: &Runtime,
+    reg: &Registry,
+    repo: &Path,
+    task: &str,
+    i: usize,
+) -> Result<std::sync::Arc<Task>, Box<dyn std::error::Error + Send + Sync>> {
+    let base = reg.resolve(task, None)?;
+    let version = repo.join("tasks").join(task).join("1");
+    let mut t = Task::load(rt, &version, base.backbone.clone())?;
+    let mut w = adapterhub::load(&version.join("adapterhub"), base.backbone.num_layers(), base.backbone.manifest.hidden_size)?;
+    for s in w.slots.values_mut() {
+        s.down_b.mapv_inplace(|v| v + i as f32 * 1e-3);
+    }
+    t.attach_bank(std::sync::Arc::new(w));
+    Ok(std::sync::Arc::new(t))
 }

@@ -272,7 +272,16 @@ impl BankStore {
     fn new(rx: Receiver<BankOp>, layers: usize, hidden: usize, ffn: usize) -> Self {
         let banks = (0..layers).map(|_| layer_banks(hidden)).collect();
         let methods = MethodStore::new(layers, hidden, ffn);
-        Self { rx, hidden, banks, methods, rows: HashMap::new(), free: (1..MIN_ROWS).rev().collect(), freed_early: Vec::new(), touched: Default::default() }
+        Self {
+            rx,
+            hidden,
+            banks,
+            methods,
+            rows: HashMap::new(),
+            free: (1..MIN_ROWS).rev().collect(),
+            freed_early: Vec::new(),
+            touched: Default::default(),
+        }
     }
 
     pub fn bank(&self, layer: usize, location: Location) -> &Bank {

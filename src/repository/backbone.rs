@@ -217,10 +217,12 @@ fn load_banked(runtime: &Runtime, dir: &Path, manifest: &BackboneManifest) -> Re
         ),
     };
     let layers = (0..manifest.num_layers)
-        .map(|i| Graph::load(runtime, &path(i), &inputs, &outputs).map_err(regenerate))
+        .map(|i| Graph::load_layer(runtime, &path(i), &inputs, &outputs).map_err(regenerate))
         .collect::<Result<Vec<_>, _>>()?;
     let banks = BackboneBanks::new(manifest.num_layers, manifest.hidden_size, manifest.intermediate_size);
-    let bound = runtime.io_binding().then(|| crate::runtime::bound::BoundLayers::new(runtime.device(), manifest.hidden_size));
+    let bound = runtime
+        .io_binding()
+        .then(|| crate::runtime::bound::BoundLayers::new(runtime.device(), manifest.hidden_size, runtime.cuda_graphs()));
     Ok(Some(Banked { layers, banks, bound }))
 }
 

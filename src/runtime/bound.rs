@@ -29,6 +29,7 @@ use ort::session::{IoBinding, RunOptions, SessionInputValue};
 use ort::value::{Shape, Tensor, TensorRefMut};
 
 use super::device_banks::BankMirror;
+use super::graph_capture::Captures;
 use super::{Device, Graph};
 use crate::engine::banks::BankStore;
 use crate::repository::Location;
@@ -41,6 +42,8 @@ const MIN_BUCKET_TOKENS: usize = 256;
 pub struct BoundLayers {
     device: Device,
     hidden: usize,
+    /// `runtime.cuda_graphs`: per-batch inputs staged at fixed addresses (`graph_capture.rs`).
+    capture: bool,
     state: Mutex<Option<State>>,
 }
 
@@ -58,6 +61,7 @@ struct State {
     capacity: usize,
     sync: RunOptions,
     nosync: RunOptions,
+    captures: Option<Captures>,
 }
 
 struct LayerBinding {
@@ -67,8 +71,10 @@ struct LayerBinding {
 }
 
 impl BoundLayers {
-    pub fn new(device: Device, hidden: usize) -> Self {
-        Self { device, hidden, state: Mutex::new(None) }
+    /// `capture`: stage per-batch inputs at fixed addresses and, under CUDA, replay captured
+    /// graphs (`runtime.cuda_graphs`).
+    pub fn new(device: Device, hidden: usize, capture: bool) -> Self {
+        Self { device, hidden, capture, state: Mutex::new(None) }
     }
 
     /// Starts a batch: brings the bank mirrors up to date (the rows touched since the last batch),
@@ -79,10 +85,11 @@ impl BoundLayers {
         let (banks, methods) = store.take_touched();
         let prepared = (|| {
             if guard.is_none() {
-                *guard = Some(State::new(self.device, graphs)?);
+                *guard = Some(State::new(self.device, graphs, self.capture)?);
             }
             let state = guard.as_mut().expect("created above");
             state.mirror.last_upload_bytes = 0;
+            let mut moved = false;
             for (layer, lb) in state.layers.iter_mut().enumerate() {
                 for (name, host, is_method) in bank_tensors(store, layer) {
                     state.mirror.sync((layer, name), host, if is_method { &methods } else { &banks })?;
@@ -92,10 +99,15 @@ impl BoundLayers {
                         // keeps its own reference to the value, so the memory lives while bound.
                         unsafe { bind_raw(&mut lb.binding, name, tensor.ptr(), Slot::Input)? };
                         lb.banks.insert(name, generation);
+                        moved = true;
                     }
                 }
             }
-            state.reserve(most_tokens, self.hidden)
+            moved |= state.reserve(most_tokens, self.hidden)?;
+            if let (true, Some(c)) = (moved, state.captures.as_mut()) {
+                c.invalidate();
+            }
+            Ok(())
         })();
         if let Err(e) = prepared {
             *guard = None;
@@ -111,7 +123,7 @@ impl BoundLayers {
 }
 
 impl State {
-    fn new(device: Device, graphs: &[Graph]) -> ort::Result<Self> {
+    fn new(device: Device, graphs: &[Graph], capture: bool) -> ort::Result<Self> {
         let (allocator, memory) = match device {
             Device::Cpu => (Allocator::default(), MemoryInfo::default()),
             Device::Cuda { device_id, .. } => {
@@ -130,20 +142,22 @@ impl State {
         if device != Device::Cpu {
             nosync.disable_device_sync()?;
         }
-        Ok(Self { mirror, layers, buffers: None, capacity: 0, sync: RunOptions::new()?, nosync })
+        let captures = capture.then(|| Captures::new(graphs.len(), device != Device::Cpu));
+        Ok(Self { mirror, layers, buffers: None, capacity: 0, sync: RunOptions::new()?, nosync, captures })
     }
 
-    /// Ping-pong buffers for at least `tokens` tokens (the next power of two, reallocated only to grow).
-    fn reserve(&mut self, tokens: usize, hidden: usize) -> ort::Result<()> {
+    /// Ping-pong buffers for at least `tokens` tokens (the next power of two, reallocated only to
+    /// grow); true when they were (re)allocated.
+    fn reserve(&mut self, tokens: usize, hidden: usize) -> ort::Result<bool> {
         if self.buffers.is_some() && self.capacity >= tokens {
-            return Ok(());
+            return Ok(false);
         }
         let capacity = tokens.next_power_of_two().max(MIN_BUCKET_TOKENS);
         let shape = [capacity as i64, hidden as i64];
         let allocator = self.mirror.allocator();
         self.buffers = Some([Tensor::new(allocator, shape)?, Tensor::new(allocator, shape)?]);
         self.capacity = capacity;
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -168,24 +182,37 @@ impl BoundBatch<'_> {
         out_tokens: usize,
         last: bool,
     ) -> ort::Result<Option<Array2<f32>>> {
-        let state = self.state.as_mut().expect("a batch holds a prepared runner");
-        let memory = state.mirror.memory().clone();
-        let (capacity, hidden) = (state.capacity, self.hidden);
-        let buffers = state.buffers.as_mut().expect("reserved by begin");
-        let lb = &mut state.layers[layer];
-        for (name, value) in &inputs {
-            // SAFETY: `inputs` outlives the run below, and the next batch rebinds every
-            // per-batch name before it runs, so no stale pointer is ever read.
-            unsafe { bind_raw(&mut lb.binding, name, value.ptr(), Slot::Input)? };
+        let State { mirror, layers, buffers, capacity, sync, nosync, captures } =
+            self.state.as_mut().expect("a batch holds a prepared runner");
+        let memory = mirror.memory().clone();
+        let (capacity, hidden) = (*capacity, self.hidden);
+        let bufs = buffers.as_mut().expect("reserved by begin");
+        let lb = &mut layers[layer];
+        let mut options = if last { &*sync } else { &*nosync };
+        let capturing = captures.is_some();
+        match captures.as_mut() {
+            Some(c) => {
+                let extra = [layer as i64, out_tokens as i64, self.previous as i64, i64::from(last)];
+                options = c.stage(mirror, &mut lb.binding, layer, &inputs, &extra, last)?;
+            }
+            None => {
+                for (name, value) in &inputs {
+                    // SAFETY: `inputs` outlives the run below, and the next batch rebinds every
+                    // per-batch name before it runs, so no stale pointer is ever read.
+                    unsafe { bind_raw(&mut lb.binding, name, value.ptr(), Slot::Input)? };
+                }
+            }
         }
         if layer > 0 {
-            let view = buffer_view(&memory, &mut buffers[(layer - 1) % 2], self.previous, capacity, hidden)?;
+            let view = buffer_view(&memory, &mut bufs[(layer - 1) % 2], self.previous, capacity, hidden)?;
             // SAFETY: the buffer stays allocated while the runner holds it (until reallocated by
             // `reserve`, which happens only between batches; the binding is renewed every layer).
             unsafe { bind_raw(&mut lb.binding, "hidden", view.ptr(), Slot::Input)? };
         }
+        // The last layer writes the host array directly (the batch's one synchronisation), except
+        // under capture, where every output must be device memory at a fixed address.
         let mut host = None;
-        if last {
+        if last && !capturing {
             let mut out = Array2::<f32>::zeros((out_tokens, hidden));
             let view = TensorRefMut::from_array_view_mut(out.view_mut())?;
             // SAFETY: `out`'s heap buffer does not move when `out` is moved below; it is returned
@@ -194,7 +221,7 @@ impl BoundBatch<'_> {
             drop(view);
             host = Some(out);
         } else {
-            let view = buffer_view(&memory, &mut buffers[layer % 2], out_tokens, capacity, hidden)?;
+            let view = buffer_view(&memory, &mut bufs[layer % 2], out_tokens, capacity, hidden)?;
             // SAFETY: as for `hidden` above.
             unsafe { bind_raw(&mut lb.binding, "y", view.ptr(), Slot::Output)? };
         }
@@ -206,19 +233,39 @@ impl BoundBatch<'_> {
         } else {
             None
         };
-        let options = shrink_options.as_ref().unwrap_or(if last { &state.sync } else { &state.nosync });
+        let options = shrink_options.as_ref().unwrap_or(options);
         let mut session = self.graphs[layer].lock_session();
         super::count_run();
         session.run_binding_with_options(&lb.binding, options)?;
         drop(session);
         drop(inputs);
         self.previous = out_tokens;
+        if last && host.is_none() {
+            host = Some(download(&mut bufs[layer % 2], out_tokens, hidden)?);
+        }
         if shrink && last {
             // A batch over the memory budget gives its buffers back, as the arena does.
-            state.buffers = None;
+            *buffers = None;
+            if let Some(c) = captures.as_mut() {
+                c.invalidate();
+            }
         }
         Ok(host)
     }
+}
+
+/// The first `tokens` rows of a `[capacity, H]` buffer on the host (read in place in host memory,
+/// else one device-to-host copy of the buffer, an owned tensor, so ort's copy takes no detour).
+fn download(buffer: &mut Tensor<f32>, tokens: usize, hidden: usize) -> ort::Result<Array2<f32>> {
+    let rows = |a: ndarray::ArrayViewD<'_, f32>| -> ort::Result<Array2<f32>> {
+        let a = a.into_dimensionality::<ndarray::Ix2>().map_err(|e| ort::Error::new(format!("layer buffer: {e}")))?;
+        Ok(a.slice(ndarray::s![..tokens, ..hidden]).to_owned())
+    };
+    if buffer.memory_info().allocation_device() == AllocationDevice::CPU {
+        return rows(buffer.extract_array());
+    }
+    let host = buffer.to(AllocationDevice::CPU, 0)?;
+    rows(host.extract_array())
 }
 
 /// A `[tokens, H]` view at the start of a `[capacity, H]` buffer.
@@ -237,7 +284,7 @@ fn buffer_view<'b>(
     unsafe { TensorRefMut::from_raw(memory.clone(), buffer.data_ptr_mut(), Shape::new([tokens as i64, hidden as i64])) }
 }
 
-enum Slot {
+pub(super) enum Slot {
     Input,
     Output,
 }
@@ -246,7 +293,7 @@ enum Slot {
 ///
 /// # Safety
 /// `value` must be a live `OrtValue` whose data stays valid for every run made while it is bound.
-unsafe fn bind_raw(binding: &mut IoBinding, name: &str, value: *const ort::sys::OrtValue, slot: Slot) -> ort::Result<()> {
+pub(super) unsafe fn bind_raw(binding: &mut IoBinding, name: &str, value: *const ort::sys::OrtValue, slot: Slot) -> ort::Result<()> {
     let name = CString::new(name).map_err(|_| ort::Error::new("a graph input name with a NUL byte"))?;
     let api = ort::api();
     let f = match slot {

@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use ndarray::Array3;
 use ort::memory::{AllocationDevice, Allocator, MemoryInfo};
-use ort::value::{Shape, Tensor, TensorRefMut};
+use ort::value::{PrimitiveTensorElementType, Shape, Tensor, TensorRefMut};
 
 /// Rows of a store written or cleared since the mirrors last read them; `all` after a resize,
 /// a shrink (rows moved) or when too many rows changed to be worth tracking one by one.
@@ -131,12 +131,18 @@ impl BankMirror {
 
 /// Copies `src` into `dst` (`len` elements) starting at element `offset`: a plain copy in host
 /// memory, else one ONNX Runtime host-to-device copy into a view of the device tensor.
-fn upload(memory: &MemoryInfo<'static>, dst: &mut Tensor<f32>, len: usize, offset: usize, src: &[f32]) -> ort::Result<()> {
+pub(super) fn upload<T: PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+    memory: &MemoryInfo<'static>,
+    dst: &mut Tensor<T>,
+    len: usize,
+    offset: usize,
+    src: &[T],
+) -> ort::Result<()> {
     if src.is_empty() {
         return Ok(());
     }
     assert!(offset + src.len() <= len, "bank row copy within the mirror");
-    let base = dst.data_ptr_mut().cast::<f32>();
+    let base = dst.data_ptr_mut().cast::<T>();
     if memory.allocation_device() == AllocationDevice::CPU {
         // SAFETY: `base` points to `len` f32 of host memory owned by `dst` (checked bounds above);
         // `src` is a different allocation (the host bank), so the ranges do not overlap.
@@ -150,6 +156,6 @@ fn upload(memory: &MemoryInfo<'static>, dst: &mut Tensor<f32>, len: usize, offse
     let src = Tensor::from_array(([src.len()], src.to_vec()))?;
     // SAFETY: the view lies inside `dst`'s allocation (offset + len within its shape, as the host
     // tensor has the same shape) and is dropped before this function returns.
-    let view = unsafe { TensorRefMut::<f32>::from_raw(memory.clone(), base.add(offset).cast(), Shape::new([src.shape()[0]]))? };
+    let view = unsafe { TensorRefMut::<T>::from_raw(memory.clone(), base.add(offset).cast(), Shape::new([src.shape()[0]]))? };
     src.copy_into(view)
 }

@@ -68,10 +68,21 @@ impl std::fmt::Debug for Graph {
 impl Graph {
     /// Loads `path` and checks it has exactly `inputs` and `outputs`.
     pub fn load(runtime: &Runtime, path: &Path, inputs: &[IoSpec], outputs: &[IoSpec]) -> Result<Self, LoadError> {
+        Self::load_as(runtime, path, inputs, outputs, false)
+    }
+
+    /// [`Graph::load`] for a backbone's `layer.onnx`: under `runtime.cuda_graphs` its CUDA session
+    /// is built for graph capture (ONNX Runtime refuses, and the load fails naming why, when any
+    /// node would run outside the CUDA provider).
+    pub fn load_layer(runtime: &Runtime, path: &Path, inputs: &[IoSpec], outputs: &[IoSpec]) -> Result<Self, LoadError> {
+        Self::load_as(runtime, path, inputs, outputs, runtime.cuda_graphs())
+    }
+
+    fn load_as(runtime: &Runtime, path: &Path, inputs: &[IoSpec], outputs: &[IoSpec], capture: bool) -> Result<Self, LoadError> {
         if !path.is_file() {
             return Err(LoadError::new(path, "file is missing"));
         }
-        let session = build_session(runtime, path).map_err(|e| LoadError::new(path, format!("not a loadable ONNX graph: {e}")))?;
+        let session = build_session(runtime, path, capture).map_err(|e| LoadError::new(path, format!("not a loadable ONNX graph: {e}")))?;
         check_io(path, "input", session.inputs().iter().map(|o| (o.name(), o.dtype())), inputs)?;
         check_io(path, "output", session.outputs().iter().map(|o| (o.name(), o.dtype())), outputs)?;
         Ok(Self {
@@ -161,7 +172,7 @@ impl Graph {
     }
 }
 
-fn build_session(runtime: &Runtime, path: &Path) -> ort::Result<Session> {
+fn build_session(runtime: &Runtime, path: &Path, capture: bool) -> ort::Result<Session> {
     let mut builder =
         Session::builder(runtime.environment())?.with_optimization_level(runtime.optimization()).map_err(|e| -> ort::Error { e.into() })?;
     if runtime.device() == super::Device::Cpu {
@@ -177,6 +188,9 @@ fn build_session(runtime: &Runtime, path: &Path) -> ort::Result<Session> {
         let mut cuda = ort::ep::CUDA::default().with_device_id(device_id).with_tf32(false);
         if memory_limit > 0 {
             cuda = cuda.with_memory_limit(memory_limit);
+        }
+        if capture {
+            cuda = cuda.with_cuda_graph(true);
         }
         // error_on_failure: a CUDA session that cannot register must not quietly run on the CPU.
         builder = builder.with_execution_providers([cuda.build().error_on_failure()]).map_err(|e| -> ort::Error { e.into() })?;

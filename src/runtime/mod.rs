@@ -4,6 +4,7 @@ mod allocator;
 pub mod bound;
 pub mod device_banks;
 mod graph;
+mod graph_capture;
 mod row_ops;
 
 use std::path::{Path, PathBuf};
@@ -83,6 +84,8 @@ pub struct Runtime {
     graphs: std::sync::Arc<GraphCache>,
     /// `runtime.io_binding` resolved: the bank path runs its layers through [`bound::BoundLayers`].
     io_binding: bool,
+    /// `runtime.cuda_graphs`: layer sessions built for CUDA graph capture, inputs at fixed addresses.
+    cuda_graphs: bool,
 }
 
 impl Runtime {
@@ -147,7 +150,7 @@ impl Runtime {
         tracing::info!(library = %path.display(), %version, intra_threads = threads, allow_spinning = settings.allow_spinning, ?device, "ONNX Runtime loaded");
         let io_binding = settings.io_binding_on();
         tracing::info!(io_binding, cuda_graphs = settings.cuda_graphs, "bank path runner");
-        Ok(Self { env, version, optimization, device, row_ops, graphs: Default::default(), io_binding })
+        Ok(Self { env, version, optimization, device, row_ops, graphs: Default::default(), io_binding, cuda_graphs: settings.cuda_graphs })
     }
 
     pub fn version(&self) -> &str {
@@ -171,6 +174,17 @@ impl Runtime {
     /// backbones loaded through it get the runner chosen here).
     pub fn with_io_binding(&self, on: bool) -> Self {
         Self { io_binding: on, ..self.clone() }
+    }
+
+    /// Whether layer graphs run as captured CUDA graphs (`runtime.cuda_graphs`).
+    pub fn cuda_graphs(&self) -> bool {
+        self.cuda_graphs
+    }
+
+    /// The same runtime with `runtime.cuda_graphs` forced: on the CPU provider only the
+    /// fixed-address staging runs (in-process tests; the setting is refused there).
+    pub fn with_cuda_graphs(&self, on: bool) -> Self {
+        Self { cuda_graphs: on, io_binding: self.io_binding || on, ..self.clone() }
     }
 
     pub fn row_ops(&self) -> Option<&std::sync::Arc<RowOps>> {
