@@ -450,6 +450,23 @@ mod tests {
     }
 
     #[test]
+    fn io_binding_follows_the_provider_unless_set_and_cuda_graphs_need_cuda() {
+        let mut r = RuntimeSettings::default();
+        assert!(!r.io_binding_on(), "auto is off on the CPU");
+        r.execution_provider = ExecutionProvider::Cuda;
+        assert!(r.io_binding_on(), "auto is on under CUDA");
+        r.cuda_graphs = true;
+        assert!(crate::runtime::check_cuda_graphs(&r).is_ok());
+        r.io_binding = IoBinding::Off;
+        assert!(!r.io_binding_on());
+        assert!(crate::runtime::check_cuda_graphs(&r).unwrap_err().contains("runtime.io_binding"));
+        r.execution_provider = ExecutionProvider::Cpu;
+        r.io_binding = IoBinding::On;
+        assert!(r.io_binding_on());
+        assert!(crate::runtime::check_cuda_graphs(&r).unwrap_err().contains("runtime.execution_provider = \"cuda\""));
+    }
+
+    #[test]
     fn enum_settings_parse_and_unknown_values_name_key_and_choices() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");

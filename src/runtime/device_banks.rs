@@ -159,3 +159,25 @@ pub(super) fn upload<T: PrimitiveTensorElementType + Copy + std::fmt::Debug + 's
     let view = unsafe { TensorRefMut::<T>::from_raw(memory.clone(), base.add(offset).cast(), Shape::new([src.shape()[0]]))? };
     src.copy_into(view)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn touched_rows_merge_into_runs_and_give_way_to_a_whole_upload() {
+        let mut t = TouchedRows::default();
+        for r in [7, 3, 4, 5, 9, 12] {
+            t.mark(r);
+        }
+        assert_eq!(t.ranges(10), vec![(3, 6), (7, 8), (9, 10)], "runs below the bank's rows only");
+        let taken = t.take();
+        assert!(!taken.all && t.rows.is_empty(), "taking leaves nothing behind");
+        t.everything();
+        t.mark(1);
+        assert!(t.all && t.rows.is_empty());
+        let mut many = TouchedRows::default();
+        (0..=MAX_TRACKED_ROWS).for_each(|r| many.mark(r));
+        assert!(many.all, "beyond {MAX_TRACKED_ROWS} rows one whole upload is tracked instead");
+    }
+}
