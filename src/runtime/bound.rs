@@ -81,7 +81,13 @@ impl BoundLayers {
     /// renews the bindings of reallocated mirrors and makes room for `most_tokens` tokens. On any
     /// error the runner starts afresh on the next batch (every mirror uploaded whole).
     pub fn begin<'a>(&'a self, graphs: &'a [Graph], store: &mut BankStore, most_tokens: usize) -> ort::Result<BoundBatch<'a>> {
-        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // A batch that panicked may have left the mirrors half written: start afresh then.
+        let mut guard = self.state.lock().unwrap_or_else(|p| {
+            let mut g = p.into_inner();
+            *g = None;
+            self.state.clear_poison();
+            g
+        });
         let (banks, methods) = store.take_touched();
         let prepared = (|| {
             if guard.is_none() {
