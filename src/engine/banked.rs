@@ -125,6 +125,8 @@ pub fn execute_banked_as(
             inputs.push((names[1], TensorRef::from_array_view(g.1.view())?.into()));
             inputs.push((names[2], TensorRef::from_array_view(g.2.view())?.into()));
         }
+        // Bank tensors reach the runner through `runtime::bound::bank_tensors` (a new bank input
+        // belongs there too); everything pushed above is per batch.
         if let Some(bound) = bound.as_mut() {
             if let Some(out) = bound.run(layer, inputs, tl.ffn.ungroup.len(), layer + 1 == layers)? {
                 hidden = Packed::Host(out);
