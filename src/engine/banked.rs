@@ -79,6 +79,13 @@ pub fn execute_banked_as(
         .collect();
     let plan = plan(&paths, seqs.len(), layers);
     let (ids, types, mask) = pad(seqs, backbone.manifest.pad_token_id);
+    // `runtime.cuda_graphs`: every row at a bucketed length (the padded layout), so that batches of
+    // one task mix and row count share a captured graph whatever their lengths.
+    let capture = banked.bound.as_ref().is_some_and(|b| b.captures());
+    let (ids, types, mask, packed) = match capture {
+        true => crate::runtime::bound::pad_to_bucket(ids, types, mask, backbone.manifest.pad_token_id, backbone.manifest.max_positions),
+        false => (ids, types, mask, packed),
+    };
     let real: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
     let lens: Vec<usize> = if packed { real.clone() } else { vec![ids.ncols(); seqs.len()] };
     let layout = pack(&plan, &lens, &real);

@@ -122,6 +122,17 @@ impl BoundLayers {
         Ok(BoundBatch { state: guard, graphs, device: self.device, hidden: self.hidden, previous: 0 })
     }
 
+    /// Whether batches are staged for CUDA graphs (`runtime.cuda_graphs`).
+    pub fn captures(&self) -> bool {
+        self.capture
+    }
+
+    /// Shape signatures staged for CUDA graphs, summed over layers (0 without `runtime.cuda_graphs`).
+    pub fn signatures(&self) -> usize {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.as_ref().and_then(|s| s.captures.as_ref()).map_or(0, Captures::len)
+    }
+
     /// Bytes the last batch copied into the bank mirrors (0 when no bank changed).
     pub fn last_upload_bytes(&self) -> usize {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map_or(0, |s| s.mirror.last_upload_bytes)
@@ -274,6 +285,33 @@ fn download(buffer: &mut Tensor<f32>, tokens: usize, hidden: usize) -> ort::Resu
     rows(host.extract_array())
 }
 
+/// Smallest token bucket of a captured batch; larger ones are powers of two, capped at the backbone's
+/// positions.
+const MIN_BUCKET_SEQ: usize = 16;
+
+/// The padded ids, token types and mask widened to the batch's token bucket (pad id, type 0, mask
+/// 0: masked like any padding), and `false` for packing: under CUDA graphs every row runs at the
+/// bucket's length, so a batch's shapes depend on its rows and tasks, not on its lengths.
+pub fn pad_to_bucket(
+    ids: Array2<i64>,
+    types: Array2<i64>,
+    mask: Array2<i64>,
+    pad_id: i64,
+    max_positions: usize,
+) -> (Array2<i64>, Array2<i64>, Array2<i64>, bool) {
+    let (rows, t) = ids.dim();
+    let bucket = t.next_power_of_two().max(MIN_BUCKET_SEQ).min(max_positions).max(t);
+    if bucket == t {
+        return (ids, types, mask, false);
+    }
+    let widen = |a: Array2<i64>, fill: i64| {
+        let mut out = Array2::from_elem((rows, bucket), fill);
+        out.slice_mut(ndarray::s![.., ..t]).assign(&a);
+        out
+    };
+    (widen(ids, pad_id), widen(types, 0), widen(mask, 0), false)
+}
+
 /// A `[tokens, H]` view at the start of a `[capacity, H]` buffer.
 fn buffer_view<'b>(
     memory: &MemoryInfo<'static>,
@@ -330,4 +368,24 @@ fn bank_tensors(store: &BankStore, layer: usize) -> Vec<(&'static str, &Array3<f
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::array;
+
+    use super::pad_to_bucket;
+
+    #[test]
+    fn rows_widen_to_a_power_of_two_bucket_capped_at_the_positions_and_masked() {
+        let (ids, types, mask) = (array![[101, 7, 102], [101, 102, 0]], array![[0, 0, 0], [0, 0, 0]], array![[1, 1, 1], [1, 1, 0]]);
+        let (i, t, m, packed) = pad_to_bucket(ids.clone(), types.clone(), mask.clone(), 0, 512);
+        assert!(!packed, "buckets use the padded layout");
+        assert_eq!(i.dim(), (2, 16));
+        assert_eq!(i.slice(ndarray::s![.., ..3]), ids);
+        assert!(m.slice(ndarray::s![.., 3..]).iter().all(|&v| v == 0) && t.sum() == 0, "the widening is masked padding");
+        assert_eq!(pad_to_bucket(ids.clone(), types.clone(), mask.clone(), 0, 8).0.ncols(), 8, "capped at the positions");
+        let long = ndarray::Array2::<i64>::ones((1, 40));
+        assert_eq!(pad_to_bucket(long.clone(), long.clone(), long, 0, 512).0.ncols(), 64);
+    }
 }

@@ -6,8 +6,9 @@
 //! buffers for the per-batch inputs (the token maps and the mask: one copy per layer per batch into
 //! them) and its own `gpu_graph_id`; bank mirrors and the runner's ping-pong buffers already keep
 //! their addresses between reallocations, and any reallocation invalidates every capture (new ids).
-//! Signatures are exact shapes: padding rows and tokens to buckets, so that more batches share a
-//! capture, is not built yet (docs/benchmarks.md, "GPU check").
+//! Tokens are bucketed before this (`bound::pad_to_bucket`: rows padded to a power-of-two length);
+//! rows are not, so signatures still differ by rows per layer and task mix (docs/benchmarks.md,
+//! "GPU check", for what is left).
 //!
 //! On the CPU provider the same staging runs without `gpu_graph_id` (in-process tests only: the
 //! setting itself is refused on any provider but CUDA), so CI checks the fixed-address bookkeeping
@@ -44,6 +45,11 @@ pub(super) struct Captures {
 impl Captures {
     pub(super) fn new(layers: usize, graph_ids: bool) -> Self {
         Self { graph_ids, layers: (0..layers).map(|_| HashMap::new()).collect(), next_id: 1 }
+    }
+
+    /// Signatures staged, summed over layers.
+    pub(super) fn len(&self) -> usize {
+        self.layers.iter().map(HashMap::len).sum()
     }
 
     /// Every capture is stale (a bank mirror or a layer buffer was reallocated).
