@@ -5,9 +5,10 @@
 //! per batch only `hidden`, the mask and the token maps are bound. Each layer writes `y` into one
 //! of two preallocated ping-pong buffers on the execution device (grown by bucket, never per
 //! batch), which the next layer reads in place: no copy to the host between layers. The last layer
-//! writes straight into a host array, so the batch synchronises once, at its end; under CUDA every
-//! earlier run skips ONNX Runtime's end-of-run device synchronisation (`disable_device_sync`),
-//! so all runs queue on the provider's stream.
+//! writes straight into a host array, so the batch synchronises once, at its end: under CUDA every
+//! session shares one stream (`cuda_stream.rs`) and every earlier run skips ONNX Runtime's
+//! end-of-run device synchronisation (`disable_device_sync`). Without a shared stream (the CUDA
+//! runtime library not found) each layer synchronises, as separate streams would race.
 //!
 //! Why values are bound through the C API and not `IoBinding::bind_input`: ort 2.0.0-rc.15 treats
 //! a borrowed tensor (an ndarray view, or a view of a device buffer) bound where ONNX Runtime
@@ -44,6 +45,8 @@ pub struct BoundLayers {
     hidden: usize,
     /// `runtime.cuda_graphs`: per-batch inputs staged at fixed addresses (`graph_capture.rs`).
     capture: bool,
+    /// Every layer session runs on one CUDA stream, so layers need no synchronisation between them.
+    one_stream: bool,
     state: Mutex<Option<State>>,
 }
 
@@ -73,8 +76,8 @@ struct LayerBinding {
 impl BoundLayers {
     /// `capture`: stage per-batch inputs at fixed addresses and, under CUDA, replay captured
     /// graphs (`runtime.cuda_graphs`).
-    pub fn new(device: Device, hidden: usize, capture: bool) -> Self {
-        Self { device, hidden, capture, state: Mutex::new(None) }
+    pub fn new(device: Device, hidden: usize, capture: bool, one_stream: bool) -> Self {
+        Self { device, hidden, capture, one_stream, state: Mutex::new(None) }
     }
 
     /// Starts a batch: brings the bank mirrors up to date (the rows touched since the last batch),
@@ -91,7 +94,7 @@ impl BoundLayers {
         let (banks, methods) = store.take_touched();
         let prepared = (|| {
             if guard.is_none() {
-                *guard = Some(State::new(self.device, graphs, self.capture)?);
+                *guard = Some(State::new(self.device, graphs, self.capture, self.one_stream)?);
             }
             let state = guard.as_mut().expect("created above");
             state.mirror.last_upload_bytes = 0;
@@ -140,7 +143,7 @@ impl BoundLayers {
 }
 
 impl State {
-    fn new(device: Device, graphs: &[Graph], capture: bool) -> ort::Result<Self> {
+    fn new(device: Device, graphs: &[Graph], capture: bool, one_stream: bool) -> ort::Result<Self> {
         let (allocator, memory) = match device {
             Device::Cpu => (Allocator::default(), MemoryInfo::default()),
             Device::Cuda { device_id, .. } => {
@@ -156,10 +159,10 @@ impl State {
             .map(|g| Ok(LayerBinding { binding: g.lock_session().create_binding()?, banks: HashMap::new() }))
             .collect::<ort::Result<_>>()?;
         let mut nosync = RunOptions::new()?;
-        if device != Device::Cpu {
+        if one_stream {
             nosync.disable_device_sync()?;
         }
-        let captures = capture.then(|| Captures::new(graphs.len(), device != Device::Cpu));
+        let captures = capture.then(|| Captures::new(graphs.len(), device != Device::Cpu, one_stream));
         Ok(Self { mirror, layers, buffers: None, capacity: 0, sync: RunOptions::new()?, nosync, captures })
     }
 

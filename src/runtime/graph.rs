@@ -192,6 +192,10 @@ fn build_session(runtime: &Runtime, path: &Path, capture: bool) -> ort::Result<S
         if capture {
             cuda = cuda.with_cuda_graph(true);
         }
+        if let Some(stream) = runtime.cuda_stream() {
+            // SAFETY: the shared stream is created once and never destroyed (`cuda_stream.rs`).
+            cuda = unsafe { cuda.with_compute_stream(stream as *mut ()) };
+        }
         // error_on_failure: a CUDA session that cannot register must not quietly run on the CPU.
         builder = builder.with_execution_providers([cuda.build().error_on_failure()]).map_err(|e| -> ort::Error { e.into() })?;
     }

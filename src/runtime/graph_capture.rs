@@ -37,14 +37,16 @@ struct Capture {
 pub(super) struct Captures {
     /// Set `gpu_graph_id` (CUDA); off on the CPU provider (staging only, for tests).
     graph_ids: bool,
+    /// Layers share one stream: runs but the last skip the device synchronisation.
+    one_stream: bool,
     layers: Vec<HashMap<Vec<i64>, Capture>>,
     /// Ids are never reused: a replay with an id captured before a reallocation would read freed memory.
     next_id: i64,
 }
 
 impl Captures {
-    pub(super) fn new(layers: usize, graph_ids: bool) -> Self {
-        Self { graph_ids, layers: (0..layers).map(|_| HashMap::new()).collect(), next_id: 1 }
+    pub(super) fn new(layers: usize, graph_ids: bool, one_stream: bool) -> Self {
+        Self { graph_ids, one_stream, layers: (0..layers).map(|_| HashMap::new()).collect(), next_id: 1 }
     }
 
     /// Signatures staged, summed over layers.
@@ -99,7 +101,7 @@ impl Captures {
                 let id = if captures.len() < MAX_CAPTURES_PER_LAYER { self.next_id } else { -1 };
                 options.set("gpu_graph_id", id.to_string())?;
                 self.next_id += 1;
-                if !last {
+                if !last && self.one_stream {
                     // One stream, no host synchronisation until the batch's last layer.
                     options.disable_device_sync()?;
                 }

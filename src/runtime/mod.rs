@@ -2,6 +2,7 @@
 
 mod allocator;
 pub mod bound;
+mod cuda_stream;
 pub mod device_banks;
 mod graph;
 mod graph_capture;
@@ -86,6 +87,8 @@ pub struct Runtime {
     io_binding: bool,
     /// `runtime.cuda_graphs`: layer sessions built for CUDA graph capture, inputs at fixed addresses.
     cuda_graphs: bool,
+    /// The CUDA stream every CUDA session shares (IoBinding under CUDA), as an address.
+    stream: Option<usize>,
 }
 
 impl Runtime {
@@ -149,8 +152,20 @@ impl Runtime {
         };
         tracing::info!(library = %path.display(), %version, intra_threads = threads, allow_spinning = settings.allow_spinning, ?device, "ONNX Runtime loaded");
         let io_binding = settings.io_binding_on();
+        // Layers skip the host synchronisation between them only on one shared stream.
+        let stream = (io_binding && device != Device::Cpu).then(cuda_stream::shared).flatten();
         tracing::info!(io_binding, cuda_graphs = settings.cuda_graphs, "bank path runner");
-        Ok(Self { env, version, optimization, device, row_ops, graphs: Default::default(), io_binding, cuda_graphs: settings.cuda_graphs })
+        Ok(Self {
+            env,
+            version,
+            optimization,
+            device,
+            row_ops,
+            graphs: Default::default(),
+            io_binding,
+            cuda_graphs: settings.cuda_graphs,
+            stream,
+        })
     }
 
     pub fn version(&self) -> &str {
@@ -174,6 +189,11 @@ impl Runtime {
     /// backbones loaded through it get the runner chosen here).
     pub fn with_io_binding(&self, on: bool) -> Self {
         Self { io_binding: on, ..self.clone() }
+    }
+
+    /// The CUDA stream all CUDA sessions share, when there is one (`cuda_stream.rs`).
+    pub fn cuda_stream(&self) -> Option<usize> {
+        self.stream
     }
 
     /// Whether layer graphs run as captured CUDA graphs (`runtime.cuda_graphs`).
