@@ -26,6 +26,10 @@ use super::device_banks::{BankMirror, upload};
 /// Captured graphs per layer session at most; further signatures run uncaptured (id -1).
 const MAX_CAPTURES_PER_LAYER: usize = 16;
 
+/// Graph ids handed out in all, reallocations included: ONNX Runtime cannot drop one captured
+/// graph, so those of invalidated ids stay in memory; past this, batches run uncaptured.
+const MAX_GRAPH_IDS: i64 = 1024;
+
 /// One (layer, signature): fixed input buffers and the graph id replaying them.
 struct Capture {
     ints: Tensor<i64>,
@@ -98,9 +102,11 @@ impl Captures {
             let mut options = RunOptions::new()?;
             if self.graph_ids {
                 // -1: ONNX Runtime neither captures nor replays (past the per-layer bound).
-                let id = if captures.len() < MAX_CAPTURES_PER_LAYER { self.next_id } else { -1 };
+                let id = if captures.len() < MAX_CAPTURES_PER_LAYER && self.next_id <= MAX_GRAPH_IDS { self.next_id } else { -1 };
                 options.set("gpu_graph_id", id.to_string())?;
-                self.next_id += 1;
+                if id > 0 {
+                    self.next_id += 1;
+                }
                 if !last && self.one_stream {
                     // One stream, no host synchronisation until the batch's last layer.
                     options.disable_device_sync()?;
