@@ -29,24 +29,20 @@ from onnx import TensorProto
 
 from .checkpoint import Checkpoint
 from .graphs_backbone import attention_body, ffn_body
-from .graphs_methods import any_method, gather_methods, if_branches, if_methods, method_inputs, method_projection, parallel_input
+from .graphs_methods import any_method, gather_methods, if_branches, if_methods, method_inputs, method_projection
+from .graphs_rule import ACTIVATIONS, COL, K, RULE_COLUMNS, slot_rule  # noqa: F401 (re-exported)
 from .onnx_builder import F, I64, GraphBuilder
 
 LOCATIONS = ("attention", "ffn")
-# Column order of a bank's `rule` row ([N, 1, K]); the server writes the same layout.
-RULE_COLUMNS = ("ln_before", "ln_after", "residual_h", "residual_u", "residual_s", "scale",
-                "relu", "silu", "gelu", "tanh", "sigmoid", "parallel")
-K = len(RULE_COLUMNS)
-COL = {name: i for i, name in enumerate(RULE_COLUMNS)}
-ACTIVATIONS = RULE_COLUMNS[6:11]
 BANK_TENSORS = ("down_w", "down_b", "up_w", "up_b", "rule")
 # Inputs of layer.onnx before the banks, in order (the server checks the same list).
 MAP_INPUTS = ("hidden", "attention_gather", "attention_mask", "attention_scatter",
               "attention_group", "attention_index", "attention_ungroup", "ffn_group", "ffn_index", "ffn_ungroup")
 
 
-def layer_graph(ck: Checkpoint, i: int):
-    """(packed hidden, attention maps, group maps, banks) -> packed y; see the module doc."""
+def layer_graph(ck: Checkpoint, i: int, dispatch: bool = True):
+    """(packed hidden, attention maps, group maps, banks) -> packed y; see the module doc. `dispatch`
+    False: every slot in the general rule's form only (graphs_rule.slot_rule; for tests and benches)."""
     H = ck.hidden_size
     g = GraphBuilder(f"layer{i}")
     hidden = g.input("hidden", F, ["tokens0", H])
@@ -84,9 +80,9 @@ def layer_graph(ck: Checkpoint, i: int):
 
     h1 = if_methods(g, used, lambda b: with_methods(b, "attention", ("query", "key", "value"), attention), attention, "attention")
     x1 = bank_slot(g, h1, hidden, maps["attention"], banks["attention"], *ck.ln(i, "attention"), ck.eps, "attention",
-                   stack=stacks["attention"])
+                   stack=stacks["attention"], dispatch=dispatch)
     h2 = if_methods(g, used, lambda b: with_methods(b, "ffn", ("intermediate", "output"), ffn), ffn, "ffn")
-    bank_slot(g, h2, x1, maps["ffn"], banks["ffn"], *ck.ln(i, "ffn"), ck.eps, "ffn", out="y", stack=stacks["ffn"])
+    bank_slot(g, h2, x1, maps["ffn"], banks["ffn"], *ck.ln(i, "ffn"), ck.eps, "ffn", out="y", stack=stacks["ffn"], dispatch=dispatch)
     return g.model()
 
 
@@ -116,6 +112,20 @@ class Groups:
         """[N_bank, ...] bank -> [G, ...], each group's bank row."""
         return g.op("Gather", [bank, self.index], axis=0)
 
+    def in_order(self, g: GraphBuilder, packed: str) -> str:
+        """Whether `group` is 0, 1, ..., N - 1 (N = the tokens of `packed`) and so is `ungroup`: every
+        group full, tokens in order, none copied (a bool scalar)."""
+        n = g.op("Slice", [g.op("Shape", [packed]), *(g.const([k], f"groups_dim_{k}", np.int64) for k in (0, 1))])
+        checks = []
+        for t in (g.op("Reshape", [self.group, g.const([-1], "groups_flat", np.int64)]), self.ungroup):
+            size = g.op("Shape", [t])
+            checks.append(g.op("Equal", [size, n]))  # [1]
+            steps = g.op("Range", [g.const(0, "groups_zero", np.int64), g.op("Squeeze", [size]), g.const(1, "groups_one", np.int64)])
+            checks.append(g.op("Cast", [g.op("ReduceMin", [g.op("Cast", [g.op("Equal", [t, steps])], to=TensorProto.INT32)],
+                                             keepdims=1)], to=TensorProto.BOOL))  # [1]
+        every = g.op("ReduceMin", [g.op("Cast", [g.op("Concat", checks, axis=0)], to=TensorProto.INT32)], keepdims=0)
+        return g.op("Cast", [every], to=TensorProto.BOOL)
+
     def join(self, g: GraphBuilder, grouped: str, out: str | None = None, width: int | None = None) -> str:
         """[G, S, W] grouped -> [N', W] packed (in the order `ungroup` gives)."""
         w = self.width if width is None else width
@@ -124,57 +134,55 @@ class Groups:
 
 
 def bank_slot(g: GraphBuilder, h: str, x: str, groups: Groups, bank: dict, lw, lb, eps: float, loc: str,
-              out: str | None = None, stack: dict | None = None) -> str:
-    """The general AdapterHub slot rule (graphs_task.adapter_slot_graph) on token groups, each with
-    its bank row's weights and flags; packed in, packed out. `stack`: the lower adapters' bank
-    (module doc), run first on the rows that have one."""
-    hs, xs = groups.split(g, h), groups.split(g, x)
-    if stack is not None:
-        hs = stack_step(g, hs, xs, groups, stack, lw, lb, eps, loc)
-    y = slot_rule(g, hs, xs, {t: groups.weights(g, bank[t]) for t in BANK_TENSORS}, lw, lb, eps, loc)
-    return groups.join(g, y, out)
+              out: str | None = None, stack: dict | None = None, dispatch: bool = True) -> str:
+    """The AdapterHub slot rule (graphs_rule.py) on token groups, each with its bank row's weights
+    and flags; packed in, packed out. `stack`: the lower adapters' bank (module doc), run first on
+    the rows that have one; a batch without stack rows runs the rule alone (`If`). When the groups
+    hold the tokens in order without padding or copies (one task, no row split: `Groups.in_order`)
+    the tokens are regrouped by `Reshape` instead of two `Gather`s in and one out."""
+    w = {t: groups.weights(g, bank[t]) for t in BANK_TENSORS}
+    H = groups.width
+
+    def grouped(b, hs, xs):
+        if stack is None:
+            return slot_rule(b, hs, xs, w, lw, lb, eps, loc, dispatch=dispatch)
+        used, active = stack_rows(b, groups, stack)
+        return if_branches(b, used, lambda c: slot_rule(c, stack_step(c, hs, xs, groups, stack, active, lw, lb, eps, loc,
+                                                                      dispatch), xs, w, lw, lb, eps, loc, dispatch=dispatch),
+                           lambda c: slot_rule(c, hs, xs, w, lw, lb, eps, loc, dispatch=dispatch), f"{loc}_stack")
+
+    def gathered(b):
+        return groups.join(b, grouped(b, groups.split(b, h), groups.split(b, x)))
+
+    def reshaped(b):
+        shape = b.op("Concat", [b.op("Shape", [groups.group]), b.const([H], f"width_{H}", np.int64)], axis=0)
+        y = grouped(b, b.op("Reshape", [h, shape]), b.op("Reshape", [x, shape]))
+        return b.op("Reshape", [y, b.const([-1, H], f"groups_flat_{H}", np.int64)])
+
+    if not dispatch:
+        return groups.join(g, grouped(g, groups.split(g, h), groups.split(g, x)), out)
+    return if_branches(g, groups.in_order(g, h), reshaped, gathered, f"{loc}_groups", ("in_order", "gathered"), out=out)
 
 
-def stack_step(g: GraphBuilder, h: str, x: str, groups: Groups, stack: dict, lw, lb, eps: float, loc: str) -> str:
-    """The lower adapter of a `Stack` on `[G, S, H]` groups: its rule output (written with
-    `ln_after` 0) where the group's stack row has an activation flag, else `h` bit for bit; the
-    whole step is skipped (`If`) when no group has a stack row."""
+def stack_rows(g: GraphBuilder, groups: Groups, stack: dict) -> tuple:
+    """(whether any group has a stack row: bool scalar, which groups do: `[G, 1, 1]`); a stack row is
+    one with an activation flag."""
     rule = groups.weights(g, stack["rule"])  # [G, 1, K]
     acts = g.op("Slice", [rule, g.const([COL["relu"]], "stack_act_from", np.int64),
                           g.const([COL["sigmoid"] + 1], "stack_act_to", np.int64), g.const([2], "rule_axis", np.int64)])
     active = g.op("Greater", [g.op("ReduceSum", [acts, g.const([2], "rule_axis", np.int64)], keepdims=1),
                               g.const(0.0, "stack_none")])  # [G, 1, 1]
     used = g.op("Greater", [g.op("ReduceMax", [acts], keepdims=0), g.const(0.0, "stack_none")])
-
-    def stacked(b):
-        w = {t: groups.weights(b, stack[t]) for t in BANK_TENSORS}
-        return b.op("Where", [active, slot_rule(b, h, x, w, lw, lb, eps, loc), h])
-
-    return if_branches(g, used, stacked, lambda b: b.op("Identity", [h]), f"{loc}_stack")
+    return used, active
 
 
-def slot_rule(g: GraphBuilder, h: str, x: str, w: dict, lw, lb, eps: float, loc: str) -> str:
-    """The rule on `[G, S, H]` states with per-group weights `w` (`[G, ...]`, BANK_TENSORS)."""
-    axis2 = g.const([2], "rule_axis", np.int64)
-
-    def flag(name: str) -> str:  # [G, 1, 1]
-        k = COL[name]
-        return g.op("Slice", [w["rule"], g.const([k], f"rule_{k}", np.int64), g.const([k + 1], f"rule_{k + 1}", np.int64), axis2])
-
-    def on(name: str) -> str:
-        return g.op("Cast", [flag(name)], to=TensorProto.BOOL)
-
-    s = g.op("Add", [h, x])
-    u = g.op("Where", [on("ln_before"), g.layer_norm(s, lw, lb, eps, f"{loc}.ln"), h])
-    u = parallel_input(g, on("parallel"), x, u)  # par_bn: the adapter reads the sub-layer input
-    pre = g.op("Add", [g.op("MatMul", [u, w["down_w"]]), w["down_b"]])
-    z = g.activation(pre, "sigmoid")
-    for act in ("tanh", "gelu", "silu", "relu"):
-        z = g.op("Where", [on(act), g.activation(pre, act), z])
-    up = g.op("Mul", [g.op("Add", [g.op("MatMul", [z, w["up_w"]]), w["up_b"]]), flag("scale")])
-    r = g.op("Where", [on("residual_h"), h, g.op("Where", [on("residual_u"), u, s])])
-    o = g.op("Add", [up, r])
-    return g.op("Where", [on("ln_after"), g.layer_norm(g.op("Add", [o, x]), lw, lb, eps, f"{loc}.ln"), o])
+def stack_step(g: GraphBuilder, h: str, x: str, groups: Groups, stack: dict, active: str, lw, lb, eps: float,
+               loc: str, dispatch: bool = True) -> str:
+    """The lower adapter of a `Stack` on `[G, S, H]` groups: its rule output (written with
+    `ln_after` 0) where the group's stack row is `active`, else `h` bit for bit."""
+    w = {t: groups.weights(g, stack[t]) for t in BANK_TENSORS}
+    return g.op("Where", [active, slot_rule(g, h, x, w, lw, lb, eps, f"{loc}.stack", ln_weights=f"{loc}.ln",
+                                          dispatch=dispatch), h])
 
 
 def pack_maps(lens, rows, index) -> dict:
