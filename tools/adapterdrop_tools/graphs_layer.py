@@ -25,7 +25,6 @@ the step (`If`), so it costs them nothing."""
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto
 
 from .checkpoint import Checkpoint
 from .graphs_backbone import attention_body, ffn_body
@@ -112,20 +111,6 @@ class Groups:
         """[N_bank, ...] bank -> [G, ...], each group's bank row."""
         return g.op("Gather", [bank, self.index], axis=0)
 
-    def in_order(self, g: GraphBuilder, packed: str) -> str:
-        """Whether `group` is 0, 1, ..., N - 1 (N = the tokens of `packed`) and so is `ungroup`: every
-        group full, tokens in order, none copied (a bool scalar)."""
-        n = g.op("Slice", [g.op("Shape", [packed]), *(g.const([k], f"groups_dim_{k}", np.int64) for k in (0, 1))])
-        checks = []
-        for t in (g.op("Reshape", [self.group, g.const([-1], "groups_flat", np.int64)]), self.ungroup):
-            size = g.op("Shape", [t])
-            checks.append(g.op("Equal", [size, n]))  # [1]
-            steps = g.op("Range", [g.const(0, "groups_zero", np.int64), g.op("Squeeze", [size]), g.const(1, "groups_one", np.int64)])
-            checks.append(g.op("Cast", [g.op("ReduceMin", [g.op("Cast", [g.op("Equal", [t, steps])], to=TensorProto.INT32)],
-                                             keepdims=1)], to=TensorProto.BOOL))  # [1]
-        every = g.op("ReduceMin", [g.op("Cast", [g.op("Concat", checks, axis=0)], to=TensorProto.INT32)], keepdims=0)
-        return g.op("Cast", [every], to=TensorProto.BOOL)
-
     def join(self, g: GraphBuilder, grouped: str, out: str | None = None, width: int | None = None) -> str:
         """[G, S, W] grouped -> [N', W] packed (in the order `ungroup` gives)."""
         w = self.width if width is None else width
@@ -137,31 +122,14 @@ def bank_slot(g: GraphBuilder, h: str, x: str, groups: Groups, bank: dict, lw, l
               out: str | None = None, stack: dict | None = None, dispatch: bool = True) -> str:
     """The AdapterHub slot rule (graphs_rule.py) on token groups, each with its bank row's weights
     and flags; packed in, packed out. `stack`: the lower adapters' bank (module doc), run first on
-    the rows that have one; a batch without stack rows runs the rule alone (`If`). When the groups
-    hold the tokens in order without padding or copies (one task, no row split: `Groups.in_order`)
-    the tokens are regrouped by `Reshape` instead of two `Gather`s in and one out."""
+    the rows that have one (a batch without stack rows skips it: `If`)."""
+    hs, xs = groups.split(g, h), groups.split(g, x)
+    if stack is not None:
+        used, active = stack_rows(g, groups, stack)
+        hs = if_branches(g, used, lambda b: stack_step(b, hs, xs, groups, stack, active, lw, lb, eps, loc),
+                         lambda b: b.op("Identity", [hs]), f"{loc}_stack")
     w = {t: groups.weights(g, bank[t]) for t in BANK_TENSORS}
-    H = groups.width
-
-    def grouped(b, hs, xs):
-        if stack is None:
-            return slot_rule(b, hs, xs, w, lw, lb, eps, loc, dispatch=dispatch)
-        used, active = stack_rows(b, groups, stack)
-        return if_branches(b, used, lambda c: slot_rule(c, stack_step(c, hs, xs, groups, stack, active, lw, lb, eps, loc,
-                                                                      dispatch), xs, w, lw, lb, eps, loc, dispatch=dispatch),
-                           lambda c: slot_rule(c, hs, xs, w, lw, lb, eps, loc, dispatch=dispatch), f"{loc}_stack")
-
-    def gathered(b):
-        return groups.join(b, grouped(b, groups.split(b, h), groups.split(b, x)))
-
-    def reshaped(b):
-        shape = b.op("Concat", [b.op("Shape", [groups.group]), b.const([H], f"width_{H}", np.int64)], axis=0)
-        y = grouped(b, b.op("Reshape", [h, shape]), b.op("Reshape", [x, shape]))
-        return b.op("Reshape", [y, b.const([-1, H], f"groups_flat_{H}", np.int64)])
-
-    if not dispatch:
-        return groups.join(g, grouped(g, groups.split(g, h), groups.split(g, x)), out)
-    return if_branches(g, groups.in_order(g, h), reshaped, gathered, f"{loc}_groups", ("in_order", "gathered"), out=out)
+    return groups.join(g, slot_rule(g, hs, xs, w, lw, lb, eps, loc, dispatch=dispatch), out)
 
 
 def stack_rows(g: GraphBuilder, groups: Groups, stack: dict) -> tuple:
@@ -177,12 +145,13 @@ def stack_rows(g: GraphBuilder, groups: Groups, stack: dict) -> tuple:
 
 
 def stack_step(g: GraphBuilder, h: str, x: str, groups: Groups, stack: dict, active: str, lw, lb, eps: float,
-               loc: str, dispatch: bool = True) -> str:
+               loc: str) -> str:
     """The lower adapter of a `Stack` on `[G, S, H]` groups: its rule output (written with
-    `ln_after` 0) where the group's stack row is `active`, else `h` bit for bit."""
+    `ln_after` 0) where the group's stack row is `active`, else `h` bit for bit. Stacks are rare:
+    their rule takes the general form (no dispatch `If`s, which cost session start-up)."""
     w = {t: groups.weights(g, stack[t]) for t in BANK_TENSORS}
     return g.op("Where", [active, slot_rule(g, h, x, w, lw, lb, eps, f"{loc}.stack", ln_weights=f"{loc}.ln",
-                                          dispatch=dispatch), h])
+                                          dispatch=False), h])
 
 
 def pack_maps(lens, rows, index) -> dict:

@@ -31,8 +31,9 @@ COL = {name: i for i, name in enumerate(RULE_COLUMNS)}
 ACTIVATIONS = RULE_COLUMNS[6:11]
 # Decisions a scale-0 group does not use (module doc).
 UNUSED_AT_SCALE_0 = ("ln_before", "parallel") + ACTIVATIONS
-# The activation checked first costs one `If`, the last five (relu: Pfeiffer's default, silu: Houlsby's).
-ACTIVATION_ORDER = ("relu", "silu", "gelu", "tanh", "sigmoid")
+# Activations with a branch of their own (Pfeiffer's default, Houlsby's); every `If` costs session
+# start-up time (about 3 ms on MiniLM), so the others take the general form.
+ACTIVATION_ORDER = ("relu", "silu")
 
 
 class Rule:
@@ -105,15 +106,17 @@ def slot_rule(g: GraphBuilder, h: str, x: str, w: dict, lw, lb, eps: float, loc:
 
     def tail(b, up, s):  # residual h and LayerNorm after in every group (Pfeiffer, Houlsby, plain rows), else general
         usual = b.op("And", [rule.all(b, "residual_h"), rule.all(b, "ln_after")])
-        mixed = lambda c: if_branches(c, rule.none(c, "residual_u"), lambda d: general(d, up, s),  # `u` only if used
-                                      lambda d: general(d, up, s, u_general(d, s)), f"{loc}_residual_u", ("unused", "used"))
-        return if_branches(b, usual, lambda c: ln(c, s if up is None else c.op("Add", [c.op("Add", [up, h]), x])), mixed,
-                           f"{loc}_residual_{'plain' if up is None else 'adapter'}", ("h_ln", "general"))
+        return if_branches(b, usual, lambda c: ln(c, s if up is None else c.op("Add", [c.op("Add", [up, h]), x])),
+                           lambda c: if_branches(c, rule.none(c, "residual_u"), lambda d: general(d, up, s),  # `u` if used
+                                                 lambda d: general(d, up, s, u_general(d, s)), f"{loc}_residual_u"),
+                           f"{loc}_residual_{'plain' if up is None else 'adapter'}",
+                           ("h_ln", "general"))
 
     def adapters(b):
         s = b.op("Add", [h, x])
-        sequential = lambda c: rule.choose(c, "ln_before", down(lambda d: ln(d, s)), down(h), down(lambda d: u_general(d, s)))
-        pre = rule.choose(b, "parallel", down(x), sequential, down(lambda c: u_general(c, s)))
+        u = lambda c: u_general(c, s)
+        sequential = lambda c: rule.choose(c, "ln_before", down(lambda d: ln(d, s)), down(h), down(u))
+        pre = if_branches(b, rule.none(b, "parallel"), sequential, down(u), f"{loc}_parallel", ("none", "some"))
         return tail(b, up_projection(b, activation(b, rule, pre, 0)), s)
 
     def up_projection(b, z):
