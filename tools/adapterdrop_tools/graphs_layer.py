@@ -13,8 +13,8 @@ once per group (`[G, H, r]`), runs the slot rule on `[G, S, H]` and puts the tok
 (`<loc>_ungroup`). The group map indexes the tokens *before* the slot, so it also does AdapterDrop's
 row expansion (a token of a split row appears once per copy): the token count may grow at each
 slot. The rule (LayerNorm placement, residual, activation, scaling) is data too, one flag row per
-bank row, selected with `Where`, so the chosen branch is taken bit for bit; bank row 0 gives
-`LN(h + x)`, the plain slot, exactly.
+bank row (graphs_rule.py: only the branches the batch's groups take run, each bit for bit); bank
+row 0 gives `LN(h + x)`, the plain slot, exactly.
 
 `Stack` (MAD-X, issue 14 item 4): each slot has a second bank, `<loc>.stack.*`, indexed by the same
 bank rows, holding the *lower* adapter of a stack (the language adapter). Its rule runs first,
