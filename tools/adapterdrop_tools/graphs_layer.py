@@ -123,11 +123,13 @@ def bank_slot(g: GraphBuilder, h: str, x: str, groups: Groups, bank: dict, lw, l
     """The AdapterHub slot rule (graphs_rule.py) on token groups, each with its bank row's weights
     and flags; packed in, packed out. `stack`: the lower adapters' bank (module doc), run first on
     the rows that have one (a batch without stack rows skips it: `If`)."""
-    hs, xs = groups.split(g, h), groups.split(g, x)
-    if stack is not None:
+    xs = groups.split(g, x)
+    if stack is None:
+        hs = groups.split(g, h)
+    else:  # `h` grouped inside each branch: no copy of it on the way out of the `If`
         used, active = stack_rows(g, groups, stack)
-        hs = if_branches(g, used, lambda b: stack_step(b, hs, xs, groups, stack, active, lw, lb, eps, loc),
-                         lambda b: b.op("Identity", [hs]), f"{loc}_stack")
+        hs = if_branches(g, used, lambda b: stack_step(b, groups.split(b, h), xs, groups, stack, active, lw, lb, eps, loc),
+                         lambda b: groups.split(b, h), f"{loc}_stack")
     w = {t: groups.weights(g, bank[t]) for t in BANK_TENSORS}
     return groups.join(g, slot_rule(g, hs, xs, w, lw, lb, eps, loc, dispatch=dispatch), out)
 
