@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Instant;
 
 use adapterdrop_serve::config::RuntimeSettings;
 use adapterdrop_serve::engine::heads::to_matrix;
@@ -26,6 +28,14 @@ pub fn cpu_ms() -> f64 {
     // SAFETY: clock_gettime writes one timespec through a valid pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
     t.tv_sec as f64 * 1e3 + t.tv_nsec as f64 / 1e6
+}
+
+/// The benchmark clock, ms from an arbitrary start: wall time, or with `BENCH_CLOCK=cpu` this
+/// process's CPU time (`cpu_ms`; meaningful with BENCH_THREADS=1, where ONNX Runtime computes on the
+/// calling thread and nothing spins).
+pub fn now_ms() -> f64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    if env("BENCH_CLOCK").as_deref() == Some("cpu") { cpu_ms() } else { START.get_or_init(Instant::now).elapsed().as_secs_f64() * 1e3 }
 }
 
 pub fn median(v: &mut [f64]) -> f64 {

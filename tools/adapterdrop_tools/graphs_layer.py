@@ -130,7 +130,8 @@ def bank_slot(g: GraphBuilder, h: str, x: str, groups: Groups, bank: dict, lw, l
         used, active = stack_rows(g, groups, stack)
         hs = if_branches(g, used, lambda b: stack_step(b, groups.split(b, h), xs, groups, stack, active, lw, lb, eps, loc),
                          lambda b: groups.split(b, h), f"{loc}_stack")
-    w = {t: groups.weights(g, bank[t]) for t in BANK_TENSORS}
+    w = {t: (lambda b, t=t: groups.weights(b, bank[t])) for t in BANK_TENSORS if t != "rule"}
+    w["rule"] = groups.weights(g, bank["rule"])
     return groups.join(g, slot_rule(g, hs, xs, w, lw, lb, eps, loc, dispatch=dispatch), out)
 
 

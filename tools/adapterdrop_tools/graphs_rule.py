@@ -82,11 +82,15 @@ class Rule:
 
 def slot_rule(g: GraphBuilder, h: str, x: str, w: dict, lw, lb, eps: float, loc: str, ln_weights: str | None = None,
               dispatch: bool = True) -> str:
-    """The rule on `[G, S, H]` states with per-group weights `w` (`[G, ...]`, graphs_layer.BANK_TENSORS),
-    dispatched on the groups' agreement (module doc). `loc` names the `If` branches; `ln_weights`
+    """The rule on `[G, S, H]` states with per-group weights `w` (`[G, ...]`, graphs_layer.BANK_TENSORS;
+    the bottleneck's may be functions `b -> name` that gather them where used: not at all when every
+    group has scale 0), dispatched on the groups' agreement (module doc). `loc` names the `If` branches; `ln_weights`
     the LayerNorm's weights (default `<loc>.ln`). `dispatch` False: the general form alone (the
     reference the dispatched graph is tested and timed against)."""
     rule = Rule(g, w["rule"], loc, dispatch)
+
+    def weight(b, t):  # a tensor name, or a function gathering it into builder `b` where it is used
+        return w[t](b) if callable(w[t]) else w[t]
     ln_name = ln_weights or f"{loc}.ln"
 
     def ln(b, t):
@@ -97,7 +101,7 @@ def slot_rule(g: GraphBuilder, h: str, x: str, w: dict, lw, lb, eps: float, loc:
         return parallel_input(b, rule.on(b, "parallel"), x, u)  # par_bn: the adapter reads the sub-layer input
 
     def down(u):
-        return lambda b: b.op("Add", [b.op("MatMul", [u(b) if callable(u) else u, w["down_w"]]), w["down_b"]])
+        return lambda b: b.op("Add", [b.op("MatMul", [u(b) if callable(u) else u, weight(b, "down_w")]), weight(b, "down_b")])
 
     def general(b, up, s, u=None):  # the general residual and LayerNorm after; `up` None: every group adds ±0
         r = b.op("Where", [rule.on(b, "residual_h"), h, s if u is None else b.op("Where", [rule.on(b, "residual_u"), u, s])])
@@ -120,7 +124,7 @@ def slot_rule(g: GraphBuilder, h: str, x: str, w: dict, lw, lb, eps: float, loc:
         return tail(b, up_projection(b, activation(b, rule, pre, 0)), s)
 
     def up_projection(b, z):
-        return b.op("Mul", [b.op("Add", [b.op("MatMul", [z, w["up_w"]]), w["up_b"]]), rule.flag(b, "scale")])
+        return b.op("Mul", [b.op("Add", [b.op("MatMul", [z, weight(b, "up_w")]), weight(b, "up_b")]), rule.flag(b, "scale")])
 
     if not dispatch:
         s = g.op("Add", [h, x])
