@@ -207,8 +207,8 @@ fn inputs_staged_at_fixed_addresses_for_cuda_graphs_equal_plain_runs() {
 /// GPU only: `runtime.cuda_graphs` on CUDA, layer sessions built for capture and every batch's
 /// inputs at fixed addresses: repeated batches of one signature replay a captured graph (ONNX
 /// Runtime captures after its warm-up runs), and every batch equals plain runs. Skipped, saying
-/// so, on any other provider. If ONNX Runtime refuses capture for the layer graph (a node outside
-/// the CUDA provider), the backbone fails to load and this test fails with its message.
+/// so, on any other provider. Where ONNX Runtime refuses capture for the layer graph (a node outside
+/// the CUDA provider, control flow), the layers run uncaptured (logged) and the test says so.
 #[test]
 fn cuda_graphs_replay_the_same_numbers_as_plain_runs_on_the_gpu() {
     if runtime().device() == Device::Cpu {
@@ -219,6 +219,8 @@ fn cuda_graphs_replay_the_same_numbers_as_plain_runs_on_the_gpu() {
         return;
     }
     let (on, off) = (side_on(runtime().with_cuda_graphs(true)), side(false));
+    let captured = on.bb.banked.as_ref().unwrap().layers.iter().all(|g| g.captured());
+    eprintln!("cuda_graphs: layer graphs built for capture: {captured} (false: ONNX Runtime refused, see the log)");
     let seqs = seqs();
     let tasks: Vec<(Arc<Task>, Arc<Task>)> = rules()
         .into_iter()

@@ -220,14 +220,11 @@ fn load_banked(runtime: &Runtime, dir: &Path, manifest: &BackboneManifest) -> Re
         .map(|i| Graph::load_layer(runtime, &path(i), &inputs, &outputs).map_err(regenerate))
         .collect::<Result<Vec<_>, _>>()?;
     let banks = BackboneBanks::new(manifest.num_layers, manifest.hidden_size, manifest.intermediate_size);
-    let bound = runtime.io_binding().then(|| {
-        crate::runtime::bound::BoundLayers::new(
-            runtime.device(),
-            manifest.hidden_size,
-            runtime.cuda_graphs(),
-            runtime.cuda_stream().is_some(),
-        )
-    });
+    // Fixed-address staging under cuda_graphs; on CUDA only where every layer graph was captured.
+    let capture = runtime.cuda_graphs() && (runtime.device() == crate::runtime::Device::Cpu || layers.iter().all(Graph::captured));
+    let bound = runtime
+        .io_binding()
+        .then(|| crate::runtime::bound::BoundLayers::new(runtime.device(), manifest.hidden_size, capture, runtime.cuda_stream().is_some()));
     Ok(Some(Banked { layers, banks, bound }))
 }
 

@@ -57,6 +57,8 @@ pub struct Graph {
     session: Mutex<Session>,
     device: super::Device,
     row_ops: Option<std::sync::Arc<super::RowOps>>,
+    /// Built for CUDA graph capture (`runtime.cuda_graphs`, and ONNX Runtime accepted it).
+    captured: bool,
 }
 
 impl std::fmt::Debug for Graph {
@@ -72,10 +74,22 @@ impl Graph {
     }
 
     /// [`Graph::load`] for a backbone's `layer.onnx`: under `runtime.cuda_graphs` its CUDA session
-    /// is built for graph capture (ONNX Runtime refuses, and the load fails naming why, when any
-    /// node would run outside the CUDA provider).
+    /// is built for graph capture where ONNX Runtime allows it; where it refuses (a node outside the
+    /// CUDA provider, control flow such as the slot rule's `If`), the graph is loaded uncaptured and
+    /// the refusal logged.
     pub fn load_layer(runtime: &Runtime, path: &Path, inputs: &[IoSpec], outputs: &[IoSpec]) -> Result<Self, LoadError> {
-        Self::load_as(runtime, path, inputs, outputs, runtime.cuda_graphs())
+        if !runtime.cuda_graphs() || runtime.device() == super::Device::Cpu {
+            return Self::load_as(runtime, path, inputs, outputs, false);
+        }
+        Self::load_as(runtime, path, inputs, outputs, true).or_else(|refused| {
+            tracing::warn!(file = %path.display(), reason = %refused, "ONNX Runtime refused CUDA graph capture for this layer graph: it runs uncaptured");
+            Self::load_as(runtime, path, inputs, outputs, false)
+        })
+    }
+
+    /// Whether this graph's session was built for CUDA graph capture.
+    pub fn captured(&self) -> bool {
+        self.captured
     }
 
     fn load_as(runtime: &Runtime, path: &Path, inputs: &[IoSpec], outputs: &[IoSpec], capture: bool) -> Result<Self, LoadError> {
@@ -90,6 +104,7 @@ impl Graph {
             session: Mutex::new(session),
             device: runtime.device(),
             row_ops: runtime.row_ops().cloned(),
+            captured: capture,
         })
     }
 
