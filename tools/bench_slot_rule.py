@@ -8,12 +8,9 @@ also reported: on a loaded machine it leaves out the time the thread waited for 
 
 Usage: bench_slot_rule.py [--layer 2] [--b 8] [--t 64] [--rounds 21] [--threads 1]
        bench_slot_rule.py --general-copy SRC DST [--seed 4321]
-       bench_slot_rule.py --gather-copy SRC DST [--seed 4321]
 `--general-copy`: DST = the repository SRC (hard links) with every MiniLM and bench BERT-base
 (`make_bench_repo.py`, its seed) `layer.onnx` rewritten in the general form, so the Rust benches can
 time the server on both side by side (`BENCH_BEFORE_REPO`, `benches/banks.rs`, `benches/banks_scale.rs`).
-`--gather-copy`: likewise with attention always gathering (`layer_graph(..., reshape=False)`, the
-export before unpadded batches reshaped).
 Cases (rows of the batch -> bank rows, attention / FFN slot):
   plain        every row on bank row 0 (n = L: AdapterDrop drops every adapter)
   pfeiffer     one Pfeiffer task (relu, rf 16, FFN slot only), the issue's one-task case
@@ -101,8 +98,8 @@ def spread(a: list, b: list) -> str:
     return f"**{statistics.median(r):.3f}** | {r[len(r) // 10]:.3f}-{r[(len(r) * 9) // 10]:.3f}"
 
 
-def general_copy(src: str, dst: str, seed: int, **form) -> None:
-    """See the module doc; `form`: layer_graph's keywords (default: the general rule)."""
+def general_copy(src: str, dst: str, seed: int) -> None:
+    """See the module doc."""
     import shutil
     import tempfile
 
@@ -121,8 +118,8 @@ def general_copy(src: str, dst: str, seed: int, **form) -> None:
         for i in range(ck.num_layers):
             path = os.path.join(d, "layers", str(i), "layer.onnx")
             os.unlink(path)  # a hard link to SRC's file
-            save(layer_graph(ck, i, **(form or {"dispatch": False})), path)
-        print(f"{d}: {ck.num_layers} layer graphs, {form or 'the general form'}", flush=True)
+            save(layer_graph(ck, i, dispatch=False), path)
+        print(f"{d}: {ck.num_layers} layer graphs in the general form", flush=True)
 
 
 def main(argv=None) -> int:
@@ -133,14 +130,10 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=21)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--general-copy", nargs=2, metavar=("SRC", "DST"))
-    p.add_argument("--gather-copy", nargs=2, metavar=("SRC", "DST"))
     p.add_argument("--seed", type=int, default=4321, help="make_bench_repo.py's seed (--general-copy)")
     a = p.parse_args(argv)
     if a.general_copy:
         general_copy(*a.general_copy, a.seed)
-        return 0
-    if a.gather_copy:
-        general_copy(*a.gather_copy, a.seed, reshape=False)
         return 0
     ck = load_checkpoint(minilm_path())
     H, ffn = ck.hidden_size, ck.intermediate_size

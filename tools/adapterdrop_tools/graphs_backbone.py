@@ -52,68 +52,42 @@ def attention_graph(ck: Checkpoint, i: int):
 
 
 def attention_body(g: GraphBuilder, ck: Checkpoint, i: int, x: str, mask: str, out: str | None = None,
-                   gather: str | None = None, scatter: str | None = None, hook=None, reshape: bool = True) -> str:
+                   gather: str | None = None, scatter: str | None = None, hook=None) -> str:
     """The attention segment's nodes inside `g` (shared by attention.onnx and layer.onnx).
 
     Padded (`x` [B,T,H]) by default. Packed (`x` [N,H], the real tokens of every row one after the
     other) with `gather` ([B,T] token of each row position, pads any token: masked) and `scatter`
     ([N] position b*T+t of each token): the projections run on the N tokens, only the score and
     context products see the rows' padding. `hook(name, x, y) -> y'`, if given, rewrites the query /
-    key / value projections (layer.onnx: LoRA, (IA)^3; before the gather, on the tokens).
-
-    Packed with `reshape` (the default): a batch without padding (N = B*T; the host packs rows in
-    order, so `gather` and `scatter` are then identities) takes an `If` branch that reshapes instead
-    of gathering and scattering; the same values, so the same bits. A client mask with holes changes
-    nothing here: its zeros are masked in the score either way."""
-    H = ck.hidden_size
+    key / value projections (layer.onnx: LoRA, (IA)^3; before the gather, on the tokens)."""
+    H, nh = ck.hidden_size, ck.num_heads
+    d = H // nh
+    heads_shape = g.const([0, 0, nh, d], "heads_shape", np.int64)
 
     def proj(name):
         y = g.linear(x, ck.layer(i, f"attention.self.{name}.weight"), ck.layer(i, f"attention.self.{name}.bias"), name)
-        return y if hook is None else hook(name, x, y)
+        if hook is not None:
+            y = hook(name, x, y)
+        if gather is not None:
+            y = g.op("Gather", [y, gather], axis=0)  # [B,T,H]
+        return g.op("Reshape", [y, heads_shape])  # [B,T,nh,d]
 
-    qkv = [proj(n) for n in ("query", "key", "value")]
+    q = g.op("Transpose", [proj("query")], perm=[0, 2, 1, 3])  # [B,nh,T,d]
+    k = g.op("Transpose", [proj("key")], perm=[0, 2, 3, 1])  # [B,nh,d,T]
+    v = g.op("Transpose", [proj("value")], perm=[0, 2, 1, 3])  # [B,nh,T,d]
+    scores = g.op("Mul", [g.op("MatMul", [q, k]), g.const(1.0 / np.sqrt(d), "inv_sqrt_d")])
     m = g.op("Cast", [mask], to=F)
     term = g.op("Mul", [g.op("Sub", [g.const(1.0, "one_f"), m]), g.const(F32_MIN, "f32_min")])
     term = g.op("Unsqueeze", [term, g.const([1, 2], "unsq_axes", np.int64)])  # [B,1,1,T]
-    if gather is None:
-        ctx = attention_core(g, ck, qkv, term, lambda b, y: y)
-        ctx = g.op("Reshape", [ctx, g.const([0, 0, H], "merge_shape", np.int64)])
+    probs = g.op("Softmax", [g.op("Add", [scores, term])], axis=-1)
+    ctx = g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])  # [B,T,nh,d]
+    if scatter is not None:  # back to the packed tokens: [B*T,H] rows picked by `scatter`
+        ctx = g.op("Reshape", [ctx, g.const([-1, H], "flat_shape", np.int64)])
+        ctx = g.op("Gather", [ctx, scatter], axis=0)
     else:
-        def gathered(b):
-            ctx = attention_core(b, ck, qkv, term, lambda b, y: b.op("Gather", [y, gather], axis=0))  # [B,T,H]
-            return b.op("Gather", [b.op("Reshape", [ctx, b.const([-1, H], "flat_shape", np.int64)]), scatter], axis=0)
-
-        if not reshape:
-            ctx = gathered(g)
-        else:
-            from .graphs_methods import if_branches
-
-            rows_shape = g.op("Concat", [g.op("Shape", [gather]), g.const([H], "h_dim", np.int64)], axis=0)  # [B,T,H]
-            unpadded = g.op("Equal", [g.op("Mul", [g.op("Size", [gather]), g.const(H, "h_scalar", np.int64)]),
-                                      g.op("Size", [x])])
-
-            def reshaped(b):
-                ctx = attention_core(b, ck, qkv, term, lambda b, y: b.op("Reshape", [y, rows_shape]))
-                return b.op("Reshape", [ctx, b.const([-1, H], "flat_shape", np.int64)])
-
-            ctx = if_branches(g, unpadded, reshaped, gathered, f"layer{i}_attention_rows", labels=("reshape", "gather"))
+        ctx = g.op("Reshape", [ctx, g.const([0, 0, H], "merge_shape", np.int64)])
     return g.linear(ctx, ck.layer(i, "attention.output.dense.weight"), ck.layer(i, "attention.output.dense.bias"),
                     "attention.output.dense", out=out)
-
-
-def attention_core(g: GraphBuilder, ck: Checkpoint, qkv: list, term: str, to_rows) -> str:
-    """Scores and context of the projections `qkv`, each put into `[B,T,H]` by `to_rows(g, y)`, with the
-    mask term `term` [B,1,1,T] -> context [B,T,nh,d]."""
-    nh = ck.num_heads
-    d = ck.hidden_size // nh
-    heads_shape = g.const([0, 0, nh, d], "heads_shape", np.int64)
-    q, k, v = (g.op("Reshape", [to_rows(g, y), heads_shape]) for y in qkv)  # [B,T,nh,d]
-    q = g.op("Transpose", [q], perm=[0, 2, 1, 3])  # [B,nh,T,d]
-    k = g.op("Transpose", [k], perm=[0, 2, 3, 1])  # [B,nh,d,T]
-    v = g.op("Transpose", [v], perm=[0, 2, 1, 3])  # [B,nh,T,d]
-    scores = g.op("Mul", [g.op("MatMul", [q, k]), g.const(1.0 / np.sqrt(d), "inv_sqrt_d")])
-    probs = g.op("Softmax", [g.op("Add", [scores, term])], axis=-1)
-    return g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])  # [B,T,nh,d]
 
 
 def ffn_graph(ck: Checkpoint, i: int):

@@ -5,8 +5,7 @@ every row of a batch, whatever adapters the rows use, on **packed tokens**: `hid
 the real tokens of every row one after the other, so per-token work (projections, FFN, LayerNorms,
 residuals, slots) computes no padding. Attention gathers its rows into `[rows, T]` (`attention_gather`,
 pads masked) and scatters back (`attention_scatter`): padding exists only inside the score and
-context products; a batch without padding (every row as long as the longest) reshapes instead
-(an `If` on the map sizes, the same bits).
+context products.
 
 Each slot groups the tokens by bank row (`<loc>_group` `[G, S]`: the tokens taking bank row
 `<loc>_index[g]`, G distinct bank rows, S the largest group) so the adapter's weights are gathered
@@ -40,11 +39,9 @@ MAP_INPUTS = ("hidden", "attention_gather", "attention_mask", "attention_scatter
               "attention_group", "attention_index", "attention_ungroup", "ffn_group", "ffn_index", "ffn_ungroup")
 
 
-def layer_graph(ck: Checkpoint, i: int, dispatch: bool = True, reshape: bool = True):
+def layer_graph(ck: Checkpoint, i: int, dispatch: bool = True):
     """(packed hidden, attention maps, group maps, banks) -> packed y; see the module doc. `dispatch`
-    False: every slot in the general rule's form only (graphs_rule.slot_rule); `reshape` False:
-    attention always gathers, even for a batch without padding (graphs_backbone.attention_body); both
-    for tests and benches."""
+    False: every slot in the general rule's form only (graphs_rule.slot_rule; for tests and benches)."""
     H = ck.hidden_size
     g = GraphBuilder(f"layer{i}")
     hidden = g.input("hidden", F, ["tokens0", H])
@@ -75,7 +72,7 @@ def layer_graph(ck: Checkpoint, i: int, dispatch: bool = True, reshape: bool = T
         return ck.intermediate_size if t == "intermediate" else H
 
     def attention(b, hook=None):
-        return attention_body(b, ck, i, hidden, mask, gather=gather, scatter=scatter, hook=hook, reshape=reshape)
+        return attention_body(b, ck, i, hidden, mask, gather=gather, scatter=scatter, hook=hook)
 
     def ffn(b, hook=None):
         return ffn_body(b, ck, i, x1, hook=hook)

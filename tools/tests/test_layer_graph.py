@@ -45,7 +45,6 @@ def graphs(ck):
     layers = []
     for i in range(LAYERS):
         layers.append({"layer": session(layer_graph(ck, i)), "general": session(layer_graph(ck, i, dispatch=False)),
-                       "gather": session(layer_graph(ck, i, reshape=False)),
                        "attention": session(attention_graph(ck, i)),
                        "ffn": session(ffn_graph(ck, i)),
                        "attention_slot": session(plain_slot_graph(*ck.ln(i, "attention"), ck.eps, "a")),
@@ -276,62 +275,3 @@ def test_dispatch_takes_the_cheap_branches(ck):
     assert one["Where"] == 0 and one["LayerNormalization"] == 3, sorted(one.items())
     assert one["Sigmoid"] == one["Tanh"] == 0 and one["Erf"] == mixed["Erf"] - 1, sorted(one.items())
     assert mixed["Where"] >= 8 and mixed["Sigmoid"] == 1, sorted(mixed.items())
-
-
-def unpadded(rows, hole=False):
-    """Rows all T long (no padding: attention reshapes); `hole`: a client mask with a 0 inside row 0."""
-    x, mask = inputs(rows)
-    mask[:] = 1
-    if hole:
-        mask[0, 2] = 0
-    return x, mask
-
-
-@pytest.mark.parametrize("case", ["plain", "adapter rows", "padded", "hole", "hole padded", "split rows"])
-def test_unpadded_batch_reshapes_with_the_bits_of_the_gather(ck, graphs, case):
-    """A batch without padding takes attention's reshape branch (graphs_backbone.attention_body): the
-    same bits as the gathered form, plain rows beside adapter rows, padded batches (gather branch),
-    a client mask with a hole (masked, in either branch) and rows split at the slots."""
-    a = adapter(8, "relu", True, True, True, 1.0, seed=71)
-    x, mask = inputs(3) if "padded" in case else unpadded(3, hole="hole" in case)
-    if "padded" in case and "hole" in case:
-        mask[1, 3] = 0
-    maps = {"plain": ([0, 1, 2], [0, 0, 0], [0, 1, 2], [0, 0, 0]),
-            "split rows": ([0, 0, 1, 2], [0, 1, 1, 0], [0, 1, 2, 3, 3], [1, 0, 1, 0, 1])}.get(
-                case, ([0, 1, 2], [1, 0, 1], [0, 1, 2], [1, 0, 1]))
-    src = [maps[0][r] for r in maps[2]]
-    for i in range(LAYERS):
-        banks = {loc: bank([(a, a.slots[(i, loc)])], H) for loc in ("attention", "ffn")}
-        got, want = (run_layer(graphs, i, x, mask, *maps, banks, graph=k) for k in ("layer", "gather"))
-        assert np.array_equal(real(got, mask, src), real(want, mask, src)), (i, case)
-        if case == "plain":  # and both are the segmented plain layer, bit for bit
-            assert np.array_equal(real(got, mask), real(segmented(graphs, i, x, mask), mask)), i
-
-
-def empty_banks():
-    return {loc: bank([], H) for loc in ("attention", "ffn")}
-
-
-def test_unpadded_batch_runs_no_attention_gather(ck):
-    """ORT's profile: a batch without padding runs four `Gather`s fewer (attention's Q, K, V and the
-    scatter) than the same rows with one padded; the client's mask hole keeps nothing of the gather."""
-    import json
-    import tempfile
-
-    def gathers(x, mask):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        so.log_severity_level = 3
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "p")
-        s = ort.InferenceSession(layer_graph(ck, 0).SerializeToString(), so, providers=["CPUExecutionProvider"],
-                                 disabled_optimizers=["SkipLayerNormFusion"])
-        run_layer([{"layer": s}], 0, x, mask, [0, 1], [0, 0], [0, 1], [0, 0], empty_banks())
-        events = json.load(open(s.end_profiling()))
-        return sum(1 for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
-                   and e["args"]["op_name"] == "Gather")
-
-    x, mask = inputs(2)
-    padded = gathers(x, mask)
-    assert gathers(*unpadded(2)) == padded - 4
-    assert gathers(*unpadded(2, hole=True)) == padded - 4
