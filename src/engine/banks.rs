@@ -408,12 +408,17 @@ impl BankStore {
         let lower = w.stack.as_ref().map(|s| (SlotRule { ln_after: false, ..s.rule }.flags(), &s.slots));
         let writes = w.slots.iter().map(|(k, v)| (slot_of(k.1), k.0, &flags, v));
         let stacked = lower.iter().flat_map(|(f, slots)| slots.iter().map(move |(k, v)| (stack_slot_of(k.1), k.0, f, v)));
+        // Rows [0, in_use) hold every task row: a widened bank copies only those, so rows
+        // reserved at start-up and the growth margin stay untouched zero pages (copying them would
+        // make them resident: 10,000 reserved rows on a backbone whose first task widens its banks).
+        let mut in_use = None;
         for (slot, layer, flags, weights) in writes.chain(stacked) {
             let Some(banks) = self.banks.get_mut(layer) else { continue };
             let bank = &mut banks[slot];
             if weights.width() > bank.width() {
-                self.resize_bytes += bank.bytes() as u64;
-                *bank = bank.resized(bank.rows(), weights.width(), bank.rows());
+                let keep = *in_use.get_or_insert_with(|| self.rows.values().map(|(r, _)| r + 1).max().unwrap_or(1).max(row + 1));
+                self.resize_bytes += (bank.bytes() / bank.rows() * keep) as u64;
+                *bank = bank.resized(bank.rows(), weights.width(), keep);
             }
             bank.write(row, flags, weights);
         }

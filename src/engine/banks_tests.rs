@@ -108,6 +108,20 @@ fn reserved_rows_take_writes_without_growing_and_are_given_back() {
     drop(held);
     let b = BackboneBanks::new(1, H, 2 * H);
     b.reserve(1000);
+    let before = b.store().resize_bytes();
+    let one = b.register(task(3, 1.0, &[(0, Location::Ffn)]));
+    let s = b.store();
+    let row_bytes = s.bank(0, Location::Ffn).bytes() / s.capacity();
+    assert!(
+        s.resize_bytes() - before <= 2 * row_bytes as u64,
+        "widening copied {} bytes: rows not in use were touched",
+        s.resize_bytes() - before
+    );
+    assert_eq!(s.index(one.id(), 0, Location::Ffn), 1);
+    drop(s);
+    drop(one);
+    let b = BackboneBanks::new(1, H, 2 * H);
+    b.reserve(1000);
     b.reserve(0);
     assert!(b.store().capacity() <= 10, "{}", b.store().capacity());
 }
