@@ -14,7 +14,7 @@ use std::path::Path;
 use adapterdrop_serve::proto::{BundleHeader, InferRequest, TaskRef, TaskStatus, TokenizedInputs, infer_request::Inputs};
 use admin_support::{admin, messages, register_msgs, robust, weights_header};
 use common::breadth::{BACKBONES, adapter_dir, assert_close, assert_kserve_fan_out, breadth_repo, reference, unpadded};
-use common::{TestServer, copy_dir, infer_logits};
+use common::{TestServer, copy_dir, infer_logits, metric_sum, scrape};
 
 /// A private copy of the breadth repository's backbones (registration writes into it).
 fn backbones_only() -> tempfile::TempDir {
@@ -90,11 +90,25 @@ async fn mixed_request_matches_the_library(server: &TestServer, b: &str) {
         inputs: Some(Inputs::Tokens(TokenizedInputs { sequences: unpadded(&fx["inputs"]["texts"]) })),
         ..Default::default()
     };
+    let layers = fx["num_layers"].as_f64().unwrap();
+    let runs = graph_runs(server);
     let resp = server.client().await.infer(req).await.expect("mixed request").into_inner();
     for ((task, fixture, n), result) in refs.iter().zip(&resp.results) {
         let got: Vec<Vec<f32>> = result.sequences.iter().map(|s| s.logits.clone()).collect();
         assert_close(&format!("mixed {task} n={n}"), &got, &fx["tasks"][*fixture]["outputs"][n.to_string()]["logits"]);
     }
+    // Embeddings + one run per layer (heads on the host); ELECTRA's `embeddings_project` once more,
+    // only in a batch with an invertible adapter.
+    let project = if b == "electra" { 1.0 } else { 0.0 };
+    assert_eq!(graph_runs(server) - runs, 1.0 + layers + project, "{b}: session runs of the mixed request");
+    let runs = graph_runs(server);
+    let got = infer_logits(server, &pfeiffer, 1, Inputs::Tokens(TokenizedInputs { sequences: unpadded(&fx["inputs"]["texts"]) })).await;
+    assert_close(&format!("{pfeiffer} n=1"), &got, &fx["tasks"]["pfeiffer"]["outputs"]["1"]["logits"]);
+    assert_eq!(graph_runs(server) - runs, 1.0 + layers, "{b}: a batch without a Stack runs no extra graph");
+}
+
+fn graph_runs(server: &TestServer) -> f64 {
+    metric_sum(&scrape(&server.metrics_addr), "adapterdrop_graph_runs_total", "")
 }
 
 /// KServe v2 as a Triton client sends it: text in, the stack and the Pfeiffer task fanned out.

@@ -1,7 +1,8 @@
 //! The CPU runner of a bank plan (`plan.rs`, laid out on tokens by `packing.rs`): embeddings, then
 //! one `layer.onnx` run per layer on packed tokens with the backbone's adapter banks as inputs, then
 //! the heads on the host. A batch costs 1 + L session runs whatever tasks and drop depths it mixes
-//! (plus one per task whose head is only a graph).
+//! (plus one per task whose head is only a graph, and ELECTRA's `embeddings_project` where a row
+//! has a Stack's invertible adapter).
 //!
 //! The embeddings run padded (`[rows, T]`, the graph every path shares) and are packed on the host:
 //! one copy of the real tokens' states, a small fraction of one layer's work, and no second
