@@ -10,7 +10,8 @@
 //!
 //! Session runs per batch are reported for each. `cargo bench --bench banks` with ORT_DYLIB_PATH
 //! set. Environment (optional): BENCH_REPO=build/test-repo BENCH_RUNS=7 BENCH_B=8 BENCH_T=64
-//! BENCH_ROWS=256 BENCH_ROWS_T=32 BENCH_THREADS=0.
+//! BENCH_ROWS=256 BENCH_ROWS_T=32 BENCH_THREADS=0; BENCH_BEFORE_REPO: a test repository exported
+//! by an earlier commit's tools, whose layer graphs the one-task case also times, side by side.
 
 mod packing;
 mod support;
@@ -89,9 +90,20 @@ fn main() -> Res<()> {
     let layers = bb.num_layers();
     let packed_tasks = || (0..3).map(|i| bench.task(500 + i)).collect::<Res<Vec<_>>>();
     let packed_batches = env_usize("BENCH_PACKED_BATCHES", 8)?;
+    // The same task on the layer graphs of an earlier export (BENCH_BEFORE_REPO), for before/after.
+    let before = match env("BENCH_BEFORE_REPO") {
+        Some(dir) => {
+            let repo = PathBuf::from(dir);
+            let old = Bench { reg: Registry::open(&bench.rt, &repo)?, rt: bench.rt.clone(), repo };
+            let task = old.task(500)?;
+            Some((old.reg.resolve(TASK, None)?.backbone.clone(), task, old))
+        }
+        None => None,
+    };
+    let before = before.as_ref().map(|(bb, task, _)| (bb.as_ref(), task));
     if env("BENCH_ONLY").as_deref() == Some("packing") {
         let tasks = packed_tasks()?;
-        packing::one_task_vs_fused(&bench.rt, &bb, &tasks[0], runs, (b, t))?;
+        packing::one_task_vs_fused(&bench.rt, &bb, &tasks[0], before, runs, (b, t))?;
         return packing::packed_vs_padded(&bb, &tasks, runs, packed_batches);
     }
     println!("## Adapter banks vs per-task segments (MiniLM, L = {layers}, CPU, {threads} threads (0 = cores), medians of {runs})\n");
@@ -131,6 +143,6 @@ fn main() -> Res<()> {
     );
     drop(store); // the packed section registers bank tasks
     let tasks = packed_tasks()?;
-    packing::one_task_vs_fused(&bench.rt, &bb, &tasks[0], runs, (b, t))?;
+    packing::one_task_vs_fused(&bench.rt, &bb, &tasks[0], before, runs, (b, t))?;
     packing::packed_vs_padded(&bb, &tasks, runs, packed_batches)
 }

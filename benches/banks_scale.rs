@@ -17,7 +17,8 @@
 //!
 //! Environment (optional): BENCH_REPO=build/bench-repo BENCH_BACKBONE=bert-base-random (or minilm)
 //! BENCH_B=8 (comma list) BENCH_T=32 BENCH_RUNS=3 BENCH_ROWS=256 BENCH_ROWS_T=16 BENCH_THREADS=0
-//! BENCH_CASES=one,k8,mix,rows ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER=cuda BENCH_OUT=FILE.
+//! BENCH_CASES=one,k8,mix,rows ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER=cuda BENCH_OUT=FILE
+//! BENCH_CLOCK=cpu (process CPU time instead of wall time, with BENCH_THREADS=1: `support::now_ms`).
 
 mod support;
 
@@ -32,7 +33,7 @@ use adapterdrop_serve::engine::{ExecStats, Lane, Sequence, run_lanes};
 use adapterdrop_serve::repository::{Backbone, Registry, Task, adapterhub};
 use adapterdrop_serve::runtime::{Graph, Runtime};
 use ndarray::Array2;
-use support::{env, env_usize, load_fused, matrices, median, run_fused, runtime_settings, sequences};
+use support::{env, env_usize, load_fused, matrices, median, now_ms, run_fused, runtime_settings, sequences};
 
 type Res<X> = Result<X, Box<dyn Error + Send + Sync>>;
 /// Median ms, stats and outputs of one timed configuration.
@@ -77,9 +78,9 @@ impl Case<'_> {
         for round in 0..self.runs {
             let order: Vec<usize> = if round % 2 == 0 { (0..configs.len()).collect() } else { (0..configs.len()).rev().collect() };
             for i in order {
-                let t0 = Instant::now();
+                let t0 = now_ms();
                 self.run(&configs[i])?;
-                times[i].push(t0.elapsed().as_secs_f64() * 1e3);
+                times[i].push(now_ms() - t0);
             }
         }
         Ok(times.iter_mut().zip(first).map(|(t, (out, st))| (median(t), st, out)).collect())
@@ -159,10 +160,11 @@ fn main() -> Res<()> {
         if settings.intra_threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { settings.intra_threads };
     let _ = writeln!(
         md,
-        "## banks: {name} (L = {layers}, H = {}), {:?}, ONNX Runtime {}, {threads} intra-op threads, T = {t}, medians of {runs}\n",
+        "## banks: {name} (L = {layers}, H = {}), {:?}, ONNX Runtime {}, {threads} intra-op threads, T = {t}, medians of {runs} ({} time)\n",
         bb.manifest.hidden_size,
         settings.execution_provider,
-        rt.version()
+        rt.version(),
+        if env("BENCH_CLOCK").as_deref() == Some("cpu") { "process CPU" } else { "wall" }
     );
     let mut notes = Vec::new();
     let mut most_runs = 0usize;

@@ -14,7 +14,7 @@ use adapterdrop_serve::repository::{Backbone, Task};
 use adapterdrop_serve::runtime::Runtime;
 
 use super::Res;
-use super::support::{env, load_fused, median, run_fused, sequences};
+use super::support::{cpu_ms, env, load_fused, median, run_fused, sequences};
 
 /// Token lengths of the workload, in a fixed shuffled order (FIFO batches take them in turn).
 fn lengths() -> Res<(Vec<usize>, &'static str)> {
@@ -131,8 +131,17 @@ pub fn packed_vs_padded(bb: &Backbone, tasks: &[Arc<Task>], runs: usize, batches
 
 /// One task on the banks (packed, n = 0 and n = L) against the fused one-graph plain model
 /// (`make_bench_repo.py`, issue 12's "one task at most 1.06x the fused graph"), equal lengths.
-/// `BENCH_FUSED_REPO` (default build/bench-repo) must hold `fused/minilm/model.onnx`.
-pub fn one_task_vs_fused(rt: &Runtime, bb: &Backbone, task: &Arc<Task>, runs: usize, (b, t): (usize, usize)) -> Res<()> {
+/// `BENCH_FUSED_REPO` (default build/bench-repo) must hold `fused/minilm/model.onnx`. `before`: the
+/// same task on an earlier export's layer graphs (BENCH_BEFORE_REPO), timed in the same rounds.
+/// Wall and process CPU time are both reported (`support::cpu_ms`).
+pub fn one_task_vs_fused(
+    rt: &Runtime,
+    bb: &Backbone,
+    task: &Arc<Task>,
+    before: Option<(&Backbone, &Arc<Task>)>,
+    runs: usize,
+    (b, t): (usize, usize),
+) -> Res<()> {
     let repo = PathBuf::from(env("BENCH_FUSED_REPO").unwrap_or_else(|| "build/bench-repo".into()));
     let head = repo.join("tasks/mini-pf-00/1/task.json");
     let Ok(text) = std::fs::read_to_string(&head) else {
@@ -143,29 +152,39 @@ pub fn one_task_vs_fused(rt: &Runtime, bb: &Backbone, task: &Arc<Task>, runs: us
     let fused = load_fused(rt, &repo, "minilm", labels)?;
     let seqs = sequences(b, t, 7);
     let layers = bb.num_layers() as u32;
-    let lane =
-        |n: u32| -> Res<Vec<Lane>> { Ok(vec![Lane { task: task.clone(), active: task.active_layers(Some(n))?, rows: (0..b).collect() }]) };
-    let (adapters, plain) = (lane(0)?, lane(layers)?);
-    let mut times = [Vec::new(), Vec::new(), Vec::new()];
-    for round in 0..=runs {
-        let mut t = |i: usize, f: &dyn Fn() -> Res<()>| -> Res<()> {
-            let t0 = Instant::now();
-            f()?;
-            if round > 0 {
-                times[i].push(t0.elapsed().as_secs_f64() * 1e3);
-            }
-            Ok(())
-        };
-        t(0, &|| run_fused(&fused, &seqs).map(drop))?;
-        t(1, &|| execute_banked_as(bb, &seqs, &adapters, true).map(drop).map_err(Into::into))?;
-        t(2, &|| execute_banked_as(bb, &seqs, &plain, true).map(drop).map_err(Into::into))?;
+    let lane = |task: &Arc<Task>, n: u32| -> Res<Vec<Lane>> {
+        Ok(vec![Lane { task: task.clone(), active: task.active_layers(Some(n))?, rows: (0..b).collect() }])
+    };
+    // (label, backbone, lanes); fused first
+    let mut cases: Vec<(&str, Option<&Backbone>, Vec<Lane>)> = vec![
+        ("fused graph", None, Vec::new()),
+        ("banks, n = 0 (Pfeiffer in every layer)", Some(bb), lane(task, 0)?),
+        ("banks, n = L (no adapters: the fused graph's math)", Some(bb), lane(task, layers)?),
+    ];
+    if let Some((old, old_task)) = before {
+        cases.push(("before: banks, n = 0", Some(old), lane(old_task, 0)?));
+        cases.push(("before: banks, n = L", Some(old), lane(old_task, layers)?));
     }
-    let [f, a, p] = times.map(|mut v| median(&mut v));
-    println!("\n## One task on the banks vs the fused one-graph model (MiniLM, B = {b}, T = {t}, medians of {runs})\n");
-    println!(
-        "| fused graph ms | banks, n = 0 (Pfeiffer in every layer) ms | ratio | banks, n = L (no adapters: the fused graph's math) ms | ratio |"
-    );
-    println!("|---|---|---|---|---|");
-    println!("| {f:.1} | {a:.1} | **{:.3}x** | {p:.1} | **{:.3}x** |", a / f, p / f);
+    let (mut wall, mut cpu) = (vec![Vec::new(); cases.len()], vec![Vec::new(); cases.len()]);
+    for round in 0..=runs {
+        for (i, (_, backbone, lanes)) in cases.iter().enumerate() {
+            let (t0, c0) = (Instant::now(), cpu_ms());
+            match backbone {
+                None => drop(run_fused(&fused, &seqs)?),
+                Some(bb) => drop(execute_banked_as(bb, &seqs, lanes, true)?),
+            }
+            if round > 0 {
+                wall[i].push(t0.elapsed().as_secs_f64() * 1e3);
+                cpu[i].push(cpu_ms() - c0);
+            }
+        }
+    }
+    println!("\n## One task on the banks vs the fused one-graph model (MiniLM, B = {b}, T = {t}, medians of {runs} interleaved rounds)\n");
+    println!("| case | wall ms | / fused | CPU ms | / fused (CPU) |\n|---|---|---|---|---|");
+    let (f, fc) = (median(&mut wall[0].clone()), median(&mut cpu[0].clone()));
+    for (i, (label, _, _)) in cases.iter().enumerate() {
+        let (w, c) = (median(&mut wall[i]), median(&mut cpu[i]));
+        println!("| {label} | {w:.1} | **{:.3}x** | {c:.1} | **{:.3}x** |", w / f, c / fc);
+    }
     Ok(())
 }

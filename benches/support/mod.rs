@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Instant;
 
 use adapterdrop_serve::config::RuntimeSettings;
 use adapterdrop_serve::engine::heads::to_matrix;
@@ -17,6 +19,23 @@ pub fn env(name: &str) -> Option<String> {
 
 pub fn env_usize(name: &str, default: usize) -> Result<usize, String> {
     env(name).map_or(Ok(default), |v| v.trim().parse().map_err(|e| format!("{name}={v}: {e}")))
+}
+
+/// CPU time of this process so far, ms (all threads): on a loaded machine it leaves out the time
+/// the benchmark waited for a core, which wall time does not.
+pub fn cpu_ms() -> f64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 * 1e3 + t.tv_nsec as f64 / 1e6
+}
+
+/// The benchmark clock, ms from an arbitrary start: wall time, or with `BENCH_CLOCK=cpu` this
+/// process's CPU time (`cpu_ms`; meaningful with BENCH_THREADS=1, where ONNX Runtime computes on the
+/// calling thread and nothing spins).
+pub fn now_ms() -> f64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    if env("BENCH_CLOCK").as_deref() == Some("cpu") { cpu_ms() } else { START.get_or_init(Instant::now).elapsed().as_secs_f64() * 1e3 }
 }
 
 pub fn median(v: &mut [f64]) -> f64 {

@@ -13,8 +13,8 @@ once per group (`[G, H, r]`), runs the slot rule on `[G, S, H]` and puts the tok
 (`<loc>_ungroup`). The group map indexes the tokens *before* the slot, so it also does AdapterDrop's
 row expansion (a token of a split row appears once per copy): the token count may grow at each
 slot. The rule (LayerNorm placement, residual, activation, scaling) is data too, one flag row per
-bank row, selected with `Where`, so the chosen branch is taken bit for bit; bank row 0 gives
-`LN(h + x)`, the plain slot, exactly.
+bank row (graphs_rule.py: only the branches the batch's groups take run, each bit for bit); bank
+row 0 gives `LN(h + x)`, the plain slot, exactly.
 
 `Stack` (MAD-X, issue 14 item 4): each slot has a second bank, `<loc>.stack.*`, indexed by the same
 bank rows, holding the *lower* adapter of a stack (the language adapter). Its rule runs first,
@@ -25,28 +25,23 @@ the step (`If`), so it costs them nothing."""
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto
 
 from .checkpoint import Checkpoint
 from .graphs_backbone import attention_body, ffn_body
-from .graphs_methods import any_method, gather_methods, if_branches, if_methods, method_inputs, method_projection, parallel_input
+from .graphs_methods import any_method, gather_methods, if_branches, if_methods, method_inputs, method_projection
+from .graphs_rule import ACTIVATIONS, COL, K, RULE_COLUMNS, slot_rule  # noqa: F401 (re-exported)
 from .onnx_builder import F, I64, GraphBuilder
 
 LOCATIONS = ("attention", "ffn")
-# Column order of a bank's `rule` row ([N, 1, K]); the server writes the same layout.
-RULE_COLUMNS = ("ln_before", "ln_after", "residual_h", "residual_u", "residual_s", "scale",
-                "relu", "silu", "gelu", "tanh", "sigmoid", "parallel")
-K = len(RULE_COLUMNS)
-COL = {name: i for i, name in enumerate(RULE_COLUMNS)}
-ACTIVATIONS = RULE_COLUMNS[6:11]
 BANK_TENSORS = ("down_w", "down_b", "up_w", "up_b", "rule")
 # Inputs of layer.onnx before the banks, in order (the server checks the same list).
 MAP_INPUTS = ("hidden", "attention_gather", "attention_mask", "attention_scatter",
               "attention_group", "attention_index", "attention_ungroup", "ffn_group", "ffn_index", "ffn_ungroup")
 
 
-def layer_graph(ck: Checkpoint, i: int):
-    """(packed hidden, attention maps, group maps, banks) -> packed y; see the module doc."""
+def layer_graph(ck: Checkpoint, i: int, dispatch: bool = True):
+    """(packed hidden, attention maps, group maps, banks) -> packed y; see the module doc. `dispatch`
+    False: every slot in the general rule's form only (graphs_rule.slot_rule; for tests and benches)."""
     H = ck.hidden_size
     g = GraphBuilder(f"layer{i}")
     hidden = g.input("hidden", F, ["tokens0", H])
@@ -84,9 +79,9 @@ def layer_graph(ck: Checkpoint, i: int):
 
     h1 = if_methods(g, used, lambda b: with_methods(b, "attention", ("query", "key", "value"), attention), attention, "attention")
     x1 = bank_slot(g, h1, hidden, maps["attention"], banks["attention"], *ck.ln(i, "attention"), ck.eps, "attention",
-                   stack=stacks["attention"])
+                   stack=stacks["attention"], dispatch=dispatch)
     h2 = if_methods(g, used, lambda b: with_methods(b, "ffn", ("intermediate", "output"), ffn), ffn, "ffn")
-    bank_slot(g, h2, x1, maps["ffn"], banks["ffn"], *ck.ln(i, "ffn"), ck.eps, "ffn", out="y", stack=stacks["ffn"])
+    bank_slot(g, h2, x1, maps["ffn"], banks["ffn"], *ck.ln(i, "ffn"), ck.eps, "ffn", out="y", stack=stacks["ffn"], dispatch=dispatch)
     return g.model()
 
 
@@ -124,57 +119,42 @@ class Groups:
 
 
 def bank_slot(g: GraphBuilder, h: str, x: str, groups: Groups, bank: dict, lw, lb, eps: float, loc: str,
-              out: str | None = None, stack: dict | None = None) -> str:
-    """The general AdapterHub slot rule (graphs_task.adapter_slot_graph) on token groups, each with
-    its bank row's weights and flags; packed in, packed out. `stack`: the lower adapters' bank
-    (module doc), run first on the rows that have one."""
-    hs, xs = groups.split(g, h), groups.split(g, x)
-    if stack is not None:
-        hs = stack_step(g, hs, xs, groups, stack, lw, lb, eps, loc)
-    y = slot_rule(g, hs, xs, {t: groups.weights(g, bank[t]) for t in BANK_TENSORS}, lw, lb, eps, loc)
-    return groups.join(g, y, out)
+              out: str | None = None, stack: dict | None = None, dispatch: bool = True) -> str:
+    """The AdapterHub slot rule (graphs_rule.py) on token groups, each with its bank row's weights
+    and flags; packed in, packed out. `stack`: the lower adapters' bank (module doc), run first on
+    the rows that have one (a batch without stack rows skips it: `If`)."""
+    xs = groups.split(g, x)
+    if stack is None:
+        hs = groups.split(g, h)
+    else:  # `h` grouped inside each branch: no copy of it on the way out of the `If`
+        used, active = stack_rows(g, groups, stack)
+        hs = if_branches(g, used, lambda b: stack_step(b, groups.split(b, h), xs, groups, stack, active, lw, lb, eps, loc),
+                         lambda b: groups.split(b, h), f"{loc}_stack")
+    w = {t: (lambda b, t=t: groups.weights(b, bank[t])) for t in BANK_TENSORS if t != "rule"}
+    w["rule"] = groups.weights(g, bank["rule"])
+    return groups.join(g, slot_rule(g, hs, xs, w, lw, lb, eps, loc, dispatch=dispatch), out)
 
 
-def stack_step(g: GraphBuilder, h: str, x: str, groups: Groups, stack: dict, lw, lb, eps: float, loc: str) -> str:
-    """The lower adapter of a `Stack` on `[G, S, H]` groups: its rule output (written with
-    `ln_after` 0) where the group's stack row has an activation flag, else `h` bit for bit; the
-    whole step is skipped (`If`) when no group has a stack row."""
+def stack_rows(g: GraphBuilder, groups: Groups, stack: dict) -> tuple:
+    """(whether any group has a stack row: bool scalar, which groups do: `[G, 1, 1]`); a stack row is
+    one with an activation flag."""
     rule = groups.weights(g, stack["rule"])  # [G, 1, K]
     acts = g.op("Slice", [rule, g.const([COL["relu"]], "stack_act_from", np.int64),
                           g.const([COL["sigmoid"] + 1], "stack_act_to", np.int64), g.const([2], "rule_axis", np.int64)])
     active = g.op("Greater", [g.op("ReduceSum", [acts, g.const([2], "rule_axis", np.int64)], keepdims=1),
                               g.const(0.0, "stack_none")])  # [G, 1, 1]
     used = g.op("Greater", [g.op("ReduceMax", [acts], keepdims=0), g.const(0.0, "stack_none")])
-
-    def stacked(b):
-        w = {t: groups.weights(b, stack[t]) for t in BANK_TENSORS}
-        return b.op("Where", [active, slot_rule(b, h, x, w, lw, lb, eps, loc), h])
-
-    return if_branches(g, used, stacked, lambda b: b.op("Identity", [h]), f"{loc}_stack")
+    return used, active
 
 
-def slot_rule(g: GraphBuilder, h: str, x: str, w: dict, lw, lb, eps: float, loc: str) -> str:
-    """The rule on `[G, S, H]` states with per-group weights `w` (`[G, ...]`, BANK_TENSORS)."""
-    axis2 = g.const([2], "rule_axis", np.int64)
-
-    def flag(name: str) -> str:  # [G, 1, 1]
-        k = COL[name]
-        return g.op("Slice", [w["rule"], g.const([k], f"rule_{k}", np.int64), g.const([k + 1], f"rule_{k + 1}", np.int64), axis2])
-
-    def on(name: str) -> str:
-        return g.op("Cast", [flag(name)], to=TensorProto.BOOL)
-
-    s = g.op("Add", [h, x])
-    u = g.op("Where", [on("ln_before"), g.layer_norm(s, lw, lb, eps, f"{loc}.ln"), h])
-    u = parallel_input(g, on("parallel"), x, u)  # par_bn: the adapter reads the sub-layer input
-    pre = g.op("Add", [g.op("MatMul", [u, w["down_w"]]), w["down_b"]])
-    z = g.activation(pre, "sigmoid")
-    for act in ("tanh", "gelu", "silu", "relu"):
-        z = g.op("Where", [on(act), g.activation(pre, act), z])
-    up = g.op("Mul", [g.op("Add", [g.op("MatMul", [z, w["up_w"]]), w["up_b"]]), flag("scale")])
-    r = g.op("Where", [on("residual_h"), h, g.op("Where", [on("residual_u"), u, s])])
-    o = g.op("Add", [up, r])
-    return g.op("Where", [on("ln_after"), g.layer_norm(g.op("Add", [o, x]), lw, lb, eps, f"{loc}.ln"), o])
+def stack_step(g: GraphBuilder, h: str, x: str, groups: Groups, stack: dict, active: str, lw, lb, eps: float,
+               loc: str) -> str:
+    """The lower adapter of a `Stack` on `[G, S, H]` groups: its rule output (written with
+    `ln_after` 0) where the group's stack row is `active`, else `h` bit for bit. Stacks are rare:
+    their rule takes the general form (no dispatch `If`s, which cost session start-up)."""
+    w = {t: groups.weights(g, stack[t]) for t in BANK_TENSORS}
+    return g.op("Where", [active, slot_rule(g, h, x, w, lw, lb, eps, f"{loc}.stack", ln_weights=f"{loc}.ln",
+                                          dispatch=False), h])
 
 
 def pack_maps(lens, rows, index) -> dict:

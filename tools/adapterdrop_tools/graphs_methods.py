@@ -63,9 +63,10 @@ def if_methods(g: GraphBuilder, cond: str, with_methods, plain, name: str) -> st
     return if_branches(g, cond, with_methods, plain, name, ("methods", "plain"))
 
 
-def if_branches(g: GraphBuilder, cond: str, then, otherwise, name: str, labels=("then", "else")) -> str:
+def if_branches(g: GraphBuilder, cond: str, then, otherwise, name: str, labels=("then", "else"), out: str | None = None) -> str:
     """`If(cond)`: the nodes `then(b)` builds, else those `otherwise(b)` builds, each into a
-    sub-builder `b` sharing `g`'s initializers (the layer's weights are stored once)."""
+    sub-builder `b` sharing `g`'s initializers (the layer's weights are stored once); `out` names
+    the result."""
     from onnx import helper
 
     from .onnx_builder import F
@@ -76,7 +77,7 @@ def if_branches(g: GraphBuilder, cond: str, then, otherwise, name: str, labels=(
         out = build(b)
         return helper.make_graph(b.nodes, f"{name}_{label}", [], [helper.make_tensor_value_info(out, F, None)])
 
-    return g.op("If", [cond], then_branch=branch(then, labels[0]), else_branch=branch(otherwise, labels[1]))
+    return g.op("If", [cond], out, then_branch=branch(then, labels[0]), else_branch=branch(otherwise, labels[1]))
 
 
 def method_projection(g: GraphBuilder, groups, x: str, y: str, w: dict, width: int) -> str:

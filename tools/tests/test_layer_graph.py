@@ -3,6 +3,7 @@ graphs it replaces: bank row 0 is the plain layer bit for bit; adapter rows equa
 graphs within 1e-6 for every slot rule and activation, with rows of different lengths packed, rows
 split and bottlenecks padded to the bank width. Positions past a row's length are not compared
 (the packed graph does not compute them)."""
+import collections
 import itertools
 import os
 
@@ -43,7 +44,8 @@ def ck(tmp_path_factory):
 def graphs(ck):
     layers = []
     for i in range(LAYERS):
-        layers.append({"layer": session(layer_graph(ck, i)), "attention": session(attention_graph(ck, i)),
+        layers.append({"layer": session(layer_graph(ck, i)), "general": session(layer_graph(ck, i, dispatch=False)),
+                       "attention": session(attention_graph(ck, i)),
                        "ffn": session(ffn_graph(ck, i)),
                        "attention_slot": session(plain_slot_graph(*ck.ln(i, "attention"), ck.eps, "a")),
                        "ffn_slot": session(plain_slot_graph(*ck.ln(i, "ffn"), ck.eps, "f"))})
@@ -76,9 +78,9 @@ def lengths(mask):
     return [int(np.nonzero(m)[0].max()) + 1 for m in mask]
 
 
-def run_layer(g, i, x, mask, a_rows, a_idx, f_rows, f_idx, banks):
-    """Packs the padded rows `x` to their lengths, runs the layer graph, unpacks `y` to [R2, T, H]
-    with NaN past each row's length."""
+def run_layer(g, i, x, mask, a_rows, a_idx, f_rows, f_idx, banks, graph="layer"):
+    """Packs the padded rows `x` to their lengths, runs the layer graph (`graph`: "general" for the
+    general rule's form alone), unpacks `y` to [R2, T, H] with NaN past each row's length."""
     lens0 = lengths(mask)
     feeds = {"hidden": np.concatenate([x[j, :n] for j, n in enumerate(lens0)]), **attention_maps(lens0, mask)}
     lens1 = [lens0[r] for r in a_rows]
@@ -89,7 +91,7 @@ def run_layer(g, i, x, mask, a_rows, a_idx, f_rows, f_idx, banks):
     for loc in ("attention", "ffn"):
         feeds.update({f"{loc}.{k}": v for k, v in banks[loc].items()})
     feeds.update(no_stack_rows(feeds, H))
-    y = g[i]["layer"].run(["y"], feeds)[0]
+    y = g[i][graph].run(["y"], feeds)[0]
     lens2 = [lens1[r] for r in f_rows]
     out = np.full((len(f_rows), x.shape[1], H), np.nan, np.float32)
     start = 0
@@ -211,3 +213,65 @@ def test_every_backbone_writer_writes_layer_graphs(test_repo):
             path = os.path.join(d, "layers", str(i), "layer.onnx")
             names = [v.name for v in ort.InferenceSession(path, providers=["CPUExecutionProvider"]).get_inputs()]
             assert names[:len(MAP_INPUTS)] == list(MAP_INPUTS), path
+
+
+def same_bits_as_general(graphs, x, mask, maps, banks, what):
+    """The dispatched layer graph (graphs_rule.py) against the general rule's form: the same bits."""
+    src = [maps[0][r] for r in maps[2]]  # the input row each output row continues
+    for i in range(LAYERS):
+        got, want = (run_layer(graphs, i, x, mask, *maps, banks[i], graph=k) for k in ("layer", "general"))
+        assert np.array_equal(real(got, mask, src), real(want, mask, src)), (i, what)
+
+
+# Every rule, alone (each decision uniform), beside plain rows (scale 0: any input and activation
+# agree) and beside a rule that differs in every decision (the general fallback).
+@pytest.mark.parametrize("rule,act,parallel", [(r, a, False) for r in RULES for a in ACTIVATIONS]
+                         + [((True, True, True), "relu", True), ((False, True, True), "silu", True)])
+def test_dispatched_rule_equals_the_general_rule_bit_for_bit(rule, act, parallel, graphs):
+    lnb, lna, res = rule
+    a = adapter(8, act, lnb, lna, res, 1.0 if act != "tanh" else 1.7, seed=51)
+    a.is_parallel = parallel
+    other = adapter(4, "sigmoid" if act != "sigmoid" else "tanh", not lnb, not lna, False if res is True else True,
+                    0.5, seed=52)
+    other.is_parallel = not parallel
+    x, mask = inputs(2)
+    alone = [{loc: bank([(a, a.slots[(i, loc)])], H) for loc in ("attention", "ffn")} for i in range(LAYERS)]
+    both = [{loc: bank([(a, a.slots[(i, loc)]), (other, other.slots[(i, loc)])], H) for loc in ("attention", "ffn")}
+            for i in range(LAYERS)]
+    same_bits_as_general(graphs, x, mask, ([0, 1], [1, 1], [0, 1], [1, 1]), alone, "alone")
+    same_bits_as_general(graphs, x, mask, ([0, 1, 1], [1, 0, 1], [0, 1, 2], [0, 1, 1]), alone, "beside plain rows")
+    same_bits_as_general(graphs, x, mask, ([0, 1, 1], [1, 2, 0], [0, 1, 2], [2, 1, 0]), both, "mixed rules")
+
+
+def test_dispatch_takes_the_cheap_branches(ck):
+    """A Pfeiffer batch runs one LayerNorm before, one activation and no `Where` at its FFN slot:
+    the ops ONNX Runtime runs (its profile) for a batch of one Pfeiffer task are fewer than for a batch
+    mixing rules, which runs the general form."""
+    import json
+    import tempfile
+
+    a = adapter(8, "relu", True, True, True, 1.0, seed=61, locations=("ffn",))
+    b = adapter(8, "gelu", False, True, False, 1.0, seed=62, locations=("ffn",))
+    x, mask = inputs(2)
+
+    def ops(rows, f_idx, entries):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.log_severity_level = 3
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "p")
+        s = ort.InferenceSession(layer_graph(ck, 0).SerializeToString(), so, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=["SkipLayerNormFusion"])
+        banks = {"attention": bank([], H), "ffn": bank(entries, H)}
+        run_layer([{"layer": s}], 0, x, mask, rows, [0] * len(rows), rows, f_idx, banks)
+        events = json.load(open(s.end_profiling()))
+        return collections.Counter(e["args"]["op_name"] for e in events
+                                   if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))
+
+    one = ops([0, 1], [1, 1], [(a, a.slots[(0, "ffn")])])
+    mixed = ops([0, 1], [1, 2], [(a, a.slots[(0, "ffn")]), (b, b.slots[(0, "ffn")])])
+    # one: no per-group selection; LN(h + x) at the plain attention slot, LN before and after at the
+    # FFN slot; relu alone (the FFN's own gelu is the one Erf); mixed: the general form
+    assert one["Where"] == 0 and one["LayerNormalization"] == 3, sorted(one.items())
+    assert one["Sigmoid"] == one["Tanh"] == 0 and one["Erf"] == mixed["Erf"] - 1, sorted(one.items())
+    assert mixed["Where"] >= 8 and mixed["Sigmoid"] == 1, sorted(mixed.items())
