@@ -75,7 +75,7 @@ def start(binary: str, repo: str):
            "ADAPTERDROP__REPOSITORY__POLL_INTERVAL_S": "0", "ADAPTERDROP__LOG__LEVEL": "warn,adapterdrop_serve=info"}
     t0 = time.perf_counter()
     proc = subprocess.Popen([binary], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    found: dict = {}
+    found: dict = {"phases": []}
 
     def read():  # keeps draining the pipe so the server never blocks on logging
         for line in proc.stdout:
@@ -83,6 +83,10 @@ def start(binary: str, repo: str):
                 found["addr"], found["t"] = m.group(1), time.perf_counter() - t0
             if m := re.search(r"admin service up admin=(\S+)", line):
                 found["admin"] = m.group(1)
+            if "repository opened" in line:
+                found["opened"] = dict(re.findall(r"(\w+_ms)=(\d+)", line))
+            if "task registered" in line and (m := re.findall(r"(reserve|validate|publish)_ms=(\d+)", line)):
+                found["phases"].append({k: int(v) for k, v in m})
     threading.Thread(target=read, daemon=True).start()
     deadline = time.time() + 600
     while not ("addr" in found and "admin" in found) and time.time() < deadline and proc.poll() is None:
@@ -93,6 +97,43 @@ def start(binary: str, repo: str):
     return proc, found
 
 
+def evict(root: str) -> int:
+    """Drops the page cache of every file under `root` (this repository's files only), so the next
+    start-up reads them from disk as after a reboot or on a fresh node. Returns the bytes evicted."""
+    total = 0
+    for d, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(d, f), os.O_RDONLY)
+            try:
+                total += os.fstat(fd).st_size
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    return total
+
+
+def restart_only(a) -> int:
+    """Start-up timings (listening, every task READY, the server's own phases) on a kept repository."""
+    import grpc
+    register_task.stubs()  # puts the generated modules on the path
+    from adapterdrop.v1 import adapterdrop_pb2 as core
+    from adapterdrop.v1 import adapterdrop_pb2_grpc as core_grpc
+    repo = os.path.abspath(os.path.join(a.work, "serve"))
+    tasks = sum(1 for e in os.scandir(os.path.join(repo, "tasks")) if e.is_dir() and not e.name.startswith("."))
+    for r in range(a.rounds):
+        evicted = evict(os.path.join(repo, "tasks")) if a.cold else 0
+        t0 = time.perf_counter()
+        proc, at = start(a.binary, repo)
+        listed = core_grpc.InferenceStub(grpc.insecure_channel(at["addr"])).ListTasks(core.ListTasksRequest(), timeout=60).tasks
+        ready = sum(1 for x in listed if x.status == core.TASK_STATUS_READY and x.head_type != "embedding")
+        ready_s, rss = time.perf_counter() - t0, rss_mib(proc.pid)
+        proc.kill()
+        proc.wait()
+        print(f"round {r}: {tasks} task dirs, {'cold' if a.cold else 'warm'} ({evicted >> 20} MiB evicted): listening "
+              f"{at['t']:.2f} s, {ready} ready at {ready_s:.2f} s, RSS {rss:.0f} MiB; phases {at.get('opened')}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--binary", default="target/release/adapterdrop-serve")
@@ -100,8 +141,15 @@ def main() -> int:
     p.add_argument("--tasks", type=int, default=1000)
     p.add_argument("--load-clients", type=int, default=2)
     p.add_argument("--keep", action="store_true", help="keep the registered repository under --work/serve")
+    p.add_argument("--restart-only", action="store_true",
+                   help="only time start-ups on the repository a --keep run left (--rounds times, no registration)")
+    p.add_argument("--cold", action="store_true", help="with --restart-only: evict the task files from the page cache first")
+    p.add_argument("--rounds", type=int, default=1)
     a = p.parse_args()
     import grpc
+
+    if a.restart_only:
+        return restart_only(a)
 
     template, ck = build(a.work)
     src = os.path.abspath(os.path.join(a.work, "src"))
@@ -159,6 +207,7 @@ def main() -> int:
     for c in clients:
         c.join()
     rss1 = rss_mib(proc.pid)
+    registered = at
     proc.kill()
     proc.wait()
 
@@ -167,7 +216,7 @@ def main() -> int:
     proc, at = start(a.binary, repo)
     listen_s = at["t"]
     tasks = core_grpc.InferenceStub(grpc.insecure_channel(at["addr"])).ListTasks(core.ListTasksRequest(), timeout=60).tasks
-    ready = sum(1 for x in tasks if x.status == core.TASK_STATUS_READY)
+    ready = sum(1 for x in tasks if x.status == core.TASK_STATUS_READY and x.head_type != "embedding")
     ready_s = time.perf_counter() - t_restart
     rss2 = rss_mib(proc.pid)
     proc.kill()
@@ -185,10 +234,17 @@ def main() -> int:
           f"| {weight_bytes / 2**20:.3f} | {listen_s:.2f} / {ready} / {rss2:.0f} |")
     print(f"(restart: {ready_s:.1f} s until ListTasks answered; adapters generated in {gen_s:.1f} s of the registration loop)",
           file=sys.stderr)
+    print(f"restart phases (server log `repository opened`, ms): {at.get('opened')}", file=sys.stderr)
     if len(lat) >= 20:
         tenth = len(lat) // 10
         first, last = (statistics.median(x * 1000 for x in part) for part in (lat[:tenth], lat[-tenth:]))
         print(f"RegisterTask median, first / last {tenth} registrations: {first:.1f} / {last:.1f} ms", file=sys.stderr)
+        phases = registered["phases"]
+        for k in ("reserve", "validate", "publish"):
+            if len(phases) >= 20:
+                part = [p.get(k, 0) for p in phases]
+                print(f"  server {k}_ms median, first / last {tenth}: {statistics.median(part[:tenth]):.0f} / "
+                      f"{statistics.median(part[-tenth:]):.0f}", file=sys.stderr)
     for f in failed[:5]:
         print("failed:", f, file=sys.stderr)
     for f in infer_errors:

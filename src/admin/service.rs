@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status, Streaming};
-use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use super::upload;
@@ -14,7 +13,7 @@ use crate::proto::{
     GetTaskRequest, ListTasksRequest, ListTasksResponse, RegisterTaskRequest, RegisterTaskResponse, SetDefaultVersionRequest, TaskInfo,
     UnregisterTaskRequest, UnregisterTaskResponse,
 };
-use crate::repository::{RegisterOptions, Registrar, TaskState};
+use crate::repository::{RegisterOptions, Registrar};
 
 pub struct AdminApi {
     pub registrar: Arc<Registrar>,
@@ -25,19 +24,9 @@ pub struct AdminApi {
 }
 
 impl AdminApi {
-    /// Sets `name`'s health status from the registry now, by the follower's rule: SERVING exactly
-    /// when a request without a version would be served; a name with no version left (draining
-    /// ones aside) goes NOT_SERVING for watchers and is then forgotten (NOT_FOUND).
+    /// Sets `name`'s health status from the registry now (`api::health::report`).
     async fn report_health(&self, name: &str) {
-        let registry = self.registrar.registry();
-        let known = registry.entries().iter().any(|e| e.name == name && e.state != TaskState::Draining);
-        if !known {
-            self.health.set_service_status(name, ServingStatus::NotServing).await;
-            self.health.clone().clear_service_status(name).await;
-            return;
-        }
-        let ready = registry.default_version(name).is_some();
-        self.health.set_service_status(name, if ready { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+        crate::api::health::report(&mut self.health.clone(), self.registrar.registry(), name).await;
     }
 }
 

@@ -13,20 +13,59 @@ use tonic_health::server::HealthReporter;
 use crate::repository::Registry;
 
 /// Brings every task name's status in line with the registry, touching only names whose status
-/// changed since `known` (one registration among 10,000 tasks updates one name, not 10,000).
+/// changed since `known`; after the first call it reads only the names the registry reports as
+/// changed (one registration among 10,000 tasks costs one lookup, not a walk over 10,000 names).
 pub async fn sync(registry: &Registry, health: &mut HealthReporter, known: &mut BTreeMap<String, bool>) {
-    // Versions still draining after removal do not keep a name known.
-    let now = registry.serving_names();
-    for (name, ready) in &now {
-        if known.get(name) != Some(ready) {
-            health.set_service_status(name, if *ready { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+    let Some(touched) = registry.take_touched() else {
+        // Versions still draining after removal do not keep a name known.
+        let now = registry.serving_names();
+        for (name, ready) in &now {
+            if known.get(name) != Some(ready) {
+                set(health, name, *ready).await;
+            }
+        }
+        for gone in known.keys().filter(|n| !now.contains_key(*n)) {
+            forget(health, gone).await;
+        }
+        *known = now;
+        return;
+    };
+    for name in touched {
+        match registry.serving(&name) {
+            Some(ready) if known.get(&name) != Some(&ready) => {
+                set(health, &name, ready).await;
+                known.insert(name, ready);
+            }
+            Some(_) => {}
+            None => {
+                if known.remove(&name).is_some() {
+                    forget(health, &name).await;
+                }
+            }
         }
     }
-    for gone in known.keys().filter(|n| !now.contains_key(*n)) {
-        health.set_service_status(gone, ServingStatus::NotServing).await;
-        health.clear_service_status(gone).await;
+}
+
+/// Sets `name`'s status from the registry now, by the follower's rule: SERVING exactly when a
+/// request without a version would be served; a name with no version left (draining ones aside)
+/// goes NOT_SERVING for watchers and is then forgotten (NOT_FOUND). The admin service calls it so
+/// that a change is visible on health before its RPC answers; one lookup, whatever the number of
+/// tasks.
+pub async fn report(health: &mut HealthReporter, registry: &Registry, name: &str) {
+    match registry.serving(name) {
+        Some(ready) => set(health, name, ready).await,
+        None => forget(health, name).await,
     }
-    *known = now;
+}
+
+async fn set(health: &HealthReporter, name: &str, ready: bool) {
+    health.set_service_status(name, if ready { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+}
+
+/// NOT_SERVING once (for open watches), then NOT_FOUND.
+async fn forget(health: &mut HealthReporter, name: &str) {
+    health.set_service_status(name, ServingStatus::NotServing).await;
+    health.clear_service_status(name).await;
 }
 
 /// Follows registry changes until aborted (at shutdown, before everything goes NOT_SERVING).

@@ -7,8 +7,8 @@
 //! away when no batch holds the store, else by the engine before its next batch. A draining
 //! version keeps its rows until its last in-flight job is done, and a batch never waits for a
 //! registration except for one that began applying just before it. Rows come from a free list; the banks grow by at most
-//! 1.25x (exactly to size when many writes arrive at once, as at start-up) and shrink, compacting
-//! rows, when fewer than half are used. A task keeps one row number in every bank of its backbone;
+//! 1.25x (exactly to size when many writes arrive at once, or for the rows reserved at start-up)
+//! and shrink, compacting rows, when fewer than half are used. A task keeps one row number in every bank of its backbone;
 //! widths are per bank (the widest bottleneck written there), so a Pfeiffer-only repository's
 //! attention banks stay one unit wide.
 //!
@@ -18,7 +18,7 @@
 //! states through, and `layer.onnx` skips the step for batches without stack rows.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
@@ -112,12 +112,14 @@ impl Bank {
         out
     }
 
+    /// Writes a free row, which is all zero (rows are cleared when freed or moved and new ones
+    /// start zeroed), so only the task's own columns are touched.
     fn write(&mut self, row: usize, rule: &[f32; RULE_FLAGS], w: &BottleneckWeights) {
         let r = w.width();
-        self.clear(row);
-        self.down_w.slice_mut(s![row, .., ..r]).assign(&w.down_w.t());
+        debug_assert!(self.up_b.index_axis(Axis(0), row).iter().all(|v| *v == 0.0), "row {row} is not free");
+        assign_transposed(self.down_w.slice_mut(s![row, .., ..r]), w.down_w.view());
         self.down_b.slice_mut(s![row, 0, ..r]).assign(&w.down_b);
-        self.up_w.slice_mut(s![row, ..r, ..]).assign(&w.up_w.t());
+        assign_transposed(self.up_w.slice_mut(s![row, ..r, ..]), w.up_w.view());
         self.up_b.slice_mut(s![row, 0, ..]).assign(&w.up_b);
         self.rule.slice_mut(s![row, 0, ..]).assign(&ndarray::ArrayView1::from(rule));
     }
@@ -139,6 +141,23 @@ impl Bank {
             mv(a, from, to);
         }
         self.clear(from);
+    }
+}
+
+/// `dst = src.t()`. ndarray's strided `assign` of a transposed view took a quarter of start-up
+/// with 2,000 tasks (perf); plain loops over the rows of `dst` do the same copy several times faster.
+fn assign_transposed(mut dst: ndarray::ArrayViewMut2<f32>, src: ndarray::ArrayView2<f32>) {
+    let cols = src.ncols();
+    match src.as_slice() {
+        Some(s) if dst.nrows() == cols && dst.ncols() == src.nrows() => {
+            for (i, mut d) in dst.outer_iter_mut().enumerate() {
+                match d.as_slice_mut() {
+                    Some(d) => d.iter_mut().enumerate().for_each(|(j, v)| *v = s[j * cols + i]),
+                    None => d.iter_mut().enumerate().for_each(|(j, v)| *v = s[j * cols + i]),
+                }
+            }
+        }
+        _ => dst.assign(&src.t()),
     }
 }
 
@@ -171,7 +190,6 @@ pub struct BankRows {
     id: u64,
     tx: Mutex<Sender<BankOp>>,
     store: Weak<Mutex<BankStore>>,
-    deferred: Arc<AtomicBool>,
 }
 
 impl BankRows {
@@ -186,7 +204,7 @@ impl Drop for BankRows {
         // The engine may be gone at shutdown; nothing to free then.
         let _ = tx.send(BankOp::Free(self.id));
         drop(tx);
-        apply_if_idle(&self.store, &self.deferred);
+        apply_if_idle(&self.store);
     }
 }
 
@@ -196,16 +214,12 @@ pub struct BackboneBanks {
     tx: Mutex<Sender<BankOp>>,
     next_id: AtomicU64,
     store: Arc<Mutex<BankStore>>,
-    /// While set (start-up), writes wait to be applied together, at exact size.
-    deferred: Arc<AtomicBool>,
 }
 
-/// Applies queued writes and frees now unless a batch holds the store (the engine applies them
-/// before its next batch then), so registration churn without traffic does not pile up.
-fn apply_if_idle(store: &Weak<Mutex<BankStore>>, deferred: &AtomicBool) {
-    if deferred.load(Ordering::Relaxed) {
-        return;
-    }
+/// Applies queued writes and frees now unless a batch (or another registration) holds the store
+/// (the holder applies them before its next batch then), so registration churn without traffic
+/// does not pile up.
+fn apply_if_idle(store: &Weak<Mutex<BankStore>>) {
     if let Some(store) = store.upgrade()
         && let Ok(mut s) = store.try_lock()
     {
@@ -217,12 +231,7 @@ impl BackboneBanks {
     /// Banks for `layers` layers of width `hidden` with FFN size `ffn`.
     pub fn new(layers: usize, hidden: usize, ffn: usize) -> Self {
         let (tx, rx) = channel();
-        Self {
-            tx: Mutex::new(tx),
-            next_id: AtomicU64::new(1),
-            store: Arc::new(Mutex::new(BankStore::new(rx, layers, hidden, ffn))),
-            deferred: Arc::new(AtomicBool::new(false)),
-        }
+        Self { tx: Mutex::new(tx), next_id: AtomicU64::new(1), store: Arc::new(Mutex::new(BankStore::new(rx, layers, hidden, ffn))) }
     }
 
     /// Queues a task version's weights for the banks; the engine writes them before its next batch.
@@ -231,14 +240,18 @@ impl BackboneBanks {
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let _ = tx.send(BankOp::Write { id, write: Box::new(write) });
         let store = Arc::downgrade(&self.store);
-        apply_if_idle(&store, &self.deferred);
-        Arc::new(BankRows { id, tx: Mutex::new(tx), store, deferred: self.deferred.clone() })
+        apply_if_idle(&store);
+        Arc::new(BankRows { id, tx: Mutex::new(tx), store })
     }
 
-    /// While `on`, registrations queue their writes (start-up: all tasks written in one exact-size
-    /// step when it is switched off and the store is next taken).
-    pub fn defer(&self, on: bool) {
-        self.deferred.store(on, Ordering::Relaxed);
+    /// Makes room for `rows` more tasks in one exact-size step now, and keeps it (no shrinking)
+    /// until `reserve(0)`: start-up reserves a row for every task version found on disk, so each
+    /// is written into its row as soon as it is loaded (its parsed weights freed at once, never
+    /// queued all together beside the banks) and the banks are never copied to grow.
+    pub fn reserve(&self, rows: usize) {
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.apply_pending();
+        store.reserve(rows);
     }
 
     /// The store with every queued write and free applied (the engine calls this per batch).
@@ -264,13 +277,27 @@ pub struct BankStore {
     free: Vec<usize>,
     /// Writes of tasks dropped before the engine applied them are skipped.
     freed_early: Vec<u64>,
+    /// Rows promised by [`BackboneBanks::reserve`] and not yet written: kept free, not shrunk.
+    reserved: usize,
+    /// Bytes copied so far by resizes ([`Self::resize_bytes`]).
+    resize_bytes: u64,
 }
 
 impl BankStore {
     fn new(rx: Receiver<BankOp>, layers: usize, hidden: usize, ffn: usize) -> Self {
         let banks = (0..layers).map(|_| layer_banks(hidden)).collect();
         let methods = MethodStore::new(layers, hidden, ffn);
-        Self { rx, hidden, banks, methods, rows: HashMap::new(), free: (1..MIN_ROWS).rev().collect(), freed_early: Vec::new() }
+        Self {
+            rx,
+            hidden,
+            banks,
+            methods,
+            rows: HashMap::new(),
+            free: (1..MIN_ROWS).rev().collect(),
+            freed_early: Vec::new(),
+            reserved: 0,
+            resize_bytes: 0,
+        }
     }
 
     pub fn bank(&self, layer: usize, location: Location) -> &Bank {
@@ -317,6 +344,28 @@ impl BankStore {
         self.rows.contains_key(&id)
     }
 
+    /// Bytes copied by every resize so far (growth, shrinking, widening): growth by a constant
+    /// factor keeps this within a constant multiple of the banks' size, however many tasks were
+    /// registered one at a time (tested; a per-registration resize would make it quadratic).
+    pub fn resize_bytes(&self) -> u64 {
+        self.resize_bytes
+    }
+
+    fn reserve(&mut self, rows: usize) {
+        let capacity = self.capacity();
+        self.reserved = rows;
+        let need = rows.saturating_sub(self.free.len());
+        if need > 0 {
+            self.resize(capacity + need);
+        } else {
+            // A released reservation (tasks that failed to load) may leave the banks half empty.
+            self.maybe_shrink();
+        }
+        if self.capacity() != capacity {
+            crate::runtime::trim_heap();
+        }
+    }
+
     fn apply_pending(&mut self) {
         let ops: Vec<BankOp> = self.rx.try_iter().collect();
         if ops.is_empty() {
@@ -339,6 +388,7 @@ impl BankStore {
             let grown = if writes.len() > 1 { cap + need } else { ((cap as f64 * GROWTH).ceil() as usize).max(cap + need) };
             self.resize(grown);
         }
+        self.reserved = self.reserved.saturating_sub(writes.len());
         for (id, w) in writes {
             self.write(id, &w);
         }
@@ -358,11 +408,17 @@ impl BankStore {
         let lower = w.stack.as_ref().map(|s| (SlotRule { ln_after: false, ..s.rule }.flags(), &s.slots));
         let writes = w.slots.iter().map(|(k, v)| (slot_of(k.1), k.0, &flags, v));
         let stacked = lower.iter().flat_map(|(f, slots)| slots.iter().map(move |(k, v)| (stack_slot_of(k.1), k.0, f, v)));
+        // Rows [0, in_use) hold every task row: a widened bank copies only those, so rows
+        // reserved at start-up and the growth margin stay untouched zero pages (copying them would
+        // make them resident: 10,000 reserved rows on a backbone whose first task widens its banks).
+        let mut in_use = None;
         for (slot, layer, flags, weights) in writes.chain(stacked) {
             let Some(banks) = self.banks.get_mut(layer) else { continue };
             let bank = &mut banks[slot];
             if weights.width() > bank.width() {
-                *bank = bank.resized(bank.rows(), weights.width(), bank.rows());
+                let keep = *in_use.get_or_insert_with(|| self.rows.values().map(|(r, _)| r + 1).max().unwrap_or(1).max(row + 1));
+                self.resize_bytes += (bank.bytes() / bank.rows() * keep) as u64;
+                *bank = bank.resized(bank.rows(), weights.width(), keep);
             }
             bank.write(row, flags, weights);
         }
@@ -389,6 +445,7 @@ impl BankStore {
         let keep = self.capacity().min(rows);
         for pair in &mut self.banks {
             for bank in pair.iter_mut() {
+                self.resize_bytes += (bank.bytes() / bank.rows() * keep) as u64;
                 *bank = bank.resized(rows, bank.width(), keep);
             }
         }
@@ -402,7 +459,7 @@ impl BankStore {
     /// whose widest bottleneck left.
     fn maybe_shrink(&mut self) {
         let cap = self.capacity();
-        let live = self.used() + 1;
+        let live = self.used() + 1 + self.reserved;
         if cap <= MIN_ROWS || live * 2 > cap {
             return;
         }
@@ -440,6 +497,7 @@ impl BankStore {
         }
         for (pair, w) in self.banks.iter_mut().zip(widths) {
             for (bank, width) in pair.iter_mut().zip(w) {
+                self.resize_bytes += (bank.bytes() / bank.rows() * target) as u64;
                 *bank = bank.resized(target, width, target);
             }
         }

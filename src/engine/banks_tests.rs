@@ -87,14 +87,55 @@ fn grows_by_at_most_a_quarter_and_shrinks_when_half_empty() {
 }
 
 #[test]
-fn many_writes_at_once_grow_to_exact_size() {
+fn reserved_rows_take_writes_without_growing_and_are_given_back() {
     let b = BackboneBanks::new(1, H, 2 * H);
-    b.defer(true);
-    let held: Vec<_> = (0..100).map(|i| b.register(task(1, i as f32, &[(0, Location::Ffn)]))).collect();
-    b.defer(false);
+    b.reserve(100);
     let s = b.store();
-    assert_eq!(s.capacity(), 101);
+    let (capacity, copied) = (s.capacity(), s.resize_bytes());
+    drop(s);
+    assert_eq!(capacity, 101, "one exact-size step");
+    // Written one at a time (start-up loads in parallel), none grows the banks or is queued.
+    let held: Vec<_> = (0..90).map(|i| b.register(task(1, i as f32, &[(0, Location::Ffn)]))).collect();
+    let raw = b.store.lock().unwrap();
+    assert_eq!((raw.used(), raw.capacity(), raw.resize_bytes(), raw.rx.try_iter().count()), (90, 101, copied, 0));
+    drop(raw);
+    // Ten never came (failed to load): released, and the banks are not shrunk while mostly full.
+    b.reserve(0);
+    let s = b.store();
+    assert_eq!((s.used(), s.capacity()), (held.len(), 101));
+    drop(s);
+    // A reservation nothing used is given back by shrinking.
+    drop(held);
+    let b = BackboneBanks::new(1, H, 2 * H);
+    b.reserve(1000);
+    let before = b.store().resize_bytes();
+    let one = b.register(task(3, 1.0, &[(0, Location::Ffn)]));
+    let s = b.store();
+    let row_bytes = s.bank(0, Location::Ffn).bytes() / s.capacity();
+    assert!(
+        s.resize_bytes() - before <= 2 * row_bytes as u64,
+        "widening copied {} bytes: rows not in use were touched",
+        s.resize_bytes() - before
+    );
+    assert_eq!(s.index(one.id(), 0, Location::Ffn), 1);
+    drop(s);
+    drop(one);
+    let b = BackboneBanks::new(1, H, 2 * H);
+    b.reserve(1000);
+    b.reserve(0);
+    assert!(b.store().capacity() <= 10, "{}", b.store().capacity());
+}
+
+#[test]
+fn growth_one_registration_at_a_time_copies_a_bounded_multiple_of_the_banks() {
+    // 2,000 registrations one by one: a resize per registration would copy ~n^2/2 rows.
+    let b = BackboneBanks::new(2, H, 2 * H);
+    let held: Vec<_> = (0..2000).map(|i| b.register(task(2, i as f32, &[(0, Location::Ffn), (1, Location::Attention)]))).collect();
+    let s = b.store();
     assert_eq!(s.used(), held.len());
+    // Growth by 1.25x copies at most 1 / (1 - 1 / 1.25) = 5 times the final size.
+    assert!(s.resize_bytes() <= 5 * s.bytes() as u64, "copied {} bytes for banks of {}", s.resize_bytes(), s.bytes());
+    assert!(s.capacity() <= held.len() * 5 / 4 + 2, "capacity {}", s.capacity());
 }
 
 #[test]

@@ -12,6 +12,7 @@ pub mod manifest;
 pub mod onnx_proto;
 pub mod registrar;
 pub mod registry;
+mod scan;
 pub mod store;
 pub mod task;
 mod trial;

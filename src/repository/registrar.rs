@@ -87,7 +87,9 @@ impl Registrar {
         if let Some(v) = opts.version {
             check_version(v)?;
         }
+        let reserving = Instant::now();
         let (version, exists) = self.reserve(name, opts).await?;
+        let reserve = reserving.elapsed();
         // Validation runs without the mutation lock, on a thread of its own: a slow or hostile
         // upload (bounded by the trial run's time limit) never holds up other changes.
         let started = Instant::now();
@@ -97,6 +99,7 @@ impl Registrar {
                 .run(move || bundle::prepare(&registry, &runtime, &limits, &owned, version, &bundle).map(|(t, s)| (t, s, bundle)))
                 .await
         };
+        let validate = started.elapsed();
         let outcome = match outcome {
             Ok((task, staged, bundle)) => {
                 let _guard = self.registry.mutation.lock().await;
@@ -126,8 +129,17 @@ impl Registrar {
                 return Err(e);
             }
         };
-        let validate = started.elapsed();
-        tracing::info!(task = name, version, replaced = exists, validate_ms = validate.as_millis() as u64, "task registered");
+        let ms = |d: Duration| d.as_millis() as u64;
+        let publish = started.elapsed() - validate;
+        tracing::info!(
+            task = name,
+            version,
+            replaced = exists,
+            reserve_ms = ms(reserve),
+            validate_ms = ms(validate),
+            publish_ms = ms(publish),
+            "task registered"
+        );
         if opts.set_default {
             let _guard = self.registry.mutation.lock().await;
             self.pin(name, Some(version)).await?;
@@ -248,8 +260,7 @@ impl Registrar {
     async fn set_default_now(&self, name: &str, version: Option<u32>) -> Result<(), ServeError> {
         check_name(name)?;
         let _guard = self.registry.mutation.lock().await;
-        let entries: Vec<TaskEntry> =
-            self.registry.entries().into_iter().filter(|e| e.name == name && e.state != TaskState::Draining).collect();
+        let entries: Vec<TaskEntry> = self.registry.entries_named(name).into_iter().filter(|e| e.state != TaskState::Draining).collect();
         if entries.is_empty() {
             return Err(ServeError::NotFound(format!("task `{name}` not found")));
         }
@@ -327,13 +338,8 @@ impl Registrar {
     /// poll does not notice). Returns how many are ready now. KServe's RepositoryModelLoad uses it.
     pub async fn retry_failed(&self, name: &str) -> Result<usize, ServeError> {
         let _guard = self.registry.mutation.lock().await;
-        let failed: Vec<u32> = self
-            .registry
-            .entries()
-            .into_iter()
-            .filter(|e| e.name == name && matches!(e.state, TaskState::Failed(_)))
-            .map(|e| e.version)
-            .collect();
+        let failed: Vec<u32> =
+            self.registry.entries_named(name).into_iter().filter(|e| matches!(e.state, TaskState::Failed(_))).map(|e| e.version).collect();
         let mut ready = 0;
         for version in failed {
             let dir = self.tasks_root().join(name).join(version.to_string());

@@ -2,14 +2,16 @@
 //! tables change at run time (registration, removal, default pins, other replicas' changes);
 //! requests hold `Arc<Task>`, so a version removed while they run finishes on what it resolved.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, Weak};
 
 use tokio::sync::watch;
 
 use super::backbone::Backbone;
-use super::manifest::{TaskManifest, read_json, valid_name};
+use super::manifest::TaskManifest;
+pub use super::scan::{TaskSnapshot, scan_tasks};
+use super::scan::{load_task, load_tasks_parallel, subdirs};
 use super::store::{self, Stamp};
 use super::task::Task;
 use crate::error::{LoadError, RepositoryError, ServeError};
@@ -33,6 +35,17 @@ pub struct TaskEntry {
     pub task: Option<Arc<Task>>,
 }
 
+/// Most changed names remembered between two looks of the health follower; beyond it, it
+/// re-reads every name once.
+const MAX_TOUCHED: usize = 4096;
+
+/// Names changed since the health follower last looked.
+struct Touched {
+    names: BTreeSet<String>,
+    /// Too many changes to list, or nobody looked yet: every name is to be re-read.
+    overflow: bool,
+}
+
 /// A version taken out of service whose `Arc<Task>` requests may still hold.
 struct Drained {
     entry: TaskEntry,
@@ -52,18 +65,15 @@ struct Tables {
     builtin: BTreeMap<String, TaskEntry>,
 }
 
-/// What the repository holds for one task name: version directories and the pin.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct TaskSnapshot {
-    pub versions: BTreeMap<u32, Option<Stamp>>,
-    pub pinned: Option<u32>,
-}
-
 pub struct Registry {
     root: PathBuf,
     tables: RwLock<Tables>,
     /// Bumped on every change of the task tables; the health reporter follows it.
     changes: watch::Sender<u64>,
+    /// The names changed since the health follower last looked ([`Self::take_touched`]).
+    touched: std::sync::Mutex<Touched>,
+    /// Calls that walked every task ([`Self::table_walks`]).
+    walks: std::sync::atomic::AtomicU64,
     /// Serialises every change of the repository and tables (removals, pins, polls, and an
     /// upload's version choice and publishing, not its validation), in this process; replicas
     /// coordinate through atomic renames only (`store`).
@@ -75,8 +85,10 @@ impl Registry {
     /// ones are served. Only an unreadable repository root is fatal. Leftovers of interrupted
     /// uploads (`tasks/.staging-*`) are removed first.
     pub fn open(runtime: &Runtime, root: &Path) -> Result<Self, LoadError> {
+        let started = std::time::Instant::now();
         store::clean_leftovers(&root.join("tasks"));
         store::clear_stale_pins(&root.join("tasks"));
+        let cleaned = started.elapsed();
         let mut tables = Tables::default();
         for dir in subdirs(&root.join("backbones"))? {
             match Backbone::load(runtime, &dir) {
@@ -94,12 +106,18 @@ impl Registry {
             }
         }
         tables.builtin = super::embedding::entries(&tables.backbones);
-        for b in tables.backbones.values().filter_map(|b| b.banked.as_ref()) {
-            b.banks.defer(true);
-        }
+        let backbones = started.elapsed();
         let scanned = scan_tasks(root)?;
         let jobs: Vec<(&String, u32)> = scanned.iter().flat_map(|(name, snap)| snap.versions.keys().map(move |v| (name, *v))).collect();
+        let scan = started.elapsed();
+        // A bank row for every version found (on every banked backbone: rows never written stay
+        // untouched zero pages and are released below), so tasks go into their rows as they load.
+        for b in tables.backbones.values().filter_map(|b| b.banked.as_ref()) {
+            b.banks.reserve(jobs.len());
+        }
         let entries = load_tasks_parallel(runtime, &tables.backbones, root, &jobs);
+        let load = started.elapsed();
+        let jobs_len = jobs.len();
         for ((name, version), (entry, stamp)) in jobs.into_iter().zip(entries) {
             if let Some(stamp) = stamp {
                 tables.stamps.insert((name.clone(), version), stamp);
@@ -111,17 +129,35 @@ impl Registry {
                 tables.pinned.insert(name.clone(), v);
             }
         }
-        // Write every start-up task into the adapter banks now, in one exact-size step per
-        // backbone, before any batch (the engine would otherwise do it in the first one).
+        // Every start-up task is in the adapter banks now, before any batch; rows reserved for
+        // versions that failed or belong to another backbone are given back.
         for b in tables.backbones.values() {
             if let Some(banked) = &b.banked {
-                banked.banks.defer(false);
+                banked.banks.reserve(0);
                 let store = banked.banks.store();
                 tracing::info!(backbone = b.name(), bank_tasks = store.used(), bank_mib = store.bytes() >> 20, "adapter banks written");
             }
         }
+        let ms = |d: std::time::Duration| d.as_millis() as u64;
+        tracing::info!(
+            task_versions = jobs_len,
+            clean_ms = ms(cleaned),
+            backbones_ms = ms(backbones - cleaned),
+            scan_ms = ms(scan - backbones),
+            load_ms = ms(load - scan),
+            banks_ms = ms(started.elapsed() - load),
+            "repository opened"
+        );
         let (changes, _) = watch::channel(0);
-        Ok(Self { root: root.to_path_buf(), tables: RwLock::new(tables), changes, mutation: tokio::sync::Mutex::new(()) })
+        let touched = std::sync::Mutex::new(Touched { names: BTreeSet::new(), overflow: true });
+        Ok(Self {
+            root: root.to_path_buf(),
+            tables: RwLock::new(tables),
+            changes,
+            touched,
+            walks: Default::default(),
+            mutation: tokio::sync::Mutex::new(()),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -174,7 +210,7 @@ impl Registry {
 
     /// Every task version, sorted by name then version, then versions still draining after removal.
     pub fn entries(&self) -> Vec<TaskEntry> {
-        let tables = self.read();
+        let tables = self.walk();
         let mut out: Vec<TaskEntry> = tables.tasks.values().flat_map(|v| v.values().cloned()).collect();
         out.extend(tables.builtin.values().cloned());
         out.extend(tables.draining.iter().filter(|d| d.task.strong_count() > 0).map(|d| d.entry.clone()));
@@ -193,14 +229,14 @@ impl Registry {
 
     /// The version numbers loaded for `name` (any state but draining): one lookup, not a snapshot
     /// of every task (registration must not cost O(tasks)).
-    pub fn version_numbers(&self, name: &str) -> std::collections::BTreeSet<u32> {
+    pub fn version_numbers(&self, name: &str) -> BTreeSet<u32> {
         self.read().tasks.get(name).map(|v| v.keys().copied().collect()).unwrap_or_default()
     }
 
     /// Every task name with a loaded version (draining ones aside) and whether a request without a
     /// version would be served; cheap (no entry clones), for the health service on every change.
     pub fn serving_names(&self) -> BTreeMap<String, bool> {
-        let tables = self.read();
+        let tables = self.walk();
         tables
             .tasks
             .iter()
@@ -246,7 +282,7 @@ impl Registry {
 
     /// What the tables hold, in the shape of [`scan_tasks`], for reconciling with the disk.
     pub fn snapshot(&self) -> BTreeMap<String, TaskSnapshot> {
-        let tables = self.read();
+        let tables = self.walk();
         let mut out: BTreeMap<String, TaskSnapshot> = BTreeMap::new();
         for (name, versions) in &tables.tasks {
             let snap = out.entry(name.clone()).or_default();
@@ -263,6 +299,7 @@ impl Registry {
     /// Adds or replaces one version. A replaced ready version keeps serving the requests that
     /// already hold it.
     pub(crate) fn insert(&self, entry: TaskEntry, stamp: Option<Stamp>) {
+        let name = entry.name.clone();
         {
             let mut tables = self.write();
             let key = (entry.name.clone(), entry.version);
@@ -275,7 +312,7 @@ impl Registry {
                 retire(&mut tables, old);
             }
         }
-        self.changed();
+        self.changed(&name);
     }
 
     /// Takes a version out of service; returns it as listed afterwards (DRAINING while requests
@@ -294,7 +331,7 @@ impl Registry {
             }
             retire(&mut tables, old)
         };
-        self.changed();
+        self.changed(name);
         Some(removed)
     }
 
@@ -318,11 +355,57 @@ impl Registry {
                 None => tables.pinned.remove(name),
             };
         }
-        self.changed();
+        self.changed(name);
     }
 
-    fn changed(&self) {
+    /// Records that `name` changed, then wakes the followers (in that order: a follower that
+    /// takes the touched names after its wake-up never misses one).
+    fn changed(&self, name: &str) {
+        {
+            let mut t = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+            if !t.overflow && !t.names.contains(name) {
+                if t.names.len() >= MAX_TOUCHED {
+                    t.overflow = true;
+                    t.names.clear();
+                } else {
+                    t.names.insert(name.to_string());
+                }
+            }
+        }
         self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// The task names whose versions or pin changed since the last call, or None when every
+    /// name must be looked at again (the first call, or more than [`MAX_TOUCHED`] names changed
+    /// in between). One consumer: the health follower (`api::health`), so a registration among
+    /// 10,000 tasks costs it one lookup, not a walk over every name.
+    pub fn take_touched(&self) -> Option<BTreeSet<String>> {
+        let mut t = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        let names = std::mem::take(&mut t.names);
+        (!std::mem::replace(&mut t.overflow, false)).then_some(names)
+    }
+
+    /// [`Self::serving_names`] of one name: None when it has no loaded version (draining ones
+    /// aside), else whether a request without a version would be served.
+    pub fn serving(&self, name: &str) -> Option<bool> {
+        let tables = self.read();
+        if tables.builtin.contains_key(name) {
+            return Some(true);
+        }
+        let versions = tables.tasks.get(name).filter(|v| v.values().any(|e| e.state != TaskState::Draining))?;
+        Some(default_version(versions, tables.pinned.get(name)).is_some())
+    }
+
+    /// How many calls so far walked every task version ([`Self::entries`], [`Self::serving_names`],
+    /// [`Self::snapshot`]): a registration, removal or pin must cost none, whatever the number
+    /// of tasks (10,000 per replica, issue 12); ListTasks, metrics and polls do.
+    pub fn table_walks(&self) -> u64 {
+        self.walks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn walk(&self) -> std::sync::RwLockReadGuard<'_, Tables> {
+        self.walks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.read()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Tables> {
@@ -359,120 +442,4 @@ fn default_version(versions: &BTreeMap<u32, TaskEntry>, pinned: Option<&u32>) ->
 
 fn describe(versions: &BTreeMap<u32, TaskEntry>) -> String {
     versions.values().map(|e| format!("@{} {:?}", e.version, e.state)).collect::<Vec<_>>().join(", ")
-}
-
-/// A loaded (or refused) task version and the stamp of its directory.
-type Loaded = (TaskEntry, Option<Stamp>);
-
-/// Loads the task versions of a start-up scan on up to one thread per core (10,000 weights-only
-/// tasks are 10,000 file parses; exported tasks' sessions build independently), in `jobs` order.
-fn load_tasks_parallel(
-    runtime: &Runtime,
-    backbones: &BTreeMap<String, Arc<Backbone>>,
-    root: &Path,
-    jobs: &[(&String, u32)],
-) -> Vec<Loaded> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16).min(jobs.len().max(1));
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut out: Vec<Option<Loaded>> = (0..jobs.len()).map(|_| None).collect();
-    let done: Vec<Vec<(usize, Loaded)>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some((name, version)) = jobs.get(i) else { break };
-                        let dir = root.join("tasks").join(name.as_str()).join(version.to_string());
-                        mine.push((i, (load_task(runtime, backbones, name, *version, &dir), Stamp::of(&dir))));
-                    }
-                    mine
-                })
-            })
-            .collect();
-        workers.into_iter().map(|w| w.join().unwrap_or_default()).collect()
-    });
-    for (i, loaded) in done.into_iter().flatten() {
-        out[i] = Some(loaded);
-    }
-    out.into_iter()
-        .zip(jobs)
-        .map(|(loaded, (name, version))| {
-            loaded.unwrap_or_else(|| {
-                let reason = "loading panicked".to_string();
-                (TaskEntry { name: (*name).clone(), version: *version, state: TaskState::Failed(reason), manifest: None, task: None }, None)
-            })
-        })
-        .collect()
-}
-
-fn load_task(runtime: &Runtime, backbones: &BTreeMap<String, Arc<Backbone>>, name: &str, version: u32, dir: &Path) -> TaskEntry {
-    let mut entry = TaskEntry { name: name.to_string(), version, state: TaskState::Loading, manifest: None, task: None };
-    let manifest_path = dir.join("task.json");
-    let result = read_json::<TaskManifest>(&manifest_path).and_then(|m| {
-        entry.manifest = Some(m.clone());
-        let backbone = backbones.get(&m.backbone).cloned().ok_or_else(|| {
-            LoadError::new(&manifest_path, format!("backbone `{}` is not loaded (missing or refused at start-up)", m.backbone))
-        })?;
-        Task::load(runtime, dir, backbone)
-    });
-    match result {
-        Ok(task) => {
-            tracing::info!(task = name, version, slots = task.slots.len(), drop = ?task.manifest.drop, "task ready");
-            entry.task = Some(Arc::new(task));
-            entry.state = TaskState::Ready;
-        }
-        Err(e) => {
-            tracing::error!(task = name, version, error = %e, "task refused");
-            entry.state = TaskState::Failed(e.to_string());
-        }
-    }
-    entry
-}
-
-/// The task version directories and pins under `<root>/tasks` (names checked, hidden skipped).
-pub fn scan_tasks(root: &Path) -> Result<BTreeMap<String, TaskSnapshot>, LoadError> {
-    let mut out = BTreeMap::new();
-    for task_dir in subdirs(&root.join("tasks"))? {
-        let name = task_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if !valid_name(&name) {
-            tracing::warn!(dir = %task_dir.display(), "ignoring task directory with an invalid name");
-            continue;
-        }
-        let mut snap = TaskSnapshot::default();
-        for version_dir in subdirs(&task_dir)? {
-            match version_dir.file_name().and_then(|v| v.to_str()).and_then(|v| v.parse::<u32>().ok()) {
-                Some(version) => {
-                    snap.versions.insert(version, Stamp::of(&version_dir));
-                }
-                None => tracing::warn!(dir = %version_dir.display(), "ignoring task version directory that is not a number"),
-            }
-        }
-        // A pin naming a version that is not there is ignored (`clear_stale_pins` removes it).
-        snap.pinned = store::read_default(&task_dir).filter(|v| snap.versions.contains_key(v));
-        if !snap.versions.is_empty() {
-            out.insert(name, snap);
-        }
-    }
-    Ok(out)
-}
-
-/// Sub-directories in name order, skipping hidden ones (in-progress uploads start with `.`).
-fn subdirs(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        // Absent, or removed by another replica between two scans.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(LoadError::new(dir, format!("cannot list: {e}"))),
-    };
-    let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| LoadError::new(dir, format!("cannot list: {e}")))?;
-        let hidden = entry.file_name().to_string_lossy().starts_with('.');
-        if entry.path().is_dir() && !hidden {
-            out.push(entry.path());
-        }
-    }
-    out.sort();
-    Ok(out)
 }

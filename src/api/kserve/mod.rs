@@ -123,12 +123,12 @@ impl KServeApi {
     }
 
     fn ready_versions(&self, name: &str) -> Vec<String> {
-        let entries = self.router.registry.entries();
-        entries.iter().filter(|e| e.name == name && e.state == crate::repository::TaskState::Ready).map(|e| e.version.to_string()).collect()
+        let entries = self.router.registry.entries_named(name);
+        entries.iter().filter(|e| e.state == crate::repository::TaskState::Ready).map(|e| e.version.to_string()).collect()
     }
 
     fn known(&self, name: &str) -> Result<(), ServeError> {
-        if self.router.registry.entries().iter().any(|e| e.name == name) {
+        if !self.router.registry.entries_named(name).is_empty() {
             Ok(())
         } else {
             Err(ServeError::NotFound(format!("model `{name}` not found")))

@@ -296,6 +296,35 @@ fn read_json(path: &Path) -> Result<Value, AdapterHubError> {
     serde_json::from_slice(&read_bytes(path)?).map_err(|e| invalid(path, format!("invalid JSON: {e}")))
 }
 
+/// Largest read buffer a thread keeps between files ([`read_safetensors`]).
+const KEPT_BUFFER_BYTES: usize = 16 << 20;
+
+thread_local! {
+    /// The file bytes of the last safetensors read on this thread, reused: start-up reads 20,000
+    /// files of ~0.5 MB on each loader thread, and a fresh buffer per file cost page faults and an
+    /// unmap each time (a sixth of start-up, measured with perf).
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>, AdapterHubError> {
-    safetensors::parse(&read_bytes(path)?).map_err(|p| invalid(path, format!("not a valid safetensors file: {p}")))
+    use std::io::Read;
+    let cannot = |e: std::io::Error| invalid(path, format!("cannot read: {e}"));
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    let len = file.metadata().map_err(cannot)?.len();
+    if len > MAX_FILE_BYTES {
+        return Err(invalid(path, format!("{len} bytes exceeds the limit of {MAX_FILE_BYTES}")));
+    }
+    READ_BUFFER.with_borrow_mut(|buf| {
+        buf.clear();
+        // The size was checked above; `take` bounds a file that grows meanwhile.
+        file.by_ref().take(MAX_FILE_BYTES + 1).read_to_end(buf).map_err(cannot)?;
+        if buf.len() as u64 > MAX_FILE_BYTES {
+            return Err(invalid(path, format!("more than the limit of {MAX_FILE_BYTES} bytes")));
+        }
+        let parsed = safetensors::parse(buf).map_err(|p| invalid(path, format!("not a valid safetensors file: {p}")));
+        if buf.capacity() > KEPT_BUFFER_BYTES {
+            *buf = Vec::new();
+        }
+        parsed
+    })
 }
