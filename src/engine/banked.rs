@@ -1,7 +1,8 @@
 //! The CPU runner of a bank plan (`plan.rs`, laid out on tokens by `packing.rs`): embeddings, then
 //! one `layer.onnx` run per layer on packed tokens with the backbone's adapter banks as inputs, then
 //! the heads on the host. A batch costs 1 + L session runs whatever tasks and drop depths it mixes
-//! (plus one per task whose head is only a graph).
+//! (plus one per task whose head is only a graph, and ELECTRA's `embeddings_project` where a row
+//! has a Stack's invertible adapter).
 //!
 //! The embeddings run padded (`[rows, T]`, the graph every path shares) and are packed on the host:
 //! one copy of the real tokens' states, a small fraction of one layer's work, and no second
@@ -19,7 +20,7 @@ use super::executor::{ExecStats, Lane, Sequence, large_batch, pad};
 use super::heads::{HeadSource, LaneOutput, run_task_head};
 use super::packing::{PackedLayer, PackedPlan, SlotGroups, pack};
 use super::plan::{HeadGroup, LanePath, plan};
-use super::tensors::{i64_input, run_hidden};
+use super::tensors::{f32_input, i64_input, run_hidden};
 use crate::error::EngineError;
 use crate::repository::backbone::{BANK_INPUTS, GROUP_INPUTS, METHOD_GROUP_INPUTS, METHOD_INPUTS};
 use crate::repository::{Backbone, Location};
@@ -90,7 +91,12 @@ pub fn execute_banked_as(
     let lens: Vec<usize> = if packed { real.clone() } else { vec![ids.ncols(); seqs.len()] };
     let layout = pack(&plan, &lens, &real);
     let (iv, tv) = (ids.view(), types.view());
-    let embedded = run_hidden(&backbone.embeddings, vec![("input_ids", i64_input(&iv)?), ("token_type_ids", i64_input(&tv)?)], "hidden")?;
+    // ELECTRA's invertible adapter comes before `embeddings_project`: a batch with one takes the
+    // states before it (`embedded`) and projects every row after (rows without one bit for bit as
+    // `hidden`); every other batch reads `hidden` as before.
+    let project = backbone.embeddings_project.as_ref().filter(|_| plan.embedding_invertible.iter().any(|&k| k != 0));
+    let output = if project.is_some() { "embedded" } else { "hidden" };
+    let embedded = run_hidden(&backbone.embeddings, vec![("input_ids", i64_input(&iv)?), ("token_type_ids", i64_input(&tv)?)], output)?;
     // Rows split before layer 0 (their LoRA / (IA)^3 rows differ there) are packed once per copy.
     let embedded = embedded.into_host()?;
     let identity = plan.embedding_rows.iter().enumerate().all(|(i, &r)| i == r) && plan.embedding_rows.len() == seqs.len();
@@ -100,6 +106,10 @@ pub fn execute_banked_as(
         if let Some(inv) = usize::try_from(key - 1).ok().and_then(invertible) {
             inv.apply(embedded.index_axis_mut(Axis(0), r));
         }
+    }
+    if let Some(project) = project {
+        let ev = embedded.view();
+        embedded = run_hidden(project, vec![("embedded", f32_input(&ev)?)], "hidden")?.into_host()?;
     }
     let embedding_lens: Vec<usize> = plan.embedding_rows.iter().map(|&i| lens[i]).collect();
     let mut hidden = Packed::Host(pack_rows(embedded, &embedding_lens));

@@ -38,6 +38,9 @@ pub struct Backbone {
     pub manifest: BackboneManifest,
     pub tokenizer: Option<Tokenizer>,
     pub embeddings: Graph,
+    /// `embeddings_project.onnx` (`embedded [B,T,E] -> hidden [B,T,H]`) of a backbone whose manifest
+    /// has `embedding_size` (ELECTRA): run after a Stack's invertible adapter on `embedded`.
+    pub embeddings_project: Option<Graph>,
     pub layers: Vec<LayerGraphs>,
     /// `layers/<i>/layer.onnx` for every layer (whole layers with adapter banks as inputs) and the
     /// banks they read; `None` for a backbone exported before layer graphs existed.
@@ -159,12 +162,18 @@ impl Backbone {
         let bt = [Dim::Any, Dim::Any];
         let bth = [Dim::Any, Dim::Any, Dim::Fixed(h)];
         let hidden_out = || vec![IoSpec::new("hidden", T::Float32, &bth)];
-        let embeddings = Graph::load(
-            runtime,
-            &dir.join("embeddings.onnx"),
-            &[IoSpec::new("input_ids", T::Int64, &bt), IoSpec::new("token_type_ids", T::Int64, &bt)],
-            &hidden_out(),
-        )?;
+        let ids_in = [IoSpec::new("input_ids", T::Int64, &bt), IoSpec::new("token_type_ids", T::Int64, &bt)];
+        let (embeddings, embeddings_project) = match manifest.embedding_size {
+            None => (Graph::load(runtime, &dir.join("embeddings.onnx"), &ids_in, &hidden_out())?, None),
+            Some(0) => return Err(bad("embedding_size must be positive".into())),
+            Some(e) => {
+                let embedded = IoSpec::new("embedded", T::Float32, &[Dim::Any, Dim::Any, Dim::Fixed(e as i64)]);
+                let mut both = hidden_out();
+                both.push(embedded.clone());
+                let embeddings = Graph::load(runtime, &dir.join("embeddings.onnx"), &ids_in, &both)?;
+                (embeddings, Some(Graph::load(runtime, &dir.join("embeddings_project.onnx"), &[embedded], &hidden_out())?))
+            }
+        };
         let (slot_in, slot_out) = slot_contract(manifest.hidden_size);
         let h_out = vec![IoSpec::new("h", T::Float32, &bth)];
         let mut layers = Vec::with_capacity(manifest.num_layers);
@@ -183,7 +192,7 @@ impl Backbone {
             });
         }
         let banked = load_banked(runtime, dir, &manifest)?;
-        Ok(Self { manifest, tokenizer, embeddings, layers, banked })
+        Ok(Self { manifest, tokenizer, embeddings, embeddings_project, layers, banked })
     }
 
     pub fn name(&self) -> &str {

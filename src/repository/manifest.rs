@@ -19,6 +19,11 @@ pub struct BackboneManifest {
     pub architecture: Architecture,
     pub num_layers: usize,
     pub hidden_size: usize,
+    /// ELECTRA with `embedding_size` != `hidden_size`: the width of `embeddings.onnx`'s second output
+    /// `embedded` (before `embeddings_project`, where a Stack's invertible adapter runs) and of the
+    /// input of `embeddings_project.onnx`. Absent: the embeddings end at `hidden`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_size: Option<usize>,
     pub num_heads: usize,
     pub intermediate_size: usize,
     pub vocab_size: usize,

@@ -7,12 +7,28 @@ from .checkpoint import Checkpoint
 from .onnx_builder import F, F32_MIN, I64, GraphBuilder, hidden_dims
 
 
+def projects_embeddings(ck: Checkpoint) -> bool:
+    """ELECTRA with `embedding_size` != `hidden_size`: `embeddings_project` follows the LayerNorm."""
+    return "embeddings_project.weight" in ck.weights
+
+
+def embedding_size(ck: Checkpoint) -> int:
+    """Width of the embeddings' LayerNorm output (before `embeddings_project`, where there is one)."""
+    return int(ck.get("embeddings.LayerNorm.weight").shape[0])
+
+
 def embeddings_graph(ck: Checkpoint):
+    """(input_ids, token_type_ids) -> hidden [B,T,H]. A projecting backbone (ELECTRA) also outputs
+    `embedded` [B,T,E], the LayerNorm's output before `embeddings_project`: a Stack's invertible
+    adapter runs there, then `embeddings_project_graph` (the plain path reads `hidden`, as before)."""
     H = ck.hidden_size
     g = GraphBuilder("embeddings")
     ids = g.input("input_ids", I64, ["batch", "seq"])
     tt = g.input("token_type_ids", I64, ["batch", "seq"])
     g.output("hidden", F, hidden_dims(H))
+    project = projects_embeddings(ck)
+    if project:
+        g.output("embedded", F, hidden_dims(embedding_size(ck)))
     word = g.op("Gather", [g.const(ck.get("embeddings.word_embeddings.weight"), "word_embeddings"), ids], axis=0)
     pos_table = g.const(ck.get("embeddings.position_embeddings.weight"), "position_embeddings")
     if ck.roberta_like:
@@ -32,12 +48,26 @@ def embeddings_graph(ck: Checkpoint):
         s = g.op("Add", [g.op("Add", [word, types]), pos])
     else:  # DistilBERT: no token-type embeddings; `token_type_ids` stays an (unused) input of the contract
         s = g.op("Add", [word, pos])
-    project = "embeddings_project.weight" in ck.weights  # ELECTRA with embedding_size != hidden_size
     ln = g.layer_norm(s, ck.get("embeddings.LayerNorm.weight"), ck.get("embeddings.LayerNorm.bias"),
-                      ck.eps, "embeddings.LayerNorm", out=None if project else "hidden")
+                      ck.eps, "embeddings.LayerNorm", out="embedded" if project else "hidden")
     if project:
-        g.linear(ln, ck.get("embeddings_project.weight"), ck.get("embeddings_project.bias"), "embeddings_project",
-                 out="hidden")
+        project_body(g, ck, ln)
+    return g.model()
+
+
+def project_body(g: GraphBuilder, ck: Checkpoint, x: str) -> str:
+    """ELECTRA's `embeddings_project` (E -> H) inside `g`, written to `hidden`."""
+    return g.linear(x, ck.get("embeddings_project.weight"), ck.get("embeddings_project.bias"), "embeddings_project",
+                    out="hidden")
+
+
+def embeddings_project_graph(ck: Checkpoint):
+    """embedded [B,T,E] -> hidden [B,T,H]: the same `embeddings_project` nodes as in the embeddings
+    graph, for rows whose `embedded` states a Stack's invertible adapter changed."""
+    g = GraphBuilder("embeddings_project")
+    x = g.input("embedded", F, hidden_dims(embedding_size(ck)))
+    g.output("hidden", F, hidden_dims(ck.hidden_size))
+    project_body(g, ck, x)
     return g.model()
 
 

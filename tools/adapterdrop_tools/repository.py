@@ -11,7 +11,8 @@ import time
 from . import ExportError, InvalidCheckpoint
 from .adapterhub import Adapter, Head, copy_adapterhub
 from .checkpoint import Checkpoint
-from .graphs_backbone import attention_graph, embeddings_graph, ffn_graph, plain_slot_graph
+from .graphs_backbone import (attention_graph, embedding_size, embeddings_graph, embeddings_project_graph, ffn_graph,
+                              plain_slot_graph, projects_embeddings)
 from .graphs_layer import layer_graph
 from .graphs_task import adapter_slot_graph, head_graph
 from .onnx_builder import initializers, save
@@ -102,7 +103,7 @@ def kept_slots(slots: dict, drop: dict, num_layers: int, what: str):
 
 # ---- backbones ------------------------------------------------------------------------------
 def backbone_manifest(ck: Checkpoint, name: str, tokenizer: bool, source: str | None, license: str | None) -> dict:
-    return {
+    m = {
         "format_version": FORMAT_VERSION,
         "name": name,
         "architecture": ck.architecture,
@@ -121,6 +122,9 @@ def backbone_manifest(ck: Checkpoint, name: str, tokenizer: bool, source: str | 
         "license": license or "unknown",  # strings: the server's manifest parser rejects null here
         "embedding": embedding_config(ck.path),
     }
+    if projects_embeddings(ck):  # ELECTRA: `embedded` [B,T,E] and embeddings_project.onnx (models/README.md)
+        m["embedding_size"] = embedding_size(ck)
+    return m
 
 
 # sentence-transformers pooling modes -> the built-in embedding task's `pooling`
@@ -172,6 +176,8 @@ def write_backbone(ck: Checkpoint, repo: str, name: str, tokenizer_path: str | N
     tmp = _fresh_tmp(os.path.join(repo, "backbones"), name)
     try:
         save(embeddings_graph(ck), os.path.join(tmp, "embeddings.onnx"))
+        if projects_embeddings(ck):
+            save(embeddings_project_graph(ck), os.path.join(tmp, "embeddings_project.onnx"))
         for i in range(ck.num_layers):
             d = os.path.join(tmp, "layers", str(i))
             os.makedirs(d)

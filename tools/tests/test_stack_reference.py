@@ -1,10 +1,13 @@
-"""Issue 14 item 4 (Stack, MAD-X), groundwork: the numpy reference of `Stack("lang", "stack")` with the
+"""Issue 14 item 4 (Stack, MAD-X): the numpy reference of `Stack("lang", "stack")` with the
 language adapter's invertible adapter ("nice") at the embeddings equals the adapters library's own
-outputs (tests/fixtures/adapterhub-breadth) at every drop depth, on all five backbones. The server does not serve Stack yet;
-this pins down the math a bank design must reproduce: the invertible adapter stays active at every
-depth (it is not a layer), and each stacked adapter feeds its output, before the LayerNorm, to the next."""
+outputs (tests/fixtures/adapterhub-breadth) at every drop depth, on all five backbones; so do the
+layer graphs' stack bank and, on ELECTRA, the exported embeddings split around `embeddings_project`.
+This pins down the math the server reproduces (tests/stack_exactness.rs): the invertible adapter
+stays active at every depth (it is not a layer), and each stacked adapter feeds its output, before
+the LayerNorm, to the next."""
 import json
 import os
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -16,6 +19,9 @@ from adapterdrop_tools.checkpoint import load_checkpoint
 from adapterdrop_tools.graphs_layer import attention_maps, bank, layer_graph, methods_maps, pack_maps, stack_bank
 from adapterdrop_tools.graphs_methods import methods_bank
 from adapterdrop_tools.reference import Reference, head_logits, linear, nice, stack_slot
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import export_backbone  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BREADTH = os.path.join(ROOT, "tests", "fixtures", "adapterhub-breadth")
@@ -124,3 +130,37 @@ def test_stack_bank_in_the_layer_graph_matches_the_library(b):
                           ("pfeiffer", head_logits(first[B:], load_head(os.path.join(ad, "pfeiffer"), H)))):
             want = np.array(fx["tasks"][name]["outputs"][str(n)]["logits"])
             assert np.abs(got - want).max() < 1e-4, (b, name, n, np.abs(got - want).max())
+
+
+@pytest.mark.parametrize("b", ["electra", "bert"])
+def test_exported_embeddings_split_for_the_invertible_adapter(b, tmp_path):
+    """ELECTRA (embedding_size 16 != hidden 32): `embeddings.onnx` also outputs `embedded`, the states
+    before `embeddings_project`, and `embeddings_project.onnx` maps them to `hidden`: on the plain
+    states bit for bit the graph's own `hidden` (whatever rows it is given), on nice(embedded) the
+    library's stacked embeddings. A backbone without a projection exports neither."""
+    repo = str(tmp_path / "repo")
+    assert export_backbone.main(["--checkpoint", os.path.join(BREADTH, b, "backbone"), "--out", repo, "--name", b]) == 0
+    bdir = os.path.join(repo, "backbones", b)
+    manifest = json.load(open(os.path.join(bdir, "backbone.json")))
+    emb = ort.InferenceSession(os.path.join(bdir, "embeddings.onnx"), providers=["CPUExecutionProvider"])
+    project_path = os.path.join(bdir, "embeddings_project.onnx")
+    if b != "electra":
+        assert "embedding_size" not in manifest and not os.path.exists(project_path)
+        assert [o.name for o in emb.get_outputs()] == ["hidden"]
+        return
+    assert manifest["embedding_size"] == 16 and manifest["hidden_size"] == 32
+    assert [o.name for o in emb.get_outputs()] == ["hidden", "embedded"]
+    project = ort.InferenceSession(project_path, providers=["CPUExecutionProvider"])
+    fx = json.load(open(os.path.join(BREADTH, b, "reference.json")))
+    x = fx["inputs"]["texts"]
+    ids, tt = np.array(x["input_ids"], np.int64), np.array(x["token_type_ids"], np.int64)
+    hidden, embedded = emb.run(["hidden", "embedded"], {"input_ids": ids, "token_type_ids": tt})
+    for rows in ([0, 1, 2, 3], [2], [3, 0, 0, 1]):
+        np.testing.assert_array_equal(project.run(["hidden"], {"embedded": embedded[rows]})[0], hidden[rows])
+    ref = Reference(load_checkpoint(os.path.join(BREADTH, b, "backbone")))
+    proj = [ref.w.pop(f"embeddings_project.{k}") for k in ("weight", "bias")]
+    assert np.abs(embedded - ref.embeddings(ids, tt)).max() < 1e-5
+    lang, inv = pfeiffer(os.path.join(BREADTH, b, "adapters", "lang"), 3, 32)
+    stacked = nice(np.float64(embedded), inv, lang.non_linearity).astype(np.float32)
+    got = project.run(["hidden"], {"embedded": stacked})[0]
+    assert np.abs(got - linear(nice(ref.embeddings(ids, tt), inv, lang.non_linearity), *proj)).max() < 1e-5

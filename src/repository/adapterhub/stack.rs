@@ -3,7 +3,9 @@
 //! `adapter_config.json` + `adapter.safetensors` under `stack/`. On the adapter banks the lower
 //! adapter runs first at every slot of the task's row, without the final LayerNorm (the library's
 //! `Stack` hands its output on before it), and its invertible adapter ("nice", if the config has
-//! one) runs on the embeddings at every drop depth (it is not a layer).
+//! one) runs on the embeddings at every drop depth (it is not a layer): on ELECTRA on the states
+//! before `embeddings_project` (`embedding_size` wide; the backbone's `embeddings_project.onnx`
+//! follows it).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -139,13 +141,6 @@ pub fn load_lower(
             return Err(unsupported(&config_path, format!("inv_adapter={other} is not supported (\"nice\" only)")));
         }
     };
-    if inv.is_some() && m.architecture == Architecture::Electra {
-        return Err(unsupported(
-            &config_path,
-            "an invertible adapter on ELECTRA (it sits inside the embeddings graph, before embeddings_project) is not supported; \
-             use a language adapter without inv_adapter",
-        ));
-    }
     let mut plain = cfg.clone();
     if let Some(o) = plain.as_object_mut() {
         o.remove("inv_adapter");
@@ -173,9 +168,33 @@ pub fn load_lower(
             return Err(invalid(&weights_path, "has invertible adapter weights but the config sets no inv_adapter"));
         }
         None => None,
-        Some(()) => Some(invertible(&weights_path, inv_tensors, m.hidden_size, cfg.rule.activation)?),
+        Some(()) => {
+            let width = invertible_width(&weights_path, m, &inv_tensors)?;
+            Some(invertible(&weights_path, inv_tensors, width, cfg.rule.activation)?)
+        }
     };
     Ok(StackLower { name, rule: cfg.rule, slots, invertible })
+}
+
+/// The width the invertible adapter works at: the embeddings' output, which on ELECTRA is the
+/// `embedded` states before `embeddings_project` (`embedding_size`). An ELECTRA backbone exported
+/// before that output existed is named, with what to do, when the weights do not fit its hidden size.
+fn invertible_width(path: &Path, m: &BackboneManifest, t: &BTreeMap<String, Tensor>) -> Result<usize, AdapterHubError> {
+    if let Some(e) = m.embedding_size {
+        return Ok(e);
+    }
+    let fits = t.get("F.0.weight").and_then(|w| w.shape.get(1)).is_none_or(|&i| i == m.hidden_size - m.hidden_size / 2);
+    if m.architecture == Architecture::Electra && !fits {
+        return Err(unsupported(
+            path,
+            format!(
+                "the invertible adapter works at ELECTRA's embedding size (before embeddings_project), and backbone '{}' was exported \
+                 without it (no embedding_size in backbone.json): re-export the backbone with tools/export_backbone.py",
+                m.name
+            ),
+        ));
+    }
+    Ok(m.hidden_size)
 }
 
 fn invertible(path: &Path, mut t: BTreeMap<String, Tensor>, hidden: usize, activation: Activation) -> Result<Invertible, AdapterHubError> {
@@ -204,6 +223,36 @@ fn invertible(path: &Path, mut t: BTreeMap<String, Tensor>, hidden: usize, activ
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// ELECTRA's `Stack(lang, stack)` from the library fixture: the invertible adapter (8 + 8 wide,
+    /// embedding size 16) loads where the manifest has `embedding_size`, and an ELECTRA backbone
+    /// exported without it is told to re-export.
+    #[test]
+    fn electra_invertible_adapter_needs_the_embedding_size() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/adapterhub-breadth/electra/adapters");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(STACK_DIR)).unwrap();
+        for f in std::fs::read_dir(fixture.join("stack")).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), dir.path().join(f.file_name())).unwrap();
+        }
+        for f in STACK_FILES {
+            std::fs::copy(fixture.join("lang").join(f), dir.path().join(STACK_DIR).join(f)).unwrap();
+        }
+        let manifest = |embedding_size: Option<usize>| -> BackboneManifest {
+            serde_json::from_value(serde_json::json!({
+                "format_version": 1, "name": "electra", "architecture": "electra", "num_layers": 3, "hidden_size": 32,
+                "embedding_size": embedding_size, "num_heads": 4, "intermediate_size": 64, "vocab_size": 100,
+                "type_vocab_size": 2, "max_positions": 64, "pad_token_id": 0, "layer_norm_eps": 1e-12,
+                "tokenizer": null, "slots": ["attention", "ffn"]
+            }))
+            .unwrap()
+        };
+        let w = super::super::load_for(dir.path(), &manifest(Some(16))).expect("loads with embedding_size");
+        assert!(w.stack.and_then(|s| s.invertible).is_some());
+        let e = super::super::load_for(dir.path(), &manifest(None)).expect_err("an old ELECTRA export").to_string();
+        assert!(e.contains("embedding size") && e.contains("re-export the backbone"), "{e}");
+    }
 
     #[test]
     fn erf_matches_known_values() {
