@@ -12,6 +12,7 @@ pub mod packing;
 pub mod plan;
 pub mod planner;
 pub mod pooling;
+mod slot_bank;
 mod tensors;
 
 use std::any::Any;
