@@ -372,7 +372,7 @@ mod tests {
         assert_eq!(read_last_version(&task), None);
     }
 
-    /// Runs [`crash_point`] in a child copy of this test binary with `ADAPTERDROP_PAUSE_AT` (1.5 s)
+    /// Runs [`crash_point`] in a child copy of this test binary with `ADAPTERDROP_PAUSE_AT` (4 s, far above a loaded machine's child start-up)
     /// and `ADAPTERDROP_CRASH_AT` naming two points it passes; returns the child's exit status,
     /// stderr and run time. A child keeps the variables out of this process's other tests.
     fn run_fault_child() -> (std::process::ExitStatus, String, Duration) {
@@ -381,7 +381,7 @@ mod tests {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", &test, "--test-threads=1", "--nocapture"])
             .env("ADAPTERDROP_FAULT_CHILD", "1")
-            .env("ADAPTERDROP_PAUSE_AT", "unit-pause:1500")
+            .env("ADAPTERDROP_PAUSE_AT", "unit-pause:4000")
             .env("ADAPTERDROP_CRASH_AT", "unit-crash")
             .output()
             .unwrap();
@@ -405,7 +405,7 @@ mod tests {
     fn production_build_ignores_the_fault_variables() {
         let (status, stderr, took) = run_fault_child();
         assert!(status.success(), "a build without `fault-injection` obeyed ADAPTERDROP_CRASH_AT: {status} {stderr}");
-        assert!(took < Duration::from_millis(1500), "a build without `fault-injection` obeyed ADAPTERDROP_PAUSE_AT: {took:?}");
+        assert!(took < Duration::from_millis(4000), "a build without `fault-injection` obeyed ADAPTERDROP_PAUSE_AT: {took:?}");
     }
 
     #[cfg(feature = "fault-injection")]
@@ -415,7 +415,7 @@ mod tests {
         let (status, stderr, took) = run_fault_child();
         assert_eq!(status.signal(), Some(libc::SIGABRT), "{status} {stderr}");
         assert!(stderr.contains("ADAPTERDROP_CRASH_AT=unit-crash: aborting"), "{stderr}");
-        assert!(took >= Duration::from_millis(1500), "no pause: {took:?}");
+        assert!(took >= Duration::from_millis(4000), "no pause: {took:?}");
     }
 
     #[test]

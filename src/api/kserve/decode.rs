@@ -258,7 +258,8 @@ mod tests {
         let started = std::time::Instant::now();
         let Err(ServeError::InvalidArgument(m)) = Params::read(&params, &limits) else { panic!("accepted") };
         assert!(m.contains("names 100000 tasks"), "{m}");
-        assert!(started.elapsed() < std::time::Duration::from_millis(500), "took {:?}", started.elapsed());
+        // Generous bound: parsing every name took 125 s before the count came first (issue 13 item 19).
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "took {:?}", started.elapsed());
         let long = "n".repeat(20_000);
         let Err(ServeError::InvalidArgument(m)) = fan_out_entry(&format!("{long}@x")) else { panic!("accepted") };
         assert!(m.len() < 400, "the echoed entry is cut: {} bytes", m.len());
