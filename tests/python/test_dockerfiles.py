@@ -105,7 +105,7 @@ def test_stages_build_the_locked_release_binary_and_run_it_as_non_root(name):
     assert "--out /out/models/default" in " ".join(a for w, a in st["python"] if w == "RUN")
     assert "--from=python /out/models/ /opt/adapterdrop/models/" in copies
     assert ("WORKDIR", "/opt/adapterdrop") in runtime
-    assert 'PathBuf::from("models/default")' in (ROOT / "src" / "config.rs").read_text(encoding="utf-8")
+    assert 'PathBuf::from("models/default")' in (ROOT / "src" / "config" / "mod.rs").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)

@@ -33,8 +33,8 @@ RELEASE, NAMESPACE = "r", "ns"
 FULLNAME = "r-adapterdrop-serve"
 INFERENCE_SERVICE = "adapterdrop.v1.Inference"
 
-# Keys agreed for the branches being merged (CONFIG-KEYS.md) that src/config.rs may not have yet. Once they
-# exist in src/config.rs this list is redundant; the test parses config.rs for everything else.
+# Keys agreed for the branches being merged (CONFIG-KEYS.md) that src/config/mod.rs may not have yet. Once they
+# exist in src/config/mod.rs this list is redundant; the test parses src/config/mod.rs for everything else.
 AGREED_KEYS = {
     "admin": {"listen"},
     "auth": {"admin_token", "inference_token"},
@@ -58,8 +58,8 @@ ALL_FEATURES = {
 
 
 def config_rs_keys() -> dict[str, set[str]]:
-    """Sections and keys the server accepts today, read from src/config.rs (deny_unknown_fields)."""
-    src = (ROOT / "src" / "config.rs").read_text(encoding="utf-8")
+    """Sections and keys the server accepts today, read from src/config/mod.rs (deny_unknown_fields)."""
+    src = (ROOT / "src" / "config" / "mod.rs").read_text(encoding="utf-8")
     structs = {m[1]: set(re.findall(r"^\s*pub (\w+):", m[2], re.M)) for m in re.finditer(r"pub struct (\w+) \{(.*?)\n\}", src, re.S)}
     sections = re.search(r"pub struct Settings \{(.*?)\n\}", src, re.S)[1]
     return {name: structs[ty] for name, ty in re.findall(r"pub (\w+): (\w+),", sections)}
