@@ -1,10 +1,14 @@
-//! `runtime.io_binding` off vs on, and under CUDA `runtime.cuda_graphs` on too (issue 12 item 6;
-//! `src/runtime/bound.rs`, `graph_capture.rs`), side by side in one run, in process through
-//! `engine::run_lanes` on the bank path: one registry of the same repository per setting, the
-//! same bank tasks (the MiniLM Pfeiffer adapter of the test repository, copied with shifted
-//! biases) and the same inputs. Every case first checks that each setting gives the plain runs'
-//! logits (within 1e-6 on the CPU, 1e-5 on a GPU), then times them interleaved (order reversed
-//! every round), medians.
+//! `runtime.io_binding` off vs on, the capturable layer graphs, and `runtime.cuda_graphs` (issue 12
+//! item 6; `src/runtime/bound.rs`, `graph_capture.rs`, `row_buckets.rs`), side by side in one run,
+//! in process through `engine::run_lanes` on the bank path: one registry of the same repository per
+//! setting, the same bank tasks (the MiniLM Pfeiffer adapter of the test repository, copied with
+//! shifted biases) and the same inputs. Settings: `off` (plain runs, `layer.onnx`), `io_binding`,
+//! `capturable` (io_binding on `layer_capturable.onnx`, the graph without control flow) and
+//! `cuda_graphs` (the capturable graphs, rows and tokens padded to buckets, inputs staged at fixed
+//! addresses; captured and replayed under CUDA only: on the CPU it times the staging and padding
+//! without capture). Every case first checks that each setting gives the plain runs' logits
+//! (within 1e-6 on the CPU, 1e-5 on a GPU and for the buckets' padded layout), then times them
+//! interleaved (order reversed every round), medians.
 //!
 //! 1. one task, n = 0, B rows (under CUDA graphs each case's batches share one signature, so
 //!    after ONNX Runtime's warm-up runs every timed run replays its captured graphs);
@@ -62,6 +66,8 @@ fn compare(sides: &[Side], seqs: &[Sequence], lanes: &[Vec<Lane>], runs: usize, 
     for (side, l) in sides.iter().zip(lanes).skip(1) {
         let (_, out, _) = run(side, seqs, l)?;
         let d = out.iter().zip(&plain).flat_map(|(x, y)| x.iter().zip(y.iter()).map(|(p, q)| (p - q).abs())).fold(0.0f32, f32::max);
+        // Buckets run every row padded: the packed-vs-padded tolerance (`banks_engine`).
+        let tol = if side.rt.cuda_graphs() { tol.max(1e-5) } else { tol };
         if d > tol {
             return Err(format!("{} vs plain runs differ by {d:e}", side.name).into());
         }
@@ -88,10 +94,13 @@ fn main() -> Res<()> {
     let settings = runtime_settings()?;
     let rt = Runtime::init(&settings)?;
     let gpu = rt.device() != Device::Cpu;
-    let mut sides = vec![Side::new("off", rt.with_io_binding(false), &repo)?, Side::new("io_binding", rt.with_io_binding(true), &repo)?];
-    if gpu {
-        sides.push(Side::new("cuda_graphs", rt.with_cuda_graphs(true), &repo)?);
-    }
+    let io = rt.with_io_binding(true);
+    let sides = vec![
+        Side::new("off", rt.with_io_binding(false), &repo)?,
+        Side::new("io_binding", io.clone(), &repo)?,
+        Side::new("capturable", io.with_capturable_layers(true), &repo)?,
+        Side::new("cuda_graphs", rt.with_cuda_graphs(true), &repo)?,
+    ];
     let tol = if gpu { 1e-5 } else { 1e-6 };
     // The same task copies on every side (distinct tasks: biases shifted by their number).
     let tasks = |from: usize, count: usize| -> Res<Vec<Vec<Arc<Task>>>> {
@@ -114,7 +123,8 @@ fn main() -> Res<()> {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "## runtime.io_binding (and cuda_graphs) vs plain runs: MiniLM (L = {}), {}, ONNX Runtime {}, {} intra-op threads (0 = cores), medians of {runs}\n",
+        "## runtime.io_binding, capturable layer graphs and cuda_graphs{} vs plain runs: MiniLM (L = {}), {}, ONNX Runtime {}, {} intra-op threads (0 = cores), medians of {runs}\n",
+        if gpu { "" } else { " (CPU: staging and row buckets, no capture)" },
         sides[0].bb.num_layers(),
         settings.execution_provider.as_str(),
         rt.version(),
@@ -148,6 +158,14 @@ fn main() -> Res<()> {
     let seqs = sequences(rows, rows_t, 11);
     let l = lanes(&many, &|i| (0, vec![i]))?;
     row(format!("{rows} rows, each its own task, T = {rows_t}"), compare(&sides, &seqs, &l, runs, tol)?);
+    let bound = |s: &Side| s.bb.banked.as_ref().and_then(|b| b.bound.as_ref()).map_or(0, |b| b.signatures());
+    let captured = sides[3].bb.banked.as_ref().is_some_and(|b| b.layers.iter().all(|g| g.captured()));
+    let _ = writeln!(
+        md,
+        "\ncuda_graphs: {} (layer, shape signature) pairs staged at the end (row and token buckets; a bank reallocation drops them), \
+         layer sessions built for capture: {captured}",
+        bound(&sides[3])
+    );
     print!("{md}");
     if let Some(path) = env("BENCH_OUT") {
         std::fs::write(&path, &md)?;

@@ -94,6 +94,9 @@ impl App {
         if !root.is_dir() {
             return Err(StartError::NoRepository { path: root.display().to_string() });
         }
+        if runtime.capturable_layers() {
+            crate::repository::backbone::check_capturable_layers(root)?;
+        }
         let registry = Arc::new(Registry::open(&runtime, root)?);
         let ctx = Context::new();
         ctx.metrics.label_tasks_of(&registry);

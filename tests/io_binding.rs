@@ -6,6 +6,9 @@
 //! mirrors and buffers live in host memory, so CI runs every line of the runner the GPU runs.
 //! Under `ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER=cuda` (`make gpu-check`) every test runs on the
 //! GPU, and the CUDA-graph test, skipped elsewhere with a message, captures and replays.
+//! `runtime.cuda_graphs`' CPU-testable parts: the layer graph without control flow
+//! (`layer_capturable.onnx`) equals the dispatched one, and row buckets (`runtime/row_buckets.rs`)
+//! leave every real row's numbers as plain runs give them while batches share few signatures.
 
 mod common;
 
@@ -181,11 +184,14 @@ fn inputs_staged_at_fixed_addresses_for_cuda_graphs_equal_plain_runs() {
         same(&on, &off, &tasks, &pick, &seqs, true); // one signature, replayed
         same(&on, &off, &tasks, &other, &seqs, true); // another
     }
-    let layers = on.bb.num_layers();
-    assert_eq!(on.bb.banked.as_ref().unwrap().bound.as_ref().unwrap().signatures(), 2 * layers, "two signatures per layer");
+    let signatures = || on.bb.banked.as_ref().unwrap().bound.as_ref().unwrap().signatures();
+    let staged = signatures();
+    same(&on, &off, &tasks, &pick, &seqs, true);
+    same(&on, &off, &tasks, &other, &seqs, true);
+    assert_eq!(signatures(), staged, "repeated batches replay their signatures");
+    assert!((on.bb.num_layers()..=2 * on.bb.num_layers()).contains(&staged), "{staged} signatures");
     same(&on, &off, &tasks, &pick, &seqs[..2].iter().chain(&seqs[..1]).cloned().collect::<Vec<_>>(), true);
     let shorter: Vec<Sequence> = seqs.iter().map(|s| Sequence { ids: s.ids[..2].to_vec(), mask: vec![1; 2], types: vec![0; 2] }).collect();
-    let signatures = || on.bb.banked.as_ref().unwrap().bound.as_ref().unwrap().signatures();
     let before = signatures();
     same(&on, &off, &tasks, &pick, &shorter, true); // lengths 2, 2, 2: the bucket of lengths 6, 3, 8
     assert_eq!(signatures(), before, "other lengths in the same token bucket share the signatures");
@@ -202,6 +208,107 @@ fn inputs_staged_at_fixed_addresses_for_cuda_graphs_equal_plain_runs() {
     }
     same(&on, &off, &tasks, &pick4, &seqs, true);
     same(&on, &off, &tasks, &pick, &seqs, true);
+}
+
+/// `runtime.layer_graph = "capturable"`: the layer graphs without control flow (`--capturable-layers`,
+/// what CUDA graphs capture) give the dispatched graphs' numbers within 1e-6 at every slot rule and
+/// drop depth, packed and padded (graph level, with LoRA, (IA)^3 and Stack rows too:
+/// `tools/tests/test_layer_capturable.py`).
+#[test]
+fn capturable_layer_graphs_equal_the_dispatched_ones() {
+    let (on, off) = (side_on(runtime().with_io_binding(false).with_capturable_layers(true)), side(false));
+    let file = |s: &Side| format!("{:?}", s.bb.banked.as_ref().unwrap().layers[0]);
+    assert!(file(&on).contains("layer_capturable.onnx") && file(&off).contains("layer.onnx"), "{} / {}", file(&on), file(&off));
+    let tasks: Vec<(Arc<Task>, Arc<Task>)> = rules()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (r, width, locs))| {
+            let w = weights(&on.bb, 800 + i as u64, r, width, locs, 2);
+            (on.task(&w), off.task(&w))
+        })
+        .collect();
+    let plain = on.bb.num_layers() as u32;
+    let pick: Vec<(usize, u32, &[usize])> =
+        vec![(0, 0, &[0, 1, 2]), (1, 1, &[2, 0]), (2, 2, &[1]), (3, 3, &[0, 2]), (4, 0, &[1, 2]), (1, plain, &[0, 1, 2])];
+    for packed in [true, false] {
+        same(&on, &off, &tasks, &pick, &seqs(), packed);
+        for (t, n) in (0..tasks.len()).flat_map(|t| (0..=plain).map(move |n| (t, n))) {
+            same(&on, &off, &tasks, &[(t, n, &[0, 1, 2])], &seqs(), packed); // each rule alone, every depth
+        }
+    }
+}
+
+/// `len` tokens of a sequence (ids cycled from `seqs()`), all real.
+fn seq_of(len: usize, k: usize) -> Sequence {
+    let base = &seqs()[k % 3].ids;
+    let ids: Vec<i64> = (0..len).map(|i| base[(i + k) % base.len()]).collect();
+    Sequence { mask: vec![1; len], types: vec![0; len], ids }
+}
+
+/// Row buckets (`runtime/row_buckets.rs`, under `runtime.cuda_graphs`): rows padded to a power of
+/// two, one slot group per row, pads on bank row 0. Every real row gets the numbers plain runs give
+/// it (packed, dispatched graphs, no buckets) within 1e-5, for a stream of batches of 1 to 8 rows,
+/// one task or each row its own, lengths 3 to 16: 16 batches, of 15 exact shapes (rows, groups per
+/// slot) that the staging before row buckets gave a signature each, share 4 signatures per layer
+/// (row buckets 1, 2, 4, 8; one token bucket). A bank reallocation still drops every capture.
+#[test]
+fn row_buckets_keep_every_real_row_exact_and_share_few_signatures() {
+    let (on, off) = (side_on(runtime().with_cuda_graphs(true)), side(false));
+    let layers = on.bb.num_layers();
+    let mk = |seed: u64| {
+        let (r, width, locs) = rules()[0]; // Pfeiffer at the FFN slot: rows never split
+        let w = weights(&on.bb, seed, r, width, locs, 2);
+        (on.task(&w), off.task(&w))
+    };
+    let mut tasks: Vec<(Arc<Task>, Arc<Task>)> = (0..8).map(|i| mk(900 + i)).collect();
+    let signatures = || on.bb.banked.as_ref().unwrap().bound.as_ref().unwrap().signatures();
+    let rows_of: Vec<Vec<usize>> = (0..8).map(|r| vec![r]).collect();
+    let mut exact = std::collections::HashSet::new();
+    for rows in 1..=8usize {
+        let seqs: Vec<Sequence> = (0..rows).map(|r| seq_of(3 + (r * 5 + rows) % 14, r)).collect();
+        let all: Vec<usize> = (0..rows).collect();
+        for distinct in [false, true] {
+            let pick: Vec<(usize, u32, &[usize])> =
+                if distinct { (0..rows).map(|r| (r, 0, &rows_of[r][..])).collect() } else { vec![(0, 0, &all[..])] };
+            same(&on, &off, &tasks, &pick, &seqs, true);
+            exact.insert((rows, if distinct { rows } else { 1 }));
+        }
+    }
+    assert_eq!(exact.len(), 15, "exact shapes of the stream");
+    assert_eq!(signatures(), 4 * layers, "row buckets 1, 2, 4, 8 at every layer");
+    // Enough new tasks to grow the banks: their mirrors move, so every capture is dropped; the next
+    // batch stages its signature afresh and still equals plain runs.
+    let capacity = || on.bb.banked.as_ref().unwrap().banks.store().capacity();
+    let before = capacity();
+    while capacity() == before {
+        let i = tasks.len() as u64;
+        tasks.push(mk(900 + i));
+    }
+    let seqs: Vec<Sequence> = (0..3).map(|r| seq_of(4 + 3 * r, r)).collect();
+    let last = tasks.len() - 1;
+    same(&on, &off, &tasks, &[(last, 0, &[0, 1]), (0, 0, &[2])], &seqs, true);
+    assert_eq!(signatures(), layers, "the reallocation dropped the earlier signatures");
+}
+
+/// `runtime.layer_graph = "capturable"` on a backbone exported without `--capturable-layers` stops
+/// start-up, naming the flag.
+#[test]
+fn capturable_layers_missing_stop_start_up_naming_the_export_flag() {
+    let repo = tempfile::tempdir().unwrap();
+    common::copy_dir(&test_repo().join("backbones/tiny-random"), &repo.path().join("backbones/tiny-random"));
+    std::fs::create_dir_all(repo.path().join("tasks")).unwrap();
+    let manifest = repo.path().join("backbones/tiny-random/backbone.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    assert!(m.as_object_mut().unwrap().remove("capturable_layer").is_some(), "the test repository exports them");
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let lib = ort_library();
+    let (ok, out) = common::run_to_exit(&[
+        ("ORT_DYLIB_PATH", lib.to_str().unwrap()),
+        ("ADAPTERDROP__REPOSITORY__PATH", repo.path().to_str().unwrap()),
+        ("ADAPTERDROP__RUNTIME__LAYER_GRAPH", "capturable"),
+    ]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("--capturable-layers") && out.contains("tiny-random"), "{out}");
 }
 
 /// GPU only: `runtime.cuda_graphs` on CUDA, layer sessions built for capture and every batch's

@@ -4,7 +4,8 @@
 
 Usage:
   export_backbone.py --checkpoint DIR --out REPO --name NAME [--tokenizer PATH] [--source S] [--license L] [--force]
-  export_backbone.py --minilm --out REPO [--name minilm] [--force]
+                     [--capturable-layers]
+  export_backbone.py --minilm --out REPO [--name minilm] [--force] [--capturable-layers]
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def main(argv=None) -> int:
     p.add_argument("--source", help="backbone.json 'source' (default: checkpoint dir name)")
     p.add_argument("--license", help="backbone.json 'license' (default: unknown; Apache-2.0 with --minilm)")
     p.add_argument("--force", action="store_true", help="replace an existing backbone")
+    p.add_argument("--capturable-layers", action="store_true",
+                   help="also write layers/<i>/layer_capturable.onnx, the layer graph without control flow that CUDA "
+                        "graphs need (runtime.cuda_graphs, runtime.layer_graph = \"capturable\")")
     a = p.parse_args(argv)
     try:
         if a.minilm:
@@ -41,7 +45,8 @@ def main(argv=None) -> int:
             if not a.name:
                 p.error("--name is required with --checkpoint")
             ckdir, name, source, lic = a.checkpoint, a.name, a.source, a.license
-        out = write_backbone(load_checkpoint(ckdir), a.out, name, a.tokenizer, source, lic, a.force)
+        out = write_backbone(load_checkpoint(ckdir), a.out, name, a.tokenizer, source, lic, a.force,
+                             capturable=a.capturable_layers)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

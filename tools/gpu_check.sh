@@ -6,8 +6,10 @@
 #   2. table2 quick on BERT-base (fan-out k = 1, 8; n = 0, 5, 11, 12; fused floor);
 #   3. banks bench on BERT-base: one task vs fused at B = 8 and 64; k = 8, n = 5 vs n = 0 and vs 8
 #      separate fused graphs; 256 distinct tasks vs one task and vs fused on the same 256 rows;
-#   4. runtime.io_binding on vs off and runtime.cuda_graphs on vs off, side by side (benches/io_binding.rs),
-#      after tests/io_binding.rs (on vs off within 1e-5, CUDA-graph replays vs plain runs);
+#   4. runtime.io_binding off / on / on the capturable layer graphs / runtime.cuda_graphs (capturable
+#      graphs, row and token buckets, captured and replayed), side by side (benches/io_binding.rs), after
+#      tests/io_binding.rs (on vs off within 1e-5, capturable vs dispatched graphs, row buckets, CUDA-graph
+#      replays vs plain runs);
 #   5. the real-text replay of issue 15 (tools/bench_replay.py) once it exists.
 # With an NVIDIA GPU it installs onnxruntime-gpu[cuda,cudnn]==1.31.1 into .venv-gpu (its own venv:
 # both ORT wheels install the same `onnxruntime` package) and runs everything on CUDA, full sizes.
@@ -61,8 +63,8 @@ fi
 
 step() { echo; echo "=== gpu-check ($MODE): $*"; }
 
-step "bench repository (BERT-base, 8 tasks; built once)"
-"$PY" tools/make_bench_repo.py --out build/bench-repo --only bert-base-random --tasks 8
+step "bench repository (BERT-base, 8 tasks, with the capturable layer graphs; built once)"
+"$PY" tools/make_bench_repo.py --out build/bench-repo --only bert-base-random --tasks 8 --capturable-layers
 
 step "equality tests on the $MODE provider"
 # shellcheck disable=SC2086
@@ -78,7 +80,7 @@ step "banks (one task vs fused, k = 8, distinct tasks per row, session runs)"
 # shellcheck disable=SC2086
 env "${SIZES[@]}" BENCH_BACKBONE=bert-base-random BENCH_OUT="$OUT/banks.md" cargo bench $CARGO_FLAGS --bench banks_scale
 
-step "io_binding on vs off, cuda_graphs on vs off (bank path, MiniLM test repository)"
+step "io_binding off / on / capturable graphs / cuda_graphs with row buckets (bank path, MiniLM test repository)"
 # shellcheck disable=SC2086
 env "${IO_SIZES[@]}" BENCH_OUT="$OUT/io_binding.md" cargo bench $CARGO_FLAGS --bench io_binding
 

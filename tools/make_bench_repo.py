@@ -2,6 +2,7 @@
 """Build the benchmark model repository for `benches/table2.rs` (issue 3, items 5a/5b).
 
 Usage: make_bench_repo.py --out DIR [--seed S] [--tasks N] [--fusion K] [--only bert-base-random|minilm] [--no-fused] [--force]
+                         [--capturable-layers]
 
 Backbones (format v1, models/README.md) and tasks (all version 1, robust AdapterDrop, default 0):
   bert-base-random  BERT-base-shaped seeded RANDOM backbone: 12 layers, hidden 768, 12 heads, FFN 3072,
@@ -147,16 +148,17 @@ def build_fusion(repo: str, name: str, ck, adapters: list, seed: int, prefix: st
         prune_task(repo, task, 1, keep, f"{task}-top2", 1, {"kept": names[:2], "how": "fixed (random adapters)"})
 
 
-def build_backbone(repo: str, name: str, seed: int, tasks: int, fused: bool, fusion_k: int = 0) -> None:
+def build_backbone(repo: str, name: str, seed: int, tasks: int, fused: bool, fusion_k: int = 0,
+                   capturable: bool = False) -> None:
     src = os.path.join(repo, "sources", name)
     t0 = time.time()
     if name == "bert-base-random":
         ck = load_checkpoint(bert_base_checkpoint(os.path.join(src, "backbone"), seed))
         write_backbone(ck, repo, name, None, f"seeded random BERT-base-shaped weights (seed {seed})",
-                       "benchmark fixture: random weights")
+                       "benchmark fixture: random weights", capturable=capturable)
     else:
         ck = load_checkpoint(minilm_path())
-        write_backbone(ck, repo, name, None, MINILM_SOURCE, "Apache-2.0")
+        write_backbone(ck, repo, name, None, MINILM_SOURCE, "Apache-2.0", capturable=capturable)
     print(f"  backbone {name}: {ck.num_layers} layers, hidden {ck.hidden_size} ({time.time() - t0:.1f}s)", flush=True)
     prefix, key_prefix, stds = TASKS[name]
     drop = parse_drop(ck.num_layers, robust=(0, 0, ck.num_layers))
@@ -186,10 +188,11 @@ def build_backbone(repo: str, name: str, seed: int, tasks: int, fused: bool, fus
         print(f"  fused full model fused/{name}/model.onnx ({time.time() - t0:.1f}s)", flush=True)
 
 
-def build(out: str, seed: int, tasks: int, only: list, fused: bool, force: bool, fusion_k: int = 8) -> str:
+def build(out: str, seed: int, tasks: int, only: list, fused: bool, force: bool, fusion_k: int = 8,
+          capturable: bool = False) -> str:
     out = os.path.abspath(out)
     params = {"stamp_version": STAMP_VERSION, "seed": seed, "tasks": tasks, "backbones": only, "fused": fused,
-              "fusion": fusion_k}
+              "fusion": fusion_k, **({"capturable_layers": True} if capturable else {})}
     stamp = os.path.join(out, ".stamp")
     if not force and os.path.isfile(stamp):
         with open(stamp, encoding="utf-8") as f:
@@ -199,7 +202,7 @@ def build(out: str, seed: int, tasks: int, only: list, fused: bool, force: bool,
 
     def fill(tmp: str) -> None:
         for name in only:
-            build_backbone(tmp, name, seed, tasks, fused, fusion_k)
+            build_backbone(tmp, name, seed, tasks, fused, fusion_k, capturable)
         shutil.rmtree(os.path.join(tmp, "sources"), ignore_errors=True)  # ~0.5 GB of safetensors, not needed
         write_json(os.path.join(tmp, ".stamp"), params)
 
@@ -215,12 +218,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-fused", action="store_true", help="skip the fused single-graph models")
     p.add_argument("--fusion", type=int, default=8, help="adapters in the AdapterFusion bench task (0: none)")
     p.add_argument("--force", action="store_true", help="rebuild even if DIR/.stamp matches")
+    p.add_argument("--capturable-layers", action="store_true",
+                   help="also export the layer graphs without control flow (runtime.cuda_graphs; make gpu-check)")
     a = p.parse_args(argv)
     if not 1 <= a.tasks <= 99:
         p.error("--tasks must be in 1..99")
     if a.fusion and not 2 <= a.fusion <= a.tasks:
         p.error("--fusion must be 0 or in 2..--tasks")
-    return run_build(lambda: build(a.out, a.seed, a.tasks, a.only or list(TASKS), not a.no_fused, a.force, a.fusion))
+    return run_build(lambda: build(a.out, a.seed, a.tasks, a.only or list(TASKS), not a.no_fused, a.force, a.fusion,
+                                   a.capturable_layers))
 
 
 if __name__ == "__main__":

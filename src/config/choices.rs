@@ -77,6 +77,16 @@ choice!(
 );
 
 choice!(
+    /// Which layer graph the bank path runs (`runtime.layer_graph`): `dispatch` (`layer.onnx`, whose
+    /// `If`s skip what a batch does not use) or `capturable` (`layer_capturable.onnx`, the same numbers
+    /// without control flow, which CUDA graphs need; `runtime.cuda_graphs` implies it).
+    LayerGraph {
+        Dispatch = "dispatch",
+        Capturable = "capturable",
+    }
+);
+
+choice!(
     /// Log line format (`log.format`).
     LogFormat {
         /// Human-readable lines.

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 mod choices;
 
-pub use choices::{ExecutionProvider, IoBinding, LogFormat, OptimizationLevel};
+pub use choices::{ExecutionProvider, IoBinding, LayerGraph, LogFormat, OptimizationLevel};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -179,6 +179,9 @@ pub struct RuntimeSettings {
     pub io_binding: IoBinding,
     /// CUDA graphs for the bank path (CUDA only; refused at start-up on any other provider).
     pub cuda_graphs: bool,
+    /// The bank path's layer graph: `dispatch` or `capturable` (no control flow; needs backbones
+    /// exported with `--capturable-layers`). `cuda_graphs` runs the capturable one whatever this says.
+    pub layer_graph: LayerGraph,
 }
 
 impl RuntimeSettings {
@@ -189,6 +192,11 @@ impl RuntimeSettings {
             IoBinding::Off => false,
             IoBinding::Auto => self.execution_provider == ExecutionProvider::Cuda,
         }
+    }
+
+    /// `runtime.layer_graph` resolved: CUDA graphs need the graph without control flow.
+    pub fn capturable_layers(&self) -> bool {
+        self.cuda_graphs || self.layer_graph == LayerGraph::Capturable
     }
 }
 
@@ -204,6 +212,7 @@ impl Default for RuntimeSettings {
             cuda_memory_limit_bytes: 0,
             io_binding: IoBinding::Auto,
             cuda_graphs: false,
+            layer_graph: LayerGraph::Dispatch,
         }
     }
 }
@@ -384,6 +393,18 @@ mod tests {
         r.io_binding = IoBinding::On;
         assert!(r.io_binding_on());
         assert!(crate::runtime::check_cuda_graphs(&r).unwrap_err().contains("runtime.execution_provider = \"cuda\""));
+    }
+
+    #[test]
+    fn cuda_graphs_imply_the_capturable_layer_graphs() {
+        let mut r = RuntimeSettings::default();
+        assert!(r.layer_graph == LayerGraph::Dispatch && !r.capturable_layers());
+        r.layer_graph = "capturable".parse().unwrap();
+        assert!(r.capturable_layers());
+        r.layer_graph = LayerGraph::Dispatch;
+        r.cuda_graphs = true;
+        assert!(r.capturable_layers(), "a captured graph cannot hold the dispatch `If`s");
+        assert!("if".parse::<LayerGraph>().unwrap_err().contains("`dispatch`, `capturable`"));
     }
 
     #[test]

@@ -89,7 +89,15 @@ pub fn execute_banked_as(
     };
     let real: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
     let lens: Vec<usize> = if packed { real.clone() } else { vec![ids.ncols(); seqs.len()] };
-    let layout = pack(&plan, &lens, &real);
+    // Under `runtime.cuda_graphs` rows are padded to buckets too, one slot group per row, so the
+    // layers' input shapes depend on bucket sizes only (`runtime/row_buckets.rs`).
+    let (plan, layout) = match capture {
+        true => crate::runtime::row_buckets::bucket(&plan, ids.ncols(), &real),
+        false => {
+            let layout = pack(&plan, &lens, &real);
+            (plan, layout)
+        }
+    };
     let (iv, tv) = (ids.view(), types.view());
     // ELECTRA's invertible adapter comes before `embeddings_project`: a batch with one takes the
     // states before it (`embedded`) and projects every row after (rows without one bit for bit as

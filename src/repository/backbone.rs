@@ -207,11 +207,13 @@ impl Backbone {
 /// The layer graphs when the backbone has them all (a backbone without any serves through its
 /// segments only; one with some but not all is broken).
 fn load_banked(runtime: &Runtime, dir: &Path, manifest: &BackboneManifest) -> Result<Option<Banked>, LoadError> {
-    let path = |i: usize| dir.join("layers").join(i.to_string()).join("layer.onnx");
-    let present = (0..manifest.num_layers).filter(|&i| path(i).is_file()).count();
+    let layer_dir = |i: usize| dir.join("layers").join(i.to_string());
+    let present = (0..manifest.num_layers).filter(|&i| layer_dir(i).join("layer.onnx").is_file()).count();
     if present == 0 {
         return Ok(None);
     }
+    let file = if runtime.capturable_layers() { capturable_layer_file(dir, manifest)? } else { "layer.onnx" };
+    let path = |i: usize| layer_dir(i).join(file);
     let (inputs, outputs) = layer_contract(manifest.hidden_size, manifest.intermediate_size);
     // Layer graphs written before packed tokens (issue 15) take padded rows and row maps; those
     // before the methods bank (issue 14) lack its inputs.
@@ -235,6 +237,45 @@ fn load_banked(runtime: &Runtime, dir: &Path, manifest: &BackboneManifest) -> Re
         .io_binding()
         .then(|| crate::runtime::bound::BoundLayers::new(runtime.device(), manifest.hidden_size, capture, runtime.cuda_stream().is_some()));
     Ok(Some(Banked { layers, banks, bound }))
+}
+
+/// Start-up check under `runtime.layer_graph = "capturable"` (or `runtime.cuda_graphs`): every
+/// backbone of `repo` with layer graphs has the capturable ones, else start-up stops naming the
+/// export flag (a backbone the loader refuses for another reason is left to it, as before).
+pub fn check_capturable_layers(repo: &Path) -> Result<(), LoadError> {
+    let Ok(entries) = std::fs::read_dir(repo.join("backbones")) else { return Ok(()) };
+    let mut dirs: Vec<_> = entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    dirs.sort();
+    for dir in dirs.iter().filter(|d| !d.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))) {
+        let Ok(manifest) = read_json::<BackboneManifest>(&dir.join("backbone.json")) else { continue };
+        if dir.join("layers").join("0").join("layer.onnx").is_file() {
+            capturable_layer_file(dir, &manifest)?;
+        }
+    }
+    Ok(())
+}
+
+/// `runtime.layer_graph = "capturable"` (or `runtime.cuda_graphs`) needs the layer graphs without
+/// control flow: a backbone exported without them stops start-up, naming the export flag.
+fn capturable_layer_file<'m>(dir: &Path, manifest: &'m BackboneManifest) -> Result<&'m str, LoadError> {
+    let problem = match manifest.capturable_layer.as_deref() {
+        None => "has no `capturable_layer`".to_string(),
+        Some(f) if f.is_empty() || f.contains(['/', '\\']) || f == "." || f == ".." => {
+            format!("`capturable_layer` {f:?} must be a plain file name")
+        }
+        Some(f) => match (0..manifest.num_layers).find(|&i| !dir.join("layers").join(i.to_string()).join(f).is_file()) {
+            Some(i) => format!("`capturable_layer` names {f}, which layers/{i} lacks"),
+            None => return Ok(f),
+        },
+    };
+    Err(LoadError::new(
+        dir.join("backbone.json"),
+        format!(
+            "{problem}: runtime.cuda_graphs and runtime.layer_graph = \"capturable\" need the layer graphs without control flow; \
+             re-export the backbone with `tools/export_backbone.py --capturable-layers` (make_bench_repo.py --capturable-layers), \
+             or set runtime.layer_graph = \"dispatch\" and runtime.cuda_graphs = false"
+        ),
+    ))
 }
 
 /// Loads `tokenizer.json` with its built-in padding and truncation switched off: the server pads

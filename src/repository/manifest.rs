@@ -41,6 +41,10 @@ pub struct BackboneManifest {
     /// `Normalize` modules, carried over by the exporter); absent: mean pooling, not normalised.
     #[serde(default)]
     pub embedding: super::embedding::EmbeddingSpec,
+    /// File name, in every `layers/<i>`, of the layer graph without control flow that CUDA graphs
+    /// can capture (`export_backbone.py --capturable-layers`; `runtime.layer_graph = "capturable"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capturable_layer: Option<String>,
 }
 
 /// The encoder family a backbone was exported from. The graphs already hold every difference

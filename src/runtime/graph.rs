@@ -73,10 +73,10 @@ impl Graph {
         Self::load_as(runtime, path, inputs, outputs, false)
     }
 
-    /// [`Graph::load`] for a backbone's `layer.onnx`: under `runtime.cuda_graphs` its CUDA session
-    /// is built for graph capture where ONNX Runtime allows it; where it refuses (a node outside the
-    /// CUDA provider, control flow such as the slot rule's `If`), the graph is loaded uncaptured and
-    /// the refusal logged.
+    /// [`Graph::load`] for a backbone's layer graph: under `runtime.cuda_graphs` (which loads
+    /// `layer_capturable.onnx`, without control flow) its CUDA session is built for graph capture
+    /// where ONNX Runtime allows it; where it refuses (a node left outside the CUDA provider with a
+    /// copy to or from it), the graph is loaded uncaptured and the refusal logged.
     pub fn load_layer(runtime: &Runtime, path: &Path, inputs: &[IoSpec], outputs: &[IoSpec]) -> Result<Self, LoadError> {
         if !runtime.cuda_graphs() || runtime.device() == super::Device::Cpu {
             return Self::load_as(runtime, path, inputs, outputs, false);

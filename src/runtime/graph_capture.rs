@@ -6,9 +6,11 @@
 //! buffers for the per-batch inputs (the token maps and the mask: one copy per layer per batch into
 //! them) and its own `gpu_graph_id`; bank mirrors and the runner's ping-pong buffers already keep
 //! their addresses between reallocations, and any reallocation invalidates every capture (new ids).
-//! Tokens are bucketed before this (`bound::pad_to_bucket`: rows padded to a power-of-two length);
-//! rows are not, so signatures still differ by rows per layer and task mix (docs/benchmarks.md,
-//! "GPU check", for what is left).
+//! Tokens and rows are bucketed before this (`bound::pad_to_bucket`: rows padded to a power-of-two
+//! length; `row_buckets.rs`: each stage's rows padded to a power of two, one slot group per row), so
+//! a layer's signature is (rows in, rows after the attention slot, rows out, token bucket) whatever
+//! the batch's tasks and lengths; the layer graphs are the capturable ones (`layer_capturable.onnx`,
+//! no `If`, so the branch taken is never frozen into a capture).
 //!
 //! On the CPU provider the same staging runs without `gpu_graph_id` (in-process tests only: the
 //! setting itself is refused on any provider but CUDA), so CI checks the fixed-address bookkeeping

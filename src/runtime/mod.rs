@@ -6,6 +6,7 @@ mod cuda_stream;
 pub mod device_banks;
 mod graph;
 mod graph_capture;
+pub mod row_buckets;
 mod row_ops;
 
 use std::path::{Path, PathBuf};
@@ -87,6 +88,8 @@ pub struct Runtime {
     io_binding: bool,
     /// `runtime.cuda_graphs`: layer sessions built for CUDA graph capture, inputs at fixed addresses.
     cuda_graphs: bool,
+    /// `runtime.layer_graph` resolved: backbones load `layer_capturable.onnx` (no control flow).
+    capturable_layers: bool,
     /// The CUDA stream every CUDA session shares (IoBinding under CUDA), as an address.
     stream: Option<usize>,
 }
@@ -154,7 +157,8 @@ impl Runtime {
         let io_binding = settings.io_binding_on();
         // Layers skip the host synchronisation between them only on one shared stream.
         let stream = (io_binding && device != Device::Cpu).then(cuda_stream::shared).flatten();
-        tracing::info!(io_binding, cuda_graphs = settings.cuda_graphs, "bank path runner");
+        let capturable_layers = settings.capturable_layers();
+        tracing::info!(io_binding, cuda_graphs = settings.cuda_graphs, capturable_layers, "bank path runner");
         Ok(Self {
             env,
             version,
@@ -164,6 +168,7 @@ impl Runtime {
             graphs: Default::default(),
             io_binding,
             cuda_graphs: settings.cuda_graphs,
+            capturable_layers,
             stream,
         })
     }
@@ -204,7 +209,17 @@ impl Runtime {
     /// The same runtime with `runtime.cuda_graphs` forced: on the CPU provider only the
     /// fixed-address staging runs (in-process tests; the setting is refused there).
     pub fn with_cuda_graphs(&self, on: bool) -> Self {
-        Self { cuda_graphs: on, io_binding: self.io_binding || on, ..self.clone() }
+        Self { cuda_graphs: on, io_binding: self.io_binding || on, capturable_layers: self.capturable_layers || on, ..self.clone() }
+    }
+
+    /// Whether backbones run their layer graphs without control flow (`runtime.layer_graph`).
+    pub fn capturable_layers(&self) -> bool {
+        self.capturable_layers
+    }
+
+    /// The same runtime with `runtime.layer_graph` forced (in-process A/B tests and benchmarks).
+    pub fn with_capturable_layers(&self, on: bool) -> Self {
+        Self { capturable_layers: on || self.cuda_graphs, ..self.clone() }
     }
 
     pub fn row_ops(&self) -> Option<&std::sync::Arc<RowOps>> {

@@ -39,9 +39,13 @@ MAP_INPUTS = ("hidden", "attention_gather", "attention_mask", "attention_scatter
               "attention_group", "attention_index", "attention_ungroup", "ffn_group", "ffn_index", "ffn_ungroup")
 
 
-def layer_graph(ck: Checkpoint, i: int, dispatch: bool = True):
+def layer_graph(ck: Checkpoint, i: int, dispatch: bool = True, capturable: bool = False):
     """(packed hidden, attention maps, group maps, banks) -> packed y; see the module doc. `dispatch`
-    False: every slot in the general rule's form only (graphs_rule.slot_rule; for tests and benches)."""
+    False: every slot in the general rule's form only (graphs_rule.slot_rule; for tests and benches).
+    `capturable`: no `If` anywhere (ONNX Runtime refuses CUDA graphs for a graph with control flow):
+    the general rule, and the methods projections and the stack step computed for every batch (row
+    0 / an all-zero stack row give the plain values exactly), `layer_capturable.onnx`."""
+    dispatch = dispatch and not capturable
     H = ck.hidden_size
     g = GraphBuilder(f"layer{i}")
     hidden = g.input("hidden", F, ["tokens0", H])
@@ -62,7 +66,6 @@ def layer_graph(ck: Checkpoint, i: int, dispatch: bool = True):
     mg = {loc: Groups(g.input(f"{p}_group", I64, [f"mgroups{n}", f"mwidth{n}"]), g.input(f"{p}_index", I64, [f"mgroups{n}"]),
                       g.input(f"{p}_ungroup", I64, [f"tokens{n}"]), H)
           for loc, p, n in (("attention", "methods", "0"), ("ffn", "methods_ffn", "1"))}
-    used = any_method(g, mg["attention"].index)
 
     def with_methods(b, loc, targets, body):
         w = gather_methods(b, methods, targets, mg[loc].index)
@@ -77,12 +80,32 @@ def layer_graph(ck: Checkpoint, i: int, dispatch: bool = True):
     def ffn(b, hook=None):
         return ffn_body(b, ck, i, x1, hook=hook)
 
-    h1 = if_methods(g, used, lambda b: with_methods(b, "attention", ("query", "key", "value"), attention), attention, "attention")
+    used = None if capturable else any_method(g, mg["attention"].index)
+
+    def projections(loc, targets, body):
+        if capturable:
+            return with_methods(g, loc, targets, body)
+        return if_methods(g, used, lambda b: with_methods(b, loc, targets, body), body, loc)
+
+    h1 = projections("attention", ("query", "key", "value"), attention)
     x1 = bank_slot(g, h1, hidden, maps["attention"], banks["attention"], *ck.ln(i, "attention"), ck.eps, "attention",
-                   stack=stacks["attention"], dispatch=dispatch)
-    h2 = if_methods(g, used, lambda b: with_methods(b, "ffn", ("intermediate", "output"), ffn), ffn, "ffn")
-    bank_slot(g, h2, x1, maps["ffn"], banks["ffn"], *ck.ln(i, "ffn"), ck.eps, "ffn", out="y", stack=stacks["ffn"], dispatch=dispatch)
+                   stack=stacks["attention"], dispatch=dispatch, capturable=capturable)
+    h2 = projections("ffn", ("intermediate", "output"), ffn)
+    bank_slot(g, h2, x1, maps["ffn"], banks["ffn"], *ck.ln(i, "ffn"), ck.eps, "ffn", out="y", stack=stacks["ffn"],
+              dispatch=dispatch, capturable=capturable)
+    if capturable:  # the stack's "any row" flag only chose an `If`'s branch
+        prune(g, "y")
     return g.model()
+
+
+def prune(g: GraphBuilder, output: str) -> None:
+    """Drops the nodes of `g` that `output` does not depend on."""
+    need, kept = {output}, []
+    for node in reversed(g.nodes):
+        if any(o in need for o in node.output):
+            need.update(node.input)
+            kept.append(node)
+    g.nodes = kept[::-1]
 
 
 def bank_inputs(g: GraphBuilder, loc: str, H: int) -> dict:
@@ -119,13 +142,17 @@ class Groups:
 
 
 def bank_slot(g: GraphBuilder, h: str, x: str, groups: Groups, bank: dict, lw, lb, eps: float, loc: str,
-              out: str | None = None, stack: dict | None = None, dispatch: bool = True) -> str:
+              out: str | None = None, stack: dict | None = None, dispatch: bool = True, capturable: bool = False) -> str:
     """The AdapterHub slot rule (graphs_rule.py) on token groups, each with its bank row's weights
     and flags; packed in, packed out. `stack`: the lower adapters' bank (module doc), run first on
-    the rows that have one (a batch without stack rows skips it: `If`)."""
+    the rows that have one (a batch without stack rows skips it: `If`; `capturable`: always run,
+    its `Where` passing `h` through bit for bit where a group has no stack row)."""
     xs = groups.split(g, x)
     if stack is None:
         hs = groups.split(g, h)
+    elif capturable:
+        active = stack_rows(g, groups, stack)[1]
+        hs = stack_step(g, groups.split(g, h), xs, groups, stack, active, lw, lb, eps, loc)
     else:  # `h` grouped inside each branch: no copy of it on the way out of the `If`
         used, active = stack_rows(g, groups, stack)
         hs = if_branches(g, used, lambda b: stack_step(b, groups.split(b, h), xs, groups, stack, active, lw, lb, eps, loc),

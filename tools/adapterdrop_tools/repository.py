@@ -19,6 +19,9 @@ from .onnx_builder import initializers, save
 
 FORMAT_VERSION = 1
 ADAPTERHUB_DIR = "adapterhub"  # the task's AdapterHub files, which the server loads into its adapter banks
+# The layer graph without control flow (graphs_layer.layer_graph(capturable=True)), beside layer.onnx in
+# every layers/<i>, when exported with --capturable-layers; backbone.json `capturable_layer` names it.
+CAPTURABLE_LAYER = "layer_capturable.onnx"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -102,7 +105,8 @@ def kept_slots(slots: dict, drop: dict, num_layers: int, what: str):
 
 
 # ---- backbones ------------------------------------------------------------------------------
-def backbone_manifest(ck: Checkpoint, name: str, tokenizer: bool, source: str | None, license: str | None) -> dict:
+def backbone_manifest(ck: Checkpoint, name: str, tokenizer: bool, source: str | None, license: str | None,
+                      capturable: bool = False) -> dict:
     m = {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -124,6 +128,8 @@ def backbone_manifest(ck: Checkpoint, name: str, tokenizer: bool, source: str | 
     }
     if projects_embeddings(ck):  # ELECTRA: `embedded` [B,T,E] and embeddings_project.onnx (models/README.md)
         m["embedding_size"] = embedding_size(ck)
+    if capturable:  # runtime.layer_graph = "capturable" / runtime.cuda_graphs read these
+        m["capturable_layer"] = CAPTURABLE_LAYER
     return m
 
 
@@ -162,7 +168,10 @@ def embedding_config(path: str) -> dict:
 
 
 def write_backbone(ck: Checkpoint, repo: str, name: str, tokenizer_path: str | None = None,
-                   source: str | None = None, license: str | None = None, force: bool = False) -> str:
+                   source: str | None = None, license: str | None = None, force: bool = False,
+                   capturable: bool = False) -> str:
+    """`capturable`: also write each layer's graph without control flow (`CAPTURABLE_LAYER`), which
+    the server needs for CUDA graphs (`runtime.cuda_graphs`, `runtime.layer_graph = "capturable"`)."""
     check_name("backbone", name)
     if ck.hidden_size % ck.num_heads:
         raise InvalidCheckpoint(f"hidden_size {ck.hidden_size} is not a multiple of num_heads {ck.num_heads}")
@@ -187,11 +196,13 @@ def write_backbone(ck: Checkpoint, repo: str, name: str, tokenizer_path: str | N
             save(ffn_graph(ck, i), os.path.join(d, "ffn.onnx"))
             save(plain_slot_graph(*ck.ln(i, "ffn"), ck.eps, f"layer{i}_ffn_slot"), os.path.join(d, "ffn_slot.onnx"))
             save(layer_graph(ck, i), os.path.join(d, "layer.onnx"))  # the whole layer with adapter banks
+            if capturable:
+                save(layer_graph(ck, i, capturable=True), os.path.join(d, CAPTURABLE_LAYER))
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
         write_json(os.path.join(tmp, "backbone.json"),
                    backbone_manifest(ck, name, bool(tokenizer_path), source or "/".join(
-                       os.path.normpath(os.path.abspath(ck.path)).split(os.sep)[-2:]), license))
+                       os.path.normpath(os.path.abspath(ck.path)).split(os.sep)[-2:]), license, capturable))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

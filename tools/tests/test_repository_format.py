@@ -36,7 +36,7 @@ def test_backbone_manifests_and_graphs(test_repo):
         d = os.path.join(test_repo, "backbones", name)
         with open(os.path.join(d, "backbone.json")) as f:
             bb = json.load(f)
-        assert list(bb) == BACKBONE_KEYS
+        assert list(bb) == BACKBONE_KEYS + ["capturable_layer"]  # the test repository exports both layer graphs
         assert bb["format_version"] == 1 and bb["name"] == name and bb["slots"] == ["attention", "ffn"]
         assert isinstance(bb["source"], str) and isinstance(bb["license"], str)  # the server wants strings
         assert bb["embedding"] == {"pooling": "mean", "normalize": False}  # no sentence-transformers config
@@ -53,6 +53,8 @@ def test_backbone_manifests_and_graphs(test_repo):
             check_graph(os.path.join(ld, "ffn.onnx"), [("hidden", F, hid)], [("h", F, hid)])
             for s in ("attention_slot", "ffn_slot"):
                 check_graph(os.path.join(ld, f"{s}.onnx"), [("h", F, hid), ("x", F, hid)], [("y", F, hid)])
+            # the graph without control flow has layer.onnx's inputs and outputs
+            check_graph(os.path.join(ld, bb["capturable_layer"]), *io(onnx.load(os.path.join(ld, "layer.onnx"))))
     with open(os.path.join(test_repo, "backbones", "roberta-tiny", "backbone.json")) as f:
         rb = json.load(f)
     assert rb["architecture"] == "roberta" and rb["max_positions"] == 66 - 1 - 1 and rb["tokenizer"] is None
