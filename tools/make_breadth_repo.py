@@ -35,7 +35,7 @@ def fill(repo: str, fixtures: str) -> None:
         src = os.path.join(fixtures, b)
         ck = load_checkpoint(os.path.join(src, "backbone"))
         write_backbone(ck, repo, b, None, f"tests/fixtures/adapterhub-breadth/{b} (adapters library, random)",
-                       "Apache-2.0")
+                       "Apache-2.0", capturable=True)  # the suites also run on runtime.layer_graph = "capturable"
         drop = parse_drop(ck.num_layers, robust=(0, 0, ck.num_layers))
         for suffix, fixture in SERVED.items():
             adir = os.path.join(src, "adapters", fixture)
