@@ -339,10 +339,16 @@ fn cuda_graphs_replay_the_same_numbers_as_plain_runs_on_the_gpu() {
         .collect();
     let pick: Vec<(usize, u32, &[usize])> = vec![(0, 0, &[0, 1, 2]), (1, 2, &[2, 0]), (4, 1, &[1])];
     let swapped: Vec<(usize, u32, &[usize])> = vec![(1, 0, &[0, 1, 2]), (0, 2, &[2, 0]), (4, 1, &[1])];
+    let signatures = || on.bb.banked.as_ref().unwrap().bound.as_ref().unwrap().signatures();
+    same(&on, &off, &tasks, &pick, &seqs, true);
+    same(&on, &off, &tasks, &swapped, &seqs, true);
+    let staged = signatures();
     for _ in 0..5 {
         same(&on, &off, &tasks, &pick, &seqs, true);
         same(&on, &off, &tasks, &swapped, &seqs, true);
     }
+    assert_eq!(signatures(), staged, "repeats replay the graphs captured for their signatures");
+    eprintln!("cuda_graphs: {staged} (layer, signature) captures replayed");
 }
 
 /// `runtime.cuda_graphs = true` on the CPU provider stops start-up, naming the keys to change.
