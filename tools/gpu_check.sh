@@ -42,6 +42,7 @@ if nvidia-smi -L >/dev/null 2>&1; then
     SIZES=(BENCH_B=8,64 BENCH_T=128 BENCH_ROWS=256 BENCH_ROWS_T=128 BENCH_RUNS=5)
     IO_SIZES=(BENCH_B=8 BENCH_T=128 BENCH_ROWS=256 BENCH_ROWS_T=128 BENCH_RUNS=5)
     TABLE2=(BENCH_QUICK=1 BENCH_K=1,8)
+    REPLAY=()
 else
     MODE=cpu
     providers="$("$PY" -c 'import onnxruntime; print(",".join(onnxruntime.get_available_providers()))')"
@@ -59,6 +60,7 @@ EOF
     SIZES=(BENCH_B=2,4 BENCH_T=16 BENCH_ROWS=16 BENCH_ROWS_T=8 BENCH_RUNS=1)
     IO_SIZES=(BENCH_B=2 BENCH_T=16 BENCH_ROWS=8 BENCH_ROWS_T=8 BENCH_RUNS=1)
     TABLE2=(BENCH_QUICK=1 BENCH_K=1,8 BENCH_B=2 BENCH_T=16 BENCH_RUNS=1)
+    REPLAY=(--quick)
 fi
 
 step() { echo; echo "=== gpu-check ($MODE): $*"; }
@@ -86,9 +88,11 @@ env "${IO_SIZES[@]}" BENCH_OUT="$OUT/io_binding.md" cargo bench $CARGO_FLAGS --b
 
 step "real-text replay (issue 15)"
 if [ -f tools/bench_replay.py ]; then
+    # It replays the trained tasks' test texts: the default repository (`make models`, idempotent).
+    make --no-print-directory models
     # shellcheck disable=SC2086
     cargo build --release $CARGO_FLAGS
-    "$PY" tools/bench_replay.py --binary target/release/adapterdrop-serve | tee "$OUT/replay.md"
+    "$PY" tools/bench_replay.py --binary target/release/adapterdrop-serve --repo models/default "${REPLAY[@]}" | tee "$OUT/replay.md"
 else
     echo "tools/bench_replay.py (issue 15) is not in this tree yet: no replay step to run"
 fi
