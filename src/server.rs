@@ -97,7 +97,7 @@ impl App {
         if runtime.capturable_layers() {
             crate::repository::backbone::check_capturable_layers(root)?;
         }
-        let registry = Arc::new(Registry::open(&runtime, root)?);
+        let registry = Arc::new(Registry::open_with(&runtime, root, settings.repository.readahead_tasks)?);
         let ctx = Context::new();
         ctx.metrics.label_tasks_of(&registry);
         Ok(Self { settings, registry, runtime, ctx })
