@@ -9,6 +9,7 @@
 //! to start reading every file in them (`posix_fadvise(WILLNEED)`, which queues the reads and
 //! returns); the loaders then find the bytes in the page cache. The window bounds how much is
 //! read ahead, so read-ahead pages are not evicted before they are used on a small machine.
+//! Once a task is loaded its files leave the page cache again ([`done_with`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -40,38 +41,40 @@ pub(super) fn run(dirs: &[PathBuf], window: usize, progress: &Progress) {
         if progress.done.load(Ordering::Relaxed) {
             return;
         }
-        let n = advise_tree(dir, 0);
+        let n = advise_tree(dir, 0, libc::POSIX_FADV_WILLNEED);
         progress.files.fetch_add(n, Ordering::Relaxed);
     }
 }
 
+/// Drops a loaded task directory's files from the page cache: the server now holds their contents
+/// (in the banks and heads), and 10 GiB of cached copies beside 10 GiB of banks put a small node
+/// under memory pressure, so every allocation of the rest of the start-up went through reclaim.
+pub(super) fn done_with(dir: &Path) {
+    advise_tree(dir, 0, libc::POSIX_FADV_DONTNEED);
+}
+
 /// Advises every regular file under `dir` (not following symbolic links); returns how many.
-fn advise_tree(dir: &Path, depth: usize) -> usize {
+fn advise_tree(dir: &Path, depth: usize, advice: libc::c_int) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
     let mut n = 0;
     for entry in entries.flatten() {
         let Ok(kind) = entry.file_type() else { continue };
         if kind.is_file() {
-            n += usize::from(will_need(&entry.path()));
+            n += usize::from(advise(&entry.path(), advice));
         } else if kind.is_dir() && depth < MAX_DEPTH {
-            n += advise_tree(&entry.path(), depth + 1);
+            n += advise_tree(&entry.path(), depth + 1, advice);
         }
     }
     n
 }
 
-/// Queues the whole file for reading into the page cache; true if the kernel accepted.
-#[cfg(target_os = "linux")]
-fn will_need(path: &Path) -> bool {
+/// `posix_fadvise` over the whole file (WILLNEED queues its reads and returns, DONTNEED drops its
+/// clean cached pages); true if the kernel accepted.
+fn advise(path: &Path, advice: libc::c_int) -> bool {
     use std::os::fd::AsRawFd;
     let Ok(file) = std::fs::File::open(path) else { return false };
     // SAFETY: a valid open descriptor; offset 0 and length 0 mean the whole file.
-    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) == 0 }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn will_need(_path: &Path) -> bool {
-    false
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, advice) == 0 }
 }
 
 #[cfg(test)]
@@ -96,6 +99,10 @@ mod tests {
         let progress = Progress::default();
         run(&dirs, WINDOW, &progress);
         assert_eq!(progress.files.load(Ordering::Relaxed), 9);
+        // Dropping the cached pages of a loaded task leaves its files as they were.
+        done_with(&dirs[0]);
+        assert_eq!(std::fs::read(dirs[0].join("adapterhub/stack/adapter.safetensors")).unwrap(), vec![0u8; 4096]);
+        assert_eq!(std::fs::read(dirs[0].join("task.json")).unwrap(), b"{}");
     }
 
     #[test]

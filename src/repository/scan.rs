@@ -52,6 +52,9 @@ pub(super) fn load_tasks_parallel(
                         let i = progress.taken.fetch_add(1, Ordering::Relaxed);
                         let (Some((name, version)), Some(dir)) = (jobs.get(i), dirs.get(i)) else { break };
                         mine.push((i, (load_task(runtime, backbones, name, *version, dir), Stamp::of(dir))));
+                        if readahead > 0 && jobs.len() > 1 {
+                            readahead::done_with(dir);
+                        }
                     }
                     mine
                 })
