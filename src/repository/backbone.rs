@@ -260,9 +260,7 @@ pub fn check_capturable_layers(repo: &Path) -> Result<(), LoadError> {
 fn capturable_layer_file<'m>(dir: &Path, manifest: &'m BackboneManifest) -> Result<&'m str, LoadError> {
     let problem = match manifest.capturable_layer.as_deref() {
         None => "has no `capturable_layer`".to_string(),
-        Some(f) if f.is_empty() || f.contains(['/', '\\']) || f == "." || f == ".." => {
-            format!("`capturable_layer` {f:?} must be a plain file name")
-        }
+        Some(f) if !valid_name(f) => format!("`capturable_layer` {f:?} must be a plain file name"),
         Some(f) => match (0..manifest.num_layers).find(|&i| !dir.join("layers").join(i.to_string()).join(f).is_file()) {
             Some(i) => format!("`capturable_layer` names {f}, which layers/{i} lacks"),
             None => return Ok(f),
@@ -288,4 +286,38 @@ fn load_tokenizer(path: &Path) -> Result<Tokenizer, LoadError> {
     tokenizer.with_padding(None);
     tokenizer.with_truncation(None).map_err(|e| LoadError::new(path, format!("cannot disable truncation: {e}")))?;
     Ok(tokenizer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_capturable_layer_file_must_be_a_plain_name_present_in_every_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..2 {
+            std::fs::create_dir_all(dir.path().join(format!("layers/{i}"))).unwrap();
+            std::fs::write(dir.path().join(format!("layers/{i}/layer_capturable.onnx")), b"x").unwrap();
+        }
+        std::fs::write(dir.path().join("layers/0/only0.onnx"), b"x").unwrap();
+        let manifest = |file: Option<&str>| -> BackboneManifest {
+            let mut m = serde_json::json!({"format_version": 1, "name": "b", "architecture": "bert", "num_layers": 2,
+                "hidden_size": 4, "num_heads": 1, "intermediate_size": 8, "vocab_size": 10, "type_vocab_size": 2,
+                "max_positions": 8, "pad_token_id": 0, "layer_norm_eps": 1e-12, "tokenizer": null,
+                "slots": ["attention", "ffn"]});
+            if let Some(f) = file {
+                m["capturable_layer"] = f.into();
+            }
+            serde_json::from_value(m).unwrap()
+        };
+        assert_eq!(capturable_layer_file(dir.path(), &manifest(Some("layer_capturable.onnx"))).unwrap(), "layer_capturable.onnx");
+        for (file, problem) in [
+            (None, "has no `capturable_layer`"),
+            (Some("../layers/0/layer_capturable.onnx"), "must be a plain file name"),
+            (Some("only0.onnx"), "which layers/1 lacks"),
+        ] {
+            let e = capturable_layer_file(dir.path(), &manifest(file)).unwrap_err().to_string();
+            assert!(e.contains(problem) && e.contains("--capturable-layers"), "{e}");
+        }
+    }
 }
