@@ -1,23 +1,24 @@
 """The layer graph's one-group path (issue 12, "gap"; graphs_layer.py, models/README.md "Layer graphs").
 
-Most batches a layer sees take one bank row per slot for every token: one task's rows, plain rows,
-and every layer AdapterDrop drops for the whole batch. For them the general layer graph's machinery
-(token grouping and ungrouping `Gather`s, attention's gather and scatter, the rule's dispatch ops and
-`If`s, the methods and stack checks: about 90 small nodes) costs ~4% of a BERT-base layer at T = 16
-(docs/benchmarks.md, "One task vs the fused graph"). So `layer.onnx` decides once per run: when the
-batch qualifies (`fast_condition`) it runs `fast_layer`, the plain layer plus the slot on the packed
-tokens as they are, else the general graph. Both compute the same ops on the same values: the same
-bits (tools/tests/test_layer_graph.py).
+Most slots a batch meets take one bank row for every token: one task's rows, plain rows, every
+layer AdapterDrop drops for the whole batch, the attention slot of Pfeiffer tasks (even beside other
+tasks). There the general layer graph's machinery (token grouping and ungrouping `Gather`s,
+attention's gather and scatter, the rule's dispatch ops and `If`s, the methods and stack checks:
+about 90 small nodes per layer) is pure overhead: a few percent of a layer (docs/benchmarks.md, "One
+task vs the fused graph"). So each part of `layer.onnx` (attention and its slot; the FFN and its
+slot) is an `If` on `fast_conditions`: the part on the packed tokens as they are (`fast_attention`,
+`fast_ffn`), else the general form. Both compute the same ops on the same values: the same bits
+(tools/tests/test_layer_graph.py).
 
-A batch qualifies when, at this layer:
+A part qualifies when:
 - no row has a LoRA / (IA)^3 row (`methods_index` all 0);
-- each slot's maps are one group (`index` [1]) of every entering token once, in order: `group`
-  [1, N] and `ungroup` [N] for N entering tokens (no row splits here). Shapes decide this: the host
+- its slot's maps are one group (`index` [1]) of every entering token once, in order: `group`
+  [1, N] and `ungroup` [N] for N entering tokens (no row splits there). Shapes decide this: the host
   packs a group's tokens in entering order (graphs_layer.pack_maps, src/engine/packing.rs), so a
   single group of every token once is the identity;
-- attention is unpadded: `attention_gather` [B, T] with B * T = N and `attention_scatter` [N]
+- (attention) the rows are unpadded: `attention_gather` [B, T] with B * T = N and `attention_scatter` [N]
   (likewise the identity: rows packed in order, so a reshape);
-- each slot's bank row is the plain rule (`scale` 0, residual `h`, LayerNorm after: `LN(h + x)`)
+- its slot's bank row is the plain rule (`scale` 0, residual `h`, LayerNorm after: `LN(h + x)`)
   or Pfeiffer's (LayerNorm before, relu, sequential, residual `h`, LayerNorm after, any scale), and
   its stack row is inactive (no activation flag). Flags are matched as exactly 1 (or 0); a row with
   other values still gets its exact result from the general graph."""
