@@ -1,24 +1,23 @@
 """The layer graph's one-group path (issue 12, "gap"; graphs_layer.py, models/README.md "Layer graphs").
 
-Most slots a batch meets take one bank row for every token: one task's rows, plain rows, every
-layer AdapterDrop drops for the whole batch, the attention slot of Pfeiffer tasks (even beside other
-tasks). There the general layer graph's machinery (token grouping and ungrouping `Gather`s,
-attention's gather and scatter, the rule's dispatch ops and `If`s, the methods and stack checks:
-about 90 small nodes per layer) is pure overhead: a few percent of a layer (docs/benchmarks.md, "One
-task vs the fused graph"). So each part of `layer.onnx` (attention and its slot; the FFN and its
-slot) is an `If` on `fast_conditions`: the part on the packed tokens as they are (`fast_attention`,
-`fast_ffn`), else the general form. Both compute the same ops on the same values: the same bits
-(tools/tests/test_layer_graph.py).
+Most batches a layer sees take one bank row per slot for every token: one task's rows, plain rows,
+and every layer AdapterDrop drops for the whole batch. For them the general layer graph's machinery
+(token grouping and ungrouping `Gather`s, attention's gather and scatter, the rule's dispatch ops and
+`If`s, the methods and stack checks: about 90 small nodes) costs ~4% of a BERT-base layer at T = 16
+(docs/benchmarks.md, "One task vs the fused graph"). So `layer.onnx` decides once per run: when the
+batch qualifies (`fast_condition`) it runs `fast_layer`, the plain layer plus the slot on the packed
+tokens as they are, else the general graph. Both compute the same ops on the same values: the same
+bits (tools/tests/test_layer_graph.py).
 
-A part qualifies when:
+A batch qualifies when, at this layer:
 - no row has a LoRA / (IA)^3 row (`methods_index` all 0);
-- its slot's maps are one group (`index` [1]) of every entering token once, in order: `group`
-  [1, N] and `ungroup` [N] for N entering tokens (no row splits there). Shapes decide this: the host
+- each slot's maps are one group (`index` [1]) of every entering token once, in order: `group`
+  [1, N] and `ungroup` [N] for N entering tokens (no row splits here). Shapes decide this: the host
   packs a group's tokens in entering order (graphs_layer.pack_maps, src/engine/packing.rs), so a
   single group of every token once is the identity;
-- (attention) the rows are unpadded: `attention_gather` [B, T] with B * T = N and `attention_scatter` [N]
+- attention is unpadded: `attention_gather` [B, T] with B * T = N and `attention_scatter` [N]
   (likewise the identity: rows packed in order, so a reshape);
-- its slot's bank row is the plain rule (`scale` 0, residual `h`, LayerNorm after: `LN(h + x)`)
+- each slot's bank row is the plain rule (`scale` 0, residual `h`, LayerNorm after: `LN(h + x)`)
   or Pfeiffer's (LayerNorm before, relu, sequential, residual `h`, LayerNorm after, any scale), and
   its stack row is inactive (no activation flag). Flags are matched as exactly 1 (or 0); a row with
   other values still gets its exact result from the general graph."""
@@ -48,58 +47,51 @@ def _pattern(pattern: dict, stack_free: bool) -> tuple:
     return mask, value
 
 
-def slot_kinds(g: GraphBuilder, groups, bank: dict, stack: dict) -> tuple:
-    """(whether every group of the slot has the plain or the Pfeiffer rule with no stack row, whether
-    the plain one): bool scalars, any group count."""
+def slot_kinds(g: GraphBuilder, groups, bank: dict, stack: dict) -> str:
+    """`[2]` float: whether every group of the slot has the plain rule, and the Pfeiffer rule, with
+    no stack row (1 / 0; any group count)."""
     rows = g.op("Concat", [groups.weights(g, bank["rule"]), groups.weights(g, stack["rule"])], axis=2)  # [G, 1, 2K]
     (pm, pv), (fm, fv) = _pattern(PLAIN, True), _pattern(PFEIFFER, True)
     masked = g.op("Mul", [rows, g.const(np.stack([pm, fm]), "fast_rule_mask")])  # [G, 2, 2K]
     same = g.op("Cast", [g.op("Equal", [masked, g.const(np.stack([pv, fv]), "fast_rule_value")])], to=TensorProto.FLOAT)
-    kinds = g.op("ReduceMin", [same], axes=[0, 2], keepdims=0)  # [plain, Pfeiffer]: 1 / 0
-    half = g.const(0.5, "rule_half")
-    plain = g.op("Greater", [g.op("Gather", [kinds, g.const(0, "fast_plain_at", np.int64)], axis=0), half])
-    return g.op("Greater", [g.op("ReduceMax", [kinds], keepdims=0), half]), plain
+    return g.op("ReduceMin", [same], axes=[0, 2], keepdims=0)
 
 
-def fast_conditions(g: GraphBuilder, hidden: str, gather: str, scatter: str, maps: dict, banks: dict, stacks: dict,
-                    methods_used: str) -> dict:
-    """Per part of the layer, `{loc: (whether it takes the one-group path, whether its slot is plain)}`
-    (bool scalars); see the module doc. The attention part reads the entering tokens, the FFN part
-    the attention slot's output tokens."""
+def fast_condition(g: GraphBuilder, hidden: str, gather: str, scatter: str, maps: dict, banks: dict, stacks: dict,
+                   methods_used: str) -> tuple:
+    """(whether the batch takes the one-group path: bool scalar, `[2]` bool: whether each slot
+    (attention, FFN) is plain rather than Pfeiffer there); see the module doc."""
     i64 = lambda v, name: g.const(v, name, np.int64)  # noqa: E731
-    plain_rows = g.op("Not", [methods_used])
-    n0 = g.op("Shape", [hidden], start=0, end=1)
-    n1 = g.op("Shape", [maps["attention"].ungroup])
-
-    def same(shapes, n, pattern, name):  # Concat(shapes) == n * pattern + (1 - pattern)
-        got = g.op("Concat", shapes, axis=0)
-        want = g.op("Add", [g.op("Mul", [n, i64(pattern, f"fast_n_at_{name}")]), i64([1 - p for p in pattern], f"fast_one_at_{name}")])
-        return g.op("Equal", [g.op("ReduceMax", [g.op("Abs", [g.op("Sub", [got, want])])], keepdims=0), i64(0, "fast_zero")])
-    # attention: [G, S, N_a, N_scatter, N, B * T] = [1, N, N, N, N, N]; FFN: [G, S, N_f] = [1, N1, N1]
-    shaped = {"attention": same([g.op("Shape", [maps["attention"].group]), n1, g.op("Shape", [scatter]), n0,
-                                 g.op("Reshape", [g.op("Size", [gather]), i64([1], "fast_one_dim")])], n0,
-                                [0, 1, 1, 1, 1, 1], "attention"),
-              "ffn": same([g.op("Shape", [maps["ffn"].group]), g.op("Shape", [maps["ffn"].ungroup])], n1, [0, 1, 1], "ffn")}
-    out = {}
-    for loc in ("attention", "ffn"):
-        known, plain = slot_kinds(g, maps[loc], banks[loc], stacks[loc])
-        out[loc] = (g.op("And", [g.op("And", [shaped[loc], plain_rows]), known]), plain)
-    return out
+    # [G_a, S_a, G_f, S_f, N_a, N_f, scatter's N, N, B * T] must be [1, N, 1, N, N, N, N, N, N].
+    n = g.op("Shape", [hidden], start=0, end=1)
+    shapes = g.op("Concat", [g.op("Shape", [maps["attention"].group]), g.op("Shape", [maps["ffn"].group]),
+                             g.op("Shape", [maps["attention"].ungroup]), g.op("Shape", [maps["ffn"].ungroup]),
+                             g.op("Shape", [scatter]), n,
+                             g.op("Reshape", [g.op("Size", [gather]), i64([1], "fast_one_dim")])], axis=0)
+    want = g.op("Add", [g.op("Mul", [n, i64([0, 1, 0, 1, 1, 1, 1, 1, 1], "fast_n_at")]),
+                        i64([1, 0, 1, 0, 0, 0, 0, 0, 0], "fast_one_at")])
+    shaped = g.op("Equal", [g.op("ReduceMax", [g.op("Abs", [g.op("Sub", [shapes, want])])], keepdims=0), i64(0, "fast_zero")])
+    kinds = {loc: slot_kinds(g, maps[loc], banks[loc], stacks[loc]) for loc in ("attention", "ffn")}
+    both = g.op("Concat", [kinds["attention"], kinds["ffn"]], axis=0)  # [a_plain, a_pf, f_plain, f_pf]
+    known = g.op("ReduceMin", [g.op("ReduceMax", [g.op("Reshape", [both, i64([2, 2], "fast_kinds")])], axes=[1], keepdims=0)],
+                 keepdims=0)
+    ok = g.op("And", [g.op("And", [shaped, g.op("Not", [methods_used])]), g.op("Greater", [known, g.const(0.5, "rule_half")])])
+    plain = g.op("Greater", [g.op("Gather", [both, i64([0, 2], "fast_plain_at")], axis=0), g.const(0.5, "rule_half")])
+    return ok, plain  # plain: [2] bool, attention and FFN
 
 
-def fast_attention(g: GraphBuilder, ck, i: int, hidden: str, mask: str, gather: str, groups, bank: dict, plain: str) -> str:
-    """Attention and its slot on the packed tokens as they are (`fast_conditions` held): reshaped to
-    `attention_gather`'s [B, T] rows instead of gathered, the slot on its one bank row."""
+def fast_layer(g: GraphBuilder, ck, i: int, hidden: str, mask: str, gather: str, maps: dict, banks: dict, plain: str,
+               eps: float) -> str:
+    """The layer on the packed tokens as they are (the batch passed `fast_condition`): attention
+    reshaped to `attention_gather`'s [B, T] rows, each slot `LN(h + x)` or Pfeiffer's rule on its
+    one bank row, with the general graph's ops."""
     h1 = attention_body(g, ck, i, hidden, mask, gather=gather, in_order=True)
-    return fast_slot(g, h1, hidden, groups, bank, *ck.ln(i, "attention"), ck.eps, "attention", plain)
+    x1 = fast_slot(g, h1, hidden, maps["attention"], banks["attention"], *ck.ln(i, "attention"), eps, "attention", plain, 0)
+    h2 = ffn_body(g, ck, i, x1)
+    return fast_slot(g, h2, x1, maps["ffn"], banks["ffn"], *ck.ln(i, "ffn"), eps, "ffn", plain, 1)
 
 
-def fast_ffn(g: GraphBuilder, ck, i: int, x1: str, groups, bank: dict, plain: str) -> str:
-    """The FFN and its slot on the packed tokens as they are, the slot on its one bank row."""
-    return fast_slot(g, ffn_body(g, ck, i, x1), x1, groups, bank, *ck.ln(i, "ffn"), ck.eps, "ffn", plain)
-
-
-def fast_slot(g: GraphBuilder, h: str, x: str, groups, bank: dict, lw, lb, eps: float, loc: str, plain: str) -> str:
+def fast_slot(g: GraphBuilder, h: str, x: str, groups, bank: dict, lw, lb, eps: float, loc: str, plain: str, k: int) -> str:
     """One slot on packed `[N, H]` tokens, one bank row: `LN(h + x)` where the row is plain, else
     Pfeiffer's `LN(scale (relu(LN(h + x) W_down + b_down) W_up + b_up) + h + x)` (graphs_rule.py's
     branches, in their order of operations; the last ones on `[N, H]`, so the branch writes its output in place)."""
@@ -115,5 +107,6 @@ def fast_slot(g: GraphBuilder, h: str, x: str, groups, bank: dict, lw, lb, eps: 
         up = b.op("Reshape", [up, b.const([-1, groups.width], f"groups_flat_{groups.width}", np.int64)])  # [N, H]
         return b.layer_norm(b.op("Add", [b.op("Add", [up, h]), x]), lw, lb, eps, ln_name)
 
-    return if_branches(g, plain, lambda b: b.layer_norm(b.op("Add", [h, x]), lw, lb, eps, ln_name), pfeiffer,
+    is_plain = g.op("Gather", [plain, g.const(k, f"fast_slot_{k}", np.int64)], axis=0)
+    return if_branches(g, is_plain, lambda b: b.layer_norm(b.op("Add", [h, x]), lw, lb, eps, ln_name), pfeiffer,
                        f"{loc}_fast", ("plain", "pfeiffer"))

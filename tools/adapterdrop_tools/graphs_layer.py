@@ -23,18 +23,17 @@ library's `Stack` passes it on. A stack row is a row with an activation flag; ev
 (all zeros, as a freed row is) passes `h` through unchanged, and a batch without stack rows skips
 the step (`If`), so it costs them nothing.
 
-Where a slot takes one bank row for every token, in order and unpadded (one task, plain rows,
-layers AdapterDrop drops for the whole batch, the attention slot of Pfeiffer tasks), with the plain
-or Pfeiffer rule and no LoRA, (IA)^3 or stack rows, that part of the layer (attention and its slot,
-or the FFN and its slot) runs without any of this machinery: graphs_fast.py (an `If` per part; same
-bits)."""
+A batch whose every slot takes one bank row for every token, in order and unpadded (one task, plain
+rows, layers AdapterDrop drops for the whole batch), with the plain or Pfeiffer rule and no LoRA,
+(IA)^3 or stack rows, runs the layer without any of this machinery: graphs_fast.py (one `If` at the
+top of the graph; same bits)."""
 from __future__ import annotations
 
 import numpy as np
 
 from .checkpoint import Checkpoint
 from .graphs_backbone import attention_body, ffn_body
-from .graphs_fast import fast_attention, fast_conditions, fast_ffn
+from .graphs_fast import fast_condition, fast_layer
 from .graphs_methods import any_method, gather_methods, if_branches, if_methods, method_inputs, method_projection
 from .graphs_rule import ACTIVATIONS, COL, K, RULE_COLUMNS, slot_rule  # noqa: F401 (re-exported)
 from .onnx_builder import F, I64, GraphBuilder
@@ -81,13 +80,12 @@ def layer_graph(ck: Checkpoint, i: int, dispatch: bool = True):
     def attention(b, hook=None):
         return attention_body(b, ck, i, hidden, mask, gather=gather, scatter=scatter, hook=hook)
 
-    def attention_part(b):
+    def general(b, out=None):
         h1 = if_methods(b, used, lambda c: with_methods(c, "attention", ("query", "key", "value"), attention), attention,
                         "attention")
-        return bank_slot(b, h1, hidden, maps["attention"], banks["attention"], *ck.ln(i, "attention"), ck.eps, "attention",
-                         stack=stacks["attention"], dispatch=dispatch)
+        x1 = bank_slot(b, h1, hidden, maps["attention"], banks["attention"], *ck.ln(i, "attention"), ck.eps, "attention",
+                       stack=stacks["attention"], dispatch=dispatch)
 
-    def ffn_part(b, x1, out=None):
         def ffn(c, hook=None):
             return ffn_body(c, ck, i, x1, hook=hook)
         h2 = if_methods(b, used, lambda c: with_methods(c, "ffn", ("intermediate", "output"), ffn), ffn, "ffn")
@@ -95,17 +93,13 @@ def layer_graph(ck: Checkpoint, i: int, dispatch: bool = True):
                          dispatch=dispatch)
 
     if not dispatch:
-        ffn_part(g, attention_part(g), "y")
+        general(g, "y")
         return g.model()
-    # Each part (attention and its slot, the FFN and its slot) whose slot takes one bank row for every
-    # token, in order (one task, plain rows, dropped layers): without the bank machinery
-    # (graphs_fast.py), else the general form.
-    fast = fast_conditions(g, hidden, gather, scatter, maps, banks, stacks, used)
-    x1 = if_branches(g, fast["attention"][0], lambda b: fast_attention(b, ck, i, hidden, mask, gather, maps["attention"],
-                                                                      banks["attention"], fast["attention"][1]),
-                     attention_part, "attention_part", ("one_group", "general"))
-    if_branches(g, fast["ffn"][0], lambda b: fast_ffn(b, ck, i, x1, maps["ffn"], banks["ffn"], fast["ffn"][1]),
-                lambda b: ffn_part(b, x1), "ffn_part", ("one_group", "general"), out="y")
+    # One bank row per slot for every token, in order (one task, plain rows, dropped layers): the
+    # layer without the bank machinery (graphs_fast.py), else the general graph.
+    fast, plain = fast_condition(g, hidden, gather, scatter, maps, banks, stacks, used)
+    if_branches(g, fast, lambda b: fast_layer(b, ck, i, hidden, mask, gather, maps, banks, plain, ck.eps), general, "layer",
+                ("one_group", "general"), out="y")
     return g.model()
 
 

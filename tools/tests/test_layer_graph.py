@@ -303,8 +303,8 @@ def unpadded(rows):
 
 
 def one_group_cases(ck):
-    """(name, banks per layer, attention index, ffn index, stacks, methods, how many parts of the layer
-    take the general form) for unpadded rows, each row on the same bank rows (graphs_fast.py)."""
+    """(name, banks per layer, attention index, ffn index, stacks, methods, whether the one-group path
+    applies) for unpadded rows, each row on the same bank rows (graphs_fast.py)."""
     pf = adapter(8, "relu", True, True, True, 1.0, seed=71)  # Pfeiffer at both slots
     half = adapter(4, "relu", True, True, True, 0.5, seed=72, locations=("ffn",))  # Pfeiffer, scaling 0.5
     hb = adapter(8, "silu", False, True, True, 1.0, seed=73)  # Houlsby: the general graph
@@ -318,9 +318,9 @@ def one_group_cases(ck):
                 for k, v in stack_bank([(lower, lower.slots[(i, loc)])], H).items()}
     lora = methods_bank([{"query": {"lora_a": np.full((H, 2), 0.1, np.float32), "lora_b": np.full((2, H), 0.1, np.float32)}}],
                         H, 64)
-    return [("plain", empty, 0, 0, None, None, 0), ("pfeiffer, FFN only", banks(half), 0, 1, None, None, 0),
-            ("pfeiffer, both slots", banks(pf), 1, 1, None, None, 0), ("houlsby", banks(hb), 1, 1, None, None, 2),
-            ("stack", banks(pf), 1, 1, stacked, None, 2), ("lora", banks(pf), 1, 1, None, lora, 2)]
+    return [("plain", empty, 0, 0, None, None, True), ("pfeiffer, FFN only", banks(half), 0, 1, None, None, True),
+            ("pfeiffer, both slots", banks(pf), 1, 1, None, None, True), ("houlsby", banks(hb), 1, 1, None, None, False),
+            ("stack", banks(pf), 1, 1, stacked, None, False), ("lora", banks(pf), 1, 1, None, lora, False)]
 
 
 def test_one_group_path_equals_the_general_graph_bit_for_bit(ck, graphs):
@@ -338,21 +338,19 @@ def test_one_group_path_equals_the_general_graph_bit_for_bit(ck, graphs):
 
 
 def test_one_group_path_is_taken_exactly_when_the_batch_qualifies(ck):
-    """The general form's stack check (one `ReduceSum` per slot) runs only in the parts of the layer
-    that do not qualify: padded rows (attention), rows split at a slot or two bank rows there, a rule
-    other than plain or Pfeiffer, a Stack's lower adapter, LoRA rows."""
+    """The general graph's stack check (`ReduceSum`) runs only when the batch does not qualify:
+    padded rows, rows split at a slot, two bank rows at a slot, a rule other than plain or Pfeiffer."""
     x, mask = unpadded(2)
     padded = mask.copy()
     padded[0, T - 2:] = 0
 
-    def general_parts(mask, a_rows, a_idx, f_rows, f_idx, banks, stacks=None, methods=None):
+    def runs(mask, a_rows, a_idx, f_rows, f_idx, banks, stacks=None, methods=None):
         return executed_ops(ck, lambda s: run_layer([{"layer": s}], 0, x, mask, a_rows, a_idx, f_rows, f_idx, banks,
                                                     stacks=stacks(0) if stacks else None,
                                                     methods=([1, 1], methods) if methods else None))["ReduceSum"]
-    for name, banks, a, f, stacks, methods, general in one_group_cases(ck):
-        assert general_parts(mask, [0, 1], [a] * 2, [0, 1], [f] * 2, banks[0], stacks, methods) == general, name
+    for name, banks, a, f, stacks, methods, fast in one_group_cases(ck):
+        assert runs(mask, [0, 1], [a] * 2, [0, 1], [f] * 2, banks[0], stacks, methods) == (0 if fast else 2), name
     _, banks, *_ = one_group_cases(ck)[2]
-    assert general_parts(padded, [0, 1], [1, 1], [0, 1], [1, 1], banks[0]) == 1, "padded: attention"
-    assert general_parts(mask, [0, 1], [0, 0], [0, 1], [1, 0], banks[0]) == 1, "two bank rows at the FFN slot"
-    assert general_parts(mask, [0, 1, 1], [1, 0, 1], [0, 1, 2], [1, 0, 1], banks[0]) == 2, "split at attention"
-    assert general_parts(mask, [0, 1], [1, 0], [0, 1], [1, 0], banks[0]) == 2, "two bank rows at both slots"
+    assert runs(padded, [0, 1], [1, 1], [0, 1], [1, 1], banks[0]) == 2, "padded"
+    assert runs(mask, [0, 1, 1], [1, 0, 1], [0, 1, 2], [1, 0, 1], banks[0]) == 2, "split"
+    assert runs(mask, [0, 1], [1, 0], [0, 1], [1, 0], banks[0]) == 2, "two bank rows"
