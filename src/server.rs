@@ -94,7 +94,7 @@ impl App {
         if !root.is_dir() {
             return Err(StartError::NoRepository { path: root.display().to_string() });
         }
-        let registry = Arc::new(Registry::open(&runtime, root)?);
+        let registry = Arc::new(Registry::open_with(&runtime, root, settings.repository.readahead_tasks)?);
         let ctx = Context::new();
         ctx.metrics.label_tasks_of(&registry);
         Ok(Self { settings, registry, runtime, ctx })

@@ -68,11 +68,18 @@ def rss_mib(pid: int) -> float:
         return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
 
 
-def start(binary: str, repo: str):
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far: a start-up's work, whatever else loads the machine."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start(binary: str, repo: str, extra_env: dict | None = None):
     env = {"PATH": os.environ.get("PATH", ""), "ORT_DYLIB_PATH": os.environ["ORT_DYLIB_PATH"], "NO_COLOR": "1",
            "ADAPTERDROP__SERVER__LISTEN": "127.0.0.1:0", "ADAPTERDROP__ADMIN__LISTEN": "127.0.0.1:0",
            "ADAPTERDROP__METRICS__LISTEN": "", "ADAPTERDROP__REPOSITORY__PATH": repo,
-           "ADAPTERDROP__REPOSITORY__POLL_INTERVAL_S": "0", "ADAPTERDROP__LOG__LEVEL": "warn,adapterdrop_serve=info"}
+           "ADAPTERDROP__REPOSITORY__POLL_INTERVAL_S": "0", "ADAPTERDROP__LOG__LEVEL": "warn,adapterdrop_serve=info", **(extra_env or {})}
     t0 = time.perf_counter()
     proc = subprocess.Popen([binary], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     found: dict = {"phases": []}
@@ -120,17 +127,34 @@ def restart_only(a) -> int:
     from adapterdrop.v1 import adapterdrop_pb2_grpc as core_grpc
     repo = os.path.abspath(os.path.join(a.work, "serve"))
     tasks = sum(1 for e in os.scandir(os.path.join(repo, "tasks")) if e.is_dir() and not e.name.startswith("."))
+    # --compare-readahead: every round starts once with read-ahead off and once on (order alternating),
+    # so the ratio is measured side by side on this shared machine.
+    settings = [("default", {})]
+    if a.compare_readahead:
+        settings = [("readahead off", {"ADAPTERDROP__REPOSITORY__READAHEAD_TASKS": "0"}), ("readahead on", {})]
+    times: dict = {label: [] for label, _ in settings}
+    cpus: dict = {label: [] for label, _ in settings}
     for r in range(a.rounds):
-        evicted = evict(os.path.join(repo, "tasks")) if a.cold else 0
-        t0 = time.perf_counter()
-        proc, at = start(a.binary, repo)
-        listed = core_grpc.InferenceStub(grpc.insecure_channel(at["addr"])).ListTasks(core.ListTasksRequest(), timeout=60).tasks
-        ready = sum(1 for x in listed if x.status == core.TASK_STATUS_READY and x.head_type != "embedding")
-        ready_s, rss = time.perf_counter() - t0, rss_mib(proc.pid)
-        proc.kill()
-        proc.wait()
-        print(f"round {r}: {tasks} task dirs, {'cold' if a.cold else 'warm'} ({evicted >> 20} MiB evicted): listening "
-              f"{at['t']:.2f} s, {ready} ready at {ready_s:.2f} s, RSS {rss:.0f} MiB; phases {at.get('opened')}")
+        for label, extra in (settings if r % 2 == 0 else settings[::-1]):
+            evicted = evict(os.path.join(repo, "tasks")) if a.cold else 0
+            t0 = time.perf_counter()
+            proc, at = start(a.binary, repo, extra)
+            listed = core_grpc.InferenceStub(grpc.insecure_channel(at["addr"])).ListTasks(core.ListTasksRequest(), timeout=60).tasks
+            ready = sum(1 for x in listed if x.status == core.TASK_STATUS_READY and x.head_type != "embedding")
+            ready_s, rss, cpu = time.perf_counter() - t0, rss_mib(proc.pid), cpu_s(proc.pid)
+            proc.kill()
+            proc.wait()
+            times[label].append(ready_s)
+            cpus[label].append(cpu)
+            print(f"round {r} [{label}]: {tasks} task dirs, {'cold' if a.cold else 'warm'} ({evicted >> 20} MiB evicted): "
+                  f"listening {at['t']:.2f} s, {ready} ready at {ready_s:.2f} s (CPU {cpu:.2f} s), RSS {rss:.0f} MiB; load average {os.getloadavg()[0]:.1f}; phases {at.get('opened')}",
+                  flush=True)
+    for label, ts in times.items():
+        print(f"{label}: every task READY in median {statistics.median(ts):.2f} s (min {min(ts):.2f}, max {max(ts):.2f}) "
+              f"over {len(ts)} start-ups, CPU median {statistics.median(cpus[label]):.2f} s; target <= 20 s: {'met' if max(ts) <= 20 else 'MISSED'}")
+    if a.compare_readahead:
+        ratios = [on / off for off, on in zip(times["readahead off"], times["readahead on"])]
+        print(f"readahead on / off, per round: {', '.join(f'{x:.3f}' for x in ratios)}; median {statistics.median(ratios):.3f}")
     return 0
 
 
@@ -145,6 +169,8 @@ def main() -> int:
                    help="only time start-ups on the repository a --keep run left (--rounds times, no registration)")
     p.add_argument("--cold", action="store_true", help="with --restart-only: evict the task files from the page cache first")
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--compare-readahead", action="store_true",
+                   help="with --restart-only: each round starts with repository.readahead_tasks = 0 and with the default, side by side")
     a = p.parse_args()
     import grpc
 

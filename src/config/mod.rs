@@ -99,11 +99,15 @@ pub struct RepositorySettings {
     pub path: PathBuf,
     /// Seconds between scans for tasks added or removed by other replicas sharing the repository; 0 = never.
     pub poll_interval_s: u64,
+    /// Task directories read ahead of the start-up loaders (`posix_fadvise(WILLNEED)`), so a cold
+    /// start keeps the disk busy, and dropped from the page cache once loaded (the server holds
+    /// them); 0 = off (each loader thread reads one file at a time, files stay cached).
+    pub readahead_tasks: usize,
 }
 
 impl Default for RepositorySettings {
     fn default() -> Self {
-        Self { path: PathBuf::from("models/default"), poll_interval_s: 5 }
+        Self { path: PathBuf::from("models/default"), poll_interval_s: 5, readahead_tasks: 96 }
     }
 }
 

@@ -10,6 +10,7 @@ mod graph_shapes;
 mod loader;
 pub mod manifest;
 pub mod onnx_proto;
+mod readahead;
 pub mod registrar;
 pub mod registry;
 mod scan;

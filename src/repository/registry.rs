@@ -85,6 +85,11 @@ impl Registry {
     /// ones are served. Only an unreadable repository root is fatal. Leftovers of interrupted
     /// uploads (`tasks/.staging-*`) are removed first.
     pub fn open(runtime: &Runtime, root: &Path) -> Result<Self, LoadError> {
+        Self::open_with(runtime, root, crate::config::RepositorySettings::default().readahead_tasks)
+    }
+
+    /// [`Registry::open`] reading `readahead` task directories ahead of the loaders (0 = none).
+    pub fn open_with(runtime: &Runtime, root: &Path, readahead: usize) -> Result<Self, LoadError> {
         let started = std::time::Instant::now();
         store::clean_leftovers(&root.join("tasks"));
         store::clear_stale_pins(&root.join("tasks"));
@@ -115,7 +120,7 @@ impl Registry {
         for b in tables.backbones.values().filter_map(|b| b.banked.as_ref()) {
             b.banks.reserve(jobs.len());
         }
-        let entries = load_tasks_parallel(runtime, &tables.backbones, root, &jobs);
+        let entries = load_tasks_parallel(runtime, &tables.backbones, root, &jobs, readahead);
         let load = started.elapsed();
         let jobs_len = jobs.len();
         for ((name, version), (entry, stamp)) in jobs.into_iter().zip(entries) {

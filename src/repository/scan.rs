@@ -4,9 +4,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use super::backbone::Backbone;
 use super::manifest::{TaskManifest, read_json, valid_name};
+use super::readahead;
 use super::registry::{TaskEntry, TaskState};
 use super::store::{self, Stamp};
 use super::task::Task;
@@ -26,33 +28,46 @@ pub(super) type Loaded = (TaskEntry, Option<Stamp>);
 /// Loads the task versions of a start-up scan on up to one thread per core (10,000 weights-only
 /// tasks are 10,000 file parses; exported tasks' sessions build independently), in `jobs` order.
 /// More threads than cores did not help: 2,000 MiniLM tasks loaded in the same time on 2 or 4
-/// threads on 2 cores, with their files in the page cache or not (docs/benchmarks.md).
+/// threads on 2 cores, with their files in the page cache or not (docs/benchmarks.md); what a cold
+/// start lacked was reads in flight, which [`readahead`] adds.
 pub(super) fn load_tasks_parallel(
     runtime: &Runtime,
     backbones: &BTreeMap<String, Arc<Backbone>>,
     root: &Path,
     jobs: &[(&String, u32)],
+    readahead: usize,
 ) -> Vec<Loaded> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16).min(jobs.len().max(1));
-    let next = std::sync::atomic::AtomicUsize::new(0);
+    let dirs: Vec<PathBuf> = jobs.iter().map(|(name, version)| root.join("tasks").join(name.as_str()).join(version.to_string())).collect();
+    let progress = readahead::Progress::default();
     let mut out: Vec<Option<Loaded>> = (0..jobs.len()).map(|_| None).collect();
     let done: Vec<Vec<(usize, Loaded)>> = std::thread::scope(|scope| {
+        // A single task needs no read-ahead (registration, tests); a start-up scan does.
+        let reader = (jobs.len() > 1 && readahead > 0).then(|| scope.spawn(|| readahead::run(&dirs, readahead, &progress)));
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
                     let mut mine = Vec::new();
                     loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some((name, version)) = jobs.get(i) else { break };
-                        let dir = root.join("tasks").join(name.as_str()).join(version.to_string());
-                        mine.push((i, (load_task(runtime, backbones, name, *version, &dir), Stamp::of(&dir))));
+                        let i = progress.taken.fetch_add(1, Ordering::Relaxed);
+                        let (Some((name, version)), Some(dir)) = (jobs.get(i), dirs.get(i)) else { break };
+                        mine.push((i, (load_task(runtime, backbones, name, *version, dir), Stamp::of(dir))));
+                        if readahead > 0 && jobs.len() > 1 {
+                            readahead::done_with(dir);
+                        }
                     }
                     mine
                 })
             })
             .collect();
-        workers.into_iter().map(|w| w.join().unwrap_or_default()).collect()
+        let done = workers.into_iter().map(|w| w.join().unwrap_or_default()).collect();
+        progress.done.store(true, Ordering::Relaxed);
+        if let Some(reader) = reader {
+            let _ = reader.join();
+        }
+        done
     });
+    tracing::debug!(files = progress.files.load(Ordering::Relaxed), "task files read ahead");
     for (i, loaded) in done.into_iter().flatten() {
         out[i] = Some(loaded);
     }
