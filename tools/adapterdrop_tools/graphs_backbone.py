@@ -82,27 +82,23 @@ def attention_graph(ck: Checkpoint, i: int):
 
 
 def attention_body(g: GraphBuilder, ck: Checkpoint, i: int, x: str, mask: str, out: str | None = None,
-                   gather: str | None = None, scatter: str | None = None, hook=None, in_order: bool = False) -> str:
+                   gather: str | None = None, scatter: str | None = None, hook=None) -> str:
     """The attention segment's nodes inside `g` (shared by attention.onnx and layer.onnx).
 
     Padded (`x` [B,T,H]) by default. Packed (`x` [N,H], the real tokens of every row one after the
     other) with `gather` ([B,T] token of each row position, pads any token: masked) and `scatter`
     ([N] position b*T+t of each token): the projections run on the N tokens, only the score and
     context products see the rows' padding. `hook(name, x, y) -> y'`, if given, rewrites the query /
-    key / value projections (layer.onnx: LoRA, (IA)^3; before the gather, on the tokens). `in_order`
-    (packed, unpadded: `gather` is the identity, graphs_fast.py): the tokens are reshaped to `gather`'s
-    [B,T] rows instead, and back without a scatter (the same values)."""
+    key / value projections (layer.onnx: LoRA, (IA)^3; before the gather, on the tokens)."""
     H, nh = ck.hidden_size, ck.num_heads
     d = H // nh
     heads_shape = g.const([0, 0, nh, d], "heads_shape", np.int64)
-    if in_order:
-        heads_shape = g.op("Concat", [g.op("Shape", [gather]), g.const([nh, d], "heads_dims", np.int64)], axis=0)
 
     def proj(name):
         y = g.linear(x, ck.layer(i, f"attention.self.{name}.weight"), ck.layer(i, f"attention.self.{name}.bias"), name)
         if hook is not None:
             y = hook(name, x, y)
-        if gather is not None and not in_order:
+        if gather is not None:
             y = g.op("Gather", [y, gather], axis=0)  # [B,T,H]
         return g.op("Reshape", [y, heads_shape])  # [B,T,nh,d]
 
@@ -115,10 +111,9 @@ def attention_body(g: GraphBuilder, ck: Checkpoint, i: int, x: str, mask: str, o
     term = g.op("Unsqueeze", [term, g.const([1, 2], "unsq_axes", np.int64)])  # [B,1,1,T]
     probs = g.op("Softmax", [g.op("Add", [scores, term])], axis=-1)
     ctx = g.op("Transpose", [g.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])  # [B,T,nh,d]
-    if scatter is not None or in_order:  # back to the packed tokens: [B*T,H] rows picked by `scatter`
+    if scatter is not None:  # back to the packed tokens: [B*T,H] rows picked by `scatter`
         ctx = g.op("Reshape", [ctx, g.const([-1, H], "flat_shape", np.int64)])
-        if not in_order:
-            ctx = g.op("Gather", [ctx, scatter], axis=0)
+        ctx = g.op("Gather", [ctx, scatter], axis=0)
     else:
         ctx = g.op("Reshape", [ctx, g.const([0, 0, H], "merge_shape", np.int64)])
     return g.linear(ctx, ck.layer(i, "attention.output.dense.weight"), ck.layer(i, "attention.output.dense.bias"),

@@ -23,17 +23,17 @@ library's `Stack` passes it on. A stack row is a row with an activation flag; ev
 (all zeros, as a freed row is) passes `h` through unchanged, and a batch without stack rows skips
 the step (`If`), so it costs them nothing.
 
-A batch whose every slot takes one bank row for every token, in order and unpadded (one task, plain
-rows, layers AdapterDrop drops for the whole batch), with the plain or Pfeiffer rule and no LoRA,
-(IA)^3 or stack rows, runs the layer without any of this machinery: graphs_fast.py (one `If` at the
-top of the graph; same bits)."""
+A slot whose tokens all take one bank row, in order (one task, plain rows, a layer AdapterDrop drops
+for the whole batch, Pfeiffer's attention slot beside any tasks), with the plain or Pfeiffer rule and
+no stack row, runs without the grouping, the stack step or the rule dispatch: graphs_fast.py (an
+`If` per slot; same bits)."""
 from __future__ import annotations
 
 import numpy as np
 
 from .checkpoint import Checkpoint
 from .graphs_backbone import attention_body, ffn_body
-from .graphs_fast import fast_condition, fast_layer
+from .graphs_fast import fast_slot, one_group
 from .graphs_methods import any_method, gather_methods, if_branches, if_methods, method_inputs, method_projection
 from .graphs_rule import ACTIVATIONS, COL, K, RULE_COLUMNS, slot_rule  # noqa: F401 (re-exported)
 from .onnx_builder import F, I64, GraphBuilder
@@ -80,26 +80,14 @@ def layer_graph(ck: Checkpoint, i: int, dispatch: bool = True):
     def attention(b, hook=None):
         return attention_body(b, ck, i, hidden, mask, gather=gather, scatter=scatter, hook=hook)
 
-    def general(b, out=None):
-        h1 = if_methods(b, used, lambda c: with_methods(c, "attention", ("query", "key", "value"), attention), attention,
-                        "attention")
-        x1 = bank_slot(b, h1, hidden, maps["attention"], banks["attention"], *ck.ln(i, "attention"), ck.eps, "attention",
-                       stack=stacks["attention"], dispatch=dispatch)
+    def ffn(b, hook=None):
+        return ffn_body(b, ck, i, x1, hook=hook)
 
-        def ffn(c, hook=None):
-            return ffn_body(c, ck, i, x1, hook=hook)
-        h2 = if_methods(b, used, lambda c: with_methods(c, "ffn", ("intermediate", "output"), ffn), ffn, "ffn")
-        return bank_slot(b, h2, x1, maps["ffn"], banks["ffn"], *ck.ln(i, "ffn"), ck.eps, "ffn", out=out, stack=stacks["ffn"],
-                         dispatch=dispatch)
-
-    if not dispatch:
-        general(g, "y")
-        return g.model()
-    # One bank row per slot for every token, in order (one task, plain rows, dropped layers): the
-    # layer without the bank machinery (graphs_fast.py), else the general graph.
-    fast, plain = fast_condition(g, hidden, gather, scatter, maps, banks, stacks, used)
-    if_branches(g, fast, lambda b: fast_layer(b, ck, i, hidden, mask, gather, maps, banks, plain, ck.eps), general, "layer",
-                ("one_group", "general"), out="y")
+    h1 = if_methods(g, used, lambda b: with_methods(b, "attention", ("query", "key", "value"), attention), attention, "attention")
+    x1 = bank_slot(g, h1, hidden, maps["attention"], banks["attention"], *ck.ln(i, "attention"), ck.eps, "attention",
+                   stack=stacks["attention"], dispatch=dispatch)
+    h2 = if_methods(g, used, lambda b: with_methods(b, "ffn", ("intermediate", "output"), ffn), ffn, "ffn")
+    bank_slot(g, h2, x1, maps["ffn"], banks["ffn"], *ck.ln(i, "ffn"), ck.eps, "ffn", out="y", stack=stacks["ffn"], dispatch=dispatch)
     return g.model()
 
 
@@ -140,7 +128,20 @@ def bank_slot(g: GraphBuilder, h: str, x: str, groups: Groups, bank: dict, lw, l
               out: str | None = None, stack: dict | None = None, dispatch: bool = True) -> str:
     """The AdapterHub slot rule (graphs_rule.py) on token groups, each with its bank row's weights
     and flags; packed in, packed out. `stack`: the lower adapters' bank (module doc), run first on
-    the rows that have one (a batch without stack rows skips it: `If`)."""
+    the rows that have one (a batch without stack rows skips it: `If`). A slot taking one bank row for
+    every token, in order, with the plain or Pfeiffer rule and no stack row, skips the grouping and the
+    rule dispatch (graphs_fast.py; same bits)."""
+    if dispatch and stack is not None:  # one bank row for every token, in order: graphs_fast.py
+        ok, plain = one_group(g, x, groups, bank, stack)
+        return if_branches(g, ok, lambda b: fast_slot(b, h, x, groups, bank, lw, lb, eps, loc, plain),
+                           lambda b: grouped_slot(b, h, x, groups, bank, lw, lb, eps, loc, stack, dispatch), f"{loc}_slot",
+                           ("one_group", "grouped"), out=out)
+    return grouped_slot(g, h, x, groups, bank, lw, lb, eps, loc, stack, dispatch, out)
+
+
+def grouped_slot(g: GraphBuilder, h: str, x: str, groups: Groups, bank: dict, lw, lb, eps: float, loc: str, stack: dict | None,
+                 dispatch: bool, out: str | None = None) -> str:
+    """`bank_slot` on the tokens grouped by bank row (any batch)."""
     xs = groups.split(g, x)
     if stack is None:
         hs = groups.split(g, h)

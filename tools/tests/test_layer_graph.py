@@ -303,8 +303,8 @@ def unpadded(rows):
 
 
 def one_group_cases(ck):
-    """(name, banks per layer, attention index, ffn index, stacks, methods, whether the one-group path
-    applies) for unpadded rows, each row on the same bank rows (graphs_fast.py)."""
+    """(name, banks per layer, attention index, ffn index, stacks, methods, how many slots take the
+    grouped form) for unpadded rows, each row on the same bank rows (graphs_fast.py)."""
     pf = adapter(8, "relu", True, True, True, 1.0, seed=71)  # Pfeiffer at both slots
     half = adapter(4, "relu", True, True, True, 0.5, seed=72, locations=("ffn",))  # Pfeiffer, scaling 0.5
     hb = adapter(8, "silu", False, True, True, 1.0, seed=73)  # Houlsby: the general graph
@@ -318,15 +318,15 @@ def one_group_cases(ck):
                 for k, v in stack_bank([(lower, lower.slots[(i, loc)])], H).items()}
     lora = methods_bank([{"query": {"lora_a": np.full((H, 2), 0.1, np.float32), "lora_b": np.full((2, H), 0.1, np.float32)}}],
                         H, 64)
-    return [("plain", empty, 0, 0, None, None, True), ("pfeiffer, FFN only", banks(half), 0, 1, None, None, True),
-            ("pfeiffer, both slots", banks(pf), 1, 1, None, None, True), ("houlsby", banks(hb), 1, 1, None, None, False),
-            ("stack", banks(pf), 1, 1, stacked, None, False), ("lora", banks(pf), 1, 1, None, lora, False)]
+    return [("plain", empty, 0, 0, None, None, 0), ("pfeiffer, FFN only", banks(half), 0, 1, None, None, 0),
+            ("pfeiffer, both slots", banks(pf), 1, 1, None, None, 0), ("houlsby", banks(hb), 1, 1, None, None, 2),
+            ("stack", banks(pf), 1, 1, stacked, None, 2), ("lora", banks(pf), 1, 1, None, lora, 0)]
 
 
 def test_one_group_path_equals_the_general_graph_bit_for_bit(ck, graphs):
-    """Unpadded rows on one bank row per slot (one task, plain rows, a dropped layer): the one-group
-    path (graphs_fast.py) where it applies, the general graph where not (other rules, a Stack's lower
-    adapter, LoRA rows): the same bits as the general rule's form either way."""
+    """Unpadded rows on one bank row per slot (one task, plain rows, a dropped layer, beside LoRA rows):
+    the one-group slot (graphs_fast.py) where it applies, the grouped slot where not (other rules, a
+    Stack's lower adapter): the same bits as the general rule's form either way."""
     x, mask = unpadded(3)
     for name, banks, a, f, stacks, methods, _ in one_group_cases(ck):
         for i in range(LAYERS):
@@ -338,19 +338,21 @@ def test_one_group_path_equals_the_general_graph_bit_for_bit(ck, graphs):
 
 
 def test_one_group_path_is_taken_exactly_when_the_batch_qualifies(ck):
-    """The general graph's stack check (`ReduceSum`) runs only when the batch does not qualify:
-    padded rows, rows split at a slot, two bank rows at a slot, a rule other than plain or Pfeiffer."""
+    """The grouped slot's stack check (one `ReduceSum` per slot) runs only at the slots that do not
+    qualify: rows split there or two bank rows, a rule other than plain or Pfeiffer, a Stack's lower
+    adapter (padding and LoRA rows do not matter to a slot)."""
     x, mask = unpadded(2)
     padded = mask.copy()
     padded[0, T - 2:] = 0
 
-    def runs(mask, a_rows, a_idx, f_rows, f_idx, banks, stacks=None, methods=None):
+    def grouped(mask, a_rows, a_idx, f_rows, f_idx, banks, stacks=None, methods=None):
         return executed_ops(ck, lambda s: run_layer([{"layer": s}], 0, x, mask, a_rows, a_idx, f_rows, f_idx, banks,
                                                     stacks=stacks(0) if stacks else None,
                                                     methods=([1, 1], methods) if methods else None))["ReduceSum"]
-    for name, banks, a, f, stacks, methods, fast in one_group_cases(ck):
-        assert runs(mask, [0, 1], [a] * 2, [0, 1], [f] * 2, banks[0], stacks, methods) == (0 if fast else 2), name
+    for name, banks, a, f, stacks, methods, slots in one_group_cases(ck):
+        assert grouped(mask, [0, 1], [a] * 2, [0, 1], [f] * 2, banks[0], stacks, methods) == slots, name
     _, banks, *_ = one_group_cases(ck)[2]
-    assert runs(padded, [0, 1], [1, 1], [0, 1], [1, 1], banks[0]) == 2, "padded"
-    assert runs(mask, [0, 1, 1], [1, 0, 1], [0, 1, 2], [1, 0, 1], banks[0]) == 2, "split"
-    assert runs(mask, [0, 1], [1, 0], [0, 1], [1, 0], banks[0]) == 2, "two bank rows"
+    assert grouped(padded, [0, 1], [1, 1], [0, 1], [1, 1], banks[0]) == 0, "padded"
+    assert grouped(mask, [0, 1], [0, 0], [0, 1], [1, 0], banks[0]) == 1, "two bank rows at the FFN slot"
+    assert grouped(mask, [0, 1, 1], [1, 0, 1], [0, 1, 2], [1, 0, 1], banks[0]) == 2, "split at attention"
+    assert grouped(mask, [0, 1], [1, 0], [0, 1], [1, 0], banks[0]) == 2, "two bank rows at both slots"
