@@ -307,9 +307,10 @@ mod tests {
         LanePath { index: index.to_vec(), methods: Vec::new(), rows: rows.to_vec(), head, invertible: 0 }
     }
 
-    /// The layer graph's one-group path (tools/adapterdrop_tools/graphs_fast.py) decides by shapes
-    /// alone: a slot whose maps are one group of as many tokens as enter must list them in order,
-    /// and attention maps of `rows x seq` = all tokens must be the identity. The packing must keep that.
+    /// The layer graph's one-group slot (tools/adapterdrop_tools/graphs_fast.py) decides by shapes
+    /// alone: a slot whose maps are one group of as many tokens as enter must list them in order. The
+    /// packing must keep that (and unpadded attention maps are the identity, for a reshape instead of
+    /// attention's gathers).
     #[test]
     fn one_group_maps_of_every_token_are_in_order() {
         let lanes = [
