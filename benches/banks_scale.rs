@@ -19,6 +19,8 @@
 //! BENCH_B=8 (comma list) BENCH_T=32 BENCH_RUNS=3 BENCH_ROWS=256 BENCH_ROWS_T=16 BENCH_THREADS=0
 //! BENCH_CASES=one,k8,mix,rows ADAPTERDROP__RUNTIME__EXECUTION_PROVIDER=cuda BENCH_OUT=FILE
 //! BENCH_CLOCK=cpu (process CPU time instead of wall time, with BENCH_THREADS=1: `support::now_ms`).
+//! BENCH_BEFORE_REPO: a bench repository exported by an earlier commit's tools (same backbone and
+//! tasks), whose layer graphs case 1 also times in the same rounds, for before / after side by side.
 
 mod support;
 
@@ -46,6 +48,8 @@ const BACKBONES: &[(&str, &str)] = &[("minilm", "mini-pf"), ("bert-base-random",
 enum Config<'a> {
     /// `run_lanes` with these lanes; `banks` as `engine.banks`.
     Lanes(&'a [Lane], bool),
+    /// The bank path of another backbone (BENCH_BEFORE_REPO's) with these lanes.
+    Other(&'a Backbone, &'a [Lane]),
     /// The fused graph `times` times over the rows (`times` separate fused models).
     Fused(&'a Graph, usize),
 }
@@ -60,6 +64,7 @@ impl Case<'_> {
     fn run(&self, c: &Config) -> Res<(Vec<Array2<f32>>, ExecStats)> {
         match c {
             Config::Lanes(lanes, banks) => Ok(matrices(run_lanes(self.backbone, self.seqs, lanes, *banks)?)),
+            Config::Other(backbone, lanes) => Ok(matrices(run_lanes(backbone, self.seqs, lanes, true)?)),
             Config::Fused(g, times) => {
                 let mut out = Vec::new();
                 for _ in 0..*times {
@@ -170,19 +175,34 @@ fn main() -> Res<()> {
     let mut most_runs = 0usize;
 
     if on("one") {
+        // The same task on an earlier export's layer graphs (BENCH_BEFORE_REPO), timed in the same rounds.
+        let before = match env("BENCH_BEFORE_REPO") {
+            Some(dir) => {
+                let old = Registry::open(&rt, &PathBuf::from(dir))?;
+                let task = old.resolve(&format!("{prefix}-00"), None)?;
+                Some((task.backbone.clone(), task, old))
+            }
+            None => None,
+        };
         let _ = writeln!(
             md,
-            "| one task, n = 0 | banks ms | segments ms | fused ms | banks / fused | segments / fused | session runs (banks / segments / fused) |"
+            "| one task, n = 0 | banks ms | segments ms | fused ms | banks / fused | segments / fused | session runs (banks / segments / fused) |{}",
+            if before.is_some() { " before: banks ms | before: banks / fused |" } else { "" }
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|{}", if before.is_some() { "---|---|" } else { "" });
         for &b in &bs {
             let seqs = sequences(b, t, 7 + b as u64);
             let all: Vec<usize> = (0..b).collect();
             let one = [lane(&tasks[0], 0, &all)?];
+            let old = before.as_ref().map(|(_, task, _)| lane(task, 0, &all)).transpose()?.map(|l| [l]);
             let case = Case { backbone: &bb, seqs: &seqs, runs };
-            let r = case.time(&[Config::Lanes(&one, true), Config::Lanes(&one, false), Config::Fused(&fused, 1)])?;
+            let mut configs = vec![Config::Lanes(&one, true), Config::Lanes(&one, false), Config::Fused(&fused, 1)];
+            if let (Some((bb_old, _, _)), Some(old)) = (&before, &old) {
+                configs.push(Config::Other(bb_old, old));
+            }
+            let r = case.time(&configs)?;
             let (bk, sg, fu) = (r[0].0, r[1].0, r[2].0);
-            let _ = writeln!(
+            let _ = write!(
                 md,
                 "| B = {b} | {bk:.1} | {sg:.1} | {fu:.1} | **{:.3}** | {:.3} | {} / {} / 1 |",
                 bk / fu,
@@ -190,6 +210,15 @@ fn main() -> Res<()> {
                 r[0].1.graph_runs,
                 r[1].1.graph_runs
             );
+            if let Some(o) = r.get(3) {
+                let _ = write!(md, " {:.1} | {:.3} |", o.0, o.0 / fu);
+                notes.push(format!(
+                    "one task, B = {b}: after / before {:.3}; logits after vs before differ by at most {:e}",
+                    bk / o.0,
+                    max_diff(&r[0].2[0], &o.2[0])
+                ));
+            }
+            let _ = writeln!(md);
             most_runs = most_runs.max(r[0].1.graph_runs);
             notes.push(format!("one task vs fused, B = {b}: {:.3}x (CPU target <= 1.06, GPU <= 1.10: {})", bk / fu, met(bk / fu <= 1.06)));
             // Exactness anchor: with every adapter dropped the bank path is the plain model + the head.

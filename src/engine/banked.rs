@@ -305,3 +305,45 @@ fn heads(
     }
     Ok(out.into_iter().map(|o| o.expect("every lane is in a head group")).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::packing::pack;
+    use super::super::plan::{BankIndex, LanePath, plan};
+
+    fn lane(index: &[[BankIndex; 2]], rows: &[usize], head: usize) -> LanePath {
+        LanePath { index: index.to_vec(), methods: Vec::new(), rows: rows.to_vec(), head, invertible: 0 }
+    }
+
+    /// The layer graph's one-group slot (tools/adapterdrop_tools/graphs_fast.py) decides by shapes
+    /// alone: a slot whose maps are one group of as many tokens as enter must list them in order. The
+    /// packing must keep that (and unpadded attention maps are the identity, for a reshape instead of
+    /// attention's gathers).
+    #[test]
+    fn one_group_maps_of_every_token_are_in_order() {
+        let lanes = [
+            vec![lane(&[[0, 3]; 3], &[0, 1, 2], 0)],                                              // one task
+            vec![lane(&[[0, 0]; 3], &[0, 1, 2], 0)],                                              // plain
+            vec![lane(&[[0, 2], [0, 2], [4, 2]], &[0, 1, 2], 0), lane(&[[0, 5]; 3], &[1, 2], 1)], // split, then one group per part
+            vec![lane(&[[0, 1]; 3], &[0], 0), lane(&[[0, 2]; 3], &[1], 1), lane(&[[0, 3]; 3], &[2], 2)], // distinct tasks
+        ];
+        for (c, lanes) in lanes.iter().enumerate() {
+            let p = plan(lanes, 3, 3);
+            for lens in [vec![4usize, 4, 4], vec![2, 5, 1]] {
+                let layout = pack(&p, &lens, &lens);
+                for (l, tl) in layout.layers.iter().enumerate() {
+                    let identity = |v: &[i64]| v.iter().enumerate().all(|(i, &t)| t == i as i64);
+                    let entering: usize = p.layers[l].input_rows.iter().map(|&r| lens[r]).sum();
+                    for g in [&tl.attention, &tl.ffn] {
+                        if g.groups() == 1 && g.width == g.ungroup.len() && g.ungroup.len() == g.group.len() {
+                            assert!(identity(&g.group) && identity(&g.ungroup), "case {c}, layer {l}, lens {lens:?}");
+                        }
+                    }
+                    if tl.gather.len() == entering && tl.scatter.len() == entering {
+                        assert!(identity(&tl.gather) && identity(&tl.scatter), "attention, case {c}, layer {l}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -21,13 +21,19 @@ bank rows, holding the *lower* adapter of a stack (the language adapter). Its ru
 without the final LayerNorm (`ln_after` 0), and its output is the upper adapter's `h`, as the
 library's `Stack` passes it on. A stack row is a row with an activation flag; every other row
 (all zeros, as a freed row is) passes `h` through unchanged, and a batch without stack rows skips
-the step (`If`), so it costs them nothing."""
+the step (`If`), so it costs them nothing.
+
+A slot whose tokens all take one bank row, in order (one task, plain rows, a layer AdapterDrop drops
+for the whole batch, Pfeiffer's attention slot beside any tasks), with the plain or Pfeiffer rule and
+no stack row, runs without the grouping, the stack step or the rule dispatch: graphs_fast.py (an
+`If` per slot; same bits)."""
 from __future__ import annotations
 
 import numpy as np
 
 from .checkpoint import Checkpoint
 from .graphs_backbone import attention_body, ffn_body
+from .graphs_fast import fast_slot, one_group
 from .graphs_methods import any_method, gather_methods, if_branches, if_methods, method_inputs, method_projection
 from .graphs_rule import ACTIVATIONS, COL, K, RULE_COLUMNS, slot_rule  # noqa: F401 (re-exported)
 from .onnx_builder import F, I64, GraphBuilder
@@ -145,8 +151,21 @@ def bank_slot(g: GraphBuilder, h: str, x: str, groups: Groups, bank: dict, lw, l
               out: str | None = None, stack: dict | None = None, dispatch: bool = True, capturable: bool = False) -> str:
     """The AdapterHub slot rule (graphs_rule.py) on token groups, each with its bank row's weights
     and flags; packed in, packed out. `stack`: the lower adapters' bank (module doc), run first on
-    the rows that have one (a batch without stack rows skips it: `If`; `capturable`: always run,
-    its `Where` passing `h` through bit for bit where a group has no stack row)."""
+    the rows that have one (a batch without stack rows skips it: `If`; `capturable`: always run, its
+    `Where` passing `h` through bit for bit where a group has no stack row). A slot taking one bank row
+    for every token, in order, with the plain or Pfeiffer rule and no stack row, skips the grouping and
+    the rule dispatch (graphs_fast.py; same bits; not in the capturable graph, which has no `If`)."""
+    if dispatch and stack is not None:  # one bank row for every token, in order: graphs_fast.py
+        ok, plain = one_group(g, x, groups, bank, stack)
+        return if_branches(g, ok, lambda b: fast_slot(b, h, x, groups, bank, lw, lb, eps, loc, plain),
+                           lambda b: grouped_slot(b, h, x, groups, bank, lw, lb, eps, loc, stack, dispatch), f"{loc}_slot",
+                           ("one_group", "grouped"), out=out)
+    return grouped_slot(g, h, x, groups, bank, lw, lb, eps, loc, stack, dispatch, out, capturable)
+
+
+def grouped_slot(g: GraphBuilder, h: str, x: str, groups: Groups, bank: dict, lw, lb, eps: float, loc: str, stack: dict | None,
+                 dispatch: bool, out: str | None = None, capturable: bool = False) -> str:
+    """`bank_slot` on the tokens grouped by bank row (any batch)."""
     xs = groups.split(g, x)
     if stack is None:
         hs = groups.split(g, h)

@@ -16,7 +16,7 @@ from adapterdrop_tools.checkpoint import load_checkpoint
 from adapterdrop_tools.fixtures import random_bert
 from adapterdrop_tools.graphs_backbone import attention_graph, ffn_graph, plain_slot_graph
 from adapterdrop_tools.graphs_layer import (ACTIVATIONS, MAP_INPUTS, attention_maps, bank, layer_graph, methods_maps,
-                                            no_stack_rows, pack_maps)
+                                            no_stack_rows, pack_maps, stack_bank)
 from adapterdrop_tools.graphs_methods import methods_bank
 from adapterdrop_tools.graphs_task import adapter_slot_graph
 
@@ -78,19 +78,21 @@ def lengths(mask):
     return [int(np.nonzero(m)[0].max()) + 1 for m in mask]
 
 
-def run_layer(g, i, x, mask, a_rows, a_idx, f_rows, f_idx, banks, graph="layer"):
+def run_layer(g, i, x, mask, a_rows, a_idx, f_rows, f_idx, banks, graph="layer", stacks=None, methods=None):
     """Packs the padded rows `x` to their lengths, runs the layer graph (`graph`: "general" for the
-    general rule's form alone), unpacks `y` to [R2, T, H] with NaN past each row's length."""
+    general rule's form alone), unpacks `y` to [R2, T, H] with NaN past each row's length. `stacks`:
+    `<loc>.stack.*` inputs (default none); `methods`: (methods row of each entering row, methods bank)."""
     lens0 = lengths(mask)
     feeds = {"hidden": np.concatenate([x[j, :n] for j, n in enumerate(lens0)]), **attention_maps(lens0, mask)}
     lens1 = [lens0[r] for r in a_rows]
     for loc, lens, rows, idx in (("attention", lens0, a_rows, a_idx), ("ffn", lens1, f_rows, f_idx)):
         feeds.update({f"{loc}_{k}": v for k, v in pack_maps(lens, rows, idx).items()})
-    feeds.update(methods_maps(lens0, [0] * len(lens0), a_rows))  # no LoRA / (IA)^3 rows
-    feeds.update(methods_bank([], H, 64))
+    m_index, m_bank = methods or ([0] * len(lens0), methods_bank([], H, 64))  # default: no LoRA / (IA)^3 rows
+    feeds.update(methods_maps(lens0, m_index, a_rows))
+    feeds.update(m_bank)
     for loc in ("attention", "ffn"):
         feeds.update({f"{loc}.{k}": v for k, v in banks[loc].items()})
-    feeds.update(no_stack_rows(feeds, H))
+    feeds.update(stacks or no_stack_rows(feeds, H))
     y = g[i][graph].run(["y"], feeds)[0]
     lens2 = [lens1[r] for r in f_rows]
     out = np.full((len(f_rows), x.shape[1], H), np.nan, np.float32)
@@ -275,3 +277,82 @@ def test_dispatch_takes_the_cheap_branches(ck):
     assert one["Where"] == 0 and one["LayerNormalization"] == 3, sorted(one.items())
     assert one["Sigmoid"] == one["Tanh"] == 0 and one["Erf"] == mixed["Erf"] - 1, sorted(one.items())
     assert mixed["Where"] >= 8 and mixed["Sigmoid"] == 1, sorted(mixed.items())
+
+
+def executed_ops(ck, feeds_of):
+    """Operator counts ONNX Runtime's profile records for one run of layer 0 (`feeds_of(session)` runs it)."""
+    import json
+    import tempfile
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "p")
+    s = ort.InferenceSession(layer_graph(ck, 0).SerializeToString(), so, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=["SkipLayerNormFusion"])
+    feeds_of(s)
+    events = json.load(open(s.end_profiling()))
+    return collections.Counter(e["args"]["op_name"] for e in events
+                               if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))
+
+
+def unpadded(rows):
+    x, _ = inputs(rows)
+    return x, np.ones((rows, T), np.int64)
+
+
+def one_group_cases(ck):
+    """(name, banks per layer, attention index, ffn index, stacks, methods, how many slots take the
+    grouped form) for unpadded rows, each row on the same bank rows (graphs_fast.py)."""
+    pf = adapter(8, "relu", True, True, True, 1.0, seed=71)  # Pfeiffer at both slots
+    half = adapter(4, "relu", True, True, True, 0.5, seed=72, locations=("ffn",))  # Pfeiffer, scaling 0.5
+    hb = adapter(8, "silu", False, True, True, 1.0, seed=73)  # Houlsby: the general graph
+    lower = adapter(8, "relu", True, True, True, 1.0, seed=74)
+    banks = lambda a: [{loc: bank([(a, a.slots[(i, loc)])] if loc in a.locations else [], H)  # noqa: E731
+                        for loc in ("attention", "ffn")} for i in range(LAYERS)]
+    empty = [{loc: bank([], H) for loc in ("attention", "ffn")}] * LAYERS
+
+    def stacked(i):  # bank row 1's lower adapter (a Stack): the general graph runs it
+        return {f"{loc}.stack.{k}": v for loc in ("attention", "ffn")
+                for k, v in stack_bank([(lower, lower.slots[(i, loc)])], H).items()}
+    lora = methods_bank([{"query": {"lora_a": np.full((H, 2), 0.1, np.float32), "lora_b": np.full((2, H), 0.1, np.float32)}}],
+                        H, 64)
+    return [("plain", empty, 0, 0, None, None, 0), ("pfeiffer, FFN only", banks(half), 0, 1, None, None, 0),
+            ("pfeiffer, both slots", banks(pf), 1, 1, None, None, 0), ("houlsby", banks(hb), 1, 1, None, None, 2),
+            ("stack", banks(pf), 1, 1, stacked, None, 2), ("lora", banks(pf), 1, 1, None, lora, 0)]
+
+
+def test_one_group_path_equals_the_general_graph_bit_for_bit(ck, graphs):
+    """Unpadded rows on one bank row per slot (one task, plain rows, a dropped layer, beside LoRA rows):
+    the one-group slot (graphs_fast.py) where it applies, the grouped slot where not (other rules, a
+    Stack's lower adapter): the same bits as the general rule's form either way."""
+    x, mask = unpadded(3)
+    for name, banks, a, f, stacks, methods, _ in one_group_cases(ck):
+        for i in range(LAYERS):
+            st = stacks(i) if stacks else None
+            m = ([1, 1, 1], methods) if methods else None
+            got, want = (run_layer(graphs, i, x, mask, [0, 1, 2], [a] * 3, [0, 1, 2], [f] * 3, banks[i], graph=k,
+                                   stacks=st, methods=m) for k in ("layer", "general"))
+            assert np.array_equal(got, want), (name, i)
+
+
+def test_one_group_path_is_taken_exactly_when_the_batch_qualifies(ck):
+    """The grouped slot's stack check (one `ReduceSum` per slot) runs only at the slots that do not
+    qualify: rows split there or two bank rows, a rule other than plain or Pfeiffer, a Stack's lower
+    adapter (padding and LoRA rows do not matter to a slot)."""
+    x, mask = unpadded(2)
+    padded = mask.copy()
+    padded[0, T - 2:] = 0
+
+    def grouped(mask, a_rows, a_idx, f_rows, f_idx, banks, stacks=None, methods=None):
+        return executed_ops(ck, lambda s: run_layer([{"layer": s}], 0, x, mask, a_rows, a_idx, f_rows, f_idx, banks,
+                                                    stacks=stacks(0) if stacks else None,
+                                                    methods=([1, 1], methods) if methods else None))["ReduceSum"]
+    for name, banks, a, f, stacks, methods, slots in one_group_cases(ck):
+        assert grouped(mask, [0, 1], [a] * 2, [0, 1], [f] * 2, banks[0], stacks, methods) == slots, name
+    _, banks, *_ = one_group_cases(ck)[2]
+    assert grouped(padded, [0, 1], [1, 1], [0, 1], [1, 1], banks[0]) == 0, "padded"
+    assert grouped(mask, [0, 1], [0, 0], [0, 1], [1, 0], banks[0]) == 1, "two bank rows at the FFN slot"
+    assert grouped(mask, [0, 1, 1], [1, 0, 1], [0, 1, 2], [1, 0, 1], banks[0]) == 2, "split at attention"
+    assert grouped(mask, [0, 1], [1, 0], [0, 1], [1, 0], banks[0]) == 2, "two bank rows at both slots"
