@@ -9,7 +9,6 @@ import collections
 import itertools
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from adapterdrop_tools.adapterhub import Adapter, SlotWeights
@@ -18,6 +17,7 @@ from adapterdrop_tools.fixtures import random_bert
 from adapterdrop_tools.graphs_layer import (ACTIVATIONS, LOCATIONS, attention_maps, bank, layer_graph, methods_maps,
                                             no_stack_rows, pack_maps, stack_bank)
 from adapterdrop_tools.graphs_methods import methods_bank, target_dims
+from test_layer_graph import session  # as the server builds CPU sessions
 
 H, FFN, LAYERS, T = 32, 64, 2, 7
 TOL = 1e-6
@@ -26,14 +26,6 @@ RULES = [(True, True, True), (False, True, True), (True, True, False), (True, Tr
 # CUDA kernels these ops have for the element types the graph gives them (float data, int64 indices).
 CUDA_OPS = {"Add", "Cast", "Erf", "Gather", "Greater", "LayerNormalization", "MatMul", "Mul", "ReduceSum", "Relu",
             "Reshape", "Sigmoid", "Slice", "Softmax", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where"}
-
-
-def session(model):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=["SkipLayerNormFusion"])
 
 
 @pytest.fixture(scope="module")

@@ -249,26 +249,13 @@ def test_dispatch_takes_the_cheap_branches(ck):
     """A Pfeiffer batch runs one LayerNorm before, one activation and no `Where` at its FFN slot:
     the ops ONNX Runtime runs (its profile) for a batch of one Pfeiffer task are fewer than for a batch
     mixing rules, which runs the general form."""
-    import json
-    import tempfile
-
     a = adapter(8, "relu", True, True, True, 1.0, seed=61, locations=("ffn",))
     b = adapter(8, "gelu", False, True, False, 1.0, seed=62, locations=("ffn",))
     x, mask = inputs(2)
 
     def ops(rows, f_idx, entries):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        so.log_severity_level = 3
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "p")
-        s = ort.InferenceSession(layer_graph(ck, 0).SerializeToString(), so, providers=["CPUExecutionProvider"],
-                                 disabled_optimizers=["SkipLayerNormFusion"])
         banks = {"attention": bank([], H), "ffn": bank(entries, H)}
-        run_layer([{"layer": s}], 0, x, mask, rows, [0] * len(rows), rows, f_idx, banks)
-        events = json.load(open(s.end_profiling()))
-        return collections.Counter(e["args"]["op_name"] for e in events
-                                   if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))
+        return executed_ops(ck, lambda s: run_layer([{"layer": s}], 0, x, mask, rows, [0] * len(rows), rows, f_idx, banks))
 
     one = ops([0, 1], [1, 1], [(a, a.slots[(0, "ffn")])])
     mixed = ops([0, 1], [1, 2], [(a, a.slots[(0, "ffn")]), (b, b.slots[(0, "ffn")])])
