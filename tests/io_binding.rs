@@ -82,17 +82,23 @@ fn same(on: &Side, off: &Side, tasks: &[(Arc<Task>, Arc<Task>)], pick: &[(usize,
     }
 }
 
-#[test]
-fn io_binding_equals_plain_runs_at_every_rule_and_drop_depth() {
-    let (on, off) = (side(true), side(false));
-    let tasks: Vec<(Arc<Task>, Arc<Task>)> = rules()
+/// One task per slot rule of `rules()`, the same weights loaded on both sides; seeds from `seed`,
+/// 2 labels (2 or 3 alternating with `vary_labels`).
+fn task_pairs(on: &Side, off: &Side, seed: u64, vary_labels: bool) -> Vec<(Arc<Task>, Arc<Task>)> {
+    rules()
         .into_iter()
         .enumerate()
         .map(|(i, (r, width, locs))| {
-            let w = weights(&on.bb, i as u64, r, width, locs, 2 + i % 2);
+            let w = weights(&on.bb, seed + i as u64, r, width, locs, 2 + usize::from(vary_labels) * (i % 2));
             (on.task(&w), off.task(&w))
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn io_binding_equals_plain_runs_at_every_rule_and_drop_depth() {
+    let (on, off) = (side(true), side(false));
+    let tasks = task_pairs(&on, &off, 0, true);
     let plain = on.bb.num_layers() as u32;
     let pick: Vec<(usize, u32, &[usize])> =
         vec![(0, 0, &[0, 1, 2]), (1, 1, &[2, 0]), (2, 2, &[1]), (3, 3, &[0, 2]), (4, 0, &[1, 2]), (1, plain, &[0, 1, 2]), (4, 2, &[2])];
@@ -219,14 +225,7 @@ fn capturable_layer_graphs_equal_the_dispatched_ones() {
     let (on, off) = (side_on(runtime().with_io_binding(false).with_capturable_layers(true)), side(false));
     let file = |s: &Side| format!("{:?}", s.bb.banked.as_ref().unwrap().layers[0]);
     assert!(file(&on).contains("layer_capturable.onnx") && file(&off).contains("layer.onnx"), "{} / {}", file(&on), file(&off));
-    let tasks: Vec<(Arc<Task>, Arc<Task>)> = rules()
-        .into_iter()
-        .enumerate()
-        .map(|(i, (r, width, locs))| {
-            let w = weights(&on.bb, 800 + i as u64, r, width, locs, 2);
-            (on.task(&w), off.task(&w))
-        })
-        .collect();
+    let tasks = task_pairs(&on, &off, 800, false);
     let plain = on.bb.num_layers() as u32;
     let pick: Vec<(usize, u32, &[usize])> =
         vec![(0, 0, &[0, 1, 2]), (1, 1, &[2, 0]), (2, 2, &[1]), (3, 3, &[0, 2]), (4, 0, &[1, 2]), (1, plain, &[0, 1, 2])];
@@ -329,14 +328,7 @@ fn cuda_graphs_replay_the_same_numbers_as_plain_runs_on_the_gpu() {
     let captured = on.bb.banked.as_ref().unwrap().layers.iter().all(|g| g.captured());
     eprintln!("cuda_graphs: layer graphs built for capture: {captured} (false: ONNX Runtime refused, see the log)");
     let seqs = seqs();
-    let tasks: Vec<(Arc<Task>, Arc<Task>)> = rules()
-        .into_iter()
-        .enumerate()
-        .map(|(i, (r, width, locs))| {
-            let w = weights(&on.bb, 700 + i as u64, r, width, locs, 2);
-            (on.task(&w), off.task(&w))
-        })
-        .collect();
+    let tasks = task_pairs(&on, &off, 700, false);
     let pick: Vec<(usize, u32, &[usize])> = vec![(0, 0, &[0, 1, 2]), (1, 2, &[2, 0]), (4, 1, &[1])];
     let swapped: Vec<(usize, u32, &[usize])> = vec![(1, 0, &[0, 1, 2]), (0, 2, &[2, 0]), (4, 1, &[1])];
     let signatures = || on.bb.banked.as_ref().unwrap().bound.as_ref().unwrap().signatures();

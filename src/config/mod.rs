@@ -411,14 +411,17 @@ mod tests {
         assert!("if".parse::<LayerGraph>().unwrap_err().contains("`dispatch`, `capturable`"));
     }
 
+    /// Settings loaded from `toml` written as the config file in `dir`.
+    fn load_toml(dir: &tempfile::TempDir, toml: &str) -> Result<Settings, config::ConfigError> {
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, toml).unwrap();
+        Settings::load(Some(&path))
+    }
+
     #[test]
     fn enum_settings_parse_and_unknown_values_name_key_and_choices() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.toml");
-        let load = |toml: &str| {
-            std::fs::write(&path, toml).unwrap();
-            Settings::load(Some(&path))
-        };
+        let load = |toml: &str| load_toml(&dir, toml);
         let s = load("[runtime]\noptimization_level = \"basic\"\nexecution_provider = \"cuda\"\n[log]\nformat = \"json\"\n").unwrap();
         assert_eq!((s.runtime.optimization_level, s.runtime.execution_provider), (OptimizationLevel::Basic, ExecutionProvider::Cuda));
         assert_eq!(s.log.format, LogFormat::Json);
@@ -438,11 +441,7 @@ mod tests {
     #[test]
     fn limits_above_the_codec_ceilings_stop_start_up_naming_the_key() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.toml");
-        let load = |toml: &str| {
-            std::fs::write(&path, toml).unwrap();
-            Settings::load(Some(&path))
-        };
+        let load = |toml: &str| load_toml(&dir, toml);
         let at = load("[limits]\nmax_sequences_per_request = 4096\nmax_tokens_per_request = 1048576\nmax_tasks_per_request = 1024\n");
         assert!(at.is_ok(), "{at:?}");
         for (toml, key, ceiling) in [

@@ -91,12 +91,11 @@ pub fn execute_banked_as(
     let lens: Vec<usize> = if packed { real.clone() } else { vec![ids.ncols(); seqs.len()] };
     // Under `runtime.cuda_graphs` rows are padded to buckets too, one slot group per row, so the
     // layers' input shapes depend on bucket sizes only (`runtime/row_buckets.rs`).
-    let (plan, layout) = match capture {
-        true => crate::runtime::row_buckets::bucket(&plan, ids.ncols(), &real),
-        false => {
-            let layout = pack(&plan, &lens, &real);
-            (plan, layout)
-        }
+    let (plan, layout) = if capture {
+        crate::runtime::row_buckets::bucket(&plan, ids.ncols(), &real)
+    } else {
+        let layout = pack(&plan, &lens, &real);
+        (plan, layout)
     };
     let (iv, tv) = (ids.view(), types.view());
     // ELECTRA's invertible adapter comes before `embeddings_project`: a batch with one takes the
@@ -327,6 +326,7 @@ mod tests {
             vec![lane(&[[0, 2], [0, 2], [4, 2]], &[0, 1, 2], 0), lane(&[[0, 5]; 3], &[1, 2], 1)], // split, then one group per part
             vec![lane(&[[0, 1]; 3], &[0], 0), lane(&[[0, 2]; 3], &[1], 1), lane(&[[0, 3]; 3], &[2], 2)], // distinct tasks
         ];
+        let (mut one_group_slots, mut unpadded_attention) = (0, 0);
         for (c, lanes) in lanes.iter().enumerate() {
             let p = plan(lanes, 3, 3);
             for lens in [vec![4usize, 4, 4], vec![2, 5, 1]] {
@@ -337,13 +337,17 @@ mod tests {
                     for g in [&tl.attention, &tl.ffn] {
                         if g.groups() == 1 && g.width == g.ungroup.len() && g.ungroup.len() == g.group.len() {
                             assert!(identity(&g.group) && identity(&g.ungroup), "case {c}, layer {l}, lens {lens:?}");
+                            one_group_slots += 1;
                         }
                     }
                     if tl.gather.len() == entering && tl.scatter.len() == entering {
                         assert!(identity(&tl.gather) && identity(&tl.scatter), "attention, case {c}, layer {l}");
+                        unpadded_attention += 1;
                     }
                 }
             }
         }
+        // The cases above must reach both checks (one task, plain rows and split parts do).
+        assert!(one_group_slots >= 8 && unpadded_attention >= 4, "{one_group_slots} one-group slots, {unpadded_attention} unpadded layers");
     }
 }

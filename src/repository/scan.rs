@@ -40,10 +40,11 @@ pub(super) fn load_tasks_parallel(
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16).min(jobs.len().max(1));
     let dirs: Vec<PathBuf> = jobs.iter().map(|(name, version)| root.join("tasks").join(name.as_str()).join(version.to_string())).collect();
     let progress = readahead::Progress::default();
+    // One task needs no read-ahead; a start-up of many reads ahead and drops what it loaded.
+    let ahead = jobs.len() > 1 && readahead > 0;
     let mut out: Vec<Option<Loaded>> = (0..jobs.len()).map(|_| None).collect();
     let done: Vec<Vec<(usize, Loaded)>> = std::thread::scope(|scope| {
-        // A single task needs no read-ahead (registration, tests); a start-up scan does.
-        let reader = (jobs.len() > 1 && readahead > 0).then(|| scope.spawn(|| readahead::run(&dirs, readahead, &progress)));
+        let reader = ahead.then(|| scope.spawn(|| readahead::run(&dirs, readahead, &progress)));
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
@@ -52,7 +53,7 @@ pub(super) fn load_tasks_parallel(
                         let i = progress.taken.fetch_add(1, Ordering::Relaxed);
                         let (Some((name, version)), Some(dir)) = (jobs.get(i), dirs.get(i)) else { break };
                         mine.push((i, (load_task(runtime, backbones, name, *version, dir), Stamp::of(dir))));
-                        if readahead > 0 && jobs.len() > 1 {
+                        if ahead {
                             readahead::done_with(dir);
                         }
                     }
